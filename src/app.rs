@@ -1,0 +1,204 @@
+//! Wiring: open the database and blob store, run migrations, start the HTTP server and the
+//! workers, and shut everything down gracefully on SIGINT / SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::db::{self, Backend, Db};
+use crate::http::{self, AppState};
+use crate::queue::worker::{Worker, WorkerConfig};
+use crate::queue::{Queue, NOTIFY_CHANNEL};
+use crate::store::BlobStore;
+
+/// An opened application: database (migrated), blob store, queue.
+#[derive(Clone)]
+pub struct App {
+    /// The state every handler shares.
+    pub state: AppState,
+}
+
+impl App {
+    /// Connect to the database, apply migrations and open the blob store.
+    pub async fn open(config: Config) -> anyhow::Result<Self> {
+        let url = config.database_url();
+        let db = Db::connect(&url)
+            .await
+            .with_context(|| format!("connecting to the database at {}", db::redact(&url)))?;
+        db.migrate().await.context("applying database migrations")?;
+        let store = BlobStore::open(&config.data_dir).with_context(|| {
+            format!("opening the blob store under {}", config.data_dir.display())
+        })?;
+        let queue = Queue::new(db.clone());
+        Ok(Self {
+            state: AppState {
+                db,
+                store,
+                queue,
+                config: Arc::new(config),
+                prometheus: crate::telemetry::prometheus(),
+            },
+        })
+    }
+
+    /// The HTTP router.
+    pub fn router(&self) -> axum::Router {
+        http::router(self.state.clone())
+    }
+
+    /// A worker over this app's queue and store.
+    pub fn worker(&self, name: &str) -> Worker {
+        let c = &self.state.config;
+        Worker::new(
+            self.state.queue.clone(),
+            self.state.store.clone(),
+            name,
+            WorkerConfig {
+                lease: Duration::from_secs(c.lease_seconds.max(3)),
+                poll_interval: Duration::from_millis(c.poll_interval_ms.max(10)),
+                shutdown_grace: Duration::from_secs(c.shutdown_grace_seconds),
+            },
+        )
+    }
+
+    /// Start `n` workers and, on Postgres, the LISTEN task that wakes them.
+    fn spawn_workers(
+        &self,
+        n: usize,
+        shutdown: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut handles = Vec::new();
+        if n > 0 && self.state.db.backend() == Backend::Postgres {
+            handles.push(tokio::spawn(listen_for_jobs(
+                self.state.queue.clone(),
+                shutdown.clone(),
+            )));
+        }
+        let base = format!("{}-{}", hostname(), std::process::id());
+        for i in 0..n {
+            let worker = self.worker(&format!("{base}-{i}"));
+            handles.push(tokio::spawn(worker.run(shutdown.clone())));
+        }
+        handles
+    }
+}
+
+/// `whittle serve`: the API plus `--workers` in-process workers.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let bind = config.bind.clone();
+    let workers = config.workers;
+    let app = App::open(config).await?;
+    let shutdown = CancellationToken::new();
+    let handles = app.spawn_workers(workers, &shutdown);
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("binding {bind}"))?;
+    info!(
+        address = %bind,
+        database = %db::redact(app.state.db.url()),
+        workers,
+        "whittle is serving; try GET /healthz"
+    );
+    let token = shutdown.clone();
+    axum::serve(listener, app.router())
+        .with_graceful_shutdown(async move {
+            wait_for_signal().await;
+            info!("shutting down: no new jobs are claimed; running jobs get the grace period");
+            token.cancel();
+        })
+        .await?;
+    shutdown.cancel();
+    for h in handles {
+        let _ = h.await;
+    }
+    app.state.db.close().await;
+    Ok(())
+}
+
+/// `whittle worker`: workers only, until a signal.
+pub async fn worker(config: Config) -> anyhow::Result<()> {
+    let workers = config.workers.max(1);
+    let app = App::open(config).await?;
+    let shutdown = CancellationToken::new();
+    let handles = app.spawn_workers(workers, &shutdown);
+    info!(workers, database = %db::redact(app.state.db.url()), "whittle worker running");
+    wait_for_signal().await;
+    info!("shutting down workers");
+    shutdown.cancel();
+    for h in handles {
+        let _ = h.await;
+    }
+    app.state.db.close().await;
+    Ok(())
+}
+
+/// `whittle migrate`: apply migrations and exit.
+pub async fn migrate(config: Config) -> anyhow::Result<()> {
+    let app = App::open(config).await?;
+    info!(database = %db::redact(app.state.db.url()), "migrations applied");
+    app.state.db.close().await;
+    Ok(())
+}
+
+/// Turn Postgres NOTIFYs on the jobs channel into in-process wake-ups, reconnecting on error.
+/// Workers also poll, so a lost notification only delays a claim.
+async fn listen_for_jobs(queue: Queue, shutdown: CancellationToken) {
+    let wake = queue.wake_handle();
+    while !shutdown.is_cancelled() {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(queue.db().url()).await?;
+            l.listen(NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match listener.await {
+            Ok(mut l) => loop {
+                tokio::select! {
+                    msg = l.recv() => match msg {
+                        Ok(_) => wake.notify_waiters(),
+                        Err(e) => { warn!(error = %e, "LISTEN connection lost; reconnecting"); break; }
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+            },
+            Err(e) => warn!(error = %e, "LISTEN failed; relying on polling until it reconnects"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "whittle".into())
+}

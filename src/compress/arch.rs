@@ -1,0 +1,1785 @@
+//! The `sequential` architecture (API.md, "Architecture (sequential/v1)").
+//!
+//! This module owns the architecture document: parsing it from JSON with JSON-pointer
+//! errors, per-sample shape inference through every layer, PyTorch `nn.Sequential`
+//! parameter naming, parameter / FLOP / activation-memory accounting, checking a weights
+//! header against the architecture, and seeded PyTorch-default initialisation.
+//!
+//! An [`Architecture`] value that exists is valid: its fields are private and it is only
+//! built by [`Architecture::from_json`] (or deserialization, which calls it), which runs
+//! shape inference. It does not run the network; the compute engine builds modules from it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::tensors::{Dtype, Header, TensorSpec};
+use super::{Error, Result};
+
+/// The safetensors `__metadata__` key that carries an architecture as a JSON string.
+pub const ARCHITECTURE_METADATA_KEY: &str = "whittle.architecture";
+
+/// Largest accepted size field (features, channels, kernel, input dimension).
+pub const MAX_DIM: usize = 1 << 24;
+
+/// Largest accepted number of elements in one per-sample activation or one parameter tensor.
+pub const MAX_ELEMENTS: u64 = 1 << 31;
+
+/// Largest accepted total parameter count (8 GiB of f32).
+pub const MAX_PARAMETERS: u64 = 1 << 31;
+
+/// Deepest accepted nesting of `residual` layers.
+pub const MAX_NESTING: usize = 16;
+
+/// A pair of sizes (height, width). Written as one integer when both are equal, and
+/// read from either an integer or a two-element list, like PyTorch's `_pair`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size2(pub usize, pub usize);
+
+impl Serialize for Size2 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.0 == self.1 {
+            s.serialize_u64(self.0 as u64)
+        } else {
+            [self.0, self.1].serialize(s)
+        }
+    }
+}
+
+/// One layer of a sequential network. Every layer may carry a `name`; unnamed layers are
+/// named by their index in their list, like `nn.Sequential`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Layer {
+    /// `y = x Wᵀ + b` over the last dimension.
+    Linear {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Size of the input's last dimension.
+        in_features: usize,
+        /// Size of the output's last dimension.
+        out_features: usize,
+        /// Whether the layer has a bias (default true).
+        bias: bool,
+    },
+    /// 2-D convolution over a `[channels, height, width]` input.
+    Conv2d {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel size.
+        kernel_size: Size2,
+        /// Stride (default 1).
+        stride: Size2,
+        /// Zero padding on each side (default 0).
+        padding: Size2,
+        /// Whether the layer has a bias (default true).
+        bias: bool,
+    },
+    /// 2-D max pooling.
+    MaxPool2d {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Window size.
+        kernel_size: Size2,
+        /// Stride (default: the kernel size).
+        stride: Size2,
+        /// Implicit padding on each side (default 0, at most half the kernel).
+        padding: Size2,
+    },
+    /// 2-D average pooling (padding counted in the average, as PyTorch's default).
+    AvgPool2d {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Window size.
+        kernel_size: Size2,
+        /// Stride (default: the kernel size).
+        stride: Size2,
+        /// Implicit padding on each side (default 0, at most half the kernel).
+        padding: Size2,
+    },
+    /// Average over height and width: `[C, H, W]` → `[C, 1, 1]`, like
+    /// `nn.AdaptiveAvgPool2d(1)` (follow it with `flatten` before a `linear`).
+    GlobalAvgPool2d {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Batch normalisation over `[C]` or `[C, L]` inputs.
+    BatchNorm1d {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Number of channels `C`.
+        num_features: usize,
+        /// Added to the variance (default 1e-5).
+        eps: f64,
+        /// Running-statistics momentum (default 0.1).
+        momentum: f64,
+    },
+    /// Batch normalisation over `[C, H, W]` inputs.
+    BatchNorm2d {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Number of channels `C`.
+        num_features: usize,
+        /// Added to the variance (default 1e-5).
+        eps: f64,
+        /// Running-statistics momentum (default 0.1).
+        momentum: f64,
+    },
+    /// Layer normalisation over the trailing dimensions.
+    LayerNorm {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// The trailing dimensions normalised over (an integer or a list in JSON).
+        normalized_shape: Vec<usize>,
+        /// Added to the variance (default 1e-5).
+        eps: f64,
+        /// Whether the layer has a weight and a bias (default true).
+        elementwise_affine: bool,
+    },
+    /// Dropout (identity at inference).
+    Dropout {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Drop probability in [0, 1] (default 0.5).
+        p: f64,
+    },
+    /// Flattens each sample to one dimension.
+    Flatten {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Rectified linear unit.
+    Relu {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Gaussian error linear unit.
+    Gelu {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Hyperbolic tangent.
+    Tanh {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Logistic sigmoid.
+    Sigmoid {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// `y = x + f(x)` where `f` is the inner sequence; `f` must preserve the shape.
+    Residual {
+        /// Optional name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// The inner layers, named `{residual}.{index}` (or `{residual}.{name}`).
+        layers: Vec<Layer>,
+    },
+}
+
+/// Every layer type, in the spelling of the JSON `type` field.
+pub const LAYER_TYPES: [&str; 15] = [
+    "linear",
+    "conv2d",
+    "max_pool2d",
+    "avg_pool2d",
+    "global_avg_pool2d",
+    "batch_norm1d",
+    "batch_norm2d",
+    "layer_norm",
+    "dropout",
+    "flatten",
+    "relu",
+    "gelu",
+    "tanh",
+    "sigmoid",
+    "residual",
+];
+
+impl Layer {
+    /// The layer's own `name`, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Layer::Linear { name, .. }
+            | Layer::Conv2d { name, .. }
+            | Layer::MaxPool2d { name, .. }
+            | Layer::AvgPool2d { name, .. }
+            | Layer::GlobalAvgPool2d { name }
+            | Layer::BatchNorm1d { name, .. }
+            | Layer::BatchNorm2d { name, .. }
+            | Layer::LayerNorm { name, .. }
+            | Layer::Dropout { name, .. }
+            | Layer::Flatten { name }
+            | Layer::Relu { name }
+            | Layer::Gelu { name }
+            | Layer::Tanh { name }
+            | Layer::Sigmoid { name }
+            | Layer::Residual { name, .. } => name.as_deref(),
+        }
+    }
+
+    /// The JSON `type` of this layer (`"linear"`, `"max_pool2d"`, ...).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Layer::Linear { .. } => "linear",
+            Layer::Conv2d { .. } => "conv2d",
+            Layer::MaxPool2d { .. } => "max_pool2d",
+            Layer::AvgPool2d { .. } => "avg_pool2d",
+            Layer::GlobalAvgPool2d { .. } => "global_avg_pool2d",
+            Layer::BatchNorm1d { .. } => "batch_norm1d",
+            Layer::BatchNorm2d { .. } => "batch_norm2d",
+            Layer::LayerNorm { .. } => "layer_norm",
+            Layer::Dropout { .. } => "dropout",
+            Layer::Flatten { .. } => "flatten",
+            Layer::Relu { .. } => "relu",
+            Layer::Gelu { .. } => "gelu",
+            Layer::Tanh { .. } => "tanh",
+            Layer::Sigmoid { .. } => "sigmoid",
+            Layer::Residual { .. } => "residual",
+        }
+    }
+}
+
+/// The role of a parameter tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    /// `{name}.weight`.
+    Weight,
+    /// `{name}.bias`.
+    Bias,
+    /// `{name}.running_mean` (batch norm buffer).
+    RunningMean,
+    /// `{name}.running_var` (batch norm buffer).
+    RunningVar,
+}
+
+impl ParamKind {
+    /// The suffix after the layer name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            ParamKind::Weight => "weight",
+            ParamKind::Bias => "bias",
+            ParamKind::RunningMean => "running_mean",
+            ParamKind::RunningVar => "running_var",
+        }
+    }
+}
+
+/// A tensor the architecture expects in its weights file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParamSpec {
+    /// Full tensor name, as in a PyTorch `state_dict` (`fc1.weight`, `3.1.bias`).
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its role.
+    pub kind: ParamKind,
+    /// Full name of the layer it belongs to (`fc1`, `3.1`).
+    pub layer: String,
+}
+
+impl ParamSpec {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The spec to write this parameter with [`super::tensors::write_safetensors`].
+    pub fn tensor_spec(&self, dtype: Dtype) -> TensorSpec {
+        TensorSpec::new(self.name.clone(), dtype, self.shape.clone())
+    }
+}
+
+/// Per-layer figures for one sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerSummary {
+    /// Full layer name (`fc1`, `3`, `4.0`).
+    pub name: String,
+    /// Layer type (`linear`, ...).
+    #[serde(rename = "type")]
+    pub layer_type: String,
+    /// Output shape for one sample (no batch dimension).
+    pub output_shape: Vec<usize>,
+    /// Number of parameter elements (batch-norm running statistics included).
+    pub parameters: u64,
+    /// Floating-point operations for one sample's forward pass: multiply-adds count 2
+    /// for linear and conv; other layers count their element-wise operations.
+    pub flops: u64,
+    /// Bytes of the f32 output activation for one sample.
+    pub activation_bytes: u64,
+    /// For a residual: its inner layers (its own figures include theirs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerSummary>,
+}
+
+/// How a parameter is initialised (PyTorch defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Init {
+    /// U(-bound, bound).
+    Uniform(f32),
+    /// Every element the same.
+    Const(f32),
+}
+
+/// A validated sequential architecture with its inferred shapes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Architecture {
+    input_shape: Vec<usize>,
+    layers: Vec<Layer>,
+    output_shape: Vec<usize>,
+    summary: Vec<LayerSummary>,
+    params: Vec<(ParamSpec, Init)>,
+    /// `{batch_norm}.num_batches_tracked` names, accepted but not required in weights.
+    optional_buffers: Vec<String>,
+}
+
+fn invalid(pointer: impl Into<String>, detail: impl Into<String>) -> Error {
+    Error::ArchitectureInvalid {
+        pointer: pointer.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Escapes one JSON pointer reference token (RFC 6901).
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads a non-negative size from a JSON value, or says why not.
+fn size_value(v: &Value, min: usize) -> std::result::Result<usize, String> {
+    let n = match v.as_u64() {
+        Some(n) => n,
+        None => {
+            return Err(match v {
+                Value::Number(n) if n.as_i64().is_some() => {
+                    format!("must be a positive integer, got {n}")
+                }
+                Value::Number(n) => format!("must be an integer, got {n}"),
+                other => format!("must be an integer, got {}", json_kind(other)),
+            })
+        }
+    };
+    if n < min as u64 {
+        return Err(format!("must be at least {min}, got {n}"));
+    }
+    if n > MAX_DIM as u64 {
+        return Err(format!("is {n}, more than the limit of {MAX_DIM}"));
+    }
+    // n <= MAX_DIM fits usize.
+    Ok(n as usize)
+}
+
+/// The fields of one JSON object, read with pointers for every error.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    ptr: &'a str,
+    what: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    fn at(&self, key: &str) -> String {
+        format!("{}/{}", self.ptr, escape(key))
+    }
+
+    fn deny_unknown(&self, allowed: &[&str]) -> Result<()> {
+        match self.map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(k) => Err(invalid(
+                self.at(k),
+                format!(
+                    "unknown field `{k}` for {} (expected {})",
+                    self.what,
+                    allowed.join(", ")
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn required(&self, key: &str) -> Result<&'a Value> {
+        self.map.get(key).ok_or_else(|| {
+            invalid(
+                self.at(key),
+                format!("missing required field `{key}` for {}", self.what),
+            )
+        })
+    }
+
+    fn size(&self, key: &str, default: Option<usize>, min: usize) -> Result<usize> {
+        let v = match (self.map.get(key), default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => return Ok(d),
+            (None, None) => self.required(key)?,
+        };
+        size_value(v, min).map_err(|m| invalid(self.at(key), format!("`{key}` {m}")))
+    }
+
+    fn size2(&self, key: &str, default: Option<Size2>, min: usize) -> Result<Size2> {
+        let v = match (self.map.get(key), default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => return Ok(d),
+            (None, None) => self.required(key)?,
+        };
+        let bad = |m: String| invalid(self.at(key), format!("`{key}` {m}"));
+        match v {
+            Value::Array(items) if items.len() == 2 => Ok(Size2(
+                size_value(&items[0], min).map_err(bad)?,
+                size_value(&items[1], min).map_err(bad)?,
+            )),
+            Value::Array(_) => Err(bad(
+                "must be an integer or a list of two integers [height, width]".to_owned(),
+            )),
+            other => {
+                let n = size_value(other, min).map_err(bad)?;
+                Ok(Size2(n, n))
+            }
+        }
+    }
+
+    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+        match self.map.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(invalid(
+                self.at(key),
+                format!("`{key}` must be true or false, got {}", json_kind(other)),
+            )),
+        }
+    }
+
+    /// A finite number accepted by `ok`, described by `expect` in errors.
+    fn number(&self, key: &str, default: f64, ok: fn(f64) -> bool, expect: &str) -> Result<f64> {
+        let Some(v) = self.map.get(key) else {
+            return Ok(default);
+        };
+        match v.as_f64() {
+            Some(x) if x.is_finite() && ok(x) => Ok(x),
+            Some(x) => Err(invalid(
+                self.at(key),
+                format!("`{key}` must be {expect}, got {x}"),
+            )),
+            None => Err(invalid(
+                self.at(key),
+                format!("`{key}` must be a number, got {}", json_kind(v)),
+            )),
+        }
+    }
+
+    fn name(&self) -> Result<Option<String>> {
+        let Some(v) = self.map.get("name") else {
+            return Ok(None);
+        };
+        let Value::String(s) = v else {
+            return Err(invalid(
+                self.at("name"),
+                format!("`name` must be a string, got {}", json_kind(v)),
+            ));
+        };
+        if s.is_empty() || s.len() > 128 || s.contains('.') || s.trim() != s {
+            return Err(invalid(
+                self.at("name"),
+                format!(
+                    "layer name {s:?} must be 1 to 128 characters without dots or surrounding spaces (dots separate the parts of tensor names)"
+                ),
+            ));
+        }
+        Ok(Some(s.clone()))
+    }
+}
+
+fn numel(shape: &[usize]) -> u64 {
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .unwrap_or(u64::MAX)
+}
+
+/// Output size of a sliding window along one axis, or `None` when the window does not fit.
+fn window_out(len: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
+    let padded = len.checked_add(padding.checked_mul(2)?)?;
+    let span = padded.checked_sub(kernel)?;
+    Some(span / stride + 1)
+}
+
+/// What one built layer contributes.
+struct Built {
+    layer: Layer,
+    summary: LayerSummary,
+    output: Vec<usize>,
+}
+
+/// Accumulates parameters while layers are parsed and shapes inferred.
+#[derive(Default)]
+struct Builder {
+    params: Vec<(ParamSpec, Init)>,
+    total: u64,
+    optional_buffers: Vec<String>,
+}
+
+impl Builder {
+    /// Registers a parameter, refusing absurd sizes. Returns its element count.
+    fn param(
+        &mut self,
+        ptr: &str,
+        layer: &str,
+        kind: ParamKind,
+        shape: Vec<usize>,
+        init: Init,
+    ) -> Result<u64> {
+        let n = numel(&shape);
+        if n > MAX_ELEMENTS {
+            return Err(invalid(
+                ptr,
+                format!(
+                    "parameter {layer}.{} of shape {shape:?} has {n} elements, more than the limit of {MAX_ELEMENTS}",
+                    kind.suffix()
+                ),
+            ));
+        }
+        self.total = self.total.saturating_add(n);
+        if self.total > MAX_PARAMETERS {
+            return Err(invalid(
+                ptr,
+                format!("the network has more than {MAX_PARAMETERS} parameters"),
+            ));
+        }
+        self.params.push((
+            ParamSpec {
+                name: format!("{layer}.{}", kind.suffix()),
+                shape,
+                kind,
+                layer: layer.to_owned(),
+            },
+            init,
+        ));
+        Ok(n)
+    }
+
+    /// Builds a list of layers (the top level or a residual's body).
+    fn list(
+        &mut self,
+        values: &[Value],
+        ptr: &str,
+        prefix: &str,
+        input: &[usize],
+        depth: usize,
+    ) -> Result<(Vec<Layer>, Vec<LayerSummary>, Vec<usize>)> {
+        if values.is_empty() {
+            return Err(invalid(ptr, "`layers` must hold at least one layer"));
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut layers = Vec::with_capacity(values.len());
+        let mut summaries = Vec::with_capacity(values.len());
+        let mut shape = input.to_vec();
+        for (i, v) in values.iter().enumerate() {
+            let lptr = format!("{ptr}/{i}");
+            let built = self.layer(v, &lptr, i, prefix, &names, &shape, depth)?;
+            let local = built
+                .layer
+                .name()
+                .map_or_else(|| i.to_string(), str::to_owned);
+            names.insert(local, i);
+            shape = built.output;
+            layers.push(built.layer);
+            summaries.push(built.summary);
+        }
+        Ok((layers, summaries, shape))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &mut self,
+        v: &Value,
+        ptr: &str,
+        index: usize,
+        prefix: &str,
+        siblings: &HashMap<String, usize>,
+        input: &[usize],
+        depth: usize,
+    ) -> Result<Built> {
+        let Value::Object(map) = v else {
+            return Err(invalid(
+                ptr,
+                format!(
+                    "a layer must be an object with a `type`, got {}",
+                    json_kind(v)
+                ),
+            ));
+        };
+        let ty = match map.get("type") {
+            Some(Value::String(t)) => t.as_str(),
+            Some(other) => {
+                return Err(invalid(
+                    format!("{ptr}/type"),
+                    format!("`type` must be a string, got {}", json_kind(other)),
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    format!("{ptr}/type"),
+                    format!(
+                        "missing required field `type` (one of {})",
+                        LAYER_TYPES.join(", ")
+                    ),
+                ))
+            }
+        };
+        let Some(ty) = LAYER_TYPES.iter().copied().find(|t| *t == ty) else {
+            return Err(invalid(
+                format!("{ptr}/type"),
+                format!(
+                    "unknown layer type {ty:?} (expected one of {})",
+                    LAYER_TYPES.join(", ")
+                ),
+            ));
+        };
+        let what = format!("a {ty} layer");
+        let f = Fields {
+            map,
+            ptr,
+            what: &what,
+        };
+        let allowed: &[&str] = match ty {
+            "linear" => &["type", "name", "in_features", "out_features", "bias"],
+            "conv2d" => &[
+                "type",
+                "name",
+                "in_channels",
+                "out_channels",
+                "kernel_size",
+                "stride",
+                "padding",
+                "bias",
+            ],
+            "max_pool2d" | "avg_pool2d" => &["type", "name", "kernel_size", "stride", "padding"],
+            "batch_norm1d" | "batch_norm2d" => &["type", "name", "num_features", "eps", "momentum"],
+            "layer_norm" => &[
+                "type",
+                "name",
+                "normalized_shape",
+                "eps",
+                "elementwise_affine",
+            ],
+            "dropout" => &["type", "name", "p"],
+            "residual" => &["type", "name", "layers"],
+            _ => &["type", "name"],
+        };
+        f.deny_unknown(allowed)?;
+
+        let name = f.name()?;
+        let local = name.clone().unwrap_or_else(|| index.to_string());
+        if let Some(other) = siblings.get(&local) {
+            let at = if name.is_some() {
+                format!("{ptr}/name")
+            } else {
+                ptr.to_owned()
+            };
+            return Err(invalid(
+                at,
+                format!(
+                    "layer name {local:?} is already taken by layer {other} of this list (unnamed layers are named by their index)"
+                ),
+            ));
+        }
+        let full = format!("{prefix}{local}");
+        let in_numel = numel(input);
+        let mut params = 0u64;
+        let mut inner = Vec::new();
+
+        let (layer, output, flops) = match ty {
+            "linear" => {
+                let in_features = f.size("in_features", None, 1)?;
+                let out_features = f.size("out_features", None, 1)?;
+                let bias = f.flag("bias", true)?;
+                let last = input.last().copied().unwrap_or(0);
+                if last != in_features {
+                    let hint = if input.len() > 1 && in_numel == in_features as u64 {
+                        " (add a flatten layer before it)"
+                    } else {
+                        ""
+                    };
+                    return Err(invalid(
+                        f.at("in_features"),
+                        format!(
+                            "linear expects inputs whose last dimension is in_features = {in_features}, but its input shape is {input:?}{hint}"
+                        ),
+                    ));
+                }
+                let bound = 1.0 / (in_features as f32).sqrt();
+                params += self.param(
+                    ptr,
+                    &full,
+                    ParamKind::Weight,
+                    vec![out_features, in_features],
+                    Init::Uniform(bound),
+                )?;
+                if bias {
+                    params += self.param(
+                        ptr,
+                        &full,
+                        ParamKind::Bias,
+                        vec![out_features],
+                        Init::Uniform(bound),
+                    )?;
+                }
+                let mut output = input.to_vec();
+                if let Some(l) = output.last_mut() {
+                    *l = out_features;
+                }
+                let rows = in_numel / in_features as u64;
+                let flops = 2u64
+                    .saturating_mul(in_features as u64)
+                    .saturating_mul(out_features as u64)
+                    .saturating_mul(rows);
+                let layer = Layer::Linear {
+                    name,
+                    in_features,
+                    out_features,
+                    bias,
+                };
+                (layer, output, flops)
+            }
+            "conv2d" => {
+                let in_channels = f.size("in_channels", None, 1)?;
+                let out_channels = f.size("out_channels", None, 1)?;
+                let kernel_size = f.size2("kernel_size", None, 1)?;
+                let stride = f.size2("stride", Some(Size2(1, 1)), 1)?;
+                let padding = f.size2("padding", Some(Size2(0, 0)), 0)?;
+                let bias = f.flag("bias", true)?;
+                let [c, h, w] = chw(input, ptr, "conv2d")?;
+                if c != in_channels {
+                    return Err(invalid(
+                        f.at("in_channels"),
+                        format!(
+                            "conv2d has in_channels = {in_channels}, but its input shape {input:?} has {c} channels (C = first dimension)"
+                        ),
+                    ));
+                }
+                let (oh, ow) = windows([h, w], kernel_size, stride, padding)
+                    .ok_or_else(|| window_error(&f, "conv2d", input, kernel_size, padding))?;
+                // Saturating: absurd kernels are refused by the parameter-size check below.
+                let fan_in = (in_channels as u64)
+                    .saturating_mul(kernel_size.0 as u64)
+                    .saturating_mul(kernel_size.1 as u64);
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                params += self.param(
+                    ptr,
+                    &full,
+                    ParamKind::Weight,
+                    vec![out_channels, in_channels, kernel_size.0, kernel_size.1],
+                    Init::Uniform(bound),
+                )?;
+                if bias {
+                    params += self.param(
+                        ptr,
+                        &full,
+                        ParamKind::Bias,
+                        vec![out_channels],
+                        Init::Uniform(bound),
+                    )?;
+                }
+                let flops = 2u64
+                    .saturating_mul(fan_in)
+                    .saturating_mul(out_channels as u64)
+                    .saturating_mul(oh as u64)
+                    .saturating_mul(ow as u64);
+                let layer = Layer::Conv2d {
+                    name,
+                    in_channels,
+                    out_channels,
+                    kernel_size,
+                    stride,
+                    padding,
+                    bias,
+                };
+                (layer, vec![out_channels, oh, ow], flops)
+            }
+            "max_pool2d" | "avg_pool2d" => {
+                let kernel_size = f.size2("kernel_size", None, 1)?;
+                let stride = f.size2("stride", Some(kernel_size), 1)?;
+                let padding = f.size2("padding", Some(Size2(0, 0)), 0)?;
+                let [c, h, w] = chw(input, ptr, ty)?;
+                if padding.0 > kernel_size.0 / 2 || padding.1 > kernel_size.1 / 2 {
+                    return Err(invalid(
+                        f.at("padding"),
+                        format!(
+                            "{ty} padding {padding:?} must be at most half the kernel size {kernel_size:?}"
+                        ),
+                    ));
+                }
+                let (oh, ow) = windows([h, w], kernel_size, stride, padding)
+                    .ok_or_else(|| window_error(&f, ty, input, kernel_size, padding))?;
+                let flops = (c as u64)
+                    .saturating_mul(oh as u64)
+                    .saturating_mul(ow as u64)
+                    .saturating_mul(kernel_size.0 as u64)
+                    .saturating_mul(kernel_size.1 as u64);
+                let layer = if ty == "max_pool2d" {
+                    Layer::MaxPool2d {
+                        name,
+                        kernel_size,
+                        stride,
+                        padding,
+                    }
+                } else {
+                    Layer::AvgPool2d {
+                        name,
+                        kernel_size,
+                        stride,
+                        padding,
+                    }
+                };
+                (layer, vec![c, oh, ow], flops)
+            }
+            "global_avg_pool2d" => {
+                let [c, _, _] = chw(input, ptr, ty)?;
+                (Layer::GlobalAvgPool2d { name }, vec![c, 1, 1], in_numel)
+            }
+            "batch_norm1d" | "batch_norm2d" => {
+                let num_features = f.size("num_features", None, 1)?;
+                let eps = f.number("eps", 1e-5, |x| x > 0.0, "a positive number")?;
+                let momentum = f.number(
+                    "momentum",
+                    0.1,
+                    |x| (0.0..=1.0).contains(&x),
+                    "between 0 and 1",
+                )?;
+                let two_d = ty == "batch_norm2d";
+                let rank_ok = if two_d {
+                    input.len() == 3
+                } else {
+                    input.len() == 1 || input.len() == 2
+                };
+                if !rank_ok {
+                    let expected = if two_d {
+                        "a [channels, height, width] input"
+                    } else {
+                        "a [features] or [channels, length] input"
+                    };
+                    return Err(invalid(
+                        ptr,
+                        format!("{ty} expects {expected}, but its input shape is {input:?}"),
+                    ));
+                }
+                if input[0] != num_features {
+                    return Err(invalid(
+                        f.at("num_features"),
+                        format!(
+                            "{ty} has num_features = {num_features}, but its input shape {input:?} has {} channels (C = first dimension)",
+                            input[0]
+                        ),
+                    ));
+                }
+                for (kind, init) in [
+                    (ParamKind::Weight, Init::Const(1.0)),
+                    (ParamKind::Bias, Init::Const(0.0)),
+                    (ParamKind::RunningMean, Init::Const(0.0)),
+                    (ParamKind::RunningVar, Init::Const(1.0)),
+                ] {
+                    params += self.param(ptr, &full, kind, vec![num_features], init)?;
+                }
+                self.optional_buffers
+                    .push(format!("{full}.num_batches_tracked"));
+                let layer = if two_d {
+                    Layer::BatchNorm2d {
+                        name,
+                        num_features,
+                        eps,
+                        momentum,
+                    }
+                } else {
+                    Layer::BatchNorm1d {
+                        name,
+                        num_features,
+                        eps,
+                        momentum,
+                    }
+                };
+                (layer, input.to_vec(), in_numel.saturating_mul(2))
+            }
+            "layer_norm" => {
+                let key = "normalized_shape";
+                let bad = |m: String| invalid(f.at(key), format!("`{key}` {m}"));
+                let normalized_shape = match f.required(key)? {
+                    Value::Array(items) if !items.is_empty() => items
+                        .iter()
+                        .map(|v| size_value(v, 1).map_err(bad))
+                        .collect::<Result<Vec<_>>>()?,
+                    Value::Array(_) => return Err(bad("must not be empty".to_owned())),
+                    other => vec![size_value(other, 1).map_err(bad)?],
+                };
+                let eps = f.number("eps", 1e-5, |x| x > 0.0, "a positive number")?;
+                let elementwise_affine = f.flag("elementwise_affine", true)?;
+                if !input.ends_with(&normalized_shape) {
+                    return Err(invalid(
+                        f.at(key),
+                        format!(
+                            "layer_norm normalizes the trailing dimensions {normalized_shape:?}, but its input shape is {input:?}"
+                        ),
+                    ));
+                }
+                if elementwise_affine {
+                    params += self.param(
+                        ptr,
+                        &full,
+                        ParamKind::Weight,
+                        normalized_shape.clone(),
+                        Init::Const(1.0),
+                    )?;
+                    params += self.param(
+                        ptr,
+                        &full,
+                        ParamKind::Bias,
+                        normalized_shape.clone(),
+                        Init::Const(0.0),
+                    )?;
+                }
+                let layer = Layer::LayerNorm {
+                    name,
+                    normalized_shape,
+                    eps,
+                    elementwise_affine,
+                };
+                (layer, input.to_vec(), in_numel.saturating_mul(5))
+            }
+            "dropout" => {
+                let p = f.number(
+                    "p",
+                    0.5,
+                    |x| (0.0..=1.0).contains(&x),
+                    "a probability between 0 and 1",
+                )?;
+                (Layer::Dropout { name, p }, input.to_vec(), 0)
+            }
+            "flatten" => {
+                // in_numel <= MAX_ELEMENTS, checked when the input was produced.
+                (Layer::Flatten { name }, vec![in_numel as usize], 0)
+            }
+            "relu" => (Layer::Relu { name }, input.to_vec(), in_numel),
+            "gelu" => (Layer::Gelu { name }, input.to_vec(), in_numel),
+            "tanh" => (Layer::Tanh { name }, input.to_vec(), in_numel),
+            "sigmoid" => (Layer::Sigmoid { name }, input.to_vec(), in_numel),
+            _ => {
+                // "residual", the last entry of LAYER_TYPES.
+                if depth >= MAX_NESTING {
+                    return Err(invalid(
+                        ptr,
+                        format!("residual layers nest more than {MAX_NESTING} deep"),
+                    ));
+                }
+                let lptr = f.at("layers");
+                let Value::Array(values) = f.required("layers")? else {
+                    return Err(invalid(lptr, "`layers` must be an array of layers"));
+                };
+                let (layers, summaries, output) =
+                    self.list(values, &lptr, &format!("{full}."), input, depth + 1)?;
+                if output != input {
+                    return Err(invalid(
+                        ptr,
+                        format!(
+                            "a residual adds its input to its output, so its layers must keep the shape, but they turn {input:?} into {output:?}"
+                        ),
+                    ));
+                }
+                params = summaries.iter().map(|s| s.parameters).sum();
+                let flops = summaries
+                    .iter()
+                    .fold(in_numel, |acc, s| acc.saturating_add(s.flops));
+                inner = summaries;
+                (Layer::Residual { name, layers }, output, flops)
+            }
+        };
+
+        let out_numel = numel(&output);
+        if out_numel > MAX_ELEMENTS {
+            return Err(invalid(
+                ptr,
+                format!(
+                    "output shape {output:?} has {out_numel} elements per sample, more than the limit of {MAX_ELEMENTS}"
+                ),
+            ));
+        }
+        let summary = LayerSummary {
+            name: full,
+            layer_type: ty.to_owned(),
+            output_shape: output.clone(),
+            parameters: params,
+            flops,
+            activation_bytes: out_numel.saturating_mul(4),
+            layers: inner,
+        };
+        Ok(Built {
+            layer,
+            summary,
+            output,
+        })
+    }
+}
+
+/// Splits a `[C, H, W]` input, or explains that the layer needs one.
+fn chw(input: &[usize], ptr: &str, ty: &str) -> Result<[usize; 3]> {
+    match input {
+        &[c, h, w] => Ok([c, h, w]),
+        _ => Err(invalid(
+            ptr,
+            format!(
+                "{ty} expects a [channels, height, width] input, but its input shape is {input:?}"
+            ),
+        )),
+    }
+}
+
+fn windows(
+    [h, w]: [usize; 2],
+    kernel: Size2,
+    stride: Size2,
+    padding: Size2,
+) -> Option<(usize, usize)> {
+    Some((
+        window_out(h, kernel.0, stride.0, padding.0)?,
+        window_out(w, kernel.1, stride.1, padding.1)?,
+    ))
+}
+
+fn window_error(f: &Fields<'_>, ty: &str, input: &[usize], kernel: Size2, padding: Size2) -> Error {
+    invalid(
+        f.at("kernel_size"),
+        format!(
+            "{ty} kernel {}x{} is larger than its padded input (input shape {input:?}, padding {}x{})",
+            kernel.0, kernel.1, padding.0, padding.1
+        ),
+    )
+}
+
+impl Architecture {
+    /// Parses and validates an architecture document, inferring every layer's shape.
+    ///
+    /// Errors are [`Error::ArchitectureInvalid`] with a JSON pointer relative to the
+    /// document (e.g. `/layers/3/out_features`) and a message naming the shapes involved.
+    pub fn from_json(doc: &Value) -> Result<Architecture> {
+        let Value::Object(map) = doc else {
+            return Err(invalid(
+                "",
+                format!(
+                    "the architecture must be a JSON object, got {}",
+                    json_kind(doc)
+                ),
+            ));
+        };
+        let f = Fields {
+            map,
+            ptr: "",
+            what: "a sequential architecture",
+        };
+        f.deny_unknown(&["kind", "input_shape", "layers"])?;
+        match f.required("kind")? {
+            Value::String(k) if k == "sequential" => {}
+            other => {
+                return Err(invalid(
+                    "/kind",
+                    format!("`kind` must be \"sequential\", got {other}"),
+                ))
+            }
+        }
+        let input_shape = match f.required("input_shape")? {
+            Value::Array(dims) if !dims.is_empty() && dims.len() <= 8 => dims
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    size_value(d, 1).map_err(|m| invalid(format!("/input_shape/{i}"), format!("input dimension {m}")))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            _ => {
+                return Err(invalid(
+                    "/input_shape",
+                    "`input_shape` must be a list of 1 to 8 positive integers (one sample's shape, without the batch dimension)",
+                ))
+            }
+        };
+        if numel(&input_shape) > MAX_ELEMENTS {
+            return Err(invalid(
+                "/input_shape",
+                format!(
+                    "input shape {input_shape:?} has more than {MAX_ELEMENTS} elements per sample"
+                ),
+            ));
+        }
+        let Value::Array(values) = f.required("layers")? else {
+            return Err(invalid("/layers", "`layers` must be an array of layers"));
+        };
+        let mut b = Builder::default();
+        let (layers, summary, output_shape) = b.list(values, "/layers", "", &input_shape, 0)?;
+        Ok(Architecture {
+            input_shape,
+            layers,
+            output_shape,
+            summary,
+            params: b.params,
+            optional_buffers: b.optional_buffers,
+        })
+    }
+
+    /// Parses an architecture from JSON text (for example the `whittle.architecture`
+    /// metadata string of a safetensors file).
+    pub fn from_json_str(text: &str) -> Result<Architecture> {
+        let doc: Value = serde_json::from_str(text)
+            .map_err(|e| invalid("", format!("the architecture is not valid JSON: {e}")))?;
+        Architecture::from_json(&doc)
+    }
+
+    /// The architecture stored under [`ARCHITECTURE_METADATA_KEY`] in safetensors
+    /// metadata, if there is one.
+    pub fn from_metadata(metadata: &BTreeMap<String, String>) -> Result<Option<Architecture>> {
+        metadata
+            .get(ARCHITECTURE_METADATA_KEY)
+            .map(|text| Architecture::from_json_str(text))
+            .transpose()
+    }
+
+    /// The canonical JSON document (defaults filled in); parsing it gives back an equal value.
+    pub fn to_json(&self) -> Value {
+        let layers: Vec<Value> = self
+            .layers
+            .iter()
+            .map(|l| serde_json::to_value(l).unwrap_or(Value::Null))
+            .collect();
+        serde_json::json!({
+            "kind": "sequential",
+            "input_shape": self.input_shape,
+            "layers": layers,
+        })
+    }
+
+    /// One sample's input shape (no batch dimension).
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
+    /// One sample's output shape (no batch dimension).
+    pub fn output_shape(&self) -> &[usize] {
+        &self.output_shape
+    }
+
+    /// The top-level layers.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// Every tensor the weights file must hold, in network order (weight, bias, then
+    /// running statistics for each layer), named as in a PyTorch `nn.Sequential` state_dict.
+    pub fn parameters(&self) -> Vec<ParamSpec> {
+        self.params.iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Total number of parameter elements (batch-norm running statistics included).
+    pub fn parameter_count(&self) -> u64 {
+        self.params.iter().map(|(p, _)| p.numel() as u64).sum()
+    }
+
+    /// Forward FLOPs for one sample (see [`LayerSummary::flops`]).
+    pub fn flops(&self) -> u64 {
+        self.summary
+            .iter()
+            .fold(0u64, |acc, s| acc.saturating_add(s.flops))
+    }
+
+    /// Per-layer figures for the top-level layers (a residual's inner layers are nested
+    /// in its `layers`).
+    pub fn summary(&self) -> Vec<LayerSummary> {
+        self.summary.clone()
+    }
+
+    /// Checks that a weights header holds exactly the tensors this architecture expects:
+    /// every parameter present with its exact shape and a floating-point dtype, nothing
+    /// else except batch-norm `num_batches_tracked` counters (integer scalars).
+    pub fn validate_weights(&self, header: &Header) -> Result<()> {
+        let found: HashMap<&str, &super::tensors::TensorInfo> = header
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let optional: HashSet<&str> = self.optional_buffers.iter().map(String::as_str).collect();
+        let mut missing = Vec::new();
+        let mut wrong_shape = Vec::new();
+        let mut wrong_dtype = Vec::new();
+        for (p, _) in &self.params {
+            match found.get(p.name.as_str()) {
+                None => missing.push(p.name.clone()),
+                Some(t) if t.shape != p.shape => wrong_shape.push(format!(
+                    "{} expected {:?}, found {:?}",
+                    p.name, p.shape, t.shape
+                )),
+                Some(t) if !t.dtype.is_float() => wrong_dtype.push(format!(
+                    "{} is {} (expected a floating-point dtype)",
+                    p.name, t.dtype
+                )),
+                Some(_) => {}
+            }
+        }
+        let expected: HashSet<&str> = self.params.iter().map(|(p, _)| p.name.as_str()).collect();
+        let mut unexpected = Vec::new();
+        for t in &header.tensors {
+            if expected.contains(t.name.as_str()) {
+                continue;
+            }
+            if optional.contains(t.name.as_str()) {
+                if t.numel() != 1 || t.shape.len() > 1 {
+                    wrong_shape.push(format!("{} expected [], found {:?}", t.name, t.shape));
+                } else if !t.dtype.is_integer() {
+                    wrong_dtype.push(format!(
+                        "{} is {} (expected an integer counter such as I64)",
+                        t.name, t.dtype
+                    ));
+                }
+                continue;
+            }
+            unexpected.push(t.name.clone());
+        }
+        let mut parts = Vec::new();
+        for (label, items) in [
+            ("missing tensors", missing),
+            ("unexpected tensors", unexpected),
+            ("wrong shapes", wrong_shape),
+            ("wrong dtypes", wrong_dtype),
+        ] {
+            if !items.is_empty() {
+                parts.push(format!("{label}: {}", capped_list(&items, 10)));
+            }
+        }
+        if parts.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::ArchitectureMismatch(parts.join("; ")))
+        }
+    }
+
+    /// Freshly initialised parameters, in [`Architecture::parameters`] order, with
+    /// PyTorch's default initialisation: linear and conv weights and biases
+    /// ~ U(-1/√fan_in, 1/√fan_in) (what `kaiming_uniform_(a=√5)` reduces to), norm weights 1
+    /// and biases 0, running mean 0 and running variance 1. Deterministic for a seed
+    /// (ChaCha8); the distribution matches PyTorch, the random stream does not.
+    pub fn init_weights(&self, seed: u64) -> Vec<(ParamSpec, Vec<f32>)> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        self.params
+            .iter()
+            .map(|(p, init)| {
+                let n = p.numel();
+                let values = match *init {
+                    Init::Uniform(bound) => (0..n).map(|_| rng.gen_range(-bound..bound)).collect(),
+                    Init::Const(c) => vec![c; n],
+                };
+                (p.clone(), values)
+            })
+            .collect()
+    }
+}
+
+fn capped_list(items: &[String], cap: usize) -> String {
+    let mut s = items
+        .iter()
+        .take(cap)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > cap {
+        s.push_str(&format!(" and {} more", items.len() - cap));
+    }
+    s
+}
+
+impl Serialize for Architecture {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            kind: &'static str,
+            input_shape: &'a [usize],
+            layers: &'a [Layer],
+        }
+        Doc {
+            kind: "sequential",
+            input_shape: &self.input_shape,
+            layers: &self.layers,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Architecture {
+    /// Deserializes through [`Architecture::from_json`], so a deserialized value is valid;
+    /// the error message carries the JSON pointer.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let doc = Value::deserialize(d)?;
+        Architecture::from_json(&doc).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::tensors;
+    use serde_json::json;
+
+    fn lenet_300_100() -> Value {
+        json!({"kind":"sequential","input_shape":[1,28,28],"layers":[
+          {"type":"flatten"},
+          {"type":"linear","name":"fc1","in_features":784,"out_features":300},
+          {"type":"relu"},
+          {"type":"linear","name":"fc2","in_features":300,"out_features":100},
+          {"type":"relu"},
+          {"type":"linear","name":"fc3","in_features":100,"out_features":10}]})
+    }
+
+    fn lenet5() -> Value {
+        json!({"kind":"sequential","input_shape":[1,28,28],"layers":[
+          {"type":"conv2d","in_channels":1,"out_channels":6,"kernel_size":5,"padding":2},
+          {"type":"relu"},
+          {"type":"max_pool2d","kernel_size":2},
+          {"type":"conv2d","in_channels":6,"out_channels":16,"kernel_size":5},
+          {"type":"relu"},
+          {"type":"max_pool2d","kernel_size":2},
+          {"type":"flatten"},
+          {"type":"linear","in_features":400,"out_features":120},
+          {"type":"relu"},
+          {"type":"linear","in_features":120,"out_features":84},
+          {"type":"relu"},
+          {"type":"linear","in_features":84,"out_features":10}]})
+    }
+
+    fn pointer_of(doc: Value) -> (String, String) {
+        match Architecture::from_json(&doc) {
+            Err(Error::ArchitectureInvalid { pointer, detail }) => (pointer, detail),
+            other => panic!("expected ArchitectureInvalid, got {other:?}"),
+        }
+    }
+
+    fn header_of(specs: &[(String, Dtype, Vec<usize>)]) -> Header {
+        let specs: Vec<TensorSpec> = specs
+            .iter()
+            .map(|(n, d, s)| TensorSpec::new(n.clone(), *d, s.clone()))
+            .collect();
+        let mut bytes = Vec::new();
+        tensors::write_safetensors(&mut bytes, &BTreeMap::new(), &specs, |i, w| {
+            w.write_all(&vec![0u8; specs[i].nbytes().unwrap()])?;
+            Ok(())
+        })
+        .unwrap();
+        tensors::parse_header(&bytes, bytes.len() as u64).unwrap()
+    }
+
+    fn header_for(a: &Architecture) -> Vec<(String, Dtype, Vec<usize>)> {
+        a.parameters()
+            .into_iter()
+            .map(|p| (p.name, Dtype::F32, p.shape))
+            .collect()
+    }
+
+    #[test]
+    fn lenet_300_100_counts_and_names() {
+        let a = Architecture::from_json(&lenet_300_100()).unwrap();
+        assert_eq!(a.parameter_count(), 266_610);
+        assert_eq!(a.output_shape(), &[10]);
+        let names: Vec<String> = a.parameters().into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            [
+                "fc1.weight",
+                "fc1.bias",
+                "fc2.weight",
+                "fc2.bias",
+                "fc3.weight",
+                "fc3.bias"
+            ]
+        );
+        assert_eq!(a.parameters()[0].shape, vec![300, 784]);
+        let s = a.summary();
+        assert_eq!(s.len(), 6);
+        assert_eq!(s[0].name, "0");
+        assert_eq!(s[0].output_shape, vec![784]);
+        assert_eq!(s[1].flops, 2 * 784 * 300);
+        assert_eq!(s[1].parameters, 235_500);
+        assert_eq!(s[1].activation_bytes, 1200);
+        assert_eq!(
+            a.flops(),
+            2 * (784 * 300 + 300 * 100 + 100 * 10) + 300 + 100
+        );
+    }
+
+    #[test]
+    fn lenet5_infers_shapes_and_counts() {
+        let a = Architecture::from_json(&lenet5()).unwrap();
+        assert_eq!(a.parameter_count(), 61_706);
+        let shapes: Vec<Vec<usize>> = a.summary().into_iter().map(|s| s.output_shape).collect();
+        assert_eq!(shapes[0], vec![6, 28, 28]);
+        assert_eq!(shapes[2], vec![6, 14, 14]);
+        assert_eq!(shapes[3], vec![16, 10, 10]);
+        assert_eq!(shapes[5], vec![16, 5, 5]);
+        assert_eq!(shapes[6], vec![400]);
+        assert_eq!(a.output_shape(), &[10]);
+        let names: Vec<String> = a.parameters().into_iter().map(|p| p.name).collect();
+        assert_eq!(names[0], "0.weight");
+        assert_eq!(names[2], "3.weight");
+        assert_eq!(names[4], "7.weight");
+        assert_eq!(a.parameters()[0].shape, vec![6, 1, 5, 5]);
+        // conv1: 2 * (1*5*5) * 6 * 28 * 28 multiply-add flops
+        assert_eq!(a.summary()[0].flops, 2 * 25 * 6 * 28 * 28);
+    }
+
+    #[test]
+    fn unnamed_linear_after_flatten_is_index_one() {
+        let doc = json!({"kind":"sequential","input_shape":[4],"layers":[
+            {"type":"flatten"},{"type":"linear","in_features":4,"out_features":2,"bias":false}]});
+        let a = Architecture::from_json(&doc).unwrap();
+        let p = a.parameters();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].name, "1.weight");
+        assert_eq!(p[0].kind, ParamKind::Weight);
+    }
+
+    #[test]
+    fn residual_and_norm_naming() {
+        let doc = json!({"kind":"sequential","input_shape":[3,8,8],"layers":[
+            {"type":"conv2d","name":"stem","in_channels":3,"out_channels":4,"kernel_size":3,"padding":1},
+            {"type":"residual","layers":[
+                {"type":"conv2d","in_channels":4,"out_channels":4,"kernel_size":[3,3],"padding":1,"bias":false},
+                {"type":"batch_norm2d","name":"bn","num_features":4},
+                {"type":"relu"}]},
+            {"type":"global_avg_pool2d"},
+            {"type":"flatten"},
+            {"type":"layer_norm","normalized_shape":4},
+            {"type":"dropout","p":0.1},
+            {"type":"linear","name":"head","in_features":4,"out_features":2}]});
+        let a = Architecture::from_json(&doc).unwrap();
+        let names: Vec<String> = a.parameters().into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            [
+                "stem.weight",
+                "stem.bias",
+                "1.0.weight",
+                "1.bn.weight",
+                "1.bn.bias",
+                "1.bn.running_mean",
+                "1.bn.running_var",
+                "4.weight",
+                "4.bias",
+                "head.weight",
+                "head.bias"
+            ]
+        );
+        let s = a.summary();
+        assert_eq!(s[1].layer_type, "residual");
+        assert_eq!(s[1].layers.len(), 3);
+        assert_eq!(s[1].layers[1].name, "1.bn");
+        assert_eq!(s[1].parameters, 4 * 4 * 9 + 16);
+        assert_eq!(s[2].output_shape, vec![4, 1, 1]);
+        // Round trip through the canonical JSON.
+        let again = Architecture::from_json(&a.to_json()).unwrap();
+        assert_eq!(again, a);
+        let via_serde: Architecture = serde_json::from_value(a.to_json()).unwrap();
+        assert_eq!(via_serde, a);
+        assert_eq!(
+            a.to_json()["layers"][1]["layers"][0]["kernel_size"],
+            json!(3)
+        );
+    }
+
+    #[test]
+    fn bad_shapes_point_at_the_offending_layer() {
+        let mut doc = lenet_300_100();
+        doc["layers"][3]["in_features"] = json!(301);
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/3/in_features");
+        assert!(d.contains("301") && d.contains("[300]"), "{d}");
+
+        let mut doc = lenet_300_100();
+        doc["layers"].as_array_mut().unwrap().remove(0);
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/0/in_features");
+        assert!(d.contains("[1, 28, 28]") && d.contains("flatten"), "{d}");
+
+        let mut doc = lenet5();
+        doc["layers"][3]["in_channels"] = json!(5);
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/3/in_channels");
+        assert!(d.contains("[6, 14, 14]"), "{d}");
+
+        let mut doc = lenet5();
+        doc["layers"][7]["in_features"] = json!(256);
+        assert_eq!(pointer_of(doc).0, "/layers/7/in_features");
+
+        let doc = json!({"kind":"sequential","input_shape":[1,4,4],"layers":[
+            {"type":"conv2d","in_channels":1,"out_channels":2,"kernel_size":5}]});
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/0/kernel_size");
+        assert!(d.contains("[1, 4, 4]"), "{d}");
+
+        let doc = json!({"kind":"sequential","input_shape":[10],"layers":[
+            {"type":"conv2d","in_channels":1,"out_channels":2,"kernel_size":3}]});
+        assert_eq!(pointer_of(doc).0, "/layers/0");
+
+        let doc = json!({"kind":"sequential","input_shape":[3,8,8],"layers":[
+            {"type":"batch_norm2d","num_features":4}]});
+        assert_eq!(pointer_of(doc).0, "/layers/0/num_features");
+
+        let doc = json!({"kind":"sequential","input_shape":[8],"layers":[
+            {"type":"residual","layers":[{"type":"linear","in_features":8,"out_features":4}]}]});
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/0");
+        assert!(d.contains("[8]") && d.contains("[4]"), "{d}");
+
+        let doc = json!({"kind":"sequential","input_shape":[8],"layers":[
+            {"type":"residual","layers":[{"type":"relu"},{"type":"linear","in_features":7,"out_features":8}]}]});
+        assert_eq!(pointer_of(doc).0, "/layers/0/layers/1/in_features");
+
+        let doc = json!({"kind":"sequential","input_shape":[8],"layers":[
+            {"type":"layer_norm","normalized_shape":[4]}]});
+        assert_eq!(pointer_of(doc).0, "/layers/0/normalized_shape");
+
+        let doc = json!({"kind":"sequential","input_shape":[1,5,5],"layers":[
+            {"type":"max_pool2d","kernel_size":2,"padding":2}]});
+        assert_eq!(pointer_of(doc).0, "/layers/0/padding");
+    }
+
+    #[test]
+    fn malformed_documents_point_at_the_field() {
+        let mut doc = lenet_300_100();
+        doc["layers"][5]
+            .as_object_mut()
+            .unwrap()
+            .remove("out_features");
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/5/out_features");
+        assert!(d.contains("missing"), "{d}");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][3]["type"] = json!("conv3d");
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/3/type");
+        assert!(d.contains("conv3d"), "{d}");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][1]["out_feature"] = json!(3);
+        assert_eq!(pointer_of(doc).0, "/layers/1/out_feature");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][1]["out_features"] = json!(0);
+        assert_eq!(pointer_of(doc).0, "/layers/1/out_features");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][1]["out_features"] = json!(-3);
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/1/out_features");
+        assert!(d.contains("positive"), "{d}");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][1]["out_features"] = json!(1u64 << 40);
+        assert_eq!(pointer_of(doc).0, "/layers/1/out_features");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][1]["out_features"] = json!("300");
+        assert_eq!(pointer_of(doc).0, "/layers/1/out_features");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][2]["type"] = json!(3);
+        assert_eq!(pointer_of(doc).0, "/layers/2/type");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][2] = json!("relu");
+        assert_eq!(pointer_of(doc).0, "/layers/2");
+
+        let mut doc = lenet_300_100();
+        doc["input_shape"] = json!([1, 0, 28]);
+        assert_eq!(pointer_of(doc).0, "/input_shape/1");
+
+        let mut doc = lenet_300_100();
+        doc["input_shape"] = json!([]);
+        assert_eq!(pointer_of(doc).0, "/input_shape");
+
+        let mut doc = lenet_300_100();
+        doc["kind"] = json!("transformer");
+        assert_eq!(pointer_of(doc).0, "/kind");
+
+        let mut doc = lenet_300_100();
+        doc["extra"] = json!(1);
+        assert_eq!(pointer_of(doc).0, "/extra");
+
+        let mut doc = lenet_300_100();
+        doc["layers"] = json!([]);
+        assert_eq!(pointer_of(doc).0, "/layers");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][3]["name"] = json!("fc1");
+        let (p, d) = pointer_of(doc);
+        assert_eq!(p, "/layers/3/name");
+        assert!(d.contains("already taken"), "{d}");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][3]["name"] = json!("a.b");
+        assert_eq!(pointer_of(doc).0, "/layers/3/name");
+
+        let mut doc = lenet_300_100();
+        doc["layers"][2] = json!({"type":"dropout","p":1.5});
+        assert_eq!(pointer_of(doc).0, "/layers/2/p");
+
+        let doc = json!({"kind":"sequential","input_shape":[1,8,8],"layers":[
+            {"type":"conv2d","in_channels":1,"out_channels":2,"kernel_size":[3,3,3]}]});
+        assert_eq!(pointer_of(doc).0, "/layers/0/kernel_size");
+
+        let doc = json!({"kind":"sequential","input_shape":[4],"layers":[
+            {"type":"batch_norm1d","num_features":4,"eps":0}]});
+        assert_eq!(pointer_of(doc).0, "/layers/0/eps");
+
+        // A field name with a slash is escaped in the pointer.
+        let mut doc = lenet_300_100();
+        doc["layers"][0]["a/b"] = json!(1);
+        assert_eq!(pointer_of(doc).0, "/layers/0/a~1b");
+
+        assert!(matches!(
+            Architecture::from_json_str("{"),
+            Err(Error::ArchitectureInvalid { .. })
+        ));
+        assert!(serde_json::from_value::<Architecture>(json!({"kind":"sequential"})).is_err());
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        let doc = json!({"kind":"sequential","input_shape":[8],"layers":[
+            {"type":"linear","in_features":8,"out_features":16_000_000},
+            {"type":"linear","in_features":16_000_000,"out_features":16_000_000}]});
+        let (p, _) = pointer_of(doc);
+        assert_eq!(p, "/layers/1");
+        let doc =
+            json!({"kind":"sequential","input_shape":[4096,4096,4096],"layers":[{"type":"relu"}]});
+        assert_eq!(pointer_of(doc).0, "/input_shape");
+        let mut nested = json!({"type":"relu"});
+        for _ in 0..20 {
+            nested = json!({"type":"residual","layers":[nested]});
+        }
+        let doc = json!({"kind":"sequential","input_shape":[4],"layers":[nested]});
+        assert!(pointer_of(doc).1.contains("nest"));
+    }
+
+    #[test]
+    fn validate_weights_reports_every_difference() {
+        let a = Architecture::from_json(&lenet_300_100()).unwrap();
+        let ok = header_of(&header_for(&a));
+        a.validate_weights(&ok).unwrap();
+
+        let mut specs = header_for(&a);
+        specs.retain(|(n, _, _)| n != "fc3.bias");
+        specs[0].2 = vec![784, 300];
+        specs[1].1 = Dtype::I32;
+        specs.push(("extra.weight".to_owned(), Dtype::F32, vec![2]));
+        let e = a.validate_weights(&header_of(&specs)).unwrap_err();
+        let Error::ArchitectureMismatch(m) = &e else {
+            panic!("{e:?}")
+        };
+        assert!(m.contains("missing tensors: fc3.bias"), "{m}");
+        assert!(m.contains("unexpected tensors: extra.weight"), "{m}");
+        assert!(
+            m.contains("fc1.weight expected [300, 784], found [784, 300]"),
+            "{m}"
+        );
+        assert!(m.contains("fc1.bias is I32"), "{m}");
+        assert_eq!(e.code(), "architecture_mismatch");
+    }
+
+    #[test]
+    fn num_batches_tracked_is_accepted_not_required() {
+        let doc = json!({"kind":"sequential","input_shape":[4],"layers":[
+            {"type":"batch_norm1d","num_features":4},{"type":"linear","in_features":4,"out_features":2}]});
+        let a = Architecture::from_json(&doc).unwrap();
+        let mut specs = header_for(&a);
+        a.validate_weights(&header_of(&specs)).unwrap();
+        specs.push(("0.num_batches_tracked".to_owned(), Dtype::I64, vec![]));
+        a.validate_weights(&header_of(&specs)).unwrap();
+        specs.last_mut().unwrap().1 = Dtype::F32;
+        assert!(a.validate_weights(&header_of(&specs)).is_err());
+        // F16 weights are fine: any float dtype.
+        let mut specs = header_for(&a);
+        specs[0].1 = Dtype::F16;
+        a.validate_weights(&header_of(&specs)).unwrap();
+    }
+
+    #[test]
+    fn init_is_seeded_and_pytorch_shaped() {
+        let a = Architecture::from_json(&lenet5()).unwrap();
+        let w1 = a.init_weights(7);
+        let w2 = a.init_weights(7);
+        let w3 = a.init_weights(8);
+        assert_eq!(w1, w2);
+        assert_ne!(w1[0].1, w3[0].1);
+        assert_eq!(w1.len(), a.parameters().len());
+        for (p, v) in &w1 {
+            assert_eq!(v.len(), p.numel());
+        }
+        // conv1: fan_in = 1*5*5 → bound 0.2; values spread over the whole interval.
+        let v = &w1[0].1;
+        assert!(v.iter().all(|x| x.abs() < 0.2));
+        assert!(v.iter().any(|x| *x > 0.15) && v.iter().any(|x| *x < -0.15));
+        // fc after flatten: fan_in 400 → bound 0.05.
+        let fc = w1.iter().find(|(p, _)| p.name == "7.bias").unwrap();
+        assert!(fc.1.iter().all(|x| x.abs() < 0.05));
+
+        let doc = json!({"kind":"sequential","input_shape":[3],"layers":[
+            {"type":"batch_norm1d","num_features":3},{"type":"layer_norm","normalized_shape":[3]}]});
+        let w = Architecture::from_json(&doc).unwrap().init_weights(0);
+        let vals: Vec<Vec<f32>> = w.into_iter().map(|(_, v)| v).collect();
+        assert_eq!(
+            vals,
+            vec![
+                vec![1.0; 3],
+                vec![0.0; 3],
+                vec![0.0; 3],
+                vec![1.0; 3],
+                vec![1.0; 3],
+                vec![0.0; 3]
+            ]
+        );
+    }
+
+    #[test]
+    fn architecture_from_metadata() {
+        let mut meta = BTreeMap::new();
+        assert!(Architecture::from_metadata(&meta).unwrap().is_none());
+        meta.insert(
+            ARCHITECTURE_METADATA_KEY.to_owned(),
+            lenet_300_100().to_string(),
+        );
+        let a = Architecture::from_metadata(&meta).unwrap().unwrap();
+        assert_eq!(a.parameter_count(), 266_610);
+    }
+}

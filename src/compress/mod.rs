@@ -1,0 +1,145 @@
+//! Pure, synchronous model-compression compute.
+//!
+//! This module owns everything that touches tensors and datasets: reading and writing
+//! safetensors ([`tensors`]), choosing which tensors an operation touches ([`select`]),
+//! the `sequential` architecture description with its shape inference and parameter
+//! naming ([`arch`]), and dataset parsing ([`data`]).
+//!
+//! It must not know about HTTP, SQL, tokio or the queue: callers hand it bytes, paths,
+//! a progress callback and a cancel flag, and get back values or a [`Error`] whose
+//! [`Error::code`] is the stable, user-facing error code of the REST contract.
+
+pub mod arch;
+pub mod data;
+pub mod progress;
+pub mod quantize;
+pub mod select;
+pub mod tensors;
+
+/// Everything that can go wrong in compression compute, named by cause.
+///
+/// Every variant except [`Error::Io`] and [`Error::Internal`] is caused by the user's
+/// input (a 4xx in HTTP terms) and is not worth retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The bytes are not a valid safetensors file; the message says exactly why.
+    #[error("invalid safetensors file: {0}")]
+    InvalidSafetensors(String),
+    /// The architecture JSON is malformed or its shapes do not line up.
+    #[error("invalid architecture{}: {detail}", at_pointer(.pointer))]
+    ArchitectureInvalid {
+        /// JSON pointer (RFC 6901) into the architecture document, e.g. `/layers/3/out_features`.
+        pointer: String,
+        /// What is wrong there, naming the shapes involved.
+        detail: String,
+    },
+    /// The weights file does not hold the tensors the architecture expects.
+    #[error("weights do not match the architecture: {0}")]
+    ArchitectureMismatch(String),
+    /// The dataset bytes cannot be used (wrong format, ragged rows, bad labels, ...).
+    #[error("invalid dataset: {0}")]
+    InvalidDataset(String),
+    /// A tensor has a dtype the requested operation cannot handle.
+    #[error("tensor {tensor:?} has dtype {dtype}, but {expected} is required")]
+    UnsupportedDtype {
+        /// The tensor's name.
+        tensor: String,
+        /// Its dtype, in safetensors spelling.
+        dtype: String,
+        /// What the operation accepts, in words (e.g. "a floating-point dtype").
+        expected: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The caller's cancel flag was raised; nothing was half-written.
+    #[error("cancelled")]
+    Cancelled,
+    /// An invariant of this module was broken by its caller (a bug, not bad input).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The stable snake_case code for the problem+json `code` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidSafetensors(_) => "invalid_safetensors",
+            Error::ArchitectureInvalid { .. } => "invalid_architecture",
+            Error::ArchitectureMismatch(_) => "architecture_mismatch",
+            Error::InvalidDataset(_) => "invalid_dataset",
+            Error::UnsupportedDtype { .. } => "unsupported_dtype",
+            Error::Io(_) => "io_error",
+            Error::Cancelled => "cancelled",
+            Error::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The JSON pointer of the offending value, relative to the document that was parsed
+    /// (the architecture object), when the error has one. Callers embedding that document
+    /// in a larger one prefix their own path (e.g. `/architecture`).
+    pub fn pointer(&self) -> Option<String> {
+        match self {
+            Error::ArchitectureInvalid { pointer, .. } => Some(pointer.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again could succeed (I/O trouble), as opposed to bad input that
+    /// fails the same way every time.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Io(_))
+    }
+}
+
+/// " at /layers/3" for a pointer, nothing for the whole document ("").
+fn at_pointer(pointer: &str) -> String {
+    if pointer.is_empty() {
+        String::new()
+    } else {
+        format!(" at {pointer}")
+    }
+}
+
+/// Result alias for compression compute.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn codes_and_pointers_are_stable() {
+        let arch = Error::ArchitectureInvalid {
+            pointer: "/layers/3/out_features".into(),
+            detail: "must be at least 1, got 0".into(),
+        };
+        assert_eq!(arch.code(), "invalid_architecture");
+        assert_eq!(arch.pointer().as_deref(), Some("/layers/3/out_features"));
+        assert_eq!(
+            arch.to_string(),
+            "invalid architecture at /layers/3/out_features: must be at least 1, got 0"
+        );
+        let root = Error::ArchitectureInvalid {
+            pointer: String::new(),
+            detail: "not an object".into(),
+        };
+        assert_eq!(root.to_string(), "invalid architecture: not an object");
+        let cases = [
+            (Error::InvalidSafetensors("x".into()), "invalid_safetensors"),
+            (
+                Error::ArchitectureMismatch("x".into()),
+                "architecture_mismatch",
+            ),
+            (Error::InvalidDataset("x".into()), "invalid_dataset"),
+            (Error::Io(std::io::Error::other("disk")), "io_error"),
+            (Error::Cancelled, "cancelled"),
+            (Error::Internal("x".into()), "internal_error"),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.code(), code);
+            assert_eq!(e.pointer(), None);
+            assert_eq!(e.is_retryable(), code == "io_error");
+        }
+    }
+}

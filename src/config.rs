@@ -1,0 +1,121 @@
+//! Command line and environment configuration (`WHITTLE_*`), with documented defaults.
+//!
+//! Every option can be given as a flag or an environment variable; `whittle --help` lists them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// `whittle [OPTIONS] [COMMAND]` — with no command, `serve`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "whittle",
+    version,
+    about = "Make neural networks smaller and cheaper, over HTTP."
+)]
+pub struct Cli {
+    /// What to run (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options shared by every command.
+    #[command(flatten)]
+    pub common: Config,
+}
+
+/// The sub-commands of the binary.
+#[derive(Debug, Subcommand, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Serve the REST API (and run `--workers` in-process job workers).
+    Serve,
+    /// Run job workers only (no HTTP), sharing the database and blob store with the servers.
+    Worker,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document and exit.
+    Openapi,
+}
+
+/// Runtime configuration shared by `serve`, `worker` and `migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[arg(
+        long,
+        env = "WHITTLE_BIND",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub bind: String,
+
+    /// Directory for the blob store (and the SQLite database when no URL is given).
+    #[arg(
+        long,
+        env = "WHITTLE_DATA_DIR",
+        default_value = "./data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// Database URL: `postgres://…` or `sqlite://…`. Default: `sqlite://<data-dir>/whittle.db`.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+
+    /// Largest accepted upload (model or dataset), in bytes.
+    #[arg(long, env = "WHITTLE_MAX_UPLOAD_BYTES", default_value_t = 16 * 1024 * 1024 * 1024, global = true)]
+    pub max_upload_bytes: u64,
+
+    /// Job workers to run (in `serve`, in-process; 0 serves the API only).
+    #[arg(long, env = "WHITTLE_WORKERS", default_value_t = 1, global = true)]
+    pub workers: usize,
+
+    /// Lease length in seconds; a worker renews it every third of it (heartbeat).
+    #[arg(
+        long,
+        env = "WHITTLE_LEASE_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub lease_seconds: u64,
+
+    /// Longest a worker waits between queue polls when no wake-up arrives, in milliseconds.
+    #[arg(
+        long,
+        env = "WHITTLE_POLL_INTERVAL_MS",
+        default_value_t = 2000,
+        global = true
+    )]
+    pub poll_interval_ms: u64,
+
+    /// On shutdown, how long running jobs may go on before they are released back to the queue.
+    #[arg(
+        long,
+        env = "WHITTLE_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub shutdown_grace_seconds: u64,
+
+    /// Log format: `text` or `json`. Filter with `RUST_LOG` (default `info`).
+    #[arg(
+        long,
+        env = "WHITTLE_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: String,
+}
+
+impl Config {
+    /// The database URL in force: the configured one or the embedded SQLite default.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}/whittle.db?mode=rwc", self.data_dir.display()),
+        }
+    }
+
+    /// A configuration for tests and embedding: everything default except the data directory.
+    pub fn for_data_dir(data_dir: PathBuf) -> Self {
+        Cli::parse_from(["whittle", "--data-dir", &data_dir.display().to_string()]).common
+    }
+}

@@ -1,0 +1,69 @@
+//! The per-job event log (`state`, `progress`, `log`, `metrics`): SSE replays it by sequence
+//! number and `GET /logs` reads its `log` entries.
+
+use serde_json::Value;
+use sqlx::Row;
+
+use super::{id_col, json_col, Db, Result};
+use crate::ids::{now_micros, JobId};
+
+/// One event.
+#[derive(Debug, Clone)]
+pub struct JobEvent {
+    /// Monotonic sequence number (the SSE event id).
+    pub seq: i64,
+    /// The job it belongs to.
+    pub job_id: JobId,
+    /// `state`, `progress`, `log` or `metrics`.
+    pub kind: String,
+    /// Event payload.
+    pub data: Value,
+    /// When it was written (µs).
+    pub created_at: i64,
+}
+
+/// Append an event (unfenced: for the API's own transitions, e.g. cancelling a queued job).
+pub async fn append<'e, E>(executor: E, job_id: JobId, kind: &str, data: &Value) -> Result<()>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query("insert into job_events (job_id, kind, data, created_at) values ($1, $2, $3, $4)")
+        .bind(job_id.to_string())
+        .bind(kind)
+        .bind(data.to_string())
+        .bind(now_micros())
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Events of a job after `after_seq`, oldest first; `kind` filters when given.
+pub async fn list_after(
+    db: &Db,
+    job_id: JobId,
+    after_seq: i64,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<Vec<JobEvent>> {
+    let rows = sqlx::query(
+        "select seq, job_id, kind, data, created_at from job_events \
+         where job_id = $1 and seq > $2 and ($3 = '' or kind = $3) order by seq limit $4",
+    )
+    .bind(job_id.to_string())
+    .bind(after_seq)
+    .bind(kind.unwrap_or_default())
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(JobEvent {
+                seq: r.try_get("seq")?,
+                job_id: id_col(r, "job_id")?,
+                kind: r.try_get("kind")?,
+                data: json_col(r, "data")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,149 @@
+//! Model rows: a stored safetensors blob plus its tensor inventory and optional architecture.
+
+use serde_json::Value;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{id_col, json_col, json_col_opt, Db, Result};
+use crate::ids::{JobId, ModelId};
+
+/// One model, as stored.
+#[derive(Debug, Clone)]
+pub struct ModelRecord {
+    /// Identifier.
+    pub id: ModelId,
+    /// Display name (the upload's or the producing job's choice).
+    pub name: String,
+    /// sha256 of the safetensors bytes (and the blob's name).
+    pub sha256: String,
+    /// File size in bytes.
+    pub size_bytes: i64,
+    /// Number of elements over all tensors.
+    pub parameters: i64,
+    /// `[{name, dtype, shape}]` in file order.
+    pub tensors: Value,
+    /// Architecture JSON, when known.
+    pub architecture: Option<Value>,
+    /// The job (and step index) that produced this model, if any.
+    pub source: Option<(JobId, i64)>,
+    /// Creation time, µs since the epoch.
+    pub created_at: i64,
+}
+
+fn from_row(row: &AnyRow) -> Result<ModelRecord> {
+    let source_job: Option<String> = row.try_get("source_job_id")?;
+    let source_step: Option<i64> = row.try_get("source_step")?;
+    Ok(ModelRecord {
+        id: id_col(row, "id")?,
+        name: row.try_get("name")?,
+        sha256: row.try_get("sha256")?,
+        size_bytes: row.try_get("size_bytes")?,
+        parameters: row.try_get("parameters")?,
+        tensors: json_col(row, "tensors")?,
+        architecture: json_col_opt(row, "architecture")?,
+        source: match (source_job.and_then(|s| s.parse().ok()), source_step) {
+            (Some(job), Some(step)) => Some((job, step)),
+            _ => None,
+        },
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+const COLUMNS: &str = "id, name, sha256, size_bytes, parameters, tensors, architecture, source_job_id, source_step, created_at";
+
+/// Insert a model row (the blob must already be committed).
+pub async fn insert<'e, E>(executor: E, m: &ModelRecord) -> Result<()>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query(&format!(
+        "insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    ))
+    .bind(m.id.to_string())
+    .bind(&m.name)
+    .bind(&m.sha256)
+    .bind(m.size_bytes)
+    .bind(m.parameters)
+    .bind(m.tensors.to_string())
+    .bind(m.architecture.as_ref().map(|a| a.to_string()))
+    .bind(m.source.map(|(j, _)| j.to_string()))
+    .bind(m.source.map(|(_, s)| s))
+    .bind(m.created_at)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// One model by id.
+pub async fn get(db: &Db, id: ModelId) -> Result<Option<ModelRecord>> {
+    let row = sqlx::query(&format!("select {COLUMNS} from models where id = $1"))
+        .bind(id.to_string())
+        .fetch_optional(db.pool())
+        .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// A page of models, newest first; `after` is the last id of the previous page.
+pub async fn list(db: &Db, after: Option<ModelId>, limit: i64) -> Result<Vec<ModelRecord>> {
+    let rows = sqlx::query(&format!(
+        "select {COLUMNS} from models where ($1 = '' or id < $1) order by id desc limit $2"
+    ))
+    .bind(after.map(|a| a.to_string()).unwrap_or_default())
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Whether a queued or running job reads this model (as input or as a referenced student).
+pub async fn in_use(db: &Db, id: ModelId) -> Result<bool> {
+    let id = id.to_string();
+    let row = sqlx::query(
+        "select count(*) as n from jobs where state in ('queued', 'running') \
+         and (model_id = $1 or spec like $2)",
+    )
+    .bind(&id)
+    .bind(format!("%{id}%"))
+    .fetch_one(db.pool())
+    .await?;
+    Ok(row.try_get::<i64, _>("n")? > 0)
+}
+
+/// Delete a model row; returns whether it existed.
+pub async fn delete(db: &Db, id: ModelId) -> Result<bool> {
+    let done = sqlx::query("delete from models where id = $1")
+        .bind(id.to_string())
+        .execute(db.pool())
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Whether any model, dataset or artifact still references a blob (before deleting it).
+pub async fn blob_referenced(db: &Db, sha256: &str) -> Result<bool> {
+    let row = sqlx::query(
+        "select (select count(*) from models where sha256 = $1) \
+              + (select count(*) from datasets where sha256 = $1) \
+              + (select count(*) from artifacts where sha256 = $1) as n",
+    )
+    .bind(sha256)
+    .fetch_one(db.pool())
+    .await?;
+    Ok(row.try_get::<i64, _>("n")? > 0)
+}
+
+/// The `tensors` inventory (`[{name, dtype, shape}]`) and parameter count (elements of
+/// floating-point tensors; integer buffers such as position ids are not parameters) of a file.
+pub fn inventory(header: &crate::compress::tensors::Header) -> (Value, i64) {
+    let tensors = header
+        .tensors
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.as_str(), "shape": t.shape}))
+        .collect();
+    let parameters = header
+        .tensors
+        .iter()
+        .filter(|t| t.dtype.is_float())
+        .map(|t| t.numel() as i64)
+        .sum();
+    (Value::Array(tensors), parameters)
+}

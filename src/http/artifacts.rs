@@ -1,0 +1,69 @@
+//! `/v1/artifacts`: metadata and content of files produced by jobs.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiResult};
+use super::extract::parse_id;
+use super::AppState;
+use crate::db::artifacts::{self, ArtifactRecord};
+use crate::ids::{rfc3339, ArtifactId};
+
+/// Routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/artifacts/{id}", get(get_artifact))
+        .route("/artifacts/{id}/content", get(download_artifact))
+}
+
+/// The API body of an artifact.
+pub fn artifact_json(a: &ArtifactRecord) -> Value {
+    json!({
+        "id": a.id.to_string(),
+        "job_id": a.job_id.to_string(),
+        "kind": a.kind,
+        "format": a.format,
+        "size_bytes": a.size_bytes,
+        "sha256": a.sha256,
+        "created_at": rfc3339(a.created_at),
+    })
+}
+
+async fn load_artifact(state: &AppState, raw: &str) -> ApiResult<ArtifactRecord> {
+    let id: ArtifactId = parse_id(raw, "artifact_not_found", "artifact")?;
+    artifacts::get(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("artifact_not_found", "artifact", raw))
+}
+
+async fn get_artifact(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(artifact_json(&load_artifact(&state, &id).await?)))
+}
+
+async fn download_artifact(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let a = load_artifact(&state, &id).await?;
+    let content_type = match a.format.as_str() {
+        "json" => "application/json",
+        _ => "application/octet-stream",
+    };
+    super::content::serve_blob(
+        &state.store,
+        &a.sha256,
+        a.size_bytes as u64,
+        content_type,
+        &format!("{}-{}.{}", a.kind, a.id, a.format),
+        &headers,
+    )
+    .await
+}

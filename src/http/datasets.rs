@@ -1,0 +1,268 @@
+//! `/v1/datasets`: upload (safetensors `x`/`y`, CSV, MNIST IDX), list, get, delete.
+//!
+//! Every dataset is stored in one canonical form — safetensors with `x` (U8 or F32, first dim
+//! = samples) and optional `y` (I64 labels) — so the engine reads one format.
+
+use axum::extract::{Multipart, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{page_body, parse_id, AppQuery, Page};
+use super::models::{check_content_length, field_text, multipart, release_blob};
+use super::AppState;
+use crate::compress::data::Dataset;
+use crate::db::datasets::{self, DatasetRecord};
+use crate::ids::{now_micros, rfc3339, DatasetId};
+use crate::store::TempBlob;
+
+/// Routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/datasets",
+            get(list_datasets)
+                .post(upload_dataset)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/datasets/{id}", get(get_dataset).delete(delete_dataset))
+}
+
+/// The API body of a dataset.
+pub fn dataset_json(d: &DatasetRecord) -> Value {
+    json!({
+        "id": d.id.to_string(),
+        "name": d.name,
+        "format": d.format,
+        "samples": d.samples,
+        "feature_shape": d.feature_shape,
+        "num_classes": d.num_classes,
+        "sha256": d.sha256,
+        "size_bytes": d.size_bytes,
+        "created_at": rfc3339(d.created_at),
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct UploadQuery {
+    name: Option<String>,
+    format: Option<String>,
+    label_column: Option<String>,
+}
+
+/// The parts of an upload, whichever body form carried them.
+#[derive(Default)]
+struct Parts {
+    name: Option<String>,
+    format: Option<String>,
+    label_column: Option<String>,
+    file: Option<TempBlob>,
+    images: Option<TempBlob>,
+    labels: Option<TempBlob>,
+}
+
+async fn upload_dataset(
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<UploadQuery>,
+    req: Request,
+) -> ApiResult<Response> {
+    let limit = state.config.max_upload_bytes;
+    check_content_length(req.headers(), limit)?;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut parts = Parts {
+        name: query.name,
+        format: query.format,
+        label_column: query.label_column,
+        ..Parts::default()
+    };
+    if content_type.starts_with("multipart/form-data") {
+        read_multipart(&state, multipart(req).await?, &mut parts).await?;
+    } else if content_type.starts_with("application/octet-stream")
+        || content_type.starts_with("text/csv")
+    {
+        if content_type.starts_with("text/csv") && parts.format.is_none() {
+            parts.format = Some("csv".into());
+        }
+        parts.file = Some(
+            state
+                .store
+                .write_stream(req.into_body().into_data_stream(), limit)
+                .await?,
+        );
+    } else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/octet-stream with ?format=safetensors|csv, or multipart/form-data with `file` (or `images` + `labels` for IDX)",
+        ));
+    }
+    let format = match (parts.format.as_deref(), &parts.images) {
+        (Some(f), _) => f.to_string(),
+        (None, Some(_)) => "idx".to_string(),
+        (None, None) => "safetensors".to_string(),
+    };
+    let label_column = parts.label_column.clone();
+    let (file, images, labels) = (parts.file.take(), parts.images.take(), parts.labels.take());
+    let requested = format.clone();
+    let parsed = tokio::task::spawn_blocking(move || -> ApiResult<Dataset> {
+        let read = |t: &TempBlob| std::fs::read(t.path()).map_err(ApiError::internal);
+        match requested.as_str() {
+            "safetensors" => {
+                let file = file.as_ref().ok_or_else(|| missing("file"))?;
+                Ok(Dataset::from_safetensors(file.path())?)
+            }
+            "csv" => {
+                let file = file.as_ref().ok_or_else(|| missing("file"))?;
+                Ok(Dataset::from_csv(&read(file)?, label_column.as_deref())?)
+            }
+            "idx" => {
+                let images = images.as_ref().ok_or_else(|| missing("images"))?;
+                let labels = labels.as_ref().ok_or_else(|| missing("labels"))?;
+                Ok(Dataset::from_idx(&read(images)?, &read(labels)?)?)
+            }
+            other => Err(ApiError::unprocessable(
+                "invalid_dataset_format",
+                format!("unknown format `{other}`; expected safetensors, csv or idx"),
+            )),
+        }
+    })
+    .await??;
+    let store = state.store.clone();
+    let canonical = parsed.clone();
+    let blob = tokio::task::spawn_blocking(move || -> ApiResult<_> {
+        let bytes = canonical.to_safetensors_bytes()?;
+        Ok(store.put_bytes(&bytes)?)
+    })
+    .await??;
+    let name = parts
+        .name
+        .unwrap_or_else(|| "dataset".into())
+        .trim()
+        .to_string();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::unprocessable(
+            "invalid_name",
+            "a name is 1–200 printable characters",
+        ));
+    }
+    let record = DatasetRecord {
+        id: DatasetId::new(),
+        name,
+        format,
+        samples: parsed.samples as i64,
+        feature_shape: json!(parsed.feature_shape),
+        num_classes: parsed.num_classes.map(|n| n as i64),
+        sha256: blob.sha256,
+        size_bytes: blob.size as i64,
+        created_at: now_micros(),
+    };
+    datasets::insert(&state.db, &record).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/v1/datasets/{}", record.id))],
+        Json(dataset_json(&record)),
+    )
+        .into_response())
+}
+
+fn missing(part: &str) -> ApiError {
+    ApiError::bad_request(
+        "malformed_multipart",
+        format!("the `{part}` part is required for this format"),
+    )
+}
+
+async fn read_multipart(state: &AppState, mut mp: Multipart, parts: &mut Parts) -> ApiResult<()> {
+    let limit = state.config.max_upload_bytes;
+    while let Some(field) = mp
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?
+    {
+        let part = field.name().unwrap_or("").to_string();
+        let slot = match part.as_str() {
+            "file" => &mut parts.file,
+            "images" => &mut parts.images,
+            "labels" => &mut parts.labels,
+            "name" => {
+                parts.name = Some(field_text(field).await?);
+                continue;
+            }
+            "format" => {
+                parts.format = Some(field_text(field).await?);
+                continue;
+            }
+            "label_column" => {
+                parts.label_column = Some(field_text(field).await?);
+                continue;
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "malformed_multipart",
+                    format!("unexpected part `{other}`; expected file, images, labels, name, format, label_column"),
+                ))
+            }
+        };
+        if slot.is_some() {
+            return Err(ApiError::bad_request(
+                "malformed_multipart",
+                format!("the `{part}` part was sent twice"),
+            ));
+        }
+        *slot = Some(state.store.write_stream(field, limit).await?);
+    }
+    Ok(())
+}
+
+async fn list_datasets(
+    State(state): State<AppState>,
+    AppQuery(page): AppQuery<Page>,
+) -> ApiResult<Json<Value>> {
+    let limit = page.limit();
+    let rows = datasets::list(&state.db, page.after()?, limit).await?;
+    let last = rows.last().map(|d| d.id);
+    Ok(Json(page_body(
+        rows.iter().map(dataset_json).collect(),
+        last,
+        limit,
+    )))
+}
+
+async fn load_dataset(state: &AppState, raw: &str) -> ApiResult<DatasetRecord> {
+    let id: DatasetId = parse_id(raw, "dataset_not_found", "dataset")?;
+    datasets::get(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("dataset_not_found", "dataset", raw))
+}
+
+async fn get_dataset(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(dataset_json(&load_dataset(&state, &id).await?)))
+}
+
+async fn delete_dataset(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let dataset = load_dataset(&state, &id).await?;
+    if datasets::in_use(&state.db, dataset.id).await? {
+        return Err(ApiError::conflict(
+            "dataset_in_use",
+            "a queued or running job uses this dataset",
+        ));
+    }
+    datasets::delete(&state.db, dataset.id).await?;
+    release_blob(state.db.clone(), &state.store, &dataset.sha256).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

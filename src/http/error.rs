@@ -1,0 +1,169 @@
+//! The API's error type and its RFC 9457 `application/problem+json` rendering.
+//!
+//! Every failure a client can see goes through [`ApiError`]: a status, a stable snake_case
+//! `code`, a human `detail` and, for request bodies, JSON pointers to each problem.
+//! 5xx bodies never carry internals; the cause is logged instead.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::spec::FieldError;
+
+/// An error answered to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// What happened and what to do about it.
+    pub detail: String,
+    /// Per-field problems (validation).
+    pub errors: Vec<FieldError>,
+}
+
+/// Result alias for handlers.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// An error with no field list.
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// 404 for a resource id that does not exist.
+    pub fn not_found(code: &'static str, what: &str, id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            code,
+            format!("no {what} with id `{id}`"),
+        )
+    }
+
+    /// 400 for a request that is malformed (syntax, parameters).
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    /// 422 for well-formed input that cannot be accepted.
+    pub fn unprocessable(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
+    }
+
+    /// 409 for a request that conflicts with the resource's state.
+    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, detail)
+    }
+
+    /// 422 listing field problems; the code is that of the first problem.
+    pub fn validation(errors: Vec<FieldError>) -> Self {
+        let code = errors.first().map_or("validation_failed", |e| e.code);
+        let detail = match errors.len() {
+            1 => format!(
+                "{}: {}",
+                display_pointer(&errors[0].pointer),
+                errors[0].detail
+            ),
+            n => format!("{n} problems in the request body; see `errors`"),
+        };
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            detail,
+            errors,
+        }
+    }
+
+    /// 500 with the cause logged, not shown.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the server failed to handle the request; it has been logged",
+        )
+    }
+}
+
+fn display_pointer(p: &str) -> &str {
+    if p.is_empty() {
+        "body"
+    } else {
+        p
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("urn:whittle:problem:{}", self.code),
+            "title": self.status.canonical_reason().unwrap_or("Error"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+            "code": self.code,
+            "errors": self.errors,
+        });
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+impl From<crate::db::Error> for ApiError {
+    fn from(e: crate::db::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<crate::queue::Error> for ApiError {
+    fn from(e: crate::queue::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<crate::store::Error> for ApiError {
+    fn from(e: crate::store::Error) -> Self {
+        match e {
+            crate::store::Error::TooLarge { limit } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the upload exceeds the limit of {limit} bytes (WHITTLE_MAX_UPLOAD_BYTES)"),
+            ),
+            crate::store::Error::Body(msg) => ApiError::bad_request("upload_interrupted", msg),
+            crate::store::Error::Io(io) => ApiError::internal(io),
+        }
+    }
+}
+
+impl From<crate::compress::Error> for ApiError {
+    fn from(e: crate::compress::Error) -> Self {
+        use crate::compress::Error as E;
+        match &e {
+            E::Io(io) => ApiError::internal(io),
+            E::Cancelled => ApiError::internal("operation cancelled"),
+            _ => {
+                let mut err = ApiError::unprocessable(e.code(), e.to_string());
+                if let Some(pointer) = e.pointer() {
+                    err.errors.push(FieldError::new(pointer, e.to_string()));
+                    err.errors[0].code = e.code();
+                }
+                err
+            }
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ApiError::internal(e)
+    }
+}

@@ -1,0 +1,496 @@
+//! `/v1/jobs`: submit (idempotent, with dry runs), get (with ETag), list (filters + cursor),
+//! cancel, events (SSE), metrics, logs.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{page_body, parse_id, AppJson, AppQuery, Page};
+use super::AppState;
+use crate::compress::tensors::TensorInfo;
+use crate::db::jobs::{self, JobFilter, JobRecord, JobState};
+use crate::db::{events, models};
+use crate::ids::{now_micros, rfc3339, JobId, ModelId};
+use crate::queue::CancelOutcome;
+use crate::spec::{self, FieldError};
+
+/// Routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/jobs", get(list_jobs).post(create_job))
+        .route("/jobs/{id}", get(get_job))
+        .route("/jobs/{id}/cancel", post(cancel_job))
+        .route("/jobs/{id}/events", get(job_events))
+        .route("/jobs/{id}/metrics", get(job_metrics))
+        .route("/jobs/{id}/logs", get(job_logs))
+}
+
+/// The API body of a job.
+pub fn job_json(j: &JobRecord) -> Value {
+    let opt_time = |t: Option<i64>| t.map(rfc3339);
+    json!({
+        "id": j.id.to_string(),
+        "state": j.state.as_str(),
+        "model_id": j.model_id.to_string(),
+        "steps": j.spec.get("steps").cloned().unwrap_or(Value::Null),
+        "eval": j.spec.get("eval").cloned().unwrap_or(Value::Null),
+        "progress": j.progress,
+        "attempt": j.attempt,
+        "max_attempts": j.max_attempts,
+        "priority": j.priority,
+        "timeout_seconds": j.timeout_seconds,
+        "seed": j.spec.get("seed").cloned().unwrap_or(json!(0)),
+        "cancel_requested": j.cancel_requested,
+        "error": j.error,
+        "result": j.result,
+        "labels": j.labels(),
+        "webhook_url": j.spec.get("webhook_url").cloned().unwrap_or(Value::Null),
+        "created_at": rfc3339(j.created_at),
+        "started_at": opt_time(j.started_at),
+        "finished_at": opt_time(j.finished_at),
+        "updated_at": rfc3339(j.updated_at),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateQuery {
+    dry_run: Option<bool>,
+}
+
+/// `POST /v1/jobs`.
+async fn create_job(
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<CreateQuery>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<Value>,
+) -> ApiResult<Response> {
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_idempotency_key",
+                    "Idempotency-Key must be 1–255 visible ASCII characters",
+                ))
+            }
+        },
+    };
+    // serde_json maps are ordered, so equal bodies serialise identically.
+    let body_sha = hex::encode(Sha256::digest(body.to_string().as_bytes()));
+    if let Some(key) = &idempotency_key {
+        if let Some(existing) = jobs::get_by_idempotency_key(&state.db, key).await? {
+            return replay(existing, &body_sha);
+        }
+    }
+
+    let model = match body
+        .get("model_id")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<ModelId>().ok())
+    {
+        Some(id) => models::get(&state.db, id).await?,
+        None => None,
+    };
+    let tensors: Option<Vec<TensorInfo>> = model.as_ref().map(|m| inventory_infos(&m.tensors));
+    let parsed = spec::parse_job(&body, tensors.as_deref());
+    let mut errors = parsed.as_ref().err().cloned().unwrap_or_default();
+    if model.is_none()
+        && body
+            .get("model_id")
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.parse::<ModelId>().is_ok())
+    {
+        errors.insert(
+            0,
+            FieldError {
+                code: "model_not_found",
+                ..FieldError::new("/model_id", "no model with this id")
+            },
+        );
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let (Ok(spec), Some(model)) = (parsed, model) else {
+        return Err(ApiError::internal("job spec parsed without a model"));
+    };
+
+    if query.dry_run.unwrap_or(false) {
+        let infos = tensors.unwrap_or_default();
+        let largest = infos.iter().map(|t| t.nbytes() as u64).max().unwrap_or(0);
+        let plan: Vec<Value> = spec
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| {
+                let touched: Vec<&str> = step
+                    .selection()
+                    .resolve(&infos)
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect();
+                json!({"index": i, "op": step.op(), "step": step.to_json(), "tensors": touched})
+            })
+            .collect();
+        return Ok(Json(json!({
+            "dry_run": true,
+            "model_id": model.id.to_string(),
+            "steps": plan,
+            // Weight-only steps stream tensor by tensor: the largest tensor in f32 plus its
+            // output, plus write buffers.
+            "estimated_peak_memory_bytes": largest * 2 + largest / 2 + (2 << 20),
+            "input_size_bytes": model.size_bytes,
+        }))
+        .into_response());
+    }
+
+    let now = now_micros();
+    let record = JobRecord {
+        id: JobId::new(),
+        state: JobState::Queued,
+        model_id: model.id,
+        spec: spec.to_json(),
+        priority: spec.priority,
+        attempt: 0,
+        max_attempts: spec.max_attempts,
+        timeout_seconds: spec.timeout_seconds,
+        idempotency_key: idempotency_key.clone(),
+        request_sha256: idempotency_key.as_ref().map(|_| body_sha.clone()),
+        worker_id: None,
+        lease_expires_at: None,
+        run_at: now,
+        cancel_requested: false,
+        progress: None,
+        error: None,
+        result: None,
+        metrics: None,
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+        updated_at: now,
+    };
+    if let Err(e) = jobs::insert(&state.db, &record).await {
+        // Two requests with one key raced: the loser answers with the winner's job.
+        if let Some(key) = &idempotency_key {
+            if let Some(existing) = jobs::get_by_idempotency_key(&state.db, key).await? {
+                return replay(existing, &body_sha);
+            }
+        }
+        return Err(e.into());
+    }
+    state.queue.announce().await;
+    metrics::counter!("whittle_jobs_submitted_total").increment(1);
+    accepted(&record)
+}
+
+fn accepted(job: &JobRecord) -> ApiResult<Response> {
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/jobs/{}", job.id))],
+        Json(job_json(job)),
+    )
+        .into_response())
+}
+
+/// Answer a repeated `Idempotency-Key`: the first job for the same body, 422 otherwise.
+fn replay(existing: JobRecord, body_sha: &str) -> ApiResult<Response> {
+    if existing.request_sha256.as_deref() == Some(body_sha) {
+        accepted(&existing)
+    } else {
+        Err(ApiError::unprocessable(
+            "idempotency_key_reused",
+            format!(
+                "this Idempotency-Key was used for job {} with a different body",
+                existing.id
+            ),
+        ))
+    }
+}
+
+/// Rebuild tensor infos from a stored inventory (offsets are not needed for validation).
+fn inventory_infos(tensors: &Value) -> Vec<TensorInfo> {
+    tensors
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|t| {
+                    Some(TensorInfo {
+                        name: t.get("name")?.as_str()?.to_string(),
+                        dtype: t.get("dtype")?.as_str()?.parse().ok()?,
+                        shape: serde_json::from_value(t.get("shape")?.clone()).ok()?,
+                        data_offsets: (0, 0),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn load_job(state: &AppState, raw: &str) -> ApiResult<JobRecord> {
+    let id: JobId = parse_id(raw, "job_not_found", "job")?;
+    jobs::get(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job_not_found", "job", raw))
+}
+
+/// `GET /v1/jobs/{id}` with a weak ETag that changes whenever the row does.
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let job = load_job(&state, &id).await?;
+    let etag = format!(
+        "W/\"{}-{}-{}\"",
+        job.updated_at,
+        job.state.as_str(),
+        job.attempt
+    );
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok(([(header::ETAG, etag)], Json(job_json(&job))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    model_id: Option<String>,
+    label: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+async fn list_jobs(
+    State(state): State<AppState>,
+    AppQuery(q): AppQuery<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = Page {
+        limit: q.limit,
+        cursor: q.cursor,
+    };
+    let filter = JobFilter {
+        state: match q.state.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_parameter",
+                    "`state` is one of queued, running, succeeded, failed, cancelled",
+                )
+            })?),
+        },
+        model_id: match q.model_id.as_deref() {
+            None | Some("") => None,
+            Some(m) => Some(m.parse().map_err(|_| {
+                ApiError::bad_request("invalid_parameter", "`model_id` must be a model id")
+            })?),
+        },
+        label: match q.label.as_deref() {
+            None | Some("") => None,
+            Some(l) => {
+                let (k, v) = l.split_once(':').ok_or_else(|| {
+                    ApiError::bad_request("invalid_parameter", "`label` is `key:value`")
+                })?;
+                Some((k.to_string(), v.to_string()))
+            }
+        },
+    };
+    let limit = page.limit();
+    let rows = jobs::list(&state.db, &filter, page.after()?, limit).await?;
+    let last = rows.last().map(|j| j.id);
+    Ok(Json(page_body(
+        rows.iter().map(job_json).collect(),
+        last,
+        limit,
+    )))
+}
+
+async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let job = load_job(&state, &id).await?;
+    match state.queue.cancel(job.id).await? {
+        CancelOutcome::Cancelled
+        | CancelOutcome::Requested
+        | CancelOutcome::AlreadyFinished(JobState::Cancelled) => {
+            let job = load_job(&state, &id).await?;
+            Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
+        }
+        CancelOutcome::AlreadyFinished(s) => Err(ApiError::conflict(
+            "job_already_finished",
+            format!(
+                "the job already finished ({}); there is nothing to cancel",
+                s.as_str()
+            ),
+        )),
+        CancelOutcome::NotFound => Err(ApiError::not_found("job_not_found", "job", &id)),
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: replay from `Last-Event-ID`, then follow until the job ends.
+async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let job = load_job(&state, &id).await?;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    let stream = event_stream(state, job.id, after);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+fn event_stream(
+    state: AppState,
+    job_id: JobId,
+    after: i64,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    struct Cursor {
+        state: AppState,
+        job_id: JobId,
+        after: i64,
+        buffer: std::collections::VecDeque<events::JobEvent>,
+        done: bool,
+    }
+    let cursor = Cursor {
+        state,
+        job_id,
+        after,
+        buffer: Default::default(),
+        done: false,
+    };
+    futures_util::stream::unfold(cursor, |mut c| async move {
+        loop {
+            if let Some(ev) = c.buffer.pop_front() {
+                c.after = ev.seq;
+                let terminal = ev.kind == "state"
+                    && ev
+                        .data
+                        .get("state")
+                        .and_then(Value::as_str)
+                        .and_then(JobState::parse)
+                        .is_some_and(JobState::is_terminal);
+                if terminal {
+                    c.done = true;
+                }
+                let event = Event::default()
+                    .id(ev.seq.to_string())
+                    .event(ev.kind.clone())
+                    .data(ev.data.to_string());
+                return Some((Ok(event), c));
+            }
+            if c.done {
+                return None;
+            }
+            match events::list_after(&c.state.db, c.job_id, c.after, None, 200).await {
+                Ok(batch) if !batch.is_empty() => c.buffer.extend(batch),
+                Ok(_) => {
+                    // Nothing new: stop if the job already ended (its terminal event was
+                    // before Last-Event-ID), otherwise wait a little.
+                    match jobs::get(&c.state.db, c.job_id).await {
+                        Ok(Some(job)) if job.state.is_terminal() => return None,
+                        Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
+                        _ => return None,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading job events failed; ending the stream");
+                    return None;
+                }
+            }
+        }
+    })
+}
+
+async fn job_metrics(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let job = load_job(&state, &id).await?;
+    Ok(Json(job.metrics.unwrap_or_else(
+        || json!({"baseline": null, "steps": [], "final": null}),
+    )))
+}
+
+/// `GET /v1/jobs/{id}/logs`: text lines, or NDJSON with `Accept: application/x-ndjson`.
+async fn job_logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let job = load_job(&state, &id).await?;
+    let mut lines = Vec::new();
+    let mut after = 0;
+    loop {
+        let batch = events::list_after(&state.db, job.id, after, None, 1000).await?;
+        let Some(last) = batch.last() else { break };
+        after = last.seq;
+        for ev in batch {
+            let (level, message) = match ev.kind.as_str() {
+                "log" => (
+                    ev.data
+                        .get("level")
+                        .and_then(Value::as_str)
+                        .unwrap_or("info")
+                        .to_string(),
+                    ev.data
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                ),
+                "state" => (
+                    "info".to_string(),
+                    format!(
+                        "state: {}",
+                        ev.data.get("state").and_then(Value::as_str).unwrap_or("?")
+                    ),
+                ),
+                _ => continue,
+            };
+            lines.push((ev.created_at, level, message, ev.data));
+        }
+    }
+    let ndjson = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/x-ndjson"));
+    if ndjson {
+        let body: String = lines
+            .iter()
+            .map(|(t, level, message, data)| {
+                format!(
+                    "{}\n",
+                    json!({"time": rfc3339(*t), "level": level, "message": message, "data": data})
+                )
+            })
+            .collect();
+        Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    } else {
+        let body: String = lines
+            .iter()
+            .map(|(t, level, message, _)| format!("{} {:5} {}\n", rfc3339(*t), level, message))
+            .collect();
+        Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+    }
+}

@@ -1,0 +1,144 @@
+//! The REST API (`API.md`): one file per resource, each exporting `router()`, assembled here
+//! with the middleware stack (request ids, tracing, Prometheus metrics, problem+json
+//! fallbacks). Handlers translate HTTP to calls on `db`, `store` and `queue`; they compute
+//! nothing themselves beyond validating input.
+
+pub mod artifacts;
+pub mod content;
+pub mod datasets;
+pub mod error;
+pub mod extract;
+pub mod jobs;
+pub mod models;
+pub mod ops;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::queue::Queue;
+use crate::store::BlobStore;
+use error::ApiError;
+
+/// The OpenAPI document served at `/openapi.yaml` (and printed by `whittle openapi`).
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+/// Every route the router serves, as (method, path template). The OpenAPI test checks this
+/// list against `openapi.yaml` and checks that each entry is really routed.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.yaml"),
+    ("POST", "/v1/models"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{id}"),
+    ("DELETE", "/v1/models/{id}"),
+    ("GET", "/v1/models/{id}/content"),
+    ("POST", "/v1/datasets"),
+    ("GET", "/v1/datasets"),
+    ("GET", "/v1/datasets/{id}"),
+    ("DELETE", "/v1/datasets/{id}"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/{id}"),
+    ("POST", "/v1/jobs/{id}/cancel"),
+    ("GET", "/v1/jobs/{id}/events"),
+    ("GET", "/v1/jobs/{id}/metrics"),
+    ("GET", "/v1/jobs/{id}/logs"),
+    ("GET", "/v1/artifacts/{id}"),
+    ("GET", "/v1/artifacts/{id}/content"),
+];
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// Metadata database.
+    pub db: Db,
+    /// Blob store.
+    pub store: BlobStore,
+    /// The job queue.
+    pub queue: Queue,
+    /// Configuration in force.
+    pub config: Arc<Config>,
+    /// Prometheus exposition.
+    pub prometheus: PrometheusHandle,
+}
+
+/// The whole application router with its middleware.
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let api = Router::new()
+        .merge(models::router())
+        .merge(datasets::router())
+        .merge(jobs::router())
+        .merge(artifacts::router());
+    Router::new()
+        .nest("/v1", api)
+        .merge(ops::router())
+        // A route layer runs after routing, so it sees the matched route template.
+        .route_layer(middleware::from_fn(record_http_metrics))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                        let id = req
+                            .headers()
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-");
+                        tracing::info_span!("http", method = %req.method(), uri = %req.uri(), request_id = %id)
+                    }),
+                )
+                .layer(PropagateRequestIdLayer::new(request_id)),
+        )
+        .with_state(state)
+}
+
+async fn route_not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        "no such route; GET /openapi.yaml lists them",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept this method; GET /openapi.yaml lists them",
+    )
+}
+
+/// Count requests and time them, labelled by route template (not raw path: bounded labels).
+async fn record_http_metrics(req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("whittle_http_requests_total", "method" => method.clone(), "path" => path.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("whittle_http_request_duration_seconds", "method" => method, "path" => path)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

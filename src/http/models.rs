@@ -1,0 +1,439 @@
+//! `/v1/models`: upload (octet-stream, multipart, or JSON architecture + seeded init), list,
+//! get, delete, download.
+//!
+//! An upload streams to a temp blob (size-limited, hashed on the way), is validated as
+//! safetensors (and against its architecture, if any) and only then committed and recorded:
+//! a rejected upload leaves nothing behind.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Multipart, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{page_body, parse_id, AppQuery, Page};
+use super::AppState;
+use crate::compress::arch::Architecture;
+use crate::compress::tensors::{self, Dtype, TensorSpec};
+use crate::db::models::{self, ModelRecord};
+use crate::ids::{now_micros, rfc3339, ModelId};
+use crate::queue::runner::META_ARCHITECTURE;
+use crate::store::{BlobStore, TempBlob};
+
+/// Routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/models",
+            get(list_models)
+                .post(upload_model)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/models/{id}", get(get_model).delete(delete_model))
+        .route("/models/{id}/content", get(download_model))
+}
+
+/// The API body of a model.
+pub fn model_json(m: &ModelRecord) -> Value {
+    json!({
+        "id": m.id.to_string(),
+        "name": m.name,
+        "sha256": m.sha256,
+        "size_bytes": m.size_bytes,
+        "parameters": m.parameters,
+        "tensors": m.tensors,
+        "architecture": m.architecture,
+        "source": m.source.map(|(job, step)| json!({"job_id": job.to_string(), "step": step})),
+        "created_at": rfc3339(m.created_at),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadQuery {
+    name: Option<String>,
+}
+
+/// `POST /v1/models` — dispatches on Content-Type.
+async fn upload_model(
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<UploadQuery>,
+    req: Request,
+) -> ApiResult<Response> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let limit = state.config.max_upload_bytes;
+    check_content_length(req.headers(), limit)?;
+    let record = if content_type.starts_with("application/octet-stream") {
+        let temp = state
+            .store
+            .write_stream(req.into_body().into_data_stream(), limit)
+            .await?;
+        let name = query.name.unwrap_or_else(|| "model".into());
+        ingest(&state, temp, name, None).await?
+    } else if content_type.starts_with("multipart/form-data") {
+        let multipart = multipart(req).await?;
+        upload_multipart(&state, multipart, query.name).await?
+    } else if content_type.starts_with("application/json") {
+        let bytes = axum::body::to_bytes(req.into_body(), 4 << 20)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "a JSON model request is limited to 4 MiB",
+                )
+            })?;
+        let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
+        })?;
+        create_from_architecture(&state, body, query.name).await?
+    } else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/octet-stream (safetensors bytes), multipart/form-data (parts `file`, `architecture`, `name`) or application/json (`architecture` + `init`)",
+        ));
+    };
+    created(&record)
+}
+
+/// 201 with `Location` and the model body.
+fn created(record: &ModelRecord) -> ApiResult<Response> {
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/v1/models/{}", record.id))],
+        Json(model_json(record)),
+    )
+        .into_response())
+}
+
+/// Refuse early when the client announces a body over the limit.
+pub(crate) fn check_content_length(headers: &HeaderMap, limit: u64) -> ApiResult<()> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > limit => Err(crate::store::Error::TooLarge { limit }.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Build a `Multipart` reader from the whole request.
+pub(crate) async fn multipart(req: Request) -> ApiResult<Multipart> {
+    use axum::extract::FromRequest;
+    Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))
+}
+
+async fn upload_multipart(
+    state: &AppState,
+    mut multipart: Multipart,
+    name: Option<String>,
+) -> ApiResult<ModelRecord> {
+    let mut temp: Option<TempBlob> = None;
+    let mut architecture: Option<Value> = None;
+    let mut name = name;
+    let limit = state.config.max_upload_bytes;
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?
+    {
+        match field.name().unwrap_or("") {
+            "file" => {
+                if temp.is_some() {
+                    return Err(ApiError::bad_request(
+                        "malformed_multipart",
+                        "send exactly one `file` part",
+                    ));
+                }
+                if name.is_none() {
+                    name = field
+                        .file_name()
+                        .map(|f| f.trim_end_matches(".safetensors").to_string());
+                }
+                temp = Some(state.store.write_stream(field, limit).await?);
+            }
+            "architecture" => {
+                let text = field_text(field).await?;
+                let value: Value = serde_json::from_str(&text).map_err(|e| {
+                    ApiError::unprocessable(
+                        "invalid_architecture",
+                        format!("the `architecture` part is not valid JSON: {e}"),
+                    )
+                })?;
+                architecture = Some(value);
+            }
+            "name" => name = Some(field_text(field).await?),
+            other => {
+                return Err(ApiError::bad_request(
+                    "malformed_multipart",
+                    format!("unexpected part `{other}`; expected `file`, `architecture`, `name`"),
+                ))
+            }
+        }
+    }
+    let temp = temp.ok_or_else(|| {
+        ApiError::bad_request(
+            "malformed_multipart",
+            "the `file` part (safetensors bytes) is required",
+        )
+    })?;
+    ingest(
+        state,
+        temp,
+        name.unwrap_or_else(|| "model".into()),
+        architecture,
+    )
+    .await
+}
+
+/// Read a small text part (at most 4 MiB).
+pub(crate) async fn field_text(
+    mut field: axum::extract::multipart::Field<'_>,
+) -> ApiResult<String> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?
+    {
+        buf.extend_from_slice(&chunk);
+        if buf.len() > 4 << 20 {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "text parts are limited to 4 MiB",
+            ));
+        }
+    }
+    String::from_utf8(buf)
+        .map_err(|_| ApiError::bad_request("malformed_multipart", "text parts must be UTF-8"))
+}
+
+/// Validate a streamed upload, then commit the blob and record the model.
+async fn ingest(
+    state: &AppState,
+    temp: TempBlob,
+    name: String,
+    architecture: Option<Value>,
+) -> ApiResult<ModelRecord> {
+    let name = clean_name(name)?;
+    let path = temp.path().to_path_buf();
+    let header = tokio::task::spawn_blocking(move || tensors::read_header(path)).await??;
+    let architecture = match architecture {
+        Some(a) => Some(a),
+        None => match header.metadata.get(META_ARCHITECTURE) {
+            Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+                ApiError::unprocessable(
+                    "invalid_architecture",
+                    format!("metadata `{META_ARCHITECTURE}` is not valid JSON: {e}"),
+                )
+            })?),
+            None => None,
+        },
+    };
+    if let Some(a) = &architecture {
+        let arch = Architecture::from_json(a)?;
+        arch.validate_weights(&header)?;
+    }
+    let store = state.store.clone();
+    let blob = tokio::task::spawn_blocking(move || store.commit(temp)).await??;
+    let (tensors, parameters) = models::inventory(&header);
+    let record = ModelRecord {
+        id: ModelId::new(),
+        name,
+        sha256: blob.sha256,
+        size_bytes: blob.size as i64,
+        parameters,
+        tensors,
+        architecture,
+        source: None,
+        created_at: now_micros(),
+    };
+    models::insert(state.db.pool(), &record).await?;
+    Ok(record)
+}
+
+fn clean_name(name: String) -> ApiResult<String> {
+    let name = name.trim().to_string();
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::unprocessable(
+            "invalid_name",
+            "a name is 1–200 printable characters",
+        ));
+    }
+    Ok(name)
+}
+
+/// `POST /v1/models` with JSON: `{"name", "architecture", "init": {"seed"}}`.
+async fn create_from_architecture(
+    state: &AppState,
+    body: Value,
+    name: Option<String>,
+) -> ApiResult<ModelRecord> {
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::unprocessable(
+            "validation_failed",
+            "the body must be a JSON object",
+        ));
+    };
+    for key in obj.keys() {
+        if !["name", "architecture", "init"].contains(&key.as_str()) {
+            return Err(ApiError::validation(vec![crate::spec::FieldError::new(
+                format!("/{key}"),
+                "unknown field; expected name, architecture, init",
+            )]));
+        }
+    }
+    let architecture = obj.get("architecture").cloned().ok_or_else(|| {
+        ApiError::validation(vec![crate::spec::FieldError {
+            code: "architecture_required",
+            ..crate::spec::FieldError::new(
+                "/architecture",
+                "is required to create a model without weights",
+            )
+        }])
+    })?;
+    let seed = match obj.get("init").and_then(|i| i.get("seed")) {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            ApiError::validation(vec![crate::spec::FieldError::new(
+                "/init/seed",
+                "must be a non-negative integer",
+            )])
+        })?,
+    };
+    let name = name
+        .or_else(|| obj.get("name").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| "model".into());
+    let arch = Architecture::from_json(&architecture).map_err(|e| {
+        let mut err = ApiError::from(e);
+        // Pointers from the architecture are relative to it; make them relative to the body.
+        for f in &mut err.errors {
+            f.pointer = format!("/architecture{}", f.pointer);
+        }
+        err
+    })?;
+    let store = state.store.clone();
+    let arch_text = architecture.to_string();
+    let (blob, header) = tokio::task::spawn_blocking(move || -> ApiResult<_> {
+        let params = arch.init_weights(seed);
+        let mut metadata = BTreeMap::new();
+        metadata.insert(META_ARCHITECTURE.to_string(), arch_text);
+        metadata.insert(
+            "whittle.init".to_string(),
+            json!({"scheme": "pytorch_default", "seed": seed}).to_string(),
+        );
+        let specs: Vec<TensorSpec> = params
+            .iter()
+            .map(|(p, _)| TensorSpec::new(p.name.clone(), Dtype::F32, p.shape.clone()))
+            .collect();
+        let mut temp = store.create_temp().map_err(ApiError::internal)?;
+        tensors::write_safetensors(&mut temp, &metadata, &specs, |i, w| {
+            w.write_all(&tensors::encode_f32(&params[i].1))?;
+            Ok(())
+        })?;
+        let header = tensors::read_header(temp.path())?;
+        Ok((store.commit(temp)?, header))
+    })
+    .await??;
+    let (tensors, parameters) = models::inventory(&header);
+    let record = ModelRecord {
+        id: ModelId::new(),
+        name: clean_name(name)?,
+        sha256: blob.sha256,
+        size_bytes: blob.size as i64,
+        parameters,
+        tensors,
+        architecture: Some(architecture),
+        source: None,
+        created_at: now_micros(),
+    };
+    models::insert(state.db.pool(), &record).await?;
+    Ok(record)
+}
+
+async fn list_models(
+    State(state): State<AppState>,
+    AppQuery(page): AppQuery<Page>,
+) -> ApiResult<Json<Value>> {
+    let limit = page.limit();
+    let rows = models::list(&state.db, page.after()?, limit).await?;
+    let last = rows.last().map(|m| m.id);
+    Ok(Json(page_body(
+        rows.iter().map(model_json).collect(),
+        last,
+        limit,
+    )))
+}
+
+pub(crate) async fn load_model(state: &AppState, raw: &str) -> ApiResult<ModelRecord> {
+    let id: ModelId = parse_id(raw, "model_not_found", "model")?;
+    models::get(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("model_not_found", "model", raw))
+}
+
+async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(model_json(&load_model(&state, &id).await?)))
+}
+
+async fn delete_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let model = load_model(&state, &id).await?;
+    if models::in_use(&state.db, model.id).await? {
+        return Err(ApiError::conflict(
+            "model_in_use",
+            "a queued or running job uses this model; cancel it or wait for it to finish",
+        ));
+    }
+    models::delete(&state.db, model.id).await?;
+    release_blob(state.db.clone(), &state.store, &model.sha256).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Delete a blob once nothing references it any more.
+pub(crate) async fn release_blob(
+    db: crate::db::Db,
+    store: &BlobStore,
+    sha256: &str,
+) -> ApiResult<()> {
+    if !models::blob_referenced(&db, sha256).await? {
+        store.delete(sha256).await?;
+    }
+    Ok(())
+}
+
+async fn download_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let model = load_model(&state, &id).await?;
+    super::content::serve_blob(
+        &state.store,
+        &model.sha256,
+        model.size_bytes as u64,
+        "application/octet-stream",
+        &format!("{}.safetensors", model.name),
+        &headers,
+    )
+    .await
+}

@@ -1,0 +1,69 @@
+//! Operations endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{AppState, OPENAPI_YAML};
+use crate::db::jobs::{self, JobState};
+
+/// Routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus_metrics))
+        .route("/openapi.yaml", get(openapi))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when the database answers and the blob store accepts a write.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let db = state.db.ping().await;
+    let store = state.store.check().await;
+    let body = json!({
+        "database": if db.is_ok() { "ok" } else { "unavailable" },
+        "storage": if store.is_ok() { "ok" } else { "unavailable" },
+    });
+    if let Err(e) = &db {
+        tracing::warn!(error = %e, "readiness: database unavailable");
+    }
+    if let Err(e) = &store {
+        tracing::warn!(error = %e, "readiness: storage unavailable");
+    }
+    let status = if db.is_ok() && store.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Prometheus text exposition; job-state gauges are read from the database at scrape time so
+/// they are right across every process sharing it.
+async fn prometheus_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let counts = jobs::count_by_state(&state.db).await?;
+    for s in JobState::ALL {
+        let n = counts
+            .iter()
+            .find(|(name, _)| name == s.as_str())
+            .map_or(0, |(_, n)| *n);
+        metrics::gauge!("whittle_jobs", "state" => s.as_str()).set(n as f64);
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.prometheus.render(),
+    )
+        .into_response())
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML).into_response()
+}

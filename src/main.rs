@@ -1,0 +1,19 @@
+//! The `whittle` binary: parse the command line, set up tracing, dispatch.
+
+use clap::Parser;
+use whittle::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    whittle::telemetry::init_tracing(&cli.common.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => whittle::app::serve(cli.common).await,
+        Command::Worker => whittle::app::worker(cli.common).await,
+        Command::Migrate => whittle::app::migrate(cli.common).await,
+        Command::Openapi => {
+            print!("{}", whittle::http::OPENAPI_YAML);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! Job specifications: the body of `POST /v1/jobs`, parsed into types that can only hold valid
+//! values ("parse, don't validate"). Every problem found is reported with a JSON pointer so
+//! the API can answer one 422 listing all of them.
+//!
+//! Checks that need stored state (does the model exist, which tensors does it have) take that
+//! state as arguments; this module does no I/O.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+pub use crate::compress::quantize::FloatDtype;
+use crate::compress::select;
+use crate::compress::tensors::TensorInfo;
+
+/// One problem in a request body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldError {
+    /// JSON pointer (RFC 6901) to the offending value, e.g. `/steps/0/dtype`.
+    pub pointer: String,
+    /// What is wrong and what would be right.
+    pub detail: String,
+    /// Stable code of this problem (`validation_failed`, `unsupported_operation`, …).
+    #[serde(skip)]
+    pub code: &'static str,
+}
+
+impl FieldError {
+    /// A `validation_failed` problem at `pointer`.
+    pub fn new(pointer: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            pointer: pointer.into(),
+            detail: detail.into(),
+            code: "validation_failed",
+        }
+    }
+
+    /// An `unsupported_operation` problem at `pointer`.
+    pub fn unsupported(pointer: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            code: "unsupported_operation",
+            ..Self::new(pointer, detail)
+        }
+    }
+}
+
+/// Limits on job-level parameters.
+pub mod limits {
+    /// Most steps one job may have.
+    pub const MAX_STEPS: usize = 16;
+    /// Priority range (higher runs first).
+    pub const PRIORITY: (i64, i64) = (-1000, 1000);
+    /// Attempts range.
+    pub const MAX_ATTEMPTS: (i64, i64) = (1, 20);
+    /// Timeout range, seconds (one week at most).
+    pub const TIMEOUT_SECONDS: (i64, i64) = (1, 7 * 24 * 3600);
+    /// Most labels on a job.
+    pub const MAX_LABELS: usize = 32;
+}
+
+/// Which tensors a weight operation touches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Glob patterns to include (empty = the default selection: float tensors with ndim ≥ 2).
+    pub include: Vec<String>,
+    /// Glob patterns to leave alone.
+    pub exclude: Vec<String>,
+}
+
+impl Selection {
+    /// The tensors selected from a model's inventory.
+    pub fn resolve<'a>(&self, tensors: &'a [TensorInfo]) -> Vec<&'a TensorInfo> {
+        select::select(tensors, &self.include, &self.exclude)
+    }
+}
+
+/// `quantize` with `method: float`: cast selected tensors to f16 / bf16.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloatQuantize {
+    /// Target dtype.
+    pub dtype: FloatDtype,
+    /// Tensors to cast (`skip` patterns are folded into `exclude`).
+    pub selection: Selection,
+}
+
+/// One step of a job's pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Cast weights to a smaller float type.
+    QuantizeFloat(FloatQuantize),
+}
+
+impl Step {
+    /// The `op` name, for progress and metrics.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Step::QuantizeFloat(_) => "quantize",
+        }
+    }
+
+    /// The normalised JSON form (defaults filled in), as stored and shown.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Step::QuantizeFloat(q) => json!({
+                "op": "quantize",
+                "method": "float",
+                "dtype": q.dtype.as_str(),
+                "include": q.selection.include,
+                "exclude": q.selection.exclude,
+                "format": "dequantized",
+            }),
+        }
+    }
+
+    /// The tensor selection of a weight operation.
+    pub fn selection(&self) -> &Selection {
+        match self {
+            Step::QuantizeFloat(q) => &q.selection,
+        }
+    }
+}
+
+/// A validated job request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// Input model id (as given; existence is checked by the caller).
+    pub model_id: String,
+    /// The pipeline.
+    pub steps: Vec<Step>,
+    /// Higher runs first.
+    pub priority: i64,
+    /// Attempts before failing for good.
+    pub max_attempts: i64,
+    /// Wall-clock limit per attempt.
+    pub timeout_seconds: i64,
+    /// Free-form labels for filtering.
+    pub labels: BTreeMap<String, String>,
+    /// Called with the job when it reaches a terminal state.
+    pub webhook_url: Option<String>,
+    /// Seed for everything random.
+    pub seed: u64,
+}
+
+impl JobSpec {
+    /// The normalised JSON form stored in the `spec` column.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "model_id": self.model_id,
+            "steps": self.steps.iter().map(Step::to_json).collect::<Vec<_>>(),
+            "eval": null,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "timeout_seconds": self.timeout_seconds,
+            "labels": self.labels,
+            "webhook_url": self.webhook_url,
+            "seed": self.seed,
+        })
+    }
+}
+
+const OPS: &[&str] = &["prune", "quantize", "finetune", "distill", "evaluate"];
+const QUANTIZE_METHODS: &[&str] = &["uniform", "kmeans", "log2", "nf4", "float", "gguf"];
+
+/// Parse a job request. `tensors` is the input model's inventory when the model exists (used
+/// to check that patterns match something); pass `None` when it does not, and the model error
+/// is reported by the caller.
+pub fn parse_job(body: &Value, tensors: Option<&[TensorInfo]>) -> Result<JobSpec, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let Some(obj) = body.as_object() else {
+        return Err(vec![FieldError::new("", "the body must be a JSON object")]);
+    };
+    let known = [
+        "model_id",
+        "steps",
+        "eval",
+        "priority",
+        "max_attempts",
+        "timeout_seconds",
+        "labels",
+        "webhook_url",
+        "seed",
+    ];
+    for key in obj.keys() {
+        if !known.contains(&key.as_str()) {
+            errors.push(FieldError::new(
+                format!("/{}", escape(key)),
+                format!("unknown field; expected one of {}", known.join(", ")),
+            ));
+        }
+    }
+    let model_id = match obj.get("model_id") {
+        Some(Value::String(s)) if uuid::Uuid::parse_str(s).is_ok() => s.clone(),
+        Some(_) => {
+            errors.push(FieldError::new(
+                "/model_id",
+                "must be a model id (a UUID string)",
+            ));
+            String::new()
+        }
+        None => {
+            errors.push(FieldError::new("/model_id", "is required"));
+            String::new()
+        }
+    };
+    let mut steps = Vec::new();
+    match obj.get("steps") {
+        Some(Value::Array(items)) if items.is_empty() => {
+            errors.push(FieldError::new("/steps", "must hold at least one step"))
+        }
+        Some(Value::Array(items)) if items.len() > limits::MAX_STEPS => {
+            errors.push(FieldError::new(
+                "/steps",
+                format!("at most {} steps per job", limits::MAX_STEPS),
+            ))
+        }
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                match parse_step(item, &format!("/steps/{i}"), tensors) {
+                    Ok(step) => steps.push(step),
+                    Err(mut e) => errors.append(&mut e),
+                }
+            }
+        }
+        Some(_) => errors.push(FieldError::new(
+            "/steps",
+            "must be an array of step objects",
+        )),
+        None => errors.push(FieldError::new("/steps", "is required")),
+    }
+    match obj.get("eval") {
+        None | Some(Value::Null) => {}
+        Some(_) => errors.push(FieldError::unsupported(
+            "/eval",
+            "evaluation on a dataset needs the model engine, which this version does not have yet; \
+             leave `eval` out (weight-level metrics are always reported)",
+        )),
+    }
+    let priority = int_in(obj, "priority", 0, limits::PRIORITY, &mut errors);
+    let max_attempts = int_in(obj, "max_attempts", 3, limits::MAX_ATTEMPTS, &mut errors);
+    let timeout_seconds = int_in(
+        obj,
+        "timeout_seconds",
+        3600,
+        limits::TIMEOUT_SECONDS,
+        &mut errors,
+    );
+    let seed = match obj.get("seed") {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_u64() {
+            Some(s) => s,
+            None => {
+                errors.push(FieldError::new("/seed", "must be a non-negative integer"));
+                0
+            }
+        },
+    };
+    let labels = parse_labels(obj.get("labels"), &mut errors);
+    let webhook_url = match obj.get("webhook_url") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) if u.starts_with("http://") || u.starts_with("https://") => {
+            errors.push(FieldError::unsupported(
+                "/webhook_url",
+                "webhook delivery is not available in this version; follow the job with \
+                 GET /v1/jobs/{id}/events (SSE) or poll GET /v1/jobs/{id}",
+            ));
+            None
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                "/webhook_url",
+                "must be an http:// or https:// URL",
+            ));
+            None
+        }
+    };
+    if errors.is_empty() {
+        Ok(JobSpec {
+            model_id,
+            steps,
+            priority,
+            max_attempts,
+            timeout_seconds,
+            labels,
+            webhook_url,
+            seed,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// Parse one step object found at `pointer`.
+pub fn parse_step(
+    item: &Value,
+    pointer: &str,
+    tensors: Option<&[TensorInfo]>,
+) -> Result<Step, Vec<FieldError>> {
+    let Some(obj) = item.as_object() else {
+        return Err(vec![FieldError::new(
+            pointer,
+            "a step must be an object with an `op`",
+        )]);
+    };
+    let op = match obj.get("op").and_then(Value::as_str) {
+        Some(op) => op,
+        None => {
+            return Err(vec![FieldError::new(
+                format!("{pointer}/op"),
+                format!("is required; one of {}", OPS.join(", ")),
+            )])
+        }
+    };
+    match op {
+        "quantize" => parse_quantize(obj, pointer, tensors),
+        "prune" | "finetune" | "distill" | "evaluate" => Err(vec![FieldError::unsupported(
+            format!("{pointer}/op"),
+            format!("`{op}` is part of the contract but not available in this version yet; `quantize` with `method: float` is"),
+        )]),
+        other => Err(vec![FieldError::new(
+            format!("{pointer}/op"),
+            format!("unknown op `{other}`; expected one of {}", OPS.join(", ")),
+        )]),
+    }
+}
+
+fn parse_quantize(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    tensors: Option<&[TensorInfo]>,
+) -> Result<Step, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let method = match obj.get("method").and_then(Value::as_str) {
+        Some(m) => m,
+        None => {
+            return Err(vec![FieldError::new(
+                format!("{pointer}/method"),
+                format!("is required; one of {}", QUANTIZE_METHODS.join(", ")),
+            )])
+        }
+    };
+    if method != "float" {
+        let e = if QUANTIZE_METHODS.contains(&method) {
+            FieldError::unsupported(
+                format!("{pointer}/method"),
+                format!("`{method}` is not available in this version yet; `float` is"),
+            )
+        } else {
+            FieldError::new(
+                format!("{pointer}/method"),
+                format!(
+                    "unknown method `{method}`; expected one of {}",
+                    QUANTIZE_METHODS.join(", ")
+                ),
+            )
+        };
+        return Err(vec![e]);
+    }
+    let allowed = [
+        "op", "method", "dtype", "include", "exclude", "skip", "format",
+    ];
+    for key in obj.keys() {
+        if !allowed.contains(&key.as_str()) {
+            errors.push(FieldError::new(
+                format!("{pointer}/{}", escape(key)),
+                format!(
+                    "unknown field for quantize/float; expected one of {}",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+    let dtype = match obj.get("dtype").and_then(Value::as_str) {
+        Some("f16") => Some(FloatDtype::F16),
+        Some("bf16") => Some(FloatDtype::Bf16),
+        _ => {
+            errors.push(FieldError::new(
+                format!("{pointer}/dtype"),
+                "must be `f16` or `bf16`",
+            ));
+            None
+        }
+    };
+    match obj
+        .get("format")
+        .and_then(|f| if f.is_null() { None } else { Some(f) })
+    {
+        None => {}
+        Some(Value::String(f)) if f == "dequantized" => {}
+        Some(_) => errors.push(FieldError::new(
+            format!("{pointer}/format"),
+            "float quantization writes a float safetensors file: only `dequantized` applies",
+        )),
+    }
+    let include = patterns(
+        obj.get("include"),
+        &format!("{pointer}/include"),
+        &mut errors,
+    );
+    let mut exclude = patterns(
+        obj.get("exclude"),
+        &format!("{pointer}/exclude"),
+        &mut errors,
+    );
+    let skip = patterns(obj.get("skip"), &format!("{pointer}/skip"), &mut errors);
+    if let Some(tensors) = tensors {
+        check_patterns(
+            tensors,
+            &include,
+            &format!("{pointer}/include"),
+            &mut errors,
+        );
+        check_patterns(
+            tensors,
+            &exclude,
+            &format!("{pointer}/exclude"),
+            &mut errors,
+        );
+        check_patterns(tensors, &skip, &format!("{pointer}/skip"), &mut errors);
+    }
+    exclude.extend(skip);
+    let selection = Selection { include, exclude };
+    if let (Some(tensors), true) = (tensors, errors.is_empty()) {
+        let chosen = selection.resolve(tensors);
+        if chosen.is_empty() {
+            errors.push(FieldError::new(
+                pointer.to_string(),
+                "the selection matches no tensor (default: float tensors with ndim ≥ 2; use `include` to choose)",
+            ));
+        } else if let Some(bad) = chosen.iter().find(|t| !t.dtype.is_float()) {
+            errors.push(FieldError::new(
+                format!("{pointer}/include"),
+                format!(
+                    "tensor `{}` has dtype {} and cannot be cast to a float type",
+                    bad.name,
+                    bad.dtype.as_str()
+                ),
+            ));
+        }
+    }
+    match (dtype, errors.is_empty()) {
+        (Some(dtype), true) => Ok(Step::QuantizeFloat(FloatQuantize { dtype, selection })),
+        _ => Err(errors),
+    }
+}
+
+fn patterns(v: Option<&Value>, pointer: &str, errors: &mut Vec<FieldError>) -> Vec<String> {
+    match v {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str() {
+                    Some(s) if !s.is_empty() => out.push(s.to_string()),
+                    _ => errors.push(FieldError::new(
+                        format!("{pointer}/{i}"),
+                        "must be a non-empty glob pattern string",
+                    )),
+                }
+            }
+            out
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                pointer,
+                "must be an array of glob patterns",
+            ));
+            Vec::new()
+        }
+    }
+}
+
+fn check_patterns(
+    tensors: &[TensorInfo],
+    pats: &[String],
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    for (i, p) in pats.iter().enumerate() {
+        if !tensors.iter().any(|t| select::glob_match(p, &t.name)) {
+            errors.push(FieldError::new(
+                format!("{pointer}/{i}"),
+                format!("pattern `{p}` matches no tensor of the model"),
+            ));
+        }
+    }
+}
+
+fn int_in(
+    obj: &Map<String, Value>,
+    key: &str,
+    default: i64,
+    (lo, hi): (i64, i64),
+    errors: &mut Vec<FieldError>,
+) -> i64 {
+    match obj.get(key) {
+        None | Some(Value::Null) => default,
+        Some(v) => match v.as_i64() {
+            Some(n) if (lo..=hi).contains(&n) => n,
+            _ => {
+                errors.push(FieldError::new(
+                    format!("/{key}"),
+                    format!("must be an integer in [{lo}, {hi}]"),
+                ));
+                default
+            }
+        },
+    }
+}
+
+fn parse_labels(v: Option<&Value>, errors: &mut Vec<FieldError>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            if map.len() > limits::MAX_LABELS {
+                errors.push(FieldError::new(
+                    "/labels",
+                    format!("at most {} labels", limits::MAX_LABELS),
+                ));
+            }
+            for (k, v) in map {
+                let key_ok = !k.is_empty()
+                    && k.len() <= 63
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c));
+                if !key_ok {
+                    errors.push(FieldError::new(
+                        format!("/labels/{}", escape(k)),
+                        "label keys are 1–63 characters of [A-Za-z0-9_.-/]",
+                    ));
+                    continue;
+                }
+                match v.as_str() {
+                    Some(s) if s.len() <= 255 => {
+                        labels.insert(k.clone(), s.to_string());
+                    }
+                    _ => errors.push(FieldError::new(
+                        format!("/labels/{}", escape(k)),
+                        "label values are strings of at most 255 characters",
+                    )),
+                }
+            }
+        }
+        Some(_) => errors.push(FieldError::new(
+            "/labels",
+            "must be an object of string values",
+        )),
+    }
+    labels
+}
+
+/// Escape a key for use in a JSON pointer (RFC 6901).
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
