@@ -65,6 +65,28 @@ impl App {
         )
     }
 
+    /// Delete blobs that no model, dataset or artifact references and that were last written
+    /// more than `min_age` ago, and temp files older than a day. The age guard keeps a blob
+    /// that is being uploaded again (renamed into place, row not yet inserted) or that a
+    /// running job just wrote; deletes therefore free disk space with a delay. Returns the
+    /// number of blobs removed.
+    pub async fn collect_garbage(&self, min_age: Duration) -> anyhow::Result<usize> {
+        let store = self.state.store.clone();
+        let blobs = tokio::task::spawn_blocking(move || store.list()).await??;
+        let cutoff = std::time::SystemTime::now() - min_age;
+        let mut removed = 0;
+        for (sha, modified) in blobs {
+            if modified <= cutoff && !db::models::blob_referenced(&self.state.db, &sha).await? {
+                self.state.store.delete(&sha).await?;
+                removed += 1;
+            }
+        }
+        let store = self.state.store.clone();
+        let day_ago = std::time::SystemTime::now() - Duration::from_secs(24 * 3600);
+        tokio::task::spawn_blocking(move || store.remove_stale_temps(day_ago)).await??;
+        Ok(removed)
+    }
+
     /// Start `n` workers and, on Postgres, the LISTEN task that wakes them.
     fn spawn_workers(
         &self,
@@ -93,7 +115,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let workers = config.workers;
     let app = App::open(config).await?;
     let shutdown = CancellationToken::new();
-    let handles = app.spawn_workers(workers, &shutdown);
+    let mut handles = app.spawn_workers(workers, &shutdown);
+    handles.push(tokio::spawn(collect_garbage_periodically(
+        app.clone(),
+        shutdown.clone(),
+    )));
     let listener = tokio::net::TcpListener::bind(&bind)
         .await
         .with_context(|| format!("binding {bind}"))?;
@@ -142,6 +168,21 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     info!(database = %db::redact(app.state.db.url()), "migrations applied");
     app.state.db.close().await;
     Ok(())
+}
+
+/// Every 15 minutes, reclaim blobs unreferenced for an hour.
+async fn collect_garbage_periodically(app: App, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15 * 60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match app.collect_garbage(Duration::from_secs(3600)).await {
+                Ok(0) => {}
+                Ok(n) => info!(blobs = n, "garbage collection removed unreferenced blobs"),
+                Err(e) => warn!(error = %e, "garbage collection failed"),
+            },
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Turn Postgres NOTIFYs on the jobs channel into in-process wake-ups, reconnecting on error.

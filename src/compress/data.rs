@@ -513,6 +513,193 @@ fn parse_idx<'a>(bytes: &'a [u8], what: &str, ndims: u8) -> Result<(Vec<usize>, 
     Ok((dims, data))
 }
 
+/// A view of some samples of a [`Dataset`] by index: a split, a shuffled epoch order, or
+/// the whole set. Batching reads through the indices, so nothing is copied per epoch.
+#[derive(Debug, Clone)]
+pub struct Subset<'a> {
+    /// The dataset the indices point into.
+    pub dataset: &'a Dataset,
+    /// Sample indices, each below `dataset.samples`.
+    pub indices: Vec<usize>,
+}
+
+impl<'a> Subset<'a> {
+    /// Every sample, in order.
+    pub fn all(dataset: &'a Dataset) -> Subset<'a> {
+        Subset {
+            dataset,
+            indices: (0..dataset.samples).collect(),
+        }
+    }
+
+    /// Number of samples in the view.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// Batches in index order (the caller shuffles `indices` for a training epoch).
+    /// The last batch holds the remainder.
+    pub fn batches(&self, batch_size: usize) -> Batches<'_> {
+        Batches {
+            dataset: self.dataset,
+            indices: &self.indices,
+            batch_size: batch_size.max(1),
+            next: 0,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// Fisher–Yates shuffle of `indices` driven by `rng` (deterministic for a seeded rng).
+pub fn shuffle_indices(indices: &mut [usize], rng: &mut impl rand::Rng) {
+    for i in (1..indices.len()).rev() {
+        let j = rng.gen_range(0..=i);
+        indices.swap(i, j);
+    }
+}
+
+impl Dataset {
+    /// A seeded random split into (train, validation) views, the validation view holding
+    /// `round(fraction × samples)` samples. Both views must end up non-empty.
+    pub fn split(&self, fraction: f64, seed: u64) -> Result<(Subset<'_>, Subset<'_>)> {
+        use rand::SeedableRng;
+        if !(fraction.is_finite() && fraction > 0.0 && fraction < 1.0) {
+            return Err(invalid(format!(
+                "the validation fraction must lie strictly between 0 and 1, got {fraction}"
+            )));
+        }
+        let val = ((self.samples as f64) * fraction).round() as usize;
+        if val == 0 || val >= self.samples {
+            return Err(invalid(format!(
+                "a validation fraction of {fraction} of {} samples leaves {} for validation and {} for training; both need at least one",
+                self.samples,
+                val,
+                self.samples.saturating_sub(val)
+            )));
+        }
+        let mut order: Vec<usize> = (0..self.samples).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        shuffle_indices(&mut order, &mut rng);
+        let train = order.split_off(val);
+        Ok((
+            Subset {
+                dataset: self,
+                indices: train,
+            },
+            Subset {
+                dataset: self,
+                indices: order,
+            },
+        ))
+    }
+
+    /// The features of sample `i` as f32, appended to `out`: U8 features are scaled to
+    /// [0, 1] (divided by 255), F32 features are used as they are.
+    fn push_features(&self, i: usize, out: &mut Vec<f32>) {
+        let n = self.features_per_sample();
+        let range = i * n..(i + 1) * n;
+        match &self.x {
+            DatasetX::U8(v) => {
+                if let Some(s) = v.get(range) {
+                    out.extend(s.iter().map(|&b| f32::from(b) / 255.0));
+                }
+            }
+            DatasetX::F32(v) => {
+                if let Some(s) = v.get(range) {
+                    out.extend_from_slice(s);
+                }
+            }
+        }
+    }
+}
+
+/// One batch: features `[n, feature_shape...]` (f32) and, for labelled data, labels `[n]` (u32).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Features, f32, samples first.
+    pub x: candle_core::Tensor,
+    /// Class labels as a u32 tensor, when the dataset is labelled.
+    pub y: Option<candle_core::Tensor>,
+    /// The same labels on the host (for accuracy counting without a device round trip).
+    pub labels: Option<Vec<u32>>,
+    /// Number of samples in the batch.
+    pub len: usize,
+}
+
+/// Iterator over the batches of a [`Subset`], producing CPU tensors. Only one batch's
+/// features are materialised at a time.
+pub struct Batches<'a> {
+    dataset: &'a Dataset,
+    indices: &'a [usize],
+    batch_size: usize,
+    next: usize,
+    scratch: Vec<f32>,
+}
+
+impl Batches<'_> {
+    /// Number of batches in total.
+    pub fn batch_count(&self) -> usize {
+        self.indices.len().div_ceil(self.batch_size)
+    }
+
+    fn make(&mut self, idx: &[usize]) -> Result<Batch> {
+        let device = candle_core::Device::Cpu;
+        self.scratch.clear();
+        for &i in idx {
+            if i >= self.dataset.samples {
+                return Err(Error::Internal(format!(
+                    "sample index {i} out of range for {} samples",
+                    self.dataset.samples
+                )));
+            }
+            self.dataset.push_features(i, &mut self.scratch);
+        }
+        let mut shape = vec![idx.len()];
+        shape.extend_from_slice(&self.dataset.feature_shape);
+        let x = candle_core::Tensor::from_slice(&self.scratch, shape, &device)
+            .map_err(|e| Error::Internal(format!("batch features: {e}")))?;
+        let labels: Option<Vec<u32>> = self.dataset.y.as_ref().map(|y| {
+            idx.iter()
+                // Labels are below MAX_CLASSES (checked on parse), so they fit u32.
+                .map(|&i| y.get(i).copied().unwrap_or(0) as u32)
+                .collect()
+        });
+        let y = match &labels {
+            Some(l) => Some(
+                candle_core::Tensor::from_slice(l, idx.len(), &device)
+                    .map_err(|e| Error::Internal(format!("batch labels: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Batch {
+            x,
+            y,
+            labels,
+            len: idx.len(),
+        })
+    }
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.next >= self.indices.len() {
+            return None;
+        }
+        let end = (self.next + self.batch_size).min(self.indices.len());
+        let indices = self.indices;
+        let idx = &indices[self.next..end];
+        self.next = end;
+        Some(self.make(idx))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,5 +1013,50 @@ mod tests {
             assert_eq!(serde_json::to_value(f).unwrap(), f.as_str());
         }
         assert!("parquet".parse::<DatasetFormat>().is_err());
+    }
+
+    #[test]
+    fn split_and_batches_are_seeded_and_scaled() {
+        let x: Vec<u8> = (0..10u8).flat_map(|i| [i, 255]).collect();
+        let y: Vec<i64> = (0..10).map(|i| i % 3).collect();
+        let d = Dataset::assemble(DatasetX::U8(x), &[10, 2], Some(y)).unwrap();
+        let (tr, va) = d.split(0.3, 1).unwrap();
+        assert_eq!((tr.len(), va.len()), (7, 3));
+        let (tr2, va2) = d.split(0.3, 1).unwrap();
+        assert_eq!(
+            (tr.indices.clone(), va.indices.clone()),
+            (tr2.indices, va2.indices)
+        );
+        let mut all: Vec<usize> = tr.indices.iter().chain(&va.indices).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert_ne!(d.split(0.3, 2).unwrap().1.indices, va.indices);
+        assert!(message(d.split(0.01, 0).map(|_| d.clone())).contains("at least one"));
+        assert!(message(d.split(1.0, 0).map(|_| d.clone())).contains("strictly between"));
+
+        let view = Subset {
+            dataset: &d,
+            indices: vec![3, 0, 9],
+        };
+        let mut b = view.batches(2);
+        assert_eq!(b.batch_count(), 2);
+        let first = b.next().unwrap().unwrap();
+        assert_eq!(first.len, 2);
+        assert_eq!(
+            first.x.to_vec2::<f32>().unwrap(),
+            vec![vec![3.0 / 255.0, 1.0], vec![0.0, 1.0]]
+        );
+        assert_eq!(first.labels, Some(vec![0, 0]));
+        assert_eq!(first.y.unwrap().to_vec1::<u32>().unwrap(), vec![0, 0]);
+        let last = b.next().unwrap().unwrap();
+        assert_eq!((last.len, last.labels), (1, Some(vec![0])));
+        assert!(b.next().is_none());
+
+        let mut idx: Vec<usize> = (0..50).collect();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(5);
+        shuffle_indices(&mut idx, &mut rng);
+        assert_ne!(idx, (0..50).collect::<Vec<_>>());
+        idx.sort_unstable();
+        assert_eq!(idx, (0..50).collect::<Vec<_>>());
     }
 }

@@ -3,7 +3,9 @@
 //! This module owns everything that touches tensors and datasets: reading and writing
 //! safetensors ([`tensors`]), choosing which tensors an operation touches ([`select`]),
 //! the `sequential` architecture description with its shape inference and parameter
-//! naming ([`arch`]), and dataset parsing ([`data`]).
+//! naming ([`arch`]), dataset parsing and batching ([`data`]), the candle network engine
+//! ([`model`]), the one training loop ([`train`]), evaluation ([`evaluate`]) and the
+//! `finetune` operation ([`finetune`]).
 //!
 //! It must not know about HTTP, SQL, tokio or the queue: callers hand it bytes, paths,
 //! a progress callback and a cancel flag, and get back values or a [`Error`] whose
@@ -11,10 +13,14 @@
 
 pub mod arch;
 pub mod data;
+pub mod evaluate;
+pub mod finetune;
+pub mod model;
 pub mod progress;
 pub mod quantize;
 pub mod select;
 pub mod tensors;
+pub mod train;
 
 /// Everything that can go wrong in compression compute, named by cause.
 ///
@@ -49,6 +55,29 @@ pub enum Error {
         /// What the operation accepts, in words (e.g. "a floating-point dtype").
         expected: String,
     },
+    /// A parameter of an operation is out of range or inconsistent with its inputs.
+    #[error("invalid parameter{}: {detail}", at_pointer(.pointer))]
+    InvalidParameter {
+        /// JSON pointer into the operation's parameters, e.g. `/optimizer/lr`.
+        pointer: String,
+        /// What is wrong, naming the values involved.
+        detail: String,
+    },
+    /// The dataset does not fit the model (feature shape, labels beyond the classifier).
+    #[error("dataset does not match the model: {0}")]
+    DatasetMismatch(String),
+    /// The model or request uses something the engine cannot do (e.g. training through
+    /// overlapping pooling windows).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// Training produced a NaN or infinite loss (diverged); lower the learning rate.
+    #[error("the training loss became non-finite in epoch {epoch}, batch {batch} (training diverged; try a lower learning rate or gradient clipping)")]
+    NonFiniteLoss {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 0-based batch within the epoch.
+        batch: usize,
+    },
     /// Reading or writing a file failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -69,6 +98,10 @@ impl Error {
             Error::ArchitectureMismatch(_) => "architecture_mismatch",
             Error::InvalidDataset(_) => "invalid_dataset",
             Error::UnsupportedDtype { .. } => "unsupported_dtype",
+            Error::InvalidParameter { .. } => "validation_failed",
+            Error::DatasetMismatch(_) => "dataset_mismatch",
+            Error::Unsupported(_) => "unsupported_operation",
+            Error::NonFiniteLoss { .. } => "non_finite_loss",
             Error::Io(_) => "io_error",
             Error::Cancelled => "cancelled",
             Error::Internal(_) => "internal_error",
@@ -80,7 +113,8 @@ impl Error {
     /// in a larger one prefix their own path (e.g. `/architecture`).
     pub fn pointer(&self) -> Option<String> {
         match self {
-            Error::ArchitectureInvalid { pointer, .. } => Some(pointer.clone()),
+            Error::ArchitectureInvalid { pointer, .. }
+            | Error::InvalidParameter { pointer, .. } => Some(pointer.clone()),
             _ => None,
         }
     }
@@ -132,6 +166,12 @@ mod tests {
                 "architecture_mismatch",
             ),
             (Error::InvalidDataset("x".into()), "invalid_dataset"),
+            (Error::DatasetMismatch("x".into()), "dataset_mismatch"),
+            (Error::Unsupported("x".into()), "unsupported_operation"),
+            (
+                Error::NonFiniteLoss { epoch: 1, batch: 0 },
+                "non_finite_loss",
+            ),
             (Error::Io(std::io::Error::other("disk")), "io_error"),
             (Error::Cancelled, "cancelled"),
             (Error::Internal("x".into()), "internal_error"),

@@ -87,22 +87,16 @@ pub async fn list(db: &Db, after: Option<DatasetId>, limit: i64) -> Result<Vec<D
     rows.iter().map(from_row).collect()
 }
 
-/// Whether a queued or running job reads this dataset.
-pub async fn in_use(db: &Db, id: DatasetId) -> Result<bool> {
-    let row = sqlx::query(
-        "select count(*) as n from jobs where state in ('queued', 'running') and spec like $1",
+/// Delete a dataset unless a queued or running job reads it (one statement, no race).
+/// Returns whether a row was deleted; `false` means in use or absent.
+pub async fn delete_unless_in_use(db: &Db, id: DatasetId) -> Result<bool> {
+    let done = sqlx::query(
+        "delete from datasets where id = $1 and not exists (select 1 from jobs \
+         where state in ('queued', 'running') and spec like $2)",
     )
+    .bind(id.to_string())
     .bind(format!("%{id}%"))
-    .fetch_one(db.pool())
+    .execute(db.pool())
     .await?;
-    Ok(row.try_get::<i64, _>("n")? > 0)
-}
-
-/// Delete a dataset row; returns whether it existed.
-pub async fn delete(db: &Db, id: DatasetId) -> Result<bool> {
-    let done = sqlx::query("delete from datasets where id = $1")
-        .bind(id.to_string())
-        .execute(db.pool())
-        .await?;
     Ok(done.rows_affected() > 0)
 }

@@ -104,6 +104,8 @@ pub struct JobRecord {
     pub result: Option<Value>,
     /// Metrics document (API.md "Metrics").
     pub metrics: Option<Value>,
+    /// The last training checkpoint saved (`{step, sha256, epoch}`).
+    pub checkpoint: Option<Value>,
     /// Timestamps (µs).
     pub created_at: i64,
     /// First claim.
@@ -126,7 +128,8 @@ impl JobRecord {
 
 pub(crate) const COLUMNS: &str = "id, state, model_id, spec, priority, attempt, max_attempts, \
     timeout_seconds, idempotency_key, request_sha256, worker_id, lease_expires_at, run_at, \
-    cancel_requested, progress, error, result, metrics, created_at, started_at, finished_at, updated_at";
+    cancel_requested, progress, error, result, metrics, checkpoint, created_at, started_at, finished_at, \
+    updated_at";
 
 pub(crate) fn from_row(row: &AnyRow) -> Result<JobRecord> {
     let state: String = row.try_get("state")?;
@@ -153,6 +156,7 @@ pub(crate) fn from_row(row: &AnyRow) -> Result<JobRecord> {
         error: json_col_opt(row, "error")?,
         result: json_col_opt(row, "result")?,
         metrics: json_col_opt(row, "metrics")?,
+        checkpoint: json_col_opt(row, "checkpoint")?,
         created_at: row.try_get("created_at")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,

@@ -95,26 +95,19 @@ pub async fn list(db: &Db, after: Option<ModelId>, limit: i64) -> Result<Vec<Mod
     rows.iter().map(from_row).collect()
 }
 
-/// Whether a queued or running job reads this model (as input or as a referenced student).
-pub async fn in_use(db: &Db, id: ModelId) -> Result<bool> {
+/// Delete a model unless a queued or running job reads it (as input or as a referenced
+/// student), in one statement so no job can slip in between the check and the delete.
+/// Returns whether a row was deleted; `false` means in use or absent.
+pub async fn delete_unless_in_use(db: &Db, id: ModelId) -> Result<bool> {
     let id = id.to_string();
-    let row = sqlx::query(
-        "select count(*) as n from jobs where state in ('queued', 'running') \
-         and (model_id = $1 or spec like $2)",
+    let done = sqlx::query(
+        "delete from models where id = $1 and not exists (select 1 from jobs \
+         where state in ('queued', 'running') and (model_id = $1 or spec like $2))",
     )
     .bind(&id)
     .bind(format!("%{id}%"))
-    .fetch_one(db.pool())
+    .execute(db.pool())
     .await?;
-    Ok(row.try_get::<i64, _>("n")? > 0)
-}
-
-/// Delete a model row; returns whether it existed.
-pub async fn delete(db: &Db, id: ModelId) -> Result<bool> {
-    let done = sqlx::query("delete from models where id = $1")
-        .bind(id.to_string())
-        .execute(db.pool())
-        .await?;
     Ok(done.rows_affected() > 0)
 }
 
@@ -123,9 +116,11 @@ pub async fn blob_referenced(db: &Db, sha256: &str) -> Result<bool> {
     let row = sqlx::query(
         "select (select count(*) from models where sha256 = $1) \
               + (select count(*) from datasets where sha256 = $1) \
-              + (select count(*) from artifacts where sha256 = $1) as n",
+              + (select count(*) from artifacts where sha256 = $1) \
+              + (select count(*) from jobs where checkpoint like $2) as n",
     )
     .bind(sha256)
+    .bind(format!("%{sha256}%"))
     .fetch_one(db.pool())
     .await?;
     Ok(row.try_get::<i64, _>("n")? > 0)

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page};
-use super::models::{check_content_length, field_text, multipart, release_blob};
+use super::models::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
 use crate::compress::data::Dataset;
 use crate::db::datasets::{self, DatasetRecord};
@@ -136,31 +136,25 @@ async fn upload_dataset(
         }
     })
     .await??;
+    let name = clean_name(parts.name.unwrap_or_else(|| "dataset".into()))?;
+    let (samples, feature_shape, num_classes) = (
+        parsed.samples,
+        parsed.feature_shape.clone(),
+        parsed.num_classes,
+    );
     let store = state.store.clone();
-    let canonical = parsed.clone();
     let blob = tokio::task::spawn_blocking(move || -> ApiResult<_> {
-        let bytes = canonical.to_safetensors_bytes()?;
+        let bytes = parsed.to_safetensors_bytes()?;
         Ok(store.put_bytes(&bytes)?)
     })
     .await??;
-    let name = parts
-        .name
-        .unwrap_or_else(|| "dataset".into())
-        .trim()
-        .to_string();
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::unprocessable(
-            "invalid_name",
-            "a name is 1–200 printable characters",
-        ));
-    }
     let record = DatasetRecord {
         id: DatasetId::new(),
         name,
         format,
-        samples: parsed.samples as i64,
-        feature_shape: json!(parsed.feature_shape),
-        num_classes: parsed.num_classes.map(|n| n as i64),
+        samples: samples as i64,
+        feature_shape: json!(feature_shape),
+        num_classes: num_classes.map(|n| n as i64),
         sha256: blob.sha256,
         size_bytes: blob.size as i64,
         created_at: now_micros(),
@@ -175,9 +169,9 @@ async fn upload_dataset(
 }
 
 fn missing(part: &str) -> ApiError {
-    ApiError::bad_request(
-        "malformed_multipart",
-        format!("the `{part}` part is required for this format"),
+    ApiError::unprocessable(
+        "missing_part",
+        format!("this format needs a multipart/form-data upload with a `{part}` part"),
     )
 }
 
@@ -251,18 +245,17 @@ async fn get_dataset(
     Ok(Json(dataset_json(&load_dataset(&state, &id).await?)))
 }
 
+/// `DELETE /v1/datasets/{id}`; the blob is reclaimed by the garbage collector.
 async fn delete_dataset(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let dataset = load_dataset(&state, &id).await?;
-    if datasets::in_use(&state.db, dataset.id).await? {
+    if !datasets::delete_unless_in_use(&state.db, dataset.id).await? {
         return Err(ApiError::conflict(
             "dataset_in_use",
             "a queued or running job uses this dataset",
         ));
     }
-    datasets::delete(&state.db, dataset.id).await?;
-    release_blob(state.db.clone(), &state.store, &dataset.sha256).await?;
     Ok(StatusCode::NO_CONTENT)
 }

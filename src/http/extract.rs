@@ -1,7 +1,7 @@
 //! Extractors whose rejections are problem+json, plus small request helpers shared by the
 //! resource routers (ids in paths, pagination).
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -29,6 +29,11 @@ where
                 "unsupported_media_type",
                 "send the body as application/json",
             )),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "JSON bodies are limited to 2 MiB",
+            )),
             Err(e) => Err(ApiError::bad_request("malformed_json", e.body_text())),
         }
     }
@@ -48,9 +53,6 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Self(v)),
-            Err(e @ QueryRejection::FailedToDeserializeQueryString(_)) => {
-                Err(ApiError::bad_request("invalid_parameter", e.body_text()))
-            }
             Err(e) => Err(ApiError::bad_request("invalid_parameter", e.body_text())),
         }
     }

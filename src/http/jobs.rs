@@ -1,6 +1,7 @@
 //! `/v1/jobs`: submit (idempotent, with dry runs), get (with ETag), list (filters + cursor),
 //! cancel, events (SSE), metrics, logs.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -18,12 +19,14 @@ use sha2::{Digest, Sha256};
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppJson, AppQuery, Page};
 use super::AppState;
+use crate::compress::arch::Architecture;
 use crate::compress::tensors::TensorInfo;
 use crate::db::jobs::{self, JobFilter, JobRecord, JobState};
-use crate::db::{events, models};
+use crate::db::models::ModelRecord;
+use crate::db::{self, events, models};
 use crate::ids::{now_micros, rfc3339, JobId, ModelId};
 use crate::queue::CancelOutcome;
-use crate::spec::{self, FieldError};
+use crate::spec::{self, DatasetFacts, Facts, FieldError};
 
 /// Routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -89,7 +92,8 @@ async fn create_job(
     };
     // serde_json maps are ordered, so equal bodies serialise identically.
     let body_sha = hex::encode(Sha256::digest(body.to_string().as_bytes()));
-    if let Some(key) = &idempotency_key {
+    let dry_run = query.dry_run.unwrap_or(false);
+    if let (Some(key), false) = (&idempotency_key, dry_run) {
         if let Some(existing) = jobs::get_by_idempotency_key(&state.db, key).await? {
             return replay(existing, &body_sha);
         }
@@ -103,8 +107,11 @@ async fn create_job(
         Some(id) => models::get(&state.db, id).await?,
         None => None,
     };
-    let tensors: Option<Vec<TensorInfo>> = model.as_ref().map(|m| inventory_infos(&m.tensors));
-    let parsed = spec::parse_job(&body, tensors.as_deref());
+    let facts = match &model {
+        Some(m) => Some(facts_for(&state, m, &body).await?),
+        None => None,
+    };
+    let parsed = spec::parse_job(&body, facts.as_ref());
     let mut errors = parsed.as_ref().err().cloned().unwrap_or_default();
     if model.is_none()
         && body
@@ -127,33 +134,9 @@ async fn create_job(
         return Err(ApiError::internal("job spec parsed without a model"));
     };
 
-    if query.dry_run.unwrap_or(false) {
-        let infos = tensors.unwrap_or_default();
-        let largest = infos.iter().map(|t| t.nbytes() as u64).max().unwrap_or(0);
-        let plan: Vec<Value> = spec
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, step)| {
-                let touched: Vec<&str> = step
-                    .selection()
-                    .resolve(&infos)
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect();
-                json!({"index": i, "op": step.op(), "step": step.to_json(), "tensors": touched})
-            })
-            .collect();
-        return Ok(Json(json!({
-            "dry_run": true,
-            "model_id": model.id.to_string(),
-            "steps": plan,
-            // Weight-only steps stream tensor by tensor: the largest tensor in f32 plus its
-            // output, plus write buffers.
-            "estimated_peak_memory_bytes": largest * 2 + largest / 2 + (2 << 20),
-            "input_size_bytes": model.size_bytes,
-        }))
-        .into_response());
+    if dry_run {
+        let facts = facts.unwrap_or_default();
+        return Ok(Json(dry_run_plan(&spec, &model, &facts)).into_response());
     }
 
     let now = now_micros();
@@ -176,6 +159,7 @@ async fn create_job(
         error: None,
         result: None,
         metrics: None,
+        checkpoint: None,
         created_at: now,
         started_at: None,
         finished_at: None,
@@ -217,6 +201,89 @@ fn replay(existing: JobRecord, body_sha: &str) -> ApiResult<Response> {
             ),
         ))
     }
+}
+
+/// What the spec checks need to know: the model's tensors and architecture, and the
+/// datasets the body names.
+async fn facts_for(state: &AppState, model: &ModelRecord, body: &Value) -> ApiResult<Facts> {
+    let mut datasets = HashMap::new();
+    for id in spec::referenced_datasets(body) {
+        if let Some(d) = db::datasets::get(&state.db, id).await? {
+            datasets.insert(
+                id,
+                DatasetFacts {
+                    feature_shape: serde_json::from_value(d.feature_shape.clone())
+                        .unwrap_or_default(),
+                    num_classes: d.num_classes.map(|n| n as usize),
+                },
+            );
+        }
+    }
+    Ok(Facts {
+        tensors: inventory_infos(&model.tensors),
+        // A stored architecture was validated on upload; one that no longer parses (a
+        // newer rule) is treated as absent, which the checks report.
+        architecture: model
+            .architecture
+            .as_ref()
+            .and_then(|a| Architecture::from_json(a).ok()),
+        datasets,
+    })
+}
+
+/// `?dry_run=true`: what each step touches and a memory estimate, without queueing.
+fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Value {
+    let largest = facts
+        .tensors
+        .iter()
+        .map(|t| t.nbytes() as u64)
+        .max()
+        .unwrap_or(0);
+    // Weight-only steps stream tensor by tensor: the largest tensor in f32, its output and
+    // write buffers.
+    let mut peak = largest * 2 + largest / 2 + (2 << 20);
+    let plan: Vec<Value> = spec
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let touched: Vec<&str> = match step.selection() {
+                Some(sel) => sel
+                    .resolve(&facts.tensors)
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect(),
+                None => facts.tensors.iter().map(|t| t.name.as_str()).collect(),
+            };
+            let batch = match step {
+                spec::Step::Finetune(f) => Some(f.batch_size as u64),
+                spec::Step::Evaluate(e) => Some(e.batch_size as u64),
+                spec::Step::QuantizeFloat(_) => None,
+            };
+            if let (Some(batch), Some(arch)) = (batch, &facts.architecture) {
+                // Training holds weights, gradients and two optimizer moments (4 × f32 per
+                // parameter) plus each layer's activation and its gradient for a batch.
+                let params = arch.parameter_count() * 16;
+                let activations: u64 = arch
+                    .summary()
+                    .iter()
+                    .map(|l| l.activation_bytes)
+                    .sum::<u64>()
+                    * batch
+                    * 2;
+                peak = peak.max(params + activations + (8 << 20));
+            }
+            json!({"index": i, "op": step.op(), "step": step.to_json(), "tensors": touched})
+        })
+        .collect();
+    json!({
+        "dry_run": true,
+        "model_id": model.id.to_string(),
+        "steps": plan,
+        "eval": spec.eval.as_ref().map(spec::EvalSpec::to_json),
+        "estimated_peak_memory_bytes": peak,
+        "input_size_bytes": model.size_bytes,
+    })
 }
 
 /// Rebuild tensor infos from a stored inventory (offsets are not needed for validation).

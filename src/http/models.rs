@@ -23,7 +23,8 @@ use crate::compress::tensors::{self, Dtype, TensorSpec};
 use crate::db::models::{self, ModelRecord};
 use crate::ids::{now_micros, rfc3339, ModelId};
 use crate::queue::runner::META_ARCHITECTURE;
-use crate::store::{BlobStore, TempBlob};
+use crate::spec::FieldError;
+use crate::store::TempBlob;
 
 /// Routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -85,12 +86,19 @@ async fn upload_model(
     } else if content_type.starts_with("application/json") {
         let bytes = axum::body::to_bytes(req.into_body(), 4 << 20)
             .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "a JSON model request is limited to 4 MiB",
-                )
+            .map_err(|e| {
+                if e.to_string().contains("length limit") {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "a JSON model request is limited to 4 MiB",
+                    )
+                } else {
+                    ApiError::bad_request(
+                        "upload_interrupted",
+                        format!("reading the body failed: {e}"),
+                    )
+                }
             })?;
         let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
@@ -266,7 +274,8 @@ async fn ingest(
     Ok(record)
 }
 
-fn clean_name(name: String) -> ApiResult<String> {
+/// Trim and check a display name.
+pub(crate) fn clean_name(name: String) -> ApiResult<String> {
     let name = name.trim().to_string();
     if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
         return Err(ApiError::unprocessable(
@@ -291,33 +300,63 @@ async fn create_from_architecture(
     };
     for key in obj.keys() {
         if !["name", "architecture", "init"].contains(&key.as_str()) {
-            return Err(ApiError::validation(vec![crate::spec::FieldError::new(
+            return Err(ApiError::validation(vec![FieldError::new(
                 format!("/{key}"),
                 "unknown field; expected name, architecture, init",
             )]));
         }
     }
     let architecture = obj.get("architecture").cloned().ok_or_else(|| {
-        ApiError::validation(vec![crate::spec::FieldError {
+        ApiError::validation(vec![FieldError {
             code: "architecture_required",
-            ..crate::spec::FieldError::new(
+            ..FieldError::new(
                 "/architecture",
                 "is required to create a model without weights",
             )
         }])
     })?;
-    let seed = match obj.get("init").and_then(|i| i.get("seed")) {
+    let mut errors = Vec::new();
+    let seed = match obj.get("init") {
         None | Some(Value::Null) => 0,
-        Some(v) => v.as_u64().ok_or_else(|| {
-            ApiError::validation(vec![crate::spec::FieldError::new(
-                "/init/seed",
-                "must be a non-negative integer",
-            )])
-        })?,
+        Some(Value::Object(init)) => {
+            for key in init.keys().filter(|k| k.as_str() != "seed") {
+                errors.push(FieldError::new(
+                    format!("/init/{key}"),
+                    "unknown field; `init` takes `seed`",
+                ));
+            }
+            match init.get("seed") {
+                None | Some(Value::Null) => 0,
+                Some(v) => v.as_u64().unwrap_or_else(|| {
+                    errors.push(FieldError::new(
+                        "/init/seed",
+                        "must be a non-negative integer",
+                    ));
+                    0
+                }),
+            }
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                "/init",
+                "must be an object like {\"seed\": 0}",
+            ));
+            0
+        }
     };
-    let name = name
-        .or_else(|| obj.get("name").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or_else(|| "model".into());
+    // `?name=` wins over the body's `name`, as for the other upload forms.
+    let body_name = match obj.get("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(n)) => Some(n.clone()),
+        Some(_) => {
+            errors.push(FieldError::new("/name", "must be a string"));
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let name = name.or(body_name).unwrap_or_else(|| "model".into());
     let arch = Architecture::from_json(&architecture).map_err(|e| {
         let mut err = ApiError::from(e);
         // Pointers from the architecture are relative to it; make them relative to the body.
@@ -393,32 +432,20 @@ async fn get_model(
     Ok(Json(model_json(&load_model(&state, &id).await?)))
 }
 
+/// `DELETE /v1/models/{id}`: the row goes at once; the blob is reclaimed by the garbage
+/// collector once nothing references it (see [`crate::app::App::collect_garbage`]).
 async fn delete_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let model = load_model(&state, &id).await?;
-    if models::in_use(&state.db, model.id).await? {
+    if !models::delete_unless_in_use(&state.db, model.id).await? {
         return Err(ApiError::conflict(
             "model_in_use",
             "a queued or running job uses this model; cancel it or wait for it to finish",
         ));
     }
-    models::delete(&state.db, model.id).await?;
-    release_blob(state.db.clone(), &state.store, &model.sha256).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Delete a blob once nothing references it any more.
-pub(crate) async fn release_blob(
-    db: crate::db::Db,
-    store: &BlobStore,
-    sha256: &str,
-) -> ApiResult<()> {
-    if !models::blob_referenced(&db, sha256).await? {
-        store.delete(sha256).await?;
-    }
-    Ok(())
 }
 
 async fn download_model(

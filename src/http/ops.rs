@@ -58,7 +58,10 @@ async fn prometheus_metrics(State(state): State<AppState>) -> Result<Response, A
         metrics::gauge!("whittle_jobs", "state" => s.as_str()).set(n as f64);
     }
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.prometheus.render(),
     )
         .into_response())

@@ -212,6 +212,22 @@ impl Queue {
         Ok(())
     }
 
+    /// Record the latest training checkpoint of the attempt holding the lease.
+    pub async fn save_checkpoint(&self, id: JobId, attempt: i64, checkpoint: &Value) -> Result<()> {
+        let done = sqlx::query(
+            "update jobs set checkpoint = $1 where id = $2 and attempt = $3 and state = 'running'",
+        )
+        .bind(checkpoint.to_string())
+        .bind(id.to_string())
+        .bind(attempt)
+        .execute(self.db.pool())
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::LeaseLost);
+        }
+        Ok(())
+    }
+
     /// Record success: outputs, artifacts, result and metrics, all or nothing, once.
     pub async fn complete(
         &self,
@@ -230,7 +246,7 @@ impl Queue {
         let mut tx = self.db.pool().begin().await?;
         let updated = sqlx::query(
             "update jobs set state = 'succeeded', result = $1, metrics = $2, finished_at = $3, \
-             updated_at = $3, lease_expires_at = null, error = null \
+             updated_at = $3, lease_expires_at = null, error = null, checkpoint = null \
              where id = $4 and attempt = $5 and state = 'running'",
         )
         .bind(result.to_string())
@@ -312,7 +328,8 @@ impl Queue {
         let mut tx = self.db.pool().begin().await?;
         let done = sqlx::query(
             "update jobs set state = 'cancelled', finished_at = $1, updated_at = $1, \
-             lease_expires_at = null where id = $2 and attempt = $3 and state = 'running'",
+             lease_expires_at = null, checkpoint = null \
+             where id = $2 and attempt = $3 and state = 'running'",
         )
         .bind(now)
         .bind(id.to_string())

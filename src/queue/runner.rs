@@ -2,19 +2,30 @@
 //! each step reading the previous step's committed blob and writing a new content-addressed
 //! one. Returns the outputs for the queue to record; records nothing itself.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::compress::arch::Architecture;
+use crate::compress::data::{Dataset, Subset};
+use crate::compress::evaluate::{self, Evaluation};
+use crate::compress::finetune::{
+    self, EarlyStoppingParams, FinetuneParams, HeadParams, OptimizerName, OptimizerParams,
+    ScheduleName, ScheduleParams,
+};
+use crate::compress::model::{Model, NamedTensor};
 use crate::compress::progress::Ctx;
-use crate::compress::tensors::SafetensorsFile;
+use crate::compress::tensors::{encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec};
+use crate::compress::train::{Checkpoint, EpochMetrics, StopMetric, TrainHooks};
 use crate::compress::{self, quantize};
+use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::JobRecord;
 use crate::db::models::ModelRecord;
+use crate::ids::DatasetId;
 use crate::queue::JobError;
-use crate::spec::{JobSpec, Step};
-use crate::store::{BlobRef, BlobStore};
+use crate::spec::{self, FinetuneSpec, JobSpec, Step};
+use crate::store::{BlobRef, BlobStore, TempBlob};
 
 /// Metadata key carrying the architecture JSON in every file we write.
 pub const META_ARCHITECTURE: &str = "whittle.architecture";
@@ -30,6 +41,8 @@ pub struct PipelineOutput {
     pub tensors: Value,
     /// Its element count.
     pub parameters: i64,
+    /// Its architecture (changed by a head replacement).
+    pub architecture: Option<Value>,
     /// The metrics document (API.md "Metrics").
     pub metrics: Value,
     /// The metrics document stored as a `report` artifact.
@@ -79,34 +92,90 @@ impl From<std::io::Error> for PipelineError {
     }
 }
 
-/// Run every step of `spec` over `model`, reporting through `ctx`.
+/// Everything a pipeline reads.
+pub struct PipelineInputs<'a> {
+    /// Blob store (inputs are read from it, outputs written to it).
+    pub store: &'a BlobStore,
+    /// The job being run.
+    pub job: &'a JobRecord,
+    /// Its parsed spec.
+    pub spec: &'a JobSpec,
+    /// The input model.
+    pub model: &'a ModelRecord,
+    /// Every dataset the spec names.
+    pub datasets: &'a HashMap<DatasetId, DatasetRecord>,
+    /// Where an earlier attempt left off, if it saved a training checkpoint.
+    pub resume: Option<ResumePoint>,
+}
+
+/// A training checkpoint saved by an earlier attempt: the step it belongs to and its blob.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumePoint {
+    /// Index of the training step.
+    pub step: usize,
+    /// Blob holding the checkpoint.
+    pub sha256: String,
+    /// Epochs it covers.
+    pub epoch: usize,
+}
+
+/// Callbacks from the pipeline to the worker (called on the compute thread).
+pub struct PipelineHooks<'a> {
+    /// A step begins.
+    pub step_started: &'a (dyn Fn(usize, &str) + Sync),
+    /// A training epoch finished (step index, figures).
+    pub epoch_finished: &'a (dyn Fn(usize, &EpochMetrics) + Sync),
+    /// A checkpoint was stored; the worker records it so a rescued job resumes from it.
+    pub checkpoint_saved: &'a (dyn Fn(ResumePoint) + Sync),
+}
+
+/// Run every step of the job's pipeline, reporting through `ctx` and `hooks`.
 pub fn run_pipeline(
-    store: &BlobStore,
-    job: &JobRecord,
-    spec: &JobSpec,
-    model: &ModelRecord,
+    inputs: &PipelineInputs,
     ctx: &Ctx,
-    step_started: &(dyn Fn(usize, &str) + Sync),
+    hooks: &PipelineHooks,
 ) -> Result<PipelineOutput, PipelineError> {
+    let PipelineInputs {
+        store,
+        job,
+        spec,
+        model,
+        ..
+    } = *inputs;
+    let datasets = DatasetCache::load(store, inputs.datasets)?;
     let input = SafetensorsFile::open(store.path(&model.sha256))?;
-    let baseline = weight_summary(&input);
+    let baseline_weights = weight_summary(&input);
+    let input_arch = model
+        .architecture
+        .as_ref()
+        .map(Architecture::from_json)
+        .transpose()?;
+    // The input model, loaded once when anything compares against it.
+    let reference = match (&input_arch, needs_network(spec)) {
+        (Some(arch), true) => Some(Model::from_safetensors(arch, &input)?),
+        _ => None,
+    };
     drop(input);
+    let mut baseline = baseline_weights.to_json(model.size_bytes as u64);
+    if let (Some(eval), Some(reference)) = (&spec.eval, &reference) {
+        let data = datasets.get(&eval.dataset_id)?;
+        let e = evaluate::evaluate(reference, &Subset::all(data), None, eval.batch_size, ctx)?;
+        merge(&mut baseline, &eval_json(&e));
+    }
 
     let steps_json: Vec<Value> = spec.steps.iter().map(Step::to_json).collect();
     let mut current = BlobRef {
         sha256: model.sha256.clone(),
         size: model.size_bytes as u64,
     };
+    let mut arch_json = model.architecture.clone();
     let mut step_metrics = Vec::new();
     for (index, step) in spec.steps.iter().enumerate() {
         ctx.check()?;
-        step_started(index, step.op());
+        (hooks.step_started)(index, step.op());
         let started = Instant::now();
         let input = SafetensorsFile::open(store.path(&current.sha256))?;
         let mut metadata = input.header().metadata.clone();
-        if let Some(arch) = &model.architecture {
-            metadata.insert(META_ARCHITECTURE.into(), arch.to_string());
-        }
         metadata.insert(
             META_JOB.into(),
             json!({
@@ -115,14 +184,18 @@ pub fn run_pipeline(
                 "steps": steps_json,
                 "seed": spec.seed,
                 "source_model_sha256": model.sha256,
-                "dataset_sha256s": [],
+                "dataset_sha256s": datasets.hashes(),
                 "whittle_version": env!("CARGO_PKG_VERSION"),
             })
             .to_string(),
         );
-        let mut temp = store.create_temp()?;
-        let (summary, layers) = match step {
+        let mut record = json!({"op": step.op(), "epochs": []});
+        let output: Option<TempBlob> = match step {
             Step::QuantizeFloat(q) => {
+                if let Some(arch) = &arch_json {
+                    metadata.insert(META_ARCHITECTURE.into(), arch.to_string());
+                }
+                let mut temp = store.create_temp()?;
                 let selected: HashSet<String> = q
                     .selection
                     .resolve(&input.header().tensors)
@@ -133,46 +206,124 @@ pub fn run_pipeline(
                     &input, &selected, q.dtype, &metadata, &mut temp, ctx,
                 )?;
                 let changed: Vec<_> = reports.iter().filter(|r| r.changed).collect();
-                let before: u64 = reports.iter().map(|r| r.bytes_before).sum();
-                let after: u64 = reports.iter().map(|r| r.bytes_after).sum();
-                let summary = json!({
+                record["summary"] = json!({
                     "method": "float",
                     "dtype": q.dtype.as_str(),
                     "tensors_changed": changed.len(),
-                    "tensor_bytes_before": before,
-                    "tensor_bytes_after": after,
+                    "tensor_bytes_before": reports.iter().map(|r| r.bytes_before).sum::<u64>(),
+                    "tensor_bytes_after": reports.iter().map(|r| r.bytes_after).sum::<u64>(),
                     "max_abs_error": changed.iter().map(|r| r.max_abs_error).fold(0.0, f64::max),
                 });
-                (
-                    summary,
-                    serde_json::to_value(&reports).unwrap_or(Value::Null),
-                )
+                record["layers"] = serde_json::to_value(&reports).unwrap_or(Value::Null);
+                Some(temp)
+            }
+            Step::Evaluate(e) => {
+                let arch = current_arch(&arch_json)?;
+                let m = Model::from_safetensors(&arch, &input)?;
+                let data = datasets.get(&e.dataset_id)?;
+                let eval = evaluate::evaluate(
+                    &m,
+                    &Subset::all(data),
+                    reference.as_ref(),
+                    e.batch_size,
+                    ctx,
+                )?;
+                record["summary"] = eval_json(&eval);
+                None
+            }
+            Step::Finetune(f) => {
+                let arch = current_arch(&arch_json)?;
+                let m = Model::from_safetensors(&arch, &input)?;
+                let train = datasets.get(&f.dataset_id)?;
+                let validation_data = match &f.validation {
+                    spec::train::Validation::Dataset(d) => Some(datasets.get(d)?),
+                    _ => None,
+                };
+                let params = finetune_params(f, spec.seed, train, validation_data);
+                let resume = match &inputs.resume {
+                    Some(r) if r.step == index => {
+                        let bytes = std::fs::read(store.path(&r.sha256))?;
+                        Some(Checkpoint::from_safetensors_bytes(&bytes)?)
+                    }
+                    _ => None,
+                };
+                let mut on_epoch = |m: &EpochMetrics, c: &Checkpoint| -> compress::Result<()> {
+                    (hooks.epoch_finished)(index, m);
+                    let bytes = c.to_safetensors_bytes()?;
+                    let blob = store
+                        .put_bytes(&bytes)
+                        .map_err(|e| compress::Error::Io(std::io::Error::other(e.to_string())))?;
+                    (hooks.checkpoint_saved)(ResumePoint {
+                        step: index,
+                        sha256: blob.sha256,
+                        epoch: c.epoch,
+                    });
+                    Ok(())
+                };
+                let out = finetune::finetune(
+                    m,
+                    &params,
+                    ctx,
+                    TrainHooks {
+                        loss: None,
+                        on_epoch: Some(&mut on_epoch),
+                        resume,
+                    },
+                )?;
+                let new_arch = out.architecture.to_json();
+                metadata.insert(META_ARCHITECTURE.into(), new_arch.to_string());
+                arch_json = Some(new_arch);
+                record["epochs"] = serde_json::to_value(&out.history).unwrap_or(Value::Null);
+                record["summary"] = json!({
+                    "epochs_run": out.history.len(),
+                    "best_epoch": out.best_epoch,
+                    "stopped_early": out.stopped_early,
+                    "restored_best": out.restored_best,
+                    "trainable_parameters": out.trainable_parameters,
+                    "final_train_loss": out.history.last().map(|h| h.train_loss),
+                    "final_val_accuracy": out.history.last().and_then(|h| h.val_accuracy),
+                });
+                let mut temp = store.create_temp()?;
+                write_named(&mut temp, &metadata, &out.weights)?;
+                Some(temp)
             }
         };
         drop(input);
-        current = store.commit(temp)?;
-        step_metrics.push(json!({
-            "op": step.op(),
-            "seconds": started.elapsed().as_secs_f64(),
-            "summary": summary,
-            "layers": layers,
-            "epochs": [],
-        }));
+        if let Some(temp) = output {
+            current = store.commit(temp)?;
+        }
+        record["seconds"] = json!(started.elapsed().as_secs_f64());
+        step_metrics.push(record);
     }
 
     let output = SafetensorsFile::open(store.path(&current.sha256))?;
-    let final_summary = weight_summary(&output);
+    let final_weights = weight_summary(&output);
     let (tensors, parameters) = crate::db::models::inventory(output.header());
+    let mut final_json = json!({
+        "parameters": final_weights.parameters,
+        "nonzero": final_weights.nonzero,
+        "size_bytes": current.size,
+        "bits_per_weight": final_weights.bits_per_weight(),
+        "compression_ratio": model.size_bytes as f64 / current.size.max(1) as f64,
+    });
+    if let Some(eval) = &spec.eval {
+        let arch = current_arch(&arch_json)?;
+        let m = Model::from_safetensors(&arch, &output)?;
+        let data = datasets.get(&eval.dataset_id)?;
+        let e = evaluate::evaluate(
+            &m,
+            &Subset::all(data),
+            reference.as_ref(),
+            eval.batch_size,
+            ctx,
+        )?;
+        merge(&mut final_json, &eval_json(&e));
+        final_json["agreement_with_baseline"] = json!(e.agreement);
+    }
     let metrics = json!({
-        "baseline": baseline.to_json(model.size_bytes as u64),
+        "baseline": baseline,
         "steps": step_metrics,
-        "final": {
-            "parameters": final_summary.parameters,
-            "nonzero": final_summary.nonzero,
-            "size_bytes": current.size,
-            "bits_per_weight": final_summary.bits_per_weight(),
-            "compression_ratio": model.size_bytes as f64 / current.size.max(1) as f64,
-        },
+        "final": final_json,
     });
     let report = store.put_bytes(
         serde_json::to_vec_pretty(&metrics)
@@ -183,8 +334,179 @@ pub fn run_pipeline(
         model: current,
         tensors,
         parameters,
+        architecture: arch_json,
         metrics,
         report,
+    })
+}
+
+/// Whether any step or the job's `eval` runs the network.
+fn needs_network(spec: &JobSpec) -> bool {
+    spec.eval.is_some()
+        || spec
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Finetune(_) | Step::Evaluate(_)))
+}
+
+fn current_arch(arch: &Option<Value>) -> Result<Architecture, PipelineError> {
+    match arch {
+        Some(a) => Ok(Architecture::from_json(a)?),
+        None => Err(PipelineError::Failed(JobError {
+            code: "architecture_required".into(),
+            message: "this step runs the network and the model has no architecture".into(),
+            retryable: false,
+        })),
+    }
+}
+
+/// The job's datasets, loaded from the store once, before the first step.
+struct DatasetCache<'a> {
+    records: &'a HashMap<DatasetId, DatasetRecord>,
+    loaded: HashMap<DatasetId, Dataset>,
+}
+
+impl<'a> DatasetCache<'a> {
+    fn load(
+        store: &BlobStore,
+        records: &'a HashMap<DatasetId, DatasetRecord>,
+    ) -> Result<Self, PipelineError> {
+        let mut loaded = HashMap::new();
+        for (id, record) in records {
+            loaded.insert(*id, Dataset::from_safetensors(store.path(&record.sha256))?);
+        }
+        Ok(Self { records, loaded })
+    }
+
+    fn get(&self, id: &DatasetId) -> Result<&Dataset, PipelineError> {
+        self.loaded.get(id).ok_or_else(|| {
+            PipelineError::Failed(JobError {
+                code: "dataset_not_found".into(),
+                message: format!("dataset {id} no longer exists"),
+                retryable: false,
+            })
+        })
+    }
+
+    /// `{dataset_id: sha256}` of every dataset the job names (for provenance).
+    fn hashes(&self) -> Value {
+        Value::Object(
+            self.records
+                .iter()
+                .map(|(id, r)| (id.to_string(), json!(r.sha256)))
+                .collect(),
+        )
+    }
+}
+
+/// The API's figures of an evaluation.
+fn eval_json(e: &Evaluation) -> Value {
+    json!({
+        "samples": e.samples,
+        "loss": e.loss,
+        "accuracy": e.accuracy,
+        "top5_accuracy": e.top5_accuracy,
+        "per_class_accuracy": e.per_class,
+        "agreement": e.agreement,
+        "kl_divergence": e.kl_divergence,
+        "samples_per_second": e.samples_per_second,
+        "mean_batch_latency_ms": e.mean_batch_latency_ms,
+    })
+}
+
+fn merge(into: &mut Value, from: &Value) {
+    if let (Some(a), Some(b)) = (into.as_object_mut(), from.as_object()) {
+        for (k, v) in b {
+            a.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// Map the validated spec onto the engine's parameters.
+fn finetune_params<'d>(
+    f: &FinetuneSpec,
+    job_seed: u64,
+    train: &'d Dataset,
+    validation: Option<&'d Dataset>,
+) -> FinetuneParams<'d> {
+    use spec::train::{LrScheduleSpec, OptimizerSpec, Validation as V};
+    let mut p = FinetuneParams::new(train);
+    p.validation = match (&f.validation, validation) {
+        (V::Fraction(x), _) => finetune::Validation::Fraction(*x),
+        (V::Dataset(_), Some(d)) => finetune::Validation::Dataset(d),
+        _ => finetune::Validation::None,
+    };
+    p.epochs = f.epochs;
+    p.batch_size = f.batch_size;
+    p.optimizer = match f.optimizer {
+        OptimizerSpec::AdamW { lr, weight_decay } => OptimizerParams {
+            name: OptimizerName::AdamW,
+            lr,
+            weight_decay,
+            momentum: 0.0,
+            nesterov: false,
+        },
+        OptimizerSpec::Sgd {
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+        } => OptimizerParams {
+            name: OptimizerName::Sgd,
+            lr,
+            weight_decay,
+            momentum,
+            nesterov,
+        },
+    };
+    p.lr_schedule = ScheduleParams {
+        kind: match f.lr_schedule {
+            LrScheduleSpec::Constant => ScheduleName::Constant,
+            LrScheduleSpec::Cosine => ScheduleName::Cosine,
+            LrScheduleSpec::Step { .. } => ScheduleName::Step,
+        },
+        step_size: match f.lr_schedule {
+            LrScheduleSpec::Step { step_size, .. } => step_size,
+            _ => 1,
+        },
+        gamma: match f.lr_schedule {
+            LrScheduleSpec::Step { gamma, .. } => gamma,
+            _ => 0.1,
+        },
+        warmup_epochs: f.warmup_epochs,
+    };
+    p.freeze = f.freeze.clone();
+    p.head = f.head.as_ref().map(|h| HeadParams {
+        layer: h.layer.clone(),
+        num_classes: h.num_classes,
+    });
+    p.layer_lr = f.layer_lr.clone();
+    p.early_stopping = f.early_stopping.as_ref().map(|e| EarlyStoppingParams {
+        patience: e.patience,
+        metric: if e.metric == "val_accuracy" {
+            StopMetric::ValAccuracy
+        } else {
+            StopMetric::ValLoss
+        },
+    });
+    p.grad_clip = f.grad_clip;
+    p.seed = f.seed.unwrap_or(job_seed);
+    p
+}
+
+/// Write f32 tensors as a safetensors file.
+fn write_named(
+    out: &mut dyn std::io::Write,
+    metadata: &std::collections::BTreeMap<String, String>,
+    weights: &[NamedTensor],
+) -> compress::Result<u64> {
+    let specs: Vec<TensorSpec> = weights
+        .iter()
+        .map(|w| TensorSpec::new(w.name.clone(), Dtype::F32, w.shape.clone()))
+        .collect();
+    write_safetensors(out, metadata, &specs, |i, w| {
+        w.write_all(&encode_f32(&weights[i].values))?;
+        Ok(())
     })
 }
 

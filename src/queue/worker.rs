@@ -4,6 +4,7 @@
 //! [`Worker::run_next`] runs exactly one claimable job to its end — the hook tests use to
 //! drive the queue deterministically; [`Worker::run`] is the long-running loop.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,13 +14,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use super::runner::{self, PipelineError, PipelineOutput};
+use super::runner::{
+    self, PipelineError, PipelineHooks, PipelineInputs, PipelineOutput, ResumePoint,
+};
 use super::{Completion, Error, JobError, Queue};
 use crate::compress::progress::Ctx;
+use crate::compress::train::EpochMetrics;
 use crate::db::artifacts::ArtifactRecord;
+use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::{JobRecord, JobState};
 use crate::db::models::ModelRecord;
-use crate::ids::{now_micros, ArtifactId, JobId, ModelId};
+use crate::ids::{now_micros, ArtifactId, DatasetId, JobId, ModelId};
 use crate::spec;
 use crate::store::BlobStore;
 
@@ -51,6 +56,17 @@ pub struct Worker {
     store: BlobStore,
     id: String,
     config: WorkerConfig,
+}
+
+/// Channel message kind that carries a checkpoint rather than an event.
+const CHECKPOINT: &str = "checkpoint";
+
+/// A job's inputs, loaded before computing.
+struct Prepared {
+    spec: spec::JobSpec,
+    model: ModelRecord,
+    datasets: HashMap<DatasetId, DatasetRecord>,
+    resume: Option<ResumePoint>,
 }
 
 /// Why the cancel flag of a running job was raised.
@@ -156,11 +172,35 @@ impl Worker {
     ) -> Result<JobState, Error> {
         let started = Instant::now();
         let (id, attempt) = (job.id, job.attempt);
-        let prepared = self.prepare(&job).await;
-        let (spec, model) = match prepared {
+        let Prepared {
+            spec,
+            model,
+            datasets,
+            resume,
+        } = match self.prepare(&job).await {
             Ok(p) => p,
             Err(error) => return self.queue.fail(id, attempt, &error, now_micros()).await,
         };
+        if let Some(r) = &resume {
+            info!(
+                step = r.step,
+                epoch = r.epoch,
+                "resuming from the checkpoint of an earlier attempt"
+            );
+            let message = format!(
+                "resuming step {} after epoch {} from an earlier attempt's checkpoint",
+                r.step + 1,
+                r.epoch
+            );
+            self.queue
+                .event(
+                    id,
+                    attempt,
+                    "log",
+                    &json!({"level": "info", "message": message}),
+                )
+                .await?;
+        }
         info!(steps = spec.steps.len(), "job started");
         // Renew the lease once before computing: a cancel asked for between the claim and
         // now is seen before any work is done.
@@ -210,8 +250,38 @@ impl Worker {
                         json!({"level": "info", "message": format!("step {}/{}: {op}", index + 1, steps)}),
                     ));
                 };
+                let epoch_finished = |step: usize, m: &EpochMetrics| {
+                    let mut data = serde_json::to_value(m).unwrap_or(Value::Null);
+                    data["step"] = json!(step);
+                    let _ = events_tx.send(("metrics".into(), data));
+                    let _ = events_tx.send((
+                        "log".into(),
+                        json!({"level": "info", "message": format!(
+                            "epoch {}: train_loss {:.4}{}", m.epoch, m.train_loss,
+                            m.val_accuracy.map(|a| format!(", val_accuracy {a:.4}")).unwrap_or_default())}),
+                    ));
+                };
+                let checkpoint_saved = |point: ResumePoint| {
+                    let _ = events_tx.send((
+                        CHECKPOINT.into(),
+                        serde_json::to_value(point).unwrap_or(Value::Null),
+                    ));
+                };
                 let ctx = Ctx::new(&report, &cancel);
-                runner::run_pipeline(&store, &job, &spec, &model, &ctx, &step_started)
+                let inputs = PipelineInputs {
+                    store: &store,
+                    job: &job,
+                    spec: &spec,
+                    model: &model,
+                    datasets: &datasets,
+                    resume,
+                };
+                let hooks = PipelineHooks {
+                    step_started: &step_started,
+                    epoch_finished: &epoch_finished,
+                    checkpoint_saved: &checkpoint_saved,
+                };
+                runner::run_pipeline(&inputs, &ctx, &hooks)
             })
         };
         drop(events_tx);
@@ -236,7 +306,7 @@ impl Worker {
             tokio::select! {
                 joined = &mut compute => break joined,
                 Some((kind, data)) = events_rx.recv() => {
-                    if let Err(Error::LeaseLost) = self.queue.event(id, attempt, &kind, &data).await {
+                    if let Err(Error::LeaseLost) = self.record(id, attempt, &kind, &data).await {
                         raise(StopReason::LeaseLost, &mut stop);
                     }
                 }
@@ -259,7 +329,7 @@ impl Worker {
         };
         // Events still buffered were sent before the outcome: record them first.
         while let Ok((kind, data)) = events_rx.try_recv() {
-            let _ = self.queue.event(id, attempt, &kind, &data).await;
+            let _ = self.record(id, attempt, &kind, &data).await;
         }
 
         let now = now_micros();
@@ -329,26 +399,54 @@ impl Worker {
         result
     }
 
+    /// Record a message from the compute thread: a checkpoint, or an event.
+    async fn record(&self, id: JobId, attempt: i64, kind: &str, data: &Value) -> Result<(), Error> {
+        if kind == CHECKPOINT {
+            self.queue.save_checkpoint(id, attempt, data).await
+        } else {
+            self.queue.event(id, attempt, kind, data).await
+        }
+    }
+
     /// Load what a job needs before computing; errors here are fatal for the job.
-    async fn prepare(&self, job: &JobRecord) -> Result<(spec::JobSpec, ModelRecord), JobError> {
+    async fn prepare(&self, job: &JobRecord) -> Result<Prepared, JobError> {
         let spec = spec::parse_job(&job.spec, None).map_err(|errors| JobError {
             code: "invalid_spec".into(),
             message: format!("the stored job spec no longer parses: {errors:?}"),
             retryable: false,
         })?;
+        let db_error = |e: crate::db::Error| JobError {
+            code: "database_error".into(),
+            message: format!("loading the job's inputs failed: {e}"),
+            retryable: true,
+        };
         let model = crate::db::models::get(self.queue.db(), job.model_id)
             .await
-            .map_err(|e| JobError {
-                code: "database_error".into(),
-                message: format!("loading the input model failed: {e}"),
-                retryable: true,
-            })?
+            .map_err(db_error)?
             .ok_or_else(|| JobError {
                 code: "model_not_found".into(),
                 message: format!("input model {} no longer exists", job.model_id),
                 retryable: false,
             })?;
-        Ok((spec, model))
+        let mut datasets = HashMap::new();
+        for id in spec::referenced_datasets(&job.spec) {
+            if let Some(d) = crate::db::datasets::get(self.queue.db(), id)
+                .await
+                .map_err(db_error)?
+            {
+                datasets.insert(id, d);
+            }
+        }
+        let resume = job
+            .checkpoint
+            .as_ref()
+            .and_then(|c| serde_json::from_value::<ResumePoint>(c.clone()).ok());
+        Ok(Prepared {
+            spec,
+            model,
+            datasets,
+            resume,
+        })
     }
 
     fn completion(
@@ -366,7 +464,7 @@ impl Worker {
             size_bytes: output.model.size as i64,
             parameters: output.parameters,
             tensors: output.tensors,
-            architecture: input.architecture.clone(),
+            architecture: output.architecture.clone(),
             source: Some((
                 job.id,
                 job.spec["steps"]

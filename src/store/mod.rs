@@ -200,6 +200,38 @@ impl BlobStore {
         self.commit(temp)
     }
 
+    /// Every committed blob with its last-modified time (for garbage collection).
+    pub fn list(&self) -> io::Result<Vec<(String, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        for dir in std::fs::read_dir(self.root.join("blobs"))? {
+            let dir = dir?;
+            if !dir.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(dir.path())? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    out.push((name, entry.metadata()?.modified()?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete temp files last written before `cutoff` (left by a crash mid-upload).
+    pub fn remove_stale_temps(&self, cutoff: std::time::SystemTime) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(self.root.join("tmp"))? {
+            let entry = entry?;
+            if entry.metadata()?.modified()? < cutoff && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Remove a blob; a missing blob is not an error.
     pub async fn delete(&self, sha256: &str) -> Result<(), Error> {
         match tokio::fs::remove_file(self.path(sha256)).await {

@@ -206,7 +206,14 @@ async fn dataset_refusals() {
         }],
     )
     .await
-    .assert_problem(400, "malformed_multipart");
+    .assert_problem(422, "missing_part");
+    t.post_bytes(
+        "/v1/datasets?format=idx",
+        "application/octet-stream",
+        idx_images(2),
+    )
+    .await
+    .assert_problem(422, "missing_part");
     t.get("/v1/datasets/0190d4a0-0000-7000-8000-000000000000")
         .await
         .assert_problem(404, "dataset_not_found");

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod datasets;
+mod engine;
 mod jobs;
 mod models;
 mod openapi;

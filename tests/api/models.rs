@@ -344,11 +344,20 @@ async fn unknown_ids_are_404_and_delete_removes_the_model_and_its_blob() {
     t.get(&format!("/v1/models/{id}"))
         .await
         .assert_problem(404, "model_not_found");
-    assert_eq!(
-        t.stored_files().len(),
-        0,
-        "the blob goes with its last reference"
-    );
+    // The blob outlives the row until the garbage collector finds it unreferenced.
+    assert_eq!(t.stored_files().len(), 1);
+    let keep = t.upload_model(tiny_model()).await;
+    let other = t.upload_model(tiny_model()).await;
+    assert_eq!(keep["sha256"], other["sha256"], "same bytes, one blob");
+    t.delete(&format!("/v1/models/{}", other["id"].as_str().unwrap()))
+        .await;
+    let gc = |age| t.app.collect_garbage(std::time::Duration::from_secs(age));
+    assert_eq!(gc(3600).await.unwrap(), 0, "too recent");
+    assert_eq!(gc(0).await.unwrap(), 0, "still referenced");
+    t.delete(&format!("/v1/models/{}", keep["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(gc(0).await.unwrap(), 1);
+    assert_eq!(t.stored_files().len(), 0);
 }
 
 #[tokio::test]

@@ -5,13 +5,76 @@
 //! Checks that need stored state (does the model exist, which tensors does it have) take that
 //! state as arguments; this module does no I/O.
 
-use std::collections::BTreeMap;
+mod fields;
+pub mod train;
+
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Map, Value};
 
+use crate::compress::arch::Architecture;
 pub use crate::compress::quantize::FloatDtype;
 use crate::compress::select;
 use crate::compress::tensors::TensorInfo;
+use crate::ids::DatasetId;
+use fields::escape;
+pub use train::{EvalSpec, FinetuneSpec};
+
+/// What is known about the job's inputs when it is submitted, for the checks that need it.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// The input model's tensors.
+    pub tensors: Vec<TensorInfo>,
+    /// The input model's architecture, if it has one.
+    pub architecture: Option<Architecture>,
+    /// Every dataset the request names that exists.
+    pub datasets: HashMap<DatasetId, DatasetFacts>,
+}
+
+impl Facts {
+    /// Names of the network's parameters (from the architecture, else the tensors).
+    pub fn parameter_names(&self) -> Vec<String> {
+        match &self.architecture {
+            Some(a) => a.parameters().into_iter().map(|p| p.name).collect(),
+            None => self.tensors.iter().map(|t| t.name.clone()).collect(),
+        }
+    }
+}
+
+/// The shape summary of a dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetFacts {
+    /// Shape of one sample.
+    pub feature_shape: Vec<usize>,
+    /// Classes (max label + 1), when labelled.
+    pub num_classes: Option<usize>,
+}
+
+/// Every `dataset_id` a request body mentions (steps, validation, eval), for loading facts.
+pub fn referenced_datasets(body: &Value) -> Vec<DatasetId> {
+    fn walk(v: &Value, out: &mut Vec<DatasetId>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    if k == "dataset_id" {
+                        if let Some(id) = v.as_str().and_then(|s| s.parse().ok()) {
+                            out.push(id);
+                        }
+                    } else {
+                        walk(v, out);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(body, &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// One problem in a request body.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -21,7 +84,6 @@ pub struct FieldError {
     /// What is wrong and what would be right.
     pub detail: String,
     /// Stable code of this problem (`validation_failed`, `unsupported_operation`, …).
-    #[serde(skip)]
     pub code: &'static str,
 }
 
@@ -84,10 +146,14 @@ pub struct FloatQuantize {
 }
 
 /// One step of a job's pipeline.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// Cast weights to a smaller float type.
     QuantizeFloat(FloatQuantize),
+    /// Train on a labelled dataset (transfer learning, or from scratch).
+    Finetune(Box<FinetuneSpec>),
+    /// Measure on a dataset; the model passes through unchanged.
+    Evaluate(EvalSpec),
 }
 
 impl Step {
@@ -95,6 +161,8 @@ impl Step {
     pub fn op(&self) -> &'static str {
         match self {
             Step::QuantizeFloat(_) => "quantize",
+            Step::Finetune(_) => "finetune",
+            Step::Evaluate(_) => "evaluate",
         }
     }
 
@@ -109,13 +177,20 @@ impl Step {
                 "exclude": q.selection.exclude,
                 "format": "dequantized",
             }),
+            Step::Finetune(f) => f.to_json(),
+            Step::Evaluate(e) => {
+                let mut v = e.to_json();
+                v["op"] = json!("evaluate");
+                v
+            }
         }
     }
 
     /// The tensor selection of a weight operation.
-    pub fn selection(&self) -> &Selection {
+    pub fn selection(&self) -> Option<&Selection> {
         match self {
-            Step::QuantizeFloat(q) => &q.selection,
+            Step::QuantizeFloat(q) => Some(&q.selection),
+            Step::Finetune(_) | Step::Evaluate(_) => None,
         }
     }
 }
@@ -127,6 +202,8 @@ pub struct JobSpec {
     pub model_id: String,
     /// The pipeline.
     pub steps: Vec<Step>,
+    /// Evaluation before and after the pipeline.
+    pub eval: Option<EvalSpec>,
     /// Higher runs first.
     pub priority: i64,
     /// Attempts before failing for good.
@@ -147,7 +224,7 @@ impl JobSpec {
         json!({
             "model_id": self.model_id,
             "steps": self.steps.iter().map(Step::to_json).collect::<Vec<_>>(),
-            "eval": null,
+            "eval": self.eval.as_ref().map(EvalSpec::to_json),
             "priority": self.priority,
             "max_attempts": self.max_attempts,
             "timeout_seconds": self.timeout_seconds,
@@ -164,7 +241,7 @@ const QUANTIZE_METHODS: &[&str] = &["uniform", "kmeans", "log2", "nf4", "float",
 /// Parse a job request. `tensors` is the input model's inventory when the model exists (used
 /// to check that patterns match something); pass `None` when it does not, and the model error
 /// is reported by the caller.
-pub fn parse_job(body: &Value, tensors: Option<&[TensorInfo]>) -> Result<JobSpec, Vec<FieldError>> {
+pub fn parse_job(body: &Value, facts: Option<&Facts>) -> Result<JobSpec, Vec<FieldError>> {
     let mut errors = Vec::new();
     let Some(obj) = body.as_object() else {
         return Err(vec![FieldError::new("", "the body must be a JSON object")]);
@@ -215,7 +292,7 @@ pub fn parse_job(body: &Value, tensors: Option<&[TensorInfo]>) -> Result<JobSpec
         }
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                match parse_step(item, &format!("/steps/{i}"), tensors) {
+                match parse_step(item, &format!("/steps/{i}"), facts) {
                     Ok(step) => steps.push(step),
                     Err(mut e) => errors.append(&mut e),
                 }
@@ -227,14 +304,15 @@ pub fn parse_job(body: &Value, tensors: Option<&[TensorInfo]>) -> Result<JobSpec
         )),
         None => errors.push(FieldError::new("/steps", "is required")),
     }
-    match obj.get("eval") {
-        None | Some(Value::Null) => {}
-        Some(_) => errors.push(FieldError::unsupported(
-            "/eval",
-            "evaluation on a dataset needs the model engine, which this version does not have yet; \
-             leave `eval` out (weight-level metrics are always reported)",
-        )),
-    }
+    let eval = match fields::object(obj, "eval", "", &mut errors) {
+        None => None,
+        Some(e) => {
+            if let Some(f) = facts {
+                train::require_architecture(f, "/eval", &mut errors);
+            }
+            train::parse_eval(e, "/eval", &[], facts, &mut errors)
+        }
+    };
     let priority = int_in(obj, "priority", 0, limits::PRIORITY, &mut errors);
     let max_attempts = int_in(obj, "max_attempts", 3, limits::MAX_ATTEMPTS, &mut errors);
     let timeout_seconds = int_in(
@@ -277,6 +355,7 @@ pub fn parse_job(body: &Value, tensors: Option<&[TensorInfo]>) -> Result<JobSpec
         Ok(JobSpec {
             model_id,
             steps,
+            eval,
             priority,
             max_attempts,
             timeout_seconds,
@@ -293,7 +372,7 @@ pub fn parse_job(body: &Value, tensors: Option<&[TensorInfo]>) -> Result<JobSpec
 pub fn parse_step(
     item: &Value,
     pointer: &str,
-    tensors: Option<&[TensorInfo]>,
+    facts: Option<&Facts>,
 ) -> Result<Step, Vec<FieldError>> {
     let Some(obj) = item.as_object() else {
         return Err(vec![FieldError::new(
@@ -311,10 +390,30 @@ pub fn parse_step(
         }
     };
     match op {
-        "quantize" => parse_quantize(obj, pointer, tensors),
-        "prune" | "finetune" | "distill" | "evaluate" => Err(vec![FieldError::unsupported(
+        "quantize" => parse_quantize(obj, pointer, facts.map(|f| f.tensors.as_slice())),
+        "finetune" => {
+            let mut errors = Vec::new();
+            match train::parse_finetune(obj, pointer, facts, &mut errors) {
+                Some(f) if errors.is_empty() => Ok(Step::Finetune(Box::new(f))),
+                _ => Err(errors),
+            }
+        }
+        "evaluate" => {
+            let mut errors = Vec::new();
+            if let Some(f) = facts {
+                train::require_architecture(f, pointer, &mut errors);
+            }
+            match train::parse_eval(obj, pointer, &["op"], facts, &mut errors) {
+                Some(e) if errors.is_empty() => Ok(Step::Evaluate(e)),
+                _ => Err(errors),
+            }
+        }
+        "prune" | "distill" => Err(vec![FieldError::unsupported(
             format!("{pointer}/op"),
-            format!("`{op}` is part of the contract but not available in this version yet; `quantize` with `method: float` is"),
+            format!(
+                "`{op}` is part of the contract but not available in this version yet; \
+                     `quantize` (method `float`), `finetune` and `evaluate` are"
+            ),
         )]),
         other => Err(vec![FieldError::new(
             format!("{pointer}/op"),
@@ -443,6 +542,7 @@ fn parse_quantize(
     }
 }
 
+/// An optional list of non-empty glob patterns.
 fn patterns(v: Option<&Value>, pointer: &str, errors: &mut Vec<FieldError>) -> Vec<String> {
     match v {
         None | Some(Value::Null) => Vec::new(),
@@ -547,9 +647,4 @@ fn parse_labels(v: Option<&Value>, errors: &mut Vec<FieldError>) -> BTreeMap<Str
         )),
     }
     labels
-}
-
-/// Escape a key for use in a JSON pointer (RFC 6901).
-fn escape(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
 }

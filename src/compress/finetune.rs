@@ -1,0 +1,738 @@
+//! The `finetune` operation (API.md, "Operations"): transfer learning, or training from
+//! scratch on a freshly initialised model.
+//!
+//! This module owns the op's parameters as plain Rust values (the HTTP layer parses JSON
+//! into [`FinetuneParams`]), checking every one of them up front with a JSON pointer into
+//! the step object, replacing the classifier head with a freshly initialised one of a new
+//! width (and updating the architecture), freezing parameters by pattern, and driving the
+//! one training loop in [`super::train`]. It does not persist checkpoints or results.
+
+use super::arch::{Architecture, Layer};
+use super::data::{Dataset, Subset};
+use super::evaluate::{check_dataset, classes_of};
+use super::model::{Model, NamedTensor};
+use super::progress::Ctx;
+use super::select::glob_match;
+use super::train::{
+    self, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, StopMetric,
+    TrainConfig, TrainHooks,
+};
+use super::{Error, Result};
+
+/// Where validation data comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Validation<'a> {
+    /// No validation (no val metrics, no early stopping).
+    None,
+    /// A seeded random fraction of the training dataset, held out.
+    Fraction(f64),
+    /// A separate labelled dataset.
+    Dataset(&'a Dataset),
+}
+
+/// The optimizer's name in the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerName {
+    /// `adamw`.
+    AdamW,
+    /// `sgd`.
+    Sgd,
+}
+
+/// `optimizer`: `{"name","lr","weight_decay","momentum"}` (+ `nesterov` for SGD).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerParams {
+    /// Update rule.
+    pub name: OptimizerName,
+    /// Base learning rate, finite and non-negative.
+    pub lr: f64,
+    /// Weight decay, finite and non-negative.
+    pub weight_decay: f64,
+    /// SGD momentum in [0, 1) (ignored by AdamW).
+    pub momentum: f64,
+    /// SGD Nesterov momentum (needs momentum > 0).
+    pub nesterov: bool,
+}
+
+/// The schedule kind's name in the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleName {
+    /// `constant`.
+    Constant,
+    /// `cosine`.
+    Cosine,
+    /// `step`.
+    Step,
+}
+
+/// `lr_schedule`: `{"kind","step_size","gamma","warmup_epochs"}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScheduleParams {
+    /// Shape after warm-up.
+    pub kind: ScheduleName,
+    /// Epochs between decays for `step` (at least 1).
+    pub step_size: usize,
+    /// Decay factor for `step` (finite, positive).
+    pub gamma: f64,
+    /// Epochs of linear warm-up (at most `epochs`).
+    pub warmup_epochs: usize,
+}
+
+/// `head`: replace the named final linear layer with a fresh one of `num_classes` outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadParams {
+    /// Name of a top-level linear layer (its `name`, or its index when unnamed).
+    pub layer: String,
+    /// New number of outputs (at least 1).
+    pub num_classes: usize,
+}
+
+/// `early_stopping`: `{"patience","metric"}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EarlyStoppingParams {
+    /// Epochs without improvement tolerated (at least 1).
+    pub patience: usize,
+    /// `val_loss` or `val_accuracy`.
+    pub metric: StopMetric,
+}
+
+/// Everything the `finetune` step takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinetuneParams<'a> {
+    /// The labelled training dataset.
+    pub dataset: &'a Dataset,
+    /// Validation data.
+    pub validation: Validation<'a>,
+    /// Epochs (at least 1).
+    pub epochs: usize,
+    /// Batch size (at least 1).
+    pub batch_size: usize,
+    /// Optimizer.
+    pub optimizer: OptimizerParams,
+    /// Learning-rate schedule.
+    pub lr_schedule: ScheduleParams,
+    /// Glob patterns of parameters kept fixed; each must match at least one.
+    pub freeze: Vec<String>,
+    /// Optional head replacement.
+    pub head: Option<HeadParams>,
+    /// `(pattern, multiplier)`: per-parameter learning-rate multipliers, first match wins.
+    pub layer_lr: Vec<(String, f64)>,
+    /// Optional early stopping (needs validation).
+    pub early_stopping: Option<EarlyStoppingParams>,
+    /// Optional global gradient-norm clip (finite, positive).
+    pub grad_clip: Option<f64>,
+    /// Seed of the validation split, shuffles, dropout and the new head's initialisation.
+    pub seed: u64,
+}
+
+impl<'a> FinetuneParams<'a> {
+    /// Defaults for everything but the dataset: 10 epochs of AdamW (lr 1e-3, weight
+    /// decay 0.01) in batches of 64, constant schedule, 10% validation, seed 0.
+    pub fn new(dataset: &'a Dataset) -> FinetuneParams<'a> {
+        FinetuneParams {
+            dataset,
+            validation: Validation::Fraction(0.1),
+            epochs: 10,
+            batch_size: 64,
+            optimizer: OptimizerParams {
+                name: OptimizerName::AdamW,
+                lr: 1e-3,
+                weight_decay: 0.01,
+                momentum: 0.0,
+                nesterov: false,
+            },
+            lr_schedule: ScheduleParams {
+                kind: ScheduleName::Constant,
+                step_size: 1,
+                gamma: 0.1,
+                warmup_epochs: 0,
+            },
+            freeze: Vec::new(),
+            head: None,
+            layer_lr: Vec::new(),
+            early_stopping: None,
+            grad_clip: None,
+            seed: 0,
+        }
+    }
+}
+
+/// What `finetune` produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinetuneOutput {
+    /// The trained parameters and buffers, in architecture order.
+    pub weights: Vec<NamedTensor>,
+    /// The architecture (changed when the head was replaced).
+    pub architecture: Architecture,
+    /// Per-epoch metrics.
+    pub history: Vec<EpochMetrics>,
+    /// The epoch with the best validation figure, when validating.
+    pub best_epoch: Option<usize>,
+    /// Whether early stopping ended training early.
+    pub stopped_early: bool,
+    /// Whether the weights are the best epoch's (early stopping) rather than the last's.
+    pub restored_best: bool,
+    /// Number of trainable parameter elements.
+    pub trainable_parameters: u64,
+}
+
+fn bad(pointer: &str, detail: impl Into<String>) -> Error {
+    Error::InvalidParameter {
+        pointer: pointer.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+/// Escapes one JSON pointer reference token (RFC 6901).
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+fn finite_non_negative(pointer: &str, name: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(bad(
+            pointer,
+            format!("`{name}` must be a finite, non-negative number, got {v}"),
+        ))
+    }
+}
+
+/// Checks the parameters that do not depend on the model, and builds the loop's config.
+fn train_config(p: &FinetuneParams<'_>) -> Result<TrainConfig> {
+    if p.epochs == 0 {
+        return Err(bad("/epochs", "`epochs` must be at least 1"));
+    }
+    if p.batch_size == 0 {
+        return Err(bad("/batch_size", "`batch_size` must be at least 1"));
+    }
+    let o = &p.optimizer;
+    finite_non_negative("/optimizer/lr", "lr", o.lr)?;
+    finite_non_negative("/optimizer/weight_decay", "weight_decay", o.weight_decay)?;
+    let optimizer = match o.name {
+        OptimizerName::AdamW => Optimizer::ADAMW,
+        OptimizerName::Sgd => {
+            if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
+                return Err(bad(
+                    "/optimizer/momentum",
+                    format!("`momentum` must be in [0, 1), got {}", o.momentum),
+                ));
+            }
+            if o.nesterov && o.momentum == 0.0 {
+                return Err(bad(
+                    "/optimizer/nesterov",
+                    "Nesterov momentum needs `momentum` > 0",
+                ));
+            }
+            Optimizer::Sgd {
+                momentum: o.momentum,
+                nesterov: o.nesterov,
+            }
+        }
+    };
+    let s = &p.lr_schedule;
+    let kind = match s.kind {
+        ScheduleName::Constant => ScheduleKind::Constant,
+        ScheduleName::Cosine => ScheduleKind::Cosine,
+        ScheduleName::Step => {
+            if s.step_size == 0 {
+                return Err(bad(
+                    "/lr_schedule/step_size",
+                    "`step_size` must be at least 1 epoch",
+                ));
+            }
+            if !(s.gamma.is_finite() && s.gamma > 0.0) {
+                return Err(bad(
+                    "/lr_schedule/gamma",
+                    format!("`gamma` must be a finite, positive number, got {}", s.gamma),
+                ));
+            }
+            ScheduleKind::Step {
+                step_size: s.step_size,
+                gamma: s.gamma,
+            }
+        }
+    };
+    if s.warmup_epochs > p.epochs {
+        return Err(bad(
+            "/lr_schedule/warmup_epochs",
+            format!(
+                "`warmup_epochs` ({}) must not exceed `epochs` ({})",
+                s.warmup_epochs, p.epochs
+            ),
+        ));
+    }
+    if let Some(c) = p.grad_clip {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(bad(
+                "/grad_clip",
+                format!("`grad_clip` must be a finite, positive number, got {c}"),
+            ));
+        }
+    }
+    for (pattern, m) in &p.layer_lr {
+        if !(m.is_finite() && *m >= 0.0) {
+            return Err(bad(
+                &format!("/layer_lr/{}", escape(pattern)),
+                format!("the learning-rate multiplier must be finite and non-negative, got {m}"),
+            ));
+        }
+    }
+    let early_stopping = match p.early_stopping {
+        None => None,
+        Some(e) => {
+            if e.patience == 0 {
+                return Err(bad(
+                    "/early_stopping/patience",
+                    "`patience` must be at least 1 epoch",
+                ));
+            }
+            if matches!(p.validation, Validation::None) {
+                return Err(bad(
+                    "/early_stopping",
+                    "early stopping needs validation data (`validation`: a fraction or a dataset)",
+                ));
+            }
+            Some(EarlyStopping {
+                patience: e.patience,
+                metric: e.metric,
+            })
+        }
+    };
+    Ok(TrainConfig {
+        epochs: p.epochs,
+        batch_size: p.batch_size,
+        optimizer,
+        lr: o.lr,
+        weight_decay: o.weight_decay,
+        schedule: LrSchedule {
+            kind,
+            warmup_epochs: s.warmup_epochs,
+        },
+        grad_clip: p.grad_clip,
+        early_stopping,
+        lr_multipliers: p.layer_lr.clone(),
+        seed: p.seed,
+    })
+}
+
+/// Replaces the top-level linear layer `head.layer` with a fresh one of
+/// `head.num_classes` outputs: the new architecture, and the weights with the head's
+/// tensors freshly initialised (seeded).
+fn replace_head(
+    model: &Model,
+    head: &HeadParams,
+    seed: u64,
+) -> Result<(Architecture, Vec<NamedTensor>)> {
+    let arch = model.architecture();
+    let index = arch
+        .layers()
+        .iter()
+        .enumerate()
+        .position(|(i, l)| l.name().map_or_else(|| i.to_string(), str::to_owned) == head.layer);
+    let Some(index) = index else {
+        return Err(bad(
+            "/head/layer",
+            format!(
+                "no top-level layer is named {:?} (unnamed layers are named by their index)",
+                head.layer
+            ),
+        ));
+    };
+    if !matches!(arch.layers()[index], Layer::Linear { .. }) {
+        return Err(bad(
+            "/head/layer",
+            format!(
+                "layer {:?} is a {}, but the head must be a linear layer",
+                head.layer,
+                arch.layers()[index].type_name()
+            ),
+        ));
+    }
+    if head.num_classes == 0 {
+        return Err(bad("/head/num_classes", "`num_classes` must be at least 1"));
+    }
+    let mut doc = arch.to_json();
+    doc["layers"][index]["out_features"] = serde_json::json!(head.num_classes);
+    let new_arch = Architecture::from_json(&doc).map_err(|e| {
+        bad(
+            "/head/layer",
+            format!(
+                "layer {:?} is not the final classifier: widening it breaks the layers after it ({e})",
+                head.layer
+            ),
+        )
+    })?;
+    let prefix = format!("{}.", head.layer);
+    let mut weights: Vec<NamedTensor> = model
+        .export()?
+        .into_iter()
+        .filter(|t| !t.name.starts_with(&prefix))
+        .collect();
+    weights.extend(
+        new_arch
+            .init_weights(seed)
+            .into_iter()
+            .filter(|(spec, _)| spec.layer == head.layer)
+            .map(|(spec, values)| NamedTensor {
+                name: spec.name,
+                shape: spec.shape,
+                values,
+            }),
+    );
+    Ok((new_arch, weights))
+}
+
+/// Runs the `finetune` operation on `model`. Every parameter is checked before any
+/// training starts. `hooks` carries the per-epoch callback and an optional checkpoint
+/// to resume from (its `loss` is normally left `None`: cross-entropy).
+pub fn finetune(
+    model: Model,
+    params: &FinetuneParams<'_>,
+    ctx: &Ctx<'_>,
+    hooks: TrainHooks<'_>,
+) -> Result<FinetuneOutput> {
+    let config = train_config(params)?;
+    let mut model = match &params.head {
+        Some(head) => {
+            let (arch, weights) = replace_head(&model, head, params.seed)?;
+            Model::new(&arch, weights)?
+        }
+        None => model,
+    };
+    let arch = model.architecture().clone();
+    classes_of(&arch)?;
+    check_dataset(&arch, params.dataset, true)?;
+    if let Validation::Dataset(v) = params.validation {
+        check_dataset(&arch, v, true)
+            .map_err(|e| Error::DatasetMismatch(format!("validation dataset: {e}")))?;
+    }
+    for (i, pattern) in params.freeze.iter().enumerate() {
+        if model.freeze(pattern) == 0 {
+            return Err(bad(
+                &format!("/freeze/{i}"),
+                format!(
+                    "pattern {pattern:?} matches no parameter (the model has {})",
+                    names_hint(&model)
+                ),
+            ));
+        }
+    }
+    for (pattern, _) in &params.layer_lr {
+        if !model.params().iter().any(|p| glob_match(pattern, p.name())) {
+            return Err(bad(
+                &format!("/layer_lr/{}", escape(pattern)),
+                format!(
+                    "pattern {pattern:?} matches no parameter (the model has {})",
+                    names_hint(&model)
+                ),
+            ));
+        }
+    }
+    let trainable_parameters: u64 = model
+        .params()
+        .iter()
+        .filter(|p| p.is_trainable())
+        .map(|p| p.spec().numel() as u64)
+        .sum();
+    if trainable_parameters == 0 {
+        return Err(bad(
+            "/freeze",
+            "every parameter is frozen: nothing is left to train",
+        ));
+    }
+    model.check_trainable()?;
+    let (train_set, val_set) = match params.validation {
+        Validation::None => (Subset::all(params.dataset), None),
+        Validation::Fraction(f) => {
+            let (t, v) = params
+                .dataset
+                .split(f, params.seed)
+                .map_err(|e| bad("/validation/fraction", e.to_string()))?;
+            (t, Some(v))
+        }
+        Validation::Dataset(d) => (Subset::all(params.dataset), Some(Subset::all(d))),
+    };
+    let outcome = train::train(
+        &mut model,
+        &train_set,
+        val_set.as_ref(),
+        &config,
+        ctx,
+        hooks,
+    )?;
+    Ok(FinetuneOutput {
+        weights: model.export()?,
+        architecture: arch,
+        history: outcome.history,
+        best_epoch: outcome.best_epoch,
+        stopped_early: outcome.stopped_early,
+        restored_best: outcome.restored_best,
+        trainable_parameters,
+    })
+}
+
+/// "fc1.weight, fc1.bias, ... (6 tensors)" for error messages.
+fn names_hint(model: &Model) -> String {
+    let names: Vec<&str> = model.params().iter().map(|p| p.name()).collect();
+    let shown: Vec<&str> = names.iter().take(8).copied().collect();
+    let more = if names.len() > 8 { ", ..." } else { "" };
+    format!("{}{more}", shown.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::data::DatasetX;
+    use crate::compress::evaluate::evaluate;
+    use serde_json::json;
+    use std::sync::atomic::AtomicBool;
+
+    /// The real sklearn digits set (1797 samples of 8×8, 0..16), scaled to [0, 1].
+    fn digits() -> Dataset {
+        let d = smartcore::dataset::digits::load_dataset();
+        Dataset {
+            x: DatasetX::F32(d.data.iter().map(|v| v / 16.0).collect()),
+            feature_shape: vec![1, 8, 8],
+            samples: d.num_samples,
+            y: Some(d.target.iter().map(|&t| t as i64).collect()),
+            num_classes: Some(10),
+        }
+    }
+
+    fn mlp(classes: usize) -> Architecture {
+        Architecture::from_json(&json!({"kind":"sequential","input_shape":[1,8,8],"layers":[
+            {"type":"flatten"},
+            {"type":"linear","name":"fc1","in_features":64,"out_features":64},
+            {"type":"relu"},
+            {"type":"linear","name":"fc2","in_features":64,"out_features":classes}]}))
+        .unwrap()
+    }
+
+    fn quiet() -> AtomicBool {
+        AtomicBool::new(false)
+    }
+
+    #[test]
+    fn mlp_learns_real_digits() {
+        let data = digits();
+        assert_eq!(data.samples, 1797);
+        let mut p = FinetuneParams::new(&data);
+        p.validation = Validation::Fraction(0.2);
+        p.epochs = 10;
+        p.batch_size = 32;
+        p.optimizer.lr = 1e-2;
+        p.lr_schedule.kind = ScheduleName::Cosine;
+        p.seed = 1;
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let model = Model::init(&mlp(10), 1).unwrap();
+        let out = finetune(model, &p, &ctx, TrainHooks::default()).unwrap();
+        let last = out.history.last().unwrap();
+        assert!(last.val_accuracy.unwrap() >= 0.95, "{:?}", out.history);
+        assert!(last.train_loss < out.history[0].train_loss);
+        assert_eq!(out.history.len(), 10);
+        assert!(out.best_epoch.is_some());
+        // The exported weights reproduce the reported validation accuracy.
+        let trained = Model::new(&out.architecture, out.weights).unwrap();
+        let (_, val) = data.split(0.2, 1).unwrap();
+        let e = evaluate(&trained, &val, None, 100, &ctx).unwrap();
+        assert!((e.accuracy.unwrap() - last.val_accuracy.unwrap()).abs() < 1e-12);
+        assert!(e.top5_accuracy.unwrap() >= e.accuracy.unwrap());
+    }
+
+    #[test]
+    fn transfer_trains_only_the_new_head() {
+        // Pre-train on digits 0-4, then move to 5-9 with frozen features and a new head.
+        let all = digits();
+        let pick = |lo: i64| {
+            let y = all.y.as_ref().unwrap();
+            let idx: Vec<usize> = (0..all.samples)
+                .filter(|&i| (lo..lo + 5).contains(&y[i]))
+                .collect();
+            let DatasetX::F32(x) = &all.x else {
+                unreachable!()
+            };
+            Dataset {
+                x: DatasetX::F32(
+                    idx.iter()
+                        .flat_map(|&i| x[i * 64..(i + 1) * 64].to_vec())
+                        .collect(),
+                ),
+                feature_shape: vec![1, 8, 8],
+                samples: idx.len(),
+                y: Some(idx.iter().map(|&i| y[i] - lo).collect()),
+                num_classes: Some(5),
+            }
+        };
+        let (low, high) = (pick(0), pick(5));
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let mut p = FinetuneParams::new(&low);
+        p.epochs = 10;
+        p.optimizer.lr = 1e-2;
+        let pre = finetune(
+            Model::init(&mlp(5), 2).unwrap(),
+            &p,
+            &ctx,
+            TrainHooks::default(),
+        )
+        .unwrap();
+        let base = Model::new(&pre.architecture, pre.weights.clone()).unwrap();
+
+        let mut p = FinetuneParams::new(&high);
+        p.epochs = 15;
+        p.optimizer.lr = 2e-2;
+        p.freeze = vec!["fc1.*".into()];
+        p.head = Some(HeadParams {
+            layer: "fc2".into(),
+            num_classes: 7,
+        });
+        let out = finetune(base, &p, &ctx, TrainHooks::default()).unwrap();
+        assert_eq!(out.architecture.output_shape(), &[7]);
+        assert_eq!(out.trainable_parameters, 64 * 7 + 7);
+        for t in &out.weights {
+            let before = pre.weights.iter().find(|w| w.name == t.name).unwrap();
+            if t.name.starts_with("fc1.") {
+                assert_eq!(t, before, "{} changed", t.name);
+            } else {
+                assert_eq!(t.shape[0], 7);
+            }
+        }
+        let last = out.history.last().unwrap();
+        assert!(last.val_accuracy.unwrap() > 0.8, "{:?}", out.history);
+    }
+
+    fn tiny() -> Dataset {
+        Dataset {
+            x: DatasetX::F32((0..40 * 64).map(|i| (i % 7) as f32 / 7.0).collect()),
+            feature_shape: vec![64],
+            samples: 40,
+            y: Some((0..40).map(|i| i % 3).collect()),
+            num_classes: Some(3),
+        }
+    }
+
+    fn refusal(p: &FinetuneParams<'_>, arch: &Architecture) -> Error {
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        finetune(
+            Model::init(arch, 0).unwrap(),
+            p,
+            &ctx,
+            TrainHooks::default(),
+        )
+        .unwrap_err()
+    }
+
+    #[test]
+    fn refusals_are_precise() {
+        let data = tiny();
+        let arch = mlp(10);
+        let base = FinetuneParams::new(&data);
+        let pointer = |e: Error| (e.code(), e.pointer().unwrap_or_default(), e.to_string());
+
+        for lr in [-1.0, f64::NAN, f64::INFINITY] {
+            let mut p = base.clone();
+            p.optimizer.lr = lr;
+            let (code, ptr, msg) = pointer(refusal(&p, &arch));
+            assert_eq!(
+                (code, ptr.as_str()),
+                ("validation_failed", "/optimizer/lr"),
+                "{msg}"
+            );
+        }
+        let mut p = base.clone();
+        p.freeze = vec!["fc1.*".into(), "conv*".into()];
+        let (_, ptr, msg) = pointer(refusal(&p, &arch));
+        assert_eq!(ptr, "/freeze/1");
+        assert!(
+            msg.contains("\"conv*\" matches no parameter") && msg.contains("fc1.weight"),
+            "{msg}"
+        );
+        let mut p = base.clone();
+        p.freeze = vec!["*".into()];
+        assert_eq!(pointer(refusal(&p, &arch)).1, "/freeze");
+        let mut p = base.clone();
+        p.layer_lr = vec![("fc9.*".into(), 0.1)];
+        assert_eq!(pointer(refusal(&p, &arch)).1, "/layer_lr/fc9.*");
+        let mut p = base.clone();
+        p.early_stopping = Some(EarlyStoppingParams {
+            patience: 2,
+            metric: StopMetric::ValLoss,
+        });
+        p.validation = Validation::None;
+        assert_eq!(pointer(refusal(&p, &arch)).1, "/early_stopping");
+        let mut p = base.clone();
+        p.epochs = 0;
+        assert_eq!(pointer(refusal(&p, &arch)).1, "/epochs");
+        let mut p = base.clone();
+        p.lr_schedule.kind = ScheduleName::Step;
+        p.lr_schedule.step_size = 0;
+        assert_eq!(pointer(refusal(&p, &arch)).1, "/lr_schedule/step_size");
+        let mut p = base.clone();
+        p.validation = Validation::Fraction(1.5);
+        assert_eq!(pointer(refusal(&p, &arch)).1, "/validation/fraction");
+
+        // Head: unknown layer, not linear, not final.
+        let mut p = base.clone();
+        p.head = Some(HeadParams {
+            layer: "fc3".into(),
+            num_classes: 3,
+        });
+        assert_eq!(pointer(refusal(&p, &arch)).1, "/head/layer");
+        p.head = Some(HeadParams {
+            layer: "2".into(),
+            num_classes: 3,
+        });
+        assert!(pointer(refusal(&p, &arch)).2.contains("is a relu"));
+        p.head = Some(HeadParams {
+            layer: "fc1".into(),
+            num_classes: 3,
+        });
+        assert!(pointer(refusal(&p, &arch))
+            .2
+            .contains("not the final classifier"));
+
+        // Labels beyond the (new) head; features that do not fit the input.
+        let mut p = base.clone();
+        p.head = Some(HeadParams {
+            layer: "fc2".into(),
+            num_classes: 2,
+        });
+        let e = refusal(&p, &arch);
+        assert_eq!(e.code(), "dataset_mismatch");
+        assert!(e.to_string().contains("labels up to 2"), "{e}");
+        let wide = Dataset {
+            x: DatasetX::F32(vec![0.0; 40 * 65]),
+            feature_shape: vec![65],
+            ..tiny()
+        };
+        let e = refusal(&FinetuneParams::new(&wide), &arch);
+        assert_eq!(e.code(), "dataset_mismatch");
+        assert!(e.to_string().contains("[1, 8, 8]"), "{e}");
+
+        // Overlapping pooling cannot be trained.
+        let pooled =
+            Architecture::from_json(&json!({"kind":"sequential","input_shape":[1,8,8],"layers":[
+            {"type":"max_pool2d","kernel_size":3,"stride":1},{"type":"flatten"},
+            {"type":"linear","in_features":36,"out_features":3}]}))
+            .unwrap();
+        assert_eq!(refusal(&base, &pooled).code(), "unsupported_operation");
+    }
+
+    #[test]
+    fn divergence_is_a_clear_error() {
+        let data = Dataset {
+            x: DatasetX::F32(vec![1e30; 40 * 64]),
+            ..tiny()
+        };
+        let mut p = FinetuneParams::new(&data);
+        p.optimizer.name = OptimizerName::Sgd;
+        p.optimizer.lr = 1e30;
+        let e = refusal(&p, &mlp(3));
+        assert_eq!(e.code(), "non_finite_loss");
+        assert!(matches!(e, Error::NonFiniteLoss { .. }), "{e}");
+    }
+}

@@ -1,0 +1,1097 @@
+//! The one training loop, reused by `finetune`, pruning schedules, QAT and distillation.
+//!
+//! This module owns mini-batch training of a [`Model`]: seeded shuffles and dropout
+//! masks (one ChaCha8 stream whose state is checkpointed), a pluggable loss (cross-entropy
+//! by default), SGD (momentum, Nesterov, weight decay) and AdamW as fused in-place updates
+//! over the parameters' storage, constant / step / cosine schedules with linear warm-up,
+//! global-norm gradient clipping, per-parameter learning-rate multipliers, frozen
+//! parameters, early stopping, cancellation between batches, progress, per-epoch metrics
+//! and a [`Checkpoint`] after every epoch from which a run resumes bit-identically.
+//!
+//! It does not parse user input (callers such as [`super::finetune`] validate and build
+//! a [`TrainConfig`]) and does not persist anything: checkpoints go to the caller.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::f64::consts::PI;
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::data::{shuffle_indices, Batch, Subset};
+use super::evaluate::loss_and_accuracy;
+use super::model::{Model, NamedTensor};
+use super::progress::Ctx;
+use super::select::glob_match;
+use super::tensors::{self, Dtype, TensorSpec};
+use super::{Error, Result};
+
+/// The safetensors metadata key holding a checkpoint's scalars (JSON).
+pub const CHECKPOINT_METADATA_KEY: &str = "whittle.checkpoint";
+
+/// Which update rule, with its rule-specific settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    /// Stochastic gradient descent, as `torch.optim.SGD` (dampening 0).
+    Sgd {
+        /// Momentum factor (0 for plain SGD).
+        momentum: f64,
+        /// Nesterov momentum.
+        nesterov: bool,
+    },
+    /// Adam with decoupled weight decay, as `torch.optim.AdamW`.
+    AdamW {
+        /// First-moment decay (PyTorch default 0.9).
+        beta1: f64,
+        /// Second-moment decay (PyTorch default 0.999).
+        beta2: f64,
+        /// Denominator term (PyTorch default 1e-8).
+        eps: f64,
+    },
+}
+
+impl Optimizer {
+    /// AdamW with PyTorch's default betas and epsilon.
+    pub const ADAMW: Optimizer = Optimizer::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    };
+
+    /// Names of the per-parameter state slots.
+    fn slots(self) -> &'static [&'static str] {
+        match self {
+            Optimizer::Sgd { momentum, .. } => {
+                if momentum == 0.0 {
+                    &[]
+                } else {
+                    &["momentum"]
+                }
+            }
+            Optimizer::AdamW { .. } => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+}
+
+/// How the learning rate evolves after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScheduleKind {
+    /// The base rate throughout.
+    Constant,
+    /// Multiplied by `gamma` every `step_size` epochs.
+    Step {
+        /// Epochs between decays (at least 1).
+        step_size: usize,
+        /// Decay factor.
+        gamma: f64,
+    },
+    /// Cosine annealing from the base rate to 0 over the remaining steps (per batch).
+    Cosine,
+}
+
+/// A learning-rate schedule: linear warm-up over `warmup_epochs` (per batch, from
+/// base/steps up to the base rate), then `kind`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    /// The shape after warm-up.
+    pub kind: ScheduleKind,
+    /// Epochs of linear warm-up (0 for none).
+    pub warmup_epochs: usize,
+}
+
+/// The metric early stopping watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMetric {
+    /// Validation loss (lower is better).
+    ValLoss,
+    /// Validation accuracy (higher is better).
+    ValAccuracy,
+}
+
+/// Stop after `patience` epochs without improvement of `metric`, and restore the best
+/// epoch's weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EarlyStopping {
+    /// Epochs without improvement tolerated.
+    pub patience: usize,
+    /// What counts as improvement.
+    pub metric: StopMetric,
+}
+
+/// Everything the loop needs besides the model and the data. Validated by the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Epochs to run (at least 1).
+    pub epochs: usize,
+    /// Samples per batch (at least 1). A final batch of a single sample is skipped
+    /// (batch statistics of one sample are undefined).
+    pub batch_size: usize,
+    /// Update rule.
+    pub optimizer: Optimizer,
+    /// Base learning rate (finite, non-negative).
+    pub lr: f64,
+    /// Weight decay (L2 for SGD, decoupled for AdamW); applies to every trainable tensor.
+    pub weight_decay: f64,
+    /// Learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// Clip the global gradient norm to this value.
+    pub grad_clip: Option<f64>,
+    /// Early stopping (needs validation data).
+    pub early_stopping: Option<EarlyStopping>,
+    /// `(glob pattern, multiplier)` pairs over parameter names; the first match wins,
+    /// unmatched parameters use 1.
+    pub lr_multipliers: Vec<(String, f64)>,
+    /// Seed of shuffles and dropout masks.
+    pub seed: u64,
+}
+
+/// The figures of one finished epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches (train mode).
+    pub train_loss: f64,
+    /// Training top-1 accuracy (train mode), when the data is labelled.
+    pub train_accuracy: Option<f64>,
+    /// Validation cross-entropy, when there is validation data.
+    pub val_loss: Option<f64>,
+    /// Validation top-1 accuracy, when there is validation data.
+    pub val_accuracy: Option<f64>,
+    /// Learning rate of the epoch's last step.
+    pub lr: f64,
+    /// Wall-clock seconds of the epoch (training and validation).
+    pub seconds: f64,
+}
+
+/// The state of a ChaCha8 random stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RngState {
+    /// The 32-byte key.
+    pub seed: [u8; 32],
+    /// Stream number.
+    pub stream: u64,
+    /// Position in the stream, in 32-bit words.
+    pub word_pos: u128,
+}
+
+impl RngState {
+    fn of(rng: &ChaCha8Rng) -> RngState {
+        RngState {
+            seed: rng.get_seed(),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos(),
+        }
+    }
+
+    fn restore(&self) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::from_seed(self.seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(self.word_pos);
+        rng
+    }
+}
+
+/// The best validation figure seen so far (early stopping and `best_epoch`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BestSoFar {
+    /// 1-based epoch that reached it.
+    pub epoch: usize,
+    /// The metric's value.
+    pub value: f64,
+    /// Epochs since then without improvement.
+    pub bad_epochs: usize,
+    /// That epoch's weights, kept when early stopping is on (restored at the end).
+    pub weights: Option<Vec<NamedTensor>>,
+}
+
+/// Everything needed to continue a run after `epoch` completed epochs, bit-identically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Every parameter and buffer of the model.
+    pub weights: Vec<NamedTensor>,
+    /// Optimizer state, named `{slot}.{parameter}` (`exp_avg.fc1.weight`).
+    pub optimizer: Vec<NamedTensor>,
+    /// The random stream after the last completed epoch.
+    pub rng: RngState,
+    /// Best validation figure so far.
+    pub best: Option<BestSoFar>,
+    /// Metrics of the completed epochs.
+    pub history: Vec<EpochMetrics>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    version: u32,
+    epoch: usize,
+    step: u64,
+    rng_seed: String,
+    rng_stream: u64,
+    rng_word_pos: String,
+    best: Option<BestMeta>,
+    history: Vec<EpochMetrics>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BestMeta {
+    epoch: usize,
+    value: f64,
+    bad_epochs: usize,
+}
+
+fn bad_checkpoint(msg: impl std::fmt::Display) -> Error {
+    Error::InvalidSafetensors(format!("not a usable training checkpoint: {msg}"))
+}
+
+impl Checkpoint {
+    /// Serialises to a safetensors file: tensors `weights.{name}`, `optimizer.{slot}.{name}`
+    /// and `best.{name}` (f32), scalars as JSON under [`CHECKPOINT_METADATA_KEY`].
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        let meta = CheckpointMeta {
+            version: 1,
+            epoch: self.epoch,
+            step: self.step,
+            rng_seed: hex::encode(self.rng.seed),
+            rng_stream: self.rng.stream,
+            rng_word_pos: self.rng.word_pos.to_string(),
+            best: self.best.as_ref().map(|b| BestMeta {
+                epoch: b.epoch,
+                value: b.value,
+                bad_epochs: b.bad_epochs,
+            }),
+            history: self.history.clone(),
+        };
+        let mut metadata = BTreeMap::new();
+        metadata.insert(
+            CHECKPOINT_METADATA_KEY.to_owned(),
+            serde_json::to_string(&meta).map_err(|e| Error::Internal(e.to_string()))?,
+        );
+        let best = self.best.as_ref().and_then(|b| b.weights.as_deref());
+        let groups = [
+            ("weights", self.weights.as_slice()),
+            ("optimizer", self.optimizer.as_slice()),
+            ("best", best.unwrap_or(&[])),
+        ];
+        let encoded: Vec<(TensorSpec, Vec<u8>)> = groups
+            .iter()
+            .flat_map(|(prefix, ts)| {
+                ts.iter().map(move |t| {
+                    (
+                        TensorSpec::new(
+                            format!("{prefix}.{}", t.name),
+                            Dtype::F32,
+                            t.shape.clone(),
+                        ),
+                        tensors::encode_f32(&t.values),
+                    )
+                })
+            })
+            .collect();
+        let parts: Vec<(TensorSpec, &[u8])> = encoded
+            .iter()
+            .map(|(s, b)| (s.clone(), b.as_slice()))
+            .collect();
+        tensors::serialize(&metadata, &parts)
+    }
+
+    /// Parses what [`Checkpoint::to_safetensors_bytes`] wrote.
+    pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Checkpoint> {
+        let header = tensors::parse_header(bytes, bytes.len() as u64)?;
+        let text = header
+            .metadata
+            .get(CHECKPOINT_METADATA_KEY)
+            .ok_or_else(|| bad_checkpoint(format!("no {CHECKPOINT_METADATA_KEY} metadata")))?;
+        let meta: CheckpointMeta = serde_json::from_str(text).map_err(bad_checkpoint)?;
+        if meta.version != 1 {
+            return Err(bad_checkpoint(format!("unknown version {}", meta.version)));
+        }
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(&meta.rng_seed, &mut seed).map_err(bad_checkpoint)?;
+        let word_pos: u128 = meta.rng_word_pos.parse().map_err(bad_checkpoint)?;
+        let (mut weights, mut optimizer, mut best_weights) = (Vec::new(), Vec::new(), Vec::new());
+        for t in &header.tensors {
+            let begin = header.data_start + t.data_offsets.0;
+            let end = header.data_start + t.data_offsets.1;
+            let data = bytes.get(begin..end).unwrap_or(&[]);
+            let (group, name) = t
+                .name
+                .split_once('.')
+                .ok_or_else(|| bad_checkpoint(format!("unexpected tensor {:?}", t.name)))?;
+            let nt = NamedTensor {
+                name: name.to_owned(),
+                shape: t.shape.clone(),
+                values: tensors::decode_f32(&t.name, t.dtype, data)?,
+            };
+            match group {
+                "weights" => weights.push(nt),
+                "optimizer" => optimizer.push(nt),
+                "best" => best_weights.push(nt),
+                _ => return Err(bad_checkpoint(format!("unexpected tensor {:?}", t.name))),
+            }
+        }
+        Ok(Checkpoint {
+            epoch: meta.epoch,
+            step: meta.step,
+            weights,
+            optimizer,
+            rng: RngState {
+                seed,
+                stream: meta.rng_stream,
+                word_pos,
+            },
+            best: meta.best.map(|b| BestSoFar {
+                epoch: b.epoch,
+                value: b.value,
+                bad_epochs: b.bad_epochs,
+                weights: (!best_weights.is_empty()).then_some(best_weights),
+            }),
+            history: meta.history,
+        })
+    }
+}
+
+/// A loss: `(model outputs, batch) → scalar tensor` to minimise.
+pub type LossFn<'a> = dyn Fn(&Tensor, &Batch) -> Result<Tensor> + 'a;
+
+/// Mean cross-entropy of logits `[batch, classes]` against the batch labels, built from
+/// differentiable ops (`log_softmax` + `gather`).
+pub fn cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let y = batch.y.as_ref().ok_or_else(|| {
+        Error::DatasetMismatch("cross-entropy training needs class labels (`y`)".into())
+    })?;
+    let logp = candle_nn::ops::log_softmax(logits, 1)?;
+    let picked = logp.gather(&y.unsqueeze(1)?, 1)?;
+    Ok(picked.sum_all()?.affine(-1.0 / batch.len as f64, 0.0)?)
+}
+
+/// The caller's hooks into a run.
+#[derive(Default)]
+pub struct TrainHooks<'a> {
+    /// The loss; [`cross_entropy`] when `None`.
+    pub loss: Option<&'a LossFn<'a>>,
+    /// Called after every epoch with its metrics and a checkpoint of the state after it
+    /// (persist the checkpoint to survive a crash). An error stops training.
+    #[allow(clippy::type_complexity)]
+    pub on_epoch: Option<&'a mut dyn FnMut(&EpochMetrics, &Checkpoint) -> Result<()>>,
+    /// Continue from this checkpoint instead of starting afresh.
+    pub resume: Option<Checkpoint>,
+}
+
+/// What a finished run reports (the trained weights are in the model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOutcome {
+    /// Metrics of every epoch run, resumed ones included.
+    pub history: Vec<EpochMetrics>,
+    /// The epoch with the best validation figure (early-stopping metric, else val loss).
+    pub best_epoch: Option<usize>,
+    /// Whether early stopping ended the run before `epochs`.
+    pub stopped_early: bool,
+    /// Whether the model holds the best epoch's weights rather than the last epoch's.
+    pub restored_best: bool,
+}
+
+/// The learning rate at optimizer step `step` (0-based).
+pub fn lr_at(
+    base: f64,
+    schedule: &LrSchedule,
+    step: u64,
+    steps_per_epoch: u64,
+    epochs: usize,
+) -> f64 {
+    let spe = steps_per_epoch.max(1);
+    let warm = schedule.warmup_epochs as u64 * spe;
+    if step < warm {
+        return base * (step + 1) as f64 / warm as f64;
+    }
+    match schedule.kind {
+        ScheduleKind::Constant => base,
+        ScheduleKind::Step { step_size, gamma } => {
+            let decays = step / spe / step_size.max(1) as u64;
+            base * gamma.powi(decays.min(i32::MAX as u64) as i32)
+        }
+        ScheduleKind::Cosine => {
+            let total = (epochs as u64 * spe).saturating_sub(warm).max(1);
+            let t = ((step - warm) as f64 / total as f64).min(1.0);
+            base * 0.5 * (1.0 + (PI * t).cos())
+        }
+    }
+}
+
+/// The optimizer's per-parameter state and hyper-parameters.
+struct OptimizerState {
+    rule: Optimizer,
+    weight_decay: f64,
+    /// Indices of the trainable parameters in `Model::params`.
+    params: Vec<usize>,
+    lr_scale: Vec<f64>,
+    /// `slots[s][k]`: slot `s` of trainable parameter `k`.
+    slots: Vec<Vec<Vec<f32>>>,
+    step: u64,
+}
+
+impl OptimizerState {
+    fn new(model: &Model, config: &TrainConfig) -> OptimizerState {
+        let params: Vec<usize> = model
+            .params()
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.is_trainable())
+            .map(|(i, _)| i)
+            .collect();
+        let lr_scale = params
+            .iter()
+            .map(|&i| {
+                let name = model.params()[i].name();
+                config
+                    .lr_multipliers
+                    .iter()
+                    .find(|(pat, _)| glob_match(pat, name))
+                    .map_or(1.0, |(_, m)| *m)
+            })
+            .collect();
+        let slots = config
+            .optimizer
+            .slots()
+            .iter()
+            .map(|_| {
+                params
+                    .iter()
+                    .map(|&i| vec![0f32; model.params()[i].spec().numel()])
+                    .collect()
+            })
+            .collect();
+        OptimizerState {
+            rule: config.optimizer,
+            weight_decay: config.weight_decay,
+            params,
+            lr_scale,
+            slots,
+            step: 0,
+        }
+    }
+
+    fn export(&self, model: &Model) -> Vec<NamedTensor> {
+        let mut out = Vec::new();
+        for (s, slot) in self.rule.slots().iter().enumerate() {
+            for (k, &i) in self.params.iter().enumerate() {
+                let p = model.params()[i].spec();
+                out.push(NamedTensor {
+                    name: format!("{slot}.{}", p.name),
+                    shape: p.shape.clone(),
+                    values: self.slots[s][k].clone(),
+                });
+            }
+        }
+        out
+    }
+
+    fn restore(&mut self, model: &Model, saved: &[NamedTensor], step: u64) -> Result<()> {
+        let by_name: BTreeMap<&str, &NamedTensor> =
+            saved.iter().map(|t| (t.name.as_str(), t)).collect();
+        if by_name.len() != self.rule.slots().len() * self.params.len() {
+            return Err(bad_checkpoint(
+                "its optimizer state does not match this optimizer and set of trainable parameters",
+            ));
+        }
+        for (s, slot) in self.rule.slots().iter().enumerate() {
+            for (k, &i) in self.params.iter().enumerate() {
+                let name = format!("{slot}.{}", model.params()[i].name());
+                match by_name.get(name.as_str()) {
+                    Some(t) if t.values.len() == self.slots[s][k].len() => {
+                        self.slots[s][k].copy_from_slice(&t.values);
+                    }
+                    _ => return Err(bad_checkpoint(format!("missing or misshapen {name}"))),
+                }
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// One update of every trainable parameter from `grads`, in place.
+    fn apply(
+        &mut self,
+        model: &Model,
+        grads: &GradStore,
+        lr: f64,
+        clip: Option<f64>,
+    ) -> Result<()> {
+        let mut found = Vec::with_capacity(self.params.len());
+        for &i in &self.params {
+            let var = model.params()[i].var();
+            found.push(grads.get(var.as_tensor()).cloned());
+        }
+        let scale = match clip {
+            Some(max_norm) => {
+                let mut sq = 0f64;
+                for g in found.iter().flatten() {
+                    sq += with_f32(g, |v| {
+                        v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
+                    })?;
+                }
+                let norm = sq.sqrt();
+                // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), at most 1.
+                (max_norm / (norm + 1e-6)).min(1.0) as f32
+            }
+            None => 1.0,
+        };
+        self.step += 1;
+        let t = self.step as i32;
+        for (k, &i) in self.params.iter().enumerate() {
+            let Some(grad) = &found[k] else { continue };
+            let lr = (lr * self.lr_scale[k]) as f32;
+            let wd = self.weight_decay as f32;
+            let mut slots = self.slots.iter_mut().map(|s| s[k].as_mut_slice());
+            let op = match self.rule {
+                Optimizer::Sgd { momentum, nesterov } => FusedStep::Sgd {
+                    lr,
+                    wd,
+                    momentum: momentum as f32,
+                    nesterov,
+                    first: self.step == 1,
+                    buf: RefCell::new(slots.next()),
+                    scale,
+                },
+                Optimizer::AdamW { beta1, beta2, eps } => FusedStep::AdamW {
+                    lr,
+                    wd,
+                    beta1: beta1 as f32,
+                    beta2: beta2 as f32,
+                    eps: eps as f32,
+                    bc1: 1.0 - (beta1 as f32).powi(t),
+                    bc2_sqrt: (1.0 - (beta2 as f32).powi(t)).sqrt(),
+                    m: RefCell::new(slots.next().unwrap_or_default()),
+                    v: RefCell::new(slots.next().unwrap_or_default()),
+                    scale,
+                },
+            };
+            let grad = grad.contiguous()?;
+            model.params()[i]
+                .var()
+                .as_tensor()
+                .inplace_op2(&grad, &op)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` over a CPU f32 tensor's elements without copying them.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => Err(Error::Internal(
+            "expected a contiguous f32 CPU tensor".into(),
+        )),
+    }
+}
+
+/// One parameter's update, applied in place over its storage (no temporaries).
+enum FusedStep<'a> {
+    Sgd {
+        lr: f32,
+        wd: f32,
+        momentum: f32,
+        nesterov: bool,
+        first: bool,
+        buf: RefCell<Option<&'a mut [f32]>>,
+        scale: f32,
+    },
+    AdamW {
+        lr: f32,
+        wd: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        bc1: f32,
+        bc2_sqrt: f32,
+        m: RefCell<&'a mut [f32]>,
+        v: RefCell<&'a mut [f32]>,
+        scale: f32,
+    },
+}
+
+impl InplaceOp2 for FusedStep<'_> {
+    fn name(&self) -> &'static str {
+        "whittle-fused-optimizer-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("fused optimizer step needs f32 parameters and gradients")
+        };
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("fused optimizer step needs contiguous tensors")
+        };
+        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        if p.len() != g.len() {
+            candle_core::bail!("parameter and gradient sizes differ")
+        }
+        match self {
+            FusedStep::Sgd {
+                lr,
+                wd,
+                momentum,
+                nesterov,
+                first,
+                buf,
+                scale,
+            } => {
+                let mut buf = buf.borrow_mut();
+                match buf.as_deref_mut() {
+                    None => {
+                        for (p, &g) in p.iter_mut().zip(g) {
+                            let d = g * scale + wd * *p;
+                            *p -= lr * d;
+                        }
+                    }
+                    Some(b) => {
+                        for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
+                            let d = g * scale + wd * *p;
+                            // torch initialises the buffer with the first gradient.
+                            *b = if *first { d } else { momentum * *b + d };
+                            let step = if *nesterov { d + momentum * *b } else { *b };
+                            *p -= lr * step;
+                        }
+                    }
+                }
+            }
+            FusedStep::AdamW {
+                lr,
+                wd,
+                beta1,
+                beta2,
+                eps,
+                bc1,
+                bc2_sqrt,
+                m,
+                v,
+                scale,
+            } => {
+                let (mut m, mut v) = (m.borrow_mut(), v.borrow_mut());
+                let step_size = lr / bc1;
+                let decay = 1.0 - lr * wd;
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let g = g * scale;
+                    *p *= decay;
+                    *m = beta1 * *m + (1.0 - beta1) * g;
+                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    *p -= step_size * *m / denom;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `value` improves on `best` for `metric`.
+fn improves(metric: StopMetric, value: f64, best: f64) -> bool {
+    match metric {
+        StopMetric::ValLoss => value < best,
+        StopMetric::ValAccuracy => value > best,
+    }
+}
+
+/// Trains `model` in place on `train`, validating on `validation` after every epoch.
+///
+/// Deterministic for a seed: the same model, data, config and seed give bit-identical
+/// weights on the same build and machine, and resuming from any epoch's [`Checkpoint`]
+/// gives the same final weights as the uninterrupted run.
+pub fn train(
+    model: &mut Model,
+    train: &Subset<'_>,
+    validation: Option<&Subset<'_>>,
+    config: &TrainConfig,
+    ctx: &Ctx<'_>,
+    mut hooks: TrainHooks<'_>,
+) -> Result<TrainOutcome> {
+    model.check_trainable()?;
+    if config.early_stopping.is_some() && validation.is_none() {
+        return Err(Error::InvalidParameter {
+            pointer: "/early_stopping".into(),
+            detail: "early stopping needs validation data".into(),
+        });
+    }
+    let default_loss = cross_entropy;
+    let loss_fn: &LossFn<'_> = match hooks.loss {
+        Some(f) => f,
+        None => &default_loss,
+    };
+    let bs = config.batch_size.max(1);
+    let n = train.len();
+    // A trailing batch of one sample is skipped (see TrainConfig::batch_size).
+    let usable = if n > 1 && n % bs == 1 { n - 1 } else { n };
+    let steps_per_epoch = usable.div_ceil(bs) as u64;
+    let metric = config
+        .early_stopping
+        .map_or(StopMetric::ValLoss, |e| e.metric);
+
+    let mut opt = OptimizerState::new(model, config);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let mut best: Option<BestSoFar> = None;
+    let mut history = Vec::new();
+    let mut start = 0;
+    if let Some(cp) = hooks.resume.take() {
+        model.load(&cp.weights)?;
+        opt.restore(model, &cp.optimizer, cp.step)?;
+        rng = cp.rng.restore();
+        best = cp.best;
+        history = cp.history;
+        start = cp.epoch;
+    }
+    let val_bs = bs.max(256);
+    let patience_spent = |best: &Option<BestSoFar>| {
+        best.as_ref()
+            .zip(config.early_stopping)
+            .is_some_and(|(b, e)| b.bad_epochs >= e.patience.max(1))
+    };
+    let mut stopped_early = start < config.epochs && patience_spent(&best);
+
+    let mut epoch = start;
+    while epoch < config.epochs && !stopped_early {
+        ctx.check()?;
+        let started = Instant::now();
+        let mut order = train.indices.clone();
+        shuffle_indices(&mut order, &mut rng);
+        order.truncate(usable);
+        let view = Subset {
+            dataset: train.dataset,
+            indices: order,
+        };
+        let (mut loss_sum, mut seen, mut correct) = (0f64, 0usize, 0usize);
+        let mut labelled = true;
+        let mut lr = config.lr;
+        let report_every = (steps_per_epoch / 100).max(1) as usize;
+        for (b, batch) in view.batches(bs).enumerate() {
+            ctx.check()?;
+            let batch = batch?;
+            lr = lr_at(
+                config.lr,
+                &config.schedule,
+                opt.step,
+                steps_per_epoch,
+                config.epochs,
+            );
+            let out = model.forward_train(&batch.x, &mut rng)?;
+            let loss = loss_fn(&out, &batch)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(Error::NonFiniteLoss {
+                    epoch: epoch + 1,
+                    batch: b,
+                });
+            }
+            let grads = loss.backward()?;
+            opt.apply(model, &grads, lr, config.grad_clip)?;
+            loss_sum += value as f64 * batch.len as f64;
+            seen += batch.len;
+            match (&batch.labels, out.rank()) {
+                (Some(labels), 2) => {
+                    let pred = out.argmax(1)?.to_vec1::<u32>()?;
+                    correct += pred.iter().zip(labels).filter(|(p, y)| p == y).count();
+                }
+                _ => labelled = false,
+            }
+            if b % report_every == 0 || b + 1 == steps_per_epoch as usize {
+                let done = (epoch * steps_per_epoch as usize + b + 1) as f64
+                    / (config.epochs * steps_per_epoch as usize).max(1) as f64;
+                ctx.report(
+                    done,
+                    &format!(
+                        "epoch {}/{}, batch {}/{}",
+                        epoch + 1,
+                        config.epochs,
+                        b + 1,
+                        steps_per_epoch
+                    ),
+                );
+            }
+        }
+        let (val_loss, val_accuracy) = match validation {
+            Some(v) => {
+                let (l, a) = loss_and_accuracy(model, v, val_bs, ctx)?;
+                (Some(l), Some(a))
+            }
+            None => (None, None),
+        };
+        epoch += 1;
+        let metrics = EpochMetrics {
+            epoch,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: (labelled && seen > 0).then(|| correct as f64 / seen as f64),
+            val_loss,
+            val_accuracy,
+            lr,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        let watched = match metric {
+            StopMetric::ValLoss => val_loss,
+            StopMetric::ValAccuracy => val_accuracy,
+        };
+        if let Some(value) = watched {
+            match &mut best {
+                Some(b) if !improves(metric, value, b.value) => b.bad_epochs += 1,
+                _ => {
+                    best = Some(BestSoFar {
+                        epoch,
+                        value,
+                        bad_epochs: 0,
+                        weights: match config.early_stopping {
+                            Some(_) => Some(model.export()?),
+                            None => None,
+                        },
+                    })
+                }
+            }
+        }
+        stopped_early = epoch < config.epochs && patience_spent(&best);
+        history.push(metrics.clone());
+        if let Some(cb) = hooks.on_epoch.as_deref_mut() {
+            let checkpoint = Checkpoint {
+                epoch,
+                step: opt.step,
+                weights: model.export()?,
+                optimizer: opt.export(model),
+                rng: RngState::of(&rng),
+                best: best.clone(),
+                history: history.clone(),
+            };
+            cb(&metrics, &checkpoint)?;
+        }
+    }
+    let mut restored_best = false;
+    if config.early_stopping.is_some() {
+        if let Some(w) = best.as_ref().and_then(|b| b.weights.as_ref()) {
+            if best.as_ref().map(|b| b.epoch) != Some(epoch) {
+                model.load(w)?;
+                restored_best = true;
+            }
+        }
+    }
+    Ok(TrainOutcome {
+        history,
+        best_epoch: best.map(|b| b.epoch),
+        stopped_early,
+        restored_best,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::data::{Dataset, DatasetX};
+    use crate::compress::model::tests::every_layer;
+    use rand::Rng;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn noisy_data(samples: usize, seed: u64) -> Dataset {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let y: Vec<i64> = (0..samples).map(|i| (i % 3) as i64).collect();
+        let x = (0..samples * 64)
+            .map(|i| y[i / 64] as f32 * 0.3 + rng.gen_range(-1.0f32..1.0))
+            .collect();
+        Dataset {
+            x: DatasetX::F32(x),
+            feature_shape: vec![1, 8, 8],
+            samples,
+            y: Some(y),
+            num_classes: Some(3),
+        }
+    }
+
+    fn config(optimizer: Optimizer) -> TrainConfig {
+        TrainConfig {
+            epochs: 4,
+            batch_size: 8,
+            optimizer,
+            lr: 0.05,
+            weight_decay: 1e-3,
+            schedule: LrSchedule {
+                kind: ScheduleKind::Cosine,
+                warmup_epochs: 1,
+            },
+            grad_clip: Some(1.0),
+            early_stopping: Some(EarlyStopping {
+                patience: 10,
+                metric: StopMetric::ValAccuracy,
+            }),
+            lr_multipliers: vec![("head.*".into(), 0.5)],
+            seed: 11,
+        }
+    }
+
+    /// Trains the every-layer network (dropout, batch norm, residual) and returns its weights.
+    fn run(
+        config: &TrainConfig,
+        data: &Dataset,
+        resume: Option<Checkpoint>,
+        stop_after: Option<usize>,
+    ) -> (Result<TrainOutcome>, Vec<NamedTensor>, Vec<Vec<u8>>) {
+        let mut model = Model::init(&every_layer(), 5).unwrap();
+        let (train_set, val_set) = data.split(0.25, 3).unwrap();
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let mut saved = Vec::new();
+        let mut on_epoch = |m: &EpochMetrics, cp: &Checkpoint| -> Result<()> {
+            saved.push(cp.to_safetensors_bytes()?);
+            if Some(m.epoch) == stop_after {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            Ok(())
+        };
+        let hooks = TrainHooks {
+            loss: None,
+            on_epoch: Some(&mut on_epoch),
+            resume,
+        };
+        let out = train(&mut model, &train_set, Some(&val_set), config, &ctx, hooks);
+        (out, model.export().unwrap(), saved)
+    }
+
+    #[test]
+    fn resume_after_a_kill_matches_the_uninterrupted_run() {
+        let data = noisy_data(41, 1);
+        for optimizer in [
+            Optimizer::ADAMW,
+            Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+            },
+        ] {
+            let cfg = config(optimizer);
+            let (full, full_weights, _) = run(&cfg, &data, None, None);
+            let full = full.unwrap();
+            assert_eq!(full.history.len(), 4);
+
+            // Killed after epoch 2: the job fails with Cancelled, the checkpoint survives.
+            let (killed, _, saved) = run(&cfg, &data, None, Some(2));
+            assert!(matches!(killed, Err(Error::Cancelled)));
+            let cp = Checkpoint::from_safetensors_bytes(&saved[1]).unwrap();
+            assert_eq!(cp.epoch, 2);
+            assert_eq!(cp.to_safetensors_bytes().unwrap(), saved[1]);
+
+            let (resumed, resumed_weights, _) = run(&cfg, &data, Some(cp), None);
+            let resumed = resumed.unwrap();
+            assert_eq!(resumed_weights, full_weights, "{optimizer:?}");
+            assert_eq!(resumed.best_epoch, full.best_epoch);
+            assert_eq!(resumed.history.len(), 4);
+            for (a, b) in resumed.history.iter().zip(&full.history) {
+                assert_eq!(
+                    (a.epoch, a.train_loss, a.val_loss),
+                    (b.epoch, b.train_loss, b.val_loss)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_same_bits_other_seed_other_bits() {
+        let data = noisy_data(41, 2);
+        let cfg = config(Optimizer::ADAMW);
+        let (_, a, _) = run(&cfg, &data, None, None);
+        let (_, b, _) = run(&cfg, &data, None, None);
+        assert_eq!(a, b);
+        let mut other = cfg.clone();
+        other.seed = 12;
+        let (_, c, _) = run(&other, &data, None, None);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn early_stopping_restores_the_best_epoch() {
+        let data = noisy_data(41, 3);
+        let mut cfg = config(Optimizer::ADAMW);
+        cfg.epochs = 30;
+        cfg.lr = 0.5;
+        cfg.early_stopping = Some(EarlyStopping {
+            patience: 2,
+            metric: StopMetric::ValLoss,
+        });
+        let (out, weights, saved) = run(&cfg, &data, None, None);
+        let out = out.unwrap();
+        assert!(out.stopped_early, "{:?}", out.history);
+        let best = out.best_epoch.unwrap();
+        assert_eq!(out.history.len(), best + 2);
+        assert!(out.restored_best);
+        let cp = Checkpoint::from_safetensors_bytes(&saved[best - 1]).unwrap();
+        assert_eq!(cp.weights, weights);
+    }
+
+    #[test]
+    fn schedules_follow_their_formulas() {
+        let warm = |kind| LrSchedule {
+            kind,
+            warmup_epochs: 1,
+        };
+        let lr = |kind, step| lr_at(1.0, &warm(kind), step, 4, 3);
+        assert_eq!(lr(ScheduleKind::Constant, 0), 0.25);
+        assert_eq!(lr(ScheduleKind::Constant, 3), 1.0);
+        assert_eq!(lr(ScheduleKind::Constant, 11), 1.0);
+        assert!((lr(ScheduleKind::Cosine, 4) - 1.0).abs() < 1e-12);
+        assert!((lr(ScheduleKind::Cosine, 8) - 0.5).abs() < 1e-12);
+        let step = ScheduleKind::Step {
+            step_size: 1,
+            gamma: 0.1,
+        };
+        assert!((lr(step, 4) - 0.1).abs() < 1e-12);
+        assert!((lr(step, 8) - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn frozen_parameters_keep_their_bits_and_cancel_stops() {
+        let data = noisy_data(20, 4);
+        let mut model = Model::init(&every_layer(), 5).unwrap();
+        model.freeze("c1.*");
+        model.freeze("bn1.*");
+        let before = model.export().unwrap();
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let mut cfg = config(Optimizer::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+        });
+        cfg.early_stopping = None;
+        cfg.epochs = 1;
+        train(
+            &mut model,
+            &Subset::all(&data),
+            None,
+            &cfg,
+            &ctx,
+            TrainHooks::default(),
+        )
+        .unwrap();
+        let after = model.export().unwrap();
+        for (a, b) in after.iter().zip(&before) {
+            let frozen = a.name.starts_with("c1.") || a.name.starts_with("bn1.");
+            assert_eq!(a == b, frozen, "{}", a.name);
+        }
+        cancel.store(true, Ordering::Relaxed);
+        let r = train(
+            &mut model,
+            &Subset::all(&data),
+            None,
+            &cfg,
+            &ctx,
+            TrainHooks::default(),
+        );
+        assert!(matches!(r, Err(Error::Cancelled)));
+    }
+}

@@ -1,0 +1,116 @@
+//! Small readers for request-body fields that collect every problem with its pointer.
+
+use serde_json::{Map, Value};
+
+use super::FieldError;
+
+/// An optional number in `[lo, hi]` (`None` when absent or null).
+pub fn f64_in(
+    obj: &Map<String, Value>,
+    key: &str,
+    (lo, hi): (f64, f64),
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<f64> {
+    match obj.get(key) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Some(x),
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/{key}"),
+                    format!("must be a number in [{lo}, {hi}]"),
+                ));
+                None
+            }
+        },
+    }
+}
+
+/// An optional integer in `[lo, hi]`.
+pub fn usize_in(
+    obj: &Map<String, Value>,
+    key: &str,
+    (lo, hi): (usize, usize),
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<usize> {
+    match obj.get(key) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(x) if (lo as u64..=hi as u64).contains(&x) => Some(x as usize),
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/{key}"),
+                    format!("must be an integer in [{lo}, {hi}]"),
+                ));
+                None
+            }
+        },
+    }
+}
+
+/// An optional string out of `allowed`.
+pub fn choice<'a>(
+    obj: &Map<String, Value>,
+    key: &str,
+    allowed: &[&'a str],
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<&'a str> {
+    match obj.get(key) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_str().and_then(|s| allowed.iter().find(|a| **a == s)) {
+            Some(a) => Some(a),
+            None => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/{key}"),
+                    format!("must be one of {}", allowed.join(", ")),
+                ));
+                None
+            }
+        },
+    }
+}
+
+/// An optional object (`None` when absent or null; a problem when not an object).
+pub fn object<'v>(
+    obj: &'v Map<String, Value>,
+    key: &str,
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<&'v Map<String, Value>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => {
+            errors.push(FieldError::new(
+                format!("{pointer}/{key}"),
+                "must be an object",
+            ));
+            None
+        }
+    }
+}
+
+/// Report keys of `obj` that are not in `allowed`.
+pub fn deny_unknown(
+    obj: &Map<String, Value>,
+    allowed: &[&str],
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    for key in obj.keys() {
+        if !allowed.contains(&key.as_str()) {
+            errors.push(FieldError::new(
+                format!("{pointer}/{}", escape(key)),
+                format!("unknown field; expected one of {}", allowed.join(", ")),
+            ));
+        }
+    }
+}
+
+/// Escape a key for use in a JSON pointer (RFC 6901).
+pub fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}

@@ -1,0 +1,578 @@
+//! Specs of the operations that run the network: `finetune`, `evaluate`, and the job-level
+//! `eval`. Checked against the model's architecture and the datasets' shapes when known.
+
+use serde_json::{json, Map, Value};
+
+use super::fields::{choice, deny_unknown, escape, f64_in, object, usize_in};
+use super::{patterns, Facts, FieldError};
+use crate::compress::select::glob_match;
+use crate::ids::DatasetId;
+
+/// `{"dataset_id", "batch_size"}`: evaluation on a labelled dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalSpec {
+    /// The dataset.
+    pub dataset_id: DatasetId,
+    /// Samples per forward pass.
+    pub batch_size: usize,
+}
+
+impl EvalSpec {
+    /// Normalised JSON.
+    pub fn to_json(&self) -> Value {
+        json!({"dataset_id": self.dataset_id.to_string(), "batch_size": self.batch_size})
+    }
+}
+
+/// Where validation figures come from during training.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Validation {
+    /// No validation.
+    None,
+    /// A seeded fraction held out of the training set.
+    Fraction(f64),
+    /// A separate dataset.
+    Dataset(DatasetId),
+}
+
+/// The optimizer and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OptimizerSpec {
+    /// AdamW (decoupled weight decay).
+    AdamW {
+        /// Learning rate.
+        lr: f64,
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+    /// SGD with momentum.
+    Sgd {
+        /// Learning rate.
+        lr: f64,
+        /// Momentum.
+        momentum: f64,
+        /// L2 weight decay.
+        weight_decay: f64,
+        /// Nesterov momentum.
+        nesterov: bool,
+    },
+}
+
+/// The learning-rate schedule (after an optional linear warm-up).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LrScheduleSpec {
+    /// Constant.
+    Constant,
+    /// Cosine decay to zero over the epochs.
+    Cosine,
+    /// Multiply by `gamma` every `step_size` epochs.
+    Step {
+        /// Epochs between decays.
+        step_size: usize,
+        /// Decay factor.
+        gamma: f64,
+    },
+}
+
+/// Early stopping on a validation metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EarlyStoppingSpec {
+    /// Epochs without improvement before stopping.
+    pub patience: usize,
+    /// `val_loss` (lower is better) or `val_accuracy` (higher is better).
+    pub metric: String,
+}
+
+/// A replacement classifier head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSpec {
+    /// The linear layer to replace.
+    pub layer: String,
+    /// Its new output width.
+    pub num_classes: usize,
+}
+
+/// `finetune`: train (all or part of) the network on a labelled dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinetuneSpec {
+    /// Training data.
+    pub dataset_id: DatasetId,
+    /// Validation data.
+    pub validation: Validation,
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// Samples per step.
+    pub batch_size: usize,
+    /// Optimizer.
+    pub optimizer: OptimizerSpec,
+    /// Schedule.
+    pub lr_schedule: LrScheduleSpec,
+    /// Linear warm-up epochs.
+    pub warmup_epochs: usize,
+    /// Parameter patterns kept fixed.
+    pub freeze: Vec<String>,
+    /// Head replacement.
+    pub head: Option<HeadSpec>,
+    /// Per-pattern learning-rate multipliers.
+    pub layer_lr: Vec<(String, f64)>,
+    /// Early stopping.
+    pub early_stopping: Option<EarlyStoppingSpec>,
+    /// Global gradient-norm clip.
+    pub grad_clip: Option<f64>,
+    /// Seed (defaults to the job's).
+    pub seed: Option<u64>,
+}
+
+impl FinetuneSpec {
+    /// Normalised JSON (defaults filled in).
+    pub fn to_json(&self) -> Value {
+        let optimizer = match &self.optimizer {
+            OptimizerSpec::AdamW { lr, weight_decay } => {
+                json!({"name": "adamw", "lr": lr, "weight_decay": weight_decay})
+            }
+            OptimizerSpec::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+                nesterov,
+            } => json!({
+                "name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}),
+        };
+        let mut schedule = match &self.lr_schedule {
+            LrScheduleSpec::Constant => json!({"kind": "constant"}),
+            LrScheduleSpec::Cosine => json!({"kind": "cosine"}),
+            LrScheduleSpec::Step { step_size, gamma } => {
+                json!({"kind": "step", "step_size": step_size, "gamma": gamma})
+            }
+        };
+        schedule["warmup_epochs"] = json!(self.warmup_epochs);
+        json!({
+            "op": "finetune",
+            "dataset_id": self.dataset_id.to_string(),
+            "validation": match &self.validation {
+                Validation::None => Value::Null,
+                Validation::Fraction(f) => json!({"fraction": f}),
+                Validation::Dataset(d) => json!({"dataset_id": d.to_string()}),
+            },
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "optimizer": optimizer,
+            "lr_schedule": schedule,
+            "freeze": self.freeze,
+            "head": self.head.as_ref().map(|h| json!({"layer": h.layer, "num_classes": h.num_classes})),
+            "layer_lr": self.layer_lr.iter().map(|(p, m)| (p.clone(), json!(m))).collect::<Map<String, Value>>(),
+            "early_stopping": self.early_stopping.as_ref().map(|e| json!({"patience": e.patience, "metric": e.metric})),
+            "grad_clip": self.grad_clip,
+            "seed": self.seed,
+        })
+    }
+}
+
+/// Parse `{"dataset_id", "batch_size"}` at `pointer` (the job's `eval` or an `evaluate` step).
+pub fn parse_eval(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    allowed_extra: &[&str],
+    facts: Option<&Facts>,
+    errors: &mut Vec<FieldError>,
+) -> Option<EvalSpec> {
+    let mut allowed = vec!["dataset_id", "batch_size"];
+    allowed.extend_from_slice(allowed_extra);
+    deny_unknown(obj, &allowed, pointer, errors);
+    let batch_size = usize_in(obj, "batch_size", (1, 65_536), pointer, errors).unwrap_or(256);
+    let dataset_id = dataset_ref(obj, pointer, facts, errors)?;
+    if let Some(f) = facts {
+        check_dataset_fits(
+            f,
+            &dataset_id,
+            None,
+            &format!("{pointer}/dataset_id"),
+            errors,
+        );
+    }
+    Some(EvalSpec {
+        dataset_id,
+        batch_size,
+    })
+}
+
+/// Parse a `finetune` step at `pointer`; `job_seed` is the default seed.
+pub fn parse_finetune(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    facts: Option<&Facts>,
+    errors: &mut Vec<FieldError>,
+) -> Option<FinetuneSpec> {
+    let before = errors.len();
+    deny_unknown(
+        obj,
+        &[
+            "op",
+            "dataset_id",
+            "validation",
+            "epochs",
+            "batch_size",
+            "optimizer",
+            "lr_schedule",
+            "freeze",
+            "head",
+            "layer_lr",
+            "early_stopping",
+            "grad_clip",
+            "seed",
+        ],
+        pointer,
+        errors,
+    );
+    let dataset_id = dataset_ref(obj, pointer, facts, errors);
+    let epochs = usize_in(obj, "epochs", (1, 10_000), pointer, errors).unwrap_or(5);
+    let batch_size = usize_in(obj, "batch_size", (1, 65_536), pointer, errors).unwrap_or(64);
+    let validation = match object(obj, "validation", pointer, errors) {
+        None => Validation::None,
+        Some(v) => {
+            let vp = format!("{pointer}/validation");
+            deny_unknown(v, &["fraction", "dataset_id"], &vp, errors);
+            match (v.get("fraction"), v.get("dataset_id")) {
+                (Some(_), None) => f64_in(v, "fraction", (1e-6, 0.9), &vp, errors)
+                    .map_or(Validation::None, Validation::Fraction),
+                (None, Some(_)) => {
+                    dataset_ref(v, &vp, facts, errors).map_or(Validation::None, Validation::Dataset)
+                }
+                _ => {
+                    errors.push(FieldError::new(
+                        vp,
+                        "give exactly one of `fraction` or `dataset_id`",
+                    ));
+                    Validation::None
+                }
+            }
+        }
+    };
+    let optimizer = match object(obj, "optimizer", pointer, errors) {
+        None => OptimizerSpec::AdamW {
+            lr: 1e-3,
+            weight_decay: 0.01,
+        },
+        Some(o) => {
+            let op = format!("{pointer}/optimizer");
+            deny_unknown(
+                o,
+                &["name", "lr", "weight_decay", "momentum", "nesterov"],
+                &op,
+                errors,
+            );
+            let name = choice(o, "name", &["adamw", "sgd"], &op, errors).unwrap_or("adamw");
+            let lr = f64_in(o, "lr", (0.0, 10.0), &op, errors);
+            if lr == Some(0.0) {
+                errors.push(FieldError::new(format!("{op}/lr"), "must be positive"));
+            }
+            let weight_decay = f64_in(o, "weight_decay", (0.0, 1.0), &op, errors);
+            match name {
+                "sgd" => {
+                    let momentum = f64_in(o, "momentum", (0.0, 0.999), &op, errors).unwrap_or(0.9);
+                    let nesterov = match o.get("nesterov") {
+                        None | Some(Value::Null) => false,
+                        Some(Value::Bool(b)) => *b,
+                        Some(_) => {
+                            errors.push(FieldError::new(
+                                format!("{op}/nesterov"),
+                                "must be a boolean",
+                            ));
+                            false
+                        }
+                    };
+                    OptimizerSpec::Sgd {
+                        lr: lr.unwrap_or(0.01),
+                        momentum,
+                        weight_decay: weight_decay.unwrap_or(0.0),
+                        nesterov,
+                    }
+                }
+                _ => {
+                    if o.contains_key("momentum") || o.contains_key("nesterov") {
+                        errors.push(FieldError::new(
+                            format!("{op}/momentum"),
+                            "momentum applies to `sgd` only",
+                        ));
+                    }
+                    OptimizerSpec::AdamW {
+                        lr: lr.unwrap_or(1e-3),
+                        weight_decay: weight_decay.unwrap_or(0.01),
+                    }
+                }
+            }
+        }
+    };
+    let mut warmup_epochs = 0;
+    let lr_schedule = match object(obj, "lr_schedule", pointer, errors) {
+        None => LrScheduleSpec::Constant,
+        Some(s) => {
+            let sp = format!("{pointer}/lr_schedule");
+            deny_unknown(
+                s,
+                &["kind", "step_size", "gamma", "warmup_epochs"],
+                &sp,
+                errors,
+            );
+            warmup_epochs = usize_in(s, "warmup_epochs", (0, 10_000), &sp, errors).unwrap_or(0);
+            if warmup_epochs >= epochs {
+                errors.push(FieldError::new(
+                    format!("{sp}/warmup_epochs"),
+                    "must be smaller than `epochs`",
+                ));
+            }
+            match choice(s, "kind", &["constant", "cosine", "step"], &sp, errors)
+                .unwrap_or("constant")
+            {
+                "cosine" => LrScheduleSpec::Cosine,
+                "step" => LrScheduleSpec::Step {
+                    step_size: usize_in(s, "step_size", (1, 10_000), &sp, errors).unwrap_or(1),
+                    gamma: f64_in(s, "gamma", (1e-6, 1.0), &sp, errors).unwrap_or(0.1),
+                },
+                _ => LrScheduleSpec::Constant,
+            }
+        }
+    };
+    let freeze = patterns(obj.get("freeze"), &format!("{pointer}/freeze"), errors);
+    let head = object(obj, "head", pointer, errors).and_then(|h| {
+        let hp = format!("{pointer}/head");
+        deny_unknown(h, &["layer", "num_classes"], &hp, errors);
+        let layer = match h.get("layer").and_then(Value::as_str) {
+            Some(l) if !l.is_empty() => Some(l.to_string()),
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{hp}/layer"),
+                    "is required: the name of the linear layer to replace",
+                ));
+                None
+            }
+        };
+        let num_classes = usize_in(h, "num_classes", (1, 1_000_000), &hp, errors);
+        if num_classes.is_none() && !h.contains_key("num_classes") {
+            errors.push(FieldError::new(format!("{hp}/num_classes"), "is required"));
+        }
+        Some(HeadSpec {
+            layer: layer?,
+            num_classes: num_classes?,
+        })
+    });
+    let layer_lr = match object(obj, "layer_lr", pointer, errors) {
+        None => Vec::new(),
+        Some(m) => m
+            .iter()
+            .filter_map(|(k, v)| match v.as_f64() {
+                Some(x) if x.is_finite() && (0.0..=1000.0).contains(&x) => Some((k.clone(), x)),
+                _ => {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/layer_lr/{}", escape(k)),
+                        "must be a multiplier in [0, 1000]",
+                    ));
+                    None
+                }
+            })
+            .collect(),
+    };
+    let early_stopping = object(obj, "early_stopping", pointer, errors).map(|e| {
+        let ep = format!("{pointer}/early_stopping");
+        deny_unknown(e, &["patience", "metric"], &ep, errors);
+        EarlyStoppingSpec {
+            patience: usize_in(e, "patience", (1, 10_000), &ep, errors).unwrap_or(3),
+            metric: choice(e, "metric", &["val_loss", "val_accuracy"], &ep, errors)
+                .unwrap_or("val_loss")
+                .to_string(),
+        }
+    });
+    if early_stopping.is_some() && validation == Validation::None {
+        errors.push(FieldError::new(
+            format!("{pointer}/early_stopping"),
+            "needs `validation` (a fraction or a dataset)",
+        ));
+    }
+    let grad_clip = f64_in(obj, "grad_clip", (1e-9, 1e9), pointer, errors);
+    let seed = match obj.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(v) => v.as_u64().or_else(|| {
+            errors.push(FieldError::new(
+                format!("{pointer}/seed"),
+                "must be a non-negative integer",
+            ));
+            None
+        }),
+    };
+
+    if let (Some(f), Some(d)) = (facts, &dataset_id) {
+        let arch_ok = require_architecture(f, pointer, errors);
+        if arch_ok {
+            let width = head.as_ref().map(|h| h.num_classes);
+            check_dataset_fits(f, d, width, &format!("{pointer}/dataset_id"), errors);
+            if let Validation::Dataset(v) = &validation {
+                check_dataset_fits(
+                    f,
+                    v,
+                    width,
+                    &format!("{pointer}/validation/dataset_id"),
+                    errors,
+                );
+            }
+            check_parameter_patterns(f, &freeze, &format!("{pointer}/freeze"), errors);
+            let lr_patterns: Vec<String> = layer_lr.iter().map(|(p, _)| p.clone()).collect();
+            for (i, p) in lr_patterns.iter().enumerate() {
+                if !f.parameter_names().iter().any(|n| glob_match(p, n)) {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/layer_lr/{}", escape(p)),
+                        format!("pattern `{p}` matches no parameter of the model (#{i})"),
+                    ));
+                }
+            }
+            if let Some(h) = &head {
+                let weight = format!("{}.weight", h.layer);
+                let is_linear = f.architecture.as_ref().is_some_and(|a| {
+                    a.parameters()
+                        .iter()
+                        .any(|p| p.name == weight && p.shape.len() == 2)
+                });
+                if !is_linear {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/head/layer"),
+                        format!("`{}` is not a linear layer of the model", h.layer),
+                    ));
+                }
+            }
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(FinetuneSpec {
+        dataset_id: dataset_id?,
+        validation,
+        epochs,
+        batch_size,
+        optimizer,
+        lr_schedule,
+        warmup_epochs,
+        freeze,
+        head,
+        layer_lr,
+        early_stopping,
+        grad_clip,
+        seed,
+    })
+}
+
+/// The `dataset_id` field: present, a UUID, and (with facts) an existing dataset.
+fn dataset_ref(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    facts: Option<&Facts>,
+    errors: &mut Vec<FieldError>,
+) -> Option<DatasetId> {
+    let p = format!("{pointer}/dataset_id");
+    let id: DatasetId = match obj
+        .get("dataset_id")
+        .and_then(Value::as_str)
+        .map(str::parse)
+    {
+        Some(Ok(id)) => id,
+        Some(Err(_)) => {
+            errors.push(FieldError::new(p, "must be a dataset id (a UUID string)"));
+            return None;
+        }
+        None => {
+            errors.push(FieldError::new(p, "is required"));
+            return None;
+        }
+    };
+    if let Some(f) = facts {
+        if !f.datasets.contains_key(&id) {
+            errors.push(FieldError {
+                code: "dataset_not_found",
+                ..FieldError::new(p, "no dataset with this id")
+            });
+            return None;
+        }
+    }
+    Some(id)
+}
+
+/// An operation that runs the network needs the model's architecture.
+pub(super) fn require_architecture(f: &Facts, pointer: &str, errors: &mut Vec<FieldError>) -> bool {
+    if f.architecture.is_none() {
+        errors.push(FieldError {
+            code: "architecture_required",
+            ..FieldError::new(
+                format!("{pointer}/op"),
+                "this operation runs the network: upload the model with an architecture \
+                 (multipart part `architecture` or metadata `whittle.architecture`)",
+            )
+        });
+        return false;
+    }
+    true
+}
+
+/// The dataset is labelled, its samples fit the model input and its labels fit the output.
+fn check_dataset_fits(
+    f: &Facts,
+    id: &DatasetId,
+    head_width: Option<usize>,
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    let (Some(arch), Some(d)) = (&f.architecture, f.datasets.get(id)) else {
+        return;
+    };
+    let input: usize = arch.input_shape().iter().product();
+    let features: usize = d.feature_shape.iter().product();
+    if input != features {
+        errors.push(FieldError {
+            code: "dataset_shape_mismatch",
+            ..FieldError::new(
+                pointer,
+                format!(
+                    "samples have shape {:?} ({features} values) but the model takes {:?} ({input} values)",
+                    d.feature_shape,
+                    arch.input_shape()
+                ),
+            )
+        });
+    }
+    match d.num_classes {
+        None => errors.push(FieldError {
+            code: "dataset_unlabeled",
+            ..FieldError::new(
+                pointer,
+                "this dataset has no labels (`y`); this operation needs them",
+            )
+        }),
+        Some(classes) => {
+            let width = head_width.unwrap_or_else(|| arch.output_shape().iter().product());
+            if classes > width {
+                errors.push(FieldError {
+                    code: "labels_out_of_range",
+                    ..FieldError::new(
+                        pointer,
+                        format!("labels go up to {} but the model has {width} outputs (use `head` to change it)", classes - 1),
+                    )
+                });
+            }
+        }
+    }
+}
+
+fn check_parameter_patterns(
+    f: &Facts,
+    pats: &[String],
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    let names = f.parameter_names();
+    for (i, p) in pats.iter().enumerate() {
+        if !names.iter().any(|n| glob_match(p, n)) {
+            errors.push(FieldError::new(
+                format!("{pointer}/{i}"),
+                format!("pattern `{p}` matches no parameter of the model"),
+            ));
+        }
+    }
+}
