@@ -88,7 +88,7 @@ impl App {
     }
 
     /// Start `n` workers and, on Postgres, the LISTEN task that wakes them.
-    fn spawn_workers(
+    pub fn spawn_workers(
         &self,
         n: usize,
         shutdown: &CancellationToken,

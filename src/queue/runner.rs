@@ -3,7 +3,7 @@
 //! one. Returns the outputs for the queue to record; records nothing itself.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -31,6 +31,9 @@ use crate::store::{BlobRef, BlobStore, TempBlob};
 pub const META_ARCHITECTURE: &str = "whittle.architecture";
 /// Metadata key carrying the provenance of a produced file.
 pub const META_JOB: &str = "whittle.job";
+
+/// Shortest time between two saved training checkpoints.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What a pipeline produced.
 #[derive(Debug, Clone)]
@@ -247,8 +250,17 @@ pub fn run_pipeline(
                     }
                     _ => None,
                 };
+                let mut last_saved: Option<Instant> = None;
                 let mut on_epoch = |m: &EpochMetrics, c: &Checkpoint| -> compress::Result<()> {
                     (hooks.epoch_finished)(index, m);
+                    // The first epoch's checkpoint is always kept; after that at most one per
+                    // interval, so many short epochs do not turn into many file writes. The
+                    // last epoch needs none: the step's output follows at once.
+                    let due = last_saved.is_none_or(|t| t.elapsed() >= CHECKPOINT_INTERVAL);
+                    if !due || c.epoch >= f.epochs {
+                        return Ok(());
+                    }
+                    last_saved = Some(Instant::now());
                     let bytes = c.to_safetensors_bytes()?;
                     let blob = store
                         .put_bytes(&bytes)

@@ -250,10 +250,18 @@ impl Worker {
                         json!({"level": "info", "message": format!("step {}/{}: {op}", index + 1, steps)}),
                     ));
                 };
+                let last_epoch_log = Mutex::new(None::<Instant>);
                 let epoch_finished = |step: usize, m: &EpochMetrics| {
                     let mut data = serde_json::to_value(m).unwrap_or(Value::Null);
                     data["step"] = json!(step);
                     let _ = events_tx.send(("metrics".into(), data));
+                    // Every epoch's figures go out as `metrics`; the log gets a line per
+                    // second at most.
+                    let mut last = last_epoch_log.lock().unwrap_or_else(|e| e.into_inner());
+                    if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                        return;
+                    }
+                    *last = Some(Instant::now());
                     let _ = events_tx.send((
                         "log".into(),
                         json!({"level": "info", "message": format!(

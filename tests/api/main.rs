@@ -6,6 +6,7 @@ mod helpers;
 mod datasets;
 mod engine;
 mod jobs;
+mod lifecycle;
 mod models;
 mod openapi;
 mod ops;
