@@ -49,8 +49,23 @@ pub fn model_json(m: &ModelRecord) -> Value {
         "parameters": m.parameters,
         "tensors": m.tensors,
         "architecture": m.architecture,
+        "summary": m.architecture.as_ref().and_then(|a| Architecture::from_json(a).ok()).map(|a| network_summary(&a)),
         "source": m.source.map(|(job, step)| json!({"job_id": job.to_string(), "step": step})),
         "created_at": rfc3339(m.created_at),
+    })
+}
+
+/// What running the network costs: parameters, FLOPs and activation memory per sample, per
+/// layer and in total (from the architecture alone).
+fn network_summary(arch: &Architecture) -> Value {
+    let layers = arch.summary();
+    json!({
+        "parameters": arch.parameter_count(),
+        "flops_per_sample": arch.flops(),
+        "activation_bytes_per_sample": layers.iter().map(|l| l.activation_bytes).sum::<u64>(),
+        "input_shape": arch.input_shape(),
+        "output_shape": arch.output_shape(),
+        "layers": layers,
     })
 }
 

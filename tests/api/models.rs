@@ -261,6 +261,17 @@ async fn json_body_creates_a_seeded_freshly_initialised_model() {
     let a = a.json();
     assert_eq!(a["parameters"], 266_610);
     assert_eq!(a["architecture"], lenet);
+    // Multiply-adds count 2 FLOPs: 2·(784·300 + 300·100 + 100·10) plus biases and ReLUs.
+    let summary = &a["summary"];
+    assert_eq!(summary["parameters"], 266_610);
+    assert_eq!(summary["output_shape"], json!([10]));
+    let fc1 = &summary["layers"][1];
+    assert_eq!(
+        (fc1["name"].as_str(), fc1["parameters"].as_u64()),
+        (Some("fc1"), Some(235_500))
+    );
+    assert!(fc1["flops"].as_u64().unwrap() >= 2 * 784 * 300);
+    assert_eq!(fc1["activation_bytes"], 300 * 4);
     let b = t.post_json("/v1/models", &create(7)).await.json();
     let c = t.post_json("/v1/models", &create(8)).await.json();
     assert_eq!(a["sha256"], b["sha256"], "same seed, same bytes");
