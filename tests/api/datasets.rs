@@ -29,9 +29,7 @@ fn xy_safetensors(samples: usize) -> Vec<u8> {
     .unwrap()
 }
 
-#[tokio::test]
-async fn safetensors_dataset_reports_samples_shape_and_classes() {
-    let t = TestApp::sqlite().await;
+async fn safetensors_dataset_reports_samples_shape_and_classes(t: TestApp) {
     let res = t
         .post_bytes(
             "/v1/datasets?name=toy",
@@ -126,9 +124,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-#[tokio::test]
-async fn mnist_idx_pair_gzipped_or_raw() {
-    let t = TestApp::sqlite().await;
+async fn mnist_idx_pair_gzipped_or_raw(t: TestApp) {
     let res = t
         .post_multipart(
             "/v1/datasets",
@@ -219,3 +215,8 @@ async fn dataset_refusals() {
         .assert_problem(404, "dataset_not_found");
     assert_eq!(t.get("/v1/datasets").await.json()["items"], json!([]));
 }
+
+on_both_backends!(
+    safetensors_dataset_reports_samples_shape_and_classes,
+    mnist_idx_pair_gzipped_or_raw,
+);

@@ -19,9 +19,7 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-#[tokio::test]
-async fn float16_job_runs_end_to_end_with_provenance_and_metrics() {
-    let t = TestApp::sqlite().await;
+async fn float16_job_runs_end_to_end_with_provenance_and_metrics(t: TestApp) {
     let input = model_with_arch(&t).await;
     let input_id = input["id"].as_str().unwrap();
     let job = t
@@ -200,9 +198,7 @@ fn parse_sse(text: &str) -> Vec<(i64, String, Value)> {
     out
 }
 
-#[tokio::test]
-async fn events_stream_replays_the_job_and_ends_after_its_terminal_state() {
-    let t = TestApp::sqlite().await;
+async fn events_stream_replays_the_job_and_ends_after_its_terminal_state(t: TestApp) {
     let model = t.upload_model(tiny_model()).await;
     let job = t.submit(f16_job(model["id"].as_str().unwrap())).await;
     let id = job["id"].as_str().unwrap();
@@ -372,9 +368,7 @@ async fn dry_run_returns_the_plan_and_queues_nothing() {
     assert_eq!(t.get("/v1/jobs").await.json()["items"], json!([]));
 }
 
-#[tokio::test]
-async fn idempotency_key_returns_the_first_job_or_refuses_another_body() {
-    let t = TestApp::sqlite().await;
+async fn idempotency_key_returns_the_first_job_or_refuses_another_body(t: TestApp) {
     let model = t.upload_model(tiny_model()).await;
     let body = f16_job(model["id"].as_str().unwrap());
     let key = [("idempotency-key", "nightly-2026-11-27")];
@@ -397,9 +391,7 @@ async fn idempotency_key_returns_the_first_job_or_refuses_another_body() {
     );
 }
 
-#[tokio::test]
-async fn cancel_a_queued_job_at_once_and_refuse_to_cancel_a_finished_one() {
-    let t = TestApp::sqlite().await;
+async fn cancel_a_queued_job_at_once_and_refuse_to_cancel_a_finished_one(t: TestApp) {
     let model = t.upload_model(tiny_model()).await;
     let mid = model["id"].as_str().unwrap();
     let queued = t.submit(f16_job(mid)).await;
@@ -439,9 +431,7 @@ async fn cancel_a_queued_job_at_once_and_refuse_to_cancel_a_finished_one() {
     res.assert_problem(404, "job_not_found");
 }
 
-#[tokio::test]
-async fn list_filters_by_state_model_and_label_and_paginates() {
-    let t = TestApp::sqlite().await;
+async fn list_filters_by_state_model_and_label_and_paginates(t: TestApp) {
     let m1 = t.upload_model(tiny_model()).await["id"]
         .as_str()
         .unwrap()
@@ -501,9 +491,7 @@ async fn list_filters_by_state_model_and_label_and_paginates() {
         .assert_problem(400, "invalid_parameter");
 }
 
-#[tokio::test]
-async fn job_get_supports_cheap_polling_with_etag() {
-    let t = TestApp::sqlite().await;
+async fn job_get_supports_cheap_polling_with_etag(t: TestApp) {
     let model = t.upload_model(tiny_model()).await;
     let job = t.submit(f16_job(model["id"].as_str().unwrap())).await;
     let uri = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
@@ -530,3 +518,12 @@ async fn request_ids_are_echoed() {
     let res = t.get("/v1/jobs/not-a-job").await;
     assert!(res.header("x-request-id").unwrap().len() >= 32);
 }
+
+on_both_backends!(
+    float16_job_runs_end_to_end_with_provenance_and_metrics,
+    events_stream_replays_the_job_and_ends_after_its_terminal_state,
+    idempotency_key_returns_the_first_job_or_refuses_another_body,
+    cancel_a_queued_job_at_once_and_refuse_to_cancel_a_finished_one,
+    list_filters_by_state_model_and_label_and_paginates,
+    job_get_supports_cheap_polling_with_etag,
+);

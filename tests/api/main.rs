@@ -3,6 +3,31 @@
 
 mod helpers;
 
+/// Run each named `async fn(TestApp)` on SQLite and, when `WHITTLE_TEST_DATABASE_URL` is set
+/// (always in CI), on Postgres: one contract, two backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(crate::helpers::TestApp::sqlite().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    if let Some(t) = crate::helpers::TestApp::postgres().await {
+                        super::$name(t).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
 mod datasets;
 mod engine;
 mod jobs;

@@ -6,9 +6,7 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn octet_stream_upload_records_inventory_and_downloads_byte_identical() {
-    let t = TestApp::sqlite().await;
+async fn octet_stream_upload_records_inventory_and_downloads_byte_identical(t: TestApp) {
     let bytes = tiny_model();
     let res = t
         .post_bytes(
@@ -328,9 +326,7 @@ async fn bad_architecture_json_is_refused_with_a_pointer() {
         .assert_problem(415, "unsupported_media_type");
 }
 
-#[tokio::test]
-async fn unknown_ids_are_404_and_delete_removes_the_model_and_its_blob() {
-    let t = TestApp::sqlite().await;
+async fn unknown_ids_are_404_and_delete_removes_the_model_and_its_blob(t: TestApp) {
     t.get("/v1/models/0190d4a0-0000-7000-8000-000000000000")
         .await
         .assert_problem(404, "model_not_found");
@@ -371,9 +367,7 @@ async fn unknown_ids_are_404_and_delete_removes_the_model_and_its_blob() {
     assert_eq!(t.stored_files().len(), 0);
 }
 
-#[tokio::test]
-async fn a_model_used_by_a_queued_job_cannot_be_deleted() {
-    let t = TestApp::sqlite().await;
+async fn a_model_used_by_a_queued_job_cannot_be_deleted(t: TestApp) {
     let model = t.upload_model(tiny_model()).await;
     let id = model["id"].as_str().unwrap();
     t.submit(f16_job(id)).await;
@@ -382,9 +376,7 @@ async fn a_model_used_by_a_queued_job_cannot_be_deleted() {
         .assert_problem(409, "model_in_use");
 }
 
-#[tokio::test]
-async fn lists_paginate_with_an_opaque_cursor_newest_first() {
-    let t = TestApp::sqlite().await;
+async fn lists_paginate_with_an_opaque_cursor_newest_first(t: TestApp) {
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(
@@ -423,3 +415,10 @@ async fn lists_paginate_with_an_opaque_cursor_newest_first() {
         .await
         .assert_problem(400, "invalid_parameter");
 }
+
+on_both_backends!(
+    octet_stream_upload_records_inventory_and_downloads_byte_identical,
+    unknown_ids_are_404_and_delete_removes_the_model_and_its_blob,
+    a_model_used_by_a_queued_job_cannot_be_deleted,
+    lists_paginate_with_an_opaque_cursor_newest_first,
+);

@@ -15,29 +15,6 @@ use crate::helpers::*;
 
 const LEASE: Duration = Duration::from_secs(30);
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(crate::helpers::TestApp::sqlite().await).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    if let Some(t) = crate::helpers::TestApp::postgres().await {
-                        super::$name(t).await
-                    }
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     claims_by_priority_then_age,
     a_worker_that_dies_loses_its_lease_and_its_late_writes_are_rejected,
