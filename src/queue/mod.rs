@@ -325,33 +325,46 @@ impl Queue {
 
     /// Record that a running attempt stopped because a cancel was asked for.
     pub async fn finish_cancelled(&self, id: JobId, attempt: i64, now: i64) -> Result<()> {
-        let mut tx = self.db.pool().begin().await?;
-        let done = sqlx::query(
-            "update jobs set state = 'cancelled', finished_at = $1, updated_at = $1, \
-             lease_expires_at = null, checkpoint = null \
-             where id = $2 and attempt = $3 and state = 'running'",
+        self.transition(
+            id,
+            attempt,
+            "state = 'cancelled', finished_at = $1, updated_at = $1, lease_expires_at = null, \
+             checkpoint = null",
+            now,
+            &json!({"state": "cancelled"}),
         )
-        .bind(now)
-        .bind(id.to_string())
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(Error::LeaseLost);
-        }
-        db::events::append(&mut *tx, id, "state", &json!({"state": "cancelled"})).await?;
-        tx.commit().await?;
-        Ok(())
+        .await
     }
 
     /// Give a running job back without counting the attempt (graceful shutdown).
     pub async fn release(&self, id: JobId, attempt: i64, now: i64) -> Result<()> {
-        let mut tx = self.db.pool().begin().await?;
-        let done = sqlx::query(
-            "update jobs set state = 'queued', attempt = attempt - 1, worker_id = null, \
-             lease_expires_at = null, run_at = $1, updated_at = $1 \
-             where id = $2 and attempt = $3 and state = 'running'",
+        self.transition(
+            id,
+            attempt,
+            "state = 'queued', attempt = attempt - 1, worker_id = null, lease_expires_at = null, \
+             run_at = $1, updated_at = $1",
+            now,
+            &json!({"state": "queued", "reason": "released by a worker shutting down"}),
         )
+        .await?;
+        self.announce().await;
+        Ok(())
+    }
+
+    /// Apply `set` (an SQL assignment list in which `$1` is `now`) to the attempt holding the
+    /// lease and log `event` as a `state` event, in one transaction.
+    async fn transition(
+        &self,
+        id: JobId,
+        attempt: i64,
+        set: &str,
+        now: i64,
+        event: &Value,
+    ) -> Result<()> {
+        let mut tx = self.db.pool().begin().await?;
+        let done = sqlx::query(&format!(
+            "update jobs set {set} where id = $2 and attempt = $3 and state = 'running'"
+        ))
         .bind(now)
         .bind(id.to_string())
         .bind(attempt)
@@ -360,15 +373,8 @@ impl Queue {
         if done.rows_affected() == 0 {
             return Err(Error::LeaseLost);
         }
-        db::events::append(
-            &mut *tx,
-            id,
-            "state",
-            &json!({"state": "queued", "reason": "released by a worker shutting down"}),
-        )
-        .await?;
+        db::events::append(&mut *tx, id, "state", event).await?;
         tx.commit().await?;
-        self.announce().await;
         Ok(())
     }
 
