@@ -86,6 +86,19 @@ LENET = {"kind": "sequential", "input_shape": [1, 28, 28], "layers": [
     {"type": "linear", "name": "fc3", "in_features": 100, "out_features": 10}]}
 
 
+LENET5 = {"kind": "sequential", "input_shape": [1, 28, 28], "layers": [
+    {"type": "conv2d", "name": "conv1", "in_channels": 1, "out_channels": 6, "kernel_size": 5, "padding": 2},
+    {"type": "relu"}, {"type": "max_pool2d", "kernel_size": 2},
+    {"type": "conv2d", "name": "conv2", "in_channels": 6, "out_channels": 16, "kernel_size": 5},
+    {"type": "relu"}, {"type": "max_pool2d", "kernel_size": 2},
+    {"type": "flatten"},
+    {"type": "linear", "name": "fc1", "in_features": 400, "out_features": 120}, {"type": "relu"},
+    {"type": "linear", "name": "fc2", "in_features": 120, "out_features": 84}, {"type": "relu"},
+    {"type": "linear", "name": "fc3", "in_features": 84, "out_features": 10}]}
+
+ARCHS = {"lenet-300-100": LENET, "lenet5": LENET5}
+
+
 def train_step(dataset, epochs, lr=1e-3, **extra):
     step = {"op": "finetune", "dataset_id": dataset, "epochs": epochs, "batch_size": 128,
             "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 1e-4},
@@ -113,7 +126,8 @@ def lenet(args):
 def transfer(args):
     # 1. Features from MNIST (the LeNet-300-100 body).
     mnist_train = upload_idx(args.url, "mnist-train", *read("mnist", "train"))
-    base = call(f"{args.url}/v1/models", "POST", {"name": "lenet-300-100", "architecture": LENET, "init": {"seed": args.seed}})
+    arch = ARCHS[args.arch]
+    base = call(f"{args.url}/v1/models", "POST", {"name": args.arch, "architecture": arch, "init": {"seed": args.seed}})
     job, _, _ = run_job(args.url, {"model_id": base["id"], "seed": args.seed, "steps": [train_step(mnist_train["id"], args.epochs)]})
     pretrained = job["result"]["model_id"]
     # 2. Fashion-MNIST with few labels, tested on its full test set.
@@ -130,14 +144,15 @@ def transfer(args):
         _, m, _ = run_job(args.url, {"model_id": model_id, "seed": args.seed, "eval": {"dataset_id": test["id"], "batch_size": 1000}, "steps": [step]})
         return m["final"]["accuracy"]
 
-    fresh = call(f"{args.url}/v1/models", "POST", {"name": "fresh", "architecture": LENET, "init": {"seed": args.seed + 1}})
+    fresh = call(f"{args.url}/v1/models", "POST", {"name": "fresh", "architecture": arch, "init": {"seed": args.seed + 1}})
+    body = ["fc1.*", "fc2.*"] + (["conv*"] if args.arch == "lenet5" else [])
     results = {
-        "frozen MNIST features + new head": finetune(pretrained, ["fc1.*", "fc2.*"], True),
+        "frozen MNIST features + new head": finetune(pretrained, body, True),
         "all layers fine-tuned from MNIST weights, new head": finetune(pretrained, [], True),
         "same network from scratch": finetune(fresh["id"], [], False),
-        "same head on frozen random features": finetune(fresh["id"], ["fc1.*", "fc2.*"], False),
+        "same head on frozen random features": finetune(fresh["id"], body, False),
     }
-    return {"experiment": f"transfer MNIST -> Fashion-MNIST with {args.labels} labels, {budget}",
+    return {"experiment": f"transfer MNIST -> Fashion-MNIST ({args.arch}) with {args.labels} labels, {budget}",
             "fashion_test_accuracy": results, "mnist_pretraining_epochs": args.epochs}
 
 
@@ -149,6 +164,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--labels", type=int, default=1000)
     ap.add_argument("--transfer-epochs", type=int, default=20)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="lenet-300-100", help="network of the transfer experiment")
     args = ap.parse_args()
     print(json.dumps({"lenet": lenet, "transfer": transfer}[args.experiment](args), indent=1))
 
