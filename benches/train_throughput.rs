@@ -11,6 +11,11 @@
 //! `BENCH_BATCHES` (default 40) sets the batches per epoch. Besides throughput it prints
 //! where one step's time goes: forward + loss, backward, and the rest (optimizer update,
 //! batching, bookkeeping), measured separately on the same batches.
+//!
+//! The numbers are sensitive to the allocator: candle allocates a fresh buffer for every
+//! op and gradient, and glibc's default trimming hands them back to the kernel, so much
+//! of a step can be page faults. To see the engine without that, add
+//! `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824:glibc.malloc.top_pad=67108864`.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;

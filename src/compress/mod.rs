@@ -12,6 +12,7 @@
 //! [`Error::code`] is the stable, user-facing error code of the REST contract.
 
 pub mod arch;
+pub mod conv;
 pub mod data;
 pub mod evaluate;
 pub mod finetune;

@@ -9,6 +9,11 @@
 //!
 //! Only differentiable candle ops are used in the forward pass (layer norm is written out
 //! by hand; the fused `candle_nn` norms and softmax have no backward, CANDLE.md trap 1).
+//! In training mode, convolution, linear layers, max pooling (window = stride) and ReLU
+//! run as the fused ops of [`super::conv`], whose backward passes are gemm calls or
+//! single passes (candle's own conv2d backward made CNN training ~50× slower than
+//! PyTorch, and its max-pool gradient is scaled by 1/window); evaluation keeps candle's
+//! ops, which the fused ones match.
 //! Frozen parameters enter the graph detached, so a frozen prefix of the network is not
 //! part of the backward pass at all. It knows nothing of optimizers or datasets.
 
@@ -19,6 +24,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::arch::{Architecture, Layer, LayerSummary, ParamKind, ParamSpec, Size2};
+use super::conv;
 use super::select::glob_match;
 use super::tensors::SafetensorsFile;
 use super::{Error, Result};
@@ -499,19 +505,26 @@ impl Model {
         Ok(match node {
             Node::Linear { w, b } => {
                 let w = t(*w);
-                let dims = x.dims().to_vec();
                 let (in_f, out_f) = (w.dim(1)?, w.dim(0)?);
                 let rows = x.elem_count() / in_f;
-                let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
-                let y = match b {
-                    Some(b) => y.broadcast_add(&t(*b))?,
-                    None => y,
+                // Reshapes only when needed: even a no-op reshape is a backward node.
+                let x2 = if x.rank() == 2 {
+                    x.clone()
+                } else {
+                    x.reshape((rows, in_f))?
                 };
-                let mut out = dims;
-                if let Some(last) = out.last_mut() {
-                    *last = out_f;
+                // One fused node; no input gradient for a first layer (conv.rs).
+                let bias = b.map(t);
+                let y = conv::Linear.forward(&x2, &w, bias.as_ref())?;
+                if x.rank() == 2 {
+                    y
+                } else {
+                    let mut out = x.dims().to_vec();
+                    if let Some(last) = out.last_mut() {
+                        *last = out_f;
+                    }
+                    y.reshape(out)?
                 }
-                y.reshape(out)?
             }
             Node::Conv2d {
                 w,
@@ -519,15 +532,22 @@ impl Model {
                 stride,
                 padding,
             } => {
-                let (x, pad) = if padding.0 == padding.1 {
-                    (x.clone(), padding.0)
+                if train {
+                    // im2col + gemm, bias folded in: candle's conv2d backward is ~50x
+                    // slower (conv.rs).
+                    let bias = b.map(t);
+                    conv::conv2d(x, &t(*w), bias.as_ref(), *stride, (padding.0, padding.1))?
                 } else {
-                    (pad_hw(x, *padding, 0.0)?, 0)
-                };
-                let y = x.conv2d(&t(*w), pad, *stride, 1, 1)?;
-                match b {
-                    Some(b) => y.broadcast_add(&t(*b).reshape((1, (), 1, 1))?)?,
-                    None => y,
+                    let (x, pad) = if padding.0 == padding.1 {
+                        (x.clone(), padding.0)
+                    } else {
+                        (pad_hw(x, *padding, 0.0)?, 0)
+                    };
+                    let y = x.conv2d(&t(*w), pad, *stride, 1, 1)?;
+                    match b {
+                        Some(b) => y.broadcast_add(&t(*b).reshape((1, (), 1, 1))?)?,
+                        None => y,
+                    }
                 }
             }
             Node::Pool {
@@ -544,7 +564,10 @@ impl Model {
                 let used_h = (h - kernel.0) / stride.0 * stride.0 + kernel.0;
                 let used_w = (w - kernel.1) / stride.1 * stride.1 + kernel.1;
                 let x = x.narrow(2, 0, used_h)?.narrow(3, 0, used_w)?;
-                if *max {
+                if *max && train && kernel == stride {
+                    // Fused, with PyTorch's gradient (candle's is scaled by 1/(kh·kw)).
+                    conv::MaxPool2d { kernel: *kernel }.forward(&x)?
+                } else if *max {
                     x.max_pool2d_with_stride(*kernel, *stride)?
                 } else {
                     x.avg_pool2d_with_stride(*kernel, *stride)?
@@ -616,6 +639,8 @@ impl Model {
                 _ => x.clone(),
             },
             Node::Flatten => x.flatten_from(1)?,
+            // Fused backward in one pass instead of candle's four temporaries.
+            Node::Relu if train => conv::Relu.forward(x)?,
             Node::Relu => x.relu()?,
             Node::Gelu => x.gelu_erf()?,
             Node::Tanh => x.tanh()?,
