@@ -14,8 +14,11 @@
 //!
 //! The numbers are sensitive to the allocator: candle allocates a fresh buffer for every
 //! op and gradient, and glibc's default trimming hands them back to the kernel, so much
-//! of a step can be page faults. To see the engine without that, add
-//! `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824:glibc.malloc.top_pad=67108864`.
+//! of a step can be page faults. Like the `whittle` binary, this bench uses mimalloc.
+
+/// The same allocator as the `whittle` binary (see src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
