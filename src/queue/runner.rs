@@ -24,7 +24,7 @@ use crate::db::jobs::JobRecord;
 use crate::db::models::ModelRecord;
 use crate::ids::DatasetId;
 use crate::queue::JobError;
-use crate::spec::{self, FinetuneSpec, JobSpec, Step};
+use crate::spec::{self, EvalSpec, FinetuneSpec, JobSpec, Step};
 use crate::store::{BlobRef, BlobStore, TempBlob};
 
 /// Metadata key carrying the architecture JSON in every file we write.
@@ -221,16 +221,8 @@ pub fn run_pipeline(
                 Some(temp)
             }
             Step::Evaluate(e) => {
-                let arch = current_arch(&arch_json)?;
-                let m = Model::from_safetensors(&arch, &input)?;
-                let data = datasets.get(&e.dataset_id)?;
-                let eval = evaluate::evaluate(
-                    &m,
-                    &Subset::all(data),
-                    reference.as_ref(),
-                    e.batch_size,
-                    ctx,
-                )?;
+                let eval =
+                    evaluate_file(&arch_json, &input, &datasets, e, reference.as_ref(), ctx)?;
                 record["summary"] = eval_json(&eval);
                 None
             }
@@ -319,14 +311,12 @@ pub fn run_pipeline(
         "compression_ratio": model.size_bytes as f64 / current.size.max(1) as f64,
     });
     if let Some(eval) = &spec.eval {
-        let arch = current_arch(&arch_json)?;
-        let m = Model::from_safetensors(&arch, &output)?;
-        let data = datasets.get(&eval.dataset_id)?;
-        let e = evaluate::evaluate(
-            &m,
-            &Subset::all(data),
+        let e = evaluate_file(
+            &arch_json,
+            &output,
+            &datasets,
+            eval,
             reference.as_ref(),
-            eval.batch_size,
             ctx,
         )?;
         merge(&mut final_json, &eval_json(&e));
@@ -350,6 +340,26 @@ pub fn run_pipeline(
         metrics,
         report,
     })
+}
+
+/// Evaluate the network in `file` (with architecture `arch`) on `spec`'s dataset.
+fn evaluate_file(
+    arch: &Option<Value>,
+    file: &SafetensorsFile,
+    datasets: &DatasetCache,
+    spec: &EvalSpec,
+    reference: Option<&Model>,
+    ctx: &Ctx,
+) -> Result<Evaluation, PipelineError> {
+    let model = Model::from_safetensors(&current_arch(arch)?, file)?;
+    let data = datasets.get(&spec.dataset_id)?;
+    Ok(evaluate::evaluate(
+        &model,
+        &Subset::all(data),
+        reference,
+        spec.batch_size,
+        ctx,
+    )?)
 }
 
 /// Whether any step or the job's `eval` runs the network.
