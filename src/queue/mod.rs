@@ -206,10 +206,7 @@ impl Queue {
         .bind(attempt)
         .execute(self.db.pool())
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(Error::LeaseLost);
-        }
-        Ok(())
+        fenced(&done)
     }
 
     /// Record the latest training checkpoint of the attempt holding the lease.
@@ -222,10 +219,7 @@ impl Queue {
         .bind(attempt)
         .execute(self.db.pool())
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(Error::LeaseLost);
-        }
-        Ok(())
+        fenced(&done)
     }
 
     /// Record success: outputs, artifacts, result and metrics, all or nothing, once.
@@ -256,10 +250,8 @@ impl Queue {
         .bind(attempt)
         .execute(&mut *tx)
         .await?;
-        if updated.rows_affected() == 0 {
-            // Dropping the transaction rolls it back: nothing of this attempt is recorded.
-            return Err(Error::LeaseLost);
-        }
+        // On a lost lease, dropping the transaction rolls it back: nothing is recorded.
+        fenced(&updated)?;
         for m in &done.models {
             db::models::insert(&mut *tx, m).await?;
         }
@@ -370,9 +362,7 @@ impl Queue {
         .bind(attempt)
         .execute(&mut *tx)
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(Error::LeaseLost);
-        }
+        fenced(&done)?;
         db::events::append(&mut *tx, id, "state", event).await?;
         tx.commit().await?;
         Ok(())
@@ -457,5 +447,14 @@ impl Queue {
         let capped = base.min(600.0);
         let jitter = rand::thread_rng().gen_range(0.75..=1.25);
         Duration::from_secs_f64(capped * jitter)
+    }
+}
+
+/// A fenced write that matched no row means the attempt no longer holds the lease.
+fn fenced(done: &sqlx::any::AnyQueryResult) -> Result<()> {
+    if done.rows_affected() == 0 {
+        Err(Error::LeaseLost)
+    } else {
+        Ok(())
     }
 }
