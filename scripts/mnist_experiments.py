@@ -5,6 +5,11 @@
   cargo run --release &                         # the service (or point --url elsewhere)
   python3 scripts/mnist_experiments.py lenet    # LeNet-300-100 from scratch on MNIST
   python3 scripts/mnist_experiments.py transfer # MNIST features -> Fashion-MNIST, 1,000 labels
+  python3 scripts/mnist_experiments.py han      # Han et al. 2015: iterative pruning of LeNet-300-100
+  python3 scripts/mnist_experiments.py deep     # Deep Compression: prune -> finetune -> kmeans, packed
+  python3 scripts/mnist_experiments.py quant    # int8 / int4 PTQ vs QAT / kmeans-32 on LeNet-300-100 and LeNet-5
+  python3 scripts/mnist_experiments.py structured  # LeNet-5, 50% of conv channels removed
+  python3 scripts/mnist_experiments.py hinton   # Hinton et al. 2015: distillation with a T sweep
 
 Standard library only. Prints one JSON document per experiment.
 """
@@ -156,17 +161,188 @@ def transfer(args):
             "fashion_test_accuracy": results, "mnist_pretraining_epochs": args.epochs}
 
 
+def mnist(args):
+    train = upload_idx(args.url, "mnist-train", *read("mnist", "train"))
+    test = upload_idx(args.url, "mnist-test", *read("mnist", "t10k"))
+    return train["id"], test["id"]
+
+
+def pretrained(args, arch, train, test, epochs, name):
+    """A network trained from scratch (the unpruned / float reference) and its test figures."""
+    model = call(f"{args.url}/v1/models", "POST", {"name": name, "architecture": arch, "init": {"seed": args.seed}})
+    job, m, seconds = run_job(args.url, {
+        "model_id": model["id"], "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
+        "steps": [train_step(train, epochs)]})
+    return job["result"]["model_id"], m["final"], seconds
+
+
+def err(acc):
+    return round(100 * (1 - acc), 2)
+
+
+# Han et al. 2015, Table 4 (LeNet-300-100): weights kept per layer.
+HAN_KEPT = {"fc1.weight": 0.08, "fc2.weight": 0.09, "fc3.weight": 0.26}
+
+
+def prune_step(train, iterations, epochs_per_round, scope="layer"):
+    step = {"op": "prune", "method": "magnitude", "scope": scope,
+            "schedule": {"kind": "polynomial", "iterations": iterations, "power": 3,
+                         "finetune": {"dataset_id": train, "epochs": epochs_per_round, "batch_size": 128,
+                                      "optimizer": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0},
+                                      "lr_schedule": {"kind": "cosine"}}}}
+    if scope == "layer":
+        step["sparsity"] = 0.92
+        step["layers"] = {k: round(1 - v, 4) for k, v in HAN_KEPT.items()}
+    else:
+        step["sparsity"] = 0.92
+    return step
+
+
+def han(args):
+    train, test = mnist(args)
+    base, base_final, base_s = pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
+    job, m, seconds = run_job(args.url, {
+        "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
+        "steps": [prune_step(train, args.iterations, args.round_epochs, args.scope)]})
+    step = m["steps"][0]
+    layers = {l["tensor"]: round(1 - l["sparsity"], 4) for l in step["layers"]}
+    total = sum(l["numel"] for l in step["layers"])
+    nonzero = sum(l["nonzero"] for l in step["layers"])
+    return {"experiment": "Han et al. 2015: LeNet-300-100 iterative magnitude pruning + retraining on MNIST",
+            "unpruned_test_error_percent": err(base_final["accuracy"]),
+            "pruned_test_error_percent": err(m["final"]["accuracy"]),
+            "paper": {"unpruned": 1.64, "pruned": 1.59, "kept": HAN_KEPT},
+            "weights_kept": round(nonzero / total, 4), "compression_x": round(total / nonzero, 1),
+            "kept_per_layer": layers, "scope": args.scope,
+            "rounds": [{k: r.get(k) for k in ("iteration", "target_sparsity", "sparsity", "accuracy_after_pruning", "accuracy_after_retraining")} for r in step["summary"]["iterations"]],
+            "pretrain_epochs": args.epochs, "iterations": args.iterations, "epochs_per_round": args.round_epochs,
+            "seconds": {"pretrain": round(base_s, 1), "prune_job": round(seconds, 1)}, "job_id": job["id"]}
+
+
+def deep(args):
+    train, test = mnist(args)
+    base, base_final, _ = pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
+    size_in = call(f"{args.url}/v1/models/{base}")["size_bytes"]
+    job, m, seconds = run_job(args.url, {
+        "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
+        "steps": [prune_step(train, args.iterations, args.round_epochs),
+                  {"op": "quantize", "method": "kmeans", "clusters": 32, "init": "linear", "format": "packed",
+                   "include": ["fc*.weight"]}]})
+    final = m["final"]
+    return {"experiment": "Deep Compression pipeline on MNIST LeNet-300-100: prune (iterative) -> kmeans-32 (5 bits), packed",
+            "float_model_bytes": size_in, "float_test_error_percent": err(base_final["accuracy"]),
+            "packed_bytes": final.get("packed_size_bytes"), "compression_x": round(size_in / final["packed_size_bytes"], 1),
+            "test_error_percent": err(final["accuracy"]),
+            "paper": {"float_kb": 1070, "compressed_kb": 27, "x": 40, "x_without_huffman": "~32", "error_percent": 1.58},
+            "steps": [{"op": s["op"], "summary": {k: v for k, v in s["summary"].items() if k != "iterations"}} for s in m["steps"]],
+            "seconds": round(seconds, 1), "job_id": job["id"]}
+
+
+def quant(args):
+    train, test = mnist(args)
+    out = {"experiment": "PTQ and QAT on MNIST", "results": {}}
+    for name in ("lenet-300-100", "lenet5"):
+        arch = ARCHS[name]
+        base, base_final, _ = pretrained(args, arch, train, test, args.epochs, name)
+        r = {"float_test_error_percent": err(base_final["accuracy"])}
+        cases = {
+            "int8 per-channel PTQ": {"op": "quantize", "method": "uniform", "bits": 8, "granularity": "per_channel"},
+            "int4 per-channel PTQ": {"op": "quantize", "method": "uniform", "bits": 4, "granularity": "per_channel"},
+            "int4 per-channel QAT": {"op": "quantize", "method": "uniform", "bits": 4, "granularity": "per_channel",
+                                     "qat": {"dataset_id": train, "epochs": args.qat_epochs, "batch_size": 128,
+                                             "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0}}},
+            "int2 per-channel PTQ": {"op": "quantize", "method": "uniform", "bits": 2, "granularity": "per_channel"},
+            "int2 per-channel QAT": {"op": "quantize", "method": "uniform", "bits": 2, "granularity": "per_channel",
+                                     "qat": {"dataset_id": train, "epochs": args.qat_epochs, "batch_size": 128,
+                                             "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0}}},
+            "kmeans 32 clusters (5 bits)": {"op": "quantize", "method": "kmeans", "clusters": 32, "init": "linear"},
+        }
+        for label, step in cases.items():
+            _, m, seconds = run_job(args.url, {"model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": [step]})
+            r[label] = {"test_error_percent": err(m["final"]["accuracy"]),
+                        "drop_points": round(100 * (base_final["accuracy"] - m["final"]["accuracy"]), 2),
+                        "seconds": round(seconds, 1)}
+        out["results"][name] = r
+    return out
+
+
+def structured(args):
+    train, test = mnist(args)
+    base, base_final, _ = pretrained(args, LENET5, train, test, args.epochs, "lenet5")
+    job, m, seconds = run_job(args.url, {
+        "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
+        "steps": [{"op": "prune", "method": "structured", "norm": 1, "sparsity": 0.5,
+                   "include": ["conv*.weight", "fc1.weight", "fc2.weight"]},
+                  {"op": "evaluate", "dataset_id": test, "batch_size": 1000},
+                  train_step(train, args.round_epochs, lr=5e-4)]})
+    s = m["steps"][0]["summary"]
+    return {"experiment": "structured pruning of LeNet-5 on MNIST: 50% of conv channels and fc neurons (L1), then a short fine-tune",
+            "float_test_error_percent": err(base_final["accuracy"]),
+            "after_pruning_before_finetune_error_percent": err(m["steps"][1]["summary"]["accuracy"]),
+            "after_finetune_error_percent": err(m["final"]["accuracy"]),
+            "tensor_bytes": [s["tensor_bytes_before"], s["tensor_bytes_after"]],
+            "flops": [s["flops_before"], s["flops_after"]],
+            "parameters": [s["parameters_before"], s["parameters_after"]],
+            "finetune_epochs": args.round_epochs, "seconds": round(seconds, 1), "job_id": job["id"]}
+
+
+def mlp(*widths, dropout=0.0):
+    layers = [{"type": "flatten"}]
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append({"type": "linear", "name": f"fc{i + 1}", "in_features": a, "out_features": b})
+        if i + 2 < len(widths):
+            layers.append({"type": "relu"})
+            if dropout:
+                layers.append({"type": "dropout", "p": dropout})
+    return {"kind": "sequential", "input_shape": [1, 28, 28], "layers": layers}
+
+
+def hinton(args):
+    train, test = mnist(args)
+    teacher_arch = mlp(784, 1200, 1200, 10, dropout=0.5)
+    teacher, teacher_final, _ = pretrained(args, teacher_arch, train, test, args.teacher_epochs, "teacher-2x1200")
+    out = {"experiment": "Hinton et al. 2015 on MNIST: teacher 784-1200-1200-10 (dropout) -> students",
+           "teacher_test_errors": round(10000 * (1 - teacher_final["accuracy"])),
+           "paper": {"teacher": 67, "student_alone_2x800": 146, "distilled_2x800_T20": 74},
+           "epochs": args.epochs, "students": {}}
+    for widths in ((784, 800, 800, 10), (784, 30, 30, 10)):
+        name = "x".join(map(str, widths[1:-1]))
+        runs = {}
+        for i, temp in enumerate(args.temperatures):
+            step = {"op": "distill", "dataset_id": train, "student": {"architecture": mlp(*widths)},
+                    "temperature": temp, "alpha": args.alpha, "baseline": i == 0,
+                    "epochs": args.epochs, "batch_size": 128,
+                    "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}, "lr_schedule": {"kind": "cosine"}}
+            _, m, seconds = run_job(args.url, {"model_id": teacher, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": [step]})
+            s = m["steps"][0]["summary"]
+            if i == 0:
+                runs["student alone (hard labels, same budget)"] = {"test_errors": round(10000 * (1 - s["baseline_accuracy"]))}
+            runs[f"distilled T={temp}"] = {"test_errors": round(10000 * (1 - s["student_accuracy"])),
+                                          "agreement_with_teacher": s["agreement_with_teacher"], "seconds": round(seconds, 1)}
+        out["students"][name] = runs
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("experiment", choices=["lenet", "transfer"])
+    ap.add_argument("experiment", choices=["lenet", "transfer", "han", "deep", "quant", "structured", "hinton"])
     ap.add_argument("--url", default="http://127.0.0.1:8080")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--labels", type=int, default=1000)
     ap.add_argument("--transfer-epochs", type=int, default=20)
     ap.add_argument("--arch", choices=sorted(ARCHS), default="lenet-300-100", help="network of the transfer experiment")
+    ap.add_argument("--iterations", type=int, default=5, help="pruning rounds")
+    ap.add_argument("--round-epochs", type=int, default=3, help="retraining epochs per pruning round")
+    ap.add_argument("--scope", choices=["layer", "global"], default="layer")
+    ap.add_argument("--qat-epochs", type=int, default=3)
+    ap.add_argument("--teacher-epochs", type=int, default=20)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1, 4, 8, 20])
+    ap.add_argument("--alpha", type=float, default=0.9)
     args = ap.parse_args()
-    print(json.dumps({"lenet": lenet, "transfer": transfer}[args.experiment](args), indent=1))
+    experiments = {"lenet": lenet, "transfer": transfer, "han": han, "deep": deep, "quant": quant,
+                   "structured": structured, "hinton": hinton}
+    print(json.dumps(experiments[args.experiment](args), indent=1))
 
 
 if __name__ == "__main__":

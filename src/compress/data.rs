@@ -629,6 +629,9 @@ pub struct Batch {
     pub labels: Option<Vec<u32>>,
     /// Number of samples in the batch.
     pub len: usize,
+    /// The dataset row of each sample, in batch order (for per-sample caches such as a
+    /// distillation teacher's logits).
+    pub indices: Vec<usize>,
 }
 
 /// Iterator over the batches of a [`Subset`], producing CPU tensors. Only one batch's
@@ -681,6 +684,7 @@ impl Batches<'_> {
             y,
             labels,
             len: idx.len(),
+            indices: idx.to_vec(),
         })
     }
 }
@@ -1047,9 +1051,11 @@ mod tests {
             vec![vec![3.0 / 255.0, 1.0], vec![0.0, 1.0]]
         );
         assert_eq!(first.labels, Some(vec![0, 0]));
+        assert_eq!(first.indices, vec![3, 0]);
         assert_eq!(first.y.unwrap().to_vec1::<u32>().unwrap(), vec![0, 0]);
         let last = b.next().unwrap().unwrap();
         assert_eq!((last.len, last.labels), (1, Some(vec![0])));
+        assert_eq!(last.indices, vec![9]);
         assert!(b.next().is_none());
 
         let mut idx: Vec<usize> = (0..50).collect();

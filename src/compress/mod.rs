@@ -14,12 +14,18 @@
 pub mod arch;
 pub mod conv;
 pub mod data;
+pub mod distill;
 pub mod evaluate;
 pub mod finetune;
+pub mod gguf;
 pub mod model;
+pub mod packed;
 pub mod progress;
+pub mod prune;
+pub mod qcodec;
 pub mod quantize;
 pub mod select;
+pub mod structured;
 pub mod tensors;
 pub mod train;
 

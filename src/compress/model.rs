@@ -146,6 +146,22 @@ pub struct Model {
     arch: Architecture,
     nodes: Vec<Node>,
     params: Vec<Param>,
+    weight_transform: Option<WeightTransform>,
+}
+
+/// A function of `(parameter name, weight)` giving the weight a linear or conv layer computes
+/// with instead (`None`: unchanged). Quantization-aware training uses it to fake-quantize
+/// weights; in training the gradient passes straight through (`w + (q(w) − w).detach()`).
+#[derive(Clone)]
+pub struct WeightTransform(
+    #[allow(clippy::type_complexity)]
+    pub  std::sync::Arc<dyn Fn(&str, &Tensor) -> Result<Option<Tensor>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for WeightTransform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeightTransform(..)")
+    }
 }
 
 /// Looks up the parameter indices of one layer while building.
@@ -325,6 +341,7 @@ impl Model {
             arch: arch.clone(),
             nodes,
             params,
+            weight_transform: None,
         })
     }
 
@@ -471,6 +488,66 @@ impl Model {
         self.run(&self.nodes, x, Some(rng))
     }
 
+    /// The index of the top-level layer called `name`: its `name`, or its index when it
+    /// has none (the names [`Model::forward_eval_taps`] accepts).
+    pub fn layer_index(&self, name: &str) -> Option<usize> {
+        self.arch
+            .layers()
+            .iter()
+            .enumerate()
+            .position(|(i, l)| l.name().map_or_else(|| i.to_string(), str::to_owned) == name)
+    }
+
+    /// [`Model::forward_eval`] that also returns the outputs of the named top-level
+    /// layers (`[batch, that layer's output shape...]`, in the order of `names`).
+    pub fn forward_eval_taps(&self, x: &Tensor, names: &[&str]) -> Result<(Tensor, Vec<Tensor>)> {
+        self.run_taps(x, None, names)
+    }
+
+    /// [`Model::forward_train`] that also returns the outputs of the named top-level
+    /// layers, tracked for backward (for losses on intermediate features).
+    pub fn forward_train_taps(
+        &self,
+        x: &Tensor,
+        rng: &mut ChaCha8Rng,
+        names: &[&str],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        self.run_taps(x, Some(rng), names)
+    }
+
+    fn run_taps(
+        &self,
+        x: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+        names: &[&str],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let wanted: Vec<usize> = names
+            .iter()
+            .map(|name| {
+                self.layer_index(name).ok_or_else(|| Error::InvalidParameter {
+                    pointer: String::new(),
+                    detail: format!(
+                        "the model has no top-level layer named {name:?} (unnamed layers are named by their index; it has {} layers)",
+                        self.nodes.len()
+                    ),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut x = self.as_input(x)?;
+        let mut taps: Vec<Option<Tensor>> = vec![None; wanted.len()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            x = self.layer(node, &x, rng.as_deref_mut())?;
+            for (slot, _) in wanted.iter().enumerate().filter(|(_, &w)| w == i) {
+                taps[slot] = Some(x.clone());
+            }
+        }
+        let taps = taps
+            .into_iter()
+            .map(|t| t.ok_or_else(|| Error::Internal("a tapped layer did not run".into())))
+            .collect::<Result<_>>()?;
+        Ok((x, taps))
+    }
+
     fn as_input(&self, x: &Tensor) -> Result<Tensor> {
         let per_sample: usize = self.arch.input_shape().iter().product();
         let batch = x.dims().first().copied().unwrap_or(0);
@@ -499,12 +576,31 @@ impl Model {
         Ok(x)
     }
 
+    /// Sets (or clears) the transform applied to linear and conv weights in every forward.
+    pub fn set_weight_transform(&mut self, transform: Option<WeightTransform>) {
+        self.weight_transform = transform;
+    }
+
+    /// The weight a linear or conv layer computes with: the parameter, or its transform
+    /// with a straight-through gradient.
+    fn weight(&self, i: usize, train: bool) -> Result<Tensor> {
+        let w = self.params[i].tensor(train);
+        let Some(f) = &self.weight_transform else {
+            return Ok(w);
+        };
+        match (f.0)(self.params[i].name(), &w.detach())? {
+            None => Ok(w),
+            Some(q) if train && self.params[i].is_trainable() => Ok((&w + (q - w.detach())?)?),
+            Some(q) => Ok(q),
+        }
+    }
+
     fn layer(&self, node: &Node, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let train = rng.is_some();
         let t = |i: usize| self.params[i].tensor(train);
         Ok(match node {
             Node::Linear { w, b } => {
-                let w = t(*w);
+                let w = self.weight(*w, train)?;
                 let (in_f, out_f) = (w.dim(1)?, w.dim(0)?);
                 let rows = x.elem_count() / in_f;
                 // Reshapes only when needed: even a no-op reshape is a backward node.
@@ -536,14 +632,15 @@ impl Model {
                     // im2col + gemm, bias folded in: candle's conv2d backward is ~50x
                     // slower (conv.rs).
                     let bias = b.map(t);
-                    conv::conv2d(x, &t(*w), bias.as_ref(), *stride, (padding.0, padding.1))?
+                    let w = self.weight(*w, train)?;
+                    conv::conv2d(x, &w, bias.as_ref(), *stride, (padding.0, padding.1))?
                 } else {
                     let (x, pad) = if padding.0 == padding.1 {
                         (x.clone(), padding.0)
                     } else {
                         (pad_hw(x, *padding, 0.0)?, 0)
                     };
-                    let y = x.conv2d(&t(*w), pad, *stride, 1, 1)?;
+                    let y = x.conv2d(&self.weight(*w, train)?, pad, *stride, 1, 1)?;
                     match b {
                         Some(b) => y.broadcast_add(&t(*b).reshape((1, (), 1, 1))?)?,
                         None => y,
@@ -750,6 +847,37 @@ pub(crate) mod tests {
         let a = model.forward_eval(&input(5, 1)).unwrap();
         let b = model.forward_eval(&input(5, 1)).unwrap();
         assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn taps_return_named_layer_outputs() {
+        let model = Model::init(&every_layer(), 3).unwrap();
+        let x = input(4, 7);
+        let (y, taps) = model.forward_eval_taps(&x, &["fc1", "8", "head"]).unwrap();
+        assert_eq!(
+            y.to_vec2::<f32>().unwrap(),
+            model.forward_eval(&x).unwrap().to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(taps[0].dims(), &[4, 8]);
+        assert_eq!(taps[1].dims(), &[4, 6]);
+        assert_eq!(
+            taps[2].to_vec2::<f32>().unwrap(),
+            y.to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(model.layer_index("c2"), Some(6));
+        // Train mode: same dropout stream as forward_train, taps carry gradients.
+        let (mut r1, mut r2) = (ChaCha8Rng::seed_from_u64(1), ChaCha8Rng::seed_from_u64(1));
+        let (yt, taps) = model.forward_train_taps(&x, &mut r1, &["fc1"]).unwrap();
+        let plain = model.forward_train(&x, &mut r2).unwrap();
+        assert_eq!(
+            yt.to_vec2::<f32>().unwrap(),
+            plain.to_vec2::<f32>().unwrap()
+        );
+        let grads = taps[0].sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(model.params()[0].var().as_tensor()).is_some());
+        let e = model.forward_eval_taps(&x, &["nope"]).unwrap_err();
+        assert_eq!(e.code(), "validation_failed");
+        assert!(e.to_string().contains("\"nope\""), "{e}");
     }
 
     #[test]

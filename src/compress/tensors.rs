@@ -750,6 +750,33 @@ pub fn encode_f32(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// `values` encoded as little-endian `dtype` (F32, F64, F16 or BF16; values are rounded to
+/// the nearest representable one).
+pub fn encode_as(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>> {
+    Ok(match dtype {
+        Dtype::F32 => encode_f32(values),
+        Dtype::F64 => values
+            .iter()
+            .flat_map(|v| f64::from(*v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        other => {
+            return Err(Error::UnsupportedDtype {
+                tensor: String::new(),
+                dtype: other.as_str().to_owned(),
+                expected: "F32, F64, F16 or BF16 for a rewritten tensor".to_owned(),
+            })
+        }
+    })
+}
+
 /// Little-endian bytes of `values` (the I64 payload of a safetensors tensor).
 pub fn encode_i64(values: &[i64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()

@@ -17,7 +17,7 @@ use std::f64::consts::PI;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -217,7 +217,8 @@ pub struct Checkpoint {
     pub epoch: usize,
     /// Optimizer steps taken.
     pub step: u64,
-    /// Every parameter and buffer of the model.
+    /// Every parameter and buffer of the model, then the run's extra variables
+    /// ([`TrainHooks::extra_params`]).
     pub weights: Vec<NamedTensor>,
     /// Optimizer state, named `{slot}.{parameter}` (`exp_avg.fc1.weight`).
     pub optimizer: Vec<NamedTensor>,
@@ -373,11 +374,30 @@ pub fn cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     Ok(picked.sum_all()?.affine(-1.0 / batch.len as f64, 0.0)?)
 }
 
+/// A whole training forward pass: `(model, batch, rng) → (model outputs, loss)`. Lets a
+/// caller run the model its own way (e.g. with intermediate outputs, or with a teacher)
+/// while the loop keeps shuffling, optimizing, validating and checkpointing. The outputs
+/// are used for training accuracy; `rng` is the loop's stream (dropout masks).
+pub type StepLossFn<'a> = dyn Fn(&Model, &Batch, &mut ChaCha8Rng) -> Result<(Tensor, Tensor)> + 'a;
+
+/// Called after every optimizer step with the updated model (e.g. to put pruned weights
+/// back to zero). An error stops training.
+pub type AfterStepFn<'a> = dyn Fn(&Model) -> Result<()> + 'a;
+
 /// The caller's hooks into a run.
 #[derive(Default)]
 pub struct TrainHooks<'a> {
     /// The loss; [`cross_entropy`] when `None`.
     pub loss: Option<&'a LossFn<'a>>,
+    /// Replaces the forward pass and `loss` together when set.
+    pub forward_loss: Option<&'a StepLossFn<'a>>,
+    /// Called after every optimizer step.
+    pub after_step: Option<&'a AfterStepFn<'a>>,
+    /// Trainable f32 variables besides the model's (e.g. a distillation projection),
+    /// named uniquely (no clash with the model's parameter names). The optimizer updates
+    /// them with the model's settings (learning-rate multipliers match their names), and
+    /// checkpoints carry them in `weights` and their state in `optimizer`.
+    pub extra_params: Vec<(String, Var)>,
     /// Called after every epoch with its metrics and a checkpoint of the state after it
     /// (persist the checkpoint to survive a crash). An error stops training.
     #[allow(clippy::type_complexity)]
@@ -426,35 +446,47 @@ pub fn lr_at(
     }
 }
 
+/// One tensor the optimizer updates: a trainable model parameter or a caller's extra
+/// variable (a clone of the same candle variable, sharing its storage).
+struct Trainable {
+    name: String,
+    var: Var,
+}
+
 /// The optimizer's per-parameter state and hyper-parameters.
 struct OptimizerState {
     rule: Optimizer,
     weight_decay: f64,
-    /// Indices of the trainable parameters in `Model::params`.
-    params: Vec<usize>,
+    /// The model's trainable parameters (in `Model::params` order), then the extras.
+    vars: Vec<Trainable>,
     lr_scale: Vec<f64>,
-    /// `slots[s][k]`: slot `s` of trainable parameter `k`.
+    /// `slots[s][k]`: slot `s` of trainable tensor `k`.
     slots: Vec<Vec<Vec<f32>>>,
     step: u64,
 }
 
 impl OptimizerState {
-    fn new(model: &Model, config: &TrainConfig) -> OptimizerState {
-        let params: Vec<usize> = model
+    fn new(model: &Model, extra: &[(String, Var)], config: &TrainConfig) -> OptimizerState {
+        let vars: Vec<Trainable> = model
             .params()
             .iter()
-            .enumerate()
-            .filter(|(_, p)| p.is_trainable())
-            .map(|(i, _)| i)
+            .filter(|p| p.is_trainable())
+            .map(|p| Trainable {
+                name: p.name().to_owned(),
+                var: p.var().clone(),
+            })
+            .chain(extra.iter().map(|(name, var)| Trainable {
+                name: name.clone(),
+                var: var.clone(),
+            }))
             .collect();
-        let lr_scale = params
+        let lr_scale = vars
             .iter()
-            .map(|&i| {
-                let name = model.params()[i].name();
+            .map(|t| {
                 config
                     .lr_multipliers
                     .iter()
-                    .find(|(pat, _)| glob_match(pat, name))
+                    .find(|(pat, _)| glob_match(pat, &t.name))
                     .map_or(1.0, |(_, m)| *m)
             })
             .collect();
@@ -463,30 +495,28 @@ impl OptimizerState {
             .slots()
             .iter()
             .map(|_| {
-                params
-                    .iter()
-                    .map(|&i| vec![0f32; model.params()[i].spec().numel()])
+                vars.iter()
+                    .map(|t| vec![0f32; t.var.elem_count()])
                     .collect()
             })
             .collect();
         OptimizerState {
             rule: config.optimizer,
             weight_decay: config.weight_decay,
-            params,
+            vars,
             lr_scale,
             slots,
             step: 0,
         }
     }
 
-    fn export(&self, model: &Model) -> Vec<NamedTensor> {
+    fn export(&self) -> Vec<NamedTensor> {
         let mut out = Vec::new();
         for (s, slot) in self.rule.slots().iter().enumerate() {
-            for (k, &i) in self.params.iter().enumerate() {
-                let p = model.params()[i].spec();
+            for (k, t) in self.vars.iter().enumerate() {
                 out.push(NamedTensor {
-                    name: format!("{slot}.{}", p.name),
-                    shape: p.shape.clone(),
+                    name: format!("{slot}.{}", t.name),
+                    shape: t.var.dims().to_vec(),
                     values: self.slots[s][k].clone(),
                 });
             }
@@ -494,17 +524,17 @@ impl OptimizerState {
         out
     }
 
-    fn restore(&mut self, model: &Model, saved: &[NamedTensor], step: u64) -> Result<()> {
+    fn restore(&mut self, saved: &[NamedTensor], step: u64) -> Result<()> {
         let by_name: BTreeMap<&str, &NamedTensor> =
             saved.iter().map(|t| (t.name.as_str(), t)).collect();
-        if by_name.len() != self.rule.slots().len() * self.params.len() {
+        if by_name.len() != self.rule.slots().len() * self.vars.len() {
             return Err(bad_checkpoint(
                 "its optimizer state does not match this optimizer and set of trainable parameters",
             ));
         }
         for (s, slot) in self.rule.slots().iter().enumerate() {
-            for (k, &i) in self.params.iter().enumerate() {
-                let name = format!("{slot}.{}", model.params()[i].name());
+            for (k, t) in self.vars.iter().enumerate() {
+                let name = format!("{slot}.{}", t.name);
                 match by_name.get(name.as_str()) {
                     Some(t) if t.values.len() == self.slots[s][k].len() => {
                         self.slots[s][k].copy_from_slice(&t.values);
@@ -517,19 +547,13 @@ impl OptimizerState {
         Ok(())
     }
 
-    /// One update of every trainable parameter from `grads`, in place.
-    fn apply(
-        &mut self,
-        model: &Model,
-        grads: &GradStore,
-        lr: f64,
-        clip: Option<f64>,
-    ) -> Result<()> {
-        let mut found = Vec::with_capacity(self.params.len());
-        for &i in &self.params {
-            let var = model.params()[i].var();
-            found.push(grads.get(var.as_tensor()).cloned());
-        }
+    /// One update of every trainable tensor from `grads`, in place.
+    fn apply(&mut self, grads: &GradStore, lr: f64, clip: Option<f64>) -> Result<()> {
+        let found: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|t| grads.get(t.var.as_tensor()).cloned())
+            .collect();
         let scale = match clip {
             Some(max_norm) => {
                 let mut sq = 0f64;
@@ -546,7 +570,7 @@ impl OptimizerState {
         };
         self.step += 1;
         let t = self.step as i32;
-        for (k, &i) in self.params.iter().enumerate() {
+        for (k, trainable) in self.vars.iter().enumerate() {
             let Some(grad) = &found[k] else { continue };
             let lr = (lr * self.lr_scale[k]) as f32;
             let wd = self.weight_decay as f32;
@@ -575,13 +599,39 @@ impl OptimizerState {
                 },
             };
             let grad = grad.contiguous()?;
-            model.params()[i]
-                .var()
-                .as_tensor()
-                .inplace_op2(&grad, &op)?;
+            trainable.var.as_tensor().inplace_op2(&grad, &op)?;
         }
         Ok(())
     }
+}
+
+/// The caller's extra variables as named tensors (for checkpoints).
+fn export_extra(extra: &[(String, Var)]) -> Result<Vec<NamedTensor>> {
+    extra
+        .iter()
+        .map(|(name, var)| {
+            Ok(NamedTensor {
+                name: name.clone(),
+                shape: var.dims().to_vec(),
+                values: var.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+            })
+        })
+        .collect()
+}
+
+/// Overwrites the caller's extra variables from a checkpoint's `weights`.
+fn load_extra(extra: &[(String, Var)], weights: &[NamedTensor]) -> Result<()> {
+    for (name, var) in extra {
+        match weights.iter().find(|t| &t.name == name) {
+            Some(t) if t.shape == var.dims() => var.set(&Tensor::from_slice(
+                &t.values,
+                t.shape.clone(),
+                var.device(),
+            )?)?,
+            _ => return Err(bad_checkpoint(format!("missing or misshapen {name}"))),
+        }
+    }
+    Ok(())
 }
 
 /// Runs `f` over a CPU f32 tensor's elements without copying them.
@@ -743,14 +793,26 @@ pub fn train(
         .early_stopping
         .map_or(StopMetric::ValLoss, |e| e.metric);
 
-    let mut opt = OptimizerState::new(model, config);
+    let forward_loss = hooks.forward_loss;
+    let after_step = hooks.after_step;
+    let extra = std::mem::take(&mut hooks.extra_params);
+    if let Some((name, _)) = extra
+        .iter()
+        .find(|(name, _)| model.params().iter().any(|p| p.name() == name))
+    {
+        return Err(Error::Internal(format!(
+            "extra training variable {name:?} clashes with a model parameter"
+        )));
+    }
+    let mut opt = OptimizerState::new(model, &extra, config);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut best: Option<BestSoFar> = None;
     let mut history = Vec::new();
     let mut start = 0;
     if let Some(cp) = hooks.resume.take() {
         model.load(&cp.weights)?;
-        opt.restore(model, &cp.optimizer, cp.step)?;
+        load_extra(&extra, &cp.weights)?;
+        opt.restore(&cp.optimizer, cp.step)?;
         rng = cp.rng.restore();
         best = cp.best;
         history = cp.history;
@@ -789,8 +851,14 @@ pub fn train(
                 steps_per_epoch,
                 config.epochs,
             );
-            let out = model.forward_train(&batch.x, &mut rng)?;
-            let loss = loss_fn(&out, &batch)?;
+            let (out, loss) = match forward_loss {
+                Some(f) => f(model, &batch, &mut rng)?,
+                None => {
+                    let out = model.forward_train(&batch.x, &mut rng)?;
+                    let loss = loss_fn(&out, &batch)?;
+                    (out, loss)
+                }
+            };
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(Error::NonFiniteLoss {
@@ -799,7 +867,10 @@ pub fn train(
                 });
             }
             let grads = loss.backward()?;
-            opt.apply(model, &grads, lr, config.grad_clip)?;
+            opt.apply(&grads, lr, config.grad_clip)?;
+            if let Some(f) = after_step {
+                f(model)?;
+            }
             loss_sum += value as f64 * batch.len as f64;
             seen += batch.len;
             match (&batch.labels, out.rank()) {
@@ -864,11 +935,13 @@ pub fn train(
         stopped_early = epoch < config.epochs && patience_spent(&best);
         history.push(metrics.clone());
         if let Some(cb) = hooks.on_epoch.as_deref_mut() {
+            let mut weights = model.export()?;
+            weights.extend(export_extra(&extra)?);
             let checkpoint = Checkpoint {
                 epoch,
                 step: opt.step,
-                weights: model.export()?,
-                optimizer: opt.export(model),
+                weights,
+                optimizer: opt.export(),
                 rng: RngState::of(&rng),
                 best: best.clone(),
                 history: history.clone(),
@@ -957,9 +1030,9 @@ mod tests {
             Ok(())
         };
         let hooks = TrainHooks {
-            loss: None,
             on_epoch: Some(&mut on_epoch),
             resume,
+            ..Default::default()
         };
         let out = train(&mut model, &train_set, Some(&val_set), config, &ctx, hooks);
         (out, model.export().unwrap(), saved)
@@ -1052,6 +1125,74 @@ mod tests {
         };
         assert!((lr(step, 4) - 0.1).abs() < 1e-12);
         assert!((lr(step, 8) - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn after_step_keeps_masked_weights_at_zero() {
+        let data = noisy_data(41, 5);
+        for optimizer in [
+            Optimizer::ADAMW,
+            Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+            },
+        ] {
+            let model = Model::init(&every_layer(), 5).unwrap();
+            let before = model.export().unwrap();
+            let fc1 = model
+                .params()
+                .iter()
+                .position(|p| p.name() == "fc1.weight")
+                .unwrap();
+            // Keep every other element of fc1.weight at zero, as a pruning mask would.
+            let mask: Vec<f32> = (0..48).map(|i| (i % 2) as f32).collect();
+            let mask = Tensor::from_vec(mask, (8, 6), &candle_core::Device::Cpu).unwrap();
+            let calls = std::cell::Cell::new(0usize);
+            let zero_masked = |m: &Model| -> Result<()> {
+                calls.set(calls.get() + 1);
+                let var = m.params()[fc1].var();
+                var.set(&var.as_tensor().mul(&mask)?)?;
+                Ok(())
+            };
+            zero_masked(&model).unwrap();
+            calls.set(0);
+            let cancel = AtomicBool::new(false);
+            let ctx = Ctx::new(&|_, _| {}, &cancel);
+            let mut cfg = config(optimizer);
+            cfg.early_stopping = None;
+            cfg.epochs = 2;
+            let mut model = model;
+            let hooks = TrainHooks {
+                after_step: Some(&zero_masked),
+                ..Default::default()
+            };
+            train(&mut model, &Subset::all(&data), None, &cfg, &ctx, hooks).unwrap();
+            // 41 samples in batches of 8: 5 full batches + a skipped single, per epoch.
+            assert_eq!(calls.get(), 10);
+            let after = model.export().unwrap();
+            let w = &after
+                .iter()
+                .find(|t| t.name == "fc1.weight")
+                .unwrap()
+                .values;
+            let w0 = &before
+                .iter()
+                .find(|t| t.name == "fc1.weight")
+                .unwrap()
+                .values;
+            for (i, (a, b)) in w.iter().zip(w0).enumerate() {
+                if i % 2 == 0 {
+                    assert_eq!(*a, 0.0, "{optimizer:?} element {i}");
+                } else {
+                    assert_ne!(a, b, "{optimizer:?} element {i} did not train");
+                }
+            }
+            for (a, b) in after.iter().zip(&before) {
+                if a.name.ends_with("weight") {
+                    assert_ne!(a.values, b.values, "{} did not train", a.name);
+                }
+            }
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::db::models::ModelRecord;
 use crate::db::{self, events, models};
 use crate::ids::{now_micros, rfc3339, JobId, ModelId};
 use crate::queue::CancelOutcome;
-use crate::spec::{self, DatasetFacts, Facts, FieldError};
+use crate::spec::{self, DatasetFacts, Facts, FieldError, ModelFacts};
 
 /// Routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -219,7 +219,26 @@ async fn facts_for(state: &AppState, model: &ModelRecord, body: &Value) -> ApiRe
             );
         }
     }
+    let mut models = HashMap::new();
+    for id in spec::distill::referenced_students(body) {
+        let Ok(model_id) = id.parse::<ModelId>() else {
+            continue;
+        };
+        if let Some(m) = db::models::get(&state.db, model_id).await? {
+            models.insert(
+                id,
+                ModelFacts {
+                    tensors: inventory_infos(&m.tensors),
+                    architecture: m
+                        .architecture
+                        .as_ref()
+                        .and_then(|a| Architecture::from_json(a).ok()),
+                },
+            );
+        }
+    }
     Ok(Facts {
+        models,
         tensors: inventory_infos(&model.tensors),
         // A stored architecture was validated on upload; one that no longer parses (a
         // newer rule) is treated as absent, which the checks report.
@@ -258,6 +277,9 @@ fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Val
             let batch = match step {
                 spec::Step::Finetune(f) => Some(f.batch_size as u64),
                 spec::Step::Evaluate(e) => Some(e.batch_size as u64),
+                spec::Step::Distill(d) => Some(d.train.batch_size as u64),
+                spec::Step::Prune(p) => p.schedule.as_ref().map(|s| s.finetune.batch_size as u64),
+                spec::Step::Quantize(q) => q.qat.as_ref().map(|t| t.batch_size as u64),
                 spec::Step::QuantizeFloat(_) => None,
             };
             if let (Some(batch), Some(arch)) = (batch, &facts.architecture) {

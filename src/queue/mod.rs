@@ -8,6 +8,7 @@
 //! [`Error::LeaseLost`]. Expired leases are rescued back to `queued` with exponential backoff
 //! and jitter, or to `failed` once `max_attempts` is spent.
 
+mod ops;
 pub mod runner;
 pub mod worker;
 

@@ -23,7 +23,7 @@ use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::JobRecord;
 use crate::db::models::ModelRecord;
 use crate::ids::DatasetId;
-use crate::queue::JobError;
+use crate::queue::{ops, JobError};
 use crate::spec::{self, EvalSpec, FinetuneSpec, JobSpec, Step};
 use crate::store::{BlobRef, BlobStore, TempBlob};
 
@@ -50,6 +50,8 @@ pub struct PipelineOutput {
     pub metrics: Value,
     /// The metrics document stored as a `report` artifact.
     pub report: BlobRef,
+    /// Compact encodings of the output (`packed`, `gguf`): `(kind, format, blob)`.
+    pub encodings: Vec<(String, String, BlobRef)>,
 }
 
 /// Why a pipeline stopped without output.
@@ -107,6 +109,8 @@ pub struct PipelineInputs<'a> {
     pub model: &'a ModelRecord,
     /// Every dataset the spec names.
     pub datasets: &'a HashMap<DatasetId, DatasetRecord>,
+    /// Student models named by `distill` steps, by id.
+    pub students: &'a HashMap<String, ModelRecord>,
     /// Where an earlier attempt left off, if it saved a training checkpoint.
     pub resume: Option<ResumePoint>,
 }
@@ -173,6 +177,18 @@ pub fn run_pipeline(
     };
     let mut arch_json = model.architecture.clone();
     let mut step_metrics = Vec::new();
+    let mut encodings: Vec<(String, String, BlobRef)> = Vec::new();
+    let env = |index: usize| ops::Env {
+        store,
+        datasets: &datasets,
+        ctx,
+        hooks,
+        index,
+        resume: inputs.resume.as_ref(),
+        seed: spec.seed,
+        eval: spec.eval.as_ref(),
+        students: inputs.students,
+    };
     for (index, step) in spec.steps.iter().enumerate() {
         ctx.check()?;
         (hooks.step_started)(index, step.op());
@@ -242,36 +258,15 @@ pub fn run_pipeline(
                     }
                     _ => None,
                 };
-                let mut last_saved: Option<Instant> = None;
-                let mut on_epoch = |m: &EpochMetrics, c: &Checkpoint| -> compress::Result<()> {
-                    (hooks.epoch_finished)(index, m);
-                    // The first epoch's checkpoint is always kept; after that at most one per
-                    // interval, so many short epochs do not turn into many file writes. The
-                    // last epoch needs none: the step's output follows at once.
-                    let due = last_saved.is_none_or(|t| t.elapsed() >= CHECKPOINT_INTERVAL);
-                    if !due || c.epoch >= f.epochs {
-                        return Ok(());
-                    }
-                    last_saved = Some(Instant::now());
-                    let bytes = c.to_safetensors_bytes()?;
-                    let blob = store
-                        .put_bytes(&bytes)
-                        .map_err(|e| compress::Error::Io(std::io::Error::other(e.to_string())))?;
-                    (hooks.checkpoint_saved)(ResumePoint {
-                        step: index,
-                        sha256: blob.sha256,
-                        epoch: c.epoch,
-                    });
-                    Ok(())
-                };
+                let mut on_epoch = ops::checkpointer(store, hooks, index, f.epochs);
                 let out = finetune::finetune(
                     m,
                     &params,
                     ctx,
                     TrainHooks {
-                        loss: None,
                         on_epoch: Some(&mut on_epoch),
                         resume,
+                        ..Default::default()
                     },
                 )?;
                 let new_arch = out.architecture.to_json();
@@ -290,6 +285,18 @@ pub fn run_pipeline(
                 let mut temp = store.create_temp()?;
                 write_named(&mut temp, &metadata, &out.weights)?;
                 Some(temp)
+            }
+            Step::Prune(p) => {
+                let out = ops::prune(&env(index), p, &input, &arch_json, &metadata)?;
+                absorb(store, &mut record, &mut arch_json, &mut encodings, out)?
+            }
+            Step::Quantize(q) => {
+                let out = ops::quantize(&env(index), q, &input, &arch_json, &metadata)?;
+                absorb(store, &mut record, &mut arch_json, &mut encodings, out)?
+            }
+            Step::Distill(d) => {
+                let out = ops::distill(&env(index), d, &input, &arch_json, &metadata)?;
+                absorb(store, &mut record, &mut arch_json, &mut encodings, out)?
             }
         };
         drop(input);
@@ -310,6 +317,13 @@ pub fn run_pipeline(
         "bits_per_weight": final_weights.bits_per_weight(),
         "compression_ratio": model.size_bytes as f64 / current.size.max(1) as f64,
     });
+    if let Some((kind, _, blob)) = encodings.last() {
+        final_json["encoding"] = json!(kind);
+        final_json["packed_size_bytes"] = json!(blob.size);
+        final_json["compression_ratio"] = json!(model.size_bytes as f64 / blob.size.max(1) as f64);
+        final_json["bits_per_weight"] =
+            json!(blob.size as f64 * 8.0 / final_weights.parameters.max(1) as f64);
+    }
     if let Some(eval) = &spec.eval {
         let e = evaluate_file(
             &arch_json,
@@ -339,11 +353,12 @@ pub fn run_pipeline(
         architecture: arch_json,
         metrics,
         report,
+        encodings,
     })
 }
 
 /// Evaluate the network in `file` (with architecture `arch`) on `spec`'s dataset.
-fn evaluate_file(
+pub(super) fn evaluate_file(
     arch: &Option<Value>,
     file: &SafetensorsFile,
     datasets: &DatasetCache,
@@ -365,13 +380,35 @@ fn evaluate_file(
 /// Whether any step or the job's `eval` runs the network.
 fn needs_network(spec: &JobSpec) -> bool {
     spec.eval.is_some()
-        || spec
-            .steps
-            .iter()
-            .any(|s| matches!(s, Step::Finetune(_) | Step::Evaluate(_)))
+        || spec.steps.iter().any(|s| match s {
+            Step::Finetune(_) | Step::Evaluate(_) | Step::Distill(_) => true,
+            Step::Prune(p) => p.schedule.is_some(),
+            Step::Quantize(q) => q.qat.is_some() || q.max_accuracy_drop.is_some(),
+            Step::QuantizeFloat(_) => false,
+        })
 }
 
-fn current_arch(arch: &Option<Value>) -> Result<Architecture, PipelineError> {
+/// Merge a compress step's output into its metrics record; returns its file.
+fn absorb(
+    store: &BlobStore,
+    record: &mut Value,
+    arch_json: &mut Option<Value>,
+    encodings: &mut Vec<(String, String, BlobRef)>,
+    out: ops::StepOut,
+) -> Result<Option<TempBlob>, PipelineError> {
+    merge(record, &out.record);
+    if let Some(a) = out.architecture {
+        *arch_json = Some(a);
+    }
+    if let Some(a) = out.artifact {
+        let blob = store.commit(a.file)?;
+        record["encoded_bytes"] = json!(blob.size);
+        encodings.push((a.kind.to_string(), a.format.to_string(), blob));
+    }
+    Ok(out.file)
+}
+
+pub(super) fn current_arch(arch: &Option<Value>) -> Result<Architecture, PipelineError> {
     match arch {
         Some(a) => Ok(Architecture::from_json(a)?),
         None => Err(PipelineError::Failed(JobError {
@@ -383,7 +420,7 @@ fn current_arch(arch: &Option<Value>) -> Result<Architecture, PipelineError> {
 }
 
 /// The job's datasets, loaded from the store once, before the first step.
-struct DatasetCache<'a> {
+pub(super) struct DatasetCache<'a> {
     records: &'a HashMap<DatasetId, DatasetRecord>,
     loaded: HashMap<DatasetId, Dataset>,
 }
@@ -400,7 +437,7 @@ impl<'a> DatasetCache<'a> {
         Ok(Self { records, loaded })
     }
 
-    fn get(&self, id: &DatasetId) -> Result<&Dataset, PipelineError> {
+    pub(super) fn get(&self, id: &DatasetId) -> Result<&Dataset, PipelineError> {
         self.loaded.get(id).ok_or_else(|| {
             PipelineError::Failed(JobError {
                 code: "dataset_not_found".into(),
@@ -422,7 +459,7 @@ impl<'a> DatasetCache<'a> {
 }
 
 /// The API's figures of an evaluation.
-fn eval_json(e: &Evaluation) -> Value {
+pub(super) fn eval_json(e: &Evaluation) -> Value {
     json!({
         "samples": e.samples,
         "loss": e.loss,
@@ -445,7 +482,7 @@ fn merge(into: &mut Value, from: &Value) {
 }
 
 /// Map the validated spec onto the engine's parameters.
-fn finetune_params<'d>(
+pub(super) fn finetune_params<'d>(
     f: &FinetuneSpec,
     job_seed: u64,
     train: &'d Dataset,
@@ -517,7 +554,7 @@ fn finetune_params<'d>(
 }
 
 /// Write f32 tensors as a safetensors file.
-fn write_named(
+pub(super) fn write_named(
     out: &mut dyn std::io::Write,
     metadata: &std::collections::BTreeMap<String, String>,
     weights: &[NamedTensor],

@@ -66,6 +66,7 @@ struct Prepared {
     spec: spec::JobSpec,
     model: ModelRecord,
     datasets: HashMap<DatasetId, DatasetRecord>,
+    students: HashMap<String, ModelRecord>,
     resume: Option<ResumePoint>,
 }
 
@@ -176,6 +177,7 @@ impl Worker {
             spec,
             model,
             datasets,
+            students,
             resume,
         } = match self.prepare(&job).await {
             Ok(p) => p,
@@ -282,6 +284,7 @@ impl Worker {
                     spec: &spec,
                     model: &model,
                     datasets: &datasets,
+                    students: &students,
                     resume,
                 };
                 let hooks = PipelineHooks {
@@ -445,6 +448,18 @@ impl Worker {
                 datasets.insert(id, d);
             }
         }
+        let mut students = HashMap::new();
+        for id in spec::distill::referenced_students(&job.spec) {
+            let Ok(model_id) = id.parse::<ModelId>() else {
+                continue;
+            };
+            if let Some(m) = crate::db::models::get(self.queue.db(), model_id)
+                .await
+                .map_err(db_error)?
+            {
+                students.insert(id, m);
+            }
+        }
         let resume = job
             .checkpoint
             .as_ref()
@@ -453,6 +468,7 @@ impl Worker {
             spec,
             model,
             datasets,
+            students,
             resume,
         })
     }
@@ -491,10 +507,15 @@ impl Worker {
             created_at: now,
         };
         Completion {
-            artifacts: vec![
-                artifact("model", "safetensors", &output.model),
-                artifact("report", "json", &output.report),
-            ],
+            artifacts: std::iter::once(artifact("model", "safetensors", &output.model))
+                .chain(
+                    output
+                        .encodings
+                        .iter()
+                        .map(|(kind, format, blob)| artifact(kind, format, blob)),
+                )
+                .chain(std::iter::once(artifact("report", "json", &output.report)))
+                .collect(),
             models: vec![model],
             metrics: output.metrics,
         }

@@ -5,7 +5,10 @@
 //! Checks that need stored state (does the model exist, which tensors does it have) take that
 //! state as arguments; this module does no I/O.
 
+pub mod distill;
 mod fields;
+pub mod prune;
+pub mod quantize;
 pub mod train;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,7 +20,10 @@ pub use crate::compress::quantize::FloatDtype;
 use crate::compress::select;
 use crate::compress::tensors::TensorInfo;
 use crate::ids::DatasetId;
+pub use distill::DistillSpec;
 use fields::escape;
+pub use prune::PruneSpec;
+pub use quantize::QuantizeSpec;
 pub use train::{EvalSpec, FinetuneSpec};
 
 /// What is known about the job's inputs when it is submitted, for the checks that need it.
@@ -29,6 +35,37 @@ pub struct Facts {
     pub architecture: Option<Architecture>,
     /// Every dataset the request names that exists.
     pub datasets: HashMap<DatasetId, DatasetFacts>,
+    /// Every other model the request names (distillation students) that exists, by id.
+    pub models: HashMap<String, ModelFacts>,
+}
+
+/// What is known about a model other than the job's input.
+#[derive(Debug, Clone, Default)]
+pub struct ModelFacts {
+    /// Its tensors.
+    pub tensors: Vec<TensorInfo>,
+    /// Its architecture, if it has one.
+    pub architecture: Option<Architecture>,
+}
+
+impl ModelFacts {
+    /// The facts of a model freshly initialised from `arch` (f32 parameters).
+    pub fn from_architecture(arch: Architecture) -> Self {
+        let tensors = arch
+            .parameters()
+            .iter()
+            .map(|p| TensorInfo {
+                name: p.name.clone(),
+                dtype: crate::compress::tensors::Dtype::F32,
+                shape: p.shape.clone(),
+                data_offsets: (0, 0),
+            })
+            .collect();
+        Self {
+            tensors,
+            architecture: Some(arch),
+        }
+    }
 }
 
 impl Facts {
@@ -120,6 +157,17 @@ pub mod limits {
     pub const MAX_LABELS: usize = 32;
 }
 
+/// `Some("packed" | "gguf" | "sparse")` when a step writes something only a last step may.
+fn final_only_output(step: &Step) -> Option<&'static str> {
+    match step {
+        Step::Quantize(q) if q.format != quantize::QuantFormat::Dequantized => {
+            Some(q.format.as_str())
+        }
+        Step::Prune(p) if p.output == prune::PruneOutput::Sparse => Some("sparse"),
+        _ => None,
+    }
+}
+
 /// Which tensors a weight operation touches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
@@ -154,6 +202,12 @@ pub enum Step {
     Finetune(Box<FinetuneSpec>),
     /// Measure on a dataset; the model passes through unchanged.
     Evaluate(EvalSpec),
+    /// Remove weights (unstructured, N:M) or whole units (structured).
+    Prune(Box<PruneSpec>),
+    /// Integer, codebook or GGUF quantization.
+    Quantize(Box<QuantizeSpec>),
+    /// Knowledge distillation into a student.
+    Distill(Box<DistillSpec>),
 }
 
 impl Step {
@@ -163,6 +217,9 @@ impl Step {
             Step::QuantizeFloat(_) => "quantize",
             Step::Finetune(_) => "finetune",
             Step::Evaluate(_) => "evaluate",
+            Step::Prune(_) => "prune",
+            Step::Quantize(_) => "quantize",
+            Step::Distill(_) => "distill",
         }
     }
 
@@ -183,6 +240,9 @@ impl Step {
                 v["op"] = json!("evaluate");
                 v
             }
+            Step::Prune(p) => p.to_json(),
+            Step::Quantize(q) => q.to_json(),
+            Step::Distill(d) => d.to_json(),
         }
     }
 
@@ -190,7 +250,9 @@ impl Step {
     pub fn selection(&self) -> Option<&Selection> {
         match self {
             Step::QuantizeFloat(q) => Some(&q.selection),
-            Step::Finetune(_) | Step::Evaluate(_) => None,
+            Step::Prune(p) => Some(&p.selection),
+            Step::Quantize(q) => Some(&q.selection),
+            Step::Finetune(_) | Step::Evaluate(_) | Step::Distill(_) => None,
         }
     }
 }
@@ -236,7 +298,6 @@ impl JobSpec {
 }
 
 const OPS: &[&str] = &["prune", "quantize", "finetune", "distill", "evaluate"];
-const QUANTIZE_METHODS: &[&str] = &["uniform", "kmeans", "log2", "nf4", "float", "gguf"];
 
 /// Parse a job request. `tensors` is the input model's inventory when the model exists (used
 /// to check that patterns match something); pass `None` when it does not, and the model error
@@ -291,9 +352,37 @@ pub fn parse_job(body: &Value, facts: Option<&Facts>) -> Result<JobSpec, Vec<Fie
             ))
         }
         Some(Value::Array(items)) => {
+            // Each step is checked against the model as the steps before it leave it (after
+            // `distill`, later steps operate on the student).
+            let mut current = facts.cloned();
             for (i, item) in items.iter().enumerate() {
-                match parse_step(item, &format!("/steps/{i}"), facts) {
-                    Ok(step) => steps.push(step),
+                let pointer = format!("/steps/{i}");
+                let parsed = match item.get("op").and_then(Value::as_str) {
+                    Some("distill") => item
+                        .as_object()
+                        .ok_or_else(|| vec![FieldError::new(&pointer, "a step must be an object")])
+                        .and_then(|obj| distill::parse(obj, &pointer, current.as_ref()))
+                        .map(|(d, student)| {
+                            if let (Some(c), Some(s)) = (current.as_mut(), student) {
+                                c.tensors = s.tensors;
+                                c.architecture = s.architecture;
+                            }
+                            Step::Distill(Box::new(d))
+                        }),
+                    _ => parse_step(item, &pointer, current.as_ref()),
+                };
+                match parsed {
+                    Ok(step) => {
+                        if i + 1 < items.len() {
+                            if let Some(kind) = final_only_output(&step) {
+                                errors.push(FieldError::new(
+                                    format!("{pointer}/{}", if kind == "sparse" { "output" } else { "format" }),
+                                    format!("`{kind}` output is not a float model the next step can read: put this step last"),
+                                ));
+                            }
+                        }
+                        steps.push(step)
+                    }
                     Err(mut e) => errors.append(&mut e),
                 }
             }
@@ -313,6 +402,18 @@ pub fn parse_job(body: &Value, facts: Option<&Facts>) -> Result<JobSpec, Vec<Fie
             train::parse_eval(e, "/eval", &[], facts, &mut errors)
         }
     };
+    if eval.is_none() {
+        for (i, step) in steps.iter().enumerate() {
+            if let Step::Quantize(q) = step {
+                if q.max_accuracy_drop.is_some() {
+                    errors.push(FieldError::new(
+                        format!("/steps/{i}/max_accuracy_drop"),
+                        "needs the job's `eval` dataset to measure the accuracy drop",
+                    ));
+                }
+            }
+        }
+    }
     let priority = int_in(obj, "priority", 0, limits::PRIORITY, &mut errors);
     let max_attempts = int_in(obj, "max_attempts", 3, limits::MAX_ATTEMPTS, &mut errors);
     let timeout_seconds = int_in(
@@ -390,7 +491,9 @@ pub fn parse_step(
         }
     };
     match op {
-        "quantize" => parse_quantize(obj, pointer, facts.map(|f| f.tensors.as_slice())),
+        "quantize" => quantize::parse(obj, pointer, facts),
+        "prune" => prune::parse(obj, pointer, facts).map(|p| Step::Prune(Box::new(p))),
+        "distill" => distill::parse(obj, pointer, facts).map(|(d, _)| Step::Distill(Box::new(d))),
         "finetune" => {
             let mut errors = Vec::new();
             match train::parse_finetune(obj, pointer, facts, &mut errors) {
@@ -408,137 +511,10 @@ pub fn parse_step(
                 _ => Err(errors),
             }
         }
-        "prune" | "distill" => Err(vec![FieldError::unsupported(
-            format!("{pointer}/op"),
-            format!(
-                "`{op}` is part of the contract but not available in this version yet; \
-                     `quantize` (method `float`), `finetune` and `evaluate` are"
-            ),
-        )]),
         other => Err(vec![FieldError::new(
             format!("{pointer}/op"),
             format!("unknown op `{other}`; expected one of {}", OPS.join(", ")),
         )]),
-    }
-}
-
-fn parse_quantize(
-    obj: &Map<String, Value>,
-    pointer: &str,
-    tensors: Option<&[TensorInfo]>,
-) -> Result<Step, Vec<FieldError>> {
-    let mut errors = Vec::new();
-    let method = match obj.get("method").and_then(Value::as_str) {
-        Some(m) => m,
-        None => {
-            return Err(vec![FieldError::new(
-                format!("{pointer}/method"),
-                format!("is required; one of {}", QUANTIZE_METHODS.join(", ")),
-            )])
-        }
-    };
-    if method != "float" {
-        let e = if QUANTIZE_METHODS.contains(&method) {
-            FieldError::unsupported(
-                format!("{pointer}/method"),
-                format!("`{method}` is not available in this version yet; `float` is"),
-            )
-        } else {
-            FieldError::new(
-                format!("{pointer}/method"),
-                format!(
-                    "unknown method `{method}`; expected one of {}",
-                    QUANTIZE_METHODS.join(", ")
-                ),
-            )
-        };
-        return Err(vec![e]);
-    }
-    let allowed = [
-        "op", "method", "dtype", "include", "exclude", "skip", "format",
-    ];
-    for key in obj.keys() {
-        if !allowed.contains(&key.as_str()) {
-            errors.push(FieldError::new(
-                format!("{pointer}/{}", escape(key)),
-                format!(
-                    "unknown field for quantize/float; expected one of {}",
-                    allowed.join(", ")
-                ),
-            ));
-        }
-    }
-    let dtype = match obj.get("dtype").and_then(Value::as_str) {
-        Some("f16") => Some(FloatDtype::F16),
-        Some("bf16") => Some(FloatDtype::Bf16),
-        _ => {
-            errors.push(FieldError::new(
-                format!("{pointer}/dtype"),
-                "must be `f16` or `bf16`",
-            ));
-            None
-        }
-    };
-    match obj
-        .get("format")
-        .and_then(|f| if f.is_null() { None } else { Some(f) })
-    {
-        None => {}
-        Some(Value::String(f)) if f == "dequantized" => {}
-        Some(_) => errors.push(FieldError::new(
-            format!("{pointer}/format"),
-            "float quantization writes a float safetensors file: only `dequantized` applies",
-        )),
-    }
-    let include = patterns(
-        obj.get("include"),
-        &format!("{pointer}/include"),
-        &mut errors,
-    );
-    let mut exclude = patterns(
-        obj.get("exclude"),
-        &format!("{pointer}/exclude"),
-        &mut errors,
-    );
-    let skip = patterns(obj.get("skip"), &format!("{pointer}/skip"), &mut errors);
-    if let Some(tensors) = tensors {
-        check_patterns(
-            tensors,
-            &include,
-            &format!("{pointer}/include"),
-            &mut errors,
-        );
-        check_patterns(
-            tensors,
-            &exclude,
-            &format!("{pointer}/exclude"),
-            &mut errors,
-        );
-        check_patterns(tensors, &skip, &format!("{pointer}/skip"), &mut errors);
-    }
-    exclude.extend(skip);
-    let selection = Selection { include, exclude };
-    if let (Some(tensors), true) = (tensors, errors.is_empty()) {
-        let chosen = selection.resolve(tensors);
-        if chosen.is_empty() {
-            errors.push(FieldError::new(
-                pointer.to_string(),
-                "the selection matches no tensor (default: float tensors with ndim ≥ 2; use `include` to choose)",
-            ));
-        } else if let Some(bad) = chosen.iter().find(|t| !t.dtype.is_float()) {
-            errors.push(FieldError::new(
-                format!("{pointer}/include"),
-                format!(
-                    "tensor `{}` has dtype {} and cannot be cast to a float type",
-                    bad.name,
-                    bad.dtype.as_str()
-                ),
-            ));
-        }
-    }
-    match (dtype, errors.is_empty()) {
-        (Some(dtype), true) => Ok(Step::QuantizeFloat(FloatQuantize { dtype, selection })),
-        _ => Err(errors),
     }
 }
 

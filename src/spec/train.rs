@@ -186,6 +186,7 @@ pub fn parse_eval(
             f,
             &dataset_id,
             None,
+            true,
             &format!("{pointer}/dataset_id"),
             errors,
         );
@@ -196,6 +197,27 @@ pub fn parse_eval(
     })
 }
 
+/// What a training spec may hold where it is embedded (a `finetune` step, a pruning
+/// schedule's retraining, distillation, QAT).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainingRules<'a> {
+    /// Fields of the enclosing object that are not training parameters.
+    pub extra_fields: &'a [&'a str],
+    /// Whether the dataset must be labelled.
+    pub labels_required: bool,
+    /// Whether `freeze`, `head` and `layer_lr` apply.
+    pub layer_options: bool,
+}
+
+impl TrainingRules<'_> {
+    /// A `finetune` step.
+    pub const FINETUNE: TrainingRules<'static> = TrainingRules {
+        extra_fields: &["op"],
+        labels_required: true,
+        layer_options: true,
+    };
+}
+
 /// Parse a `finetune` step at `pointer`; `job_seed` is the default seed.
 pub fn parse_finetune(
     obj: &Map<String, Value>,
@@ -203,27 +225,34 @@ pub fn parse_finetune(
     facts: Option<&Facts>,
     errors: &mut Vec<FieldError>,
 ) -> Option<FinetuneSpec> {
+    parse_training(obj, pointer, facts, TrainingRules::FINETUNE, errors)
+}
+
+/// Parse training parameters at `pointer` under `rules`.
+pub fn parse_training(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    facts: Option<&Facts>,
+    rules: TrainingRules<'_>,
+    errors: &mut Vec<FieldError>,
+) -> Option<FinetuneSpec> {
     let before = errors.len();
-    deny_unknown(
-        obj,
-        &[
-            "op",
-            "dataset_id",
-            "validation",
-            "epochs",
-            "batch_size",
-            "optimizer",
-            "lr_schedule",
-            "freeze",
-            "head",
-            "layer_lr",
-            "early_stopping",
-            "grad_clip",
-            "seed",
-        ],
-        pointer,
-        errors,
-    );
+    let mut allowed = vec![
+        "dataset_id",
+        "validation",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr_schedule",
+        "early_stopping",
+        "grad_clip",
+        "seed",
+    ];
+    if rules.layer_options {
+        allowed.extend(["freeze", "head", "layer_lr"]);
+    }
+    allowed.extend_from_slice(rules.extra_fields);
+    deny_unknown(obj, &allowed, pointer, errors);
     let dataset_id = dataset_ref(obj, pointer, facts, errors);
     let epochs = usize_in(obj, "epochs", (1, 10_000), pointer, errors).unwrap_or(5);
     let batch_size = usize_in(obj, "batch_size", (1, 65_536), pointer, errors).unwrap_or(64);
@@ -404,12 +433,21 @@ pub fn parse_finetune(
         let arch_ok = require_architecture(f, pointer, errors);
         if arch_ok {
             let width = head.as_ref().map(|h| h.num_classes);
-            check_dataset_fits(f, d, width, &format!("{pointer}/dataset_id"), errors);
+            let labels = rules.labels_required;
+            check_dataset_fits(
+                f,
+                d,
+                width,
+                labels,
+                &format!("{pointer}/dataset_id"),
+                errors,
+            );
             if let Validation::Dataset(v) = &validation {
                 check_dataset_fits(
                     f,
                     v,
                     width,
+                    labels,
                     &format!("{pointer}/validation/dataset_id"),
                     errors,
                 );
@@ -461,7 +499,7 @@ pub fn parse_finetune(
 }
 
 /// The `dataset_id` field: present, a UUID, and (with facts) an existing dataset.
-fn dataset_ref(
+pub(super) fn dataset_ref(
     obj: &Map<String, Value>,
     pointer: &str,
     facts: Option<&Facts>,
@@ -511,11 +549,13 @@ pub(super) fn require_architecture(f: &Facts, pointer: &str, errors: &mut Vec<Fi
     true
 }
 
-/// The dataset is labelled, its samples fit the model input and its labels fit the output.
-fn check_dataset_fits(
+/// The dataset is labelled (when `labels_required`), its samples fit the model input and its
+/// labels fit the output.
+pub(super) fn check_dataset_fits(
     f: &Facts,
     id: &DatasetId,
     head_width: Option<usize>,
+    labels_required: bool,
     pointer: &str,
     errors: &mut Vec<FieldError>,
 ) {
@@ -538,6 +578,7 @@ fn check_dataset_fits(
         });
     }
     match d.num_classes {
+        None if !labels_required => {}
         None => errors.push(FieldError {
             code: "dataset_unlabeled",
             ..FieldError::new(

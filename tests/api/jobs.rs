@@ -269,9 +269,9 @@ async fn job_specs_are_validated_with_pointers_before_anything_is_queued() {
             "validation_failed",
         ),
         (
-            json!({"model_id": mid, "steps": [{"op": "prune", "sparsity": 0.5}]}),
-            "/steps/0/op",
-            "unsupported_operation",
+            json!({"model_id": mid, "steps": [{"op": "prune", "sparsity": 1.5}]}),
+            "/steps/0/sparsity",
+            "validation_failed",
         ),
         (
             json!({"model_id": mid, "steps": [{"op": "quantize", "method": "float", "dtype": "f8"}]}),
@@ -279,8 +279,8 @@ async fn job_specs_are_validated_with_pointers_before_anything_is_queued() {
             "validation_failed",
         ),
         (
-            json!({"model_id": mid, "steps": [{"op": "quantize", "method": "uniform", "bits": 8}]}),
-            "/steps/0/method",
+            json!({"model_id": mid, "steps": [{"op": "quantize", "method": "uniform", "activations": {"bits": 8}}]}),
+            "/steps/0/activations",
             "unsupported_operation",
         ),
         (

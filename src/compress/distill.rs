@@ -1,0 +1,1399 @@
+//! The `distill` operation (API.md, "Operations"): knowledge distillation of a teacher
+//! model into a student.
+//!
+//! This module owns the distillation loss (Hinton et al.: `α·T²·KL(p_T^teacher ‖
+//! p_T^student) + (1−α)·CE(student, y)`, batch mean), optional intermediate-feature
+//! matching through learned linear projections, caching the teacher's outputs once for
+//! the whole transfer set (there is no augmentation, so they are the same every epoch and
+//! a distillation step costs about a plain step), the student-versus-teacher figures on
+//! the validation split, and an optional hard-label baseline of the same student trained
+//! under the same budget. Training itself is the one loop of [`super::train`], so
+//! schedules, early stopping, checkpoints, resume, cancellation and progress work as in
+//! `finetune`. It does not parse JSON or persist anything.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Device, Tensor, Var};
+use rand_chacha::ChaCha8Rng;
+
+use super::arch::Architecture;
+use super::data::{Batch, Dataset, Subset};
+use super::evaluate::{check_dataset, classes_of, evaluate};
+use super::finetune::{FinetuneParams, OptimizerName, ScheduleName, Validation};
+use super::model::{Model, NamedTensor};
+use super::progress::Ctx;
+use super::select::glob_match;
+use super::train::{
+    self, cross_entropy, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind,
+    StepLossFn, TrainConfig, TrainHooks,
+};
+use super::{Error, Result};
+
+/// The most memory the cached teacher features of `features` may take; above it the
+/// teacher runs live on every batch (its logits stay cached).
+pub const FEATURE_CACHE_LIMIT_BYTES: usize = 2 << 30;
+
+/// Samples per batch of the teacher's caching pass and of the final evaluations.
+const EVAL_BATCH: usize = 256;
+
+/// One intermediate-layer match: `weight · MSE(P · f_student, f_teacher)`, with `P` a
+/// learned linear projection from the student layer's width to the teacher's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeaturePair {
+    /// Top-level teacher layer (its `name`, or its index when unnamed).
+    pub teacher: String,
+    /// Top-level student layer (its `name`, or its index when unnamed).
+    pub student: String,
+    /// Weight of the term (finite, non-negative).
+    pub weight: f64,
+}
+
+/// Whether the teacher's outputs are computed once up front or on every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TeacherCache {
+    /// Cache the logits (and the matched features while they fit
+    /// [`FEATURE_CACHE_LIMIT_BYTES`]).
+    #[default]
+    Auto,
+    /// Run the teacher on every batch (slower; for comparisons and tests).
+    Live,
+}
+
+/// Everything the `distill` step takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistillParams<'a> {
+    /// The training settings as in `finetune`, on the transfer set `train.dataset`
+    /// (labels optional when `alpha` is 1). `head` must be `None`; `freeze` and
+    /// `layer_lr` apply to the student.
+    pub train: FinetuneParams<'a>,
+    /// Softmax temperature T (finite, positive).
+    pub temperature: f64,
+    /// Weight α of the soft-target term, in [0, 1].
+    pub alpha: f64,
+    /// Intermediate-layer matches (may be empty).
+    pub features: Vec<FeaturePair>,
+    /// Also train the student from the same initial weights on hard labels only.
+    pub baseline: bool,
+}
+
+impl<'a> DistillParams<'a> {
+    /// [`FinetuneParams::new`] training defaults with T = 4, α = 0.9, no feature
+    /// matching and no baseline.
+    pub fn new(dataset: &'a Dataset) -> DistillParams<'a> {
+        DistillParams {
+            train: FinetuneParams::new(dataset),
+            temperature: 4.0,
+            alpha: 0.9,
+            features: Vec::new(),
+            baseline: false,
+        }
+    }
+}
+
+/// The distillation loss's parts over one epoch, as per-sample means (of the epochs run
+/// in this call: a resumed run lacks those before the checkpoint).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KdEpochMetrics {
+    /// 1-based epoch number (matches [`EpochMetrics::epoch`]).
+    pub epoch: usize,
+    /// `T²·KL(teacher ‖ student)`, before the α weight (`None` when α = 0).
+    pub soft_loss: Option<f64>,
+    /// Cross-entropy against the labels, before the 1−α weight (`None` when α = 1).
+    pub hard_loss: Option<f64>,
+    /// The weighted sum of the feature-matching terms (`None` without `features`).
+    pub feature_loss: Option<f64>,
+}
+
+/// The hard-label baseline's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaselineOutput {
+    /// Its trained parameters and buffers, in architecture order.
+    pub weights: Vec<NamedTensor>,
+    /// Its per-epoch metrics.
+    pub history: Vec<EpochMetrics>,
+    /// Its best validation epoch.
+    pub best_epoch: Option<usize>,
+    /// Whether early stopping ended it early.
+    pub stopped_early: bool,
+    /// Its top-1 agreement with the teacher on the validation data.
+    pub val_agreement: Option<f64>,
+}
+
+/// What `distill` produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistillOutput {
+    /// The trained student's parameters and buffers (no projections), in architecture order.
+    pub weights: Vec<NamedTensor>,
+    /// The student's architecture.
+    pub architecture: Architecture,
+    /// Per-epoch metrics (`train_loss` is the whole distillation loss).
+    pub history: Vec<EpochMetrics>,
+    /// The loss's parts per epoch.
+    pub kd_history: Vec<KdEpochMetrics>,
+    /// The epoch with the best validation figure, when validating with labels.
+    pub best_epoch: Option<usize>,
+    /// Whether early stopping ended training early.
+    pub stopped_early: bool,
+    /// Whether the weights are the best epoch's rather than the last's.
+    pub restored_best: bool,
+    /// Whether the teacher's logits were computed once up front.
+    pub teacher_cached: bool,
+    /// Whether the teacher's matched features were cached (`false` without `features`).
+    pub features_cached: bool,
+    /// The teacher's top-1 accuracy on labelled validation data.
+    pub teacher_val_accuracy: Option<f64>,
+    /// Fraction of validation samples where the student's top-1 class is the teacher's.
+    pub val_agreement: Option<f64>,
+    /// Number of trainable student parameter elements.
+    pub trainable_parameters: u64,
+    /// The hard-label baseline, when asked for.
+    pub baseline: Option<BaselineOutput>,
+}
+
+fn bad(pointer: &str, detail: impl Into<String>) -> Error {
+    Error::InvalidParameter {
+        pointer: pointer.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+/// Names the model a dataset mismatch is about.
+fn prefixed(who: &str, e: Error) -> Error {
+    match e {
+        Error::DatasetMismatch(m) => Error::DatasetMismatch(format!("{who}: {m}")),
+        other => other,
+    }
+}
+
+/// Escapes one JSON pointer reference token (RFC 6901).
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+fn finite_non_negative(pointer: &str, name: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(bad(
+            pointer,
+            format!("`{name}` must be a finite, non-negative number, got {v}"),
+        ))
+    }
+}
+
+/// Checks the training settings and builds the loop's config, exactly as `finetune`
+/// does (the same pointers and messages).
+// TODO(lead): identical to the private `finetune::train_config`; make that one
+// `pub(crate)` and call it here instead.
+fn train_config(p: &FinetuneParams<'_>) -> Result<TrainConfig> {
+    if p.epochs == 0 {
+        return Err(bad("/epochs", "`epochs` must be at least 1"));
+    }
+    if p.batch_size == 0 {
+        return Err(bad("/batch_size", "`batch_size` must be at least 1"));
+    }
+    let o = &p.optimizer;
+    finite_non_negative("/optimizer/lr", "lr", o.lr)?;
+    finite_non_negative("/optimizer/weight_decay", "weight_decay", o.weight_decay)?;
+    let optimizer = match o.name {
+        OptimizerName::AdamW => Optimizer::ADAMW,
+        OptimizerName::Sgd => {
+            if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
+                return Err(bad(
+                    "/optimizer/momentum",
+                    format!("`momentum` must be in [0, 1), got {}", o.momentum),
+                ));
+            }
+            if o.nesterov && o.momentum == 0.0 {
+                return Err(bad(
+                    "/optimizer/nesterov",
+                    "Nesterov momentum needs `momentum` > 0",
+                ));
+            }
+            Optimizer::Sgd {
+                momentum: o.momentum,
+                nesterov: o.nesterov,
+            }
+        }
+    };
+    let s = &p.lr_schedule;
+    let kind = match s.kind {
+        ScheduleName::Constant => ScheduleKind::Constant,
+        ScheduleName::Cosine => ScheduleKind::Cosine,
+        ScheduleName::Step => {
+            if s.step_size == 0 {
+                return Err(bad(
+                    "/lr_schedule/step_size",
+                    "`step_size` must be at least 1 epoch",
+                ));
+            }
+            if !(s.gamma.is_finite() && s.gamma > 0.0) {
+                return Err(bad(
+                    "/lr_schedule/gamma",
+                    format!("`gamma` must be a finite, positive number, got {}", s.gamma),
+                ));
+            }
+            ScheduleKind::Step {
+                step_size: s.step_size,
+                gamma: s.gamma,
+            }
+        }
+    };
+    if s.warmup_epochs > p.epochs {
+        return Err(bad(
+            "/lr_schedule/warmup_epochs",
+            format!(
+                "`warmup_epochs` ({}) must not exceed `epochs` ({})",
+                s.warmup_epochs, p.epochs
+            ),
+        ));
+    }
+    if let Some(c) = p.grad_clip {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(bad(
+                "/grad_clip",
+                format!("`grad_clip` must be a finite, positive number, got {c}"),
+            ));
+        }
+    }
+    for (pattern, m) in &p.layer_lr {
+        if !(m.is_finite() && *m >= 0.0) {
+            return Err(bad(
+                &format!("/layer_lr/{}", escape(pattern)),
+                format!("the learning-rate multiplier must be finite and non-negative, got {m}"),
+            ));
+        }
+    }
+    let early_stopping = match p.early_stopping {
+        None => None,
+        Some(e) => {
+            if e.patience == 0 {
+                return Err(bad(
+                    "/early_stopping/patience",
+                    "`patience` must be at least 1 epoch",
+                ));
+            }
+            if matches!(p.validation, Validation::None) {
+                return Err(bad(
+                    "/early_stopping",
+                    "early stopping needs validation data (`validation`: a fraction or a dataset)",
+                ));
+            }
+            Some(EarlyStopping {
+                patience: e.patience,
+                metric: e.metric,
+            })
+        }
+    };
+    Ok(TrainConfig {
+        epochs: p.epochs,
+        batch_size: p.batch_size,
+        optimizer,
+        lr: o.lr,
+        weight_decay: o.weight_decay,
+        schedule: LrSchedule {
+            kind,
+            warmup_epochs: s.warmup_epochs,
+        },
+        grad_clip: p.grad_clip,
+        early_stopping,
+        lr_multipliers: p.layer_lr.clone(),
+        seed: p.seed,
+    })
+}
+
+/// The soft-target loss `T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`, summed over classes
+/// and averaged over the batch. `teacher_logits` carry no gradient; the gradient with
+/// respect to `student_logits` is `T·(softmax(z_s/T) − softmax(z_t/T)) / batch`.
+pub fn kd_loss(
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    let batch = student_logits.dim(0)?.max(1);
+    let inv_t = 1.0 / temperature;
+    let log_ps = candle_nn::ops::log_softmax(&student_logits.affine(inv_t, 0.0)?, 1)?;
+    let log_pt = candle_nn::ops::log_softmax(&teacher_logits.detach().affine(inv_t, 0.0)?, 1)?;
+    let kl = (log_pt.exp()? * (log_pt - log_ps)?)?.sum_all()?;
+    Ok(kl.affine(temperature * temperature / batch as f64, 0.0)?)
+}
+
+/// Checks the parameters that need both models: the same number of classes, and
+/// feature layers that exist.
+fn check_models(teacher: &Model, student: &Model, p: &DistillParams<'_>) -> Result<()> {
+    let (tc, sc) = (
+        classes_of(teacher.architecture())?,
+        classes_of(student.architecture())?,
+    );
+    if tc != sc {
+        return Err(Error::ArchitectureMismatch(format!(
+            "the student outputs {sc} classes but the teacher outputs {tc}; distillation needs the same classes"
+        )));
+    }
+    for (i, f) in p.features.iter().enumerate() {
+        for (role, model, name) in [
+            ("teacher", teacher, &f.teacher),
+            ("student", student, &f.student),
+        ] {
+            if model.layer_index(name).is_none() {
+                let names: Vec<String> = model
+                    .architecture()
+                    .summary()
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect();
+                return Err(bad(
+                    &format!("/features/{i}/{role}"),
+                    format!(
+                        "the {role} has no top-level layer named {name:?} (it has {})",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        if !(f.weight.is_finite() && f.weight >= 0.0) {
+            return Err(bad(
+                &format!("/features/{i}/weight"),
+                format!(
+                    "`weight` must be a finite, non-negative number, got {}",
+                    f.weight
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Values per sample of a top-level layer's output.
+fn width(model: &Model, layer: &str) -> Result<usize> {
+    let i = model
+        .layer_index(layer)
+        .ok_or_else(|| Error::Internal(format!("layer {layer:?} vanished")))?;
+    Ok(model.architecture().summary()[i]
+        .output_shape
+        .iter()
+        .product())
+}
+
+/// The teacher's outputs, by dataset row, computed once in evaluation mode.
+struct TeacherCacheData {
+    classes: usize,
+    logits: Vec<f32>,
+    /// Per feature pair: `(width, values by row)`; empty when the features run live.
+    features: Vec<(usize, Vec<f32>)>,
+}
+
+impl TeacherCacheData {
+    /// Gathers `rows` (dataset row indices) of a `[samples, width]` host buffer.
+    fn gather(buffer: &[f32], width: usize, rows: &[usize]) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(rows.len() * width);
+        for &r in rows {
+            let row = buffer
+                .get(r * width..(r + 1) * width)
+                .ok_or_else(|| Error::Internal(format!("row {r} is not in the teacher cache")))?;
+            out.extend_from_slice(row);
+        }
+        Ok(Tensor::from_vec(out, (rows.len(), width), &Device::Cpu)?)
+    }
+}
+
+/// Runs the teacher over the training rows in evaluation mode and keeps its logits (and
+/// the tapped features when `with_features`), indexed by dataset row.
+fn cache_teacher(
+    teacher: &Model,
+    train: &Subset<'_>,
+    taps: &[&str],
+    with_features: bool,
+    ctx: &Ctx<'_>,
+) -> Result<TeacherCacheData> {
+    let classes = classes_of(teacher.architecture())?;
+    let n = train.dataset.samples;
+    let widths: Vec<usize> = taps
+        .iter()
+        .map(|t| width(teacher, t))
+        .collect::<Result<_>>()?;
+    let mut logits = vec![0f32; n * classes];
+    let mut features: Vec<(usize, Vec<f32>)> = if with_features {
+        widths.iter().map(|&w| (w, vec![0f32; n * w])).collect()
+    } else {
+        Vec::new()
+    };
+    let mut rows = train.indices.clone();
+    rows.sort_unstable();
+    let view = Subset {
+        dataset: train.dataset,
+        indices: rows,
+    };
+    let batches = view.batches(EVAL_BATCH);
+    let total = batches.batch_count().max(1);
+    let used: Vec<&str> = if with_features {
+        taps.to_vec()
+    } else {
+        Vec::new()
+    };
+    for (b, batch) in batches.enumerate() {
+        ctx.check()?;
+        let batch = batch?;
+        let (out, tapped) = teacher.forward_eval_taps(&batch.x, &used)?;
+        scatter(&mut logits, classes, &batch.indices, &out)?;
+        for ((w, buf), t) in features.iter_mut().zip(&tapped) {
+            scatter(buf, *w, &batch.indices, &t.flatten_from(1)?)?;
+        }
+        ctx.report(
+            (b + 1) as f64 / total as f64,
+            "caching the teacher's outputs",
+        );
+    }
+    Ok(TeacherCacheData {
+        classes,
+        logits,
+        features,
+    })
+}
+
+/// Writes the rows of `values` (`[rows.len(), width]`) into `buffer` at `rows`.
+fn scatter(buffer: &mut [f32], width: usize, rows: &[usize], values: &Tensor) -> Result<()> {
+    let v = values.flatten_all()?.to_vec1::<f32>()?;
+    for (k, &r) in rows.iter().enumerate() {
+        let (src, dst) = (
+            v.get(k * width..(k + 1) * width),
+            buffer.get_mut(r * width..(r + 1) * width),
+        );
+        match (src, dst) {
+            (Some(s), Some(d)) => d.copy_from_slice(s),
+            _ => {
+                return Err(Error::Internal(
+                    "teacher output does not fit its cache".into(),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Running sums of the loss parts over one epoch.
+#[derive(Default)]
+struct PartSums {
+    samples: usize,
+    soft: Option<f64>,
+    hard: Option<f64>,
+    feature: Option<f64>,
+}
+
+impl PartSums {
+    fn add(slot: &mut Option<f64>, value: f64, n: usize) {
+        *slot = Some(slot.unwrap_or(0.0) + value * n as f64);
+    }
+
+    fn take(&mut self, epoch: usize) -> KdEpochMetrics {
+        let n = self.samples.max(1) as f64;
+        let out = KdEpochMetrics {
+            epoch,
+            soft_loss: self.soft.map(|s| s / n),
+            hard_loss: self.hard.map(|s| s / n),
+            feature_loss: self.feature.map(|s| s / n),
+        };
+        *self = PartSums::default();
+        out
+    }
+}
+
+/// A context forwarding progress to `outer` mapped into `[lo, hi]` with a message
+/// prefix, and noticing `outer`'s cancellation on every report (the step closures also
+/// check `outer` on every batch).
+fn sub_progress<'a>(
+    outer: &'a Ctx<'a>,
+    cancel: &'a AtomicBool,
+    lo: f64,
+    hi: f64,
+    prefix: &'a str,
+) -> impl Fn(f64, &str) + Sync + 'a {
+    move |f: f64, msg: &str| {
+        if outer.check().is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        outer.report(lo + f * (hi - lo), &format!("{prefix}{msg}"));
+    }
+}
+
+/// A seeded linear projection `width_s → width_t` (PyTorch's default init), as named
+/// variables `distill.features.{i}.weight` / `.bias`.
+fn projection(i: usize, width_s: usize, width_t: usize, seed: u64) -> Result<Vec<(String, Var)>> {
+    let arch = Architecture::from_json(&serde_json::json!({
+        "kind": "sequential", "input_shape": [width_s],
+        "layers": [{"type": "linear", "name": "p", "in_features": width_s, "out_features": width_t}]
+    }))?;
+    let seed = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(i as u64 + 1);
+    arch.init_weights(seed)
+        .into_iter()
+        .map(|(spec, values)| {
+            let name = format!("distill.features.{i}.{}", spec.kind.suffix());
+            Ok((name, Var::from_vec(values, spec.shape, &Device::Cpu)?))
+        })
+        .collect()
+}
+
+/// Runs the `distill` operation: trains `student` to match `teacher` on the transfer set.
+/// Every parameter is checked before any training starts. `hooks` applies to the
+/// student's run (`on_epoch`, `resume`, `after_step`; `after_step` also applies to the
+/// baseline); its `loss` and `forward_loss` must be `None` (distillation sets its own).
+pub fn distill(
+    teacher: &Model,
+    student: Model,
+    params: &DistillParams<'_>,
+    ctx: &Ctx<'_>,
+    hooks: TrainHooks<'_>,
+) -> Result<DistillOutput> {
+    distill_with_cache(teacher, student, params, TeacherCache::Auto, ctx, hooks)
+}
+
+/// [`distill`] with a choice of teacher caching ([`TeacherCache::Live`] for comparisons:
+/// the results agree with the cached run to rounding).
+pub fn distill_with_cache(
+    teacher: &Model,
+    student: Model,
+    params: &DistillParams<'_>,
+    teacher_cache: TeacherCache,
+    ctx: &Ctx<'_>,
+    hooks: TrainHooks<'_>,
+) -> Result<DistillOutput> {
+    let p = &params.train;
+    let config = train_config(p)?;
+    let t = params.temperature;
+    if !(t.is_finite() && t > 0.0) {
+        return Err(bad(
+            "/temperature",
+            format!("`temperature` must be a finite number above 0, got {t}"),
+        ));
+    }
+    let alpha = params.alpha;
+    if !(alpha.is_finite() && (0.0..=1.0).contains(&alpha)) {
+        return Err(bad(
+            "/alpha",
+            format!("`alpha` must lie in [0, 1], got {alpha}"),
+        ));
+    }
+    if p.head.is_some() {
+        return Err(bad(
+            "/head",
+            "`head` is not available for distillation: give the student the architecture it should have",
+        ));
+    }
+    if hooks.loss.is_some() || hooks.forward_loss.is_some() {
+        return Err(Error::Internal(
+            "distill sets its own loss; pass hooks without `loss` / `forward_loss`".into(),
+        ));
+    }
+    check_models(teacher, &student, params)?;
+    let mut student = student;
+    let arch = student.architecture().clone();
+    let labelled = p.dataset.y.is_some();
+    if !labelled && alpha < 1.0 {
+        return Err(Error::DatasetMismatch(format!(
+            "the transfer set has no labels (`y`), but `alpha` = {alpha} < 1 weights a cross-entropy term on labels; use alpha = 1 for unlabelled data"
+        )));
+    }
+    if !labelled && params.baseline {
+        return Err(bad(
+            "/baseline",
+            "the hard-label baseline needs a labelled transfer set",
+        ));
+    }
+    check_dataset(&arch, p.dataset, false).map_err(|e| prefixed("student", e))?;
+    check_dataset(teacher.architecture(), p.dataset, false).map_err(|e| prefixed("teacher", e))?;
+    if let Validation::Dataset(v) = p.validation {
+        check_dataset(&arch, v, false).map_err(|e| prefixed("validation dataset, student", e))?;
+        check_dataset(teacher.architecture(), v, false)
+            .map_err(|e| prefixed("validation dataset, teacher", e))?;
+    }
+    for (i, pattern) in p.freeze.iter().enumerate() {
+        if student.freeze(pattern) == 0 {
+            return Err(bad(
+                &format!("/freeze/{i}"),
+                format!("pattern {pattern:?} matches no parameter of the student"),
+            ));
+        }
+    }
+    for (pattern, _) in &p.layer_lr {
+        if !student
+            .params()
+            .iter()
+            .any(|q| glob_match(pattern, q.name()))
+        {
+            return Err(bad(
+                &format!("/layer_lr/{}", escape(pattern)),
+                format!("pattern {pattern:?} matches no parameter of the student"),
+            ));
+        }
+    }
+    let trainable_parameters: u64 = student
+        .params()
+        .iter()
+        .filter(|q| q.is_trainable())
+        .map(|q| q.spec().numel() as u64)
+        .sum();
+    if trainable_parameters == 0 {
+        return Err(bad(
+            "/freeze",
+            "every parameter is frozen: nothing is left to train",
+        ));
+    }
+    student.check_trainable()?;
+    let (train_set, val_set) = match p.validation {
+        Validation::None => (Subset::all(p.dataset), None),
+        Validation::Fraction(f) => {
+            let (a, b) = p
+                .dataset
+                .split(f, p.seed)
+                .map_err(|e| bad("/validation/fraction", e.to_string()))?;
+            (a, Some(b))
+        }
+        Validation::Dataset(d) => (Subset::all(p.dataset), Some(Subset::all(d))),
+    };
+    // The loop validates with labels; unlabelled validation data only serves agreement.
+    let val_labelled = val_set.as_ref().is_some_and(|v| v.dataset.y.is_some());
+    if config.early_stopping.is_some() && !val_labelled {
+        return Err(bad(
+            "/early_stopping",
+            "early stopping needs labelled validation data, and this validation data has no labels",
+        ));
+    }
+    let loop_val = if val_labelled { val_set.as_ref() } else { None };
+    let initial = params.baseline.then(|| student.export()).transpose()?;
+
+    // Progress: caching, then the student, then the baseline.
+    let student_hi = if params.baseline { 0.55 } else { 1.0 };
+    let cancel = AtomicBool::new(false);
+    let teacher_names: Vec<&str> = params.features.iter().map(|f| f.teacher.as_str()).collect();
+    let student_names: Vec<&str> = params.features.iter().map(|f| f.student.as_str()).collect();
+    let feature_bytes = params
+        .features
+        .iter()
+        .map(|f| width(teacher, &f.teacher))
+        .sum::<Result<usize>>()?
+        .saturating_mul(p.dataset.samples)
+        .saturating_mul(4);
+    let auto = teacher_cache == TeacherCache::Auto;
+    let features_cached =
+        auto && !params.features.is_empty() && feature_bytes <= FEATURE_CACHE_LIMIT_BYTES;
+    // With alpha = 0 and no cached features, training never looks at the teacher.
+    let cache = if auto && (alpha > 0.0 || features_cached) {
+        let progress = sub_progress(ctx, &cancel, 0.0, 0.02, "");
+        let sub = Ctx::new(&progress, &cancel);
+        Some(cache_teacher(
+            teacher,
+            &train_set,
+            &teacher_names,
+            features_cached,
+            &sub,
+        )?)
+    } else {
+        None
+    };
+    let mut extra = Vec::new();
+    for (i, f) in params.features.iter().enumerate() {
+        extra.extend(projection(
+            i,
+            width(&student, &f.student)?,
+            width(teacher, &f.teacher)?,
+            p.seed,
+        )?);
+    }
+    let projections: Vec<(Var, Var)> = extra
+        .chunks(2)
+        .map(|c| (c[0].1.clone(), c[1].1.clone()))
+        .collect();
+
+    let parts = RefCell::new(PartSums::default());
+    let kd_history = RefCell::new(Vec::new());
+    let step = |m: &Model, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
+        ctx.check()?;
+        let (out, taps) = if student_names.is_empty() {
+            (m.forward_train(&b.x, rng)?, Vec::new())
+        } else {
+            m.forward_train_taps(&b.x, rng, &student_names)?
+        };
+        let needs_live =
+            (alpha > 0.0 && cache.is_none()) || (!params.features.is_empty() && !features_cached);
+        let live = if needs_live {
+            Some(teacher.forward_eval_taps(&b.x, &teacher_names)?)
+        } else {
+            None
+        };
+        let mut sums = parts.borrow_mut();
+        sums.samples += b.len;
+        let mut total: Option<Tensor> = None;
+        let mut add = |term: Tensor| -> Result<()> {
+            total = Some(match total.take() {
+                Some(acc) => (acc + term)?,
+                None => term,
+            });
+            Ok(())
+        };
+        if alpha > 0.0 {
+            let t_logits = match (&cache, &live) {
+                (Some(c), _) => TeacherCacheData::gather(&c.logits, c.classes, &b.indices)?,
+                (None, Some((l, _))) => l.clone(),
+                (None, None) => return Err(Error::Internal("no teacher logits".into())),
+            };
+            let soft = kd_loss(&out, &t_logits, t)?;
+            PartSums::add(&mut sums.soft, soft.to_scalar::<f32>()? as f64, b.len);
+            add(if alpha == 1.0 {
+                soft
+            } else {
+                soft.affine(alpha, 0.0)?
+            })?;
+        }
+        if alpha < 1.0 {
+            let hard = cross_entropy(&out, b)?;
+            PartSums::add(&mut sums.hard, hard.to_scalar::<f32>()? as f64, b.len);
+            add(if alpha == 0.0 {
+                hard
+            } else {
+                hard.affine(1.0 - alpha, 0.0)?
+            })?;
+        }
+        if !params.features.is_empty() {
+            let mut fsum = 0f64;
+            for (i, f) in params.features.iter().enumerate() {
+                let f_t = match (&cache, &live) {
+                    (Some(c), _) if features_cached => {
+                        let (w, buf) = &c.features[i];
+                        TeacherCacheData::gather(buf, *w, &b.indices)?
+                    }
+                    (_, Some((_, feats))) => feats[i].flatten_from(1)?.detach(),
+                    _ => return Err(Error::Internal("no teacher features".into())),
+                };
+                let (w, bias) = &projections[i];
+                let f_s = taps[i].flatten_from(1)?;
+                let projected = f_s
+                    .matmul(&w.as_tensor().t()?)?
+                    .broadcast_add(bias.as_tensor())?;
+                let mse = (projected - f_t)?
+                    .sqr()?
+                    .mean_all()?
+                    .affine(f.weight, 0.0)?;
+                fsum += mse.to_scalar::<f32>()? as f64;
+                add(mse)?;
+            }
+            PartSums::add(&mut sums.feature, fsum, b.len);
+        }
+        let loss = total.ok_or_else(|| Error::Internal("empty distillation loss".into()))?;
+        Ok((out, loss))
+    };
+    let mut outer_on_epoch = hooks.on_epoch;
+    let mut on_epoch = |m: &EpochMetrics, c: &train::Checkpoint| -> Result<()> {
+        kd_history
+            .borrow_mut()
+            .push(parts.borrow_mut().take(m.epoch));
+        match outer_on_epoch.as_deref_mut() {
+            Some(f) => f(m, c),
+            None => Ok(()),
+        }
+    };
+    let mut all_extra = extra;
+    all_extra.extend(hooks.extra_params);
+    let progress = sub_progress(ctx, &cancel, 0.02, student_hi, "");
+    let sub = Ctx::new(&progress, &cancel);
+    let outcome = train::train(
+        &mut student,
+        &train_set,
+        loop_val,
+        &config,
+        &sub,
+        TrainHooks {
+            forward_loss: Some(&step),
+            on_epoch: Some(&mut on_epoch),
+            resume: hooks.resume,
+            after_step: hooks.after_step,
+            extra_params: all_extra,
+            loss: None,
+        },
+    )?;
+    let weights = student.export()?;
+    let (teacher_val_accuracy, val_agreement) = match &val_set {
+        Some(v) => {
+            ctx.check()?;
+            let quiet = |_: f64, _: &str| {};
+            let eval_ctx = Ctx::new(&quiet, &cancel);
+            let e = evaluate(&student, v, Some(teacher), EVAL_BATCH, &eval_ctx)?;
+            let te = if val_labelled {
+                evaluate(teacher, v, None, EVAL_BATCH, &eval_ctx)?.accuracy
+            } else {
+                None
+            };
+            (te, e.agreement)
+        }
+        None => (None, None),
+    };
+    let baseline = match initial {
+        Some(w) => Some(run_baseline(
+            teacher,
+            &arch,
+            w,
+            params,
+            &config,
+            (&train_set, loop_val, val_set.as_ref()),
+            ctx,
+            hooks.after_step,
+            student_hi,
+        )?),
+        None => None,
+    };
+    Ok(DistillOutput {
+        weights,
+        architecture: arch,
+        history: outcome.history,
+        kd_history: kd_history.into_inner(),
+        best_epoch: outcome.best_epoch,
+        stopped_early: outcome.stopped_early,
+        restored_best: outcome.restored_best,
+        teacher_cached: cache.is_some(),
+        features_cached: cache.is_some() && features_cached,
+        teacher_val_accuracy,
+        val_agreement,
+        trainable_parameters,
+        baseline,
+    })
+}
+
+/// Trains the student architecture from `initial` with cross-entropy only, under the
+/// distillation's config and seed (the same shuffles and dropout masks).
+#[allow(clippy::too_many_arguments)]
+fn run_baseline(
+    teacher: &Model,
+    arch: &Architecture,
+    initial: Vec<NamedTensor>,
+    params: &DistillParams<'_>,
+    config: &TrainConfig,
+    (train_set, loop_val, val_set): (&Subset<'_>, Option<&Subset<'_>>, Option<&Subset<'_>>),
+    ctx: &Ctx<'_>,
+    after_step: Option<&train::AfterStepFn<'_>>,
+    lo: f64,
+) -> Result<BaselineOutput> {
+    let mut model = Model::new(arch, initial)?;
+    for pattern in &params.train.freeze {
+        model.freeze(pattern);
+    }
+    let cancel = AtomicBool::new(false);
+    let progress = sub_progress(ctx, &cancel, lo, 1.0, "baseline: ");
+    let sub = Ctx::new(&progress, &cancel);
+    let step = |m: &Model, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
+        ctx.check()?;
+        let out = m.forward_train(&b.x, rng)?;
+        let loss = cross_entropy(&out, b)?;
+        Ok((out, loss))
+    };
+    let step: &StepLossFn<'_> = &step;
+    let outcome = train::train(
+        &mut model,
+        train_set,
+        loop_val,
+        config,
+        &sub,
+        TrainHooks {
+            forward_loss: Some(step),
+            after_step,
+            ..Default::default()
+        },
+    )?;
+    let val_agreement = match val_set {
+        Some(v) => evaluate(&model, v, Some(teacher), EVAL_BATCH, &sub)?.agreement,
+        None => None,
+    };
+    Ok(BaselineOutput {
+        weights: model.export()?,
+        history: outcome.history,
+        best_epoch: outcome.best_epoch,
+        stopped_early: outcome.stopped_early,
+        val_agreement,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::data::DatasetX;
+    use crate::compress::finetune::{finetune, EarlyStoppingParams, HeadParams};
+    use crate::compress::train::{Checkpoint, StopMetric};
+    use rand::{Rng, SeedableRng};
+    use serde_json::json;
+
+    /// Four Gaussian clusters in 16 dimensions.
+    fn clusters(samples: usize, seed: u64, labelled: bool) -> Dataset {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let y: Vec<i64> = (0..samples).map(|i| (i % 4) as i64).collect();
+        let x = (0..samples * 16)
+            .map(|i| {
+                let (s, f) = (i / 16, i % 16);
+                let centre = if f % 4 == y[s] as usize { 1.5 } else { 0.0 };
+                centre + rng.gen_range(-1.0f32..1.0)
+            })
+            .collect();
+        Dataset {
+            x: DatasetX::F32(x),
+            feature_shape: vec![16],
+            samples,
+            y: labelled.then_some(y),
+            num_classes: labelled.then_some(4),
+        }
+    }
+
+    /// A teacher with batch norm and dropout (eval mode matters), 16-48-4.
+    fn teacher_arch() -> Architecture {
+        Architecture::from_json(&json!({"kind":"sequential","input_shape":[16],"layers":[
+            {"type":"linear","name":"fc1","in_features":16,"out_features":48},
+            {"type":"batch_norm1d","name":"bn","num_features":48},
+            {"type":"relu"},
+            {"type":"dropout","p":0.2},
+            {"type":"linear","name":"fc2","in_features":48,"out_features":4}]}))
+        .unwrap()
+    }
+
+    /// A student 16-12-4 with dropout.
+    fn student_arch(classes: usize) -> Architecture {
+        Architecture::from_json(&json!({"kind":"sequential","input_shape":[16],"layers":[
+            {"type":"linear","name":"fc1","in_features":16,"out_features":12},
+            {"type":"relu"},
+            {"type":"dropout","p":0.1},
+            {"type":"linear","name":"fc2","in_features":12,"out_features":classes}]}))
+        .unwrap()
+    }
+
+    fn quiet() -> AtomicBool {
+        AtomicBool::new(false)
+    }
+
+    /// A teacher trained briefly on labelled clusters (~100% accuracy).
+    fn trained_teacher() -> Model {
+        let data = clusters(200, 1, true);
+        let mut p = FinetuneParams::new(&data);
+        p.validation = Validation::None;
+        p.epochs = 8;
+        p.batch_size = 16;
+        p.optimizer.lr = 1e-2;
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let model = Model::init(&teacher_arch(), 7).unwrap();
+        let out = finetune(model, &p, &ctx, TrainHooks::default()).unwrap();
+        Model::new(&out.architecture, out.weights).unwrap()
+    }
+
+    fn params(data: &Dataset) -> DistillParams<'_> {
+        let mut p = DistillParams::new(data);
+        p.train.validation = Validation::Fraction(0.25);
+        p.train.epochs = 3;
+        p.train.batch_size = 16;
+        p.train.optimizer.lr = 1e-2;
+        p.train.seed = 3;
+        p.temperature = 2.0;
+        p.alpha = 0.5;
+        p
+    }
+
+    fn run(teacher: &Model, p: &DistillParams<'_>, hooks: TrainHooks<'_>) -> Result<DistillOutput> {
+        run_with(teacher, p, TeacherCache::Auto, hooks)
+    }
+
+    fn run_with(
+        teacher: &Model,
+        p: &DistillParams<'_>,
+        cache: TeacherCache,
+        hooks: TrainHooks<'_>,
+    ) -> Result<DistillOutput> {
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let student = Model::init(&student_arch(4), 5)?;
+        distill_with_cache(teacher, student, p, cache, &ctx, hooks)
+    }
+
+    /// `T²·KL/B` and its gradient in f64, by hand.
+    fn kd_by_hand(zs: &[[f64; 3]], zt: &[[f64; 3]], t: f64) -> (f64, Vec<[f64; 3]>) {
+        let softmax = |z: &[f64; 3]| {
+            let m = z.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let e: Vec<f64> = z.iter().map(|v| ((v - m) / t).exp()).collect();
+            let s: f64 = e.iter().sum();
+            [e[0] / s, e[1] / s, e[2] / s]
+        };
+        let b = zs.len() as f64;
+        let (mut loss, mut grad) = (0.0, Vec::new());
+        for (s, tt) in zs.iter().zip(zt) {
+            let (ps, pt) = (softmax(s), softmax(tt));
+            loss += (0..3)
+                .map(|c| pt[c] * (pt[c].ln() - ps[c].ln()))
+                .sum::<f64>();
+            grad.push([0usize, 1, 2].map(|c| t * (ps[c] - pt[c]) / b));
+        }
+        (loss * t * t / b, grad)
+    }
+
+    #[test]
+    fn kd_loss_matches_hand_and_finite_differences() {
+        let zs = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]];
+        let zt = [[2.0, 0.0, 1.0], [1.0, 1.0, -2.0]];
+        let flat = |z: &[[f64; 3]]| -> Vec<f32> { z.iter().flatten().map(|&v| v as f32).collect() };
+        for t in [1.0, 4.0] {
+            let s = Var::from_vec(flat(&zs), (2, 3), &Device::Cpu).unwrap();
+            let tl = Tensor::from_vec(flat(&zt), (2, 3), &Device::Cpu).unwrap();
+            let loss = kd_loss(s.as_tensor(), &tl, t).unwrap();
+            let (want, want_grad) = kd_by_hand(&zs, &zt, t);
+            let got = loss.to_scalar::<f32>().unwrap() as f64;
+            assert!(
+                (got - want).abs() < 1e-6 * want.max(1.0),
+                "T={t}: {got} vs {want}"
+            );
+            let g = loss.backward().unwrap();
+            let g = g.get(s.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            for r in 0..2 {
+                for c in 0..3 {
+                    assert!(
+                        (g[r][c] as f64 - want_grad[r][c]).abs() < 1e-6,
+                        "T={t} {g:?}"
+                    );
+                    // Central finite difference of the hand formula.
+                    let h = 1e-5;
+                    let (mut up, mut down) = (zs, zs);
+                    up[r][c] += h;
+                    down[r][c] -= h;
+                    let fd = (kd_by_hand(&up, &zt, t).0 - kd_by_hand(&down, &zt, t).0) / (2.0 * h);
+                    assert!(
+                        (g[r][c] as f64 - fd).abs() < 1e-5,
+                        "T={t}: {} vs {fd}",
+                        g[r][c]
+                    );
+                }
+            }
+            assert!(g.iter().flatten().any(|v| v.abs() > 1e-3));
+        }
+        // Identical logits: zero loss.
+        let z = Tensor::from_vec(flat(&zs), (2, 3), &Device::Cpu).unwrap();
+        assert!(
+            kd_loss(&z, &z, 3.0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .abs()
+                < 1e-6
+        );
+    }
+
+    #[test]
+    fn alpha_zero_is_plain_cross_entropy_bit_for_bit_and_baseline_is_finetune() {
+        let teacher = trained_teacher();
+        let data = clusters(120, 2, true);
+        let mut p = params(&data);
+        p.alpha = 0.0;
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let plain = finetune(
+            Model::init(&student_arch(4), 5).unwrap(),
+            &p.train,
+            &ctx,
+            TrainHooks::default(),
+        )
+        .unwrap();
+        let out = run(&teacher, &p, TrainHooks::default()).unwrap();
+        assert_eq!(out.weights, plain.weights);
+        let losses = |h: &[EpochMetrics]| -> Vec<(f64, Option<f64>)> {
+            h.iter().map(|m| (m.train_loss, m.val_loss)).collect()
+        };
+        assert_eq!(losses(&out.history), losses(&plain.history));
+        assert!(!out.teacher_cached);
+        assert_eq!(out.kd_history.len(), 3);
+        assert_eq!(out.kd_history[0].soft_loss, None);
+        let hard = out.kd_history[0].hard_loss.unwrap();
+        assert!((hard - out.history[0].train_loss).abs() < 1e-6);
+
+        // Distilling with alpha = 0.5 and a baseline: the baseline is plain training.
+        p.alpha = 0.5;
+        p.baseline = true;
+        let out = run(&teacher, &p, TrainHooks::default()).unwrap();
+        let base = out.baseline.unwrap();
+        assert_eq!(base.weights, plain.weights);
+        assert_eq!(losses(&base.history), losses(&plain.history));
+        assert_ne!(out.weights, plain.weights);
+        assert!(out.teacher_cached);
+        assert!(
+            out.teacher_val_accuracy.unwrap() > 0.9,
+            "{:?}",
+            out.teacher_val_accuracy
+        );
+        assert!(out.val_agreement.is_some() && base.val_agreement.is_some());
+        let kd = &out.kd_history[2];
+        let total = 0.5 * kd.soft_loss.unwrap() + 0.5 * kd.hard_loss.unwrap();
+        assert!((total - out.history[2].train_loss).abs() < 1e-5, "{kd:?}");
+    }
+
+    #[test]
+    fn alpha_one_learns_the_teacher_from_unlabelled_data() {
+        let teacher = trained_teacher();
+        let data = clusters(240, 3, false);
+        let mut p = params(&data);
+        p.alpha = 1.0;
+        p.train.epochs = 6;
+        p.train.validation = Validation::Fraction(0.25);
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let (_, val) = data.split(0.25, 3).unwrap();
+        let untrained = Model::init(&student_arch(4), 5).unwrap();
+        let before = evaluate(&untrained, &val, Some(&teacher), 64, &ctx)
+            .unwrap()
+            .agreement
+            .unwrap();
+        let out = run(&teacher, &p, TrainHooks::default()).unwrap();
+        let after = out.val_agreement.unwrap();
+        assert!(after > 0.9 && after > before + 0.2, "{before} -> {after}");
+        assert!(out.history.last().unwrap().train_loss < out.history[0].train_loss);
+        for m in &out.history {
+            assert_eq!(
+                (m.train_accuracy, m.val_loss, m.val_accuracy),
+                (None, None, None)
+            );
+        }
+        assert_eq!(out.teacher_val_accuracy, None);
+        assert_eq!(out.kd_history[0].hard_loss, None);
+        // The exported weights reproduce the agreement.
+        let student = Model::new(&out.architecture, out.weights).unwrap();
+        let e = evaluate(&student, &val, Some(&teacher), 64, &ctx).unwrap();
+        assert_eq!(e.agreement, Some(after));
+    }
+
+    #[test]
+    fn cached_and_live_teacher_agree_and_the_teacher_is_untouched() {
+        let teacher = trained_teacher();
+        let before = teacher.export().unwrap();
+        let data = clusters(100, 4, true);
+        let mut p = params(&data);
+        p.features = vec![
+            FeaturePair {
+                teacher: "2".into(),
+                student: "fc1".into(),
+                weight: 0.5,
+            },
+            FeaturePair {
+                teacher: "fc2".into(),
+                student: "1".into(),
+                weight: 0.1,
+            },
+        ];
+        let cached = run(&teacher, &p, TrainHooks::default()).unwrap();
+        assert!(cached.teacher_cached && cached.features_cached);
+        let live = run_with(&teacher, &p, TeacherCache::Live, TrainHooks::default()).unwrap();
+        assert!(!live.teacher_cached && !live.features_cached);
+        // Not bit-identical: the teacher's matmul rounds a row differently in a batch of
+        // 256 (the cache) than in a batch of 16 (live), by ~1 ulp.
+        let x = Subset::all(&data).batches(100).next().unwrap().unwrap().x;
+        let all = teacher.forward_eval(&x).unwrap().to_vec2::<f32>().unwrap();
+        let few = teacher
+            .forward_eval(&x.narrow(0, 0, 16).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (a, b) in all.iter().zip(&few).flat_map(|(a, b)| a.iter().zip(b)) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+        }
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(1.0);
+        for (a, b) in cached.history.iter().zip(&live.history) {
+            assert!(close(a.train_loss, b.train_loss), "{a:?} vs {b:?}");
+            assert!(
+                close(a.val_loss.unwrap(), b.val_loss.unwrap()),
+                "{a:?} vs {b:?}"
+            );
+        }
+        for (a, b) in cached.kd_history.iter().zip(&live.kd_history) {
+            assert!(
+                close(a.soft_loss.unwrap(), b.soft_loss.unwrap()),
+                "{a:?} vs {b:?}"
+            );
+            assert!(
+                close(a.feature_loss.unwrap(), b.feature_loss.unwrap()),
+                "{a:?} vs {b:?}"
+            );
+        }
+        for (a, b) in cached.weights.iter().zip(&live.weights) {
+            for (u, v) in a.values.iter().zip(&b.values) {
+                assert!((u - v).abs() <= 1e-4, "{}: {u} vs {v}", a.name);
+            }
+        }
+        assert!(cached.kd_history[0].feature_loss.unwrap() > 0.0);
+        // No projection is exported with the student.
+        let names: Vec<&str> = cached.weights.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
+        assert_eq!(teacher.export().unwrap(), before);
+    }
+
+    #[test]
+    fn resume_matches_the_uninterrupted_run() {
+        let teacher = trained_teacher();
+        let data = clusters(100, 5, true);
+        let mut p = params(&data);
+        p.train.epochs = 4;
+        p.train.lr_schedule.kind = ScheduleName::Cosine;
+        p.train.early_stopping = Some(EarlyStoppingParams {
+            patience: 5,
+            metric: StopMetric::ValLoss,
+        });
+        p.features = vec![FeaturePair {
+            teacher: "fc1".into(),
+            student: "fc1".into(),
+            weight: 0.2,
+        }];
+        let full = run(&teacher, &p, TrainHooks::default()).unwrap();
+
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let mut saved = Vec::new();
+        let mut on_epoch = |m: &EpochMetrics, c: &Checkpoint| -> Result<()> {
+            saved.push(c.to_safetensors_bytes()?);
+            if m.epoch == 2 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            Ok(())
+        };
+        let student = Model::init(&student_arch(4), 5).unwrap();
+        let hooks = TrainHooks {
+            on_epoch: Some(&mut on_epoch),
+            ..Default::default()
+        };
+        let killed = distill(&teacher, student, &p, &ctx, hooks);
+        assert!(matches!(killed, Err(Error::Cancelled)), "{killed:?}");
+        let cp = Checkpoint::from_safetensors_bytes(&saved[1]).unwrap();
+        assert!(cp
+            .weights
+            .iter()
+            .any(|t| t.name == "distill.features.0.weight"));
+        let resumed = run(
+            &teacher,
+            &p,
+            TrainHooks {
+                resume: Some(cp),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(resumed.weights, full.weights);
+        assert_eq!(resumed.history.len(), 4);
+        for (a, b) in resumed.history.iter().zip(&full.history) {
+            assert_eq!((a.train_loss, a.val_loss), (b.train_loss, b.val_loss));
+        }
+        assert_eq!(resumed.kd_history[..], full.kd_history[2..]);
+        assert_eq!(resumed.val_agreement, full.val_agreement);
+    }
+
+    #[test]
+    fn refusals_are_precise() {
+        let teacher = Model::init(&teacher_arch(), 1).unwrap();
+        let data = clusters(40, 6, true);
+        let base = params(&data);
+        let check = |p: &DistillParams<'_>, student: &Architecture| -> Error {
+            let cancel = quiet();
+            let ctx = Ctx::new(&|_, _| {}, &cancel);
+            let s = Model::init(student, 0).unwrap();
+            distill(&teacher, s, p, &ctx, TrainHooks::default()).unwrap_err()
+        };
+        let ptr = |e: &Error| (e.code(), e.pointer().unwrap_or_default());
+        let arch = student_arch(4);
+
+        let e = check(&base, &student_arch(3));
+        assert_eq!(e.code(), "architecture_mismatch");
+        assert!(
+            e.to_string().contains("3 classes") && e.to_string().contains("outputs 4"),
+            "{e}"
+        );
+        for t in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let mut p = base.clone();
+            p.temperature = t;
+            assert_eq!(
+                ptr(&check(&p, &arch)),
+                ("validation_failed", "/temperature".into())
+            );
+        }
+        for a in [-0.1, 1.5, f64::NAN] {
+            let mut p = base.clone();
+            p.alpha = a;
+            assert_eq!(
+                ptr(&check(&p, &arch)),
+                ("validation_failed", "/alpha".into())
+            );
+        }
+        let mut p = base.clone();
+        p.features = vec![
+            FeaturePair {
+                teacher: "fc1".into(),
+                student: "fc1".into(),
+                weight: 1.0,
+            },
+            FeaturePair {
+                teacher: "fc9".into(),
+                student: "fc1".into(),
+                weight: 1.0,
+            },
+        ];
+        let e = check(&p, &arch);
+        assert_eq!(ptr(&e).1, "/features/1/teacher");
+        assert!(
+            e.to_string().contains("\"fc9\"") && e.to_string().contains("bn"),
+            "{e}"
+        );
+        p.features[1] = FeaturePair {
+            teacher: "fc2".into(),
+            student: "7".into(),
+            weight: 1.0,
+        };
+        assert_eq!(ptr(&check(&p, &arch)).1, "/features/1/student");
+        p.features[1].student = "1".into();
+        p.features[1].weight = -1.0;
+        assert_eq!(ptr(&check(&p, &arch)).1, "/features/1/weight");
+
+        let mut p = base.clone();
+        p.train.head = Some(HeadParams {
+            layer: "fc2".into(),
+            num_classes: 4,
+        });
+        assert_eq!(ptr(&check(&p, &arch)).1, "/head");
+        let mut p = base.clone();
+        p.train.epochs = 0;
+        assert_eq!(ptr(&check(&p, &arch)).1, "/epochs");
+
+        // Unlabelled data: alpha < 1 and the baseline need labels.
+        let unlabelled = clusters(40, 6, false);
+        let mut p = params(&unlabelled);
+        let e = check(&p, &arch);
+        assert_eq!(e.code(), "dataset_mismatch");
+        assert!(e.to_string().contains("alpha"), "{e}");
+        p.alpha = 1.0;
+        p.baseline = true;
+        assert_eq!(ptr(&check(&p, &arch)).1, "/baseline");
+        p.baseline = false;
+        p.train.early_stopping = Some(EarlyStoppingParams {
+            patience: 2,
+            metric: StopMetric::ValLoss,
+        });
+        assert_eq!(ptr(&check(&p, &arch)).1, "/early_stopping");
+
+        // Features that fit the student but not the teacher.
+        let wide =
+            Architecture::from_json(&json!({"kind":"sequential","input_shape":[17],"layers":[
+            {"type":"linear","in_features":17,"out_features":4}]}))
+            .unwrap();
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let e = distill(
+            &Model::init(&wide, 0).unwrap(),
+            Model::init(&arch, 0).unwrap(),
+            &base,
+            &ctx,
+            TrainHooks::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "dataset_mismatch");
+        assert!(
+            e.to_string()
+                .starts_with("dataset does not match the model: teacher:"),
+            "{e}"
+        );
+    }
+}

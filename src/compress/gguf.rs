@@ -1,0 +1,1115 @@
+//! GGUF export: the `gguf` quantization format (`type`: q8_0 … q6_k) with llama.cpp's block
+//! quantizers as implemented by `candle_core::quantized`.
+//!
+//! The file is written here, not by candle's `gguf_file::write` (which emits version 2 and
+//! needs the whole model in memory): the data offsets of every tensor are known from the
+//! shapes alone, so the header (version 3, alignment 32) goes first and the tensor data is
+//! streamed after it, tensor by tensor and row chunk by row chunk. Peak memory is a few
+//! tens of MiB regardless of the model's size, and the writer needs no `Seek`.
+//!
+//! What goes into the file:
+//! - **Selected float tensors** are quantized to the requested type. A GGUF/ggml tensor's
+//!   `ne[0]` is its innermost dimension, i.e. the *last* safetensors dimension, so blocks
+//!   run along rows of the last dimension; [`check_gguf`] refuses rows whose length is not a
+//!   multiple of the block size (Whittle does not pad).
+//! - **Every other float tensor** is stored losslessly when GGUF can hold it: F32 as F32,
+//!   F16 as F16, BF16 as BF16 (byte copies); F64 and the F8 types become F32 (F8 exactly,
+//!   F64 rounded, with the error reported).
+//! - **Integer and BOOL tensors** (e.g. `position_ids`) become F32 when every value is exact
+//!   in f32 (|v| ≤ 2²⁴), otherwise they are left out with a report entry of type `skipped`.
+//!   GGUF has I8…I64 types, but candle's reader rejects files that use them, and F32 keeps
+//!   the file readable by candle, gguf-py and llama.cpp alike.
+//! - Tensor names are unchanged; the ggml dimensions are the safetensors shape reversed, so
+//!   readers that reverse back (candle, gguf-py's `tensor.shape[::-1]`) see the original
+//!   shape. A scalar is written as a 1-D tensor of one element (ggml has no 0-D tensors).
+//! - Metadata: every `metadata` entry as a GGUF string (`whittle.architecture`,
+//!   `whittle.job`, …), plus `general.alignment` (u32 32), `general.quantization_version`
+//!   (u32 2, as llama.cpp's quantizer writes) and `general.file_type` (u32, llama.cpp's
+//!   `LLAMA_FTYPE_MOSTLY_*` for the type; `_S` variants for q3_k/q4_k/q5_k). Those three keys
+//!   are ours: entries of `metadata` with the same names are not written.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::io::Write;
+use std::str::FromStr;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use super::progress::Ctx;
+use super::quantize::ErrorStats;
+use super::tensors::{decode_f32, encode_f32, Dtype, SafetensorsFile, TensorInfo};
+use super::{Error, Result};
+
+/// GGUF format version written.
+pub const GGUF_VERSION: u32 = 3;
+/// Alignment of the data section and of every tensor's data, in bytes (GGUF's default).
+pub const GGUF_ALIGNMENT: u64 = 32;
+/// Longest tensor name llama.cpp accepts, in bytes (`GGML_MAX_NAME` − 1 for the NUL).
+pub const GGUF_MAX_NAME_LEN: usize = 63;
+/// Most dimensions a ggml tensor can have (`GGML_MAX_DIMS`).
+pub const GGUF_MAX_DIMS: usize = 4;
+
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+/// GGUF metadata value types used here.
+const GGUF_VALUE_U32: u32 = 4;
+const GGUF_VALUE_STRING: u32 = 8;
+/// ggml tensor types of the unquantized tensors.
+const GGML_TYPE_F32: u32 = 0;
+const GGML_TYPE_F16: u32 = 1;
+const GGML_TYPE_BF16: u32 = 30;
+/// Metadata keys written by [`write_gguf`] itself.
+const RESERVED_KEYS: [&str; 3] = [
+    "general.alignment",
+    "general.quantization_version",
+    "general.file_type",
+];
+/// Elements each thread quantizes per chunk (16 MiB of f32): bounds memory, keeps the
+/// cancel check and progress reports frequent.
+const CHUNK_ELEMS: usize = 1 << 22;
+/// Values candle quantizes per call inside a chunk (256 KiB of f32).
+const PIECE_ELEMS: usize = 1 << 16;
+/// Largest integer magnitude every integer up to which f32 represents exactly.
+const F32_EXACT_INT: i64 = 1 << 24;
+
+/// A GGUF block-quantization type (the `type` parameter of the `gguf` format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgufType {
+    /// 8-bit, blocks of 32 with one f16 scale (8.5 bits/weight).
+    Q8_0,
+    /// 4-bit symmetric, blocks of 32 (4.5 bits/weight).
+    Q4_0,
+    /// 4-bit with offset, blocks of 32 (5 bits/weight).
+    Q4_1,
+    /// 5-bit symmetric, blocks of 32 (5.5 bits/weight).
+    Q5_0,
+    /// 5-bit with offset, blocks of 32 (6 bits/weight).
+    Q5_1,
+    /// k-quant 2-bit, super-blocks of 256 (2.625 bits/weight).
+    Q2K,
+    /// k-quant 3-bit, super-blocks of 256 (3.4375 bits/weight).
+    Q3K,
+    /// k-quant 4-bit, super-blocks of 256 (4.5 bits/weight).
+    Q4K,
+    /// k-quant 5-bit, super-blocks of 256 (5.5 bits/weight).
+    Q5K,
+    /// k-quant 6-bit, super-blocks of 256 (6.5625 bits/weight).
+    Q6K,
+}
+
+impl GgufType {
+    /// Every type, in the order of the API documentation.
+    pub const ALL: [GgufType; 10] = [
+        GgufType::Q8_0,
+        GgufType::Q4_0,
+        GgufType::Q4_1,
+        GgufType::Q5_0,
+        GgufType::Q5_1,
+        GgufType::Q2K,
+        GgufType::Q3K,
+        GgufType::Q4K,
+        GgufType::Q5K,
+        GgufType::Q6K,
+    ];
+
+    /// API spelling (`q8_0`, `q4_k`, …), also llama.cpp's lower-cased type name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GgufType::Q8_0 => "q8_0",
+            GgufType::Q4_0 => "q4_0",
+            GgufType::Q4_1 => "q4_1",
+            GgufType::Q5_0 => "q5_0",
+            GgufType::Q5_1 => "q5_1",
+            GgufType::Q2K => "q2_k",
+            GgufType::Q3K => "q3_k",
+            GgufType::Q4K => "q4_k",
+            GgufType::Q5K => "q5_k",
+            GgufType::Q6K => "q6_k",
+        }
+    }
+
+    /// Values per block: 32, or 256 for the k-quants. Rows must be a multiple of it.
+    pub fn block_size(self) -> usize {
+        self.ggml_dtype().block_size()
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        self.ggml_dtype().type_size()
+    }
+
+    /// Storage cost in bits per weight (block bytes × 8 / block size).
+    pub fn bits_per_weight(self) -> f64 {
+        (self.block_bytes() * 8) as f64 / self.block_size() as f64
+    }
+
+    /// Whether this is a k-quant (256-value super-blocks).
+    pub fn is_k_quant(self) -> bool {
+        self.block_size() == 256
+    }
+
+    /// candle's type.
+    pub fn ggml_dtype(self) -> GgmlDType {
+        match self {
+            GgufType::Q8_0 => GgmlDType::Q8_0,
+            GgufType::Q4_0 => GgmlDType::Q4_0,
+            GgufType::Q4_1 => GgmlDType::Q4_1,
+            GgufType::Q5_0 => GgmlDType::Q5_0,
+            GgufType::Q5_1 => GgmlDType::Q5_1,
+            GgufType::Q2K => GgmlDType::Q2K,
+            GgufType::Q3K => GgmlDType::Q3K,
+            GgufType::Q4K => GgmlDType::Q4K,
+            GgufType::Q5K => GgmlDType::Q5K,
+            GgufType::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// The ggml type id in a GGUF tensor info (`GGML_TYPE_*`).
+    fn ggml_type_id(self) -> u32 {
+        match self {
+            GgufType::Q4_0 => 2,
+            GgufType::Q4_1 => 3,
+            GgufType::Q5_0 => 6,
+            GgufType::Q5_1 => 7,
+            GgufType::Q8_0 => 8,
+            GgufType::Q2K => 10,
+            GgufType::Q3K => 11,
+            GgufType::Q4K => 12,
+            GgufType::Q5K => 13,
+            GgufType::Q6K => 14,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_MOSTLY_*`).
+    fn llama_file_type(self) -> u32 {
+        match self {
+            GgufType::Q4_0 => 2,
+            GgufType::Q4_1 => 3,
+            GgufType::Q8_0 => 7,
+            GgufType::Q5_0 => 8,
+            GgufType::Q5_1 => 9,
+            GgufType::Q2K => 10,
+            GgufType::Q3K => 11,
+            GgufType::Q4K => 14,
+            GgufType::Q5K => 16,
+            GgufType::Q6K => 18,
+        }
+    }
+}
+
+impl fmt::Display for GgufType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for GgufType {
+    type Err = Error;
+
+    /// Parses the API spelling; anything else is an [`Error::InvalidParameter`] at `/type`.
+    fn from_str(s: &str) -> Result<Self> {
+        GgufType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| Error::InvalidParameter {
+                pointer: "/type".into(),
+                detail: format!(
+                    "unknown GGUF type {s:?}; expected one of {}",
+                    GgufType::ALL.map(GgufType::as_str).join(", ")
+                ),
+            })
+    }
+}
+
+/// What [`write_gguf`] did with one tensor.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GgufReport {
+    /// Tensor name (unchanged in the GGUF file).
+    pub tensor: String,
+    /// Shape in safetensors order (the GGUF dims are this reversed).
+    pub shape: Vec<usize>,
+    /// Storage type in the file: a [`GgufType`] spelling, `f32`, `f16`, `bf16`, or
+    /// `skipped` (not in the file; see `note`).
+    #[serde(rename = "type")]
+    pub gguf_type: String,
+    /// Mean squared error of the stored values against the input (0 when lossless).
+    pub mse: f64,
+    /// Signal-to-quantization-noise ratio in dB (`null` when the error is zero).
+    pub sqnr_db: Option<f64>,
+    /// Largest |w − ŵ|.
+    pub max_abs_error: f64,
+    /// Bytes of the tensor's data × 8 / elements (0 for an empty or skipped tensor).
+    pub bits_per_weight: f64,
+    /// Bytes of the tensor's data in the file, padding excluded.
+    pub bytes: u64,
+    /// Why the tensor was converted or left out, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Refuses a `gguf` quantization the file cannot take, before any work is done:
+/// a selected float tensor whose rows (last dimension) are not a multiple of the block size
+/// is an [`Error::InvalidParameter`] at `/type`; a tensor with more than
+/// [`GGUF_MAX_DIMS`] dimensions or a name longer than [`GGUF_MAX_NAME_LEN`] bytes (limits
+/// of llama.cpp's reader) is [`Error::Unsupported`]. Selected non-float tensors and names
+/// not in `tensors` are ignored, as [`write_gguf`] ignores them.
+pub fn check_gguf(tensors: &[TensorInfo], selected: &[String], ty: GgufType) -> Result<()> {
+    let selected: HashSet<&str> = selected.iter().map(String::as_str).collect();
+    for t in tensors {
+        if t.name.len() > GGUF_MAX_NAME_LEN {
+            return Err(Error::Unsupported(format!(
+                "tensor name {:?} is {} bytes long; GGUF readers (llama.cpp) accept at most {GGUF_MAX_NAME_LEN}",
+                t.name,
+                t.name.len()
+            )));
+        }
+        if t.shape.len() > GGUF_MAX_DIMS {
+            return Err(Error::Unsupported(format!(
+                "tensor {:?} has {} dimensions (shape {:?}); GGUF tensors have at most {GGUF_MAX_DIMS}",
+                t.name,
+                t.shape.len(),
+                t.shape
+            )));
+        }
+        if selected.contains(t.name.as_str()) && t.dtype.is_float() {
+            check_rows(t, ty)?;
+        }
+    }
+    Ok(())
+}
+
+/// The block-size rule for one selected tensor, with a message saying what would work.
+fn check_rows(t: &TensorInfo, ty: GgufType) -> Result<()> {
+    let block = ty.block_size();
+    let Some(&row) = t.shape.last() else {
+        return Err(Error::InvalidParameter {
+            pointer: "/type".into(),
+            detail: format!(
+                "tensor {:?} is a scalar; {ty} quantizes rows in blocks of {block} values. \
+                 Add it to `skip` to keep it in float.",
+                t.name
+            ),
+        });
+    };
+    if row.is_multiple_of(block) {
+        return Ok(());
+    }
+    let alternative = if ty.is_k_quant() && row.is_multiple_of(32) {
+        format!(
+            "{row} is a multiple of 32, so a type with 32-value blocks works \
+             (q8_0, q4_0, q4_1, q5_0, q5_1); or add the tensor to `skip`"
+        )
+    } else {
+        "no GGUF type fits it (all blocks are 32 or 256 values); add the tensor to `skip` \
+         to keep it in float"
+            .to_string()
+    };
+    Err(Error::InvalidParameter {
+        pointer: "/type".into(),
+        detail: format!(
+            "tensor {:?} (shape {:?}) has rows of {row} values, not a multiple of {ty}'s block \
+             size {block}: {alternative}. Whittle does not pad tensors.",
+            t.name, t.shape
+        ),
+    })
+}
+
+/// How one tensor is stored.
+#[derive(Debug, Clone, PartialEq)]
+enum Storage {
+    /// Block-quantized.
+    Quant(GgufType),
+    /// The input's bytes, unchanged (F32, F16, BF16), with this ggml type id.
+    Copy(u32),
+    /// Float converted to F32 (F64, F8).
+    FloatToF32,
+    /// Integer / BOOL converted to F32 exactly.
+    IntToF32,
+    /// Not written; the reason.
+    Skip(String),
+}
+
+/// One tensor's place in the file.
+struct Plan<'a> {
+    info: &'a TensorInfo,
+    storage: Storage,
+    /// Data bytes, padding excluded.
+    nbytes: u64,
+    /// Offset from the start of the data section.
+    offset: u64,
+}
+
+impl Plan<'_> {
+    fn type_name(&self) -> &'static str {
+        match &self.storage {
+            Storage::Quant(ty) => ty.as_str(),
+            Storage::Copy(GGML_TYPE_F16) => "f16",
+            Storage::Copy(GGML_TYPE_BF16) => "bf16",
+            Storage::Copy(_) | Storage::FloatToF32 | Storage::IntToF32 => "f32",
+            Storage::Skip(_) => "skipped",
+        }
+    }
+
+    fn ggml_type_id(&self) -> u32 {
+        match &self.storage {
+            Storage::Quant(ty) => ty.ggml_type_id(),
+            Storage::Copy(id) => *id,
+            Storage::FloatToF32 | Storage::IntToF32 | Storage::Skip(_) => GGML_TYPE_F32,
+        }
+    }
+
+    /// ggml dims: the shape reversed, innermost first; `[1]` for a scalar.
+    fn ggml_dims(&self) -> Vec<u64> {
+        if self.info.shape.is_empty() {
+            vec![1]
+        } else {
+            self.info.shape.iter().rev().map(|&d| d as u64).collect()
+        }
+    }
+}
+
+/// Decides the storage of one tensor (see the module documentation).
+fn plan_storage(
+    input: &SafetensorsFile,
+    info: &TensorInfo,
+    selected: bool,
+    ty: GgufType,
+) -> Storage {
+    match info.dtype {
+        d if selected && d.is_float() => Storage::Quant(ty),
+        Dtype::F32 => Storage::Copy(GGML_TYPE_F32),
+        Dtype::F16 => Storage::Copy(GGML_TYPE_F16),
+        Dtype::BF16 => Storage::Copy(GGML_TYPE_BF16),
+        d if d.is_float() => Storage::FloatToF32,
+        _ => match input.to_i64(info) {
+            Ok(v) if v.iter().all(|x| x.abs() <= F32_EXACT_INT) => Storage::IntToF32,
+            Ok(_) => Storage::Skip(format!(
+                "{} values beyond ±2^24 are not exact in f32, and GGUF integer types are not \
+                 read by every reader",
+                info.dtype
+            )),
+            Err(e) => Storage::Skip(e.to_string()),
+        },
+    }
+}
+
+fn data_bytes(info: &TensorInfo, storage: &Storage) -> u64 {
+    let n = info.numel() as u64;
+    match storage {
+        Storage::Quant(ty) => n / ty.block_size() as u64 * ty.block_bytes() as u64,
+        Storage::Copy(GGML_TYPE_F16) | Storage::Copy(GGML_TYPE_BF16) => n * 2,
+        Storage::Copy(_) | Storage::FloatToF32 | Storage::IntToF32 => n * 4,
+        Storage::Skip(_) => 0,
+    }
+}
+
+fn align(n: u64) -> u64 {
+    n.div_ceil(GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+}
+
+/// Zero bytes taking a section of `len` bytes to the next alignment boundary.
+fn pad(out: &mut dyn Write, len: u64) -> Result<()> {
+    out.write_all(&[0u8; GGUF_ALIGNMENT as usize][..(align(len) - len) as usize])?;
+    Ok(())
+}
+
+/// Writes a GGUF v3 file to `out`: the tensors named in `selected` quantized to `ty`, every
+/// other tensor as described in the module documentation, `metadata` as string values.
+/// Runs [`check_gguf`] first. Returns one report per input tensor, in file order
+/// (skipped tensors included). Streams: `out` receives the header, then each tensor's data
+/// as it is produced; give it a `BufWriter` when it is a file. On an error or cancellation
+/// `out` holds a partial file the caller must discard.
+pub fn write_gguf(
+    input: &SafetensorsFile,
+    selected: &[String],
+    ty: GgufType,
+    metadata: &BTreeMap<String, String>,
+    out: &mut dyn Write,
+    ctx: &Ctx,
+) -> Result<Vec<GgufReport>> {
+    write_gguf_chunked(input, selected, ty, metadata, out, ctx, CHUNK_ELEMS)
+}
+
+/// [`write_gguf`] with a chosen number of elements per thread and chunk (tests use tiny
+/// chunks to exercise the row splitting).
+fn write_gguf_chunked(
+    input: &SafetensorsFile,
+    selected: &[String],
+    ty: GgufType,
+    metadata: &BTreeMap<String, String>,
+    out: &mut dyn Write,
+    ctx: &Ctx,
+    chunk_elems: usize,
+) -> Result<Vec<GgufReport>> {
+    let tensors = &input.header().tensors;
+    check_gguf(tensors, selected, ty)?;
+    let selected: HashSet<&str> = selected.iter().map(String::as_str).collect();
+    let mut plans = Vec::with_capacity(tensors.len());
+    let mut offset = 0u64;
+    for info in tensors {
+        let storage = plan_storage(input, info, selected.contains(info.name.as_str()), ty);
+        let nbytes = data_bytes(info, &storage);
+        plans.push(Plan {
+            info,
+            storage,
+            nbytes,
+            offset,
+        });
+        offset += align(nbytes);
+    }
+    let header = render_header(&plans, ty, metadata);
+    out.write_all(&header)?;
+    pad(out, header.len() as u64)?;
+
+    let total: f64 = tensors
+        .iter()
+        .map(|t| t.numel() as f64)
+        .sum::<f64>()
+        .max(1.0);
+    let mut done = 0f64;
+    let mut reports = Vec::with_capacity(plans.len());
+    for plan in &plans {
+        ctx.check()?;
+        let stats = write_tensor(input, plan, out, ctx, chunk_elems, |elems_done| {
+            ctx.report(
+                (done + elems_done as f64) / total,
+                &format!("{} ({})", plan.info.name, plan.type_name()),
+            )
+        })?;
+        pad(out, plan.nbytes)?;
+        done += plan.info.numel() as f64;
+        reports.push(report(plan, &stats));
+    }
+    out.flush()?;
+    ctx.report(1.0, "done");
+    Ok(reports)
+}
+
+fn report(plan: &Plan, stats: &ErrorStats) -> GgufReport {
+    let numel = plan.info.numel();
+    GgufReport {
+        tensor: plan.info.name.clone(),
+        shape: plan.info.shape.clone(),
+        gguf_type: plan.type_name().to_string(),
+        mse: stats.mse(),
+        sqnr_db: stats.sqnr_db(),
+        max_abs_error: stats.max_abs,
+        bits_per_weight: if numel == 0 || plan.nbytes == 0 {
+            0.0
+        } else {
+            plan.nbytes as f64 * 8.0 / numel as f64
+        },
+        bytes: plan.nbytes,
+        note: match &plan.storage {
+            Storage::Skip(why) => Some(format!("left out of the GGUF file: {why}")),
+            Storage::IntToF32 => Some(format!("{} stored as f32 (exact)", plan.info.dtype)),
+            Storage::FloatToF32 => Some(format!("{} stored as f32", plan.info.dtype)),
+            Storage::Quant(_) | Storage::Copy(_) => None,
+        },
+    }
+}
+
+/// Header, metadata and tensor infos (without the padding before the data).
+fn render_header(plans: &[Plan], ty: GgufType, metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let user: Vec<(&String, &String)> = metadata
+        .iter()
+        .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
+        .collect();
+    let written: Vec<&Plan> = plans
+        .iter()
+        .filter(|p| !matches!(p.storage, Storage::Skip(_)))
+        .collect();
+    let mut h = Vec::new();
+    h.extend_from_slice(GGUF_MAGIC);
+    h.extend_from_slice(&GGUF_VERSION.to_le_bytes());
+    h.extend_from_slice(&(written.len() as u64).to_le_bytes());
+    h.extend_from_slice(&((user.len() + RESERVED_KEYS.len()) as u64).to_le_bytes());
+    let ours = [
+        GGUF_ALIGNMENT as u32,
+        2, // GGML_QNT_VERSION
+        ty.llama_file_type(),
+    ];
+    for (key, value) in RESERVED_KEYS.iter().zip(ours) {
+        put_str(&mut h, key);
+        h.extend_from_slice(&GGUF_VALUE_U32.to_le_bytes());
+        h.extend_from_slice(&value.to_le_bytes());
+    }
+    for (key, value) in user {
+        put_str(&mut h, key);
+        h.extend_from_slice(&GGUF_VALUE_STRING.to_le_bytes());
+        put_str(&mut h, value);
+    }
+    for plan in written {
+        put_str(&mut h, &plan.info.name);
+        let dims = plan.ggml_dims();
+        h.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            h.extend_from_slice(&d.to_le_bytes());
+        }
+        h.extend_from_slice(&plan.ggml_type_id().to_le_bytes());
+        h.extend_from_slice(&plan.offset.to_le_bytes());
+    }
+    h
+}
+
+/// A GGUF string: u64 length, UTF-8 bytes, no terminator.
+fn put_str(h: &mut Vec<u8>, s: &str) {
+    h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    h.extend_from_slice(s.as_bytes());
+}
+
+/// Writes one tensor's data (no padding); returns its error statistics.
+fn write_tensor(
+    input: &SafetensorsFile,
+    plan: &Plan,
+    out: &mut dyn Write,
+    ctx: &Ctx,
+    chunk_elems: usize,
+    progress: impl Fn(usize),
+) -> Result<ErrorStats> {
+    let info = plan.info;
+    let mut stats = ErrorStats::default();
+    match &plan.storage {
+        Storage::Skip(_) => {}
+        Storage::Copy(_) => {
+            out.write_all(input.bytes(info))?;
+            stats.count = info.numel() as u64;
+        }
+        Storage::FloatToF32 => {
+            out.write_all(&encode_f32(&input.to_f32(info)?))?;
+            stats = float_to_f32_stats(input, info);
+        }
+        Storage::IntToF32 => {
+            for v in input.to_i64(info)? {
+                out.write_all(&(v as f32).to_le_bytes())?;
+            }
+            stats.count = info.numel() as u64;
+        }
+        Storage::Quant(ty) => {
+            stats = write_quantized(input, info, *ty, out, ctx, chunk_elems, progress)?;
+        }
+    }
+    Ok(stats)
+}
+
+/// Error of F64/F8 → F32, measured against the exact source values.
+fn float_to_f32_stats(input: &SafetensorsFile, info: &TensorInfo) -> ErrorStats {
+    let mut stats = ErrorStats::default();
+    if info.dtype == Dtype::F64 {
+        for c in input.bytes(info).chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            let w = f64::from_le_bytes(b);
+            let e = w - (w as f32) as f64;
+            stats.signal += w * w;
+            stats.noise += e * e;
+            stats.max_abs = stats.max_abs.max(e.abs());
+            stats.count += 1;
+        }
+    } else {
+        // F8 values are exact in f32.
+        stats.count = info.numel() as u64;
+    }
+    stats
+}
+
+/// Quantizes a tensor in chunks of rows, each chunk split between two threads; writes the
+/// block bytes in row order (ggml blocks never straddle rows, so row chunks concatenate).
+fn write_quantized(
+    input: &SafetensorsFile,
+    info: &TensorInfo,
+    ty: GgufType,
+    out: &mut dyn Write,
+    ctx: &Ctx,
+    chunk_elems: usize,
+    progress: impl Fn(usize),
+) -> Result<ErrorStats> {
+    let row = info.shape.last().copied().unwrap_or(1);
+    let mut stats = ErrorStats::default();
+    if info.numel() == 0 || row == 0 {
+        return Ok(stats);
+    }
+    let rows = info.numel() / row;
+    let bytes = input.bytes(info);
+    let row_bytes = row * info.dtype.size_in_bytes();
+    if bytes.len() != rows * row_bytes {
+        return Err(Error::Internal(format!(
+            "tensor {:?}: {} data bytes for {rows} rows of {row_bytes}",
+            info.name,
+            bytes.len()
+        )));
+    }
+    let per_thread = (chunk_elems / row).max(1);
+    // Reused across chunks: fresh multi-MiB buffers cost a page fault per 4 KiB.
+    let mut bufs = [Vec::new(), Vec::new()];
+    let mut r0 = 0;
+    while r0 < rows {
+        ctx.check()?;
+        let r1 = (r0 + 2 * per_thread).min(rows);
+        let mid = r0 + (r1 - r0).div_ceil(2);
+        let slice = |a: usize, b: usize| &bytes[a * row_bytes..b * row_bytes];
+        let [buf0, buf1] = &mut bufs;
+        let (first, second) = std::thread::scope(|s| {
+            let other = (mid < r1).then(|| {
+                s.spawn(|| quantize_rows(&info.name, info.dtype, slice(mid, r1), row, ty, buf1))
+            });
+            let first = quantize_rows(&info.name, info.dtype, slice(r0, mid), row, ty, buf0);
+            let second = other.map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("quantizer thread panicked".into())))
+            });
+            (first, second)
+        });
+        merge(&mut stats, &first?);
+        out.write_all(&bufs[0])?;
+        if let Some(second) = second {
+            merge(&mut stats, &second?);
+            out.write_all(&bufs[1])?;
+        }
+        progress(r1 * row);
+        r0 = r1;
+    }
+    Ok(stats)
+}
+
+/// Quantizes whole rows with candle into `out` (cleared first) and measures the error of
+/// candle's own dequantization of them. Works in pieces of about [`PIECE_ELEMS`] values,
+/// small enough for the allocator to recycle candle's temporary buffers. Each piece is
+/// decoded into a fresh, contiguous tensor (never a view: candle issue 3864).
+fn quantize_rows(
+    name: &str,
+    dtype: Dtype,
+    bytes: &[u8],
+    row: usize,
+    ty: GgufType,
+    out: &mut Vec<u8>,
+) -> Result<ErrorStats> {
+    out.clear();
+    let mut stats = ErrorStats::default();
+    let row_bytes = row * dtype.size_in_bytes();
+    let piece_rows = (PIECE_ELEMS / row).max(1);
+    for piece in bytes.chunks(piece_rows * row_bytes) {
+        let values = decode_f32(name, dtype, piece)?;
+        let t = Tensor::from_slice(&values, (values.len() / row, row), &Device::Cpu)?;
+        let q = QTensor::quantize(&t, ty.ggml_dtype())?;
+        let back = q
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (&w, &b) in values.iter().zip(&back) {
+            stats.add(w, b);
+        }
+        out.extend_from_slice(&q.data()?);
+    }
+    Ok(stats)
+}
+
+fn merge(into: &mut ErrorStats, s: &ErrorStats) {
+    into.signal += s.signal;
+    into.noise += s.noise;
+    into.max_abs = into.max_abs.max(s.max_abs);
+    into.count += s.count;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+    use std::sync::atomic::AtomicBool;
+
+    use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
+    use half::{bf16, f16};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::compress::tensors::{serialize, TensorSpec};
+
+    fn info(name: &str, dtype: Dtype, shape: &[usize]) -> TensorInfo {
+        let n: usize = shape.iter().product();
+        TensorInfo {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            data_offsets: (0, n * dtype.size_in_bytes()),
+        }
+    }
+
+    fn randn(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>() * 0.05)
+            .collect()
+    }
+
+    /// Writes tensors to a temporary safetensors file and opens it.
+    fn open(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> SafetensorsFile {
+        let owned: Vec<(TensorSpec, &[u8])> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (TensorSpec::new(*n, *d, s.clone()), b.as_slice()))
+            .collect();
+        let bytes = serialize(&BTreeMap::new(), &owned).unwrap();
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), bytes).unwrap();
+        SafetensorsFile::open(tmp.path()).unwrap()
+    }
+
+    fn write(
+        file: &SafetensorsFile,
+        selected: &[&str],
+        ty: GgufType,
+        meta: &BTreeMap<String, String>,
+        chunk: usize,
+    ) -> Result<(Vec<u8>, Vec<GgufReport>)> {
+        let cancel = AtomicBool::new(false);
+        let progress = |_: f64, _: &str| {};
+        let ctx = Ctx::new(&progress, &cancel);
+        let sel: Vec<String> = selected.iter().map(|s| s.to_string()).collect();
+        let mut out = Vec::new();
+        let reports = write_gguf_chunked(file, &sel, ty, meta, &mut out, &ctx, chunk)?;
+        Ok((out, reports))
+    }
+
+    fn read_tensor(bytes: &[u8], content: &Content, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let q = content
+            .tensor(&mut Cursor::new(bytes), name, &Device::Cpu)
+            .unwrap();
+        let dims = q.shape().dims().to_vec();
+        let values = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+        (dims, values.to_vec1::<f32>().unwrap())
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        encode_f32(v)
+    }
+
+    #[test]
+    fn types_parse_round_trip_and_have_llama_block_layouts() {
+        for ty in GgufType::ALL {
+            assert_eq!(ty.as_str().parse::<GgufType>().unwrap(), ty);
+        }
+        let layout: Vec<(usize, usize)> = GgufType::ALL
+            .iter()
+            .map(|t| (t.block_size(), t.block_bytes()))
+            .collect();
+        assert_eq!(
+            layout,
+            [
+                (32, 34),
+                (32, 18),
+                (32, 20),
+                (32, 22),
+                (32, 24),
+                (256, 84),
+                (256, 110),
+                (256, 144),
+                (256, 176),
+                (256, 210)
+            ]
+        );
+        assert_eq!(GgufType::Q8_0.bits_per_weight(), 8.5);
+        assert_eq!(GgufType::Q4K.bits_per_weight(), 4.5);
+        assert_eq!(GgufType::Q6K.bits_per_weight(), 6.5625);
+        let e = "q4_k_m".parse::<GgufType>().unwrap_err();
+        assert_eq!(e.code(), "validation_failed");
+        assert_eq!(e.pointer().as_deref(), Some("/type"));
+        assert!(e.to_string().contains("\"q4_k_m\""), "{e}");
+    }
+
+    #[test]
+    fn check_refuses_rows_that_do_not_fill_blocks_and_says_what_fits() {
+        let fc1 = [info("fc1.weight", Dtype::F32, &[300, 784])];
+        let wide = [info("wide.weight", Dtype::F32, &[10, 800])];
+        let sel = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+        let e = check_gguf(&fc1, &sel(&["fc1.weight"]), GgufType::Q4K).unwrap_err();
+        assert_eq!(e.code(), "validation_failed");
+        assert_eq!(e.pointer().as_deref(), Some("/type"));
+        let msg = e.to_string();
+        for part in [
+            "\"fc1.weight\"",
+            "784",
+            "256",
+            "q4_k",
+            "skip",
+            "does not pad",
+        ] {
+            assert!(msg.contains(part), "{part} missing in {msg}");
+        }
+        // 784 is not a multiple of 32 either: no type is suggested.
+        assert!(msg.contains("no GGUF type fits"), "{msg}");
+        let e = check_gguf(&fc1, &sel(&["fc1.weight"]), GgufType::Q8_0).unwrap_err();
+        assert!(e.to_string().contains("784") && e.to_string().contains(" 32"));
+
+        // 800 = 25 × 32: a k-quant is refused with the 32-block types suggested, q8_0 is fine.
+        let e = check_gguf(&wide, &sel(&["wide.weight"]), GgufType::Q6K).unwrap_err();
+        assert!(e.to_string().contains("multiple of 32"), "{e}");
+        assert!(e.to_string().contains("q8_0"), "{e}");
+        check_gguf(&wide, &sel(&["wide.weight"]), GgufType::Q8_0).unwrap();
+        check_gguf(&wide, &sel(&["wide.weight"]), GgufType::Q4_1).unwrap();
+
+        // Unselected or non-float tensors are not checked; 1024-wide rows fit everything.
+        check_gguf(&fc1, &[], GgufType::Q4K).unwrap();
+        let ids = info("ids", Dtype::I64, &[1, 7]);
+        check_gguf(&[ids], &sel(&["ids"]), GgufType::Q4K).unwrap();
+        let big = [info("big", Dtype::BF16, &[3, 1024])];
+        for ty in GgufType::ALL {
+            check_gguf(&big, &sel(&["big"]), ty).unwrap();
+        }
+
+        let scalar = info("scale", Dtype::F32, &[]);
+        let e = check_gguf(&[scalar], &sel(&["scale"]), GgufType::Q8_0).unwrap_err();
+        assert!(e.to_string().contains("scalar"), "{e}");
+    }
+
+    #[test]
+    fn check_refuses_what_llama_cpp_cannot_read() {
+        let five = info("conv3d.weight", Dtype::F32, &[2, 2, 2, 2, 32]);
+        let e = check_gguf(&[five], &[], GgufType::Q8_0).unwrap_err();
+        assert_eq!(e.code(), "unsupported_operation");
+        assert!(e.to_string().contains("5 dimensions"), "{e}");
+        let long = info(&"x".repeat(64), Dtype::F32, &[32]);
+        let e = check_gguf(&[long], &[], GgufType::Q8_0).unwrap_err();
+        assert!(e.to_string().contains("64 bytes"), "{e}");
+        check_gguf(
+            &[info(&"x".repeat(63), Dtype::F32, &[32])],
+            &[],
+            GgufType::Q8_0,
+        )
+        .unwrap();
+    }
+
+    /// The file of the round-trip tests: one quantizable weight, float tensors of every
+    /// kept dtype, exact and inexact integers.
+    fn mixed_model() -> (SafetensorsFile, Vec<f32>) {
+        let w = randn(64 * 512, 1);
+        let bias: Vec<f32> = randn(64, 2);
+        let half: Vec<u8> = [0.5f32, -1.25, 3.0, 0.1]
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        let brain: Vec<u8> = [0.5f32, -7.0]
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let f64s: Vec<u8> = [0.1f64, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let pos: Vec<u8> = (0i64..8).flat_map(|v| v.to_le_bytes()).collect();
+        let huge: Vec<u8> = [1i64 << 40, 1]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let file = open(&[
+            ("fc.weight", Dtype::F32, vec![64, 512], f32_bytes(&w)),
+            ("fc.bias", Dtype::F32, vec![64], f32_bytes(&bias)),
+            ("norm.f16", Dtype::F16, vec![2, 2], half),
+            ("norm.bf16", Dtype::BF16, vec![2], brain),
+            ("double", Dtype::F64, vec![2], f64s),
+            ("position_ids", Dtype::I64, vec![1, 8], pos),
+            ("huge_ids", Dtype::I64, vec![2], huge),
+        ]);
+        (file, w)
+    }
+
+    #[test]
+    fn every_type_round_trips_through_candles_reader_with_the_reported_error() {
+        let (file, w) = mixed_model();
+        for ty in GgufType::ALL {
+            let (bytes, reports) =
+                write(&file, &["fc.weight"], ty, &BTreeMap::new(), CHUNK_ELEMS).unwrap();
+            let content = Content::read(&mut Cursor::new(&bytes)).unwrap();
+            assert!(matches!(content.magic, VersionedMagic::GgufV3));
+            let (dims, back) = read_tensor(&bytes, &content, "fc.weight");
+            assert_eq!(dims, [64, 512]);
+            let mut stats = ErrorStats::default();
+            for (&a, &b) in w.iter().zip(&back) {
+                stats.add(a, b);
+            }
+            let r = &reports[0];
+            assert_eq!(
+                (r.tensor.as_str(), r.gguf_type.as_str()),
+                ("fc.weight", ty.as_str())
+            );
+            assert_eq!(r.shape, [64, 512]);
+            assert_eq!(r.max_abs_error, stats.max_abs, "{ty}");
+            assert!((r.mse - stats.mse()).abs() <= 1e-9 * stats.mse(), "{ty}");
+            let sqnr = r.sqnr_db.unwrap();
+            assert!((sqnr - stats.sqnr_db().unwrap()).abs() < 1e-9, "{ty}");
+            assert_eq!(
+                r.bytes,
+                (64 * 512 / ty.block_size() * ty.block_bytes()) as u64
+            );
+            assert_eq!(r.bits_per_weight, ty.bits_per_weight());
+            // More bits, less noise: a loose floor per type (gaussian weights).
+            let floor = match ty {
+                GgufType::Q2K => 5.0,
+                GgufType::Q3K => 10.0,
+                GgufType::Q4_0 | GgufType::Q4_1 | GgufType::Q4K => 15.0,
+                GgufType::Q5_0 | GgufType::Q5_1 | GgufType::Q5K => 21.0,
+                GgufType::Q6K => 27.0,
+                GgufType::Q8_0 => 35.0,
+            };
+            assert!(sqnr > floor, "{ty}: {sqnr} dB");
+        }
+    }
+
+    #[test]
+    fn unselected_tensors_are_kept_exactly_and_integers_converted_or_skipped() {
+        let (file, _) = mixed_model();
+        let (bytes, reports) = write(
+            &file,
+            &["fc.weight"],
+            GgufType::Q8_0,
+            &BTreeMap::new(),
+            1 << 22,
+        )
+        .unwrap();
+        let content = Content::read(&mut Cursor::new(&bytes)).unwrap();
+        let types: Vec<(&str, &str)> = reports
+            .iter()
+            .map(|r| (r.tensor.as_str(), r.gguf_type.as_str()))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ("fc.weight", "q8_0"),
+                ("fc.bias", "f32"),
+                ("norm.f16", "f16"),
+                ("norm.bf16", "bf16"),
+                ("double", "f32"),
+                ("position_ids", "f32"),
+                ("huge_ids", "skipped"),
+            ]
+        );
+        assert_eq!(content.tensor_infos.len(), 6);
+        assert!(!content.tensor_infos.contains_key("huge_ids"));
+        assert!(reports[6].note.as_ref().unwrap().contains("2^24"));
+        assert_eq!((reports[6].bytes, reports[6].bits_per_weight), (0, 0.0));
+
+        let bias = file.to_f32(file.get("fc.bias").unwrap()).unwrap();
+        assert_eq!(read_tensor(&bytes, &content, "fc.bias"), (vec![64], bias));
+        let (dims, half) = read_tensor(&bytes, &content, "norm.f16");
+        assert_eq!(
+            (dims, half),
+            (
+                vec![2, 2],
+                vec![0.5, -1.25, 3.0, f16::from_f32(0.1).to_f32()]
+            )
+        );
+        assert_eq!(
+            read_tensor(&bytes, &content, "norm.bf16"),
+            (vec![2], vec![0.5, -7.0])
+        );
+        assert_eq!(
+            read_tensor(&bytes, &content, "position_ids"),
+            (vec![1, 8], (0..8).map(|v| v as f32).collect())
+        );
+        assert_eq!(read_tensor(&bytes, &content, "double").1, [0.1f32, 2.0]);
+        let d = &reports[4];
+        assert_eq!(d.max_abs_error, (0.1f64 - 0.1f32 as f64).abs());
+        for r in &reports[1..4] {
+            assert_eq!((r.mse, r.max_abs_error, r.sqnr_db), (0.0, 0.0, None));
+        }
+        assert_eq!(reports[2].bits_per_weight, 16.0);
+        assert_eq!(reports[1].bytes, 256);
+    }
+
+    #[test]
+    fn ggml_dims_are_the_shape_reversed_and_rows_stay_rows() {
+        // Row i holds i + j/100: a transposed reading would mix rows.
+        let w: Vec<f32> = (0..3 * 64)
+            .map(|k| (k / 64) as f32 + (k % 64) as f32 / 100.0)
+            .collect();
+        let file = open(&[("w", Dtype::F32, vec![3, 64], f32_bytes(&w))]);
+        let (bytes, _) = write(&file, &["w"], GgufType::Q8_0, &BTreeMap::new(), 1 << 22).unwrap();
+        // The tensor info right after the header and three u32 KVs: name, n_dims, ne[0], ne[1].
+        let header_len = 4 + 4 + 8 + 8;
+        let kvs: usize = RESERVED_KEYS.iter().map(|k| 8 + k.len() + 4 + 4).sum();
+        let at = header_len + kvs + 8 + 1;
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
+        assert_eq!(&bytes[at - 1..at], b"w");
+        assert_eq!((u32_at(at), u64_at(at + 4), u64_at(at + 12)), (2, 64, 3));
+        assert_eq!(u32_at(at + 20), 8); // GGML_TYPE_Q8_0
+        let content = Content::read(&mut Cursor::new(&bytes)).unwrap();
+        assert!(content.tensor_data_offset.is_multiple_of(GGUF_ALIGNMENT));
+        let (dims, back) = read_tensor(&bytes, &content, "w");
+        assert_eq!(dims, [3, 64]);
+        for (k, (a, b)) in w.iter().zip(&back).enumerate() {
+            assert!((a - b).abs() < 0.02, "element {k}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn two_threads_and_row_chunks_give_the_bytes_of_one_whole_tensor_quantization() {
+        let w = randn(601 * 256, 3);
+        let file = open(&[("w", Dtype::F32, vec![601, 256], f32_bytes(&w))]);
+        let whole = Tensor::from_slice(&w, (601, 256), &Device::Cpu).unwrap();
+        for ty in [GgufType::Q4K, GgufType::Q5_1] {
+            let expected = QTensor::quantize(&whole, ty.ggml_dtype()).unwrap();
+            let expected = expected.data().unwrap();
+            // 256 elements per thread: 300 chunks of 2 rows and a last single row; 700: 2 rows
+            // per thread; the default: one chunk of 301 + 300 rows, each in pieces of 256 rows.
+            for chunk in [256, 700, 1 << 22] {
+                let (bytes, r) = write(&file, &["w"], ty, &BTreeMap::new(), chunk).unwrap();
+                let content = Content::read(&mut Cursor::new(&bytes)).unwrap();
+                let start = content.tensor_data_offset as usize;
+                assert_eq!(
+                    &bytes[start..start + expected.len()],
+                    &expected[..],
+                    "{ty} {chunk}"
+                );
+                assert_eq!(r[0].bytes as usize, expected.len());
+            }
+        }
+    }
+
+    #[test]
+    fn metadata_goes_in_as_strings_next_to_the_general_keys() {
+        let file = open(&[("w", Dtype::F32, vec![2, 32], f32_bytes(&randn(64, 4)))]);
+        let meta: BTreeMap<String, String> = [
+            ("whittle.architecture", "{\"kind\":\"sequential\"}"),
+            ("whittle.job", "{\"id\":\"j1\",\"seed\":7}"),
+            ("general.alignment", "64"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let (bytes, _) = write(&file, &["w"], GgufType::Q4_0, &meta, 1 << 22).unwrap();
+        let content = Content::read(&mut Cursor::new(&bytes)).unwrap();
+        let m = &content.metadata;
+        assert_eq!(m.len(), 5);
+        let s = |k: &str| m[k].to_string().unwrap().clone();
+        assert_eq!(s("whittle.architecture"), "{\"kind\":\"sequential\"}");
+        assert_eq!(s("whittle.job"), "{\"id\":\"j1\",\"seed\":7}");
+        assert!(matches!(m["general.alignment"], Value::U32(32)));
+        assert!(matches!(m["general.file_type"], Value::U32(2)));
+        assert!(matches!(m["general.quantization_version"], Value::U32(2)));
+        assert_eq!(&bytes[..8], b"GGUF\x03\x00\x00\x00");
+    }
+
+    #[test]
+    fn cancellation_stops_before_writing_data_and_reports_serialize_with_type() {
+        let file = open(&[("w", Dtype::F32, vec![2, 32], f32_bytes(&randn(64, 5)))]);
+        let cancel = AtomicBool::new(true);
+        let progress = |_: f64, _: &str| {};
+        let ctx = Ctx::new(&progress, &cancel);
+        let mut out = Vec::new();
+        let sel = vec!["w".to_string()];
+        let e = write_gguf(
+            &file,
+            &sel,
+            GgufType::Q8_0,
+            &BTreeMap::new(),
+            &mut out,
+            &ctx,
+        );
+        assert!(matches!(e, Err(Error::Cancelled)));
+
+        let (_, reports) = write(&file, &["w"], GgufType::Q8_0, &BTreeMap::new(), 1 << 22).unwrap();
+        let json = serde_json::to_value(&reports[0]).unwrap();
+        assert_eq!(json["type"], "q8_0");
+        assert_eq!(json["shape"], serde_json::json!([2, 32]));
+        assert_eq!(json["bytes"], 68);
+        assert!(json.get("note").is_none());
+    }
+}

@@ -1,0 +1,914 @@
+//! The `quantize` operation's integer/codebook methods on files: streaming safetensors →
+//! safetensors in the `dequantized` or `packed` format, and the `packed` reader.
+//!
+//! It owns the `packed` file layout and nothing else: the codecs are in [`super::qcodec`],
+//! safetensors I/O in [`super::tensors`]. Work goes tensor by tensor, so peak memory is
+//! bounded by the largest tensor (its f32 values, codes and reconstruction), not the model.
+//!
+//! # `dequantized` format
+//! A float safetensors file with the input's names, dtypes and shapes, every selected
+//! tensor replaced by its reconstruction (cast back to its dtype): a drop-in model that
+//! carries the quantization error.
+//!
+//! # `packed` format (version 1)
+//! A safetensors file. Tensors that were not quantized are stored unchanged under their own
+//! names. A quantized tensor `{name}` becomes, in this order:
+//! * `{name}.qcodes` — `U8`, shape `[⌈numel · bits / 8⌉]`: one code per weight in row-major
+//!   order, bit-packed LSB-first (weight `i` occupies bits `i·bits … i·bits + bits − 1` of
+//!   the little-endian bit stream; bit `k` is bit `k mod 8` of byte `k / 8`; the last byte is
+//!   zero-padded). With 8 bits this is one byte per weight.
+//! * `{name}.qscale` — `F32`, shape `[1]` (per tensor), `[rows]` (per channel, `log2`) or
+//!   `[rows, cols / group_size]` (per group, `nf4`); absent for `kmeans`.
+//! * `{name}.qzero` — `U8`, same shape as `qscale`, only for affine `uniform`: the integer
+//!   zero-point of each block, in `0 … 2^bits − 1`.
+//! * `{name}.qcodebook` — `F32`, shape `[entries]`, for `kmeans` (the sorted codebook),
+//!   `nf4` (the 16 NF4 levels) and `log2` (the 2^bits-entry table `±2^−(m−1)`).
+//!
+//! The metadata key `whittle.quantization` (next to the caller's metadata) holds JSON:
+//! `{"format":"whittle.packed","version":1,"tensors":{"{name}":{…}}}` with, per tensor:
+//! `method` (`uniform|kmeans|log2|nf4`), `bits`, `scheme`, `shape` and `dtype` (original),
+//! `block_len` (weights per scale: element `i` uses scale `i / block_len`), `code_offset`
+//! (2^(bits−1) for the symmetric scheme, else null), the names `codes`, `scale`,
+//! `zero_point`, `codebook` (null when absent), and the method's parameters `symmetric`,
+//! `granularity`, `group_size`, `search`, `clusters`, `init` (null when not applicable).
+//!
+//! Decoding (what [`decode_packed`] does): unpack `numel` codes, then per `scheme`
+//! * `symmetric`: `(code − code_offset) · scale[i / block_len]`
+//! * `affine`: `(code − zero[i / block_len]) · scale[i / block_len]`
+//! * `codebook`: `codebook[code]`
+//! * `scaled_codebook`: `codebook[code] · scale[i / block_len]`
+//!
+//! computed in f32, then cast to the original `dtype`; reshape to `shape`. The result equals
+//! the `dequantized` format's values bit for bit.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+
+use super::model::NamedTensor;
+use super::progress::Ctx;
+use super::qcodec::{
+    error_stats, quantize_named, Granularity, KmeansInit, Layout, Method, Params, Quantized, Scheme,
+};
+use super::tensors::{encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec};
+use super::{Error, Result};
+
+/// Metadata key of the packed format's decoding instructions.
+pub const METADATA_KEY: &str = "whittle.quantization";
+/// `format` value in that metadata.
+pub const FORMAT_NAME: &str = "whittle.packed";
+/// Current version of the packed layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Output format of [`quantize_file`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Float file of the same dtypes and shapes carrying the quantization error.
+    Dequantized,
+    /// Codes, scales, zero-points and codebooks (see the module documentation).
+    Packed,
+}
+
+/// Weight-level figures for one quantized tensor.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QuantReport {
+    /// Tensor name.
+    pub tensor: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Method name (`uniform`, `kmeans`, `log2`, `nf4`).
+    pub method: String,
+    /// Bits per code.
+    pub bits: u8,
+    /// Mean squared error of the reconstruction (after casting to the tensor's dtype).
+    pub mse: f64,
+    /// Signal-to-quantization-noise ratio in dB (`null` when the error is zero).
+    pub sqnr_db: Option<f64>,
+    /// Largest |w − ŵ|.
+    pub max_abs_error: f64,
+    /// `packed_bytes · 8 / numel`: codes plus scales / zero-points / codebook.
+    pub bits_per_weight: f64,
+    /// Bytes this tensor takes in the packed format (whichever format was written).
+    pub packed_bytes: u64,
+    /// Bytes of the original tensor.
+    pub dense_bytes: u64,
+}
+
+/// Packs codes of `bits` (1..=8) bits LSB-first; see the module documentation.
+pub fn pack_bits(codes: &[u8], bits: u8) -> Vec<u8> {
+    if bits >= 8 {
+        return codes.to_vec();
+    }
+    let bits = u32::from(bits.max(1));
+    let mask = (1u32 << bits) - 1;
+    let mut out = Vec::with_capacity((codes.len() * bits as usize).div_ceil(8));
+    let (mut acc, mut filled) = (0u32, 0u32);
+    for &c in codes {
+        acc |= (u32::from(c) & mask) << filled;
+        filled += bits;
+        while filled >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            filled -= 8;
+        }
+    }
+    if filled > 0 {
+        out.push(acc as u8);
+    }
+    out
+}
+
+/// Unpacks `n` codes of `bits` bits from `bytes` (the inverse of [`pack_bits`]). Refuses a
+/// byte count other than ⌈n · bits / 8⌉.
+pub fn unpack_bits(bytes: &[u8], bits: u8, n: usize) -> Result<Vec<u8>> {
+    if !(1..=8).contains(&bits) {
+        return Err(Error::InvalidSafetensors(format!(
+            "packed codes of {bits} bits (1 to 8 expected)"
+        )));
+    }
+    let need = n
+        .checked_mul(bits as usize)
+        .map(|b| b.div_ceil(8))
+        .ok_or_else(|| Error::InvalidSafetensors(format!("{n} codes overflow")))?;
+    if bytes.len() != need {
+        return Err(Error::InvalidSafetensors(format!(
+            "{} bytes of packed codes, expected {need} for {n} codes of {bits} bits",
+            bytes.len()
+        )));
+    }
+    if bits == 8 {
+        return Ok(bytes.to_vec());
+    }
+    let bits = u32::from(bits);
+    let mask = (1u32 << bits) - 1;
+    let mut out = Vec::with_capacity(n);
+    let (mut acc, mut filled) = (0u32, 0u32);
+    let mut it = bytes.iter();
+    while out.len() < n {
+        if filled < bits {
+            acc |= u32::from(it.next().copied().unwrap_or(0)) << filled;
+            filled += 8;
+        }
+        while filled >= bits && out.len() < n {
+            out.push((acc & mask) as u8);
+            acc >>= bits;
+            filled -= bits;
+        }
+    }
+    Ok(out)
+}
+
+/// The packed file's decoding instructions (the `whittle.quantization` metadata).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct QuantMeta {
+    format: String,
+    version: u32,
+    tensors: BTreeMap<String, TensorMeta>,
+}
+
+/// How one tensor was quantized and where its parts are.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct TensorMeta {
+    method: String,
+    bits: u8,
+    scheme: String,
+    shape: Vec<usize>,
+    dtype: Dtype,
+    block_len: usize,
+    code_offset: Option<u32>,
+    codes: String,
+    scale: Option<String>,
+    zero_point: Option<String>,
+    codebook: Option<String>,
+    symmetric: Option<bool>,
+    granularity: Option<String>,
+    group_size: Option<usize>,
+    search: Option<bool>,
+    clusters: Option<usize>,
+    init: Option<String>,
+}
+
+impl TensorMeta {
+    fn new(name: &str, method: &Method, layout: &Layout, shape: &[usize], dtype: Dtype) -> Self {
+        let mut m = TensorMeta {
+            method: method.name().into(),
+            bits: layout.bits,
+            scheme: layout.scheme.as_str().into(),
+            shape: shape.to_vec(),
+            dtype,
+            block_len: layout.block_len,
+            code_offset: (layout.scheme == Scheme::Symmetric).then(|| 1u32 << (layout.bits - 1)),
+            codes: format!("{name}.qcodes"),
+            scale: layout.scheme.has_scale().then(|| format!("{name}.qscale")),
+            zero_point: (layout.scheme == Scheme::Affine).then(|| format!("{name}.qzero")),
+            codebook: (layout.codebook_len > 0).then(|| format!("{name}.qcodebook")),
+            symmetric: None,
+            granularity: None,
+            group_size: None,
+            search: None,
+            clusters: None,
+            init: None,
+        };
+        match *method {
+            Method::Uniform {
+                symmetric,
+                granularity,
+                search,
+                ..
+            } => {
+                m.symmetric = Some(symmetric);
+                m.granularity = Some(granularity.as_str().into());
+                if let Granularity::PerGroup { group_size } = granularity {
+                    m.group_size = Some(group_size);
+                }
+                m.search = Some(search);
+            }
+            Method::Kmeans { clusters, init, .. } => {
+                m.clusters = Some(clusters);
+                m.init = Some(KmeansInit::as_str(init).into());
+            }
+            Method::Nf4 { group_size } => m.group_size = Some(group_size),
+            Method::Log2 { .. } => m.granularity = Some("per_channel".into()),
+        }
+        m
+    }
+}
+
+/// Which piece of which input tensor an output tensor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Raw,
+    Dense,
+    Codes,
+    Scale,
+    Zero,
+    Codebook,
+}
+
+/// Quantizes the float tensors named in `selected` with `method` and writes them in
+/// `format` to `out` (other tensors, and selected tensors that are not floating-point or
+/// are empty, are copied unchanged), tensor by tensor. `metadata` is the caller's metadata
+/// (provenance); the packed format adds [`METADATA_KEY`]. `seed` drives `kmeans++`
+/// (mixed with each tensor's index). Every tensor is checked against the method before the
+/// first byte is written. Returns one report per quantized tensor, in file order.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_file(
+    input: &SafetensorsFile,
+    selected: &[String],
+    method: &Method,
+    seed: u64,
+    format: Format,
+    metadata: &BTreeMap<String, String>,
+    out: &mut dyn Write,
+    ctx: &Ctx,
+) -> Result<Vec<QuantReport>> {
+    method.validate()?;
+    let tensors = &input.header().tensors;
+    let selected: HashSet<&str> = selected.iter().map(String::as_str).collect();
+    let mut layouts: Vec<Option<Layout>> = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let quantize = selected.contains(t.name.as_str()) && t.dtype.is_float() && t.numel() > 0;
+        if !quantize {
+            layouts.push(None);
+            continue;
+        }
+        if !matches!(t.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+            return Err(Error::UnsupportedDtype {
+                tensor: t.name.clone(),
+                dtype: t.dtype.as_str().into(),
+                expected: "F16, BF16, F32 or F64 for integer or codebook quantization".into(),
+            });
+        }
+        layouts.push(Some(method.layout(&t.name, &t.shape)?));
+    }
+
+    let mut parts: Vec<(usize, Part)> = Vec::new();
+    let mut specs: Vec<TensorSpec> = Vec::new();
+    let mut meta = QuantMeta {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        tensors: BTreeMap::new(),
+    };
+    for (i, (t, layout)) in tensors.iter().zip(&layouts).enumerate() {
+        match (layout, format) {
+            (None, _) => {
+                specs.push(TensorSpec::new(t.name.clone(), t.dtype, t.shape.clone()));
+                parts.push((i, Part::Raw));
+            }
+            (Some(_), Format::Dequantized) => {
+                specs.push(TensorSpec::new(t.name.clone(), t.dtype, t.shape.clone()));
+                parts.push((i, Part::Dense));
+            }
+            (Some(l), Format::Packed) => {
+                let m = TensorMeta::new(&t.name, method, l, &t.shape, t.dtype);
+                specs.push(TensorSpec::new(
+                    m.codes.clone(),
+                    Dtype::U8,
+                    vec![l.code_bytes()],
+                ));
+                parts.push((i, Part::Codes));
+                if let Some(name) = &m.scale {
+                    specs.push(TensorSpec::new(
+                        name.clone(),
+                        Dtype::F32,
+                        l.scale_shape.clone(),
+                    ));
+                    parts.push((i, Part::Scale));
+                }
+                if let Some(name) = &m.zero_point {
+                    specs.push(TensorSpec::new(
+                        name.clone(),
+                        Dtype::U8,
+                        l.scale_shape.clone(),
+                    ));
+                    parts.push((i, Part::Zero));
+                }
+                if let Some(name) = &m.codebook {
+                    specs.push(TensorSpec::new(
+                        name.clone(),
+                        Dtype::F32,
+                        vec![l.codebook_len],
+                    ));
+                    parts.push((i, Part::Codebook));
+                }
+                meta.tensors.insert(t.name.clone(), m);
+            }
+        }
+    }
+    let mut metadata = metadata.clone();
+    if format == Format::Packed {
+        let json = serde_json::to_string(&meta)
+            .map_err(|e| Error::Internal(format!("quantization metadata: {e}")))?;
+        metadata.insert(METADATA_KEY.into(), json);
+    }
+
+    let mut reports = Vec::new();
+    let mut current: Option<Quantized> = None;
+    let total = tensors.len().max(1) as f64;
+    write_safetensors(out, &metadata, &specs, |k, w| {
+        let (i, part) = parts[k];
+        let info = &tensors[i];
+        match part {
+            Part::Raw => w.write_all(input.bytes(info))?,
+            Part::Dense | Part::Codes => {
+                ctx.check()?;
+                let layout = layouts[i]
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal(format!("{:?}: no layout", info.name)))?;
+                let owned;
+                let values: &[f32] = match f32_view(info.dtype, input.bytes(info)) {
+                    Some(v) => v,
+                    None => {
+                        owned = input.to_f32(info)?;
+                        &owned
+                    }
+                };
+                let tensor_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let (mut q, mut stats) =
+                    quantize_named(&info.name, values, &info.shape, method, tensor_seed)?;
+                check_params(&info.name, &q, layout)?;
+                if round_to_dtype(&mut q.dequantized, info.dtype) {
+                    stats = error_stats(values, &q.dequantized);
+                }
+                let packed = layout.packed_bytes() as u64;
+                reports.push(QuantReport {
+                    tensor: info.name.clone(),
+                    shape: info.shape.clone(),
+                    method: method.name().into(),
+                    bits: layout.bits,
+                    mse: stats.mse(),
+                    sqnr_db: stats.sqnr_db(),
+                    max_abs_error: stats.max_abs,
+                    bits_per_weight: packed as f64 * 8.0 / layout.numel as f64,
+                    packed_bytes: packed,
+                    dense_bytes: info.nbytes() as u64,
+                });
+                if part == Part::Dense {
+                    w.write_all(&encode_as(&q.dequantized, info.dtype))?;
+                } else {
+                    w.write_all(&pack_bits(&q.codes, q.params.bits))?;
+                    current = Some(q);
+                }
+                ctx.report(
+                    (i + 1) as f64 / total,
+                    &format!("tensor {}/{} ({})", i + 1, tensors.len(), info.name),
+                );
+            }
+            Part::Scale | Part::Zero | Part::Codebook => {
+                let q = current.as_ref().ok_or_else(|| {
+                    Error::Internal(format!("{:?}: parts out of order", info.name))
+                })?;
+                match part {
+                    Part::Scale => w.write_all(&encode_f32(&q.params.scales))?,
+                    Part::Zero => w.write_all(&q.params.zero_points)?,
+                    _ => w.write_all(&encode_f32(&q.params.codebook))?,
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(reports)
+}
+
+/// The bytes of an F32 tensor as `&[f32]` without copying, when they are 4-byte aligned in
+/// the map (safetensors writers align them) and the machine is little-endian.
+fn f32_view(dtype: Dtype, bytes: &[u8]) -> Option<&[f32]> {
+    if dtype != Dtype::F32 || cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32, and `align_to` only reinterprets the
+    // aligned middle of the slice; we use it only when that middle is the whole slice.
+    let (head, mid, tail) = unsafe { bytes.align_to::<f32>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
+}
+
+/// The quantizer's parameter counts must match the layout the header was written from.
+fn check_params(name: &str, q: &Quantized, layout: &Layout) -> Result<()> {
+    let p = &q.params;
+    let zeros = if layout.scheme == Scheme::Affine {
+        layout.n_scales()
+    } else {
+        0
+    };
+    if p.bits != layout.bits
+        || p.scales.len() != layout.n_scales()
+        || p.zero_points.len() != zeros
+        || p.codebook.len() != layout.codebook_len
+    {
+        return Err(Error::Internal(format!(
+            "tensor {name:?}: quantizer produced {} scales, {} zero-points, {} codebook entries at {} bits; layout says {:?}",
+            p.scales.len(),
+            p.zero_points.len(),
+            p.codebook.len(),
+            p.bits,
+            layout
+        )));
+    }
+    Ok(())
+}
+
+/// Rounds f32 values to what `dtype` can hold (in place); whether anything could change.
+fn round_to_dtype(values: &mut [f32], dtype: Dtype) -> bool {
+    match dtype {
+        Dtype::F16 => values
+            .iter_mut()
+            .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        Dtype::BF16 => values
+            .iter_mut()
+            .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        _ => return false,
+    }
+    true
+}
+
+/// Little-endian bytes of `values` as `dtype` (F16, BF16, F32 or F64).
+fn encode_as(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::F64 => values
+            .iter()
+            .flat_map(|v| f64::from(*v).to_le_bytes())
+            .collect(),
+        _ => encode_f32(values),
+    }
+}
+
+/// Every tensor of a packed file as f32, in file order: quantized tensors decoded (the same
+/// values a `dequantized` file holds), the others converted (integer and BOOL tensors too).
+/// A file without [`METADATA_KEY`] decodes as a plain float file.
+pub fn decode_packed(file: &SafetensorsFile) -> Result<Vec<NamedTensor>> {
+    let header = file.header();
+    let meta: QuantMeta = match header.metadata.get(METADATA_KEY) {
+        None => QuantMeta {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            tensors: BTreeMap::new(),
+        },
+        Some(json) => serde_json::from_str(json).map_err(|e| {
+            Error::InvalidSafetensors(format!("metadata {METADATA_KEY:?} is not valid: {e}"))
+        })?,
+    };
+    if meta.format != FORMAT_NAME || meta.version != FORMAT_VERSION {
+        return Err(Error::InvalidSafetensors(format!(
+            "packed format {:?} version {} is not supported (expected {FORMAT_NAME:?} version {FORMAT_VERSION})",
+            meta.format, meta.version
+        )));
+    }
+    let mut by_codes: BTreeMap<&str, (&str, &TensorMeta)> = BTreeMap::new();
+    let mut companions: HashSet<&str> = HashSet::new();
+    for (name, m) in &meta.tensors {
+        by_codes.insert(m.codes.as_str(), (name.as_str(), m));
+        for c in [&m.scale, &m.zero_point, &m.codebook].into_iter().flatten() {
+            companions.insert(c.as_str());
+        }
+    }
+    let mut out = Vec::with_capacity(header.tensors.len());
+    for t in &header.tensors {
+        if let Some((name, m)) = by_codes.get(t.name.as_str()) {
+            out.push(NamedTensor {
+                name: (*name).to_string(),
+                shape: m.shape.clone(),
+                values: decode_one(file, name, m)?,
+            });
+        } else if !companions.contains(t.name.as_str()) {
+            let values = if t.dtype.is_float() {
+                file.to_f32(t)?
+            } else {
+                file.to_i64(t)?.into_iter().map(|v| v as f32).collect()
+            };
+            out.push(NamedTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                values,
+            });
+        }
+    }
+    if out.len() + companions.len() != header.tensors.len() {
+        return Err(Error::InvalidSafetensors(format!(
+            "{METADATA_KEY} names tensors the file does not hold"
+        )));
+    }
+    Ok(out)
+}
+
+fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<f32>> {
+    let bad =
+        |detail: String| Error::InvalidSafetensors(format!("packed tensor {name:?}: {detail}"));
+    let scheme =
+        Scheme::parse(&m.scheme).ok_or_else(|| bad(format!("unknown scheme {:?}", m.scheme)))?;
+    if !(1..=8).contains(&m.bits) {
+        return Err(bad(format!("bits {} (1 to 8 expected)", m.bits)));
+    }
+    if scheme == Scheme::Symmetric && m.code_offset != Some(1u32 << (m.bits - 1)) {
+        return Err(bad(format!(
+            "code_offset {:?} for {} bits",
+            m.code_offset, m.bits
+        )));
+    }
+    let numel = m
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(format!("shape {:?} overflows", m.shape)))?;
+    fn part<'a>(
+        file: &'a SafetensorsFile,
+        key: Option<&str>,
+        dtype: Dtype,
+    ) -> std::result::Result<Option<&'a [u8]>, String> {
+        let Some(n) = key else { return Ok(None) };
+        let info = file
+            .get(n)
+            .ok_or_else(|| format!("tensor {n:?} is missing"))?;
+        if info.dtype != dtype {
+            return Err(format!("{n:?} is {}, expected {dtype}", info.dtype));
+        }
+        Ok(Some(file.bytes(info)))
+    }
+    let codes_bytes = part(file, Some(&m.codes), Dtype::U8)
+        .map_err(bad)?
+        .unwrap_or(&[]);
+    let codes = unpack_bits(codes_bytes, m.bits, numel).map_err(|e| bad(e.to_string()))?;
+    let f32s = |b: Option<&[u8]>| -> Result<Vec<f32>> {
+        b.map_or(Ok(vec![]), |b| {
+            super::tensors::decode_f32(name, Dtype::F32, b)
+        })
+    };
+    let params = Params {
+        bits: m.bits,
+        scheme,
+        block_len: m.block_len,
+        scales: f32s(part(file, m.scale.as_deref(), Dtype::F32).map_err(bad)?)?,
+        zero_points: part(file, m.zero_point.as_deref(), Dtype::U8)
+            .map_err(bad)?
+            .unwrap_or(&[])
+            .to_vec(),
+        codebook: f32s(part(file, m.codebook.as_deref(), Dtype::F32).map_err(bad)?)?,
+    };
+    let mut values = vec![0f32; numel];
+    params
+        .dequantize(&codes, &mut values)
+        .map_err(|e| bad(e.to_string()))?;
+    round_to_dtype(&mut values, m.dtype);
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::tensors::serialize;
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::AtomicBool;
+
+    fn randn(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    /// A small model file: two weights, a bias, an F16 weight and an integer tensor.
+    fn model(dir: &std::path::Path) -> SafetensorsFile {
+        let w1 = encode_f32(&randn(8 * 64, 1));
+        let w2 = encode_f32(&randn(4 * 128, 2));
+        let b = encode_f32(&randn(8, 3));
+        let h: Vec<u8> = randn(16 * 64, 4)
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let ids = super::super::tensors::encode_i64(&[0, 1, 2]);
+        let bytes = serialize(
+            &BTreeMap::new(),
+            &[
+                (
+                    TensorSpec::new("fc1.weight", Dtype::F32, vec![8, 64]),
+                    &w1[..],
+                ),
+                (TensorSpec::new("fc1.bias", Dtype::F32, vec![8]), &b[..]),
+                (
+                    TensorSpec::new("fc2.weight", Dtype::F32, vec![4, 2, 64]),
+                    &w2[..],
+                ),
+                (
+                    TensorSpec::new("emb.weight", Dtype::F16, vec![16, 64]),
+                    &h[..],
+                ),
+                (TensorSpec::new("ids", Dtype::I64, vec![3]), &ids[..]),
+            ],
+        )
+        .unwrap();
+        let path = dir.join("in.safetensors");
+        std::fs::write(&path, bytes).unwrap();
+        SafetensorsFile::open(&path).unwrap()
+    }
+
+    fn run(
+        input: &SafetensorsFile,
+        method: &Method,
+        format: Format,
+        dir: &std::path::Path,
+    ) -> (SafetensorsFile, Vec<QuantReport>, u64) {
+        let progress = |_: f64, _: &str| {};
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&progress, &cancel);
+        let selected: Vec<String> = ["fc1.weight", "fc2.weight", "emb.weight", "ids"]
+            .map(String::from)
+            .to_vec();
+        let mut meta = BTreeMap::new();
+        meta.insert("whittle.job".to_string(), "{}".to_string());
+        let mut bytes = Vec::new();
+        let reports =
+            quantize_file(input, &selected, method, 5, format, &meta, &mut bytes, &ctx).unwrap();
+        let path = dir.join(format!("{format:?}-{}.safetensors", method.name()));
+        std::fs::write(&path, &bytes).unwrap();
+        (
+            SafetensorsFile::open(&path).unwrap(),
+            reports,
+            bytes.len() as u64,
+        )
+    }
+
+    fn methods() -> Vec<Method> {
+        let g = Granularity::PerGroup { group_size: 32 };
+        vec![
+            Method::Uniform {
+                bits: 8,
+                symmetric: true,
+                granularity: Granularity::PerChannel,
+                search: false,
+            },
+            Method::Uniform {
+                bits: 4,
+                symmetric: false,
+                granularity: g,
+                search: true,
+            },
+            Method::Uniform {
+                bits: 3,
+                symmetric: true,
+                granularity: Granularity::PerTensor,
+                search: false,
+            },
+            Method::Kmeans {
+                clusters: 5,
+                init: KmeansInit::KmeansPlusPlus,
+                max_iterations: 50,
+                tolerance: 1e-6,
+            },
+            Method::Log2 { bits: 5 },
+            Method::Nf4 { group_size: 64 },
+        ]
+    }
+
+    #[test]
+    fn bit_packing_round_trips_for_every_width() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        for bits in 1..=8u8 {
+            for n in [0usize, 1, 7, 8, 9, 1001] {
+                let codes: Vec<u8> = (0..n).map(|_| rng.gen::<u8>() >> (8 - bits)).collect();
+                let packed = pack_bits(&codes, bits);
+                assert_eq!(packed.len(), (n * bits as usize).div_ceil(8));
+                assert_eq!(
+                    unpack_bits(&packed, bits, n).unwrap(),
+                    codes,
+                    "bits {bits} n {n}"
+                );
+            }
+        }
+        // LSB-first: codes 1, 2, 3 at 2 bits → 0b11_10_01.
+        assert_eq!(pack_bits(&[1, 2, 3], 2), [0b0011_1001]);
+        assert_eq!(pack_bits(&[0xA, 0x5, 0xF], 4), [0x5A, 0x0F]);
+        assert!(unpack_bits(&[0, 0, 0], 4, 3).is_err());
+        assert!(unpack_bits(&[0], 4, 3).is_err());
+        assert!(unpack_bits(&[0], 9, 1).is_err());
+    }
+
+    #[test]
+    fn packed_decodes_to_the_dequantized_file_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = model(dir.path());
+        for method in methods() {
+            let (dense, rd, _) = run(&input, &method, Format::Dequantized, dir.path());
+            let (packed, rp, packed_len) = run(&input, &method, Format::Packed, dir.path());
+            assert_eq!(rd, rp, "{method:?}: reports differ between formats");
+            let names: Vec<&str> = rp.iter().map(|r| r.tensor.as_str()).collect();
+            assert_eq!(names, ["fc1.weight", "fc2.weight", "emb.weight"]);
+            let decoded = decode_packed(&packed).unwrap();
+            let plain = decode_packed(&dense).unwrap();
+            assert_eq!(decoded.len(), 5);
+            for (a, b) in decoded.iter().zip(&plain) {
+                assert_eq!((&a.name, &a.shape), (&b.name, &b.shape));
+                let bits_a: Vec<u32> = a.values.iter().map(|v| v.to_bits()).collect();
+                let bits_b: Vec<u32> = b.values.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(bits_a, bits_b, "{method:?}: {}", a.name);
+            }
+            // Untouched tensors are byte-identical; ids stays I64.
+            let bias = packed.get("fc1.bias").unwrap();
+            assert_eq!(
+                packed.bytes(bias),
+                input.bytes(input.get("fc1.bias").unwrap())
+            );
+            assert_eq!(packed.get("ids").unwrap().dtype, Dtype::I64);
+            assert_eq!(dense.get("emb.weight").unwrap().dtype, Dtype::F16);
+            // Reported packed bytes are what the file holds.
+            let header = packed.header();
+            let q_bytes: u64 = header
+                .tensors
+                .iter()
+                .filter(|t| t.name.contains(".q"))
+                .map(|t| t.nbytes() as u64)
+                .sum();
+            assert_eq!(q_bytes, rp.iter().map(|r| r.packed_bytes).sum::<u64>());
+            assert_eq!(packed_len, (header.data_start + header.data_len()) as u64);
+            let r = &rp[0];
+            assert_eq!(r.bits_per_weight, r.packed_bytes as f64 * 8.0 / 512.0);
+            assert_eq!(r.dense_bytes, 8 * 64 * 4);
+            assert!(r.mse > 0.0 && r.sqnr_db.unwrap() > 5.0, "{method:?} {r:?}");
+            assert_eq!(
+                packed
+                    .header()
+                    .metadata
+                    .get("whittle.job")
+                    .map(String::as_str),
+                Some("{}")
+            );
+        }
+    }
+
+    #[test]
+    fn packed_layout_is_as_documented() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = model(dir.path());
+        let m = Method::Uniform {
+            bits: 4,
+            symmetric: false,
+            granularity: Granularity::PerGroup { group_size: 32 },
+            search: false,
+        };
+        let (packed, reports, _) = run(&input, &m, Format::Packed, dir.path());
+        let h = packed.header();
+        let codes = h.get("fc1.weight.qcodes").unwrap();
+        assert_eq!(
+            (codes.dtype, codes.shape.clone()),
+            (Dtype::U8, vec![8 * 64 / 2])
+        );
+        assert_eq!(h.get("fc1.weight.qscale").unwrap().shape, vec![8, 2]);
+        assert_eq!(h.get("fc1.weight.qzero").unwrap().dtype, Dtype::U8);
+        assert_eq!(h.get("fc2.weight.qscale").unwrap().shape, vec![4, 4]);
+        assert!(h.get("fc1.weight").is_none() && h.get("fc1.weight.qcodebook").is_none());
+        let meta: serde_json::Value =
+            serde_json::from_str(h.metadata.get(METADATA_KEY).unwrap()).unwrap();
+        assert_eq!(meta["format"], "whittle.packed");
+        assert_eq!(meta["version"], 1);
+        let t = &meta["tensors"]["fc2.weight"];
+        assert_eq!(t["shape"], serde_json::json!([4, 2, 64]));
+        assert_eq!(t["dtype"], "F32");
+        assert_eq!(t["scheme"], "affine");
+        assert_eq!(t["group_size"], 32);
+        assert_eq!(t["block_len"], 32);
+        assert_eq!(t["zero_point"], "fc2.weight.qzero");
+        // 4 bits + (32 scale bits + 8 zero bits) / 32 weights.
+        assert_eq!(reports[0].bits_per_weight, 4.0 + 40.0 / 32.0);
+        // int8 symmetric: codes offset by 128, per-channel scales.
+        let m = methods()[0];
+        let (packed, _, _) = run(&input, &m, Format::Packed, dir.path());
+        let codes = packed.bytes(packed.get("fc1.weight.qcodes").unwrap());
+        let scales = packed
+            .to_f32(packed.get("fc1.weight.qscale").unwrap())
+            .unwrap();
+        let w = input.to_f32(input.get("fc1.weight").unwrap()).unwrap();
+        let want = (w[3] * (1.0 / scales[0])).round_ties_even() as i32 + 128;
+        assert_eq!(i32::from(codes[3]), want);
+    }
+
+    #[test]
+    fn refusals_happen_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = model(dir.path());
+        let progress = |_: f64, _: &str| {};
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&progress, &cancel);
+        let m = Method::Nf4 { group_size: 48 };
+        let mut out = Vec::new();
+        let e = quantize_file(
+            &input,
+            &["fc1.weight".into()],
+            &m,
+            0,
+            Format::Packed,
+            &BTreeMap::new(),
+            &mut out,
+            &ctx,
+        )
+        .unwrap_err();
+        assert_eq!(e.pointer().as_deref(), Some("/group_size"));
+        assert!(out.is_empty());
+        let m = Method::Uniform {
+            bits: 9,
+            symmetric: true,
+            granularity: Granularity::PerChannel,
+            search: false,
+        };
+        assert!(quantize_file(
+            &input,
+            &[],
+            &m,
+            0,
+            Format::Packed,
+            &BTreeMap::new(),
+            &mut out,
+            &ctx
+        )
+        .is_err());
+        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        let m = methods()[0];
+        let e = quantize_file(
+            &input,
+            &["fc1.weight".into()],
+            &m,
+            0,
+            Format::Packed,
+            &BTreeMap::new(),
+            &mut out,
+            &ctx,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "cancelled");
+    }
+
+    #[test]
+    fn damaged_packed_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = model(dir.path());
+        let (packed, _, _) = run(&input, &methods()[0], Format::Packed, dir.path());
+        let mut meta = packed.header().metadata.clone();
+        let json = meta[METADATA_KEY].replace("\"bits\":8", "\"bits\":4");
+        meta.insert(METADATA_KEY.into(), json);
+        let tensors: Vec<(TensorSpec, Vec<u8>)> = packed
+            .header()
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    TensorSpec::new(t.name.clone(), t.dtype, t.shape.clone()),
+                    packed.bytes(t).to_vec(),
+                )
+            })
+            .collect();
+        let pairs: Vec<(TensorSpec, &[u8])> =
+            tensors.iter().map(|(s, b)| (s.clone(), &b[..])).collect();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, serialize(&meta, &pairs).unwrap()).unwrap();
+        let e = decode_packed(&SafetensorsFile::open(&path).unwrap()).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidSafetensors(m) if m.contains("fc1.weight") && m.contains("code_offset"))
+        );
+    }
+}

@@ -1,0 +1,522 @@
+//! The `prune` step: which weights to remove, how many, and whether to retrain in between.
+
+use serde_json::{json, Map, Value};
+
+use super::fields::{choice, deny_unknown, escape, f64_in, object, usize_in};
+use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingRules};
+use super::{check_patterns, patterns, Facts, FieldError, Selection};
+use crate::compress::select::glob_match;
+
+/// How weights are chosen for removal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PruneMethod {
+    /// Smallest |w| first.
+    Magnitude,
+    /// Uniformly at random (the baseline to compare against).
+    Random,
+    /// Whole output neurons / conv channels with the smallest L1 or L2 norm; the file shrinks.
+    Structured {
+        /// 1 or 2.
+        norm: u8,
+    },
+    /// N:M semi-structured: in every group of `m` consecutive inputs keep the `n` largest.
+    NM {
+        /// Kept per group.
+        n: usize,
+        /// Group size.
+        m: usize,
+    },
+}
+
+impl PruneMethod {
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Magnitude => "magnitude",
+            Self::Random => "random",
+            Self::Structured { .. } => "structured",
+            Self::NM { .. } => "n_m",
+        }
+    }
+}
+
+/// One threshold across all selected tensors, or each tensor to its own sparsity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PruneScope {
+    /// One threshold across every selected tensor.
+    Global,
+    /// Every tensor to the same sparsity.
+    Layer,
+}
+
+/// How sparsity grows over the iterations of gradual pruning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScheduleKind {
+    /// Zhu & Gupta 2017: `s_i = s_f · (1 − (1 − i/n)^power)`.
+    Polynomial {
+        /// The exponent (3 in the paper).
+        power: f64,
+    },
+    /// The final sparsity at every iteration (prune, retrain, repeat).
+    Constant,
+}
+
+/// Gradual / iterative pruning: prune a little, retrain, repeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PruneSchedule {
+    /// Sparsity curve.
+    pub kind: ScheduleKind,
+    /// Prune + retrain rounds.
+    pub iterations: usize,
+    /// Retraining after each pruning round (pruned weights stay zero).
+    pub finetune: FinetuneSpec,
+}
+
+impl PruneSchedule {
+    /// Target sparsity after round `i` (1-based) of `iterations`, for a final `target`.
+    pub fn sparsity_at(&self, i: usize, target: f64) -> f64 {
+        match self.kind {
+            ScheduleKind::Constant => target,
+            ScheduleKind::Polynomial { power } => {
+                let frac = 1.0 - i as f64 / self.iterations.max(1) as f64;
+                target * (1.0 - frac.max(0.0).powf(power))
+            }
+        }
+    }
+}
+
+/// Zeros in place, or a packed bitmask + values encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PruneOutput {
+    /// Drop-in: same tensors, zeros in place.
+    Dense,
+    /// `{name}.sparse_mask` + `{name}.sparse_values` per pruned tensor.
+    Sparse,
+}
+
+/// A validated `prune` step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PruneSpec {
+    /// Method.
+    pub method: PruneMethod,
+    /// Target sparsity (fraction of selected weights removed; units for `structured`).
+    pub sparsity: f64,
+    /// Scope of the threshold.
+    pub scope: PruneScope,
+    /// Per-pattern sparsity overrides (layer-wise pruning).
+    pub layers: Vec<(String, f64)>,
+    /// Which tensors.
+    pub selection: Selection,
+    /// Gradual pruning with retraining.
+    pub schedule: Option<PruneSchedule>,
+    /// Output encoding.
+    pub output: PruneOutput,
+    /// Seed for `random` (defaults to the job's).
+    pub seed: Option<u64>,
+}
+
+impl PruneSpec {
+    /// Normalised JSON.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "op": "prune",
+            "method": self.method.as_str(),
+            "sparsity": self.sparsity,
+            "scope": match self.scope { PruneScope::Global => "global", PruneScope::Layer => "layer" },
+            "layers": self.layers.iter().map(|(p, s)| (p.clone(), json!(s))).collect::<Map<String, Value>>(),
+            "include": self.selection.include,
+            "exclude": self.selection.exclude,
+            "output": match self.output { PruneOutput::Dense => "dense", PruneOutput::Sparse => "sparse" },
+            "seed": self.seed,
+        });
+        match self.method {
+            PruneMethod::Structured { norm } => v["norm"] = json!(norm),
+            PruneMethod::NM { n, m } => {
+                // Its sparsity follows from n and m; the stored form must parse again.
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("sparsity");
+                }
+                v["n"] = json!(n);
+                v["m"] = json!(m);
+            }
+            _ => {}
+        }
+        v["schedule"] = match &self.schedule {
+            None => Value::Null,
+            Some(s) => {
+                let mut f = s.finetune.to_json();
+                if let Some(o) = f.as_object_mut() {
+                    o.remove("op");
+                    o.remove("freeze");
+                    o.remove("head");
+                    o.remove("layer_lr");
+                }
+                let mut sj = json!({"iterations": s.iterations, "finetune": f});
+                match s.kind {
+                    ScheduleKind::Constant => sj["kind"] = json!("constant"),
+                    ScheduleKind::Polynomial { power } => {
+                        sj["kind"] = json!("polynomial");
+                        sj["power"] = json!(power);
+                    }
+                }
+                sj
+            }
+        };
+        v
+    }
+}
+
+const METHODS: &[&str] = &["magnitude", "random", "structured", "n_m"];
+
+/// Parse a `prune` step at `pointer`.
+pub fn parse(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    facts: Option<&Facts>,
+) -> Result<PruneSpec, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    deny_unknown(
+        obj,
+        &[
+            "op", "method", "sparsity", "scope", "layers", "include", "exclude", "schedule",
+            "output", "norm", "n", "m", "seed",
+        ],
+        pointer,
+        &mut errors,
+    );
+    let method_name = choice(obj, "method", METHODS, pointer, &mut errors).unwrap_or("magnitude");
+    let sparsity_field = |key: &str, v: &Value, errors: &mut Vec<FieldError>| match v.as_f64() {
+        Some(x) if x.is_finite() && (0.0..1.0).contains(&x) => Some(x),
+        _ => {
+            errors.push(FieldError::new(
+                format!("{pointer}/{key}"),
+                "must be a fraction in [0, 1): the share of weights removed (1 would remove them all)",
+            ));
+            None
+        }
+    };
+    let method = match method_name {
+        "random" => PruneMethod::Random,
+        "structured" => {
+            let norm = match obj.get("norm") {
+                None | Some(Value::Null) => 1,
+                Some(v) if v.as_u64() == Some(1) || v.as_u64() == Some(2) => {
+                    v.as_u64().unwrap_or(1) as u8
+                }
+                Some(_) => {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/norm"),
+                        "must be 1 (L1) or 2 (L2)",
+                    ));
+                    1
+                }
+            };
+            PruneMethod::Structured { norm }
+        }
+        "n_m" => {
+            let n = usize_in(obj, "n", (1, 256), pointer, &mut errors);
+            let m = usize_in(obj, "m", (2, 256), pointer, &mut errors);
+            for key in ["n", "m"] {
+                if !obj.contains_key(key) {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/{key}"),
+                        "is required for `n_m` (e.g. n = 2, m = 4)",
+                    ));
+                }
+            }
+            match (n, m) {
+                (Some(n), Some(m)) if n >= m => {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/n"),
+                        format!("N:M keeps n of every m weights, so n must be smaller than m (got {n}:{m})"),
+                    ));
+                    PruneMethod::NM { n: 2, m: 4 }
+                }
+                (Some(n), Some(m)) => PruneMethod::NM { n, m },
+                _ => PruneMethod::NM { n: 2, m: 4 },
+            }
+        }
+        _ => PruneMethod::Magnitude,
+    };
+    if !matches!(method, PruneMethod::Structured { .. })
+        && obj.get("norm").is_some_and(|v| !v.is_null())
+    {
+        errors.push(FieldError::new(
+            format!("{pointer}/norm"),
+            "applies to `structured` only",
+        ));
+    }
+    if !matches!(method, PruneMethod::NM { .. }) {
+        for key in ["n", "m"] {
+            if obj.get(key).is_some_and(|v| !v.is_null()) {
+                errors.push(FieldError::new(
+                    format!("{pointer}/{key}"),
+                    "applies to `n_m` only",
+                ));
+            }
+        }
+    }
+    let sparsity = match (method, obj.get("sparsity")) {
+        (PruneMethod::NM { n, m }, None | Some(Value::Null)) => 1.0 - n as f64 / m as f64,
+        (PruneMethod::NM { .. }, Some(_)) => {
+            errors.push(FieldError::new(
+                format!("{pointer}/sparsity"),
+                "N:M sparsity is fixed by n and m (1 − n/m); leave `sparsity` out",
+            ));
+            0.0
+        }
+        (_, Some(v)) if !v.is_null() => sparsity_field("sparsity", v, &mut errors).unwrap_or(0.0),
+        _ => {
+            if obj.get("layers").is_none() {
+                errors.push(FieldError::new(
+                    format!("{pointer}/sparsity"),
+                    "is required (a fraction in [0, 1))",
+                ));
+            }
+            0.0
+        }
+    };
+    let scope = match choice(obj, "scope", &["global", "layer"], pointer, &mut errors) {
+        Some("global") => PruneScope::Global,
+        _ => PruneScope::Layer,
+    };
+    let layers: Vec<(String, f64)> = match object(obj, "layers", pointer, &mut errors) {
+        None => Vec::new(),
+        Some(m) => m
+            .iter()
+            .filter_map(|(k, v)| {
+                sparsity_field(&format!("layers/{}", escape(k)), v, &mut errors)
+                    .map(|s| (k.clone(), s))
+            })
+            .collect(),
+    };
+    if matches!(method, PruneMethod::NM { .. }) && !layers.is_empty() {
+        errors.push(FieldError::new(
+            format!("{pointer}/layers"),
+            "does not apply to `n_m` (its sparsity is n/m everywhere)",
+        ));
+    }
+    let output = match choice(obj, "output", &["dense", "sparse"], pointer, &mut errors) {
+        Some("sparse") => PruneOutput::Sparse,
+        _ => PruneOutput::Dense,
+    };
+    if output == PruneOutput::Sparse && matches!(method, PruneMethod::Structured { .. }) {
+        errors.push(FieldError::new(
+            format!("{pointer}/output"),
+            "structured pruning removes whole units and writes a smaller dense file; `sparse` does not apply",
+        ));
+    }
+    let seed = match obj.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(v) => v.as_u64().or_else(|| {
+            errors.push(FieldError::new(
+                format!("{pointer}/seed"),
+                "must be a non-negative integer",
+            ));
+            None
+        }),
+    };
+    let include = patterns(
+        obj.get("include"),
+        &format!("{pointer}/include"),
+        &mut errors,
+    );
+    let exclude = patterns(
+        obj.get("exclude"),
+        &format!("{pointer}/exclude"),
+        &mut errors,
+    );
+    let selection = Selection { include, exclude };
+
+    let schedule = object(obj, "schedule", pointer, &mut errors).and_then(|s| {
+        let sp = format!("{pointer}/schedule");
+        deny_unknown(s, &["kind", "iterations", "power", "finetune"], &sp, &mut errors);
+        let kind = match choice(s, "kind", &["polynomial", "constant"], &sp, &mut errors) {
+            Some("constant") => {
+                if s.get("power").is_some_and(|v| !v.is_null()) {
+                    errors.push(FieldError::new(format!("{sp}/power"), "applies to `polynomial` only"));
+                }
+                ScheduleKind::Constant
+            }
+            _ => ScheduleKind::Polynomial {
+                power: f64_in(s, "power", (0.1, 10.0), &sp, &mut errors).unwrap_or(3.0),
+            },
+        };
+        let iterations = usize_in(s, "iterations", (1, 100), &sp, &mut errors).unwrap_or(5);
+        let finetune = match object(s, "finetune", &sp, &mut errors) {
+            Some(f) => parse_training(
+                f,
+                &format!("{sp}/finetune"),
+                facts,
+                TrainingRules {
+                    extra_fields: &[],
+                    labels_required: true,
+                    layer_options: false,
+                },
+                &mut errors,
+            ),
+            None => {
+                if !s.contains_key("finetune") {
+                    errors.push(FieldError::new(
+                        format!("{sp}/finetune"),
+                        "is required: the retraining between pruning rounds (at least `dataset_id`)",
+                    ));
+                }
+                None
+            }
+        };
+        Some(PruneSchedule {
+            kind,
+            iterations,
+            finetune: finetune?,
+        })
+    });
+
+    if method == PruneMethod::Random && schedule.is_some() {
+        errors.push(FieldError::new(
+            format!("{pointer}/schedule"),
+            "`random` is the one-shot baseline; gradual pruning ranks weights by magnitude (use `magnitude`, `n_m` or `structured`)",
+        ));
+    }
+    if let Some(f) = facts {
+        check_against_model(
+            f,
+            pointer,
+            method,
+            sparsity,
+            &layers,
+            &selection,
+            schedule.is_some(),
+            &mut errors,
+        );
+    }
+    if errors.is_empty() {
+        Ok(PruneSpec {
+            method,
+            sparsity,
+            scope,
+            layers,
+            selection,
+            schedule,
+            output,
+            seed,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// Checks that need the model: patterns match, the selection holds float tensors, shapes fit
+/// N:M groups, structured pruning has an architecture and leaves every layer a unit.
+#[allow(clippy::too_many_arguments)]
+fn check_against_model(
+    f: &Facts,
+    pointer: &str,
+    method: PruneMethod,
+    sparsity: f64,
+    layers: &[(String, f64)],
+    selection: &Selection,
+    has_schedule: bool,
+    errors: &mut Vec<FieldError>,
+) {
+    if (matches!(method, PruneMethod::Structured { .. }) || has_schedule)
+        && !require_architecture(f, pointer, errors)
+    {
+        return;
+    }
+    let before = errors.len();
+    check_patterns(
+        &f.tensors,
+        &selection.include,
+        &format!("{pointer}/include"),
+        errors,
+    );
+    check_patterns(
+        &f.tensors,
+        &selection.exclude,
+        &format!("{pointer}/exclude"),
+        errors,
+    );
+    if errors.len() > before {
+        return;
+    }
+    let chosen = selection.resolve(&f.tensors);
+    if chosen.is_empty() {
+        errors.push(FieldError::new(
+            pointer,
+            "the selection matches no tensor (default: float tensors with ndim ≥ 2; use `include` to choose)",
+        ));
+        return;
+    }
+    if let Some(bad) = chosen.iter().find(|t| !t.dtype.is_float()) {
+        errors.push(FieldError::new(
+            format!("{pointer}/include"),
+            format!(
+                "tensor `{}` has dtype {} and cannot be pruned",
+                bad.name,
+                bad.dtype.as_str()
+            ),
+        ));
+        return;
+    }
+    for (p, _) in layers {
+        if !chosen.iter().any(|t| glob_match(p, &t.name)) {
+            errors.push(FieldError::new(
+                format!("{pointer}/layers/{}", escape(p)),
+                format!("pattern `{p}` matches no selected tensor"),
+            ));
+        }
+    }
+    let sparsity_of = |name: &str| {
+        layers
+            .iter()
+            .find(|(p, _)| glob_match(p, name))
+            .map_or(sparsity, |(_, s)| *s)
+    };
+    match method {
+        PruneMethod::NM { m, .. } => {
+            for t in &chosen {
+                let inputs = t.shape.get(1).copied().unwrap_or(0);
+                if t.shape.len() < 2 || inputs % m != 0 {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/m"),
+                        format!(
+                            "tensor `{}` has shape {:?}: its input dimension ({inputs}) must be a multiple of m = {m}; exclude it or pick another m",
+                            t.name, t.shape
+                        ),
+                    ));
+                }
+            }
+        }
+        PruneMethod::Structured { .. } => {
+            for t in &chosen {
+                let units = t.shape.first().copied().unwrap_or(0);
+                let removed = round_half_even(sparsity_of(&t.name) * units as f64) as usize;
+                if removed >= units && units > 0 {
+                    errors.push(FieldError::new(
+                        if layers.iter().any(|(p, _)| glob_match(p, &t.name)) {
+                            format!("{pointer}/layers")
+                        } else {
+                            format!("{pointer}/sparsity")
+                        },
+                        format!(
+                            "this would remove all {units} units of `{}`; lower the sparsity or exclude the layer",
+                            t.name
+                        ),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Python's `round`: halves go to the even neighbour (what PyTorch's pruning uses).
+pub fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
+}

@@ -1,0 +1,583 @@
+//! The `quantize` step: float casts, integer and non-uniform codebooks, GGUF.
+
+use serde_json::{json, Map, Value};
+
+use super::fields::{choice, deny_unknown, f64_in, object, usize_in};
+use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingRules};
+use super::{
+    check_patterns, patterns, Facts, FieldError, FloatDtype, FloatQuantize, Selection, Step,
+};
+
+/// Where one set of integer scales applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    /// One scale for the tensor.
+    PerTensor,
+    /// One scale per output channel (dim 0).
+    PerChannel,
+    /// One scale per `group_size` consecutive weights of a row.
+    PerGroup(usize),
+}
+
+/// k-means codebook initialisation (Deep Compression §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KmeansInit {
+    /// Evenly spaced between min and max.
+    Linear,
+    /// Evenly spaced on the weights' CDF.
+    Density,
+    /// k-means++ (seeded).
+    KmeansPlusPlus,
+}
+
+impl KmeansInit {
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Linear => "linear",
+            Self::Density => "density",
+            Self::KmeansPlusPlus => "kmeans++",
+        }
+    }
+}
+
+/// GGUF block types (API spelling) and their block sizes.
+pub const GGUF_TYPES: &[(&str, usize)] = &[
+    ("q8_0", 32),
+    ("q4_0", 32),
+    ("q4_1", 32),
+    ("q5_0", 32),
+    ("q5_1", 32),
+    ("q2_k", 256),
+    ("q3_k", 256),
+    ("q4_k", 256),
+    ("q5_k", 256),
+    ("q6_k", 256),
+];
+
+/// A quantization method other than `float`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuantMethod {
+    /// Integer codes with scales (and zero-points when affine).
+    Uniform {
+        /// 2–8.
+        bits: u8,
+        /// Symmetric (zero-point 0) or affine.
+        symmetric: bool,
+        /// Scale granularity.
+        granularity: Granularity,
+        /// Search the clipping range that minimises the squared error (instead of min/max).
+        search: bool,
+    },
+    /// Non-uniform shared weights (a codebook per tensor).
+    Kmeans {
+        /// Codebook size.
+        clusters: usize,
+        /// Initialisation.
+        init: KmeansInit,
+    },
+    /// Power-of-two levels.
+    Log2 {
+        /// Bits per code (sign + exponent).
+        bits: u8,
+    },
+    /// NormalFloat-4 with absmax blocks.
+    Nf4 {
+        /// Weights per absmax block.
+        group_size: usize,
+    },
+    /// A GGUF block type.
+    Gguf {
+        /// API spelling, e.g. `q4_k`.
+        ty: String,
+    },
+}
+
+impl QuantMethod {
+    /// API spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Uniform { .. } => "uniform",
+            Self::Kmeans { .. } => "kmeans",
+            Self::Log2 { .. } => "log2",
+            Self::Nf4 { .. } => "nf4",
+            Self::Gguf { .. } => "gguf",
+        }
+    }
+}
+
+/// What the step writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantFormat {
+    /// A float file carrying the quantization error (drop-in).
+    Dequantized,
+    /// Integer codes + scales / zero-points / codebooks.
+    Packed,
+    /// A GGUF file.
+    Gguf,
+}
+
+impl QuantFormat {
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dequantized => "dequantized",
+            Self::Packed => "packed",
+            Self::Gguf => "gguf",
+        }
+    }
+}
+
+/// A validated non-float `quantize` step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeSpec {
+    /// Method and its parameters.
+    pub method: QuantMethod,
+    /// Which tensors (`skip` folded into `exclude`).
+    pub selection: Selection,
+    /// Output encoding.
+    pub format: QuantFormat,
+    /// Accuracy budget (needs the job's `eval`): revert the most sensitive tensors to float.
+    pub max_accuracy_drop: Option<f64>,
+    /// Quantization-aware training before the final quantization.
+    pub qat: Option<FinetuneSpec>,
+}
+
+impl QuantizeSpec {
+    /// Normalised JSON.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "op": "quantize",
+            "method": self.method.as_str(),
+            "include": self.selection.include,
+            "exclude": self.selection.exclude,
+            "format": self.format.as_str(),
+            "max_accuracy_drop": self.max_accuracy_drop,
+        });
+        match &self.method {
+            QuantMethod::Uniform {
+                bits,
+                symmetric,
+                granularity,
+                search,
+            } => {
+                v["bits"] = json!(bits);
+                v["symmetric"] = json!(symmetric);
+                v["search"] = json!(search);
+                match granularity {
+                    Granularity::PerTensor => v["granularity"] = json!("per_tensor"),
+                    Granularity::PerChannel => v["granularity"] = json!("per_channel"),
+                    Granularity::PerGroup(g) => {
+                        v["granularity"] = json!("per_group");
+                        v["group_size"] = json!(g);
+                    }
+                }
+            }
+            QuantMethod::Kmeans { clusters, init } => {
+                v["clusters"] = json!(clusters);
+                v["init"] = json!(init.as_str());
+            }
+            QuantMethod::Log2 { bits } => v["bits"] = json!(bits),
+            QuantMethod::Nf4 { group_size } => v["group_size"] = json!(group_size),
+            QuantMethod::Gguf { ty } => v["type"] = json!(ty),
+        }
+        if let Some(q) = &self.qat {
+            let mut f = q.to_json();
+            if let Some(o) = f.as_object_mut() {
+                for k in ["op", "freeze", "head", "layer_lr"] {
+                    o.remove(k);
+                }
+            }
+            v["qat"] = f;
+        }
+        v
+    }
+}
+
+const METHODS: &[&str] = &["uniform", "kmeans", "log2", "nf4", "float", "gguf"];
+
+/// Parse a `quantize` step at `pointer`.
+pub fn parse(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    facts: Option<&Facts>,
+) -> Result<Step, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let method = match obj.get("method").and_then(Value::as_str) {
+        Some(m) if METHODS.contains(&m) => m,
+        Some(m) => {
+            return Err(vec![FieldError::new(
+                format!("{pointer}/method"),
+                format!(
+                    "unknown method `{m}`; expected one of {}",
+                    METHODS.join(", ")
+                ),
+            )])
+        }
+        None => {
+            return Err(vec![FieldError::new(
+                format!("{pointer}/method"),
+                format!("is required; one of {}", METHODS.join(", ")),
+            )])
+        }
+    };
+    let mut allowed = vec![
+        "op",
+        "method",
+        "include",
+        "exclude",
+        "skip",
+        "format",
+        "max_accuracy_drop",
+        "qat",
+        "activations",
+    ];
+    allowed.extend(match method {
+        "float" => &["dtype"][..],
+        "uniform" => &["bits", "symmetric", "granularity", "group_size", "search"][..],
+        "kmeans" => &["clusters", "init"][..],
+        "log2" => &["bits"][..],
+        "nf4" => &["group_size"][..],
+        _ => &["type"][..],
+    });
+    deny_unknown(obj, &allowed, pointer, &mut errors);
+    let include = patterns(
+        obj.get("include"),
+        &format!("{pointer}/include"),
+        &mut errors,
+    );
+    let mut exclude = patterns(
+        obj.get("exclude"),
+        &format!("{pointer}/exclude"),
+        &mut errors,
+    );
+    let skip = patterns(obj.get("skip"), &format!("{pointer}/skip"), &mut errors);
+    if let Some(f) = facts {
+        check_patterns(
+            &f.tensors,
+            &include,
+            &format!("{pointer}/include"),
+            &mut errors,
+        );
+        check_patterns(
+            &f.tensors,
+            &exclude,
+            &format!("{pointer}/exclude"),
+            &mut errors,
+        );
+        check_patterns(&f.tensors, &skip, &format!("{pointer}/skip"), &mut errors);
+    }
+    exclude.extend(skip);
+    let selection = Selection { include, exclude };
+    if obj.get("activations").is_some_and(|v| !v.is_null()) {
+        errors.push(FieldError::unsupported(
+            format!("{pointer}/activations"),
+            "static activation quantization (PTQ simulation with calibration) is not available in this version; weights are quantized",
+        ));
+    }
+    let format_given = choice(
+        obj,
+        "format",
+        &["dequantized", "packed", "gguf"],
+        pointer,
+        &mut errors,
+    );
+    let bits = |lo: u64, default: u8, errors: &mut Vec<FieldError>| match obj.get("bits") {
+        None | Some(Value::Null) => default,
+        Some(v) => match v.as_u64() {
+            Some(b) if (lo..=8).contains(&b) => b as u8,
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/bits"),
+                    format!("must be an integer in [{lo}, 8]"),
+                ));
+                default
+            }
+        },
+    };
+    let group_size = |errors: &mut Vec<FieldError>, default: Option<usize>| {
+        let g = usize_in(obj, "group_size", (2, 1 << 20), pointer, errors).or(default);
+        if let (Some(g), Some(f)) = (g, facts) {
+            for t in selection.resolve(&f.tensors) {
+                let cols: usize = t.shape.iter().skip(1).product::<usize>().max(1);
+                let cols = if t.shape.len() <= 1 { t.numel() } else { cols };
+                if cols % g != 0 {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/group_size"),
+                        format!(
+                            "tensor `{}` has rows of {cols} weights, not a multiple of group_size {g}; \
+                             pick a divisor of {cols} (e.g. {}) or exclude the tensor",
+                            t.name,
+                            largest_divisor_at_most(cols, g)
+                        ),
+                    ));
+                }
+            }
+        }
+        g
+    };
+    if method == "float" {
+        let dtype = match obj.get("dtype").and_then(Value::as_str) {
+            Some("f16") => Some(FloatDtype::F16),
+            Some("bf16") => Some(FloatDtype::Bf16),
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/dtype"),
+                    "must be `f16` or `bf16`",
+                ));
+                None
+            }
+        };
+        if format_given.is_some_and(|f| f != "dequantized") {
+            errors.push(FieldError::new(
+                format!("{pointer}/format"),
+                "float quantization writes a float safetensors file: only `dequantized` applies",
+            ));
+        }
+        for key in ["qat", "max_accuracy_drop"] {
+            if obj.get(key).is_some_and(|v| !v.is_null()) {
+                errors.push(FieldError::new(
+                    format!("{pointer}/{key}"),
+                    "does not apply to `float` (f16/bf16 casts lose too little to need it)",
+                ));
+            }
+        }
+        check_selection(facts, &selection, pointer, &mut errors);
+        return match (dtype, errors.is_empty()) {
+            (Some(dtype), true) => Ok(Step::QuantizeFloat(FloatQuantize { dtype, selection })),
+            _ => Err(errors),
+        };
+    }
+    let qmethod = match method {
+        "uniform" => {
+            let bits = bits(2, 8, &mut errors);
+            let symmetric = match obj.get("symmetric") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/symmetric"),
+                        "must be a boolean",
+                    ));
+                    true
+                }
+            };
+            let search = match obj.get("search") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/search"),
+                        "must be a boolean",
+                    ));
+                    false
+                }
+            };
+            let granularity = match choice(
+                obj,
+                "granularity",
+                &["per_tensor", "per_channel", "per_group"],
+                pointer,
+                &mut errors,
+            ) {
+                Some("per_tensor") => Granularity::PerTensor,
+                Some("per_group") => {
+                    if !obj.contains_key("group_size") {
+                        errors.push(FieldError::new(
+                            format!("{pointer}/group_size"),
+                            "is required for `per_group` (e.g. 64 or 128)",
+                        ));
+                    }
+                    Granularity::PerGroup(group_size(&mut errors, None).unwrap_or(64))
+                }
+                _ => {
+                    if obj.get("group_size").is_some_and(|v| !v.is_null()) {
+                        errors.push(FieldError::new(
+                            format!("{pointer}/group_size"),
+                            "applies to `granularity: per_group` only",
+                        ));
+                    }
+                    Granularity::PerChannel
+                }
+            };
+            QuantMethod::Uniform {
+                bits,
+                symmetric,
+                granularity,
+                search,
+            }
+        }
+        "kmeans" => {
+            let clusters = usize_in(obj, "clusters", (2, 256), pointer, &mut errors).unwrap_or(16);
+            if let Some(f) = facts {
+                for t in selection.resolve(&f.tensors) {
+                    if t.numel() < clusters {
+                        errors.push(FieldError::new(
+                            format!("{pointer}/clusters"),
+                            format!("tensor `{}` has {} weights, fewer than {clusters} clusters; exclude it or use fewer clusters", t.name, t.numel()),
+                        ));
+                    }
+                }
+            }
+            let init = match choice(
+                obj,
+                "init",
+                &["linear", "density", "kmeans++"],
+                pointer,
+                &mut errors,
+            ) {
+                Some("density") => KmeansInit::Density,
+                Some("kmeans++") => KmeansInit::KmeansPlusPlus,
+                _ => KmeansInit::Linear,
+            };
+            QuantMethod::Kmeans { clusters, init }
+        }
+        "log2" => QuantMethod::Log2 {
+            bits: bits(3, 4, &mut errors),
+        },
+        "nf4" => QuantMethod::Nf4 {
+            group_size: group_size(&mut errors, Some(64)).unwrap_or(64),
+        },
+        _ => {
+            let ty = match obj.get("type").and_then(Value::as_str) {
+                Some(t) if GGUF_TYPES.iter().any(|(n, _)| *n == t) => t.to_string(),
+                _ => {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/type"),
+                        format!(
+                            "is required; one of {}",
+                            GGUF_TYPES
+                                .iter()
+                                .map(|(n, _)| *n)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                    "q8_0".to_string()
+                }
+            };
+            if let (Some(f), Some(block)) = (
+                facts,
+                GGUF_TYPES.iter().find(|(n, _)| *n == ty).map(|(_, b)| *b),
+            ) {
+                for t in selection.resolve(&f.tensors) {
+                    let row = t.shape.last().copied().unwrap_or(0);
+                    if row % block != 0 {
+                        errors.push(FieldError::new(
+                            format!("{pointer}/type"),
+                            format!(
+                                "tensor `{}` has rows of {row} values; {ty} packs blocks of {block}, which must divide the row. {}",
+                                t.name,
+                                if block == 256 && row % 32 == 0 {
+                                    "Use a 32-value type (q8_0, q4_0, q4_1, q5_0, q5_1), add the tensor to `skip`, or pad the layer to a multiple of 256.".to_string()
+                                } else {
+                                    "Add the tensor to `skip` (it stays float) or pad the layer to a multiple of 32.".to_string()
+                                }
+                            ),
+                        ));
+                    }
+                }
+            }
+            QuantMethod::Gguf { ty }
+        }
+    };
+    let format = match (method, format_given) {
+        ("gguf", None | Some("gguf")) => QuantFormat::Gguf,
+        ("gguf", Some(_)) => {
+            errors.push(FieldError::new(
+                format!("{pointer}/format"),
+                "method `gguf` writes a GGUF file: only `gguf` applies",
+            ));
+            QuantFormat::Gguf
+        }
+        (_, Some("gguf")) => {
+            errors.push(FieldError::new(
+                format!("{pointer}/format"),
+                "`gguf` output needs `method: gguf` with a GGUF `type`",
+            ));
+            QuantFormat::Packed
+        }
+        (_, Some("packed")) => QuantFormat::Packed,
+        _ => QuantFormat::Dequantized,
+    };
+    let max_accuracy_drop = f64_in(obj, "max_accuracy_drop", (0.0, 1.0), pointer, &mut errors);
+    let qat = match object(obj, "qat", pointer, &mut errors) {
+        None => None,
+        Some(q) => {
+            if matches!(
+                qmethod,
+                QuantMethod::Gguf { .. } | QuantMethod::Kmeans { .. }
+            ) {
+                errors.push(FieldError::new(
+                    format!("{pointer}/qat"),
+                    "QAT is available for uniform, log2 and nf4 (k-means codebooks are refit after training instead: run `finetune`, then `kmeans`)",
+                ));
+            }
+            if let Some(f) = facts {
+                require_architecture(f, pointer, &mut errors);
+            }
+            parse_training(
+                q,
+                &format!("{pointer}/qat"),
+                facts,
+                TrainingRules {
+                    extra_fields: &[],
+                    labels_required: true,
+                    layer_options: false,
+                },
+                &mut errors,
+            )
+        }
+    };
+    if max_accuracy_drop.is_some() {
+        if let Some(f) = facts {
+            require_architecture(f, pointer, &mut errors);
+        }
+    }
+    check_selection(facts, &selection, pointer, &mut errors);
+    if errors.is_empty() {
+        Ok(Step::Quantize(Box::new(QuantizeSpec {
+            method: qmethod,
+            selection,
+            format,
+            max_accuracy_drop,
+            qat,
+        })))
+    } else {
+        Err(errors)
+    }
+}
+
+/// The selection matches at least one tensor and only float ones.
+fn check_selection(
+    facts: Option<&Facts>,
+    selection: &Selection,
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    let Some(f) = facts else { return };
+    if !errors.is_empty() {
+        return;
+    }
+    let chosen = selection.resolve(&f.tensors);
+    if chosen.is_empty() {
+        errors.push(FieldError::new(
+            pointer.to_string(),
+            "the selection matches no tensor (default: float tensors with ndim ≥ 2; use `include` to choose)",
+        ));
+    } else if let Some(bad) = chosen.iter().find(|t| !t.dtype.is_float()) {
+        errors.push(FieldError::new(
+            format!("{pointer}/include"),
+            format!(
+                "tensor `{}` has dtype {} and cannot be quantized",
+                bad.name,
+                bad.dtype.as_str()
+            ),
+        ));
+    }
+}
+
+/// The largest divisor of `n` not above `g` (a group size that would work).
+fn largest_divisor_at_most(n: usize, g: usize) -> usize {
+    (1..=g.min(n)).rev().find(|d| n % d == 0).unwrap_or(1)
+}

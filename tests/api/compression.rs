@@ -1,0 +1,905 @@
+//! `prune`, `quantize` (integer, codebook, GGUF) and `distill` through the API: the bytes
+//! written, the figures reported, and the refusals.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+use whittle::compress::tensors::{self, Dtype, TensorSpec};
+use whittle::db::jobs::JobState;
+
+use crate::helpers::*;
+
+/// The 1,797 digits (8×8 scaled to [0, 1]) as a safetensors dataset.
+fn digits() -> Vec<u8> {
+    let d = smartcore::dataset::digits::load_dataset();
+    let x: Vec<f32> = d.data.iter().map(|v| *v / 16.0).collect();
+    let y: Vec<i64> = d.target.iter().map(|v| *v as i64).collect();
+    let n = y.len();
+    tensors::serialize(
+        &BTreeMap::new(),
+        &[
+            (
+                TensorSpec::new("x", Dtype::F32, vec![n, 1, 8, 8]),
+                tensors::encode_f32(&x).as_slice(),
+            ),
+            (
+                TensorSpec::new("y", Dtype::I64, vec![n]),
+                tensors::encode_i64(&y).as_slice(),
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+fn mlp(hidden: usize) -> Value {
+    json!({"kind": "sequential", "input_shape": [1, 8, 8], "layers": [
+        {"type": "flatten"},
+        {"type": "linear", "name": "fc1", "in_features": 64, "out_features": hidden},
+        {"type": "relu"},
+        {"type": "linear", "name": "fc2", "in_features": hidden, "out_features": 10}]})
+}
+
+fn cnn() -> Value {
+    json!({"kind": "sequential", "input_shape": [1, 8, 8], "layers": [
+        {"type": "conv2d", "name": "conv1", "in_channels": 1, "out_channels": 8, "kernel_size": 3, "padding": 1},
+        {"type": "batch_norm2d", "name": "bn1", "num_features": 8},
+        {"type": "relu"},
+        {"type": "max_pool2d", "kernel_size": 2},
+        {"type": "conv2d", "name": "conv2", "in_channels": 8, "out_channels": 16, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "max_pool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "linear", "name": "fc", "in_features": 64, "out_features": 10}]})
+}
+
+fn train(dataset: &str, epochs: usize) -> Value {
+    json!({"dataset_id": dataset, "epochs": epochs, "batch_size": 32,
+           "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0}})
+}
+
+async fn upload_dataset(t: &TestApp, bytes: Vec<u8>) -> String {
+    let res = t
+        .post_bytes(
+            "/v1/datasets?name=digits",
+            "application/octet-stream",
+            bytes,
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    res.json()["id"].as_str().unwrap().to_string()
+}
+
+async fn fresh_model(t: &TestApp, arch: Value, seed: u64) -> String {
+    let res = t
+        .post_json(
+            "/v1/models",
+            &json!({"architecture": arch, "init": {"seed": seed}}),
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    res.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Run the job `body` to success; returns (job, metrics).
+async fn run(t: &TestApp, body: Value) -> (Value, Value) {
+    let job = t.submit(body).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let (_, state) = t.run_one().await.unwrap();
+    let job = t.get(&format!("/v1/jobs/{id}")).await.json();
+    assert_eq!(state, JobState::Succeeded, "{job}");
+    let metrics = t.get(&format!("/v1/jobs/{id}/metrics")).await.json();
+    (job, metrics)
+}
+
+/// A model trained on digits for `epochs` (its id).
+async fn trained(t: &TestApp, arch: Value, data: &str, epochs: usize) -> String {
+    let model = fresh_model(t, arch, 3).await;
+    let mut step = train(data, epochs);
+    step["op"] = json!("finetune");
+    let (job, _) = run(t, json!({"model_id": model, "steps": [step]})).await;
+    job["result"]["model_id"].as_str().unwrap().to_string()
+}
+
+async fn content(t: &TestApp, job: &Value, kind: &str) -> Vec<u8> {
+    let art = job["result"]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} artifact in {job}"));
+    let res = t
+        .get(&format!(
+            "/v1/artifacts/{}/content",
+            art["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.body.len() as u64, art["size_bytes"].as_u64().unwrap());
+    res.body.to_vec()
+}
+
+fn f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// A model with one 16×32 and one 8×16 weight: every input dimension splits into groups of 4.
+fn wide_model() -> Vec<u8> {
+    let w1 = values(16 * 32, 11);
+    let w2 = values(8 * 16, 12);
+    tensors::serialize(
+        &BTreeMap::new(),
+        &[
+            (
+                TensorSpec::new("a.weight", Dtype::F32, vec![16, 32]),
+                tensors::encode_f32(&w1).as_slice(),
+            ),
+            (
+                TensorSpec::new("b.weight", Dtype::F32, vec![8, 16]),
+                tensors::encode_f32(&w2).as_slice(),
+            ),
+            (
+                TensorSpec::new("b.bias", Dtype::F32, vec![8]),
+                tensors::encode_f32(&values(8, 13)).as_slice(),
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn magnitude_pruning_layer_and_global_prunes_exactly_the_smallest_weights() {
+    let t = TestApp::sqlite().await;
+    let model = t.upload_model(wide_model()).await;
+    let mid = model["id"].as_str().unwrap();
+    let original = wide_model();
+    let src = safetensors::SafeTensors::deserialize(&original).unwrap();
+
+    // Layer scope: each tensor loses round(0.75 · n) of its smallest weights; biases untouched.
+    let (job, m) = run(
+        &t,
+        json!({"model_id": mid, "steps": [{"op": "prune", "method": "magnitude", "sparsity": 0.75, "scope": "layer"}]}),
+    )
+    .await;
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    for (name, n) in [("a.weight", 512usize), ("b.weight", 128)] {
+        let before = f32s(&src, name);
+        let after = f32s(&st, name);
+        let zeros = after.iter().filter(|v| **v == 0.0).count();
+        assert_eq!(zeros, n * 3 / 4, "{name}");
+        let largest_pruned = before
+            .iter()
+            .zip(&after)
+            .filter(|(_, a)| **a == 0.0)
+            .map(|(b, _)| b.abs())
+            .fold(0f32, f32::max);
+        let smallest_kept = after
+            .iter()
+            .filter(|a| **a != 0.0)
+            .map(|a| a.abs())
+            .fold(f32::INFINITY, f32::min);
+        assert!(largest_pruned <= smallest_kept, "{name}");
+        // Kept weights are bit-identical.
+        assert!(before.iter().zip(&after).all(|(b, a)| *a == 0.0 || a == b));
+    }
+    assert_eq!(f32s(&st, "b.bias"), f32s(&src, "b.bias"));
+    let summary = &m["steps"][0]["summary"];
+    assert_eq!(summary["nonzero"], 128 + 32);
+    assert!((summary["sparsity"].as_f64().unwrap() - 0.75).abs() < 1e-9);
+    assert_eq!(m["steps"][0]["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(m["final"]["nonzero"], 128 + 32 + 8);
+
+    // Global scope: one threshold across both tensors.
+    let (job, _) = run(
+        &t,
+        json!({"model_id": mid, "steps": [{"op": "prune", "sparsity": 0.5, "scope": "global"}]}),
+    )
+    .await;
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    let mut pruned_max = 0f32;
+    let mut kept_min = f32::INFINITY;
+    let mut zeros = 0;
+    for name in ["a.weight", "b.weight"] {
+        for (b, a) in f32s(&src, name).iter().zip(f32s(&st, name)) {
+            if a == 0.0 {
+                zeros += 1;
+                pruned_max = pruned_max.max(b.abs());
+            } else {
+                kept_min = kept_min.min(a.abs());
+            }
+        }
+    }
+    assert_eq!(zeros, 320);
+    assert!(pruned_max <= kept_min);
+}
+
+#[tokio::test]
+async fn n_m_and_sparse_output_write_what_they_report() {
+    let t = TestApp::sqlite().await;
+    let model = t.upload_model(wide_model()).await;
+    let mid = model["id"].as_str().unwrap();
+    let (job, m) = run(
+        &t,
+        json!({"model_id": mid, "steps": [{"op": "prune", "method": "n_m", "n": 2, "m": 4, "output": "sparse"}]}),
+    )
+    .await;
+    // The dense model: every group of 4 consecutive inputs keeps exactly 2.
+    let dense = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&dense).unwrap();
+    for name in ["a.weight", "b.weight"] {
+        let w = f32s(&st, name);
+        for group in w.chunks(4) {
+            assert_eq!(group.iter().filter(|v| **v != 0.0).count(), 2, "{name}");
+        }
+    }
+    // The packed artifact: a bitmask and the kept values, matching the dense file.
+    let packed = content(&t, &job, "packed").await;
+    let sp = safetensors::SafeTensors::deserialize(&packed).unwrap();
+    for name in ["a.weight", "b.weight"] {
+        let w = f32s(&st, name);
+        let mask = sp.tensor(&format!("{name}.sparse_mask")).unwrap();
+        assert_eq!(mask.data().len(), w.len().div_ceil(8));
+        let values = f32s(&sp, &format!("{name}.sparse_values"));
+        let mut k = 0;
+        for (i, v) in w.iter().enumerate() {
+            let bit = mask.data()[i / 8] >> (i % 8) & 1;
+            assert_eq!(bit == 1, *v != 0.0, "{name}[{i}]");
+            if bit == 1 {
+                assert_eq!(values[k], *v);
+                k += 1;
+            }
+        }
+        assert_eq!(k, values.len());
+    }
+    assert!(
+        sp.tensor("b.bias").is_ok(),
+        "unselected tensors are kept as they are"
+    );
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&packed).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert!(meta["whittle.sparse"].contains("bitmask"));
+    assert!(meta.contains_key("whittle.job"));
+    assert_eq!(
+        m["final"]["packed_size_bytes"].as_u64().unwrap(),
+        packed.len() as u64
+    );
+    assert!((m["steps"][0]["summary"]["sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn pruning_requests_are_checked_before_anything_is_queued() {
+    let t = TestApp::sqlite().await;
+    let plain = t.upload_model(wide_model()).await;
+    let pid = plain["id"].as_str().unwrap();
+    let data = upload_dataset(&t, digits()).await;
+    let with_arch = fresh_model(&t, mlp(8), 1).await;
+    let cases = [
+        (
+            json!({"model_id": pid, "steps": [{"op": "prune", "sparsity": 1.0}]}),
+            "/steps/0/sparsity",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "prune", "sparsity": -0.1}]}),
+            "/steps/0/sparsity",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "prune", "method": "n_m", "n": 4, "m": 4}]}),
+            "/steps/0/n",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "prune", "method": "n_m", "n": 2, "m": 3}]}),
+            "/steps/0/m",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "prune", "method": "structured", "sparsity": 0.5}]}),
+            "/steps/0/op",
+            "architecture_required",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "prune", "sparsity": 0.5, "include": ["conv*"]}]}),
+            "/steps/0/include/0",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "prune", "sparsity": 0.5, "layers": {"nothing*": 0.9}}]}),
+            "/steps/0/layers/nothing*",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": with_arch, "steps": [{"op": "prune", "method": "structured", "sparsity": 0.5, "layers": {"fc1.weight": 0.99}}]}),
+            "/steps/0/layers",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": with_arch, "steps": [{"op": "prune", "sparsity": 0.5, "schedule": {"iterations": 2}}]}),
+            "/steps/0/schedule/finetune",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": with_arch, "steps": [{"op": "prune", "sparsity": 0.5, "output": "sparse"}, {"op": "evaluate", "dataset_id": data}]}),
+            "/steps/0/output",
+            "validation_failed",
+        ),
+    ];
+    for (body, pointer, code) in cases {
+        let res = t.post_json("/v1/jobs", &body).await;
+        let problem = res.assert_problem(422, code);
+        let pointers: Vec<&str> = problem["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["pointer"].as_str().unwrap())
+            .collect();
+        assert!(pointers.contains(&pointer), "{body}: {problem}");
+    }
+    assert_eq!(
+        t.get("/v1/jobs").await.json()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn gradual_pruning_retrains_with_pruned_weights_held_at_zero() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 4).await;
+    let mut finetune = train(&data, 2);
+    finetune["validation"] = json!({"fraction": 0.2});
+    let (job, m) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data},
+               "steps": [{"op": "prune", "sparsity": 0.9, "scope": "layer",
+                          "schedule": {"kind": "polynomial", "iterations": 3, "power": 3, "finetune": finetune}}]}),
+    )
+    .await;
+    let step = &m["steps"][0];
+    let rounds = step["summary"]["iterations"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    let targets: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["target_sparsity"].as_f64().unwrap())
+        .collect();
+    assert!(
+        targets[0] < targets[1] && targets[1] < targets[2],
+        "{targets:?}"
+    );
+    assert!((targets[2] - 0.9).abs() < 1e-9);
+    // The retraining kept every pruned weight at exactly zero: the final sparsity is the target.
+    for r in rounds {
+        let s = r["sparsity"].as_f64().unwrap();
+        assert!(
+            (s - r["target_sparsity"].as_f64().unwrap()).abs() < 0.01,
+            "{r}"
+        );
+        assert!(r["accuracy_after_retraining"].as_f64().is_some(), "{r}");
+    }
+    assert_eq!(step["epochs"].as_array().unwrap().len(), 6);
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    let w = f32s(&st, "fc1.weight");
+    let zeros = w.iter().filter(|v| **v == 0.0).count();
+    assert_eq!(zeros, (64.0f64 * 64.0 * 0.9).round() as usize);
+    let before = m["baseline"]["accuracy"].as_f64().unwrap();
+    let after = m["final"]["accuracy"].as_f64().unwrap();
+    assert!(
+        after > before - 0.05,
+        "90% sparse after retraining: {before} → {after}"
+    );
+}
+
+#[tokio::test]
+async fn structured_pruning_shrinks_the_file_and_the_architecture() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, cnn(), &data, 3).await;
+    let (job, m) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data},
+               "steps": [{"op": "prune", "method": "structured", "sparsity": 0.5, "norm": 1,
+                          "include": ["conv*.weight"]},
+                         {"op": "finetune", "dataset_id": data, "epochs": 2, "batch_size": 32,
+                          "optimizer": {"name": "adamw", "lr": 0.005, "weight_decay": 0.0}}]}),
+    )
+    .await;
+    let out_id = job["result"]["model_id"].as_str().unwrap();
+    let out_model = t.get(&format!("/v1/models/{out_id}")).await.json();
+    let layers = &out_model["architecture"]["layers"];
+    assert_eq!(layers[0]["out_channels"], 4);
+    assert_eq!(layers[1]["num_features"], 4);
+    assert_eq!(layers[4]["in_channels"], 4);
+    assert_eq!(layers[4]["out_channels"], 8);
+    assert_eq!(layers[8]["in_features"], 32);
+    let out = t.get(&format!("/v1/models/{out_id}/content")).await.body;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    assert_eq!(st.tensor("conv1.weight").unwrap().shape(), &[4, 1, 3, 3]);
+    assert_eq!(st.tensor("bn1.running_var").unwrap().shape(), &[4]);
+    assert_eq!(st.tensor("conv2.weight").unwrap().shape(), &[8, 4, 3, 3]);
+    assert_eq!(st.tensor("fc.weight").unwrap().shape(), &[10, 32]);
+    let s = &m["steps"][0]["summary"];
+    assert!(
+        s["tensor_bytes_after"].as_u64().unwrap()
+            < s["tensor_bytes_before"].as_u64().unwrap() * 6 / 10
+    );
+    assert!(s["flops_after"].as_u64().unwrap() < s["flops_before"].as_u64().unwrap() * 6 / 10);
+    assert!(
+        m["final"]["accuracy"].as_f64().unwrap() > 0.8,
+        "{}",
+        m["final"]
+    );
+}
+
+#[tokio::test]
+async fn uniform_int8_packed_codes_follow_the_standard_formula() {
+    let t = TestApp::sqlite().await;
+    let model = t.upload_model(wide_model()).await;
+    let mid = model["id"].as_str().unwrap();
+    let (job, m) = run(
+        &t,
+        json!({"model_id": mid, "steps": [{"op": "quantize", "method": "uniform", "bits": 8,
+               "symmetric": true, "granularity": "per_channel", "format": "packed"}]}),
+    )
+    .await;
+    let original = wide_model();
+    let src = safetensors::SafeTensors::deserialize(&original).unwrap();
+    let dense = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let deq = safetensors::SafeTensors::deserialize(&dense).unwrap();
+    let packed = content(&t, &job, "packed").await;
+    let pk = safetensors::SafeTensors::deserialize(&packed).unwrap();
+    for (name, rows, cols) in [("a.weight", 16usize, 32usize), ("b.weight", 8, 16)] {
+        let w = f32s(&src, name);
+        let d = f32s(&deq, name);
+        let scales = f32s(&pk, &format!("{name}.qscale"));
+        assert_eq!(scales.len(), rows);
+        let codes = pk
+            .tensor(&format!("{name}.qcodes"))
+            .unwrap()
+            .data()
+            .to_vec();
+        assert_eq!(codes.len(), rows * cols);
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            assert!((scales[r] - scale).abs() <= scale * 1e-6, "{name} row {r}");
+            for c in 0..cols {
+                let q = (row[c] / scales[r]).round().clamp(-127.0, 127.0);
+                // Codes are stored offset by 128.
+                assert_eq!(
+                    codes[r * cols + c] as i32 - 128,
+                    q as i32,
+                    "{name}[{r},{c}]"
+                );
+                assert_eq!(d[r * cols + c], q * scales[r]);
+            }
+        }
+    }
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&packed).unwrap();
+    assert!(meta
+        .metadata()
+        .as_ref()
+        .unwrap()
+        .contains_key("whittle.quantization"));
+    let layer = &m["steps"][0]["layers"][0];
+    assert!(layer["sqnr_db"].as_f64().unwrap() > 35.0, "{layer}");
+    assert_eq!(layer["bits"], 8);
+    assert_eq!(
+        m["final"]["packed_size_bytes"].as_u64().unwrap(),
+        packed.len() as u64
+    );
+}
+
+#[tokio::test]
+async fn kmeans_log2_and_nf4_use_their_codebooks() {
+    let t = TestApp::sqlite().await;
+    let model = t.upload_model(wide_model()).await;
+    let mid = model["id"].as_str().unwrap();
+    let distinct = |v: &[f32]| {
+        let mut bits: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        bits.sort_unstable();
+        bits.dedup();
+        bits.len()
+    };
+    let (job, m) = run(
+        &t,
+        json!({"model_id": mid, "steps": [{"op": "quantize", "method": "kmeans", "clusters": 4, "init": "linear"}]}),
+    )
+    .await;
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    assert!(distinct(&f32s(&st, "a.weight")) <= 4);
+    assert!(m["steps"][0]["layers"][0]["mse"].as_f64().unwrap() > 0.0);
+
+    let (job, _) = run(
+        &t,
+        json!({"model_id": mid, "steps": [{"op": "quantize", "method": "log2", "bits": 4}]}),
+    )
+    .await;
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    let w = f32s(&st, "a.weight");
+    for row in w.chunks(32) {
+        let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for v in row.iter().filter(|v| **v != 0.0) {
+            let e = (v.abs() / amax).log2();
+            assert!(
+                (e - e.round()).abs() < 1e-4,
+                "{v} is not a power of two of {amax}"
+            );
+        }
+    }
+
+    let (job, _) = run(
+        &t,
+        json!({"model_id": mid, "steps": [{"op": "quantize", "method": "nf4", "group_size": 16}]}),
+    )
+    .await;
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    for group in f32s(&st, "a.weight").chunks(16) {
+        assert!(distinct(group) <= 16);
+    }
+}
+
+#[tokio::test]
+async fn gguf_output_is_a_gguf_file_with_our_provenance() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 2).await;
+    let (job, m) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data},
+               "steps": [{"op": "quantize", "method": "gguf", "type": "q8_0"}]}),
+    )
+    .await;
+    let gguf = content(&t, &job, "gguf").await;
+    assert_eq!(&gguf[..4], b"GGUF");
+    let mut cursor = std::io::Cursor::new(&gguf);
+    let content = candle_core::quantized::gguf_file::Content::read(&mut cursor).unwrap();
+    assert!(content.metadata.contains_key("whittle.job"));
+    assert!(content.metadata.contains_key("whittle.architecture"));
+    let info = &content.tensor_infos["fc1.weight"];
+    assert_eq!(info.ggml_dtype, candle_core::quantized::GgmlDType::Q8_0);
+    let drop =
+        m["baseline"]["accuracy"].as_f64().unwrap() - m["final"]["accuracy"].as_f64().unwrap();
+    assert!(drop.abs() < 0.01, "q8_0 costs almost nothing: {drop}");
+
+    // Rows of 64 do not split into 256-value k-quant blocks: refused with advice.
+    let res = t
+        .post_json(
+            "/v1/jobs",
+            &json!({"model_id": model, "steps": [{"op": "quantize", "method": "gguf", "type": "q4_k"}]}),
+        )
+        .await;
+    let problem = res.assert_problem(422, "validation_failed");
+    assert_eq!(problem["errors"][0]["pointer"], "/steps/0/type");
+    assert!(problem["errors"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("q4_0"));
+}
+
+#[tokio::test]
+async fn quantization_requests_are_checked_before_anything_is_queued() {
+    let t = TestApp::sqlite().await;
+    let plain = t.upload_model(wide_model()).await;
+    let pid = plain["id"].as_str().unwrap();
+    let cases = [
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "bits": 9}]}),
+            "/steps/0/bits",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "bits": 1}]}),
+            "/steps/0/bits",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "granularity": "per_group", "group_size": 12}]}),
+            "/steps/0/group_size",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "kmeans", "clusters": 256}]}),
+            "/steps/0/clusters",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "gguf", "type": "q4_k"}]}),
+            "/steps/0/type",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "activations": {"bits": 8}}]}),
+            "/steps/0/activations",
+            "unsupported_operation",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "max_accuracy_drop": 0.01}]}),
+            "/steps/0/op",
+            "architecture_required",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "format": "gguf"}]}),
+            "/steps/0/format",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "format": "packed"}, {"op": "quantize", "method": "float", "dtype": "f16"}]}),
+            "/steps/0/format",
+            "validation_failed",
+        ),
+    ];
+    for (body, pointer, code) in cases {
+        let res = t.post_json("/v1/jobs", &body).await;
+        let problem = res.assert_problem(422, code);
+        let pointers: Vec<&str> = problem["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["pointer"].as_str().unwrap())
+            .collect();
+        assert!(pointers.contains(&pointer), "{body}: {problem}");
+    }
+}
+
+#[tokio::test]
+async fn an_accuracy_budget_reverts_the_most_sensitive_layers() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 4).await;
+    let (_, m) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data},
+               "steps": [{"op": "quantize", "method": "uniform", "bits": 2, "granularity": "per_tensor",
+                          "max_accuracy_drop": 0.01}]}),
+    )
+    .await;
+    let reverted = &m["steps"][0]["reverted"];
+    let all = reverted["all_quantized_accuracy"].as_f64().unwrap();
+    let float = reverted["float_accuracy"].as_f64().unwrap();
+    assert!(
+        float - all > 0.01,
+        "2-bit per-tensor must hurt: {float} → {all}"
+    );
+    assert!(
+        !reverted["tensors"].as_array().unwrap().is_empty(),
+        "{reverted}"
+    );
+    let final_acc = m["final"]["accuracy"].as_f64().unwrap();
+    assert!(
+        float - final_acc <= 0.01 + 1e-9,
+        "{float} → {final_acc}: {reverted}"
+    );
+    assert_eq!(reverted["within_budget"], true);
+}
+
+#[tokio::test]
+async fn quantization_aware_training_beats_post_training_quantization_at_low_bits() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 4).await;
+    let quant =
+        json!({"op": "quantize", "method": "uniform", "bits": 2, "granularity": "per_channel"});
+    let (_, ptq) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data}, "steps": [quant]}),
+    )
+    .await;
+    let mut qat = quant.clone();
+    qat["qat"] = train(&data, 3);
+    let (job, m) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data}, "steps": [qat]}),
+    )
+    .await;
+    let ptq_acc = ptq["final"]["accuracy"].as_f64().unwrap();
+    let qat_acc = m["final"]["accuracy"].as_f64().unwrap();
+    assert!(qat_acc > ptq_acc, "QAT {qat_acc} vs PTQ {ptq_acc}");
+    assert_eq!(m["steps"][0]["epochs"].as_array().unwrap().len(), 3);
+    // The output holds at most 4 levels per output channel (2-bit codes).
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    for row in f32s(&st, "fc1.weight").chunks(64) {
+        let mut bits: Vec<u32> = row.iter().map(|x| x.to_bits()).collect();
+        bits.sort_unstable();
+        bits.dedup();
+        assert!(bits.len() <= 4, "{}", bits.len());
+    }
+}
+
+#[tokio::test]
+async fn distillation_trains_a_smaller_student_and_reports_the_baseline() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let teacher = trained(&t, mlp(128), &data, 5).await;
+    let teacher_bytes = t.get(&format!("/v1/models/{teacher}/content")).await.body;
+    let mut step = train(&data, 4);
+    step["op"] = json!("distill");
+    step["student"] = json!({"architecture": mlp(16)});
+    step["temperature"] = json!(4.0);
+    step["alpha"] = json!(0.9);
+    step["baseline"] = json!(true);
+    step["validation"] = json!({"fraction": 0.2});
+    let (job, m) = run(
+        &t,
+        json!({"model_id": teacher, "eval": {"dataset_id": data}, "steps": [step]}),
+    )
+    .await;
+    let s = &m["steps"][0]["summary"];
+    assert_eq!(s["teacher_cached"], true);
+    assert!(s["parameter_ratio"].as_f64().unwrap() > 7.0, "{s}");
+    let student = s["student_accuracy"].as_f64().unwrap();
+    assert!(student > 0.85, "{s}");
+    assert!(s["baseline_accuracy"].as_f64().unwrap() > 0.5, "{s}");
+    assert!(s["agreement_with_teacher"].as_f64().unwrap() > 0.85, "{s}");
+    assert_eq!(m["steps"][0]["epochs"].as_array().unwrap().len(), 4);
+    // The output is the student (its architecture, its size); the teacher is untouched.
+    let out_id = job["result"]["model_id"].as_str().unwrap();
+    let out = t.get(&format!("/v1/models/{out_id}")).await.json();
+    assert_eq!(out["architecture"]["layers"][1]["out_features"], 16);
+    assert_eq!(out["parameters"], 64 * 16 + 16 + 16 * 10 + 10);
+    assert_eq!(
+        t.get(&format!("/v1/models/{teacher}/content")).await.body,
+        teacher_bytes
+    );
+    assert!((m["final"]["accuracy"].as_f64().unwrap() - student).abs() < 1e-9);
+
+    // Distillation composes: distill → quantize in one job, the quantize sees the student.
+    let mut step2 = step.clone();
+    step2["baseline"] = json!(false);
+    step2["epochs"] = json!(2);
+    let (job, _) = run(
+        &t,
+        json!({"model_id": teacher, "steps": [step2, {"op": "quantize", "method": "uniform", "bits": 8, "include": ["fc1.weight"]}]}),
+    )
+    .await;
+    let out = t
+        .get(&format!(
+            "/v1/models/{}",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .json();
+    assert_eq!(out["parameters"], 64 * 16 + 16 + 16 * 10 + 10);
+}
+
+#[tokio::test]
+async fn distillation_requests_are_checked_before_anything_is_queued() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let teacher = fresh_model(&t, mlp(32), 1).await;
+    let plain = t.upload_model(wide_model()).await;
+    let base = |extra: Value| {
+        let mut s =
+            json!({"op": "distill", "dataset_id": data, "student": {"architecture": mlp(8)}});
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        json!({"model_id": teacher, "steps": [s]})
+    };
+    let narrow = json!({"kind": "sequential", "input_shape": [1, 8, 8], "layers": [
+        {"type": "flatten"}, {"type": "linear", "name": "fc1", "in_features": 64, "out_features": 5}]});
+    let wrong_input = json!({"kind": "sequential", "input_shape": [32], "layers": [
+        {"type": "linear", "name": "fc1", "in_features": 32, "out_features": 10}]});
+    let cases = [
+        (
+            base(json!({"temperature": 0})),
+            "/steps/0/temperature",
+            "validation_failed",
+        ),
+        (
+            base(json!({"alpha": 1.5})),
+            "/steps/0/alpha",
+            "validation_failed",
+        ),
+        (
+            base(json!({"student": {"architecture": narrow}})),
+            "/steps/0/student",
+            "validation_failed",
+        ),
+        (
+            base(json!({"student": {"architecture": wrong_input}})),
+            "/steps/0/student",
+            "dataset_shape_mismatch",
+        ),
+        (
+            base(json!({"features": [{"teacher": "fc9", "student": "fc1"}]})),
+            "/steps/0/features/0/teacher",
+            "validation_failed",
+        ),
+        (
+            base(json!({"student": {"model_id": "0190d4a0-0000-7000-8000-000000000000"}})),
+            "/steps/0/student/model_id",
+            "model_not_found",
+        ),
+        (
+            base(json!({"student": {"model_id": plain["id"]}})),
+            "/steps/0/student/model_id",
+            "architecture_required",
+        ),
+        (
+            base(json!({"freeze": ["fc1.*"]})),
+            "/steps/0/freeze",
+            "validation_failed",
+        ),
+    ];
+    for (body, pointer, code) in cases {
+        let res = t.post_json("/v1/jobs", &body).await;
+        let problem = res.assert_problem(422, code);
+        let pointers: Vec<&str> = problem["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["pointer"].as_str().unwrap())
+            .collect();
+        assert!(pointers.contains(&pointer), "{body}: {problem}");
+    }
+}
