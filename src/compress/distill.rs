@@ -20,14 +20,11 @@ use rand_chacha::ChaCha8Rng;
 use super::arch::Architecture;
 use super::data::{Batch, Dataset, Subset};
 use super::evaluate::{check_dataset, classes_of, evaluate};
-use super::finetune::{FinetuneParams, OptimizerName, ScheduleName, Validation};
+use super::finetune::{FinetuneParams, Validation};
 use super::model::{Model, NamedTensor};
 use super::progress::Ctx;
 use super::select::glob_match;
-use super::train::{
-    self, cross_entropy, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind,
-    StepLossFn, TrainConfig, TrainHooks,
-};
+use super::train::{self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks};
 use super::{Error, Result};
 
 /// The most memory the cached teacher features of `features` may take; above it the
@@ -169,138 +166,6 @@ fn prefixed(who: &str, e: Error) -> Error {
 /// Escapes one JSON pointer reference token (RFC 6901).
 fn escape(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
-}
-
-fn finite_non_negative(pointer: &str, name: &str, v: f64) -> Result<()> {
-    if v.is_finite() && v >= 0.0 {
-        Ok(())
-    } else {
-        Err(bad(
-            pointer,
-            format!("`{name}` must be a finite, non-negative number, got {v}"),
-        ))
-    }
-}
-
-/// Checks the training settings and builds the loop's config, exactly as `finetune`
-/// does (the same pointers and messages).
-// TODO(lead): identical to the private `finetune::train_config`; make that one
-// `pub(crate)` and call it here instead.
-fn train_config(p: &FinetuneParams<'_>) -> Result<TrainConfig> {
-    if p.epochs == 0 {
-        return Err(bad("/epochs", "`epochs` must be at least 1"));
-    }
-    if p.batch_size == 0 {
-        return Err(bad("/batch_size", "`batch_size` must be at least 1"));
-    }
-    let o = &p.optimizer;
-    finite_non_negative("/optimizer/lr", "lr", o.lr)?;
-    finite_non_negative("/optimizer/weight_decay", "weight_decay", o.weight_decay)?;
-    let optimizer = match o.name {
-        OptimizerName::AdamW => Optimizer::ADAMW,
-        OptimizerName::Sgd => {
-            if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
-                return Err(bad(
-                    "/optimizer/momentum",
-                    format!("`momentum` must be in [0, 1), got {}", o.momentum),
-                ));
-            }
-            if o.nesterov && o.momentum == 0.0 {
-                return Err(bad(
-                    "/optimizer/nesterov",
-                    "Nesterov momentum needs `momentum` > 0",
-                ));
-            }
-            Optimizer::Sgd {
-                momentum: o.momentum,
-                nesterov: o.nesterov,
-            }
-        }
-    };
-    let s = &p.lr_schedule;
-    let kind = match s.kind {
-        ScheduleName::Constant => ScheduleKind::Constant,
-        ScheduleName::Cosine => ScheduleKind::Cosine,
-        ScheduleName::Step => {
-            if s.step_size == 0 {
-                return Err(bad(
-                    "/lr_schedule/step_size",
-                    "`step_size` must be at least 1 epoch",
-                ));
-            }
-            if !(s.gamma.is_finite() && s.gamma > 0.0) {
-                return Err(bad(
-                    "/lr_schedule/gamma",
-                    format!("`gamma` must be a finite, positive number, got {}", s.gamma),
-                ));
-            }
-            ScheduleKind::Step {
-                step_size: s.step_size,
-                gamma: s.gamma,
-            }
-        }
-    };
-    if s.warmup_epochs > p.epochs {
-        return Err(bad(
-            "/lr_schedule/warmup_epochs",
-            format!(
-                "`warmup_epochs` ({}) must not exceed `epochs` ({})",
-                s.warmup_epochs, p.epochs
-            ),
-        ));
-    }
-    if let Some(c) = p.grad_clip {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(bad(
-                "/grad_clip",
-                format!("`grad_clip` must be a finite, positive number, got {c}"),
-            ));
-        }
-    }
-    for (pattern, m) in &p.layer_lr {
-        if !(m.is_finite() && *m >= 0.0) {
-            return Err(bad(
-                &format!("/layer_lr/{}", escape(pattern)),
-                format!("the learning-rate multiplier must be finite and non-negative, got {m}"),
-            ));
-        }
-    }
-    let early_stopping = match p.early_stopping {
-        None => None,
-        Some(e) => {
-            if e.patience == 0 {
-                return Err(bad(
-                    "/early_stopping/patience",
-                    "`patience` must be at least 1 epoch",
-                ));
-            }
-            if matches!(p.validation, Validation::None) {
-                return Err(bad(
-                    "/early_stopping",
-                    "early stopping needs validation data (`validation`: a fraction or a dataset)",
-                ));
-            }
-            Some(EarlyStopping {
-                patience: e.patience,
-                metric: e.metric,
-            })
-        }
-    };
-    Ok(TrainConfig {
-        epochs: p.epochs,
-        batch_size: p.batch_size,
-        optimizer,
-        lr: o.lr,
-        weight_decay: o.weight_decay,
-        schedule: LrSchedule {
-            kind,
-            warmup_epochs: s.warmup_epochs,
-        },
-        grad_clip: p.grad_clip,
-        early_stopping,
-        lr_multipliers: p.layer_lr.clone(),
-        seed: p.seed,
-    })
 }
 
 /// The soft-target loss `T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`, summed over classes
@@ -561,7 +426,7 @@ pub fn distill_with_cache(
     hooks: TrainHooks<'_>,
 ) -> Result<DistillOutput> {
     let p = &params.train;
-    let config = train_config(p)?;
+    let config = super::finetune::train_config(p)?;
     let t = params.temperature;
     if !(t.is_finite() && t > 0.0) {
         return Err(bad(
@@ -917,7 +782,7 @@ fn run_baseline(
 mod tests {
     use super::*;
     use crate::compress::data::DatasetX;
-    use crate::compress::finetune::{finetune, EarlyStoppingParams, HeadParams};
+    use crate::compress::finetune::{finetune, EarlyStoppingParams, HeadParams, ScheduleName};
     use crate::compress::train::{Checkpoint, StopMetric};
     use rand::{Rng, SeedableRng};
     use serde_json::json;

@@ -200,7 +200,7 @@ fn finite_non_negative(pointer: &str, name: &str, v: f64) -> Result<()> {
 }
 
 /// Checks the parameters that do not depend on the model, and builds the loop's config.
-fn train_config(p: &FinetuneParams<'_>) -> Result<TrainConfig> {
+pub(crate) fn train_config(p: &FinetuneParams<'_>) -> Result<TrainConfig> {
     if p.epochs == 0 {
         return Err(bad("/epochs", "`epochs` must be at least 1"));
     }

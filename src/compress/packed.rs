@@ -50,7 +50,8 @@ use serde::{Deserialize, Serialize};
 use super::model::NamedTensor;
 use super::progress::Ctx;
 use super::qcodec::{
-    error_stats, quantize_named, Granularity, KmeansInit, Layout, Method, Params, Quantized, Scheme,
+    error_stats, quantize_codes_only, quantize_named, Granularity, KmeansInit, Layout, Method,
+    Params, Quantized, Scheme,
 };
 use super::tensors::{encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec};
 use super::{Error, Result};
@@ -367,8 +368,15 @@ pub fn quantize_file(
                     }
                 };
                 let tensor_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                // A packed float32/64 tensor needs no reconstruction, only its statistics.
+                let lean = part == Part::Codes && matches!(info.dtype, Dtype::F32 | Dtype::F64);
+                let quantize = if lean {
+                    quantize_codes_only
+                } else {
+                    quantize_named
+                };
                 let (mut q, mut stats) =
-                    quantize_named(&info.name, values, &info.shape, method, tensor_seed)?;
+                    quantize(&info.name, values, &info.shape, method, tensor_seed)?;
                 check_params(&info.name, &q, layout)?;
                 if round_to_dtype(&mut q.dequantized, info.dtype) {
                     stats = error_stats(values, &q.dequantized);
@@ -389,7 +397,11 @@ pub fn quantize_file(
                 if part == Part::Dense {
                     w.write_all(&encode_as(&q.dequantized, info.dtype))?;
                 } else {
-                    w.write_all(&pack_bits(&q.codes, q.params.bits))?;
+                    if q.params.bits == 8 {
+                        w.write_all(&q.codes)?;
+                    } else {
+                        w.write_all(&pack_bits(&q.codes, q.params.bits))?;
+                    }
                     current = Some(q);
                 }
                 ctx.report(

@@ -317,37 +317,79 @@ impl Params {
 
     /// Decodes whole blocks starting at block index `first` (counts already checked).
     fn dequantize_blocks(&self, first: usize, codes: &[u8], out: &mut [f32]) {
+        self.dequantize_at(first * self.block_len, codes, out);
+    }
+
+    /// Decodes `codes` of the elements starting at flat index `first` (counts already
+    /// checked), one run per block touched.
+    fn dequantize_at(&self, first: usize, codes: &[u8], out: &mut [f32]) {
+        let mut i = 0;
+        while i < codes.len() {
+            let b = (first + i) / self.block_len;
+            let end = ((b + 1) * self.block_len - first).min(codes.len());
+            self.decode_run(b, &codes[i..end], &mut out[i..end]);
+            i = end;
+        }
+    }
+
+    /// Decodes codes that all belong to block `b`.
+    #[inline]
+    fn decode_run(&self, b: usize, c: &[u8], o: &mut [f32]) {
         let offset = 1i32 << (self.bits.clamp(1, 8) - 1);
-        let chunks = codes
-            .chunks(self.block_len)
-            .zip(out.chunks_mut(self.block_len));
-        for (b, (c, o)) in chunks.enumerate().map(|(b, x)| (b + first, x)) {
-            match self.scheme {
-                Scheme::Symmetric => {
-                    let s = self.scales[b];
-                    for (o, &c) in o.iter_mut().zip(c) {
-                        *o = (i32::from(c) - offset) as f32 * s;
-                    }
+        match self.scheme {
+            Scheme::Symmetric => {
+                let s = self.scales[b];
+                for (o, &c) in o.iter_mut().zip(c) {
+                    *o = (i32::from(c) - offset) as f32 * s;
                 }
-                Scheme::Affine => {
-                    let (s, z) = (self.scales[b], i32::from(self.zero_points[b]));
-                    for (o, &c) in o.iter_mut().zip(c) {
-                        *o = (i32::from(c) - z) as f32 * s;
-                    }
+            }
+            Scheme::Affine => {
+                let (s, z) = (self.scales[b], i32::from(self.zero_points[b]));
+                for (o, &c) in o.iter_mut().zip(c) {
+                    *o = (i32::from(c) - z) as f32 * s;
                 }
-                Scheme::Codebook => {
-                    for (o, &c) in o.iter_mut().zip(c) {
-                        *o = self.codebook[c as usize];
-                    }
+            }
+            Scheme::Codebook => {
+                for (o, &c) in o.iter_mut().zip(c) {
+                    *o = self.codebook[c as usize];
                 }
-                Scheme::ScaledCodebook => {
-                    let s = self.scales[b];
-                    for (o, &c) in o.iter_mut().zip(c) {
-                        *o = self.codebook[c as usize] * s;
-                    }
+            }
+            Scheme::ScaledCodebook => {
+                let s = self.scales[b];
+                for (o, &c) in o.iter_mut().zip(c) {
+                    *o = self.codebook[c as usize] * s;
                 }
             }
         }
+    }
+
+    /// Error statistics of decoding `codes` against `values` without materialising the
+    /// reconstruction (16 Ki-element scratch per thread; two threads for large tensors).
+    fn error_stats_of(&self, codes: &[u8], values: &[f32]) -> ErrorStats {
+        const CHUNK: usize = 16 * 1024;
+        let part = |first: usize, c: &[u8], v: &[f32]| {
+            let mut scratch = vec![0f32; CHUNK.min(c.len())];
+            let mut s = ErrorStats::default();
+            for (k, (cc, vc)) in c.chunks(CHUNK).zip(v.chunks(CHUNK)).enumerate() {
+                let out = &mut scratch[..cc.len()];
+                self.dequantize_at(first + k * CHUNK, cc, out);
+                s = merge_stats(s, stats_serial(vc, out));
+            }
+            s
+        };
+        let n = codes.len().min(values.len());
+        if n < PARALLEL_MIN {
+            return part(0, &codes[..n], &values[..n]);
+        }
+        let mid = n / 2;
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| part(mid, &codes[mid..n], &values[mid..n]));
+            let a = part(0, &codes[..mid], &values[..mid]);
+            let b = h
+                .join()
+                .unwrap_or_else(|_| part(mid, &codes[mid..n], &values[mid..n]));
+            merge_stats(a, b)
+        })
     }
 }
 
@@ -586,6 +628,30 @@ pub fn quantize_named(
     method: &Method,
     seed: u64,
 ) -> Result<(Quantized, ErrorStats)> {
+    quantize_impl(tensor, values, shape, method, seed, true)
+}
+
+/// [`quantize_named`] without keeping the reconstruction (`dequantized` is left empty; the
+/// error statistics are the same up to f64 summation order): for writing packed files, where a second
+/// tensor-sized buffer would only cost memory and page faults.
+pub fn quantize_codes_only(
+    tensor: &str,
+    values: &[f32],
+    shape: &[usize],
+    method: &Method,
+    seed: u64,
+) -> Result<(Quantized, ErrorStats)> {
+    quantize_impl(tensor, values, shape, method, seed, false)
+}
+
+fn quantize_impl(
+    tensor: &str,
+    values: &[f32],
+    shape: &[usize],
+    method: &Method,
+    seed: u64,
+    keep_dequantized: bool,
+) -> Result<(Quantized, ErrorStats)> {
     let layout = method.layout(tensor, shape)?;
     if values.len() != layout.numel {
         return Err(Error::Internal(format!(
@@ -637,9 +703,16 @@ pub fn quantize_named(
         Method::Log2 { bits } => log2(values, layout.block_len, bits, &mut codes),
         Method::Nf4 { group_size } => nf4(values, group_size, &mut codes),
     };
-    let mut dequantized = vec![0f32; values.len()];
-    params.dequantize(&codes, &mut dequantized)?;
-    let stats = error_stats(values, &dequantized);
+    let (dequantized, stats) = if keep_dequantized {
+        let mut d = vec![0f32; values.len()];
+        params.dequantize(&codes, &mut d)?;
+        let stats = error_stats(values, &d);
+        (d, stats)
+    } else {
+        // Same checks as `dequantize`, on an empty output.
+        params.dequantize(&[], &mut [])?;
+        (Vec::new(), params.error_stats_of(&codes, values))
+    };
     Ok((
         Quantized {
             codes,
@@ -652,32 +725,7 @@ pub fn quantize_named(
 
 /// Error statistics of a reconstruction, computed on two threads for large tensors.
 pub fn error_stats(values: &[f32], approx: &[f32]) -> ErrorStats {
-    /// Eight f32 lanes per 4096-element chunk (vectorisable), summed into f64 per chunk.
-    fn serial(v: &[f32], a: &[f32]) -> ErrorStats {
-        let mut s = ErrorStats::default();
-        for (vc, ac) in v.chunks(4096).zip(a.chunks(4096)) {
-            let (mut sig, mut noi, mut max) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-            let (mut v8, mut a8) = (vc.chunks_exact(8), ac.chunks_exact(8));
-            for (w, q) in (&mut v8).zip(&mut a8) {
-                for l in 0..8 {
-                    let e = w[l] - q[l];
-                    sig[l] += w[l] * w[l];
-                    noi[l] += e * e;
-                    let ae = e.abs();
-                    max[l] = if ae > max[l] { ae } else { max[l] };
-                }
-            }
-            for (&w, &q) in v8.remainder().iter().zip(a8.remainder()) {
-                s.add(w, q);
-                s.count -= 1;
-            }
-            s.signal += sig.iter().map(|&x| f64::from(x)).sum::<f64>();
-            s.noise += noi.iter().map(|&x| f64::from(x)).sum::<f64>();
-            s.max_abs = max.iter().fold(s.max_abs, |m, &x| m.max(f64::from(x)));
-            s.count += vc.len().min(ac.len()) as u64;
-        }
-        s
-    }
+    let serial = stats_serial;
     let n = values.len().min(approx.len());
     if n < PARALLEL_MIN {
         return serial(&values[..n], &approx[..n]);
@@ -689,12 +737,43 @@ pub fn error_stats(values: &[f32], approx: &[f32]) -> ErrorStats {
         (a, h.join())
     });
     let b = b.unwrap_or_else(|_| serial(&values[mid..n], &approx[mid..n]));
+    merge_stats(a, b)
+}
+
+fn merge_stats(a: ErrorStats, b: ErrorStats) -> ErrorStats {
     ErrorStats {
         signal: a.signal + b.signal,
         noise: a.noise + b.noise,
         max_abs: a.max_abs.max(b.max_abs),
         count: a.count + b.count,
     }
+}
+
+/// Eight f32 lanes per 4096-element chunk (vectorisable), summed into f64 per chunk.
+fn stats_serial(v: &[f32], a: &[f32]) -> ErrorStats {
+    let mut s = ErrorStats::default();
+    for (vc, ac) in v.chunks(4096).zip(a.chunks(4096)) {
+        let (mut sig, mut noi, mut max) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        let (mut v8, mut a8) = (vc.chunks_exact(8), ac.chunks_exact(8));
+        for (w, q) in (&mut v8).zip(&mut a8) {
+            for l in 0..8 {
+                let e = w[l] - q[l];
+                sig[l] += w[l] * w[l];
+                noi[l] += e * e;
+                let ae = e.abs();
+                max[l] = if ae > max[l] { ae } else { max[l] };
+            }
+        }
+        for (&w, &q) in v8.remainder().iter().zip(a8.remainder()) {
+            s.add(w, q);
+            s.count -= 1;
+        }
+        s.signal += sig.iter().map(|&x| f64::from(x)).sum::<f64>();
+        s.noise += noi.iter().map(|&x| f64::from(x)).sum::<f64>();
+        s.max_abs = max.iter().fold(s.max_abs, |m, &x| m.max(f64::from(x)));
+        s.count += vc.len().min(ac.len()) as u64;
+    }
+    s
 }
 
 /// Below this many elements, work stays on the calling thread (spawning costs ~20 µs).
@@ -1440,6 +1519,25 @@ mod tests {
         let m = uniform_m(8, true, Granularity::PerChannel, false);
         let r = quantize_tensor(&bad, &[rows, cols], &m, 0);
         assert!(matches!(r, Err(Error::Unsupported(m)) if m.contains("flat index 7")));
+    }
+
+    #[test]
+    fn codes_only_matches_the_full_path_on_a_two_thread_tensor() {
+        let (rows, cols) = (520, 512); // above PARALLEL_MIN: both paths split in two
+        let v = randn(rows * cols, 13);
+        for m in [
+            uniform_m(8, true, Granularity::PerChannel, false),
+            uniform_m(4, false, Granularity::PerGroup { group_size: 64 }, false),
+            Method::Nf4 { group_size: 64 },
+        ] {
+            let (full, a) = quantize_tensor(&v, &[rows, cols], &m, 0).unwrap();
+            let (lean, b) = quantize_codes_only("t", &v, &[rows, cols], &m, 0).unwrap();
+            assert_eq!((&full.codes, &full.params), (&lean.codes, &lean.params));
+            assert!(lean.dequantized.is_empty());
+            assert_eq!((a.count, a.max_abs), (b.count, b.max_abs));
+            assert!((a.noise - b.noise).abs() <= 1e-9 * a.noise, "{m:?}");
+            assert!((a.signal - b.signal).abs() <= 1e-9 * a.signal, "{m:?}");
+        }
     }
 
     #[test]
