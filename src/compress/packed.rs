@@ -23,13 +23,20 @@
 //!   zero-point of each block, in `0 … 2^bits − 1`.
 //! * `{name}.qcodebook` — `F32`, shape `[entries]`, for `kmeans` (the sorted codebook),
 //!   `nf4` (the 16 NF4 levels) and `log2` (the 2^bits-entry table `±2^−(m−1)`).
+//! * `{name}.qmask` — `U8`, shape `[⌈numel / 8⌉]`, only for a sparse (pruned) tensor: bit `i`
+//!   (bit `i mod 8` of byte `i / 8`, LSB-first) is 1 where weight `i` is non-zero. Then
+//!   `qcodes` holds codes for the non-zero weights only, in index order (`nonzero` of them),
+//!   and every masked-out weight decodes to 0. A tensor is stored this way when its exact
+//!   zeros save more code bits than the mask costs (`zeros · bits > numel`), so a pruned then
+//!   quantized model is stored at about `numel / 8 + nonzero · bits / 8` bytes.
 //!
 //! The metadata key `whittle.quantization` (next to the caller's metadata) holds JSON:
 //! `{"format":"whittle.packed","version":1,"tensors":{"{name}":{…}}}` with, per tensor:
 //! `method` (`uniform|kmeans|log2|nf4`), `bits`, `scheme`, `shape` and `dtype` (original),
 //! `block_len` (weights per scale: element `i` uses scale `i / block_len`), `code_offset`
 //! (2^(bits−1) for the symmetric scheme, else null), the names `codes`, `scale`,
-//! `zero_point`, `codebook` (null when absent), and the method's parameters `symmetric`,
+//! `zero_point`, `codebook`, `mask` (null when absent), `nonzero` (the number of codes when
+//! `mask` is set), and the method's parameters `symmetric`,
 //! `granularity`, `group_size`, `search`, `clusters`, `init` (null when not applicable).
 //!
 //! Decoding (what [`decode_packed`] does): unpack `numel` codes, then per `scheme`
@@ -184,6 +191,10 @@ struct TensorMeta {
     scale: Option<String>,
     zero_point: Option<String>,
     codebook: Option<String>,
+    #[serde(default)]
+    mask: Option<String>,
+    #[serde(default)]
+    nonzero: Option<usize>,
     symmetric: Option<bool>,
     granularity: Option<String>,
     group_size: Option<usize>,
@@ -206,6 +217,8 @@ impl TensorMeta {
             scale: layout.scheme.has_scale().then(|| format!("{name}.qscale")),
             zero_point: (layout.scheme == Scheme::Affine).then(|| format!("{name}.qzero")),
             codebook: (layout.codebook_len > 0).then(|| format!("{name}.qcodebook")),
+            mask: None,
+            nonzero: None,
             symmetric: None,
             granularity: None,
             group_size: None,
@@ -244,6 +257,7 @@ enum Part {
     Raw,
     Dense,
     Codes,
+    Mask,
     Scale,
     Zero,
     Codebook,
@@ -304,13 +318,30 @@ pub fn quantize_file(
                 parts.push((i, Part::Dense));
             }
             (Some(l), Format::Packed) => {
-                let m = TensorMeta::new(&t.name, method, l, &t.shape, t.dtype);
+                let mut m = TensorMeta::new(&t.name, method, l, &t.shape, t.dtype);
+                let nonzero = count_nonzero(input, t)?;
+                let sparse = (l.numel - nonzero) as u128 * u128::from(l.bits) > l.numel as u128;
+                let code_bytes = if sparse {
+                    m.mask = Some(format!("{}.qmask", t.name));
+                    m.nonzero = Some(nonzero);
+                    (nonzero * l.bits as usize).div_ceil(8)
+                } else {
+                    l.code_bytes()
+                };
                 specs.push(TensorSpec::new(
                     m.codes.clone(),
                     Dtype::U8,
-                    vec![l.code_bytes()],
+                    vec![code_bytes],
                 ));
                 parts.push((i, Part::Codes));
+                if let Some(name) = &m.mask {
+                    specs.push(TensorSpec::new(
+                        name.clone(),
+                        Dtype::U8,
+                        vec![l.numel.div_ceil(8)],
+                    ));
+                    parts.push((i, Part::Mask));
+                }
                 if let Some(name) = &m.scale {
                     specs.push(TensorSpec::new(
                         name.clone(),
@@ -348,6 +379,7 @@ pub fn quantize_file(
 
     let mut reports = Vec::new();
     let mut current: Option<Quantized> = None;
+    let mut current_mask: Vec<u8> = Vec::new();
     let total = tensors.len().max(1) as f64;
     write_safetensors(out, &metadata, &specs, |k, w| {
         let (i, part) = parts[k];
@@ -381,7 +413,18 @@ pub fn quantize_file(
                 if round_to_dtype(&mut q.dequantized, info.dtype) {
                     stats = error_stats(values, &q.dequantized);
                 }
-                let packed = layout.packed_bytes() as u64;
+                // The same rule as when the header was planned, in both formats, so the
+                // reports agree.
+                let nonzero = values.iter().filter(|v| **v != 0.0).count();
+                let sparse = (layout.numel - nonzero) as u128 * u128::from(layout.bits)
+                    > layout.numel as u128;
+                let packed = if sparse {
+                    (layout.packed_bytes() - layout.code_bytes()
+                        + (nonzero * layout.bits as usize).div_ceil(8)
+                        + layout.numel.div_ceil(8)) as u64
+                } else {
+                    layout.packed_bytes() as u64
+                };
                 reports.push(QuantReport {
                     tensor: info.name.clone(),
                     shape: info.shape.clone(),
@@ -397,10 +440,23 @@ pub fn quantize_file(
                 if part == Part::Dense {
                     w.write_all(&encode_as(&q.dequantized, info.dtype))?;
                 } else {
-                    if q.params.bits == 8 {
-                        w.write_all(&q.codes)?;
+                    let codes: std::borrow::Cow<[u8]> = if sparse {
+                        current_mask = vec![0u8; values.len().div_ceil(8)];
+                        let mut kept = Vec::new();
+                        for (j, (v, c)) in values.iter().zip(&q.codes).enumerate() {
+                            if *v != 0.0 {
+                                current_mask[j / 8] |= 1 << (j % 8);
+                                kept.push(*c);
+                            }
+                        }
+                        kept.into()
                     } else {
-                        w.write_all(&pack_bits(&q.codes, q.params.bits))?;
+                        (&q.codes[..]).into()
+                    };
+                    if q.params.bits == 8 {
+                        w.write_all(&codes)?;
+                    } else {
+                        w.write_all(&pack_bits(&codes, q.params.bits))?;
                     }
                     current = Some(q);
                 }
@@ -409,6 +465,7 @@ pub fn quantize_file(
                     &format!("tensor {}/{} ({})", i + 1, tensors.len(), info.name),
                 );
             }
+            Part::Mask => w.write_all(&current_mask)?,
             Part::Scale | Part::Zero | Part::Codebook => {
                 let q = current.as_ref().ok_or_else(|| {
                     Error::Internal(format!("{:?}: parts out of order", info.name))
@@ -423,6 +480,14 @@ pub fn quantize_file(
         Ok(())
     })?;
     Ok(reports)
+}
+
+/// Non-zero elements of a float tensor (one pass over its bytes).
+fn count_nonzero(input: &SafetensorsFile, info: &super::tensors::TensorInfo) -> Result<usize> {
+    Ok(match f32_view(info.dtype, input.bytes(info)) {
+        Some(v) => v.iter().filter(|x| **x != 0.0).count(),
+        None => input.to_f32(info)?.iter().filter(|x| **x != 0.0).count(),
+    })
 }
 
 /// The bytes of an F32 tensor as `&[f32]` without copying, when they are 4-byte aligned in
@@ -520,7 +585,10 @@ pub fn decode_packed(file: &SafetensorsFile) -> Result<Vec<NamedTensor>> {
     let mut companions: HashSet<&str> = HashSet::new();
     for (name, m) in &meta.tensors {
         by_codes.insert(m.codes.as_str(), (name.as_str(), m));
-        for c in [&m.scale, &m.zero_point, &m.codebook].into_iter().flatten() {
+        for c in [&m.scale, &m.zero_point, &m.codebook, &m.mask]
+            .into_iter()
+            .flatten()
+        {
             companions.insert(c.as_str());
         }
     }
@@ -589,7 +657,37 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
     let codes_bytes = part(file, Some(&m.codes), Dtype::U8)
         .map_err(bad)?
         .unwrap_or(&[]);
-    let codes = unpack_bits(codes_bytes, m.bits, numel).map_err(|e| bad(e.to_string()))?;
+    let mask = part(file, m.mask.as_deref(), Dtype::U8).map_err(bad)?;
+    let codes = match (mask, m.nonzero) {
+        (None, _) => unpack_bits(codes_bytes, m.bits, numel).map_err(|e| bad(e.to_string()))?,
+        (Some(mask), Some(nonzero)) => {
+            if mask.len() != numel.div_ceil(8) {
+                return Err(bad(format!(
+                    "mask of {} bytes for {numel} weights",
+                    mask.len()
+                )));
+            }
+            let kept = (0..numel)
+                .filter(|i| mask[i / 8] >> (i % 8) & 1 == 1)
+                .count();
+            if kept != nonzero {
+                return Err(bad(format!(
+                    "mask keeps {kept} weights, metadata says {nonzero}"
+                )));
+            }
+            let packed =
+                unpack_bits(codes_bytes, m.bits, nonzero).map_err(|e| bad(e.to_string()))?;
+            let mut full = vec![0u8; numel];
+            let mut next = packed.into_iter();
+            for (i, c) in full.iter_mut().enumerate() {
+                if mask[i / 8] >> (i % 8) & 1 == 1 {
+                    *c = next.next().unwrap_or(0);
+                }
+            }
+            full
+        }
+        (Some(_), None) => return Err(bad("`mask` without `nonzero`".into())),
+    };
     let f32s = |b: Option<&[u8]>| -> Result<Vec<f32>> {
         b.map_or(Ok(vec![]), |b| {
             super::tensors::decode_f32(name, Dtype::F32, b)
@@ -610,6 +708,13 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
     params
         .dequantize(&codes, &mut values)
         .map_err(|e| bad(e.to_string()))?;
+    if let Some(mask) = mask {
+        for (i, v) in values.iter_mut().enumerate() {
+            if mask[i / 8] >> (i % 8) & 1 == 0 {
+                *v = 0.0;
+            }
+        }
+    }
     round_to_dtype(&mut values, m.dtype);
     Ok(values)
 }
@@ -791,6 +896,87 @@ mod tests {
                     .map(String::as_str),
                 Some("{}")
             );
+        }
+    }
+
+    #[test]
+    fn pruned_tensors_are_packed_with_a_mask_and_decode_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        // 80% exact zeros, as after magnitude pruning.
+        let mut w = randn(16 * 64, 9);
+        for (i, v) in w.iter_mut().enumerate() {
+            if i % 5 != 0 {
+                *v = 0.0;
+            }
+        }
+        let bytes = serialize(
+            &BTreeMap::new(),
+            &[(
+                TensorSpec::new("fc.weight", Dtype::F32, vec![16, 64]),
+                &encode_f32(&w)[..],
+            )],
+        )
+        .unwrap();
+        let path = dir.path().join("pruned.safetensors");
+        std::fs::write(&path, bytes).unwrap();
+        let input = SafetensorsFile::open(&path).unwrap();
+        let progress = |_: f64, _: &str| {};
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&progress, &cancel);
+        let selected = vec!["fc.weight".to_string()];
+        for method in methods() {
+            let mut out = [Vec::new(), Vec::new()];
+            let mut reports = Vec::new();
+            for (k, format) in [Format::Dequantized, Format::Packed]
+                .into_iter()
+                .enumerate()
+            {
+                reports.push(
+                    quantize_file(
+                        &input,
+                        &selected,
+                        &method,
+                        1,
+                        format,
+                        &BTreeMap::new(),
+                        &mut out[k],
+                        &ctx,
+                    )
+                    .unwrap(),
+                );
+            }
+            assert_eq!(reports[0], reports[1]);
+            let files: Vec<SafetensorsFile> = out
+                .iter()
+                .enumerate()
+                .map(|(k, b)| {
+                    let p = dir.path().join(format!("{k}.safetensors"));
+                    std::fs::write(&p, b).unwrap();
+                    SafetensorsFile::open(&p).unwrap()
+                })
+                .collect();
+            let mask = files[1].get("fc.weight.qmask").unwrap();
+            assert_eq!(mask.shape, [128]);
+            let codes = files[1].get("fc.weight.qcodes").unwrap();
+            let bits = method.bits() as usize;
+            assert_eq!(codes.shape, [(205 * bits).div_ceil(8)], "{method:?}");
+            let dense = decode_packed(&files[0]).unwrap();
+            let packed = decode_packed(&files[1]).unwrap();
+            let a: Vec<u32> = dense[0].values.iter().map(|v| v.to_bits()).collect();
+            let b: Vec<u32> = packed[0].values.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(a, b, "{method:?}");
+            assert!(packed[0]
+                .values
+                .iter()
+                .zip(&w)
+                .all(|(q, x)| (*x == 0.0) == (*q == 0.0) || *x != 0.0));
+            let q_bytes: u64 = files[1]
+                .header()
+                .tensors
+                .iter()
+                .map(|t| t.nbytes() as u64)
+                .sum();
+            assert_eq!(q_bytes, reports[1][0].packed_bytes, "{method:?}");
         }
     }
 
