@@ -738,7 +738,7 @@ fn check_nm(name: &str, shape: &[usize], m: usize) -> Result<()> {
             ),
         });
     }
-    if !shape[1].is_multiple_of(m) {
+    if shape[1] % m != 0 {
         return Err(Error::InvalidParameter {
             pointer: "/m".into(),
             detail: format!(
@@ -771,7 +771,7 @@ fn threshold_bits(vals: &[f32], t: u32, cut: usize) -> Vec<u8> {
 /// A mask with every one of `n` bits set.
 fn full_mask(n: usize) -> Vec<u8> {
     let mut bits = vec![0xffu8; mask_len(n)];
-    if !n.is_multiple_of(8) {
+    if n % 8 != 0 {
         if let Some(last) = bits.last_mut() {
             *last = (1u8 << (n % 8)) - 1;
         }
@@ -1528,7 +1528,7 @@ fn unpack(
             mask.shape
         )));
     }
-    if !n.is_multiple_of(8) && bits.last().is_some_and(|&b| b >> (n % 8) != 0) {
+    if n % 8 != 0 && bits.last().is_some_and(|&b| b >> (n % 8) != 0) {
         return Err(bad("the mask's padding bits are not zero".into()));
     }
     let vname = format!("{base}{VALUES_SUFFIX}");

@@ -586,16 +586,13 @@ fn check_group(tensor: &str, shape: &[usize], cols: usize, group_size: usize) ->
     if group_size == 0 {
         return Err(param("/group_size", "group_size must be at least 1, got 0"));
     }
-    if cols.is_multiple_of(group_size) {
+    if cols % group_size == 0 {
         return Ok(());
     }
     // The nearest divisors of `cols` around the requested size.
-    let below = (1..group_size)
-        .rev()
-        .find(|d| cols.is_multiple_of(*d))
-        .unwrap_or(1);
+    let below = (1..group_size).rev().find(|d| cols % *d == 0).unwrap_or(1);
     let above = (group_size + 1..=cols)
-        .find(|d| cols.is_multiple_of(*d))
+        .find(|d| cols % *d == 0)
         .unwrap_or(cols);
     let hint = format!("try group_size {below} or {above} (divisors of {cols}), or per_channel");
     Err(param(
@@ -886,7 +883,7 @@ pub fn quantize_symmetric_rows(
 ) -> Result<()> {
     check_bits(bits)?;
     let cols = cols.max(1);
-    if !values.len().is_multiple_of(cols)
+    if values.len() % cols != 0
         || codes.len() != values.len()
         || scales.len() != values.len() / cols
     {

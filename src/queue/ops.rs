@@ -302,8 +302,8 @@ fn sparse_artifact(
 }
 
 fn prune_summary(spec: &PruneSpec, reports: &[cprune::LayerReport]) -> Value {
-    let numel: u64 = reports.iter().map(|r| r.numel as u64).sum();
-    let nonzero: u64 = reports.iter().map(|r| r.nonzero as u64).sum();
+    let numel: u64 = reports.iter().map(|r| r.numel).sum();
+    let nonzero: u64 = reports.iter().map(|r| r.nonzero).sum();
     json!({
         "method": spec.method.as_str(),
         "target_sparsity": spec.sparsity,
