@@ -11,6 +11,7 @@
 //! a progress callback and a cancel flag, and get back values or a [`Error`] whose
 //! [`Error::code`] is the stable, user-facing error code of the REST contract.
 
+pub mod activations;
 pub mod arch;
 pub mod conv;
 pub mod data;

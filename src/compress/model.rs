@@ -147,6 +147,21 @@ pub struct Model {
     nodes: Vec<Node>,
     params: Vec<Param>,
     weight_transform: Option<WeightTransform>,
+    activation_transform: Option<ActivationTransform>,
+}
+
+/// A function of `(top-level layer index, that layer's input)` giving the input the layer
+/// computes with: static activation quantization simulates integer inputs with it.
+#[derive(Clone)]
+pub struct ActivationTransform(
+    #[allow(clippy::type_complexity)]
+    pub  std::sync::Arc<dyn Fn(usize, &Tensor) -> Result<Option<Tensor>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for ActivationTransform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ActivationTransform(..)")
+    }
 }
 
 /// A function of `(parameter name, weight)` giving the weight a linear or conv layer computes
@@ -342,6 +357,7 @@ impl Model {
             nodes,
             params,
             weight_transform: None,
+            activation_transform: None,
         })
     }
 
@@ -477,7 +493,7 @@ impl Model {
     /// returns `[batch, output_shape...]`. Nothing is recorded for backward.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.as_input(x)?;
-        self.run(&self.nodes, x, None)
+        self.run_top(x, None)
     }
 
     /// Training forward pass: dropout draws its masks from `rng`, batch norm normalises
@@ -485,7 +501,41 @@ impl Model {
     /// trainable parameters are tracked for backward.
     pub fn forward_train(&self, x: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
         let x = self.as_input(x)?;
-        self.run(&self.nodes, x, Some(rng))
+        self.run_top(x, Some(rng))
+    }
+
+    /// Sets (or clears) the transform applied to the input of every top-level layer.
+    pub fn set_activation_transform(&mut self, transform: Option<ActivationTransform>) {
+        self.activation_transform = transform;
+    }
+
+    /// The input each top-level layer receives in an evaluation forward pass of `x` (what
+    /// activation quantization calibrates on), in layer order, and the output.
+    pub fn top_level_inputs(&self, x: &Tensor) -> Result<(Vec<Tensor>, Tensor)> {
+        let mut x = self.as_input(x)?;
+        let mut inputs = Vec::with_capacity(self.nodes.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            x = self.activation_in(i, x)?;
+            inputs.push(x.clone());
+            x = self.layer(node, &x, None)?;
+        }
+        Ok((inputs, x))
+    }
+
+    /// The input top-level layer `i` computes with.
+    fn activation_in(&self, i: usize, x: Tensor) -> Result<Tensor> {
+        match &self.activation_transform {
+            Some(f) => Ok((f.0)(i, &x)?.unwrap_or(x)),
+            None => Ok(x),
+        }
+    }
+
+    fn run_top(&self, mut x: Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            x = self.activation_in(i, x)?;
+            x = self.layer(node, &x, rng.as_deref_mut())?;
+        }
+        Ok(x)
     }
 
     /// The index of the top-level layer called `name`: its `name`, or its index when it
@@ -536,6 +586,7 @@ impl Model {
         let mut x = self.as_input(x)?;
         let mut taps: Vec<Option<Tensor>> = vec![None; wanted.len()];
         for (i, node) in self.nodes.iter().enumerate() {
+            x = self.activation_in(i, x)?;
             x = self.layer(node, &x, rng.as_deref_mut())?;
             for (slot, _) in wanted.iter().enumerate().filter(|(_, &w)| w == i) {
                 taps[slot] = Some(x.clone());

@@ -11,6 +11,7 @@ use super::runner::{
     current_arch, eval_json, finetune_params, write_named, DatasetCache, PipelineError,
     PipelineHooks, ResumePoint, CHECKPOINT_INTERVAL, META_ARCHITECTURE,
 };
+use crate::compress::activations::{self, ActivationParams, Calibration};
 use crate::compress::arch::Architecture;
 use crate::compress::data::Subset;
 use crate::compress::distill::{self, DistillParams, FeaturePair};
@@ -26,7 +27,7 @@ use crate::compress::{self, packed};
 use crate::db::models::ModelRecord;
 use crate::spec::distill::StudentSpec;
 use crate::spec::prune::{PruneMethod, PruneOutput, PruneScope};
-use crate::spec::quantize::{Granularity, KmeansInit, QuantFormat, QuantMethod};
+use crate::spec::quantize::{CalibrationMethod, Granularity, KmeansInit, QuantFormat, QuantMethod};
 use crate::spec::{DistillSpec, EvalSpec, FinetuneSpec, PruneSpec, QuantizeSpec};
 use crate::store::{BlobStore, TempBlob};
 
@@ -659,6 +660,41 @@ pub(super) fn quantize(
             accuracy_budget(env, &method, source, arch_json, &selected, budget, seed)?;
         selected = kept;
         record["reverted"] = reverted;
+    }
+    if let Some(a) = &spec.activations {
+        // Calibrate on the float network (the weights' error is measured separately), and
+        // ship the ranges in the file so every later evaluation simulates them.
+        let arch = current_arch(arch_json)?;
+        let model = Model::from_safetensors(&arch, source)?;
+        let data = env.datasets.get(&a.dataset_id)?;
+        let params = ActivationParams {
+            bits: a.bits,
+            symmetric: a.symmetric,
+            calibration: match a.method {
+                CalibrationMethod::MinMax => Calibration::MinMax,
+                CalibrationMethod::Percentile(p) => Calibration::Percentile(p),
+                CalibrationMethod::Mse => Calibration::Mse,
+            },
+            samples: a.samples,
+            seed,
+        };
+        let calibrated = activations::calibrate(&model, data, &params, env.ctx)?;
+        metadata.insert(
+            activations::METADATA_KEY.into(),
+            serde_json::to_string(&calibrated.layers).unwrap_or_default(),
+        );
+        record["activations"] = json!({
+            "bits": a.bits,
+            "symmetric": a.symmetric,
+            "calibration": {
+                "dataset_id": a.dataset_id.to_string(),
+                "method": calibrated.method,
+                "samples": calibrated.indices.len(),
+                "seed": seed,
+                "indices": calibrated.indices,
+            },
+            "layers": calibrated.layers,
+        });
     }
     let mut temp = env.store.create_temp()?;
     let reports = packed::quantize_file(

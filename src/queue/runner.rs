@@ -18,7 +18,7 @@ use crate::compress::model::{Model, NamedTensor};
 use crate::compress::progress::Ctx;
 use crate::compress::tensors::{encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec};
 use crate::compress::train::{Checkpoint, EpochMetrics, StopMetric, TrainHooks};
-use crate::compress::{self, quantize};
+use crate::compress::{self, activations, quantize};
 use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::JobRecord;
 use crate::db::models::ModelRecord;
@@ -159,7 +159,7 @@ pub fn run_pipeline(
         .transpose()?;
     // The input model, loaded once when anything compares against it.
     let reference = match (&input_arch, needs_network(spec)) {
-        (Some(arch), true) => Some(Model::from_safetensors(arch, &input)?),
+        (Some(arch), true) => Some(load_model(arch, &input)?),
         _ => None,
     };
     drop(input);
@@ -195,6 +195,9 @@ pub fn run_pipeline(
         let started = Instant::now();
         let input = SafetensorsFile::open(store.path(&current.sha256))?;
         let mut metadata = input.header().metadata.clone();
+        // Activation ranges belong to the weights they were calibrated with; a step that
+        // writes new weights drops them (a quantize step with `activations` sets new ones).
+        metadata.remove(activations::METADATA_KEY);
         metadata.insert(
             META_JOB.into(),
             json!({
@@ -366,7 +369,7 @@ pub(super) fn evaluate_file(
     reference: Option<&Model>,
     ctx: &Ctx,
 ) -> Result<Evaluation, PipelineError> {
-    let model = Model::from_safetensors(&current_arch(arch)?, file)?;
+    let model = load_model(&current_arch(arch)?, file)?;
     let data = datasets.get(&spec.dataset_id)?;
     Ok(evaluate::evaluate(
         &model,
@@ -377,13 +380,24 @@ pub(super) fn evaluate_file(
     )?)
 }
 
+/// The network in `file`, simulating its calibrated activation quantization if it has one.
+pub(super) fn load_model(arch: &Architecture, file: &SafetensorsFile) -> compress::Result<Model> {
+    let mut model = Model::from_safetensors(arch, file)?;
+    if let Some(ranges) = activations::from_metadata(&file.header().metadata)? {
+        model.set_activation_transform(Some(activations::transform(&ranges)));
+    }
+    Ok(model)
+}
+
 /// Whether any step or the job's `eval` runs the network.
 fn needs_network(spec: &JobSpec) -> bool {
     spec.eval.is_some()
         || spec.steps.iter().any(|s| match s {
             Step::Finetune(_) | Step::Evaluate(_) | Step::Distill(_) => true,
             Step::Prune(p) => p.schedule.is_some(),
-            Step::Quantize(q) => q.qat.is_some() || q.max_accuracy_drop.is_some(),
+            Step::Quantize(q) => {
+                q.qat.is_some() || q.max_accuracy_drop.is_some() || q.activations.is_some()
+            }
             Step::QuantizeFloat(_) => false,
         })
 }

@@ -7,6 +7,7 @@ use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingR
 use super::{
     check_patterns, patterns, Facts, FieldError, FloatDtype, FloatQuantize, Selection, Step,
 };
+use crate::ids::DatasetId;
 
 /// Where one set of integer scales applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +129,46 @@ impl QuantFormat {
     }
 }
 
+/// How calibration picks an activation range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CalibrationMethod {
+    /// Observed min / max.
+    MinMax,
+    /// Percentile (e.g. 99.99).
+    Percentile(f64),
+    /// Minimum squared error.
+    Mse,
+}
+
+/// Static activation quantization (simulated), calibrated on a dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivationSpec {
+    /// Bits per activation.
+    pub bits: u8,
+    /// Symmetric or affine ranges.
+    pub symmetric: bool,
+    /// Calibration data.
+    pub dataset_id: DatasetId,
+    /// Calibration samples (a seeded draw).
+    pub samples: usize,
+    /// Range selection.
+    pub method: CalibrationMethod,
+}
+
+impl ActivationSpec {
+    /// Normalised JSON.
+    pub fn to_json(&self) -> Value {
+        let (method, percentile) = match self.method {
+            CalibrationMethod::MinMax => ("minmax", None),
+            CalibrationMethod::Percentile(p) => ("percentile", Some(p)),
+            CalibrationMethod::Mse => ("mse", None),
+        };
+        json!({"bits": self.bits, "symmetric": self.symmetric,
+               "calibration": {"dataset_id": self.dataset_id.to_string(), "samples": self.samples,
+                               "method": method, "percentile": percentile}})
+    }
+}
+
 /// A validated non-float `quantize` step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizeSpec {
@@ -141,6 +182,8 @@ pub struct QuantizeSpec {
     pub max_accuracy_drop: Option<f64>,
     /// Quantization-aware training before the final quantization.
     pub qat: Option<FinetuneSpec>,
+    /// Static activation quantization (simulated).
+    pub activations: Option<ActivationSpec>,
 }
 
 impl QuantizeSpec {
@@ -180,6 +223,9 @@ impl QuantizeSpec {
             QuantMethod::Log2 { bits } => v["bits"] = json!(bits),
             QuantMethod::Nf4 { group_size } => v["group_size"] = json!(group_size),
             QuantMethod::Gguf { ty } => v["type"] = json!(ty),
+        }
+        if let Some(a) = &self.activations {
+            v["activations"] = a.to_json();
         }
         if let Some(q) = &self.qat {
             let mut f = q.to_json();
@@ -269,12 +315,7 @@ pub fn parse(
     }
     exclude.extend(skip);
     let selection = Selection { include, exclude };
-    if obj.get("activations").is_some_and(|v| !v.is_null()) {
-        errors.push(FieldError::unsupported(
-            format!("{pointer}/activations"),
-            "static activation quantization (PTQ simulation with calibration) is not available in this version; weights are quantized",
-        ));
-    }
+    let activations = parse_activations(obj, pointer, method, facts, &mut errors);
     let format_given = choice(
         obj,
         "format",
@@ -542,10 +583,106 @@ pub fn parse(
             format,
             max_accuracy_drop,
             qat,
+            activations,
         })))
     } else {
         Err(errors)
     }
+}
+
+/// The `activations` object: bits, symmetric, and `calibration` {dataset_id, samples, method,
+/// percentile}. Needs the architecture; not for `float` or `gguf`.
+fn parse_activations(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    method: &str,
+    facts: Option<&Facts>,
+    errors: &mut Vec<FieldError>,
+) -> Option<ActivationSpec> {
+    let a = object(obj, "activations", pointer, errors)?;
+    let ap = format!("{pointer}/activations");
+    let before = errors.len();
+    if method == "float" || method == "gguf" {
+        errors.push(FieldError::new(
+            &ap,
+            "activation quantization applies to the integer and codebook methods (uniform, kmeans, log2, nf4)",
+        ));
+    }
+    deny_unknown(a, &["bits", "symmetric", "calibration"], &ap, errors);
+    let bits = usize_in(a, "bits", (2, 8), &ap, errors).unwrap_or(8) as u8;
+    let symmetric = match a.get("symmetric") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            errors.push(FieldError::new(
+                format!("{ap}/symmetric"),
+                "must be a boolean",
+            ));
+            false
+        }
+    };
+    let cp = format!("{ap}/calibration");
+    let Some(c) = object(a, "calibration", &ap, errors) else {
+        if !a.contains_key("calibration") {
+            errors.push(FieldError::new(
+                cp,
+                "is required: {\"dataset_id\": …} (the samples activation ranges are measured on)",
+            ));
+        }
+        return None;
+    };
+    deny_unknown(
+        c,
+        &["dataset_id", "samples", "method", "percentile"],
+        &cp,
+        errors,
+    );
+    let samples = usize_in(c, "samples", (1, 100_000), &cp, errors).unwrap_or(256);
+    let calibration = match choice(c, "method", &["minmax", "percentile", "mse"], &cp, errors) {
+        Some("percentile") => CalibrationMethod::Percentile(
+            match c.get("percentile") {
+                None | Some(Value::Null) => Some(99.99),
+                Some(v) => match v.as_f64() {
+                    Some(p) if p > 50.0 && p <= 100.0 => Some(p),
+                    _ => {
+                        errors.push(FieldError::new(
+                            format!("{cp}/percentile"),
+                            "must be a number in (50, 100]",
+                        ));
+                        None
+                    }
+                },
+            }
+            .unwrap_or(99.99),
+        ),
+        Some("mse") => CalibrationMethod::Mse,
+        _ => CalibrationMethod::MinMax,
+    };
+    let dataset_id = super::train::dataset_ref(c, &cp, facts, errors);
+    if let Some(f) = facts {
+        if require_architecture(f, pointer, errors) {
+            if let Some(d) = &dataset_id {
+                super::train::check_dataset_fits(
+                    f,
+                    d,
+                    None,
+                    false,
+                    &format!("{cp}/dataset_id"),
+                    errors,
+                );
+            }
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(ActivationSpec {
+        bits,
+        symmetric,
+        dataset_id: dataset_id?,
+        samples,
+        method: calibration,
+    })
 }
 
 /// The selection matches at least one tensor and only float ones.

@@ -671,9 +671,14 @@ async fn quantization_requests_are_checked_before_anything_is_queued() {
             "validation_failed",
         ),
         (
-            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "activations": {"bits": 8}}]}),
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "activations": {"bits": 9, "calibration": {"dataset_id": "0190d4a0-0000-7000-8000-000000000000"}}}]}),
+            "/steps/0/activations/bits",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "gguf", "type": "q8_0", "activations": {"calibration": {}}}]}),
             "/steps/0/activations",
-            "unsupported_operation",
+            "validation_failed",
         ),
         (
             json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "max_accuracy_drop": 0.01}]}),
@@ -902,4 +907,63 @@ async fn distillation_requests_are_checked_before_anything_is_queued() {
             .collect();
         assert!(pointers.contains(&pointer), "{body}: {problem}");
     }
+}
+
+#[tokio::test]
+async fn activation_quantization_is_calibrated_recorded_and_simulated_by_later_evaluations() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 4).await;
+    let step = |bits: u64, method: &str| {
+        json!({"op": "quantize", "method": "uniform", "bits": 8,
+               "activations": {"bits": bits, "calibration": {"dataset_id": data, "samples": 200, "method": method}}})
+    };
+    let (job, m8) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data}, "steps": [step(8, "minmax")]}),
+    )
+    .await;
+    let a = &m8["steps"][0]["activations"];
+    assert_eq!(a["calibration"]["samples"], 200);
+    assert_eq!(a["calibration"]["indices"].as_array().unwrap().len(), 200);
+    let layers = a["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "{a}");
+    assert_eq!(layers[1]["layer"], "fc2");
+    assert_eq!(layers[1]["observed_min"], 0.0, "fc2's input follows a ReLU");
+    let float = m8["baseline"]["accuracy"].as_f64().unwrap();
+    let w8a8 = m8["final"]["accuracy"].as_f64().unwrap();
+    assert!((float - w8a8).abs() < 0.01, "W8A8 {w8a8} vs float {float}");
+    // The ranges travel in the file: a later job evaluating the output simulates them too.
+    let out = job["result"]["model_id"].as_str().unwrap();
+    let bytes = t.get(&format!("/v1/models/{out}/content")).await.body;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert!(meta
+        .metadata()
+        .as_ref()
+        .unwrap()
+        .contains_key("whittle.activations"));
+    let (_, again) = run(
+        &t,
+        json!({"model_id": out, "steps": [{"op": "evaluate", "dataset_id": data}]}),
+    )
+    .await;
+    assert_eq!(
+        again["steps"][0]["summary"]["accuracy"].as_f64().unwrap(),
+        w8a8
+    );
+    // 2-bit activations cost accuracy; MSE-calibrated ranges lose less than min/max.
+    let (_, m2) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data}, "steps": [step(2, "minmax")]}),
+    )
+    .await;
+    let (_, m2mse) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data}, "steps": [step(2, "mse")]}),
+    )
+    .await;
+    let a2 = m2["final"]["accuracy"].as_f64().unwrap();
+    let a2mse = m2mse["final"]["accuracy"].as_f64().unwrap();
+    assert!(a2 < w8a8 - 0.01, "A2 {a2} vs A8 {w8a8}");
+    assert!(a2mse >= a2, "mse {a2mse} vs minmax {a2}");
 }

@@ -280,8 +280,8 @@ async fn job_specs_are_validated_with_pointers_before_anything_is_queued() {
         ),
         (
             json!({"model_id": mid, "steps": [{"op": "quantize", "method": "uniform", "activations": {"bits": 8}}]}),
-            "/steps/0/activations",
-            "unsupported_operation",
+            "/steps/0/activations/calibration",
+            "validation_failed",
         ),
         (
             json!({"model_id": mid, "steps": [{"op": "quantize", "method": "float", "dtype": "f16", "include": ["conv*"]}]}),
