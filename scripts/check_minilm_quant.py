@@ -79,6 +79,7 @@ def embed(model_dir, tok):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:8080")
+    ap.add_argument("--only", help="run only the cases whose label contains this text")
     args = ap.parse_args()
     raw = open(os.path.join(ROOT, "model.safetensors"), "rb").read()
     model = call(f"{args.url}/v1/models?name=all-MiniLM-L6-v2", "POST", raw, "application/octet-stream")
@@ -93,12 +94,18 @@ def main():
         "int4 group-64 affine + clipping search": {"method": "uniform", "bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64, "search": True},
         "nf4 group-64": {"method": "nf4", "group_size": 64},
         "kmeans 16 clusters (4 bits, per tensor)": {"method": "kmeans", "clusters": 16, "init": "linear"},
+        "int4 group-64 symmetric RTN, embeddings float": {"method": "uniform", "bits": 4, "granularity": "per_group", "group_size": 64, "exclude": ["embeddings.*"]},
+        "int4 group-64 symmetric + search, embeddings float": {"method": "uniform", "bits": 4, "granularity": "per_group", "group_size": 64, "search": True, "exclude": ["embeddings.*"]},
+        "int4 group-64 affine + search, embeddings float": {"method": "uniform", "bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64, "search": True, "exclude": ["embeddings.*"]},
+        "nf4 group-64, embeddings float": {"method": "nf4", "group_size": 64, "exclude": ["embeddings.*"]},
     }
     report = {"model": "all-MiniLM-L6-v2", "sentences": len(SENTENCES),
               "float_cos(eating food, piece of bread)": round(pair, 4), "results": {}}
     tmp = tempfile.mkdtemp()
     try:
         for label, step in cases.items():
+            if args.only and args.only not in label:
+                continue
             step = dict(step, op="quantize")
             started = time.time()
             job = run_job(args.url, {"model_id": model["id"], "steps": [step]})

@@ -184,11 +184,11 @@ def err(acc):
 HAN_KEPT = {"fc1.weight": 0.08, "fc2.weight": 0.09, "fc3.weight": 0.26}
 
 
-def prune_step(train, iterations, epochs_per_round, scope="layer"):
+def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weight_decay=0.0):
     step = {"op": "prune", "method": "magnitude", "scope": scope,
             "schedule": {"kind": "polynomial", "iterations": iterations, "power": 3,
                          "finetune": {"dataset_id": train, "epochs": epochs_per_round, "batch_size": 128,
-                                      "optimizer": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0},
+                                      "optimizer": {"name": "adamw", "lr": lr, "weight_decay": weight_decay},
                                       "lr_schedule": {"kind": "cosine"}}}}
     if scope == "layer":
         step["sparsity"] = 0.92
@@ -203,7 +203,7 @@ def han(args):
     base, base_final, base_s = pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
     job, m, seconds = run_job(args.url, {
         "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
-        "steps": [prune_step(train, args.iterations, args.round_epochs, args.scope)]})
+        "steps": [prune_step(train, args.iterations, args.round_epochs, args.scope, args.retrain_lr, args.retrain_wd)]})
     step = m["steps"][0]
     layers = {l["tensor"]: round(1 - l["sparsity"], 4) for l in step["layers"]}
     total = sum(l["numel"] for l in step["layers"])
@@ -216,6 +216,7 @@ def han(args):
             "kept_per_layer": layers, "scope": args.scope,
             "rounds": [{k: r.get(k) for k in ("iteration", "target_sparsity", "sparsity", "accuracy_after_pruning", "accuracy_after_retraining")} for r in step["summary"]["iterations"]],
             "pretrain_epochs": args.epochs, "iterations": args.iterations, "epochs_per_round": args.round_epochs,
+            "retrain_optimizer": {"name": "adamw", "lr": args.retrain_lr, "weight_decay": args.retrain_wd},
             "seconds": {"pretrain": round(base_s, 1), "prune_job": round(seconds, 1)}, "job_id": job["id"]}
 
 
@@ -335,6 +336,8 @@ def main():
     ap.add_argument("--iterations", type=int, default=5, help="pruning rounds")
     ap.add_argument("--round-epochs", type=int, default=3, help="retraining epochs per pruning round")
     ap.add_argument("--scope", choices=["layer", "global"], default="layer")
+    ap.add_argument("--retrain-lr", type=float, default=5e-4, help="AdamW learning rate of the retraining rounds")
+    ap.add_argument("--retrain-wd", type=float, default=0.0, help="AdamW weight decay of the retraining rounds")
     ap.add_argument("--qat-epochs", type=int, default=3)
     ap.add_argument("--teacher-epochs", type=int, default=20)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1, 4, 8, 20])
