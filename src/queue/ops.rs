@@ -641,6 +641,8 @@ pub(super) fn quantize(
     }
     let method = quant_method(&spec.method).ok_or_else(|| failed("internal_error", "gguf"))?;
     let seed = env.seed;
+    // QAT trains a float model first (an intermediate blob nothing references; the blob
+    // collector reclaims it), which is then quantized exactly as PTQ would.
     let mut source_owned = None;
     if let Some(qat) = &spec.qat {
         let (file, epochs, summary) = quantization_aware_training(
@@ -747,10 +749,6 @@ pub(super) fn quantize(
         "min_sqnr_db": reports.iter().filter_map(|r| r.sqnr_db).reduce(f64::min),
     });
     record["layers"] = serde_json::to_value(&reports).unwrap_or(Value::Null);
-    if let Some(o) = source_owned {
-        // The QAT-trained float weights were an intermediate blob; the collector reclaims it.
-        let _ = o;
-    }
     Ok(StepOut {
         file: Some(temp),
         artifact,
