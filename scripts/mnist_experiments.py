@@ -301,12 +301,23 @@ def mlp(*widths, dropout=0.0):
 def hinton(args):
     train, test = mnist(args)
     teacher_arch = mlp(784, 1200, 1200, 10, dropout=0.5)
-    teacher, teacher_final, _ = pretrained(args, teacher_arch, train, test, args.teacher_epochs, "teacher-2x1200")
+    if args.teacher_id:
+        teacher = args.teacher_id
+        _, m, _ = run_job(args.url, {"model_id": teacher, "steps": [{"op": "evaluate", "dataset_id": test, "batch_size": 1000}]})
+        teacher_final = m["steps"][0]["summary"]
+    else:
+        teacher, teacher_final, _ = pretrained(args, teacher_arch, train, test, args.teacher_epochs, "teacher-2x1200")
+    if args.transfer_samples:
+        # A smaller transfer set (the first N training samples) for both the distilled student and
+        # the hard-label baseline: where a teacher's soft targets carry the most information.
+        train = upload_idx(args.url, f"mnist-train-{args.transfer_samples}",
+                           *idx_subset(*read("mnist", "train"), 0, args.transfer_samples))["id"]
     out = {"experiment": "Hinton et al. 2015 on MNIST: teacher 784-1200-1200-10 (dropout) -> students",
            "teacher_test_errors": round(10000 * (1 - teacher_final["accuracy"])),
            "paper": {"teacher": 67, "student_alone_2x800": 146, "distilled_2x800_T20": 74},
-           "epochs": args.epochs, "students": {}}
-    for widths in ((784, 800, 800, 10), (784, 30, 30, 10)):
+           "epochs": args.epochs, "transfer_samples": args.transfer_samples or 60000, "teacher_id": teacher, "students": {}}
+    for hidden in args.students.split(","):
+        widths = (784, *map(int, hidden.split("x")), 10)
         name = "x".join(map(str, widths[1:-1]))
         runs = {}
         for i, temp in enumerate(args.temperatures):
@@ -342,6 +353,9 @@ def main():
     ap.add_argument("--teacher-epochs", type=int, default=20)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1, 4, 8, 20])
     ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--teacher-id", help="reuse a trained teacher (hinton)")
+    ap.add_argument("--transfer-samples", type=int, default=0, help="distil on the first N training samples only (hinton)")
+    ap.add_argument("--students", default="800x800,30x30", help="student hidden widths (hinton)")
     args = ap.parse_args()
     experiments = {"lenet": lenet, "transfer": transfer, "han": han, "deep": deep, "quant": quant,
                    "structured": structured, "hinton": hinton}
