@@ -2,7 +2,7 @@
 //! Each reads the previous step's file and returns a new one (or none) with its figures; the
 //! loop in [`super::runner`] commits outputs and records metrics.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -347,28 +347,80 @@ fn prune_gradual(
     let mut last_reports = Vec::new();
     let mut structured_layers = Value::Null;
     let mut previous = 0.0;
+    // Output units of each selected layer before pruning (structured schedules count from them).
+    let original_units: HashMap<String, usize> = arch
+        .parameters()
+        .into_iter()
+        .map(|p| (p.name, p.shape.first().copied().unwrap_or(0)))
+        .collect();
     for round in 1..=schedule.iterations {
         env.ctx.check()?;
-        let target = schedule.sparsity_at(round, spec.sparsity);
-        let override_scale = if spec.sparsity > 0.0 {
-            target / spec.sparsity
-        } else {
-            round as f64 / schedule.iterations as f64
-        };
+        // The share of each final sparsity reached after this round (1 for `constant`).
+        let fraction = schedule.sparsity_at(round, 1.0);
+        let target = spec.sparsity * fraction;
         let before_eval = match spec.method {
             PruneMethod::Structured { norm } => {
-                // Remove, of the units still there, the share that brings the original count
-                // down to the schedule's target.
-                let step = if previous >= 1.0 {
-                    0.0
-                } else {
-                    1.0 - (1.0 - target) / (1.0 - previous)
+                // Units removed earlier are gone: remove, of the units still there, the share
+                // that brings the original count down to this round's target (per override
+                // pattern too).
+                let step = |final_sparsity: f64| {
+                    let (now, before) = (final_sparsity * fraction, final_sparsity * previous);
+                    if before >= 1.0 {
+                        0.0
+                    } else {
+                        (1.0 - (1.0 - now) / (1.0 - before)).max(0.0)
+                    }
+                };
+                let round_targets = match spec.scope {
+                    PruneScope::Global => PruneTargets {
+                        sparsity: step(spec.sparsity),
+                        scope: Scope::Global,
+                        overrides: spec
+                            .layers
+                            .iter()
+                            .map(|(p, s)| (p.clone(), step(*s)))
+                            .collect(),
+                    },
+                    // Per layer, count units rather than compound fractions, so the last round
+                    // lands exactly on round(original · (1 − sparsity)).
+                    PruneScope::Layer => {
+                        let finals = targets(spec, spec.sparsity, 1.0);
+                        let current: HashMap<String, usize> = arch
+                            .parameters()
+                            .into_iter()
+                            .map(|p| (p.name, p.shape.first().copied().unwrap_or(0)))
+                            .collect();
+                        let overrides = selected_in(&arch, selected)
+                            .into_iter()
+                            .filter_map(|name| {
+                                let (&now, &orig) =
+                                    (current.get(&name)?, original_units.get(&name)?);
+                                let s = finals.override_for(&name).unwrap_or(spec.sparsity);
+                                let keep = ((orig as f64) * (1.0 - s * fraction)).round().max(1.0)
+                                    as usize;
+                                let remove = now.saturating_sub(keep);
+                                Some((
+                                    name,
+                                    if now == 0 {
+                                        0.0
+                                    } else {
+                                        remove as f64 / now as f64
+                                    },
+                                ))
+                            })
+                            .collect();
+                        PruneTargets {
+                            sparsity: 0.0,
+                            scope: Scope::Layer,
+                            overrides,
+                        }
+                    }
                 };
                 let out = crate::compress::structured::prune_structured(
                     &arch,
                     weights,
                     &selected_in(&arch, selected),
-                    &targets(spec, step.max(0.0), override_scale),
+                    &round_targets,
                     norm,
                 )?;
                 arch = out.architecture;
@@ -381,13 +433,13 @@ fn prune_gradual(
                     &mut weights,
                     selected,
                     &prune_method(spec),
-                    &targets(spec, target, override_scale),
+                    &targets(spec, target, fraction),
                     seed.wrapping_add(round as u64),
                 )?;
                 eval_weights(env, &arch, weights.clone(), None)?
             }
         };
-        previous = target;
+        previous = fraction;
         // Retrain with the pruned weights held at zero.
         let model = Model::new(&arch, weights)?;
         let masks = zero_masks(&model, selected)?;

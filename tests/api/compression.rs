@@ -967,3 +967,35 @@ async fn activation_quantization_is_calibrated_recorded_and_simulated_by_later_e
     assert!(a2 < w8a8 - 0.01, "A2 {a2} vs A8 {w8a8}");
     assert!(a2mse >= a2, "mse {a2mse} vs minmax {a2}");
 }
+
+#[tokio::test]
+async fn gradual_structured_pruning_reaches_the_target_unit_count() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 2).await;
+    let mut finetune = train(&data, 1);
+    finetune["validation"] = json!({"fraction": 0.2});
+    let (job, m) = run(
+        &t,
+        json!({"model_id": model, "steps": [{"op": "prune", "method": "structured", "sparsity": 0.5,
+               "include": ["fc1.weight"],
+               "schedule": {"kind": "polynomial", "iterations": 3, "power": 1, "finetune": finetune}}]}),
+    )
+    .await;
+    // 64 → 64·(1 − 0.5/3) → 64·(1 − 1/3) → 32 units, over three rounds of retraining.
+    let rounds = m["steps"][0]["summary"]["iterations"].as_array().unwrap();
+    let params: Vec<u64> = rounds
+        .iter()
+        .map(|r| r["parameters"].as_u64().unwrap())
+        .collect();
+    assert!(params[0] > params[1] && params[1] > params[2], "{params:?}");
+    let out = t
+        .get(&format!(
+            "/v1/models/{}",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .json();
+    assert_eq!(out["architecture"]["layers"][1]["out_features"], 32);
+    assert_eq!(out["architecture"]["layers"][3]["in_features"], 32);
+}
