@@ -200,7 +200,12 @@ def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weig
 
 def han(args):
     train, test = mnist(args)
-    base, base_final, base_s = pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
+    if args.base_id:
+        base, base_s = args.base_id, 0.0
+        _, m, _ = run_job(args.url, {"model_id": base, "steps": [{"op": "evaluate", "dataset_id": test, "batch_size": 1000}]})
+        base_final = m["steps"][0]["summary"]
+    else:
+        base, base_final, base_s = pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
     job, m, seconds = run_job(args.url, {
         "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
         "steps": [prune_step(train, args.iterations, args.round_epochs, args.scope, args.retrain_lr, args.retrain_wd)]})
@@ -354,6 +359,7 @@ def main():
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1, 4, 8, 20])
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--teacher-id", help="reuse a trained teacher (hinton)")
+    ap.add_argument("--base-id", help="reuse a trained LeNet-300-100 (han)")
     ap.add_argument("--transfer-samples", type=int, default=0, help="distil on the first N training samples only (hinton)")
     ap.add_argument("--students", default="800x800,30x30", help="student hidden widths (hinton)")
     args = ap.parse_args()
