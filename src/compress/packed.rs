@@ -60,7 +60,9 @@ use super::qcodec::{
     error_stats, quantize_codes_only, quantize_named, Granularity, KmeansInit, Layout, Method,
     Params, Quantized, Scheme,
 };
-use super::tensors::{encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec};
+use super::tensors::{
+    encode_as, encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
+};
 use super::{Error, Result};
 
 /// Metadata key of the packed format's decoding instructions.
@@ -438,7 +440,7 @@ pub fn quantize_file(
                     dense_bytes: info.nbytes() as u64,
                 });
                 if part == Part::Dense {
-                    w.write_all(&encode_as(&q.dequantized, info.dtype))?;
+                    w.write_all(&encode_as(info.dtype, &q.dequantized)?)?;
                 } else {
                     let codes: std::borrow::Cow<[u8]> = if sparse {
                         current_mask = vec![0u8; values.len().div_ceil(8)];
@@ -539,25 +541,6 @@ fn round_to_dtype(values: &mut [f32], dtype: Dtype) -> bool {
         _ => return false,
     }
     true
-}
-
-/// Little-endian bytes of `values` as `dtype` (F16, BF16, F32 or F64).
-fn encode_as(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        Dtype::BF16 => values
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        Dtype::F64 => values
-            .iter()
-            .flat_map(|v| f64::from(*v).to_le_bytes())
-            .collect(),
-        _ => encode_f32(values),
-    }
 }
 
 /// Every tensor of a packed file as f32, in file order: quantized tensors decoded (the same

@@ -8,8 +8,8 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::runner::{
-    current_arch, eval_json, finetune_params, write_named, DatasetCache, PipelineError,
-    PipelineHooks, ResumePoint, CHECKPOINT_INTERVAL, META_ARCHITECTURE,
+    current_arch, eval_json, write_named, DatasetCache, PipelineError, PipelineHooks, ResumePoint,
+    CHECKPOINT_INTERVAL, META_ARCHITECTURE,
 };
 use crate::compress::activations::{self, ActivationParams, Calibration};
 use crate::compress::arch::Architecture;
@@ -337,11 +337,6 @@ fn prune_gradual(
     let mut weights = Model::from_safetensors(&arch, input)?.export()?;
     let flops_before = arch.flops();
     let params_before = arch.parameter_count();
-    let train_data = env.datasets.get(&schedule.finetune.dataset_id)?;
-    let validation_data = match &schedule.finetune.validation {
-        crate::spec::train::Validation::Dataset(d) => Some(env.datasets.get(d)?),
-        _ => None,
-    };
     let mut rounds = Vec::new();
     let mut epochs_all = Vec::new();
     let mut last_reports = Vec::new();
@@ -444,7 +439,7 @@ fn prune_gradual(
         let model = Model::new(&arch, weights)?;
         let masks = zero_masks(&model, selected)?;
         let keep_zero = |m: &Model| -> compress::Result<()> { apply_masks(m, &masks) };
-        let params = finetune_params(&schedule.finetune, env.seed, train_data, validation_data);
+        let params = env.datasets.training_params(&schedule.finetune, env.seed)?;
         let mut on_epoch = |m: &EpochMetrics, _c: &Checkpoint| -> compress::Result<()> {
             (env.hooks.epoch_finished)(env.index, m);
             Ok(())
@@ -988,12 +983,7 @@ fn quantization_aware_training(
             )?))
         },
     ))));
-    let train = env.datasets.get(&qat.dataset_id)?;
-    let validation = match &qat.validation {
-        crate::spec::train::Validation::Dataset(d) => Some(env.datasets.get(d)?),
-        _ => None,
-    };
-    let params = finetune_params(qat, env.seed, train, validation);
+    let params = env.datasets.training_params(qat, env.seed)?;
     let mut on_epoch = checkpointer(env.store, env.hooks, env.index, qat.epochs);
     let out = crate::compress::finetune::finetune(
         model,
@@ -1051,13 +1041,8 @@ pub(super) fn distill(
             (arch, m)
         }
     };
-    let train = env.datasets.get(&spec.train.dataset_id)?;
-    let validation = match &spec.train.validation {
-        crate::spec::train::Validation::Dataset(d) => Some(env.datasets.get(d)?),
-        _ => None,
-    };
     let params = DistillParams {
-        train: finetune_params(&spec.train, env.seed, train, validation),
+        train: env.datasets.training_params(&spec.train, env.seed)?,
         temperature: spec.temperature,
         alpha: spec.alpha,
         features: spec

@@ -248,12 +248,7 @@ pub fn run_pipeline(
             Step::Finetune(f) => {
                 let arch = current_arch(&arch_json)?;
                 let m = Model::from_safetensors(&arch, &input)?;
-                let train = datasets.get(&f.dataset_id)?;
-                let validation_data = match &f.validation {
-                    spec::train::Validation::Dataset(d) => Some(datasets.get(d)?),
-                    _ => None,
-                };
-                let params = finetune_params(f, spec.seed, train, validation_data);
+                let params = datasets.training_params(f, spec.seed)?;
                 let resume = match &inputs.resume {
                     Some(r) if r.step == index => {
                         let bytes = std::fs::read(store.path(&r.sha256))?;
@@ -461,6 +456,24 @@ impl<'a> DatasetCache<'a> {
         })
     }
 
+    /// The engine's training parameters for `f`, with its training and validation data.
+    pub(super) fn training_params(
+        &self,
+        f: &FinetuneSpec,
+        job_seed: u64,
+    ) -> Result<FinetuneParams<'_>, PipelineError> {
+        let validation = match &f.validation {
+            spec::train::Validation::Dataset(d) => Some(self.get(d)?),
+            _ => None,
+        };
+        Ok(finetune_params(
+            f,
+            job_seed,
+            self.get(&f.dataset_id)?,
+            validation,
+        ))
+    }
+
     /// `{dataset_id: sha256}` of every dataset the job names (for provenance).
     fn hashes(&self) -> Value {
         Value::Object(
@@ -496,7 +509,7 @@ fn merge(into: &mut Value, from: &Value) {
 }
 
 /// Map the validated spec onto the engine's parameters.
-pub(super) fn finetune_params<'d>(
+fn finetune_params<'d>(
     f: &FinetuneSpec,
     job_seed: u64,
     train: &'d Dataset,

@@ -57,29 +57,6 @@ fn train(dataset: &str, epochs: usize) -> Value {
            "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0}})
 }
 
-async fn upload_dataset(t: &TestApp, bytes: Vec<u8>) -> String {
-    let res = t
-        .post_bytes(
-            "/v1/datasets?name=digits",
-            "application/octet-stream",
-            bytes,
-        )
-        .await;
-    assert_eq!(res.status, 201, "{}", res.text());
-    res.json()["id"].as_str().unwrap().to_string()
-}
-
-async fn fresh_model(t: &TestApp, arch: Value, seed: u64) -> String {
-    let res = t
-        .post_json(
-            "/v1/models",
-            &json!({"architecture": arch, "init": {"seed": seed}}),
-        )
-        .await;
-    assert_eq!(res.status, 201, "{}", res.text());
-    res.json()["id"].as_str().unwrap().to_string()
-}
-
 /// Run the job `body` to success; returns (job, metrics).
 async fn run(t: &TestApp, body: Value) -> (Value, Value) {
     let job = t.submit(body).await;
@@ -349,17 +326,7 @@ async fn pruning_requests_are_checked_before_anything_is_queued() {
             "validation_failed",
         ),
     ];
-    for (body, pointer, code) in cases {
-        let res = t.post_json("/v1/jobs", &body).await;
-        let problem = res.assert_problem(422, code);
-        let pointers: Vec<&str> = problem["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["pointer"].as_str().unwrap())
-            .collect();
-        assert!(pointers.contains(&pointer), "{body}: {problem}");
-    }
+    assert_job_refusals(&t, cases).await;
     assert_eq!(
         t.get("/v1/jobs").await.json()["items"]
             .as_array()
@@ -696,17 +663,7 @@ async fn quantization_requests_are_checked_before_anything_is_queued() {
             "validation_failed",
         ),
     ];
-    for (body, pointer, code) in cases {
-        let res = t.post_json("/v1/jobs", &body).await;
-        let problem = res.assert_problem(422, code);
-        let pointers: Vec<&str> = problem["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["pointer"].as_str().unwrap())
-            .collect();
-        assert!(pointers.contains(&pointer), "{body}: {problem}");
-    }
+    assert_job_refusals(&t, cases).await;
 }
 
 #[tokio::test]
@@ -896,17 +853,7 @@ async fn distillation_requests_are_checked_before_anything_is_queued() {
             "validation_failed",
         ),
     ];
-    for (body, pointer, code) in cases {
-        let res = t.post_json("/v1/jobs", &body).await;
-        let problem = res.assert_problem(422, code);
-        let pointers: Vec<&str> = problem["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["pointer"].as_str().unwrap())
-            .collect();
-        assert!(pointers.contains(&pointer), "{body}: {problem}");
-    }
+    assert_job_refusals(&t, cases).await;
 }
 
 #[tokio::test]

@@ -49,29 +49,6 @@ fn mlp(classes: usize) -> Value {
         {"type": "linear", "name": "fc2", "in_features": 64, "out_features": classes}]})
 }
 
-async fn upload_dataset(t: &TestApp, bytes: Vec<u8>) -> String {
-    let res = t
-        .post_bytes(
-            "/v1/datasets?name=digits",
-            "application/octet-stream",
-            bytes,
-        )
-        .await;
-    assert_eq!(res.status, 201, "{}", res.text());
-    res.json()["id"].as_str().unwrap().to_string()
-}
-
-async fn fresh_model(t: &TestApp, arch: Value, seed: u64) -> String {
-    let res = t
-        .post_json(
-            "/v1/models",
-            &json!({"architecture": arch, "init": {"seed": seed}}),
-        )
-        .await;
-    assert_eq!(res.status, 201, "{}", res.text());
-    res.json()["id"].as_str().unwrap().to_string()
-}
-
 fn train_step(dataset: &str, epochs: usize) -> Value {
     json!({"op": "finetune", "dataset_id": dataset, "epochs": epochs, "batch_size": 32,
            "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0},
@@ -265,19 +242,7 @@ async fn engine_specs_are_checked_against_the_model_and_the_data() {
             "validation_failed",
         ),
     ];
-    for (body, pointer, code) in cases {
-        let problem = t
-            .post_json("/v1/jobs", &body)
-            .await
-            .assert_problem(422, code);
-        let pointers: Vec<&str> = problem["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["pointer"].as_str().unwrap())
-            .collect();
-        assert!(pointers.contains(&pointer), "{body}: {problem}");
-    }
+    assert_job_refusals(&t, cases).await;
     // A dataset whose samples do not fit the model input.
     let wrong = tensors::serialize(
         &BTreeMap::new(),

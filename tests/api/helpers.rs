@@ -353,3 +353,48 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn f16_job(model_id: &str) -> Value {
     json!({"model_id": model_id, "steps": [{"op": "quantize", "method": "float", "dtype": "f16"}]})
 }
+
+/// POST each job body; each must be refused with 422 `code` and an error at `pointer`.
+pub async fn assert_job_refusals(
+    t: &TestApp,
+    cases: impl IntoIterator<Item = (Value, &str, &str)>,
+) {
+    for (body, pointer, code) in cases {
+        let problem = t
+            .post_json("/v1/jobs", &body)
+            .await
+            .assert_problem(422, code);
+        let pointers: Vec<&str> = problem["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["pointer"].as_str().unwrap())
+            .collect();
+        assert!(pointers.contains(&pointer), "{body}: {problem}");
+    }
+}
+
+/// Upload a safetensors dataset named `digits`; its id.
+pub async fn upload_dataset(t: &TestApp, bytes: Vec<u8>) -> String {
+    let res = t
+        .post_bytes(
+            "/v1/datasets?name=digits",
+            "application/octet-stream",
+            bytes,
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    res.json()["id"].as_str().unwrap().to_string()
+}
+
+/// A model freshly initialised from `arch` with `seed`; its id.
+pub async fn fresh_model(t: &TestApp, arch: Value, seed: u64) -> String {
+    let res = t
+        .post_json(
+            "/v1/models",
+            &json!({"architecture": arch, "init": {"seed": seed}}),
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    res.json()["id"].as_str().unwrap().to_string()
+}

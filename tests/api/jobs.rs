@@ -314,17 +314,7 @@ async fn job_specs_are_validated_with_pointers_before_anything_is_queued() {
             "validation_failed",
         ),
     ];
-    for (body, pointer, code) in cases {
-        let res = t.post_json("/v1/jobs", &body).await;
-        let problem = res.assert_problem(422, code);
-        let pointers: Vec<&str> = problem["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["pointer"].as_str().unwrap())
-            .collect();
-        assert!(pointers.contains(&pointer), "{body}: {problem}");
-    }
+    assert_job_refusals(&t, cases).await;
     // Several problems at once are all reported.
     let res = t
         .post_json(
