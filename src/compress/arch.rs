@@ -364,7 +364,7 @@ fn invalid(pointer: impl Into<String>, detail: impl Into<String>) -> Error {
 }
 
 /// Escapes one JSON pointer reference token (RFC 6901).
-fn escape(token: &str) -> String {
+pub(crate) fn escape(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
 }
 

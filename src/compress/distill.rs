@@ -17,10 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
+use super::arch::escape;
 use super::arch::Architecture;
 use super::data::{Batch, Dataset, Subset};
 use super::evaluate::{check_dataset, classes_of, evaluate};
-use super::finetune::{FinetuneParams, Validation};
+use super::finetune::{bad, FinetuneParams, Validation};
 use super::model::{Model, NamedTensor};
 use super::progress::Ctx;
 use super::select::glob_match;
@@ -148,24 +149,12 @@ pub struct DistillOutput {
     pub baseline: Option<BaselineOutput>,
 }
 
-fn bad(pointer: &str, detail: impl Into<String>) -> Error {
-    Error::InvalidParameter {
-        pointer: pointer.to_owned(),
-        detail: detail.into(),
-    }
-}
-
 /// Names the model a dataset mismatch is about.
 fn prefixed(who: &str, e: Error) -> Error {
     match e {
         Error::DatasetMismatch(m) => Error::DatasetMismatch(format!("{who}: {m}")),
         other => other,
     }
-}
-
-/// Escapes one JSON pointer reference token (RFC 6901).
-fn escape(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
 }
 
 /// The soft-target loss `T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`, summed over classes

@@ -176,7 +176,7 @@ pub struct FinetuneOutput {
     pub trainable_parameters: u64,
 }
 
-fn bad(pointer: &str, detail: impl Into<String>) -> Error {
+pub(crate) fn bad(pointer: &str, detail: impl Into<String>) -> Error {
     Error::InvalidParameter {
         pointer: pointer.to_owned(),
         detail: detail.into(),

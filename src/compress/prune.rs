@@ -111,7 +111,7 @@ impl PruneTargets {
     pub fn validate(&self) -> Result<()> {
         check_sparsity("/sparsity", self.sparsity)?;
         for (pattern, s) in &self.overrides {
-            check_sparsity(&format!("/layers/{}", escape_pointer(pattern)), *s)?;
+            check_sparsity(&format!("/layers/{}", super::arch::escape(pattern)), *s)?;
         }
         Ok(())
     }
@@ -134,11 +134,6 @@ fn check_sparsity(pointer: &str, s: f64) -> Result<()> {
             detail: format!("sparsity must be in [0, 1), got {s}"),
         })
     }
-}
-
-/// Escapes one JSON pointer token (RFC 6901).
-pub(crate) fn escape_pointer(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
 }
 
 /// Which weights to prune.

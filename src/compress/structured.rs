@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use super::arch::{Architecture, Layer};
 use super::model::NamedTensor;
-use super::prune::{escape_pointer, prune_count, PruneTargets, Scope};
+use super::prune::{prune_count, PruneTargets, Scope};
 use super::select::glob_match;
 use super::{Error, Result};
 
@@ -360,7 +360,7 @@ fn choose_units(candidates: &[Candidate], targets: &PruneTargets) -> Result<Vec<
         removals[c].sort_unstable();
         if removals[c].len() >= cand.units {
             let (pointer, s) = match &cand.own {
-                Some((p, s)) => (format!("/layers/{}", escape_pointer(p)), *s),
+                Some((p, s)) => (format!("/layers/{}", super::arch::escape(p)), *s),
                 None => ("/sparsity".to_owned(), targets.sparsity),
             };
             return Err(Error::InvalidParameter {
