@@ -8,6 +8,7 @@
 //! BENCH_GIB=0.25 BENCH_TYPES=q8_0 cargo bench --bench gguf_quantize
 //! BENCH_KEEP=1 cargo bench --bench gguf_quantize         # keep the input for scripts/bench_gguf.sh
 //! cargo bench --bench gguf_quantize -- convert IN.safetensors OUT.gguf q4_k
+//! cargo bench --bench gguf_quantize -- input             # only write the 1 GiB input
 //! ```
 //!
 //! The input is `BENCH_GIB` × 16 tensors of 4096 × 4096 f32 (64 MiB each) drawn from a
@@ -132,12 +133,17 @@ fn convert_cmd(args: &[String]) -> BoxResult<()> {
         .filter(|t| t.dtype.is_float() && t.shape.len() >= 2)
         .map(|t| t.name.clone())
         .collect();
+    let start_cpu = cpu_seconds();
     let (reports, secs) = convert(&input, &selected, ty, Path::new(out))?;
+    let cpu = cpu_seconds() - start_cpu;
     std::fs::write(
         format!("{out}.report.json"),
         serde_json::to_vec_pretty(&reports)?,
     )?;
-    println!("{out}: {ty}, {} tensors, {secs:.3} s", reports.len());
+    println!(
+        "{out}: {ty}, {} tensors, {secs:.3} s wall, {cpu:.2} s cpu",
+        reports.len()
+    );
     Ok(())
 }
 
@@ -204,6 +210,7 @@ fn main() -> BoxResult<()> {
         .collect();
     match args.first().map(String::as_str) {
         Some("convert") => convert_cmd(&args[1..]),
+        Some("input") => make_input(16),
         _ => bench(),
     }
 }

@@ -3,7 +3,7 @@
 # 2 threads, file to file) vs llama.cpp's Python package gguf-py (numpy, one thread), on the
 # same ~1 GiB f32 safetensors input (BENCH_GIB), as seconds per GiB and ratios.
 #   PYTHON=python3 scripts/bench_gguf.sh      (PYTHON must have `pip install gguf numpy`)
-# Not compared yet: llama.cpp's C `llama-quantize` (needs a llama.cpp build; see the end).
+# llama.cpp's C `llama-quantize` is compared in scripts/bench_llama_quantize.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,9 +22,3 @@ for t in q8_0 q4_0; do
   fi
 done
 rm -f /tmp/whittle-bench-gguf.txt /tmp/whittle-bench-gguf-py.txt
-# Remaining peer: llama.cpp's C quantizers (not run: no cmake here, and a build takes ~6 min
-# of both cores). `llama-quantize` only accepts GGUFs of architectures llama.cpp knows, so the
-# fair comparison is ggml's row quantizers themselves, via llama.cpp's perf test:
-#   cmake -B build -DLLAMA_BUILD_TESTS=ON && cmake --build build -j2 --target test-quantize-perf
-#   build/bin/test-quantize-perf --op quantize_row_q_reference --op quantize_row_q \
-#       --type q8_0 --type q4_0 --type q4_K --size 4096 -3

@@ -23,20 +23,31 @@
 //!   zero-point of each block, in `0 … 2^bits − 1`.
 //! * `{name}.qcodebook` — `F32`, shape `[entries]`, for `kmeans` (the sorted codebook),
 //!   `nf4` (the 16 NF4 levels) and `log2` (the 2^bits-entry table `±2^−(m−1)`).
-//! * `{name}.qmask` — `U8`, shape `[⌈numel / 8⌉]`, only for a sparse (pruned) tensor: bit `i`
-//!   (bit `i mod 8` of byte `i / 8`, LSB-first) is 1 where weight `i` is non-zero. Then
-//!   `qcodes` holds codes for the non-zero weights only, in index order (`nonzero` of them),
-//!   and every masked-out weight decodes to 0. A tensor is stored this way when its exact
-//!   zeros save more code bits than the mask costs (`zeros · bits > numel`), so a pruned then
-//!   quantized model is stored at about `numel / 8 + nonzero · bits / 8` bytes.
+//! * Sparse (pruned) tensors: `qcodes` holds codes for the non-zero weights only, in index
+//!   order (`nonzero` of them), every other weight decodes to exactly 0, and where the
+//!   non-zeros are is stored one of two ways:
+//!   * `{name}.qmask` — `U8`, shape `[⌈numel / 8⌉]`: bit `i` (bit `i mod 8` of byte `i / 8`,
+//!     LSB-first) is 1 where weight `i` is non-zero;
+//!   * `{name}.qindex` — `U8`, shape `[⌈index_entries · index_bits / 8⌉]`: relative indices
+//!     (Han et al. 2016), `index_entries` values of `index_bits` bits packed like the codes.
+//!     With `F = 2^index_bits − 1` and a position `p` starting at 0, an entry `g < F` skips
+//!     `g` zeros and places the next code at `p + g` (then `p = p + g + 1`); an entry `g = F`
+//!     skips `F` zeros and places nothing (a gap longer than `F − 1`). Zeros after the last
+//!     non-zero take no entries.
+//!
+//!   The writer picks, per tensor, whichever of dense codes, mask and relative index (at
+//!   the best `index_bits`, 1 to 8) takes the fewest bytes, dense on ties, then the mask. A
+//!   pruned then quantized model is thus stored at about
+//!   `min(numel / 8, entries · index_bits / 8) + nonzero · bits / 8` bytes per tensor.
 //!
 //! The metadata key `whittle.quantization` (next to the caller's metadata) holds JSON:
 //! `{"format":"whittle.packed","version":1,"tensors":{"{name}":{…}}}` with, per tensor:
 //! `method` (`uniform|kmeans|log2|nf4`), `bits`, `scheme`, `shape` and `dtype` (original),
 //! `block_len` (weights per scale: element `i` uses scale `i / block_len`), `code_offset`
 //! (2^(bits−1) for the symmetric scheme, else null), the names `codes`, `scale`,
-//! `zero_point`, `codebook`, `mask` (null when absent), `nonzero` (the number of codes when
-//! `mask` is set), and the method's parameters `symmetric`,
+//! `zero_point`, `codebook`, `mask` and `index` (null when absent), `nonzero` (the number of
+//! codes when `mask` or `index` is set), `index_bits` and `index_entries` (with `index`), and
+//! the method's parameters `symmetric`,
 //! `granularity`, `group_size`, `search`, `clusters`, `init` (null when not applicable).
 //!
 //! Decoding (what [`decode_packed`] does): unpack `numel` codes, then per `scheme`
@@ -61,7 +72,7 @@ use super::qcodec::{
     Params, Quantized, Scheme,
 };
 use super::tensors::{
-    encode_as, encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
+    encode_as, encode_f32, f32_view, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
 };
 use super::{Error, Result};
 
@@ -69,8 +80,9 @@ use super::{Error, Result};
 pub const METADATA_KEY: &str = "whittle.quantization";
 /// `format` value in that metadata.
 pub const FORMAT_NAME: &str = "whittle.packed";
-/// Current version of the packed layout.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current version of the packed layout (2 added the relative `index`; version 1 files,
+/// which only have masks, still decode).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Output format of [`quantize_file`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +209,12 @@ struct TensorMeta {
     mask: Option<String>,
     #[serde(default)]
     nonzero: Option<usize>,
+    #[serde(default)]
+    index: Option<String>,
+    #[serde(default)]
+    index_bits: Option<u8>,
+    #[serde(default)]
+    index_entries: Option<usize>,
     symmetric: Option<bool>,
     granularity: Option<String>,
     group_size: Option<usize>,
@@ -221,6 +239,9 @@ impl TensorMeta {
             codebook: (layout.codebook_len > 0).then(|| format!("{name}.qcodebook")),
             mask: None,
             nonzero: None,
+            index: None,
+            index_bits: None,
+            index_entries: None,
             symmetric: None,
             granularity: None,
             group_size: None,
@@ -259,7 +280,7 @@ enum Part {
     Raw,
     Dense,
     Codes,
-    Mask,
+    Positions,
     Scale,
     Zero,
     Codebook,
@@ -321,28 +342,41 @@ pub fn quantize_file(
             }
             (Some(l), Format::Packed) => {
                 let mut m = TensorMeta::new(&t.name, method, l, &t.shape, t.dtype);
-                let nonzero = count_nonzero(input, t)?;
-                let sparse = (l.numel - nonzero) as u128 * u128::from(l.bits) > l.numel as u128;
-                let code_bytes = if sparse {
-                    m.mask = Some(format!("{}.qmask", t.name));
-                    m.nonzero = Some(nonzero);
-                    (nonzero * l.bits as usize).div_ceil(8)
-                } else {
-                    l.code_bytes()
+                let positions = match f32_view(t.dtype, input.bytes(t)) {
+                    Some(v) => Positions::choose(v, l.bits),
+                    None => Positions::choose(&input.to_f32(t)?, l.bits),
                 };
+                let code_bytes = (positions.codes(l.numel) * l.bits as usize).div_ceil(8);
                 specs.push(TensorSpec::new(
                     m.codes.clone(),
                     Dtype::U8,
                     vec![code_bytes],
                 ));
                 parts.push((i, Part::Codes));
-                if let Some(name) = &m.mask {
+                match positions {
+                    Positions::Dense => {}
+                    Positions::Mask { nonzero } => {
+                        m.mask = Some(format!("{}.qmask", t.name));
+                        m.nonzero = Some(nonzero);
+                    }
+                    Positions::Index {
+                        nonzero,
+                        bits,
+                        entries,
+                    } => {
+                        m.index = Some(format!("{}.qindex", t.name));
+                        m.nonzero = Some(nonzero);
+                        m.index_bits = Some(bits);
+                        m.index_entries = Some(entries);
+                    }
+                }
+                if let Some(name) = m.mask.as_ref().or(m.index.as_ref()) {
                     specs.push(TensorSpec::new(
                         name.clone(),
                         Dtype::U8,
-                        vec![l.numel.div_ceil(8)],
+                        vec![positions.bytes(l.numel)],
                     ));
-                    parts.push((i, Part::Mask));
+                    parts.push((i, Part::Positions));
                 }
                 if let Some(name) = &m.scale {
                     specs.push(TensorSpec::new(
@@ -381,7 +415,7 @@ pub fn quantize_file(
 
     let mut reports = Vec::new();
     let mut current: Option<Quantized> = None;
-    let mut current_mask: Vec<u8> = Vec::new();
+    let mut current_positions: Vec<u8> = Vec::new();
     let total = tensors.len().max(1) as f64;
     write_safetensors(out, &metadata, &specs, |k, w| {
         let (i, part) = parts[k];
@@ -415,18 +449,12 @@ pub fn quantize_file(
                 if round_to_dtype(&mut q.dequantized, info.dtype) {
                     stats = error_stats(values, &q.dequantized);
                 }
-                // The same rule as when the header was planned, in both formats, so the
+                // The same choice as when the header was planned, in both formats, so the
                 // reports agree.
-                let nonzero = values.iter().filter(|v| **v != 0.0).count();
-                let sparse = (layout.numel - nonzero) as u128 * u128::from(layout.bits)
-                    > layout.numel as u128;
-                let packed = if sparse {
-                    (layout.packed_bytes() - layout.code_bytes()
-                        + (nonzero * layout.bits as usize).div_ceil(8)
-                        + layout.numel.div_ceil(8)) as u64
-                } else {
-                    layout.packed_bytes() as u64
-                };
+                let positions = Positions::choose(values, layout.bits);
+                let packed = (layout.packed_bytes() - layout.code_bytes()
+                    + (positions.codes(layout.numel) * layout.bits as usize).div_ceil(8)
+                    + positions.bytes(layout.numel)) as u64;
                 reports.push(QuantReport {
                     tensor: info.name.clone(),
                     shape: info.shape.clone(),
@@ -442,18 +470,12 @@ pub fn quantize_file(
                 if part == Part::Dense {
                     w.write_all(&encode_as(info.dtype, &q.dequantized)?)?;
                 } else {
-                    let codes: std::borrow::Cow<[u8]> = if sparse {
-                        current_mask = vec![0u8; values.len().div_ceil(8)];
-                        let mut kept = Vec::new();
-                        for (j, (v, c)) in values.iter().zip(&q.codes).enumerate() {
-                            if *v != 0.0 {
-                                current_mask[j / 8] |= 1 << (j % 8);
-                                kept.push(*c);
-                            }
-                        }
-                        kept.into()
-                    } else {
+                    let codes: std::borrow::Cow<[u8]> = if positions == Positions::Dense {
                         (&q.codes[..]).into()
+                    } else {
+                        current_positions = positions.encode(values);
+                        let kept = values.iter().zip(&q.codes).filter(|(v, _)| **v != 0.0);
+                        kept.map(|(_, c)| *c).collect::<Vec<u8>>().into()
                     };
                     if q.params.bits == 8 {
                         w.write_all(&codes)?;
@@ -467,7 +489,7 @@ pub fn quantize_file(
                     &format!("tensor {}/{} ({})", i + 1, tensors.len(), info.name),
                 );
             }
-            Part::Mask => w.write_all(&current_mask)?,
+            Part::Positions => w.write_all(&current_positions)?,
             Part::Scale | Part::Zero | Part::Codebook => {
                 let q = current.as_ref().ok_or_else(|| {
                     Error::Internal(format!("{:?}: parts out of order", info.name))
@@ -484,24 +506,148 @@ pub fn quantize_file(
     Ok(reports)
 }
 
-/// Non-zero elements of a float tensor (one pass over its bytes).
-fn count_nonzero(input: &SafetensorsFile, info: &super::tensors::TensorInfo) -> Result<usize> {
-    Ok(match f32_view(info.dtype, input.bytes(info)) {
-        Some(v) => v.iter().filter(|x| **x != 0.0).count(),
-        None => input.to_f32(info)?.iter().filter(|x| **x != 0.0).count(),
-    })
+/// Where a tensor's codes sit: at every position, or only at its non-zeros, located by a
+/// bitmask or by relative indices (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Positions {
+    Dense,
+    Mask {
+        nonzero: usize,
+    },
+    Index {
+        nonzero: usize,
+        bits: u8,
+        entries: usize,
+    },
 }
 
-/// The bytes of an F32 tensor as `&[f32]` without copying, when they are 4-byte aligned in
-/// the map (safetensors writers align them) and the machine is little-endian.
-fn f32_view(dtype: Dtype, bytes: &[u8]) -> Option<&[f32]> {
-    if dtype != Dtype::F32 || cfg!(target_endian = "big") {
-        return None;
+impl Positions {
+    /// The smallest encoding for `values` quantized to `code_bits` bits (one pass).
+    fn choose(values: &[f32], code_bits: u8) -> Positions {
+        let numel = values.len();
+        let nonzero = values.iter().filter(|v| **v != 0.0).count();
+        // Leaving out the zeros' codes saves (numel − nonzero) · bits bits; locating the
+        // non-zeros costs at least one bit each (mask or index), so a dense tensor (the
+        // usual case) needs no further pass.
+        if (numel - nonzero) * code_bits as usize <= nonzero {
+            return Positions::Dense;
+        }
+        // Filler entries a relative index of 1..=8 bits needs.
+        let mut fillers = [0usize; 8];
+        let mut next = 0usize;
+        for (j, v) in values.iter().enumerate() {
+            if *v != 0.0 {
+                let gap = j - next;
+                if gap > 0 {
+                    for (b, f) in fillers.iter_mut().enumerate() {
+                        *f += gap / ((1usize << (b + 1)) - 1);
+                    }
+                }
+                next = j + 1;
+            }
+        }
+        let codes = |n: usize| (n * code_bits as usize).div_ceil(8);
+        let mut best = (codes(numel), Positions::Dense);
+        let mask = Positions::Mask { nonzero };
+        let candidates = std::iter::once(mask).chain((1..=8u8).map(|bits| Positions::Index {
+            nonzero,
+            bits,
+            entries: nonzero + fillers[bits as usize - 1],
+        }));
+        for p in candidates {
+            let size = codes(nonzero) + p.bytes(numel);
+            if size < best.0 {
+                best = (size, p);
+            }
+        }
+        best.1
     }
-    // SAFETY: every bit pattern is a valid f32, and `align_to` only reinterprets the
-    // aligned middle of the slice; we use it only when that middle is the whole slice.
-    let (head, mid, tail) = unsafe { bytes.align_to::<f32>() };
-    (head.is_empty() && tail.is_empty()).then_some(mid)
+
+    /// Codes stored for a tensor of `numel` weights.
+    fn codes(&self, numel: usize) -> usize {
+        match *self {
+            Positions::Dense => numel,
+            Positions::Mask { nonzero } | Positions::Index { nonzero, .. } => nonzero,
+        }
+    }
+
+    /// Bytes of the mask or index.
+    fn bytes(&self, numel: usize) -> usize {
+        match *self {
+            Positions::Dense => 0,
+            Positions::Mask { .. } => numel.div_ceil(8),
+            Positions::Index { bits, entries, .. } => (entries * bits as usize).div_ceil(8),
+        }
+    }
+
+    /// The mask or index bytes of `values` (empty for `Dense`).
+    fn encode(&self, values: &[f32]) -> Vec<u8> {
+        match *self {
+            Positions::Dense => Vec::new(),
+            Positions::Mask { .. } => {
+                let mut mask = vec![0u8; values.len().div_ceil(8)];
+                for (j, v) in values.iter().enumerate() {
+                    if *v != 0.0 {
+                        mask[j / 8] |= 1 << (j % 8);
+                    }
+                }
+                mask
+            }
+            Positions::Index { bits, entries, .. } => {
+                let full = (1usize << bits) - 1;
+                let mut gaps = Vec::with_capacity(entries);
+                let mut next = 0;
+                for (j, v) in values.iter().enumerate() {
+                    if *v != 0.0 {
+                        let mut gap = j - next;
+                        while gap >= full {
+                            gaps.push(full as u8);
+                            gap -= full;
+                        }
+                        gaps.push(gap as u8);
+                        next = j + 1;
+                    }
+                }
+                debug_assert_eq!(gaps.len(), entries);
+                pack_bits(&gaps, bits)
+            }
+        }
+    }
+}
+
+/// Which of `numel` positions hold codes, from a relative index (see the module
+/// documentation); refuses entries that run past the tensor or place other than `nonzero`
+/// codes.
+fn index_positions(
+    bytes: &[u8],
+    bits: u8,
+    entries: usize,
+    nonzero: usize,
+    numel: usize,
+) -> std::result::Result<Vec<bool>, String> {
+    let gaps = unpack_bits(bytes, bits, entries).map_err(|e| e.to_string())?;
+    let full = (1usize << bits) - 1;
+    let mut present = vec![false; numel];
+    let (mut p, mut placed) = (0usize, 0usize);
+    for g in gaps {
+        let g = g as usize;
+        p += g;
+        if g == full {
+            continue;
+        }
+        if p >= numel {
+            return Err(format!("relative index runs past the {numel} weights"));
+        }
+        present[p] = true;
+        placed += 1;
+        p += 1;
+    }
+    if placed != nonzero {
+        return Err(format!(
+            "relative index places {placed} weights, metadata says {nonzero}"
+        ));
+    }
+    Ok(present)
 }
 
 /// The quantizer's parameter counts must match the layout the header was written from.
@@ -558,9 +704,9 @@ pub fn decode_packed(file: &SafetensorsFile) -> Result<Vec<NamedTensor>> {
             Error::InvalidSafetensors(format!("metadata {METADATA_KEY:?} is not valid: {e}"))
         })?,
     };
-    if meta.format != FORMAT_NAME || meta.version != FORMAT_VERSION {
+    if meta.format != FORMAT_NAME || !(1..=FORMAT_VERSION).contains(&meta.version) {
         return Err(Error::InvalidSafetensors(format!(
-            "packed format {:?} version {} is not supported (expected {FORMAT_NAME:?} version {FORMAT_VERSION})",
+            "packed format {:?} version {} is not supported (expected {FORMAT_NAME:?} version 1 to {FORMAT_VERSION})",
             meta.format, meta.version
         )));
     }
@@ -568,7 +714,7 @@ pub fn decode_packed(file: &SafetensorsFile) -> Result<Vec<NamedTensor>> {
     let mut companions: HashSet<&str> = HashSet::new();
     for (name, m) in &meta.tensors {
         by_codes.insert(m.codes.as_str(), (name.as_str(), m));
-        for c in [&m.scale, &m.zero_point, &m.codebook, &m.mask]
+        for c in [&m.scale, &m.zero_point, &m.codebook, &m.mask, &m.index]
             .into_iter()
             .flatten()
         {
@@ -641,35 +787,50 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
         .map_err(bad)?
         .unwrap_or(&[]);
     let mask = part(file, m.mask.as_deref(), Dtype::U8).map_err(bad)?;
-    let codes = match (mask, m.nonzero) {
-        (None, _) => unpack_bits(codes_bytes, m.bits, numel).map_err(|e| bad(e.to_string()))?,
-        (Some(mask), Some(nonzero)) => {
+    let index = part(file, m.index.as_deref(), Dtype::U8).map_err(bad)?;
+    let present: Option<Vec<bool>> = match (mask, index, m.nonzero) {
+        (None, None, _) => None,
+        (Some(_), Some(_), _) => return Err(bad("both `mask` and `index`".into())),
+        (_, _, None) => return Err(bad("`mask` or `index` without `nonzero`".into())),
+        (Some(mask), None, Some(nonzero)) => {
             if mask.len() != numel.div_ceil(8) {
                 return Err(bad(format!(
                     "mask of {} bytes for {numel} weights",
                     mask.len()
                 )));
             }
-            let kept = (0..numel)
-                .filter(|i| mask[i / 8] >> (i % 8) & 1 == 1)
-                .count();
+            let present: Vec<bool> = (0..numel)
+                .map(|i| mask[i / 8] >> (i % 8) & 1 == 1)
+                .collect();
+            let kept = present.iter().filter(|p| **p).count();
             if kept != nonzero {
                 return Err(bad(format!(
                     "mask keeps {kept} weights, metadata says {nonzero}"
                 )));
             }
+            Some(present)
+        }
+        (None, Some(index), Some(nonzero)) => {
+            let (Some(bits @ 1..=8), Some(entries)) = (m.index_bits, m.index_entries) else {
+                return Err(bad(
+                    "`index` needs `index_bits` (1 to 8) and `index_entries`".into(),
+                ));
+            };
+            Some(index_positions(index, bits, entries, nonzero, numel).map_err(bad)?)
+        }
+    };
+    let codes = match (&present, m.nonzero) {
+        (Some(present), Some(nonzero)) => {
             let packed =
                 unpack_bits(codes_bytes, m.bits, nonzero).map_err(|e| bad(e.to_string()))?;
             let mut full = vec![0u8; numel];
             let mut next = packed.into_iter();
-            for (i, c) in full.iter_mut().enumerate() {
-                if mask[i / 8] >> (i % 8) & 1 == 1 {
-                    *c = next.next().unwrap_or(0);
-                }
+            for (c, _) in full.iter_mut().zip(present).filter(|(_, p)| **p) {
+                *c = next.next().unwrap_or(0);
             }
             full
         }
-        (Some(_), None) => return Err(bad("`mask` without `nonzero`".into())),
+        _ => unpack_bits(codes_bytes, m.bits, numel).map_err(|e| bad(e.to_string()))?,
     };
     let f32s = |b: Option<&[u8]>| -> Result<Vec<f32>> {
         b.map_or(Ok(vec![]), |b| {
@@ -691,11 +852,9 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
     params
         .dequantize(&codes, &mut values)
         .map_err(|e| bad(e.to_string()))?;
-    if let Some(mask) = mask {
-        for (i, v) in values.iter_mut().enumerate() {
-            if mask[i / 8] >> (i % 8) & 1 == 0 {
-                *v = 0.0;
-            }
+    if let Some(present) = present {
+        for (v, _) in values.iter_mut().zip(present).filter(|(_, p)| !*p) {
+            *v = 0.0;
         }
     }
     round_to_dtype(&mut values, m.dtype);
@@ -883,84 +1042,159 @@ mod tests {
     }
 
     #[test]
-    fn pruned_tensors_are_packed_with_a_mask_and_decode_bit_for_bit() {
+    fn pruned_tensors_are_packed_with_a_mask_or_relative_index_and_decode_bit_for_bit() {
         let dir = tempfile::tempdir().unwrap();
-        // 80% exact zeros, as after magnitude pruning.
-        let mut w = randn(16 * 64, 9);
-        for (i, v) in w.iter_mut().enumerate() {
-            if i % 5 != 0 {
-                *v = 0.0;
+        // Exact zeros, as after magnitude pruning. 80% zeros in gaps of 4: a 3-bit relative
+        // index (77 bytes) beats the mask (128). 60% zeros in gaps of 3 and 0: the mask does.
+        type Case = (&'static str, fn(usize) -> bool, usize);
+        let cases: [Case; 2] = [
+            ("qindex", |i| i % 5 == 0, 205),
+            ("qmask", |i| i % 5 == 0 || i % 5 == 4, 409),
+        ];
+        for (kind, keep, nonzero) in cases {
+            let mut w = randn(16 * 64, 9);
+            for (i, v) in w.iter_mut().enumerate() {
+                if !keep(i) {
+                    *v = 0.0;
+                }
+            }
+            let bytes = serialize(
+                &BTreeMap::new(),
+                &[(
+                    TensorSpec::new("fc.weight", Dtype::F32, vec![16, 64]),
+                    &encode_f32(&w)[..],
+                )],
+            )
+            .unwrap();
+            let path = dir.path().join("pruned.safetensors");
+            std::fs::write(&path, bytes).unwrap();
+            let input = SafetensorsFile::open(&path).unwrap();
+            let progress = |_: f64, _: &str| {};
+            let cancel = AtomicBool::new(false);
+            let ctx = Ctx::new(&progress, &cancel);
+            let selected = vec!["fc.weight".to_string()];
+            for method in methods() {
+                let mut out = [Vec::new(), Vec::new()];
+                let mut reports = Vec::new();
+                for (k, format) in [Format::Dequantized, Format::Packed]
+                    .into_iter()
+                    .enumerate()
+                {
+                    reports.push(
+                        quantize_file(
+                            &input,
+                            &selected,
+                            &method,
+                            1,
+                            format,
+                            &BTreeMap::new(),
+                            &mut out[k],
+                            &ctx,
+                        )
+                        .unwrap(),
+                    );
+                }
+                assert_eq!(reports[0], reports[1]);
+                let files: Vec<SafetensorsFile> = out
+                    .iter()
+                    .enumerate()
+                    .map(|(k, b)| {
+                        let p = dir.path().join(format!("{k}.safetensors"));
+                        std::fs::write(&p, b).unwrap();
+                        SafetensorsFile::open(&p).unwrap()
+                    })
+                    .collect();
+                let positions = files[1].get(&format!("fc.weight.{kind}")).unwrap();
+                let meta: QuantMeta =
+                    serde_json::from_str(&files[1].header().metadata[METADATA_KEY]).unwrap();
+                let m = &meta.tensors["fc.weight"];
+                assert_eq!(m.nonzero, Some(nonzero));
+                if kind == "qmask" {
+                    assert_eq!(positions.shape, [128]);
+                    assert_eq!(m.index, None);
+                } else {
+                    // One 3-bit entry per non-zero: gap 0 first, then gaps of 4.
+                    assert_eq!((m.index_bits, m.index_entries), (Some(3), Some(205)));
+                    assert_eq!(positions.shape, [(205 * 3usize).div_ceil(8)]);
+                    let gaps = unpack_bits(files[1].bytes(positions), 3, 205).unwrap();
+                    assert_eq!(gaps[..3], [0, 4, 4]);
+                    assert_eq!(m.mask, None);
+                }
+                let codes = files[1].get("fc.weight.qcodes").unwrap();
+                let bits = method.bits() as usize;
+                assert_eq!(codes.shape, [(nonzero * bits).div_ceil(8)], "{method:?}");
+                let dense = decode_packed(&files[0]).unwrap();
+                let packed = decode_packed(&files[1]).unwrap();
+                let a: Vec<u32> = dense[0].values.iter().map(|v| v.to_bits()).collect();
+                let b: Vec<u32> = packed[0].values.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(a, b, "{method:?}");
+                assert!(packed[0]
+                    .values
+                    .iter()
+                    .zip(&w)
+                    .all(|(q, x)| (*x == 0.0) == (*q == 0.0) || *x != 0.0));
+                let q_bytes: u64 = files[1]
+                    .header()
+                    .tensors
+                    .iter()
+                    .map(|t| t.nbytes() as u64)
+                    .sum();
+                assert_eq!(q_bytes, reports[1][0].packed_bytes, "{method:?}");
             }
         }
-        let bytes = serialize(
-            &BTreeMap::new(),
-            &[(
-                TensorSpec::new("fc.weight", Dtype::F32, vec![16, 64]),
-                &encode_f32(&w)[..],
-            )],
-        )
-        .unwrap();
-        let path = dir.path().join("pruned.safetensors");
-        std::fs::write(&path, bytes).unwrap();
-        let input = SafetensorsFile::open(&path).unwrap();
-        let progress = |_: f64, _: &str| {};
-        let cancel = AtomicBool::new(false);
-        let ctx = Ctx::new(&progress, &cancel);
-        let selected = vec!["fc.weight".to_string()];
-        for method in methods() {
-            let mut out = [Vec::new(), Vec::new()];
-            let mut reports = Vec::new();
-            for (k, format) in [Format::Dequantized, Format::Packed]
-                .into_iter()
-                .enumerate()
-            {
-                reports.push(
-                    quantize_file(
-                        &input,
-                        &selected,
-                        &method,
-                        1,
-                        format,
-                        &BTreeMap::new(),
-                        &mut out[k],
-                        &ctx,
-                    )
-                    .unwrap(),
-                );
-            }
-            assert_eq!(reports[0], reports[1]);
-            let files: Vec<SafetensorsFile> = out
-                .iter()
-                .enumerate()
-                .map(|(k, b)| {
-                    let p = dir.path().join(format!("{k}.safetensors"));
-                    std::fs::write(&p, b).unwrap();
-                    SafetensorsFile::open(&p).unwrap()
-                })
-                .collect();
-            let mask = files[1].get("fc.weight.qmask").unwrap();
-            assert_eq!(mask.shape, [128]);
-            let codes = files[1].get("fc.weight.qcodes").unwrap();
-            let bits = method.bits() as usize;
-            assert_eq!(codes.shape, [(205 * bits).div_ceil(8)], "{method:?}");
-            let dense = decode_packed(&files[0]).unwrap();
-            let packed = decode_packed(&files[1]).unwrap();
-            let a: Vec<u32> = dense[0].values.iter().map(|v| v.to_bits()).collect();
-            let b: Vec<u32> = packed[0].values.iter().map(|v| v.to_bits()).collect();
-            assert_eq!(a, b, "{method:?}");
-            assert!(packed[0]
-                .values
-                .iter()
-                .zip(&w)
-                .all(|(q, x)| (*x == 0.0) == (*q == 0.0) || *x != 0.0));
-            let q_bytes: u64 = files[1]
-                .header()
-                .tensors
-                .iter()
-                .map(|t| t.nbytes() as u64)
-                .sum();
-            assert_eq!(q_bytes, reports[1][0].packed_bytes, "{method:?}");
+    }
+
+    #[test]
+    fn relative_index_chooses_its_width_and_encodes_long_gaps_with_fillers() {
+        // Non-zeros at 0, 1, 40 and 300 of 400, 8-bit codes: gaps 0, 0, 38, 259.
+        let mut w = vec![0f32; 400];
+        for i in [0, 1, 40, 300] {
+            w[i] = 1.0;
         }
+        let p = Positions::choose(&w, 8);
+        // 3 bits (F = 7): 4 + 5 + 37 fillers = 46 entries, 18 bytes; 4 bits (F = 15):
+        // 4 + 2 + 17 = 23 entries, 12 bytes; 5 bits (F = 31): 4 + 1 + 8 = 13 entries, 9
+        // bytes; 6 bits: 4 + 0 + 4 = 8 entries, 6 bytes; 7 bits: 4 + 2 = 6 entries, 6 bytes
+        // (a tie: the narrower wins); 8 bits: 5 entries, 5 bytes. The mask takes 50.
+        assert_eq!(
+            p,
+            Positions::Index {
+                nonzero: 4,
+                bits: 8,
+                entries: 5
+            }
+        );
+        let bytes = p.encode(&w);
+        assert_eq!(bytes, [0, 0, 38, 255, 4]);
+        let present = index_positions(&bytes, 8, 5, 4, 400).unwrap();
+        let at: Vec<usize> = (0..400).filter(|&i| present[i]).collect();
+        assert_eq!(at, [0, 1, 40, 300]);
+        for bits in 1..=7u8 {
+            let full = (1usize << bits) - 1;
+            let entries = 4 + [0usize, 0, 38, 259].iter().map(|g| g / full).sum::<usize>();
+            let p = Positions::Index {
+                nonzero: 4,
+                bits,
+                entries,
+            };
+            let bytes = p.encode(&w);
+            assert_eq!(bytes.len(), (entries * bits as usize).div_ceil(8), "{bits}");
+            let present = index_positions(&bytes, bits, entries, 4, 400).unwrap();
+            assert_eq!((0..400).filter(|&i| present[i]).collect::<Vec<_>>(), at);
+        }
+        // Damaged indices are refused, not decoded past the tensor.
+        assert!(index_positions(&[0, 0, 38, 255, 200], 8, 5, 4, 400).is_err());
+        assert!(index_positions(&[0, 0, 38, 255, 4], 8, 5, 5, 400).is_err());
+        // All zeros or all non-zeros: nothing to locate or nothing to skip.
+        assert_eq!(
+            Positions::choose(&[0.0; 64], 4),
+            Positions::Index {
+                nonzero: 0,
+                bits: 1,
+                entries: 0
+            }
+        );
+        assert_eq!(Positions::choose(&[1.0; 64], 4), Positions::Dense);
     }
 
     #[test]
@@ -987,7 +1221,7 @@ mod tests {
         let meta: serde_json::Value =
             serde_json::from_str(h.metadata.get(METADATA_KEY).unwrap()).unwrap();
         assert_eq!(meta["format"], "whittle.packed");
-        assert_eq!(meta["version"], 1);
+        assert_eq!(meta["version"], 2);
         let t = &meta["tensors"]["fc2.weight"];
         assert_eq!(t["shape"], serde_json::json!([4, 2, 64]));
         assert_eq!(t["dtype"], "F32");

@@ -648,6 +648,18 @@ impl SafetensorsFile {
     }
 }
 
+/// The bytes of an F32 tensor as `&[f32]` without copying, when they are 4-byte aligned in
+/// the map (safetensors writers align them) and the machine is little-endian.
+pub fn f32_view(dtype: Dtype, bytes: &[u8]) -> Option<&[f32]> {
+    if dtype != Dtype::F32 || cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32, and `align_to` only reinterprets the
+    // aligned middle of the slice; we use it only when that middle is the whole slice.
+    let (head, mid, tail) = unsafe { bytes.align_to::<f32>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
+}
+
 /// Decodes little-endian float bytes of `dtype` into `f32`. Works on unaligned input.
 /// `name` only labels the error.
 pub fn decode_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
