@@ -26,6 +26,7 @@ pub mod prune;
 pub mod qcodec;
 pub mod quantize;
 pub mod select;
+pub mod sharing;
 pub mod structured;
 pub mod tensors;
 pub mod train;

@@ -1327,6 +1327,27 @@ fn kmeans_codebook(
     if data.is_empty() {
         return vec![0.0; clusters];
     }
+    // Weights that already take at most `free` distinct values (a network trained with
+    // shared weights, see `sharing`) are their own codebook, exactly; the unused entries
+    // repeat the largest value so the codebook stays sorted.
+    let mut distinct: Vec<f32> = Vec::with_capacity(free + 1);
+    for &v in &data {
+        if distinct.last() != Some(&v) {
+            distinct.push(v);
+            if distinct.len() > free {
+                break;
+            }
+        }
+    }
+    if distinct.len() <= free {
+        if pin_zero {
+            distinct.push(0.0);
+            distinct.sort_by(f32::total_cmp);
+        }
+        let last = distinct[distinct.len() - 1];
+        distinct.resize(clusters, last);
+        return distinct;
+    }
     let mut prefix = Vec::with_capacity(data.len() + 1);
     prefix.push(0f64);
     let mut acc = 0f64;

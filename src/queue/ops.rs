@@ -21,6 +21,7 @@ use crate::compress::model::{Model, NamedTensor, WeightTransform};
 use crate::compress::progress::Ctx;
 use crate::compress::prune::{self as cprune, Method as CMethod, Output, PruneTargets, Scope};
 use crate::compress::qcodec::{self, Method as QMethod};
+use crate::compress::sharing::SharedWeights;
 use crate::compress::tensors::SafetensorsFile;
 use crate::compress::train::{Checkpoint, EpochMetrics, TrainHooks};
 use crate::compress::{self, packed};
@@ -968,21 +969,30 @@ fn quantization_aware_training(
     let mut model = Model::from_safetensors(&arch, input)?;
     let method = *method;
     let selected_set: HashSet<String> = selected.iter().cloned().collect();
-    model.set_weight_transform(Some(WeightTransform(std::sync::Arc::new(
-        move |name: &str, w: &candle_core::Tensor| {
-            if !selected_set.contains(name) {
-                return Ok(None);
-            }
-            let shape = w.dims().to_vec();
-            let values = w.flatten_all()?.to_vec1::<f32>()?;
-            let (q, _) = qcodec::quantize_named(name, &values, &shape, &method, seed)?;
-            Ok(Some(candle_core::Tensor::from_vec(
-                q.dequantized,
-                shape,
-                w.device(),
-            )?))
-        },
-    ))));
+    // k-means: weights tied within their clusters (centroid fine-tuning); the others:
+    // fake-quantized forward with straight-through gradients.
+    let shared = if matches!(method, QMethod::Kmeans { .. }) {
+        Some(SharedWeights::new(&model, &selected_set, &method, seed)?)
+    } else {
+        model.set_weight_transform(Some(WeightTransform(std::sync::Arc::new(
+            move |name: &str, w: &candle_core::Tensor| {
+                if !selected_set.contains(name) {
+                    return Ok(None);
+                }
+                let shape = w.dims().to_vec();
+                let values = w.flatten_all()?.to_vec1::<f32>()?;
+                let (q, _) = qcodec::quantize_named(name, &values, &shape, &method, seed)?;
+                Ok(Some(candle_core::Tensor::from_vec(
+                    q.dequantized,
+                    shape,
+                    w.device(),
+                )?))
+            },
+        ))));
+        None
+    };
+    let tie =
+        |m: &Model| -> compress::Result<()> { shared.as_ref().map_or(Ok(()), |s| s.project(m)) };
     let params = env.datasets.training_params(qat, env.seed)?;
     let mut on_epoch = checkpointer(env.store, env.hooks, env.index, qat.epochs);
     let out = crate::compress::finetune::finetune(
@@ -992,6 +1002,7 @@ fn quantization_aware_training(
         TrainHooks {
             on_epoch: Some(&mut on_epoch),
             resume: resume_checkpoint(env)?,
+            after_step: shared.is_some().then_some(&tie as &_),
             ..Default::default()
         },
     )?;
@@ -1005,6 +1016,7 @@ fn quantization_aware_training(
             "epochs_run": out.history.len(),
             "final_train_loss": out.history.last().map(|h| h.train_loss),
             "final_val_accuracy": out.history.last().and_then(|h| h.val_accuracy),
+            "mode": if shared.is_some() { "shared_centroids" } else { "fake_quant_ste" },
         }),
     ))
 }

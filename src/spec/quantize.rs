@@ -545,13 +545,10 @@ pub fn parse(
     let qat = match object(obj, "qat", pointer, &mut errors) {
         None => None,
         Some(q) => {
-            if matches!(
-                qmethod,
-                QuantMethod::Gguf { .. } | QuantMethod::Kmeans { .. }
-            ) {
+            if matches!(qmethod, QuantMethod::Gguf { .. }) {
                 errors.push(FieldError::new(
                     format!("{pointer}/qat"),
-                    "QAT is available for uniform, log2 and nf4 (k-means codebooks are refit after training instead: run `finetune`, then `kmeans`)",
+                    "QAT is available for uniform, kmeans, log2 and nf4; for GGUF, train with `qat` on `uniform` at the same bits, then export",
                 ));
             }
             if let Some(f) = facts {

@@ -738,6 +738,70 @@ async fn quantization_aware_training_beats_post_training_quantization_at_low_bit
 }
 
 #[tokio::test]
+async fn kmeans_qat_fine_tunes_shared_centroids_and_keeps_pruned_weights_at_zero() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 4).await;
+    let (job, _) = run(
+        &t,
+        json!({"model_id": model, "steps": [{"op": "prune", "sparsity": 0.8}]}),
+    )
+    .await;
+    let pruned_id = job["result"]["model_id"].as_str().unwrap().to_string();
+    let pruned = t.get(&format!("/v1/models/{pruned_id}/content")).await.body;
+    let pruned = f32s(
+        &safetensors::SafeTensors::deserialize(&pruned).unwrap(),
+        "fc1.weight",
+    );
+    let quant = json!({"op": "quantize", "method": "kmeans", "clusters": 4, "format": "packed"});
+    let (_, ptq) = run(
+        &t,
+        json!({"model_id": pruned_id, "eval": {"dataset_id": data}, "steps": [quant]}),
+    )
+    .await;
+    let mut qat = quant.clone();
+    qat["qat"] = train(&data, 3);
+    let (job, m) = run(
+        &t,
+        json!({"model_id": pruned_id, "eval": {"dataset_id": data}, "steps": [qat]}),
+    )
+    .await;
+    let step = &m["steps"][0];
+    assert_eq!(step["qat"]["mode"], "shared_centroids", "{step}");
+    assert_eq!(step["epochs"].as_array().unwrap().len(), 3);
+    // Training kept every tensor on its shared values, so the final k-means is exact.
+    for layer in step["layers"].as_array().unwrap() {
+        assert_eq!(layer["mse"].as_f64(), Some(0.0), "{layer}");
+    }
+    let ptq_acc = ptq["final"]["accuracy"].as_f64().unwrap();
+    let qat_acc = m["final"]["accuracy"].as_f64().unwrap();
+    assert!(qat_acc > ptq_acc, "QAT {qat_acc} vs PTQ {ptq_acc}");
+    // At most 4 values (one of them the pinned 0) and every pruned weight still 0.
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let w = f32s(
+        &safetensors::SafeTensors::deserialize(&out).unwrap(),
+        "fc1.weight",
+    );
+    let mut levels: Vec<u32> = w.iter().map(|x| x.to_bits()).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    assert!(levels.len() <= 4 && levels.contains(&0), "{levels:?}");
+    assert!(pruned.iter().zip(&w).all(|(p, q)| *p != 0.0 || *q == 0.0));
+    // 80% zeros: the packed file locates the non-zeros by relative index, not a bitmask.
+    let packed = content(&t, &job, "packed").await;
+    let st = safetensors::SafeTensors::deserialize(&packed).unwrap();
+    let names = st.names();
+    assert!(names.iter().any(|n| *n == "fc1.weight.qindex"), "{names:?}");
+    assert!(!names.iter().any(|n| *n == "fc1.weight.qmask"), "{names:?}");
+}
+
+#[tokio::test]
 async fn distillation_trains_a_smaller_student_and_reports_the_baseline() {
     let t = TestApp::sqlite().await;
     let data = upload_dataset(&t, digits()).await;
