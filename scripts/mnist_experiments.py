@@ -184,12 +184,22 @@ def err(acc):
 HAN_KEPT = {"fc1.weight": 0.08, "fc2.weight": 0.09, "fc3.weight": 0.26}
 
 
-def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weight_decay=0.0):
+def optimizer(name, lr, weight_decay, momentum=0.9):
+    opt = {"name": name, "lr": lr, "weight_decay": weight_decay}
+    if name == "sgd":
+        opt["momentum"] = momentum
+    return opt
+
+
+def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weight_decay=0.0,
+               opt="adamw", kind="polynomial"):
     step = {"op": "prune", "method": "magnitude", "scope": scope,
-            "schedule": {"kind": "polynomial", "iterations": iterations, "power": 3,
+            "schedule": {"kind": kind, "iterations": iterations,
                          "finetune": {"dataset_id": train, "epochs": epochs_per_round, "batch_size": 128,
-                                      "optimizer": {"name": "adamw", "lr": lr, "weight_decay": weight_decay},
+                                      "optimizer": optimizer(opt, lr, weight_decay),
                                       "lr_schedule": {"kind": "cosine"}}}}
+    if kind == "polynomial":
+        step["schedule"]["power"] = 3
     if scope == "layer":
         step["sparsity"] = 0.92
         step["layers"] = {k: round(1 - v, 4) for k, v in HAN_KEPT.items()}
@@ -198,18 +208,27 @@ def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weig
     return step
 
 
+def base_lenet(args, train, test):
+    """The unpruned LeNet-300-100: `--base-id` (evaluated again), or trained now."""
+    if args.base_id:
+        _, m, _ = run_job(args.url, {"model_id": args.base_id, "steps": [{"op": "evaluate", "dataset_id": test, "batch_size": 1000}]})
+        return args.base_id, m["steps"][0]["summary"], 0.0
+    return pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
+
+
 def han(args):
     train, test = mnist(args)
-    if args.base_id:
-        base, base_s = args.base_id, 0.0
-        _, m, _ = run_job(args.url, {"model_id": base, "steps": [{"op": "evaluate", "dataset_id": test, "batch_size": 1000}]})
-        base_final = m["steps"][0]["summary"]
-    else:
-        base, base_final, base_s = pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
+    base, base_final, base_s = base_lenet(args, train, test)
+    steps = [prune_step(train, args.iterations, args.round_epochs, args.scope, args.retrain_lr, args.retrain_wd,
+                        args.retrain_optimizer)]
+    if args.final_epochs:
+        # One more round at the final sparsity (the mask does not change), retrained longer.
+        steps.append(prune_step(train, 1, args.final_epochs, args.scope, args.final_lr or args.retrain_lr,
+                                args.retrain_wd, args.retrain_optimizer, kind="constant"))
     job, m, seconds = run_job(args.url, {
-        "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
-        "steps": [prune_step(train, args.iterations, args.round_epochs, args.scope, args.retrain_lr, args.retrain_wd)]})
-    step = m["steps"][0]
+        "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": steps})
+    rounds = [r for s in m["steps"] for r in s["summary"]["iterations"]]
+    step = m["steps"][-1]
     layers = {l["tensor"]: round(1 - l["sparsity"], 4) for l in step["layers"]}
     total = sum(l["numel"] for l in step["layers"])
     nonzero = sum(l["nonzero"] for l in step["layers"])
@@ -219,27 +238,36 @@ def han(args):
             "paper": {"unpruned": 1.64, "pruned": 1.59, "kept": HAN_KEPT},
             "weights_kept": round(nonzero / total, 4), "compression_x": round(total / nonzero, 1),
             "kept_per_layer": layers, "scope": args.scope,
-            "rounds": [{k: r.get(k) for k in ("iteration", "target_sparsity", "sparsity", "accuracy_after_pruning", "accuracy_after_retraining")} for r in step["summary"]["iterations"]],
+            "rounds": [{k: r.get(k) for k in ("iteration", "target_sparsity", "sparsity", "accuracy_after_pruning", "accuracy_after_retraining")} for r in rounds],
             "pretrain_epochs": args.epochs, "iterations": args.iterations, "epochs_per_round": args.round_epochs,
-            "retrain_optimizer": {"name": "adamw", "lr": args.retrain_lr, "weight_decay": args.retrain_wd},
-            "seconds": {"pretrain": round(base_s, 1), "prune_job": round(seconds, 1)}, "job_id": job["id"]}
+            "final_epochs": args.final_epochs,
+            "retrain_optimizer": optimizer(args.retrain_optimizer, args.retrain_lr, args.retrain_wd),
+            "seconds": {"pretrain": round(base_s, 1), "prune_job": round(seconds, 1)}, "job_id": job["id"],
+            "pruned_model_id": job["result"]["model_id"], "unpruned_model_id": base}
 
 
 def deep(args):
     train, test = mnist(args)
-    base, base_final, _ = pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
+    base, base_final, _ = base_lenet(args, train, test)
     size_in = call(f"{args.url}/v1/models/{base}")["size_bytes"]
+    kmeans_step = {"op": "quantize", "method": "kmeans", "clusters": 32, "init": "linear", "format": "packed",
+                   "include": ["fc*.weight"]}
+    if args.qat_epochs:
+        # Deep Compression §3.3: fine-tune the shared centroids (pruned weights stay zero).
+        kmeans_step["qat"] = {"dataset_id": train, "epochs": args.qat_epochs, "batch_size": 128,
+                              "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0},
+                              "lr_schedule": {"kind": "cosine"}}
     job, m, seconds = run_job(args.url, {
         "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
-        "steps": [prune_step(train, args.iterations, args.round_epochs),
-                  {"op": "quantize", "method": "kmeans", "clusters": 32, "init": "linear", "format": "packed",
-                   "include": ["fc*.weight"]}]})
+        "steps": [prune_step(train, args.iterations, args.round_epochs, lr=args.retrain_lr, weight_decay=args.retrain_wd),
+                  kmeans_step]})
     final = m["final"]
     return {"experiment": "Deep Compression pipeline on MNIST LeNet-300-100: prune (iterative) -> kmeans-32 (5 bits), packed",
             "float_model_bytes": size_in, "float_test_error_percent": err(base_final["accuracy"]),
             "packed_bytes": final.get("packed_size_bytes"), "compression_x": round(size_in / final["packed_size_bytes"], 1),
             "test_error_percent": err(final["accuracy"]),
             "paper": {"float_kb": 1070, "compressed_kb": 27, "x": 40, "x_without_huffman": "~32", "error_percent": 1.58},
+            "centroid_finetune_epochs": args.qat_epochs,
             "steps": [{"op": s["op"], "summary": {k: v for k, v in s["summary"].items() if k != "iterations"}} for s in m["steps"]],
             "seconds": round(seconds, 1), "job_id": job["id"]}
 
@@ -352,14 +380,19 @@ def main():
     ap.add_argument("--iterations", type=int, default=5, help="pruning rounds")
     ap.add_argument("--round-epochs", type=int, default=3, help="retraining epochs per pruning round")
     ap.add_argument("--scope", choices=["layer", "global"], default="layer")
-    ap.add_argument("--retrain-lr", type=float, default=5e-4, help="AdamW learning rate of the retraining rounds")
-    ap.add_argument("--retrain-wd", type=float, default=0.0, help="AdamW weight decay of the retraining rounds")
-    ap.add_argument("--qat-epochs", type=int, default=3)
+    ap.add_argument("--retrain-lr", type=float, default=5e-4, help="learning rate of the retraining rounds")
+    ap.add_argument("--retrain-wd", type=float, default=0.0, help="weight decay of the retraining rounds")
+    ap.add_argument("--retrain-optimizer", choices=["adamw", "sgd"], default="adamw",
+                    help="optimizer of the retraining rounds (sgd: momentum 0.9)")
+    ap.add_argument("--final-epochs", type=int, default=0,
+                    help="han: one more retraining round at the final sparsity, this many epochs")
+    ap.add_argument("--final-lr", type=float, help="han: learning rate of that round (default: --retrain-lr)")
+    ap.add_argument("--qat-epochs", type=int, default=3, help="quant: QAT epochs; deep: centroid fine-tuning epochs (0: none)")
     ap.add_argument("--teacher-epochs", type=int, default=20)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1, 4, 8, 20])
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--teacher-id", help="reuse a trained teacher (hinton)")
-    ap.add_argument("--base-id", help="reuse a trained LeNet-300-100 (han)")
+    ap.add_argument("--base-id", help="reuse a trained LeNet-300-100 (han, deep)")
     ap.add_argument("--transfer-samples", type=int, default=0, help="distil on the first N training samples only (hinton)")
     ap.add_argument("--students", default="800x800,30x30", help="student hidden widths (hinton)")
     args = ap.parse_args()
