@@ -686,62 +686,54 @@ fn quantize_rows(
     out: &mut Vec<u8>,
 ) -> Result<ErrorStats> {
     use candle_core::quantized::k_quants as k;
-    let rows = Rows {
-        name,
-        dtype,
-        bytes,
-        row,
+    let quantize = match ty {
+        GgufType::Q8_0 => quantize_rows_as::<k::BlockQ8_0>,
+        GgufType::Q4_0 => quantize_rows_as::<k::BlockQ4_0>,
+        GgufType::Q4_1 => quantize_rows_as::<k::BlockQ4_1>,
+        GgufType::Q5_0 => quantize_rows_as::<k::BlockQ5_0>,
+        GgufType::Q5_1 => quantize_rows_as::<k::BlockQ5_1>,
+        GgufType::Q2K => quantize_rows_as::<k::BlockQ2K>,
+        GgufType::Q3K => quantize_rows_as::<k::BlockQ3K>,
+        GgufType::Q4K => quantize_rows_as::<k::BlockQ4K>,
+        GgufType::Q5K => quantize_rows_as::<k::BlockQ5K>,
+        GgufType::Q6K => quantize_rows_as::<k::BlockQ6K>,
     };
-    match ty {
-        GgufType::Q8_0 => rows.quantize::<k::BlockQ8_0>(out),
-        GgufType::Q4_0 => rows.quantize::<k::BlockQ4_0>(out),
-        GgufType::Q4_1 => rows.quantize::<k::BlockQ4_1>(out),
-        GgufType::Q5_0 => rows.quantize::<k::BlockQ5_0>(out),
-        GgufType::Q5_1 => rows.quantize::<k::BlockQ5_1>(out),
-        GgufType::Q2K => rows.quantize::<k::BlockQ2K>(out),
-        GgufType::Q3K => rows.quantize::<k::BlockQ3K>(out),
-        GgufType::Q4K => rows.quantize::<k::BlockQ4K>(out),
-        GgufType::Q5K => rows.quantize::<k::BlockQ5K>(out),
-        GgufType::Q6K => rows.quantize::<k::BlockQ6K>(out),
-    }
+    quantize(name, dtype, bytes, row, out)
 }
 
-/// Whole rows of one tensor's raw data.
-struct Rows<'a> {
-    name: &'a str,
+/// [`quantize_rows`] for one block type `B`.
+fn quantize_rows_as<B: GgmlType>(
+    name: &str,
     dtype: Dtype,
-    bytes: &'a [u8],
+    bytes: &[u8],
     row: usize,
-}
-
-impl Rows<'_> {
-    fn quantize<B: GgmlType>(&self, out: &mut Vec<u8>) -> Result<ErrorStats> {
-        out.clear();
-        let mut stats = ErrorStats::default();
-        let row_bytes = self.row * self.dtype.size_in_bytes();
-        let piece_rows = (PIECE_ELEMS / self.row).max(1);
-        let (mut blocks, mut back) = (Vec::<B>::new(), Vec::<f32>::new());
-        for piece in self.bytes.chunks(piece_rows * row_bytes) {
-            let owned;
-            let values = match f32_view(self.dtype, piece) {
-                Some(v) => v,
-                None => {
-                    owned = decode_f32(self.name, self.dtype, piece)?;
-                    &owned[..]
-                }
-            };
-            // `check_gguf` made every row a whole number of blocks.
-            debug_assert_eq!(values.len() % B::BLCK_SIZE, 0);
-            blocks.clear();
-            blocks.resize(values.len() / B::BLCK_SIZE, B::zeros());
-            B::from_float(values, &mut blocks);
-            back.resize(values.len(), 0.0);
-            B::to_float(&blocks, &mut back);
-            add_errors(&mut stats, values, &back);
-            out.extend_from_slice(block_bytes(&blocks));
-        }
-        Ok(stats)
+    out: &mut Vec<u8>,
+) -> Result<ErrorStats> {
+    out.clear();
+    let mut stats = ErrorStats::default();
+    let row_bytes = row * dtype.size_in_bytes();
+    let piece_rows = (PIECE_ELEMS / row).max(1);
+    let (mut blocks, mut back) = (Vec::<B>::new(), Vec::<f32>::new());
+    for piece in bytes.chunks(piece_rows * row_bytes) {
+        let owned;
+        let values = match f32_view(dtype, piece) {
+            Some(v) => v,
+            None => {
+                owned = decode_f32(name, dtype, piece)?;
+                &owned[..]
+            }
+        };
+        // `check_gguf` made every row a whole number of blocks.
+        debug_assert_eq!(values.len() % B::BLCK_SIZE, 0);
+        blocks.clear();
+        blocks.resize(values.len() / B::BLCK_SIZE, B::zeros());
+        B::from_float(values, &mut blocks);
+        back.resize(values.len(), 0.0);
+        B::to_float(&blocks, &mut back);
+        add_errors(&mut stats, values, &back);
+        out.extend_from_slice(block_bytes(&blocks));
     }
+    Ok(stats)
 }
 
 /// The bytes of ggml blocks as GGUF stores them.

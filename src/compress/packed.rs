@@ -306,7 +306,9 @@ pub fn quantize_file(
     method.validate()?;
     let tensors = &input.header().tensors;
     let selected: HashSet<&str> = selected.iter().map(String::as_str).collect();
-    let mut layouts: Vec<Option<Layout>> = Vec::with_capacity(tensors.len());
+    // Per tensor: its layout and where its codes sit (decided once, used for the header,
+    // the data and the reports alike).
+    let mut layouts: Vec<Option<(Layout, Positions)>> = Vec::with_capacity(tensors.len());
     for t in tensors {
         let quantize = selected.contains(t.name.as_str()) && t.dtype.is_float() && t.numel() > 0;
         if !quantize {
@@ -320,7 +322,12 @@ pub fn quantize_file(
                 expected: "F16, BF16, F32 or F64 for integer or codebook quantization".into(),
             });
         }
-        layouts.push(Some(method.layout(&t.name, &t.shape)?));
+        let layout = method.layout(&t.name, &t.shape)?;
+        let positions = match f32_view(t.dtype, input.bytes(t)) {
+            Some(v) => Positions::choose(v, layout.bits),
+            None => Positions::choose(&input.to_f32(t)?, layout.bits),
+        };
+        layouts.push(Some((layout, positions)));
     }
 
     let mut parts: Vec<(usize, Part)> = Vec::new();
@@ -340,12 +347,9 @@ pub fn quantize_file(
                 specs.push(TensorSpec::new(t.name.clone(), t.dtype, t.shape.clone()));
                 parts.push((i, Part::Dense));
             }
-            (Some(l), Format::Packed) => {
+            (Some((l, positions)), Format::Packed) => {
+                let positions = *positions;
                 let mut m = TensorMeta::new(&t.name, method, l, &t.shape, t.dtype);
-                let positions = match f32_view(t.dtype, input.bytes(t)) {
-                    Some(v) => Positions::choose(v, l.bits),
-                    None => Positions::choose(&input.to_f32(t)?, l.bits),
-                };
                 let code_bytes = (positions.codes(l.numel) * l.bits as usize).div_ceil(8);
                 specs.push(TensorSpec::new(
                     m.codes.clone(),
@@ -370,37 +374,38 @@ pub fn quantize_file(
                         m.index_entries = Some(entries);
                     }
                 }
-                if let Some(name) = m.mask.as_ref().or(m.index.as_ref()) {
-                    specs.push(TensorSpec::new(
-                        name.clone(),
+                // The decoding tensors, in the documented order.
+                let companions = [
+                    (
+                        m.mask.as_ref().or(m.index.as_ref()),
                         Dtype::U8,
                         vec![positions.bytes(l.numel)],
-                    ));
-                    parts.push((i, Part::Positions));
-                }
-                if let Some(name) = &m.scale {
-                    specs.push(TensorSpec::new(
-                        name.clone(),
+                        Part::Positions,
+                    ),
+                    (
+                        m.scale.as_ref(),
                         Dtype::F32,
                         l.scale_shape.clone(),
-                    ));
-                    parts.push((i, Part::Scale));
-                }
-                if let Some(name) = &m.zero_point {
-                    specs.push(TensorSpec::new(
-                        name.clone(),
+                        Part::Scale,
+                    ),
+                    (
+                        m.zero_point.as_ref(),
                         Dtype::U8,
                         l.scale_shape.clone(),
-                    ));
-                    parts.push((i, Part::Zero));
-                }
-                if let Some(name) = &m.codebook {
-                    specs.push(TensorSpec::new(
-                        name.clone(),
+                        Part::Zero,
+                    ),
+                    (
+                        m.codebook.as_ref(),
                         Dtype::F32,
                         vec![l.codebook_len],
-                    ));
-                    parts.push((i, Part::Codebook));
+                        Part::Codebook,
+                    ),
+                ];
+                for (name, dtype, shape, part) in companions {
+                    if let Some(name) = name {
+                        specs.push(TensorSpec::new(name.clone(), dtype, shape));
+                        parts.push((i, part));
+                    }
                 }
                 meta.tensors.insert(t.name.clone(), m);
             }
@@ -424,9 +429,10 @@ pub fn quantize_file(
             Part::Raw => w.write_all(input.bytes(info))?,
             Part::Dense | Part::Codes => {
                 ctx.check()?;
-                let layout = layouts[i]
+                let (layout, positions) = layouts[i]
                     .as_ref()
                     .ok_or_else(|| Error::Internal(format!("{:?}: no layout", info.name)))?;
+                let positions = *positions;
                 let owned;
                 let values: &[f32] = match f32_view(info.dtype, input.bytes(info)) {
                     Some(v) => v,
@@ -449,9 +455,6 @@ pub fn quantize_file(
                 if round_to_dtype(&mut q.dequantized, info.dtype) {
                     stats = error_stats(values, &q.dequantized);
                 }
-                // The same choice as when the header was planned, in both formats, so the
-                // reports agree.
-                let positions = Positions::choose(values, layout.bits);
                 let packed = (layout.packed_bytes() - layout.code_bytes()
                     + (positions.codes(layout.numel) * layout.bits as usize).div_ceil(8)
                     + positions.bytes(layout.numel)) as u64;
