@@ -35,6 +35,7 @@ use std::str::FromStr;
 
 use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::GgmlDType;
+use half::f16;
 use serde::Serialize;
 
 use super::progress::Ctx;
@@ -688,7 +689,7 @@ fn quantize_rows(
     use candle_core::quantized::k_quants as k;
     let quantize = match ty {
         GgufType::Q8_0 => quantize_rows_as::<k::BlockQ8_0>,
-        GgufType::Q4_0 => quantize_rows_as::<k::BlockQ4_0>,
+        GgufType::Q4_0 => quantize_rows_q4_0,
         GgufType::Q4_1 => quantize_rows_as::<k::BlockQ4_1>,
         GgufType::Q5_0 => quantize_rows_as::<k::BlockQ5_0>,
         GgufType::Q5_1 => quantize_rows_as::<k::BlockQ5_1>,
@@ -734,6 +735,107 @@ fn quantize_rows_as<B: GgmlType>(
         out.extend_from_slice(block_bytes(&blocks));
     }
     Ok(stats)
+}
+
+/// q4_0 written here instead of by candle's `BlockQ4_0::from_float`: the same arithmetic, so
+/// the same bytes (tested against candle), but without the branch per value in the search for
+/// the largest magnitude, so it vectorises; and the error statistics come from the codes while
+/// the block is still in registers instead of from a second pass that decodes every block.
+/// q4_0 is the type most often asked for, and this is what made it faster than llama.cpp's
+/// `llama-quantize` rather than 23% slower (CHANGELOG).
+fn quantize_rows_q4_0(
+    name: &str,
+    dtype: Dtype,
+    bytes: &[u8],
+    _row: usize,
+    out: &mut Vec<u8>,
+) -> Result<ErrorStats> {
+    out.clear();
+    let mut stats = ErrorStats::default();
+    // Rows are whole blocks (`check_gguf`) and PIECE_ELEMS is a multiple of the block size, so
+    // pieces hold whole blocks.
+    for piece in bytes.chunks(PIECE_ELEMS * dtype.size_in_bytes()) {
+        let owned;
+        let values = match f32_view(dtype, piece) {
+            Some(v) => v,
+            None => {
+                owned = decode_f32(name, dtype, piece)?;
+                &owned[..]
+            }
+        };
+        debug_assert_eq!(values.len() % Q4_0_BLOCK, 0);
+        let start = out.len();
+        out.resize(start + values.len() / Q4_0_BLOCK * Q4_0_BYTES, 0);
+        let (mut signal, mut noise, mut max) = (0f64, 0f64, stats.max_abs as f32);
+        let blocks = out[start..].chunks_exact_mut(Q4_0_BYTES);
+        for (xs, block) in values.chunks_exact(Q4_0_BLOCK).zip(blocks) {
+            let (s, n, m) = q4_0_block(xs.try_into().unwrap(), block.try_into().unwrap());
+            signal += f64::from(s);
+            noise += f64::from(n);
+            max = max.max(m);
+        }
+        stats.signal += signal;
+        stats.noise += noise;
+        stats.max_abs = f64::from(max);
+        stats.count += values.len() as u64;
+    }
+    Ok(stats)
+}
+
+const Q4_0_BLOCK: usize = 32;
+const Q4_0_BYTES: usize = 18;
+
+/// One q4_0 block (f16 scale `d`, then 16 bytes of 4-bit codes, value j in the low nibble of
+/// byte j and value j + 16 in its high nibble); returns Σx², Σ(x − x̂)² and max |x − x̂| of the
+/// block, x̂ being candle's decoding `(q − 8)·d`. Per-block sums of 32 squares in f32 are off by
+/// at most a few parts in 10⁷, which a diagnostic can bear; |x − x̂| itself is exact (x̂ is
+/// within a factor of two of x or zero, so the subtraction is exact).
+#[inline]
+fn q4_0_block(xs: &[f32; Q4_0_BLOCK], out: &mut [u8; Q4_0_BYTES]) -> (f32, f32, f32) {
+    const LANES: usize = 8;
+    let mut lanes = [0f32; LANES];
+    for chunk in xs.chunks_exact(LANES) {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            let a = x.abs();
+            *m = if a > *m { a } else { *m };
+        }
+    }
+    let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
+    // candle (and ggml) keep the first value of the largest magnitude, with its sign, and 0.0
+    // when there is none above zero.
+    let max = if amax > 0.0 {
+        xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
+    } else {
+        0.0
+    };
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let d16 = f16::from_f32(d);
+    out[..2].copy_from_slice(&d16.to_le_bytes());
+    let mut codes = [0u8; Q4_0_BLOCK];
+    for (q, &x) in codes.iter_mut().zip(xs) {
+        *q = u8::min(15, (x * id + 8.5) as u8);
+    }
+    let (lo, hi) = codes.split_at(Q4_0_BLOCK / 2);
+    for ((b, &l), &h) in out[2..].iter_mut().zip(lo).zip(hi) {
+        *b = l | (h << 4);
+    }
+    let dd = d16.to_f32();
+    let (mut signal, mut noise, mut max_err) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+    for (xc, qc) in xs.chunks_exact(LANES).zip(codes.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            let e = xc[i] - (f32::from(qc[i]) - 8.0) * dd;
+            signal[i] += xc[i] * xc[i];
+            noise[i] += e * e;
+            let a = e.abs();
+            max_err[i] = if a > max_err[i] { a } else { max_err[i] };
+        }
+    }
+    (
+        signal.iter().sum(),
+        noise.iter().sum(),
+        max_err.iter().fold(0f32, |m, &a| m.max(a)),
+    )
 }
 
 /// The bytes of ggml blocks as GGUF stores them.
@@ -1006,9 +1108,11 @@ mod tests {
             );
             assert_eq!(r.shape, [64, 512]);
             assert_eq!(r.max_abs_error, stats.max_abs, "{ty}");
-            assert!((r.mse - stats.mse()).abs() <= 1e-9 * stats.mse(), "{ty}");
+            // q4_0 sums each block's squares in f32 (`q4_0_block`).
+            let tol = if ty == GgufType::Q4_0 { 1e-6 } else { 1e-9 };
+            assert!((r.mse - stats.mse()).abs() <= tol * stats.mse(), "{ty}");
             let sqnr = r.sqnr_db.unwrap();
-            assert!((sqnr - stats.sqnr_db().unwrap()).abs() < 1e-9, "{ty}");
+            assert!((sqnr - stats.sqnr_db().unwrap()).abs() < 10.0 * tol, "{ty}");
             assert_eq!(
                 r.bytes,
                 (64 * 512 / ty.block_size() * ty.block_bytes()) as u64
@@ -1135,6 +1239,58 @@ mod tests {
                 );
                 assert_eq!(r[0].bytes as usize, expected.len());
             }
+        }
+    }
+
+    #[test]
+    fn own_q4_0_gives_candles_bytes_on_awkward_blocks_and_the_error_of_its_decoding() {
+        use candle_core::quantized::k_quants::BlockQ4_0;
+        let candle = |w: &[f32]| {
+            let mut blocks = vec![BlockQ4_0::zeros(); w.len() / 32];
+            BlockQ4_0::from_float(w, &mut blocks);
+            let mut back = vec![0f32; w.len()];
+            BlockQ4_0::to_float(&blocks, &mut back);
+            let mut stats = ErrorStats::default();
+            for (&a, &b) in w.iter().zip(&back) {
+                stats.add(a, b);
+            }
+            (block_bytes(&blocks).to_vec(), stats)
+        };
+        let ours = |w: &[f32]| {
+            let mut out = Vec::new();
+            let stats = quantize_rows_q4_0("w", Dtype::F32, &f32_bytes(w), 32, &mut out).unwrap();
+            (out, stats)
+        };
+        // Blocks of random values whose first four are replaced by awkward ones.
+        let awkward: [[f32; 4]; 7] = [
+            [1.0, -1.0, 1.0, -1.0],  // equal magnitudes: the first one's sign wins
+            [-1.0, 1.0, 0.5, -0.25], // the largest magnitude is negative
+            [1e-40, -3e-40, 2e-41, 0.0],
+            [3.0, 3.0, -3.0, 0.0],
+            [0.1, 0.1, 0.1, 0.1],
+            [f32::NAN, 1.0, -2.0, 0.0],
+            [1e6, -1.0, 0.5, 2.0], // d overflows f16
+        ];
+        let mut w = randn(32 * (64 + awkward.len()), 9);
+        for (b, vals) in awkward.iter().enumerate() {
+            w[b * 32..b * 32 + 4].copy_from_slice(vals);
+        }
+        // Blocks of zeros, with and without signs: d is -0.0, as candle writes it.
+        w.extend([0.0; 32]);
+        w.extend((0..32).map(|i| if i % 3 == 0 { -0.0 } else { 0.0 }));
+        assert_eq!(ours(&w).0, candle(&w).0);
+        // The statistics, on the blocks whose error is finite.
+        let finite = &w[..5 * 32]
+            .iter()
+            .chain(&w[7 * 32..])
+            .copied()
+            .collect::<Vec<_>>();
+        let (_, got) = ours(finite);
+        let (_, want) = candle(finite);
+        assert_eq!(got.count, want.count);
+        assert_eq!(got.max_abs.to_bits(), want.max_abs.to_bits());
+        for (g, e) in [(got.signal, want.signal), (got.noise, want.noise)] {
+            assert!((g - e).abs() <= 1e-6 * e, "{g} vs {e}");
         }
     }
 
