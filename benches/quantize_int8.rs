@@ -154,6 +154,7 @@ fn file_to_file(values: &[f32], rows: usize, cols: usize, repeat: usize) {
             &file,
             &names,
             &method,
+            &Default::default(),
             0,
             Format::Packed,
             &BTreeMap::new(),

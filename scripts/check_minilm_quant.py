@@ -7,10 +7,13 @@
   python3 scripts/check_minilm_quant.py [--url http://127.0.0.1:8080]
 
 For each quantization job (int8 per-channel, int4 group-64 plain round-to-nearest, int4
-group-64 with the error-minimising clipping search, symmetric and affine, kmeans-16, nf4) it
-downloads the dequantized output, runs the model in PyTorch/transformers (mean pooling + L2
-normalisation, as sentence-transformers does) on 24 sentences and reports the cosine
-similarity of each sentence's embedding to the float model's (min and mean). The int8 packed
+group-64 with the error-minimising clipping search, plain or weighted by per-column importance,
+symmetric and affine, kmeans-16, nf4) it downloads the dequantized output, runs the model in
+PyTorch/transformers (mean pooling + L2 normalisation, as sentence-transformers does) on 24
+sentences (set A) and 40 held-out ones (set B) and reports the cosine similarity of each
+sentence's embedding to the float model's (min and mean). The importance weights (mean square of
+each linear layer's input features) come from 16 other calibration sentences run here in
+PyTorch and are uploaded as a safetensors model (`importance.model_id`). The int8 packed
 artifact is also checked code-for-code against torch.quantize_per_channel
 (scripts/check_int8_vs_torch.py).
 """
@@ -45,6 +48,33 @@ SENTENCES = [
 ]
 
 
+# A second, held-out set: the worst sentence of 24 is one sentence, so both sets are reported.
+SENTENCES_B = ["I forgot my umbrella at the office.", "The river flooded the village last night.", "Can you recommend a good book about history?",
+ "The team celebrated their victory with a parade.", "My laptop battery drains too quickly.", "A young boy is flying a kite on the beach.",
+ "The price of gasoline went up again.", "The doctor advised him to get more sleep.", "Birds migrate south for the winter.",
+ "The orchestra performed Beethoven's ninth symphony.", "Please turn off the lights when you leave.", "The startup raised ten million dollars in funding.",
+ "An elderly woman is knitting a scarf.", "The bridge was closed for repairs.", "Two kids are building a sandcastle.",
+ "The password must contain at least eight characters.", "He apologized for being late to the meeting.", "The bakery sells fresh bread every morning.",
+ "Volcanoes can erupt without much warning.", "The students are preparing for their final exams.", "A chef is slicing onions in the kitchen.",
+ "The invoice is attached to this email.", "Electric cars are becoming more affordable.", "The cat knocked a glass off the table.",
+ "We watched the sunset from the hilltop.", "The new law takes effect in January.", "A man is playing a guitar on stage.",
+ "The server crashed during the update.", "She adopted a puppy from the shelter.", "The hikers reached the summit before noon.",
+ "Interest rates are expected to rise.", "The painting was sold at auction for a record price.", "A woman is slicing a tomato.",
+ "The train station is crowded during rush hour.", "He scored the winning goal in the final minute.", "The baby is sleeping peacefully.",
+ "Our internet connection keeps dropping.", "The garden is full of blooming roses.", "They signed the contract yesterday afternoon.",
+ "A group of people are dancing at a wedding."]
+
+# Calibration text for the importance weights (disjoint from both evaluation sets).
+CALIBRATION = ["The quick brown fox jumps over the lazy dog.", "It was the best of times, it was the worst of times.",
+       "Machine learning models are trained on large datasets.", "He went to the market to buy apples and oranges.",
+       "The conference will be held in Berlin next spring.", "Please remember to water the plants while I am away.",
+       "The committee rejected the proposal after a long debate.", "Children were playing football in the park.",
+       "The recipe calls for two cups of flour and one egg.", "Scientists discovered a new species of frog in the rainforest.",
+       "Traffic was heavy on the highway this morning.", "She wrote a letter to her grandmother.",
+       "The museum displays paintings from the Renaissance.", "Our flight was cancelled because of the storm.",
+       "Astronomers observed a distant galaxy with the telescope.", "The software update fixed several security bugs."]
+
+
 def call(url, method="GET", body=None, content_type="application/json", raw=False):
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"content-type": content_type})
@@ -66,14 +96,46 @@ def run_job(url, spec):
     return job
 
 
-def embed(model_dir, tok):
+def embed(model_dir, tok, sentences=SENTENCES):
     model = BertModel.from_pretrained(model_dir).eval()
-    enc = tok(SENTENCES, padding=True, truncation=True, return_tensors="pt")
+    enc = tok(sentences, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         out = model(**enc).last_hidden_state
     mask = enc["attention_mask"].unsqueeze(-1).float()
     emb = (out * mask).sum(1) / mask.sum(1)
     return torch.nn.functional.normalize(emb, dim=1)
+
+
+def importance_file(model_dir, tok, path):
+    """Per-column importance of every linear layer's weight: the mean square of the input
+    feature the column multiplies, over the real tokens of the calibration sentences
+    (llama.cpp's importance matrix). Saved as safetensors named like the weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    model = BertModel.from_pretrained(model_dir).eval()
+    enc = tok(CALIBRATION, padding=True, truncation=True, return_tensors="pt")
+    keep = enc["attention_mask"].reshape(-1).bool()
+    stats, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            def hook(mod, inputs, output, name=name):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                if x.shape[0] != keep.shape[0]:
+                    return  # the pooler (first token only), which sentence embeddings do not use
+                x = x[keep]
+                stats[name + ".weight"] = (x * x).mean(0).contiguous()
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(**enc)
+    for h in hooks:
+        h.remove()
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    missing = [k for k in stats if k not in names]
+    if missing:
+        sys.exit(f"importance names not in the model file: {missing[:3]}")
+    save_file(stats, path)
+    return len(stats)
 
 
 def main():
@@ -85,13 +147,22 @@ def main():
     model = call(f"{args.url}/v1/models?name=all-MiniLM-L6-v2", "POST", raw, "application/octet-stream")
     tok = AutoTokenizer.from_pretrained(ROOT)
     reference = embed(ROOT, tok)
+    reference_b = embed(ROOT, tok, SENTENCES_B)
+    tmp = tempfile.mkdtemp()
+    imp_path = os.path.join(tmp, "importance.safetensors")
+    n_imp = importance_file(ROOT, tok, imp_path)
+    imp = call(f"{args.url}/v1/models?name=all-MiniLM-L6-v2-importance", "POST", open(imp_path, "rb").read(),
+               "application/octet-stream")
+    importance = {"model_id": imp["id"]}
     pair = float(reference[0] @ reference[1])
     cases = {
         "int8 per-channel (packed)": {"method": "uniform", "bits": 8, "granularity": "per_channel", "format": "packed"},
         "int4 group-64 symmetric RTN": {"method": "uniform", "bits": 4, "granularity": "per_group", "group_size": 64},
         "int4 group-64 symmetric + clipping search": {"method": "uniform", "bits": 4, "granularity": "per_group", "group_size": 64, "search": True},
+        "int4 group-64 symmetric + importance-weighted search": {"method": "uniform", "bits": 4, "granularity": "per_group", "group_size": 64, "importance": importance},
         "int4 group-64 affine RTN": {"method": "uniform", "bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64},
         "int4 group-64 affine + clipping search": {"method": "uniform", "bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64, "search": True},
+        "int4 group-64 affine + importance-weighted search": {"method": "uniform", "bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64, "importance": importance},
         "nf4 group-64": {"method": "nf4", "group_size": 64},
         "kmeans 16 clusters (4 bits, per tensor)": {"method": "kmeans", "clusters": 16, "init": "linear"},
         "int4 group-64 symmetric RTN, embeddings float": {"method": "uniform", "bits": 4, "granularity": "per_group", "group_size": 64, "exclude": ["embeddings.*"]},
@@ -99,9 +170,9 @@ def main():
         "int4 group-64 affine + search, embeddings float": {"method": "uniform", "bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64, "search": True, "exclude": ["embeddings.*"]},
         "nf4 group-64, embeddings float": {"method": "nf4", "group_size": 64, "exclude": ["embeddings.*"]},
     }
-    report = {"model": "all-MiniLM-L6-v2", "sentences": len(SENTENCES),
+    report = {"model": "all-MiniLM-L6-v2", "sentences": len(SENTENCES), "sentences_b": len(SENTENCES_B),
+              "importance": {"calibration_sentences": len(CALIBRATION), "tensors": n_imp},
               "float_cos(eating food, piece of bread)": round(pair, 4), "results": {}}
-    tmp = tempfile.mkdtemp()
     try:
         for label, step in cases.items():
             if args.only and args.only not in label:
@@ -117,8 +188,10 @@ def main():
                 f.write(call(f"{args.url}/v1/models/{job['result']['model_id']}/content", raw=True))
             e = embed(d, tok)
             cos = (e * reference).sum(1)
+            cos_b = (embed(d, tok, SENTENCES_B) * reference_b).sum(1)
             m = call(f"{args.url}/v1/jobs/{job['id']}/metrics")
             r = {"min_cosine": round(float(cos.min()), 5), "mean_cosine": round(float(cos.mean()), 5),
+                 "min_cosine_b": round(float(cos_b.min()), 5), "mean_cosine_b": round(float(cos_b.mean()), 5),
                  "cos(eating food, piece of bread)": round(float(e[0] @ e[1]), 4),
                  "bits_per_weight": round(m["steps"][0]["summary"]["bits_per_weight"], 3), "job_seconds": round(seconds, 1)}
             if step.get("format") == "packed":

@@ -68,8 +68,8 @@ use serde::{Deserialize, Serialize};
 use super::model::NamedTensor;
 use super::progress::Ctx;
 use super::qcodec::{
-    error_stats, quantize_codes_only, quantize_named, Granularity, KmeansInit, Layout, Method,
-    Params, Quantized, Scheme,
+    check_importance, error_stats, quantize_codes_only, quantize_named, Granularity, Importance,
+    KmeansInit, Layout, Method, Params, Quantized, Scheme,
 };
 use super::tensors::{
     encode_as, encode_f32, f32_view, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
@@ -288,7 +288,8 @@ enum Part {
 
 /// Quantizes the float tensors named in `selected` with `method` and writes them in
 /// `format` to `out` (other tensors, and selected tensors that are not floating-point or
-/// are empty, are copied unchanged), tensor by tensor. `metadata` is the caller's metadata
+/// are empty, are copied unchanged), tensor by tensor; `importance` weights the search of
+/// the tensors it names ([`check_importance`]). `metadata` is the caller's metadata
 /// (provenance); the packed format adds [`METADATA_KEY`]. `seed` drives `kmeans++`
 /// (mixed with each tensor's index). Every tensor is checked against the method before the
 /// first byte is written. Returns one report per quantized tensor, in file order.
@@ -297,6 +298,7 @@ pub fn quantize_file(
     input: &SafetensorsFile,
     selected: &[String],
     method: &Method,
+    importance: &Importance,
     seed: u64,
     format: Format,
     metadata: &BTreeMap<String, String>,
@@ -323,6 +325,9 @@ pub fn quantize_file(
             });
         }
         let layout = method.layout(&t.name, &t.shape)?;
+        if let Some(w) = importance.get(&t.name) {
+            check_importance(&t.name, &t.shape, method, w)?;
+        }
         let positions = match f32_view(t.dtype, input.bytes(t)) {
             Some(v) => Positions::choose(v, layout.bits),
             None => Positions::choose(&input.to_f32(t)?, layout.bits),
@@ -442,6 +447,7 @@ pub fn quantize_file(
                     }
                 };
                 let tensor_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let weights = importance.get(&info.name).map(Vec::as_slice);
                 // A packed float32/64 tensor needs no reconstruction, only its statistics.
                 let lean = part == Part::Codes && matches!(info.dtype, Dtype::F32 | Dtype::F64);
                 let quantize = if lean {
@@ -449,8 +455,14 @@ pub fn quantize_file(
                 } else {
                     quantize_named
                 };
-                let (mut q, mut stats) =
-                    quantize(&info.name, values, &info.shape, method, tensor_seed)?;
+                let (mut q, mut stats) = quantize(
+                    &info.name,
+                    values,
+                    &info.shape,
+                    method,
+                    tensor_seed,
+                    weights,
+                )?;
                 check_params(&info.name, &q, layout)?;
                 if round_to_dtype(&mut q.dequantized, info.dtype) {
                     stats = error_stats(values, &q.dequantized);
@@ -926,8 +938,18 @@ mod tests {
         let mut meta = BTreeMap::new();
         meta.insert("whittle.job".to_string(), "{}".to_string());
         let mut bytes = Vec::new();
-        let reports =
-            quantize_file(input, &selected, method, 5, format, &meta, &mut bytes, &ctx).unwrap();
+        let reports = quantize_file(
+            input,
+            &selected,
+            method,
+            &Importance::new(),
+            5,
+            format,
+            &meta,
+            &mut bytes,
+            &ctx,
+        )
+        .unwrap();
         let path = dir.join(format!("{format:?}-{}.safetensors", method.name()));
         std::fs::write(&path, &bytes).unwrap();
         (
@@ -1088,6 +1110,7 @@ mod tests {
                             &input,
                             &selected,
                             &method,
+                            &Default::default(),
                             1,
                             format,
                             &BTreeMap::new(),
@@ -1259,6 +1282,7 @@ mod tests {
             &input,
             &["fc1.weight".into()],
             &m,
+            &Default::default(),
             0,
             Format::Packed,
             &BTreeMap::new(),
@@ -1278,6 +1302,7 @@ mod tests {
             &input,
             &[],
             &m,
+            &Default::default(),
             0,
             Format::Packed,
             &BTreeMap::new(),
@@ -1291,6 +1316,7 @@ mod tests {
             &input,
             &["fc1.weight".into()],
             &m,
+            &Default::default(),
             0,
             Format::Packed,
             &BTreeMap::new(),

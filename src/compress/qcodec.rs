@@ -614,18 +614,20 @@ pub fn quantize_tensor(
     method: &Method,
     seed: u64,
 ) -> Result<(Quantized, ErrorStats)> {
-    quantize_named("tensor", values, shape, method, seed)
+    quantize_named("tensor", values, shape, method, seed, None)
 }
 
-/// [`quantize_tensor`] with the tensor's name in error messages.
+/// [`quantize_tensor`] with the tensor's name in error messages, and optionally the
+/// importance of each column (see [`check_importance`]) for `uniform` with `search`.
 pub fn quantize_named(
     tensor: &str,
     values: &[f32],
     shape: &[usize],
     method: &Method,
     seed: u64,
+    importance: Option<&[f32]>,
 ) -> Result<(Quantized, ErrorStats)> {
-    quantize_impl(tensor, values, shape, method, seed, true)
+    quantize_impl(tensor, values, shape, method, seed, importance, true)
 }
 
 /// [`quantize_named`] without keeping the reconstruction (`dequantized` is left empty; the
@@ -637,8 +639,46 @@ pub fn quantize_codes_only(
     shape: &[usize],
     method: &Method,
     seed: u64,
+    importance: Option<&[f32]>,
 ) -> Result<(Quantized, ErrorStats)> {
-    quantize_impl(tensor, values, shape, method, seed, false)
+    quantize_impl(tensor, values, shape, method, seed, importance, false)
+}
+
+/// Importance weights by tensor name (see [`check_importance`]).
+pub type Importance = std::collections::HashMap<String, Vec<f32>>;
+
+/// Checks importance weights for `tensor`: only `uniform` with `search` uses them (the
+/// search minimises Σ wⱼ·(x − x̂)² instead of Σ (x − x̂)², w repeating along every row); one
+/// finite, non-negative weight per column (element of a row, `shape[1..]`), such as the mean
+/// square of the input feature the column multiplies over calibration data (what llama.cpp
+/// calls an importance matrix).
+pub fn check_importance(tensor: &str, shape: &[usize], method: &Method, w: &[f32]) -> Result<()> {
+    if !matches!(method, Method::Uniform { search: true, .. }) {
+        return Err(param(
+            "/importance",
+            "importance weights the clipping search of `uniform` (`search: true`) only",
+        ));
+    }
+    let (_, cols) = rows_cols(shape);
+    if w.len() != cols {
+        return Err(param(
+            "/importance",
+            format!(
+                "tensor {tensor:?} {shape:?} needs {cols} importance values (one per element of a row), got {}",
+                w.len()
+            ),
+        ));
+    }
+    if let Some(i) = w.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+        return Err(param(
+            "/importance",
+            format!(
+                "importance of tensor {tensor:?} holds {} at index {i}; weights must be finite and ≥ 0",
+                w[i]
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn quantize_impl(
@@ -647,6 +687,7 @@ fn quantize_impl(
     shape: &[usize],
     method: &Method,
     seed: u64,
+    importance: Option<&[f32]>,
     keep_dequantized: bool,
 ) -> Result<(Quantized, ErrorStats)> {
     let layout = method.layout(tensor, shape)?;
@@ -655,6 +696,9 @@ fn quantize_impl(
             "tensor {tensor:?}: {} values for shape {shape:?}",
             values.len()
         )));
+    }
+    if let Some(w) = importance {
+        check_importance(tensor, shape, method, w)?;
     }
     if let Some(i) = (!all_finite(values))
         .then(|| values.iter().position(|v| !v.is_finite()))
@@ -678,7 +722,7 @@ fn quantize_impl(
                 symmetric,
                 search,
             };
-            uniform(values, layout.block_len, cfg, &mut codes)
+            uniform(values, layout.block_len, cfg, &mut codes, importance)
         }
         Method::Kmeans {
             clusters,
@@ -791,7 +835,7 @@ fn par_blocks<P: Send + Default + Clone>(
     block_len: usize,
     codes: &mut [u8],
     threads: usize,
-    f: impl Fn(&[f32], &mut [u8], &mut [P]) + Sync,
+    f: impl Fn(usize, &[f32], &mut [u8], &mut [P]) + Sync,
 ) -> Vec<P> {
     let blocks = values.len().div_ceil(block_len.max(1));
     let mut params = vec![P::default(); blocks];
@@ -801,7 +845,7 @@ fn par_blocks<P: Send + Default + Clone>(
         threads.clamp(1, blocks.max(1))
     };
     if t <= 1 {
-        f(values, codes, &mut params);
+        f(0, values, codes, &mut params);
         return params;
     }
     let per = blocks.div_ceil(t);
@@ -810,13 +854,15 @@ fn par_blocks<P: Send + Default + Clone>(
         let mut c = &mut *codes;
         let mut p = &mut params[..];
         let f = &f;
+        let mut first = 0;
         while !p.is_empty() {
             let nb = per.min(p.len());
             let ne = (nb * block_len).min(v.len());
             let (v0, v1) = v.split_at(ne);
             let (c0, c1) = std::mem::take(&mut c).split_at_mut(ne);
             let (p0, p1) = std::mem::take(&mut p).split_at_mut(nb);
-            sc.spawn(move || f(v0, c0, p0));
+            sc.spawn(move || f(first, v0, c0, p0));
+            first += nb;
             v = v1;
             c = c1;
             p = p1;
@@ -1011,8 +1057,15 @@ struct UniformCfg {
     search: bool,
 }
 
-/// `uniform` over blocks of `block_len`.
-fn uniform(values: &[f32], block_len: usize, cfg: UniformCfg, codes: &mut [u8]) -> Params {
+/// `uniform` over blocks of `block_len`. `importance` (one weight per column, `cols` long)
+/// weights each element's squared error in the search.
+fn uniform(
+    values: &[f32],
+    block_len: usize,
+    cfg: UniformCfg,
+    codes: &mut [u8],
+    importance: Option<&[f32]>,
+) -> Params {
     let levels = (1i32 << cfg.bits) - 1;
     let params: Vec<(f32, u8)> = if cfg.symmetric && !cfg.search {
         let mut scales = vec![0f32; values.len().div_ceil(block_len)];
@@ -1020,17 +1073,34 @@ fn uniform(values: &[f32], block_len: usize, cfg: UniformCfg, codes: &mut [u8]) 
         let _ = quantize_symmetric_rows(values, block_len, cfg.bits, codes, &mut scales, threads());
         scales.into_iter().map(|s| (s, 0)).collect()
     } else {
-        par_blocks(values, block_len, codes, threads(), |v, c, p| {
-            for ((block, cb), out) in v.chunks(block_len).zip(c.chunks_mut(block_len)).zip(p) {
+        // A block is a row or a group within one (`per_channel`, `per_group`), or the whole
+        // tensor (`per_tensor`), whose weights repeat the columns' once per row.
+        let repeated: Option<Vec<f32>> = importance
+            .filter(|w| block_len > w.len())
+            .map(|w| w.iter().copied().cycle().take(block_len).collect());
+        let weights_of = |block: usize, len: usize| -> Option<&[f32]> {
+            match (&repeated, importance) {
+                (Some(r), _) => Some(&r[..len]),
+                (None, Some(w)) => {
+                    let start = (block * block_len) % w.len();
+                    Some(&w[start..start + len])
+                }
+                (None, None) => None,
+            }
+        };
+        par_blocks(values, block_len, codes, threads(), |first, v, c, p| {
+            let blocks = v.chunks(block_len).zip(c.chunks_mut(block_len)).zip(p);
+            for (k, ((block, cb), out)) in blocks.enumerate() {
+                let ws = weights_of(first + k, block.len());
                 *out = match (cfg.symmetric, cfg.search) {
-                    (true, _) => (search_symmetric(block, cfg.bits, cb), 0),
+                    (true, _) => (search_symmetric(block, ws, cfg.bits, cb), 0),
                     (false, false) => {
                         let (lo, hi) = min_max(block);
                         let (s, z) = affine_params(lo, hi, levels);
                         encode_affine(block, s, z, levels, cb);
                         (s, z)
                     }
-                    (false, true) => search_affine(block, levels, cb),
+                    (false, true) => search_affine(block, ws, levels, cb),
                 };
             }
         })
@@ -1077,14 +1147,36 @@ fn encode_affine(xs: &[f32], scale: f32, zero: u8, levels: i32, codes: &mut [u8]
     }
 }
 
-/// Σ (x − decoded)² of a symmetric encoding with `scale`.
-fn sq_err_symmetric(xs: &[f32], scale: f32, qmax: f32) -> f64 {
+/// Σ (x − decoded)² of a symmetric encoding with `scale`, each term weighted by `ws`.
+fn sq_err_symmetric(xs: &[f32], ws: Option<&[f32]>, scale: f32, qmax: f32) -> f64 {
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    sum_lanes(xs, |x| {
+    weighted_sum(xs, ws, |x| {
         let q = ((x * inv).clamp(-qmax, qmax) + MAGIC) - MAGIC;
         let d = x - q * scale;
         d * d
     })
+}
+
+/// Σ w·f(x), or Σ f(x) without weights; both vectorise.
+#[inline(always)]
+fn weighted_sum(xs: &[f32], ws: Option<&[f32]>, f: impl Fn(f32) -> f32) -> f64 {
+    let Some(ws) = ws else {
+        return sum_lanes(xs, f);
+    };
+    let mut acc = [0f32; 8];
+    let (xc, wc) = (xs.chunks_exact(8), ws.chunks_exact(8));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(wc.remainder())
+        .map(|(&x, &w)| w * f(x))
+        .sum();
+    for (x, w) in xc.zip(wc) {
+        for i in 0..8 {
+            acc[i] += w[i] * f(x[i]);
+        }
+    }
+    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(tail)
 }
 
 /// Σ f(x) with eight independent f32 accumulators, so the loop vectorises (a single
@@ -1103,32 +1195,34 @@ fn sum_lanes(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 /// Symmetric codes for one block, choosing the clipping ratio (and then the least-squares
-/// scale for the chosen codes) with the lowest squared error. Returns the scale.
-fn search_symmetric(xs: &[f32], bits: u8, codes: &mut [u8]) -> f32 {
+/// scale for the chosen codes) with the lowest squared error, weighted by `ws` when given.
+/// Returns the scale.
+fn search_symmetric(xs: &[f32], ws: Option<&[f32]>, bits: u8, codes: &mut [u8]) -> f32 {
     let qmax = ((1i32 << (bits - 1)) - 1) as f32;
     let offset = 1i32 << (bits - 1);
     let amax = f32::from_bits(amax_bits(xs));
     let (mut best_s, _) = symmetric_scale(amax, qmax);
-    let mut best_e = sq_err_symmetric(xs, best_s, qmax);
+    let mut best_e = sq_err_symmetric(xs, ws, best_s, qmax);
     for i in 1..SEARCH_CANDIDATES {
         let r = 1.0 - 0.005 * i as f32;
         let (s, _) = symmetric_scale(amax * r, qmax);
-        let e = sq_err_symmetric(xs, s, qmax);
+        let e = sq_err_symmetric(xs, ws, s, qmax);
         if e < best_e {
             (best_s, best_e) = (s, e);
         }
     }
-    // Least-squares refinement: for fixed codes q, the best scale is Σxq / Σq².
+    // Least-squares refinement: for fixed codes q, the best scale is Σwxq / Σwq².
     let (_, inv) = symmetric_scale(best_s * qmax, qmax);
     let (mut xq, mut qq) = (0f64, 0f64);
-    for &x in xs {
+    for (i, &x) in xs.iter().enumerate() {
+        let w = ws.map_or(1.0, |ws| f64::from(ws[i]));
         let q = f64::from(round_i32((x * inv).clamp(-qmax, qmax)));
-        xq += f64::from(x) * q;
-        qq += q * q;
+        xq += w * f64::from(x) * q;
+        qq += w * q * q;
     }
     if qq > 0.0 {
         let s = (xq / qq) as f32;
-        if s > 0.0 && sq_err_symmetric(xs, s, qmax) < best_e {
+        if s > 0.0 && sq_err_symmetric(xs, ws, s, qmax) < best_e {
             best_s = s;
         }
     }
@@ -1137,10 +1231,10 @@ fn search_symmetric(xs: &[f32], bits: u8, codes: &mut [u8]) -> f32 {
     s
 }
 
-fn sq_err_affine(xs: &[f32], scale: f32, zero: u8, levels: i32) -> f64 {
+fn sq_err_affine(xs: &[f32], ws: Option<&[f32]>, scale: f32, zero: u8, levels: i32) -> f64 {
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     let (z, top) = (f32::from(zero), levels as f32);
-    sum_lanes(xs, |x| {
+    weighted_sum(xs, ws, |x| {
         let q = (x * inv).clamp(-top - 1.0, top + 1.0);
         let c = (((q + MAGIC) - MAGIC) + z).clamp(0.0, top);
         let d = x - (c - z) * scale;
@@ -1150,11 +1244,12 @@ fn sq_err_affine(xs: &[f32], scale: f32, zero: u8, levels: i32) -> f64 {
 
 /// Affine codes for one block: tries shrinking the low and high ends independently
 /// (10 × 10 ratios in 1.0..0.55), then a least-squares (scale, offset) fit for the chosen
-/// codes; keeps whatever has the lowest squared error. Returns (scale, zero-point).
-fn search_affine(xs: &[f32], levels: i32, codes: &mut [u8]) -> (f32, u8) {
+/// codes; keeps whatever has the lowest squared error (weighted by `ws` when given).
+/// Returns (scale, zero-point).
+fn search_affine(xs: &[f32], ws: Option<&[f32]>, levels: i32, codes: &mut [u8]) -> (f32, u8) {
     let (lo, hi) = min_max(xs);
     let mut best = affine_params(lo, hi, levels);
-    let mut best_e = sq_err_affine(xs, best.0, best.1, levels);
+    let mut best_e = sq_err_affine(xs, ws, best.0, best.1, levels);
     for i in 0..10 {
         for j in 0..10 {
             if i == 0 && j == 0 {
@@ -1162,7 +1257,7 @@ fn search_affine(xs: &[f32], levels: i32, codes: &mut [u8]) -> (f32, u8) {
             }
             let (rl, rh) = (1.0 - 0.05 * i as f32, 1.0 - 0.05 * j as f32);
             let (s, z) = affine_params(lo * rl, hi * rh, levels);
-            let e = sq_err_affine(xs, s, z, levels);
+            let e = sq_err_affine(xs, ws, s, z, levels);
             if e < best_e {
                 (best, best_e) = ((s, z), e);
             }
@@ -1174,8 +1269,8 @@ fn search_affine(xs: &[f32], levels: i32, codes: &mut [u8]) -> (f32, u8) {
     for _ in 0..4 {
         encode_affine(xs, best.0, best.1, levels, codes);
         let mut improved = false;
-        for cand in affine_least_squares(xs, codes, best.1, levels) {
-            let e = sq_err_affine(xs, cand.0, cand.1, levels);
+        for cand in affine_least_squares(xs, ws, codes, best.1, levels) {
+            let e = sq_err_affine(xs, ws, cand.0, cand.1, levels);
             if e < best_e {
                 (best, best_e, improved) = (cand, e, true);
             }
@@ -1188,21 +1283,29 @@ fn search_affine(xs: &[f32], levels: i32, codes: &mut [u8]) -> (f32, u8) {
     best
 }
 
-/// Least-squares (scale, zero-point) candidates for fixed codes: a free offset rounded to
-/// an integer zero-point, and the best scale for the zero-point `zero`.
-fn affine_least_squares(xs: &[f32], codes: &[u8], zero: u8, levels: i32) -> Vec<(f32, u8)> {
-    let n = xs.len() as f64;
-    let (mut sc, mut sx, mut scc, mut scx) = (0f64, 0f64, 0f64, 0f64);
+/// Least-squares (scale, zero-point) candidates for fixed codes (weighted by `ws` when
+/// given): a free offset rounded to an integer zero-point, and the best scale for the
+/// zero-point `zero`.
+fn affine_least_squares(
+    xs: &[f32],
+    ws: Option<&[f32]>,
+    codes: &[u8],
+    zero: u8,
+    levels: i32,
+) -> Vec<(f32, u8)> {
+    let (mut n, mut sc, mut sx, mut scc, mut scx) = (0f64, 0f64, 0f64, 0f64, 0f64);
     let (mut dd, mut xd) = (0f64, 0f64);
-    for (&x, &c) in xs.iter().zip(codes) {
+    for (i, (&x, &c)) in xs.iter().zip(codes).enumerate() {
+        let w = ws.map_or(1.0, |ws| f64::from(ws[i]));
         let (x, c) = (f64::from(x), f64::from(c));
         let d = c - f64::from(zero);
-        sc += c;
-        sx += x;
-        scc += c * c;
-        scx += c * x;
-        dd += d * d;
-        xd += x * d;
+        n += w;
+        sc += w * c;
+        sx += w * x;
+        scc += w * c * c;
+        scx += w * c * x;
+        dd += w * d * d;
+        xd += w * x * d;
     }
     let mut out = Vec::with_capacity(2);
     let det = n * scc - sc * sc;
@@ -1256,7 +1359,7 @@ fn log2(values: &[f32], block_len: usize, bits: u8, codes: &mut [u8]) -> Params 
     let levels: Vec<f32> = asc.iter().map(|a| a.0).collect();
     let ms: Vec<u8> = asc.iter().map(|a| a.1 as u8).collect();
     let mids: Vec<f32> = levels.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
-    let scales = par_blocks(values, block_len, codes, threads(), |v, c, p| {
+    let scales = par_blocks(values, block_len, codes, threads(), |_, v, c, p| {
         for ((row, cr), s) in v.chunks(block_len).zip(c.chunks_mut(block_len)).zip(p) {
             let scale = f32::from_bits(amax_bits(row));
             *s = scale;
@@ -1281,7 +1384,7 @@ fn log2(values: &[f32], block_len: usize, bits: u8, codes: &mut [u8]) -> Params 
 /// NF4 with an absmax scale per block of `group_size`.
 fn nf4(values: &[f32], group_size: usize, codes: &mut [u8]) -> Params {
     let mids: Vec<f32> = NF4_LEVELS.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
-    let scales = par_blocks(values, group_size, codes, threads(), |v, c, p| {
+    let scales = par_blocks(values, group_size, codes, threads(), |_, v, c, p| {
         for ((block, cb), s) in v.chunks(group_size).zip(c.chunks_mut(group_size)).zip(p) {
             let scale = f32::from_bits(amax_bits(block));
             *s = scale;
@@ -1549,7 +1652,7 @@ mod tests {
             Method::Nf4 { group_size: 64 },
         ] {
             let (full, a) = quantize_tensor(&v, &[rows, cols], &m, 0).unwrap();
-            let (lean, b) = quantize_codes_only("t", &v, &[rows, cols], &m, 0).unwrap();
+            let (lean, b) = quantize_codes_only("t", &v, &[rows, cols], &m, 0, None).unwrap();
             assert_eq!((&full.codes, &full.params), (&lean.codes, &lean.params));
             assert!(lean.dequantized.is_empty());
             assert_eq!((a.count, a.max_abs), (b.count, b.max_abs));
@@ -1774,5 +1877,61 @@ mod tests {
             );
             assert!(b.mse() < want * a.mse(), "symmetric {symmetric}");
         }
+    }
+
+    #[test]
+    fn importance_weights_the_search_per_column_for_every_granularity() {
+        let (rows, cols) = (16, 128);
+        let v = randn(rows * cols, 21);
+        // Every fourth column matters; the rest barely.
+        let w: Vec<f32> = (0..cols)
+            .map(|j| if j % 4 == 0 { 1.0 } else { 1e-3 })
+            .collect();
+        let weighted_err = |d: &[f32]| -> f64 {
+            d.iter()
+                .zip(&v)
+                .enumerate()
+                .map(|(i, (a, b))| f64::from(w[i % cols]) * f64::from(a - b).powi(2))
+                .sum()
+        };
+        for symmetric in [true, false] {
+            for g in [
+                Granularity::PerGroup { group_size: 32 },
+                Granularity::PerChannel,
+                Granularity::PerTensor,
+            ] {
+                let m = uniform_m(3, symmetric, g, true);
+                let shape = [rows, cols];
+                let (plain, _) = quantize_named("t", &v, &shape, &m, 0, None).unwrap();
+                let (steered, _) = quantize_named("t", &v, &shape, &m, 0, Some(&w)).unwrap();
+                let (p, s) = (
+                    weighted_err(&plain.dequantized),
+                    weighted_err(&steered.dequantized),
+                );
+                assert!(s < p, "{symmetric} {g:?}: {s} vs {p}");
+                // Zero weights everywhere leave nothing to prefer: the plain range.
+                let zeros = vec![0.0; cols];
+                let (flat, _) = quantize_named("t", &v, &shape, &m, 0, Some(&zeros)).unwrap();
+                let rtn = uniform_m(3, symmetric, g, false);
+                let (r, _) = quantize_named("t", &v, &shape, &rtn, 0, None).unwrap();
+                assert_eq!(flat.dequantized, r.dequantized, "{symmetric} {g:?}");
+            }
+        }
+        // Refused: the wrong length, negative or NaN weights, a method without the search.
+        let m = uniform_m(4, true, Granularity::PerChannel, true);
+        let short = vec![1.0; cols - 1];
+        let mut bad = vec![1.0; cols];
+        bad[5] = -1.0;
+        let mut nan = vec![1.0; cols];
+        nan[7] = f32::NAN;
+        for w in [&short, &bad, &nan] {
+            let e = quantize_named("t", &v, &[rows, cols], &m, 0, Some(w)).unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidParameter { ref pointer, .. } if pointer == "/importance"),
+                "{e}"
+            );
+        }
+        let rtn = uniform_m(4, true, Granularity::PerChannel, false);
+        assert!(quantize_named("t", &v, &[rows, cols], &rtn, 0, Some(&w)).is_err());
     }
 }

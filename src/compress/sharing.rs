@@ -60,7 +60,7 @@ impl SharedWeights {
             let w = p.var().as_tensor();
             let shape = w.dims().to_vec();
             let values = w.flatten_all()?.to_vec1::<f32>()?;
-            let (q, _) = quantize_named(p.name(), &values, &shape, method, seed)?;
+            let (q, _) = quantize_named(p.name(), &values, &shape, method, seed, None)?;
             let k = q.params.codebook.len();
             let mut counts = vec![0u32; k];
             for &c in &q.codes {
@@ -203,7 +203,7 @@ mod tests {
         assert!(distinct(fc.var().as_tensor()).len() <= 4);
         // The trained values are their own k-means codebook: quantizing them changes nothing.
         let shape = [8usize, 16];
-        let (q, stats) = quantize_named("fc.weight", &after, &shape, &kmeans(4), 0).unwrap();
+        let (q, stats) = quantize_named("fc.weight", &after, &shape, &kmeans(4), 0, None).unwrap();
         assert_eq!(q.dequantized, after);
         assert_eq!(stats.noise, 0.0);
     }

@@ -220,7 +220,7 @@ async fn facts_for(state: &AppState, model: &ModelRecord, body: &Value) -> ApiRe
         }
     }
     let mut models = HashMap::new();
-    for id in spec::distill::referenced_students(body) {
+    for id in spec::referenced_models(body) {
         let Ok(model_id) = id.parse::<ModelId>() else {
             continue;
         };

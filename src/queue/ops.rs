@@ -20,7 +20,7 @@ use crate::compress::gguf::{self, GgufType};
 use crate::compress::model::{Model, NamedTensor, WeightTransform};
 use crate::compress::progress::Ctx;
 use crate::compress::prune::{self as cprune, Method as CMethod, Output, PruneTargets, Scope};
-use crate::compress::qcodec::{self, Method as QMethod};
+use crate::compress::qcodec::{self, Importance, Method as QMethod};
 use crate::compress::sharing::SharedWeights;
 use crate::compress::tensors::SafetensorsFile;
 use crate::compress::train::{Checkpoint, EpochMetrics, TrainHooks};
@@ -46,8 +46,8 @@ pub(super) struct Env<'a> {
     pub seed: u64,
     /// The job's `eval` dataset.
     pub eval: Option<&'a EvalSpec>,
-    /// Student models named by `distill` steps, by id.
-    pub students: &'a std::collections::HashMap<String, ModelRecord>,
+    /// Other models the job names (`distill` students, `quantize` importance weights), by id.
+    pub models: &'a std::collections::HashMap<String, ModelRecord>,
 }
 
 /// What a step produced.
@@ -608,6 +608,7 @@ fn quant_method(m: &QuantMethod) -> Option<QMethod> {
             symmetric,
             granularity,
             search,
+            ..
         } => QMethod::Uniform {
             bits: *bits,
             symmetric: *symmetric,
@@ -634,6 +635,67 @@ fn quant_method(m: &QuantMethod) -> Option<QMethod> {
         },
         QuantMethod::Gguf { .. } => return None,
     })
+}
+
+/// The importance weights a `uniform` step names (`importance.model_id`), for the selected
+/// tensors the file has an entry for; and what to report about them.
+fn load_importance(
+    env: &Env,
+    spec: &QuantizeSpec,
+    method: &QMethod,
+    input: &SafetensorsFile,
+    selected: &[String],
+) -> Result<(Importance, Value), PipelineError> {
+    let QuantMethod::Uniform {
+        importance: Some(id),
+        ..
+    } = &spec.method
+    else {
+        return Ok((Importance::new(), Value::Null));
+    };
+    let record = env.models.get(id).ok_or_else(|| {
+        failed(
+            "model_not_found",
+            format!("importance model {id} no longer exists"),
+        )
+    })?;
+    let file = SafetensorsFile::open(env.store.path(&record.sha256))?;
+    let mut importance = Importance::new();
+    let mut unweighted = Vec::new();
+    for name in selected {
+        let Some(info) = file.header().tensors.iter().find(|t| &t.name == name) else {
+            unweighted.push(name.clone());
+            continue;
+        };
+        let w = file.to_f32(info)?;
+        if let Some(t) = input.header().tensors.iter().find(|t| &t.name == name) {
+            qcodec::check_importance(name, &t.shape, method, &w)?;
+        }
+        importance.insert(name.clone(), w);
+    }
+    let mut weighted: Vec<&String> = importance.keys().collect();
+    weighted.sort();
+    let summary = json!({"model_id": id, "weighted": weighted, "unweighted": unweighted});
+    Ok((importance, summary))
+}
+
+/// A quantization method and the importance weights of the tensors it weights.
+struct Quantizer {
+    method: QMethod,
+    importance: std::sync::Arc<Importance>,
+}
+
+impl Quantizer {
+    fn quantize(
+        &self,
+        name: &str,
+        values: &[f32],
+        shape: &[usize],
+        seed: u64,
+    ) -> compress::Result<(qcodec::Quantized, compress::quantize::ErrorStats)> {
+        let importance = self.importance.get(name).map(Vec::as_slice);
+        qcodec::quantize_named(name, values, shape, &self.method, seed, importance)
+    }
 }
 
 /// The `quantize` step (every method but `float`).
@@ -689,12 +751,17 @@ pub(super) fn quantize(
     }
     let method = quant_method(&spec.method).ok_or_else(|| failed("internal_error", "gguf"))?;
     let seed = env.seed;
+    let (importance, importance_summary) = load_importance(env, spec, &method, input, &selected)?;
+    let quantizer = Quantizer {
+        method,
+        importance: std::sync::Arc::new(importance),
+    };
     // QAT trains a float model first (an intermediate blob nothing references; the blob
     // collector reclaims it), which is then quantized exactly as PTQ would.
     let mut source_owned = None;
     if let Some(qat) = &spec.qat {
         let (file, epochs, summary) = quantization_aware_training(
-            env, qat, &method, input, arch_json, &metadata, &selected, seed,
+            env, qat, &quantizer, input, arch_json, &metadata, &selected, seed,
         )?;
         record["epochs"] = epochs;
         record["qat"] = summary;
@@ -707,7 +774,7 @@ pub(super) fn quantize(
     let source = source_file.as_ref().unwrap_or(input);
     if let Some(budget) = spec.max_accuracy_drop {
         let (kept, reverted) =
-            accuracy_budget(env, &method, source, arch_json, &selected, budget, seed)?;
+            accuracy_budget(env, &quantizer, source, arch_json, &selected, budget, seed)?;
         selected = kept;
         record["reverted"] = reverted;
     }
@@ -751,6 +818,7 @@ pub(super) fn quantize(
         source,
         &selected,
         &method,
+        &quantizer.importance,
         seed,
         packed::Format::Dequantized,
         &metadata,
@@ -763,6 +831,7 @@ pub(super) fn quantize(
             source,
             &selected,
             &method,
+            &quantizer.importance,
             seed,
             packed::Format::Packed,
             &metadata,
@@ -796,6 +865,9 @@ pub(super) fn quantize(
         "max_mse": reports.iter().map(|r| r.mse).fold(0.0, f64::max),
         "min_sqnr_db": reports.iter().filter_map(|r| r.sqnr_db).reduce(f64::min),
     });
+    if !importance_summary.is_null() {
+        record["summary"]["importance"] = importance_summary;
+    }
     record["layers"] = serde_json::to_value(&reports).unwrap_or(Value::Null);
     Ok(StepOut {
         file: Some(temp),
@@ -876,7 +948,7 @@ fn with_quantized(
 #[allow(clippy::too_many_arguments)]
 fn accuracy_budget(
     env: &Env,
-    method: &QMethod,
+    quantizer: &Quantizer,
     source: &SafetensorsFile,
     arch_json: &Option<Value>,
     selected: &[String],
@@ -894,7 +966,7 @@ fn accuracy_budget(
     let mut quantized = std::collections::HashMap::new();
     for w in weights.iter().filter(|w| selected.contains(&w.name)) {
         env.ctx.check()?;
-        let (q, _) = qcodec::quantize_tensor(&w.values, &w.shape, method, seed)?;
+        let (q, _) = quantizer.quantize(&w.name, &w.values, &w.shape, seed)?;
         quantized.insert(w.name.clone(), q.dequantized);
     }
     let all_acc = accuracy(with_quantized(&weights, selected, &quantized))?;
@@ -958,7 +1030,7 @@ fn accuracy_budget(
 fn quantization_aware_training(
     env: &Env,
     qat: &FinetuneSpec,
-    method: &QMethod,
+    quantizer: &Quantizer,
     input: &SafetensorsFile,
     arch_json: &Option<Value>,
     metadata: &BTreeMap<String, String>,
@@ -967,7 +1039,11 @@ fn quantization_aware_training(
 ) -> Result<(crate::store::BlobRef, Value, Value), PipelineError> {
     let arch = current_arch(arch_json)?;
     let mut model = Model::from_safetensors(&arch, input)?;
-    let method = *method;
+    let method = quantizer.method;
+    let quantizer = Quantizer {
+        method,
+        importance: quantizer.importance.clone(),
+    };
     let selected_set: HashSet<String> = selected.iter().cloned().collect();
     // k-means: weights tied within their clusters (centroid fine-tuning); the others:
     // fake-quantized forward with straight-through gradients.
@@ -981,7 +1057,7 @@ fn quantization_aware_training(
                 }
                 let shape = w.dims().to_vec();
                 let values = w.flatten_all()?.to_vec1::<f32>()?;
-                let (q, _) = qcodec::quantize_named(name, &values, &shape, &method, seed)?;
+                let (q, _) = quantizer.quantize(name, &values, &shape, seed)?;
                 Ok(Some(candle_core::Tensor::from_vec(
                     q.dequantized,
                     shape,
@@ -1036,7 +1112,7 @@ pub(super) fn distill(
     let teacher = Model::from_safetensors(&teacher_arch, input)?;
     let (student_arch, student) = match &spec.student {
         StudentSpec::Model(id) => {
-            let record = env.students.get(id).ok_or_else(|| {
+            let record = env.models.get(id).ok_or_else(|| {
                 failed(
                     "model_not_found",
                     format!("student model {id} no longer exists"),

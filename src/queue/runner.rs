@@ -109,8 +109,8 @@ pub struct PipelineInputs<'a> {
     pub model: &'a ModelRecord,
     /// Every dataset the spec names.
     pub datasets: &'a HashMap<DatasetId, DatasetRecord>,
-    /// Student models named by `distill` steps, by id.
-    pub students: &'a HashMap<String, ModelRecord>,
+    /// Other models the job names (`distill` students, `quantize` importance weights), by id.
+    pub models: &'a HashMap<String, ModelRecord>,
     /// Where an earlier attempt left off, if it saved a training checkpoint.
     pub resume: Option<ResumePoint>,
 }
@@ -187,7 +187,7 @@ pub fn run_pipeline(
         resume: inputs.resume.as_ref(),
         seed: spec.seed,
         eval: spec.eval.as_ref(),
-        students: inputs.students,
+        models: inputs.models,
     };
     for (index, step) in spec.steps.iter().enumerate() {
         ctx.check()?;

@@ -66,7 +66,7 @@ struct Prepared {
     spec: spec::JobSpec,
     model: ModelRecord,
     datasets: HashMap<DatasetId, DatasetRecord>,
-    students: HashMap<String, ModelRecord>,
+    models: HashMap<String, ModelRecord>,
     resume: Option<ResumePoint>,
 }
 
@@ -177,7 +177,7 @@ impl Worker {
             spec,
             model,
             datasets,
-            students,
+            models,
             resume,
         } = match self.prepare(&job).await {
             Ok(p) => p,
@@ -284,7 +284,7 @@ impl Worker {
                     spec: &spec,
                     model: &model,
                     datasets: &datasets,
-                    students: &students,
+                    models: &models,
                     resume,
                 };
                 let hooks = PipelineHooks {
@@ -448,8 +448,8 @@ impl Worker {
                 datasets.insert(id, d);
             }
         }
-        let mut students = HashMap::new();
-        for id in spec::distill::referenced_students(&job.spec) {
+        let mut models = HashMap::new();
+        for id in spec::referenced_models(&job.spec) {
             let Ok(model_id) = id.parse::<ModelId>() else {
                 continue;
             };
@@ -457,7 +457,7 @@ impl Worker {
                 .await
                 .map_err(db_error)?
             {
-                students.insert(id, m);
+                models.insert(id, m);
             }
         }
         let resume = job
@@ -468,7 +468,7 @@ impl Worker {
             spec,
             model,
             datasets,
-            students,
+            models,
             resume,
         })
     }

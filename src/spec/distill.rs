@@ -73,23 +73,6 @@ impl DistillSpec {
     }
 }
 
-/// Every student `model_id` a request body names (for loading their facts).
-pub fn referenced_students(body: &Value) -> Vec<String> {
-    let mut out: Vec<String> = body
-        .get("steps")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(|s| s.get("op").and_then(Value::as_str) == Some("distill"))
-        .filter_map(|s| s.pointer("/student/model_id").and_then(Value::as_str))
-        .filter(|id| uuid::Uuid::parse_str(id).is_ok())
-        .map(str::to_string)
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// Parse a `distill` step at `pointer`. Returns the spec and, when known, the student's facts
 /// (what later steps operate on).
 pub fn parse(

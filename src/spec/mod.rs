@@ -35,7 +35,8 @@ pub struct Facts {
     pub architecture: Option<Architecture>,
     /// Every dataset the request names that exists.
     pub datasets: HashMap<DatasetId, DatasetFacts>,
-    /// Every other model the request names (distillation students) that exists, by id.
+    /// Every other model the request names (distillation students, importance weights) that
+    /// exists, by id.
     pub models: HashMap<String, ModelFacts>,
 }
 
@@ -85,6 +86,28 @@ pub struct DatasetFacts {
     pub feature_shape: Vec<usize>,
     /// Classes (max label + 1), when labelled.
     pub num_classes: Option<usize>,
+}
+
+/// Every other model a request body names (for loading their facts): `distill` students
+/// (`/student/model_id`) and `quantize` importance weights (`/importance/model_id`).
+pub fn referenced_models(body: &Value) -> Vec<String> {
+    let mut out: Vec<String> = body
+        .get("steps")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| match s.get("op").and_then(Value::as_str) {
+            Some("distill") => s.pointer("/student/model_id"),
+            Some("quantize") => s.pointer("/importance/model_id"),
+            _ => None,
+        })
+        .filter_map(Value::as_str)
+        .filter(|id| uuid::Uuid::parse_str(id).is_ok())
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Every `dataset_id` a request body mentions (steps, validation, eval), for loading facts.

@@ -69,6 +69,8 @@ pub enum QuantMethod {
         granularity: Granularity,
         /// Search the clipping range that minimises the squared error (instead of min/max).
         search: bool,
+        /// A model whose tensors weight the search's squared error per column (`importance`).
+        importance: Option<String>,
     },
     /// Non-uniform shared weights (a codebook per tensor).
     Kmeans {
@@ -203,10 +205,14 @@ impl QuantizeSpec {
                 symmetric,
                 granularity,
                 search,
+                importance,
             } => {
                 v["bits"] = json!(bits);
                 v["symmetric"] = json!(symmetric);
                 v["search"] = json!(search);
+                if let Some(id) = importance {
+                    v["importance"] = json!({ "model_id": id });
+                }
                 match granularity {
                     Granularity::PerTensor => v["granularity"] = json!("per_tensor"),
                     Granularity::PerChannel => v["granularity"] = json!("per_channel"),
@@ -280,7 +286,14 @@ pub fn parse(
     ];
     allowed.extend(match method {
         "float" => &["dtype"][..],
-        "uniform" => &["bits", "symmetric", "granularity", "group_size", "search"][..],
+        "uniform" => &[
+            "bits",
+            "symmetric",
+            "granularity",
+            "group_size",
+            "search",
+            "importance",
+        ][..],
         "kmeans" => &["clusters", "init"][..],
         "log2" => &["bits"][..],
         "nf4" => &["group_size"][..],
@@ -403,8 +416,10 @@ pub fn parse(
                     true
                 }
             };
+            let importance = parse_importance(obj, pointer, &selection, facts, &mut errors);
             let search = match obj.get("search") {
-                None | Some(Value::Null) => false,
+                // Importance weights the search, so it turns the search on.
+                None | Some(Value::Null) => importance.is_some(),
                 Some(Value::Bool(b)) => *b,
                 Some(_) => {
                     errors.push(FieldError::new(
@@ -414,6 +429,12 @@ pub fn parse(
                     false
                 }
             };
+            if importance.is_some() && !search {
+                errors.push(FieldError::new(
+                    format!("{pointer}/search"),
+                    "`importance` weights the clipping search; leave `search` out or set it to true",
+                ));
+            }
             let granularity = match choice(
                 obj,
                 "granularity",
@@ -446,6 +467,7 @@ pub fn parse(
                 symmetric,
                 granularity,
                 search,
+                importance,
             }
         }
         "kmeans" => {
@@ -589,6 +611,67 @@ pub fn parse(
 
 /// The `activations` object: bits, symmetric, and `calibration` {dataset_id, samples, method,
 /// percentile}. Needs the architecture; not for `float` or `gguf`.
+/// `importance: {"model_id"}`: an uploaded safetensors whose tensor named like a selected
+/// weight holds one non-negative weight per element of that weight's rows (`shape[1..]`).
+/// Checked here: the model exists, names at least one selected tensor, and each such entry
+/// has the right number of elements (its values are checked when the step reads them).
+fn parse_importance(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    selection: &Selection,
+    facts: Option<&Facts>,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    let imp = object(obj, "importance", pointer, errors)?;
+    let ip = format!("{pointer}/importance");
+    deny_unknown(imp, &["model_id"], &ip, errors);
+    let id = match imp.get("model_id") {
+        Some(Value::String(id)) if uuid::Uuid::parse_str(id).is_ok() => id.clone(),
+        _ => {
+            errors.push(FieldError::new(
+                format!("{ip}/model_id"),
+                "is required: the id of an uploaded safetensors of importance weights",
+            ));
+            return None;
+        }
+    };
+    let Some(f) = facts else { return Some(id) };
+    let Some(m) = f.models.get(&id) else {
+        errors.push(FieldError {
+            code: "model_not_found",
+            ..FieldError::new(format!("{ip}/model_id"), "no model with this id")
+        });
+        return Some(id);
+    };
+    let mut named = 0;
+    for t in selection.resolve(&f.tensors) {
+        let Some(w) = m.tensors.iter().find(|w| w.name == t.name) else {
+            continue;
+        };
+        named += 1;
+        let (_, cols) = crate::compress::qcodec::rows_cols(&t.shape);
+        if !w.dtype.is_float() || w.numel() != cols {
+            errors.push(FieldError::new(
+                format!("{ip}/model_id"),
+                format!(
+                    "importance `{}` is {} {:?}; weight {:?} needs {cols} float values, one per element of a row",
+                    w.name,
+                    w.dtype.as_str(),
+                    w.shape,
+                    t.shape
+                ),
+            ));
+        }
+    }
+    if named == 0 {
+        errors.push(FieldError::new(
+            format!("{ip}/model_id"),
+            "the importance model has no tensor named like a selected weight",
+        ));
+    }
+    Some(id)
+}
+
 fn parse_activations(
     obj: &Map<String, Value>,
     pointer: &str,

@@ -666,6 +666,88 @@ async fn quantization_requests_are_checked_before_anything_is_queued() {
     assert_job_refusals(&t, cases).await;
 }
 
+/// `a.weight`'s 32 columns: the first 8 matter (weight 1), the rest hardly (1e-4).
+fn importance_file(len_a: usize) -> Vec<u8> {
+    let w: Vec<f32> = (0..len_a).map(|j| if j < 8 { 1.0 } else { 1e-4 }).collect();
+    tensors::serialize(
+        &BTreeMap::new(),
+        &[(
+            TensorSpec::new("a.weight", Dtype::F32, vec![len_a]),
+            tensors::encode_f32(&w).as_slice(),
+        )],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn importance_weights_steer_the_clipping_search_toward_the_columns_that_matter() {
+    let t = TestApp::sqlite().await;
+    let model = t.upload_model(wide_model()).await;
+    let mid = model["id"].as_str().unwrap();
+    let imp = t.upload_model(importance_file(32)).await;
+    let iid = imp["id"].as_str().unwrap();
+    let with = |extra: Value| {
+        let mut s = json!({"op": "quantize", "method": "uniform", "bits": 3,
+                           "granularity": "per_group", "group_size": 16});
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        json!({"model_id": mid, "steps": [s]})
+    };
+    let (plain, _) = run(&t, with(json!({"search": true}))).await;
+    let (job, metrics) = run(&t, with(json!({"importance": {"model_id": iid}}))).await;
+    // `importance` turns the search on, is echoed, and says which tensors it weighted.
+    let summary = &metrics["steps"][0]["summary"];
+    assert_eq!(summary["importance"]["model_id"], iid, "{summary}");
+    assert_eq!(summary["importance"]["weighted"], json!(["a.weight"]));
+    assert_eq!(summary["importance"]["unweighted"], json!(["b.weight"]));
+    assert_eq!(job["steps"][0]["search"], true, "{job}");
+    assert_eq!(job["steps"][0]["importance"]["model_id"], iid);
+    let original = wide_model();
+    let original = f32s(
+        &safetensors::SafeTensors::deserialize(&original).unwrap(),
+        "a.weight",
+    );
+    let mut outputs = Vec::new();
+    for j in [&plain, &job] {
+        let id = j["result"]["model_id"].as_str().unwrap();
+        let bytes = t.get(&format!("/v1/models/{id}/content")).await.body;
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        outputs.push((f32s(&st, "a.weight"), f32s(&st, "b.weight")));
+    }
+    let err = |a: &[f32], cols: std::ops::Range<usize>| -> f64 {
+        (0..16)
+            .flat_map(|r| cols.clone().map(move |c| r * 32 + c))
+            .map(|i| f64::from(a[i] - original[i]).powi(2))
+            .sum()
+    };
+    let (plain_a, weighted_a) = (&outputs[0].0, &outputs[1].0);
+    // The important columns come out closer, the others further, than with the plain search.
+    let (p, w) = (err(plain_a, 0..8), err(weighted_a, 0..8));
+    assert!(w < 0.95 * p, "important columns: {w} vs {p}");
+    assert!(err(weighted_a, 8..32) > err(plain_a, 8..32));
+    // A tensor the file does not name gets the plain search.
+    assert_eq!(outputs[0].1, outputs[1].1);
+
+    // Refused before anything is queued.
+    let wrong = t.upload_model(importance_file(31)).await;
+    let wid = wrong["id"].as_str().unwrap();
+    let unknown = "0190d4a0-0000-7000-8000-000000000000";
+    let iid = json!({"model_id": iid});
+    assert_job_refusals(
+        &t,
+        [
+            (with(json!({"importance": {"model_id": unknown}})), "/steps/0/importance/model_id", "model_not_found"),
+            (with(json!({"importance": {"model_id": wid}})), "/steps/0/importance/model_id", "validation_failed"),
+            (with(json!({"importance": iid, "search": false})), "/steps/0/search", "validation_failed"),
+            (with(json!({"importance": {}})), "/steps/0/importance/model_id", "validation_failed"),
+            (with(json!({"importance": iid, "include": ["b.weight"]})), "/steps/0/importance/model_id", "validation_failed"),
+            (json!({"model_id": mid, "steps": [{"op": "quantize", "method": "nf4", "group_size": 16, "importance": iid}]}), "/steps/0/importance", "validation_failed"),
+        ],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_accuracy_budget_reverts_the_most_sensitive_layers() {
     let t = TestApp::sqlite().await;
