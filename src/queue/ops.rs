@@ -552,6 +552,18 @@ fn zero_masks(
     Ok(out)
 }
 
+/// The number of ones in `masks`.
+fn count_mask_ones(masks: &[(usize, candle_core::Tensor)]) -> compress::Result<usize> {
+    let mut n = 0.0f64;
+    for (_, m) in masks {
+        n += m
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    Ok(n as usize)
+}
+
 /// Multiply every masked parameter by its mask (after an optimizer step).
 fn apply_masks(model: &Model, masks: &[(usize, candle_core::Tensor)]) -> compress::Result<()> {
     let params = model.params();
@@ -1144,6 +1156,25 @@ pub(super) fn distill(
             .collect(),
         baseline: spec.baseline,
     };
+    // `keep_sparsity`: the student's zero weights (matrices and kernels, not biases) stay zero
+    // after every optimizer step, as in pruning's retraining rounds.
+    let masks = if spec.keep_sparsity {
+        let weights: Vec<String> = student
+            .params()
+            .iter()
+            .filter(|p| p.var().as_tensor().rank() >= 2)
+            .map(|p| p.name().to_string())
+            .collect();
+        zero_masks(&student, &weights)?
+    } else {
+        Vec::new()
+    };
+    let held_zeros: usize = masks
+        .iter()
+        .map(|(_, m)| m.elem_count())
+        .sum::<usize>()
+        .saturating_sub(count_mask_ones(&masks)?);
+    let keep_zero = |m: &Model| -> compress::Result<()> { apply_masks(m, &masks) };
     let mut on_epoch = checkpointer(env.store, env.hooks, env.index, spec.train.epochs);
     let out = distill::distill(
         &teacher,
@@ -1153,6 +1184,7 @@ pub(super) fn distill(
         TrainHooks {
             on_epoch: Some(&mut on_epoch),
             resume: resume_checkpoint(env)?,
+            after_step: spec.keep_sparsity.then_some(&keep_zero as &_),
             ..Default::default()
         },
     )?;
@@ -1167,6 +1199,7 @@ pub(super) fn distill(
     let summary = json!({
         "temperature": spec.temperature,
         "alpha": spec.alpha,
+        "keep_sparsity": spec.keep_sparsity.then_some(json!({"zero_weights_held": held_zeros})),
         "teacher_cached": out.teacher_cached,
         "teacher_parameters": teacher_params,
         "student_parameters": student_params,

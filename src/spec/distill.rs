@@ -45,6 +45,8 @@ pub struct DistillSpec {
     pub features: Vec<FeaturePairSpec>,
     /// Also train the student on hard labels alone under the same budget, for comparison.
     pub baseline: bool,
+    /// Hold the student's zero weights at zero (retraining a pruned student).
+    pub keep_sparsity: bool,
 }
 
 impl DistillSpec {
@@ -69,6 +71,7 @@ impl DistillSpec {
             .map(|f| json!({"teacher": f.teacher, "student": f.student, "weight": f.weight}))
             .collect();
         v["baseline"] = json!(self.baseline);
+        v["keep_sparsity"] = json!(self.keep_sparsity);
         v
     }
 }
@@ -88,6 +91,7 @@ pub fn parse(
         "alpha",
         "features",
         "baseline",
+        "keep_sparsity",
     ];
     let temperature = match obj.get("temperature") {
         None | Some(Value::Null) => 4.0,
@@ -103,17 +107,29 @@ pub fn parse(
         },
     };
     let alpha = f64_in(obj, "alpha", (0.0, 1.0), pointer, &mut errors).unwrap_or(0.9);
-    let baseline = match obj.get("baseline") {
+    let flag = |key: &str, errors: &mut Vec<FieldError>| match obj.get(key) {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => {
             errors.push(FieldError::new(
-                format!("{pointer}/baseline"),
+                format!("{pointer}/{key}"),
                 "must be a boolean",
             ));
             false
         }
     };
+    let baseline = flag("baseline", &mut errors);
+    let keep_sparsity = flag("keep_sparsity", &mut errors);
+    if keep_sparsity
+        && obj
+            .get("student")
+            .is_some_and(|s| s.get("model_id").is_none())
+    {
+        errors.push(FieldError::new(
+            format!("{pointer}/keep_sparsity"),
+            "holds an uploaded (pruned) student's zero weights at zero; a fresh architecture has none",
+        ));
+    }
     let mut features = Vec::new();
     match obj.get("features") {
         None | Some(Value::Null) => {}
@@ -314,6 +330,7 @@ pub fn parse(
                     alpha,
                     features,
                     baseline,
+                    keep_sparsity,
                 },
                 student_facts,
             )),

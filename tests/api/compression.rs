@@ -937,6 +937,40 @@ async fn distillation_trains_a_smaller_student_and_reports_the_baseline() {
         .await
         .json();
     assert_eq!(out["parameters"], 64 * 16 + 16 + 16 * 10 + 10);
+
+    // A pruned copy of the teacher retrained by distillation keeps its zeros.
+    let (pruned, _) = run(
+        &t,
+        json!({"model_id": teacher, "steps": [{"op": "prune", "method": "magnitude", "sparsity": 0.8}]}),
+    )
+    .await;
+    let pruned = pruned["result"]["model_id"].as_str().unwrap();
+    let zeros_of = |bytes: &[u8]| -> Vec<Vec<bool>> {
+        let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        ["fc1.weight", "fc2.weight"]
+            .iter()
+            .map(|n| f32s(&st, n).iter().map(|v| *v == 0.0).collect())
+            .collect()
+    };
+    let before = zeros_of(&t.get(&format!("/v1/models/{pruned}/content")).await.body);
+    let mut step3 = train(&data, 2);
+    step3["op"] = json!("distill");
+    step3["student"] = json!({"model_id": pruned});
+    step3["keep_sparsity"] = json!(true);
+    step3["baseline"] = json!(true);
+    let (job, m) = run(&t, json!({"model_id": teacher, "steps": [step3]})).await;
+    let out_id = job["result"]["model_id"].as_str().unwrap();
+    let after = zeros_of(&t.get(&format!("/v1/models/{out_id}/content")).await.body);
+    let held: usize = before.iter().flatten().filter(|z| **z).count();
+    assert!(held > 0);
+    for (b, a) in before.iter().zip(&after) {
+        for (i, (zb, za)) in b.iter().zip(a).enumerate() {
+            assert!(!zb || *za, "weight {i} was pruned and came back");
+        }
+    }
+    let s = &m["steps"][0]["summary"];
+    assert_eq!(s["keep_sparsity"]["zero_weights_held"], held, "{s}");
+    assert_eq!(job["steps"][0]["keep_sparsity"], true);
 }
 
 #[tokio::test]
@@ -966,6 +1000,16 @@ async fn distillation_requests_are_checked_before_anything_is_queued() {
         (
             base(json!({"alpha": 1.5})),
             "/steps/0/alpha",
+            "validation_failed",
+        ),
+        (
+            base(json!({"keep_sparsity": true})),
+            "/steps/0/keep_sparsity",
+            "validation_failed",
+        ),
+        (
+            base(json!({"keep_sparsity": 1})),
+            "/steps/0/keep_sparsity",
             "validation_failed",
         ),
         (
