@@ -275,7 +275,8 @@ def deep(args):
                               "lr_schedule": {"kind": "cosine"}}
     job, m, seconds = run_job(args.url, {
         "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
-        "steps": [prune_step(train, args.iterations, args.round_epochs, lr=args.retrain_lr, weight_decay=args.retrain_wd),
+        "steps": [prune_step(train, args.iterations, args.round_epochs, lr=args.retrain_lr, weight_decay=args.retrain_wd,
+                             opt=args.retrain_optimizer),
                   kmeans_step]})
     final = m["final"]
     return {"experiment": "Deep Compression pipeline on MNIST LeNet-300-100: prune (iterative) -> kmeans-32 (5 bits), packed",
@@ -284,6 +285,8 @@ def deep(args):
             "test_error_percent": err(final["accuracy"]),
             "paper": {"float_kb": 1070, "compressed_kb": 27, "x": 40, "x_without_huffman": "~32", "error_percent": 1.58},
             "centroid_finetune_epochs": args.qat_epochs,
+            "retrain_optimizer": optimizer(args.retrain_optimizer, args.retrain_lr, args.retrain_wd),
+            "pruned_test_error_percent": err(m["steps"][0]["summary"]["iterations"][-1]["accuracy_after_retraining"]),
             "steps": [{"op": s["op"], "summary": {k: v for k, v in s["summary"].items() if k != "iterations"}} for s in m["steps"]],
             "seconds": round(seconds, 1), "job_id": job["id"]}
 
