@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::fields::{deny_unknown, f64_in, object};
+use super::fields::{bool_or, deny_unknown, f64_in, object};
 use super::train::{
     check_dataset_fits, parse_training, require_architecture, FinetuneSpec, TrainingRules,
     Validation,
@@ -107,19 +107,8 @@ pub fn parse(
         },
     };
     let alpha = f64_in(obj, "alpha", (0.0, 1.0), pointer, &mut errors).unwrap_or(0.9);
-    let flag = |key: &str, errors: &mut Vec<FieldError>| match obj.get(key) {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            errors.push(FieldError::new(
-                format!("{pointer}/{key}"),
-                "must be a boolean",
-            ));
-            false
-        }
-    };
-    let baseline = flag("baseline", &mut errors);
-    let keep_sparsity = flag("keep_sparsity", &mut errors);
+    let baseline = bool_or(obj, "baseline", false, pointer, &mut errors);
+    let keep_sparsity = bool_or(obj, "keep_sparsity", false, pointer, &mut errors);
     if keep_sparsity
         && obj
             .get("student")

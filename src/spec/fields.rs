@@ -27,6 +27,27 @@ pub fn f64_in(
     }
 }
 
+/// An optional boolean (`default` when absent or null, and after reporting a non-boolean).
+pub fn bool_or(
+    obj: &Map<String, Value>,
+    key: &str,
+    default: bool,
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) -> bool {
+    match obj.get(key) {
+        None | Some(Value::Null) => default,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            errors.push(FieldError::new(
+                format!("{pointer}/{key}"),
+                "must be a boolean",
+            ));
+            default
+        }
+    }
+}
+
 /// An optional integer in `[lo, hi]`.
 pub fn usize_in(
     obj: &Map<String, Value>,

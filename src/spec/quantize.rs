@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::fields::{choice, deny_unknown, f64_in, object, usize_in};
+use super::fields::{bool_or, choice, deny_unknown, f64_in, object, usize_in};
 use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingRules};
 use super::{
     check_patterns, patterns, Facts, FieldError, FloatDtype, FloatQuantize, Selection, Step,
@@ -405,30 +405,10 @@ pub fn parse(
     let qmethod = match method {
         "uniform" => {
             let bits = bits(2, 8, &mut errors);
-            let symmetric = match obj.get("symmetric") {
-                None | Some(Value::Null) => true,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    errors.push(FieldError::new(
-                        format!("{pointer}/symmetric"),
-                        "must be a boolean",
-                    ));
-                    true
-                }
-            };
+            let symmetric = bool_or(obj, "symmetric", true, pointer, &mut errors);
             let importance = parse_importance(obj, pointer, &selection, facts, &mut errors);
-            let search = match obj.get("search") {
-                // Importance weights the search, so it turns the search on.
-                None | Some(Value::Null) => importance.is_some(),
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    errors.push(FieldError::new(
-                        format!("{pointer}/search"),
-                        "must be a boolean",
-                    ));
-                    false
-                }
-            };
+            // Importance weights the search, so it turns the search on.
+            let search = bool_or(obj, "search", importance.is_some(), pointer, &mut errors);
             if importance.is_some() && !search {
                 errors.push(FieldError::new(
                     format!("{pointer}/search"),
@@ -690,17 +670,7 @@ fn parse_activations(
     }
     deny_unknown(a, &["bits", "symmetric", "calibration"], &ap, errors);
     let bits = usize_in(a, "bits", (2, 8), &ap, errors).unwrap_or(8) as u8;
-    let symmetric = match a.get("symmetric") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            errors.push(FieldError::new(
-                format!("{ap}/symmetric"),
-                "must be a boolean",
-            ));
-            false
-        }
-    };
+    let symmetric = bool_or(a, "symmetric", false, &ap, errors);
     let cp = format!("{ap}/calibration");
     let Some(c) = object(a, "calibration", &ap, errors) else {
         if !a.contains_key("calibration") {

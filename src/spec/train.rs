@@ -3,7 +3,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::fields::{choice, deny_unknown, escape, f64_in, object, usize_in};
+use super::fields::{bool_or, choice, deny_unknown, escape, f64_in, object, usize_in};
 use super::{patterns, Facts, FieldError};
 use crate::compress::select::glob_match;
 use crate::ids::DatasetId;
@@ -299,17 +299,7 @@ pub fn parse_training(
             match name {
                 "sgd" => {
                     let momentum = f64_in(o, "momentum", (0.0, 0.999), &op, errors).unwrap_or(0.9);
-                    let nesterov = match o.get("nesterov") {
-                        None | Some(Value::Null) => false,
-                        Some(Value::Bool(b)) => *b,
-                        Some(_) => {
-                            errors.push(FieldError::new(
-                                format!("{op}/nesterov"),
-                                "must be a boolean",
-                            ));
-                            false
-                        }
-                    };
+                    let nesterov = bool_or(o, "nesterov", false, &op, errors);
                     OptimizerSpec::Sgd {
                         lr: lr.unwrap_or(0.01),
                         momentum,
