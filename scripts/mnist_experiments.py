@@ -319,6 +319,24 @@ def quant(args):
     return out
 
 
+def importance(args):
+    """Low-bit uniform PTQ of LeNet-300-100: plain round-to-nearest, the clipping search, and the
+    search weighted by importance measured on 1,024 training samples."""
+    train, test = mnist(args)
+    base, base_final, _ = base_lenet(args, train, test)
+    out = {"experiment": "uniform PTQ of LeNet-300-100 per channel: RTN vs clipping search vs importance-weighted search",
+           "float_test_error_percent": err(base_final["accuracy"]), "results": {}}
+    for bits in (2, 3, 4):
+        for label, extra in (("rtn", {}), ("search", {"search": True}),
+                             ("importance", {"importance": {"dataset_id": train, "samples": 1024}})):
+            step = {"op": "quantize", "method": "uniform", "bits": bits, "granularity": "per_channel", **extra}
+            _, m, _ = run_job(args.url, {"model_id": base, "seed": args.seed,
+                                         "eval": {"dataset_id": test, "batch_size": 1000}, "steps": [step]})
+            out["results"][f"int{bits} {label}"] = err(m["final"]["accuracy"])
+            print(f"int{bits} {label}: {out['results'][f'int{bits} {label}']}%", file=sys.stderr)
+    return out
+
+
 def structured(args):
     train, test = mnist(args)
     base, base_final, _ = pretrained(args, LENET5, train, test, args.epochs, "lenet5")
@@ -389,7 +407,7 @@ def hinton(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("experiment", choices=["lenet", "transfer", "han", "deep", "quant", "structured", "hinton"])
+    ap.add_argument("experiment", choices=["lenet", "transfer", "han", "deep", "quant", "structured", "hinton", "importance"])
     ap.add_argument("--url", default="http://127.0.0.1:8080")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -419,7 +437,7 @@ def main():
     ap.add_argument("--students", default="800x800,30x30", help="student hidden widths (hinton)")
     args = ap.parse_args()
     experiments = {"lenet": lenet, "transfer": transfer, "han": han, "deep": deep, "quant": quant,
-                   "structured": structured, "hinton": hinton}
+                   "structured": structured, "hinton": hinton, "importance": importance}
     print(json.dumps(experiments[args.experiment](args), indent=1))
 
 

@@ -20,6 +20,7 @@ use super::arch::Layer;
 use super::data::{Dataset, Subset};
 use super::model::{ActivationTransform, Model};
 use super::progress::Ctx;
+use super::qcodec::Importance;
 use super::{Error, Result};
 
 /// Metadata key carrying the calibrated ranges of a model file.
@@ -197,9 +198,7 @@ pub fn calibrate(
         .filter(|(_, l)| matches!(l, Layer::Linear { .. } | Layer::Conv2d { .. }))
         .map(|(i, _)| i)
         .collect();
-    let mut indices: Vec<usize> = (0..data.samples).collect();
-    indices.shuffle(&mut ChaCha8Rng::seed_from_u64(params.seed));
-    indices.truncate(params.samples.min(data.samples));
+    let indices = calibration_draw(data, params.samples, params.seed);
     let subset = Subset {
         dataset: data,
         indices: indices.clone(),
@@ -245,6 +244,92 @@ pub fn calibrate(
         layers: out,
         indices,
     })
+}
+
+/// The seeded draw of `samples` calibration samples (all of them when there are fewer).
+fn calibration_draw(data: &Dataset, samples: usize, seed: u64) -> Vec<usize> {
+    let mut indices: Vec<usize> = (0..data.samples).collect();
+    indices.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    indices.truncate(samples.min(data.samples));
+    indices
+}
+
+/// Per-column importance of each top-level linear / conv2d weight for `uniform`'s search,
+/// measured on a seeded draw of `samples` calibration samples: for a linear layer, the mean
+/// square of each input feature; for a conv2d, each input channel's mean square over samples
+/// and positions, repeated over the kernel window (a weight row is in_channels × kh × kw,
+/// channel-major). Keys are the weights' tensor names; also returns the drawn indices.
+/// Layers inside residual blocks are not measured.
+pub fn input_importance(
+    model: &Model,
+    data: &Dataset,
+    samples: usize,
+    seed: u64,
+    ctx: &Ctx,
+) -> Result<(Importance, Vec<usize>)> {
+    if samples == 0 {
+        return Err(Error::InvalidParameter {
+            pointer: "/importance/samples".into(),
+            detail: "must be at least 1".into(),
+        });
+    }
+    let layers = model.architecture().layers();
+    // (layer index, weight name, kernel window size) of every measured layer.
+    let targets: Vec<(usize, String, usize)> = layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let window = match l {
+                Layer::Linear { .. } => 1,
+                Layer::Conv2d { kernel_size, .. } => kernel_size.0 * kernel_size.1,
+                _ => return None,
+            };
+            let name = l.name().map_or_else(|| i.to_string(), str::to_owned);
+            Some((i, format!("{name}.weight"), window))
+        })
+        .collect();
+    let indices = calibration_draw(data, samples, seed);
+    let subset = Subset {
+        dataset: data,
+        indices: indices.clone(),
+    };
+    let mut sums: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut counts = vec![0usize; targets.len()];
+    for batch in subset.batches(256) {
+        ctx.check()?;
+        let batch = batch?;
+        let (inputs, _) = model.top_level_inputs(&batch.x)?;
+        for (slot, (i, _, _)) in targets.iter().enumerate() {
+            let x = &inputs[*i];
+            // Linear: [batch, features]; conv2d: [batch, channels, h, w].
+            let (squares, n) = match x.dims() {
+                [b, _] => (x.sqr()?.sum(0)?, *b),
+                [b, _, h, w] => (x.sqr()?.sum(0)?.sum(1)?.sum(1)?, b * h * w),
+                dims => {
+                    return Err(Error::Internal(format!(
+                        "input of layer {i} has shape {dims:?}"
+                    )))
+                }
+            };
+            let squares = squares.to_vec1::<f32>()?;
+            let acc = &mut sums[slot];
+            acc.resize(squares.len(), 0.0);
+            for (a, v) in acc.iter_mut().zip(squares) {
+                *a += f64::from(v);
+            }
+            counts[slot] += n;
+        }
+    }
+    let mut out = Importance::new();
+    for (slot, (_, name, window)) in targets.into_iter().enumerate() {
+        let n = counts[slot].max(1) as f64;
+        let per_channel = sums[slot].iter().map(|s| (s / n) as f32);
+        let row: Vec<f32> = per_channel
+            .flat_map(|v| std::iter::repeat_n(v, window))
+            .collect();
+        out.insert(name, row);
+    }
+    Ok((out, indices))
 }
 
 /// The transform that fake-quantizes each calibrated layer's input.
@@ -406,5 +491,61 @@ mod tests {
         let (s, z) = scale_zero(-2.0, 1.0, 8, true);
         assert_eq!(z, 128);
         assert!((fake(2.0, s, z, 8) - 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn importance_is_each_input_features_mean_square_on_the_drawn_samples() {
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let d = data(300);
+        let model = mlp();
+        let (imp, indices) = input_importance(&model, &d, 200, 7, &ctx).unwrap();
+        assert_eq!(indices, calibration_draw(&d, 200, 7));
+        let DatasetX::F32(x) = &d.x else {
+            unreachable!()
+        };
+        // fc1 sees the raw features.
+        let fc1 = &imp["fc1.weight"];
+        assert_eq!(fc1.len(), 8);
+        for (j, &v) in fc1.iter().enumerate() {
+            let want: f64 = indices
+                .iter()
+                .map(|&s| f64::from(x[s * 8 + j]).powi(2))
+                .sum::<f64>()
+                / indices.len() as f64;
+            assert!(
+                (f64::from(v) - want).abs() <= 1e-5 * want.max(1e-6),
+                "fc1[{j}]: {v} vs {want}"
+            );
+        }
+        // fc2 sees fc1's ReLU output: 16 non-negative values.
+        assert_eq!(imp["fc2.weight"].len(), 16);
+        assert!(imp["fc2.weight"].iter().all(|v| *v >= 0.0));
+        // A conv layer's row is channels × kernel window, channel-major.
+        let arch = Architecture::from_json(
+            &serde_json::json!({"kind":"sequential","input_shape":[2,2,2],"layers":[
+            {"type":"conv2d","name":"c","in_channels":2,"out_channels":3,"kernel_size":2},
+            {"type":"flatten"},{"type":"linear","name":"fc","in_features":3,"out_features":3}]}),
+        )
+        .unwrap();
+        let conv = Model::init(&arch, 2).unwrap();
+        let (imp, indices) = input_importance(&conv, &d, 300, 1, &ctx).unwrap();
+        let c = &imp["c.weight"];
+        assert_eq!(c.len(), 2 * 4);
+        for ch in 0..2 {
+            let want: f64 = indices
+                .iter()
+                .flat_map(|&s| (0..4).map(move |p| s * 8 + ch * 4 + p))
+                .map(|i| f64::from(x[i]).powi(2))
+                .sum::<f64>()
+                / (indices.len() * 4) as f64;
+            for k in 0..4 {
+                assert!(
+                    (f64::from(c[ch * 4 + k]) - want).abs() <= 1e-5 * want,
+                    "channel {ch}"
+                );
+            }
+        }
+        assert!(input_importance(&model, &d, 0, 7, &ctx).is_err());
     }
 }

@@ -28,7 +28,9 @@ use crate::compress::{self, packed};
 use crate::db::models::ModelRecord;
 use crate::spec::distill::StudentSpec;
 use crate::spec::prune::{PruneMethod, PruneOutput, PruneScope};
-use crate::spec::quantize::{CalibrationMethod, Granularity, KmeansInit, QuantFormat, QuantMethod};
+use crate::spec::quantize::{
+    CalibrationMethod, Granularity, ImportanceSource, KmeansInit, QuantFormat, QuantMethod,
+};
 use crate::spec::{DistillSpec, EvalSpec, FinetuneSpec, PruneSpec, QuantizeSpec};
 use crate::store::{BlobStore, TempBlob};
 
@@ -649,37 +651,62 @@ fn quant_method(m: &QuantMethod) -> Option<QMethod> {
     })
 }
 
-/// The importance weights a `uniform` step names (`importance.model_id`), for the selected
-/// tensors the file has an entry for; and what to report about them.
+/// The importance weights of a `uniform` step's selected tensors: read from the uploaded
+/// file it names, or measured on the model over calibration samples; and what to report
+/// about them.
 fn load_importance(
     env: &Env,
     spec: &QuantizeSpec,
     method: &QMethod,
     input: &SafetensorsFile,
+    arch_json: &Option<Value>,
     selected: &[String],
 ) -> Result<(Importance, Value), PipelineError> {
     let QuantMethod::Uniform {
-        importance: Some(id),
+        importance: Some(source),
         ..
     } = &spec.method
     else {
         return Ok((Importance::new(), Value::Null));
     };
-    let record = env.models.get(id).ok_or_else(|| {
-        failed(
-            "model_not_found",
-            format!("importance model {id} no longer exists"),
-        )
-    })?;
-    let file = SafetensorsFile::open(env.store.path(&record.sha256))?;
+    let (mut all, mut summary) = match source {
+        ImportanceSource::Model(id) => {
+            let record = env.models.get(id).ok_or_else(|| {
+                failed(
+                    "model_not_found",
+                    format!("importance model {id} no longer exists"),
+                )
+            })?;
+            let file = SafetensorsFile::open(env.store.path(&record.sha256))?;
+            let mut all = Importance::new();
+            for info in &file.header().tensors {
+                if selected.contains(&info.name) {
+                    all.insert(info.name.clone(), file.to_f32(info)?);
+                }
+            }
+            (all, json!({ "model_id": id }))
+        }
+        ImportanceSource::Calibration {
+            dataset_id,
+            samples,
+        } => {
+            let arch = current_arch(arch_json)?;
+            let model = Model::from_safetensors(&arch, input)?;
+            let data = env.datasets.get(dataset_id)?;
+            let (all, indices) =
+                activations::input_importance(&model, data, *samples, env.seed, env.ctx)?;
+            let summary = json!({"dataset_id": dataset_id.to_string(), "samples": indices.len(),
+                                 "seed": env.seed, "indices": indices});
+            (all, summary)
+        }
+    };
     let mut importance = Importance::new();
     let mut unweighted = Vec::new();
     for name in selected {
-        let Some(info) = file.header().tensors.iter().find(|t| &t.name == name) else {
+        let Some(w) = all.remove(name) else {
             unweighted.push(name.clone());
             continue;
         };
-        let w = file.to_f32(info)?;
         if let Some(t) = input.header().tensors.iter().find(|t| &t.name == name) {
             qcodec::check_importance(name, &t.shape, method, &w)?;
         }
@@ -687,7 +714,8 @@ fn load_importance(
     }
     let mut weighted: Vec<&String> = importance.keys().collect();
     weighted.sort();
-    let summary = json!({"model_id": id, "weighted": weighted, "unweighted": unweighted});
+    summary["weighted"] = json!(weighted);
+    summary["unweighted"] = json!(unweighted);
     Ok((importance, summary))
 }
 
@@ -763,7 +791,8 @@ pub(super) fn quantize(
     }
     let method = quant_method(&spec.method).ok_or_else(|| failed("internal_error", "gguf"))?;
     let seed = env.seed;
-    let (importance, importance_summary) = load_importance(env, spec, &method, input, &selected)?;
+    let (importance, importance_summary) =
+        load_importance(env, spec, &method, input, arch_json, &selected)?;
     let quantizer = Quantizer {
         method,
         importance: std::sync::Arc::new(importance),

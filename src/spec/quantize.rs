@@ -69,8 +69,8 @@ pub enum QuantMethod {
         granularity: Granularity,
         /// Search the clipping range that minimises the squared error (instead of min/max).
         search: bool,
-        /// A model whose tensors weight the search's squared error per column (`importance`).
-        importance: Option<String>,
+        /// Per-column weights of the search's squared error (`importance`).
+        importance: Option<ImportanceSource>,
     },
     /// Non-uniform shared weights (a codebook per tensor).
     Kmeans {
@@ -105,6 +105,33 @@ impl QuantMethod {
             Self::Log2 { .. } => "log2",
             Self::Nf4 { .. } => "nf4",
             Self::Gguf { .. } => "gguf",
+        }
+    }
+}
+
+/// Where `uniform`'s per-column importance weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImportanceSource {
+    /// An uploaded safetensors of weights, by model id.
+    Model(String),
+    /// Measured on the job's model over a seeded draw of a dataset's samples.
+    Calibration {
+        /// The calibration dataset.
+        dataset_id: DatasetId,
+        /// Samples drawn.
+        samples: usize,
+    },
+}
+
+impl ImportanceSource {
+    /// Normalised JSON.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Model(id) => json!({ "model_id": id }),
+            Self::Calibration {
+                dataset_id,
+                samples,
+            } => json!({"dataset_id": dataset_id.to_string(), "samples": samples}),
         }
     }
 }
@@ -210,8 +237,8 @@ impl QuantizeSpec {
                 v["bits"] = json!(bits);
                 v["symmetric"] = json!(symmetric);
                 v["search"] = json!(search);
-                if let Some(id) = importance {
-                    v["importance"] = json!({ "model_id": id });
+                if let Some(source) = importance {
+                    v["importance"] = source.to_json();
                 }
                 match granularity {
                     Granularity::PerTensor => v["granularity"] = json!("per_tensor"),
@@ -591,37 +618,73 @@ pub fn parse(
 
 /// The `activations` object: bits, symmetric, and `calibration` {dataset_id, samples, method,
 /// percentile}. Needs the architecture; not for `float` or `gguf`.
-/// `importance: {"model_id"}`: an uploaded safetensors whose tensor named like a selected
-/// weight holds one non-negative weight per element of that weight's rows (`shape[1..]`).
-/// Checked here: the model exists, names at least one selected tensor, and each such entry
-/// has the right number of elements (its values are checked when the step reads them).
+/// `importance`: `{"model_id"}`, an uploaded safetensors whose tensor named like a selected
+/// weight holds one non-negative weight per element of that weight's rows (`shape[1..]`); or
+/// `{"dataset_id", "samples"}`, measured on the model (needs its architecture). Checked here:
+/// the model exists, names at least one selected tensor, and each such entry has the right
+/// number of elements (its values are checked when the step reads them); the dataset exists
+/// and fits the model.
 fn parse_importance(
     obj: &Map<String, Value>,
     pointer: &str,
     selection: &Selection,
     facts: Option<&Facts>,
     errors: &mut Vec<FieldError>,
-) -> Option<String> {
+) -> Option<ImportanceSource> {
     let imp = object(obj, "importance", pointer, errors)?;
     let ip = format!("{pointer}/importance");
-    deny_unknown(imp, &["model_id"], &ip, errors);
+    deny_unknown(imp, &["model_id", "dataset_id", "samples"], &ip, errors);
+    if imp.contains_key("dataset_id") {
+        if imp.contains_key("model_id") {
+            errors.push(FieldError::new(
+                &ip,
+                "give either `model_id` (uploaded weights) or `dataset_id` (measured here), not both",
+            ));
+            return None;
+        }
+        let samples = usize_in(imp, "samples", (1, 100_000), &ip, errors).unwrap_or(256);
+        let dataset_id = super::train::dataset_ref(imp, &ip, facts, errors)?;
+        if let Some(f) = facts {
+            if require_architecture(f, pointer, errors) {
+                super::train::check_dataset_fits(
+                    f,
+                    &dataset_id,
+                    None,
+                    false,
+                    &format!("{ip}/dataset_id"),
+                    errors,
+                );
+            }
+        }
+        return Some(ImportanceSource::Calibration {
+            dataset_id,
+            samples,
+        });
+    }
+    if imp.contains_key("samples") {
+        errors.push(FieldError::new(
+            format!("{ip}/samples"),
+            "applies to a measured importance (`dataset_id`) only",
+        ));
+    }
     let id = match imp.get("model_id") {
         Some(Value::String(id)) if uuid::Uuid::parse_str(id).is_ok() => id.clone(),
         _ => {
             errors.push(FieldError::new(
                 format!("{ip}/model_id"),
-                "is required: the id of an uploaded safetensors of importance weights",
+                "is required: the id of an uploaded safetensors of importance weights, or give `dataset_id` to measure them",
             ));
             return None;
         }
     };
-    let Some(f) = facts else { return Some(id) };
+    let source = Some(ImportanceSource::Model(id.clone()));
+    let Some(f) = facts else { return source };
     let Some(m) = f.models.get(&id) else {
         errors.push(FieldError {
             code: "model_not_found",
             ..FieldError::new(format!("{ip}/model_id"), "no model with this id")
         });
-        return Some(id);
+        return source;
     };
     let mut named = 0;
     for t in selection.resolve(&f.tensors) {
@@ -649,7 +712,7 @@ fn parse_importance(
             "the importance model has no tensor named like a selected weight",
         ));
     }
-    Some(id)
+    source
 }
 
 fn parse_activations(

@@ -743,6 +743,49 @@ async fn importance_weights_steer_the_clipping_search_toward_the_columns_that_ma
             (with(json!({"importance": {}})), "/steps/0/importance/model_id", "validation_failed"),
             (with(json!({"importance": iid, "include": ["b.weight"]})), "/steps/0/importance/model_id", "validation_failed"),
             (json!({"model_id": mid, "steps": [{"op": "quantize", "method": "nf4", "group_size": 16, "importance": iid}]}), "/steps/0/importance", "validation_failed"),
+            (with(json!({"importance": {"model_id": iid, "samples": 10}})), "/steps/0/importance/samples", "validation_failed"),
+            // Measuring needs an architecture to run.
+            (with(json!({"importance": {"dataset_id": unknown}})), "/steps/0/importance/dataset_id", "dataset_not_found"),
+        ],
+    )
+    .await;
+
+    // Measured on the model: each layer's mean squared input over a seeded calibration draw.
+    let data = upload_dataset(&t, digits()).await;
+    let net = trained(&t, mlp(16), &data, 2).await;
+    let step = |importance: Value| {
+        json!({"model_id": net, "steps": [{"op": "quantize", "method": "uniform", "bits": 3,
+               "importance": importance}]})
+    };
+    let (job, m) = run(&t, step(json!({"dataset_id": data, "samples": 100}))).await;
+    let imp = &m["steps"][0]["summary"]["importance"];
+    assert_eq!(imp["dataset_id"], data.as_str(), "{imp}");
+    assert_eq!(imp["samples"], 100);
+    assert_eq!(imp["indices"].as_array().unwrap().len(), 100);
+    assert_eq!(imp["weighted"], json!(["fc1.weight", "fc2.weight"]));
+    assert_eq!(imp["unweighted"], json!([]));
+    assert_eq!(
+        job["steps"][0]["importance"],
+        json!({"dataset_id": data, "samples": 100})
+    );
+    assert_job_refusals(
+        &t,
+        [
+            (
+                with(json!({"importance": {"dataset_id": data}})),
+                "/steps/0/op",
+                "architecture_required",
+            ),
+            (
+                step(json!({"dataset_id": data, "model_id": iid["model_id"]})),
+                "/steps/0/importance",
+                "validation_failed",
+            ),
+            (
+                step(json!({"dataset_id": data, "samples": 0})),
+                "/steps/0/importance/samples",
+                "validation_failed",
+            ),
         ],
     )
     .await;
