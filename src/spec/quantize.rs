@@ -616,8 +616,6 @@ pub fn parse(
     }
 }
 
-/// The `activations` object: bits, symmetric, and `calibration` {dataset_id, samples, method,
-/// percentile}. Needs the architecture; not for `float` or `gguf`.
 /// `importance`: `{"model_id"}`, an uploaded safetensors whose tensor named like a selected
 /// weight holds one non-negative weight per element of that weight's rows (`shape[1..]`); or
 /// `{"dataset_id", "samples"}`, measured on the model (needs its architecture). Checked here:
@@ -715,6 +713,8 @@ fn parse_importance(
     source
 }
 
+/// The `activations` object: bits, symmetric, and `calibration` {dataset_id, samples, method,
+/// percentile}. Needs the architecture; not for `float` or `gguf`.
 fn parse_activations(
     obj: &Map<String, Value>,
     pointer: &str,
