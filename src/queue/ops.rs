@@ -720,6 +720,7 @@ fn load_importance(
 }
 
 /// A quantization method and the importance weights of the tensors it weights.
+#[derive(Clone)]
 struct Quantizer {
     method: QMethod,
     importance: std::sync::Arc<Importance>,
@@ -1081,10 +1082,7 @@ fn quantization_aware_training(
     let arch = current_arch(arch_json)?;
     let mut model = Model::from_safetensors(&arch, input)?;
     let method = quantizer.method;
-    let quantizer = Quantizer {
-        method,
-        importance: quantizer.importance.clone(),
-    };
+    let quantizer = quantizer.clone();
     let selected_set: HashSet<String> = selected.iter().cloned().collect();
     // k-means: weights tied within their clusters (centroid fine-tuning); the others:
     // fake-quantized forward with straight-through gradients.
