@@ -163,13 +163,15 @@ mod tests {
         let selected = HashSet::from(["fc.weight".to_string()]);
         let shared = SharedWeights::new(&model, &selected, &kmeans(4), 0).unwrap();
         assert_eq!(shared.len(), 1);
-        let start = fc
-            .var()
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let values = || {
+            fc.var()
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let start = values();
         let levels = distinct(fc.var().as_tensor());
         assert!(levels.len() <= 4 && levels.contains(&0.0), "{levels:?}");
         // An optimizer-like update that moves every weight differently.
@@ -179,13 +181,7 @@ mod tests {
             .set(&(fc.var().as_tensor() + &noise).unwrap())
             .unwrap();
         shared.project(&model).unwrap();
-        let after = fc
-            .var()
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let after = values();
         let noise = noise.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // Each cluster moved by the mean of its members' updates; zeros stayed zero.
         for level in levels {

@@ -52,6 +52,16 @@ pub(super) struct Env<'a> {
     pub models: &'a std::collections::HashMap<String, ModelRecord>,
 }
 
+/// A model the job names besides its input (`role`: what it is for, for the error).
+fn named_model<'a>(env: &Env<'a>, id: &str, role: &str) -> Result<&'a ModelRecord, PipelineError> {
+    env.models.get(id).ok_or_else(|| {
+        failed(
+            "model_not_found",
+            format!("{role} model {id} no longer exists"),
+        )
+    })
+}
+
 /// What a step produced.
 pub(super) struct StepOut {
     /// The new float model file, when the step writes one (what the next step reads).
@@ -671,12 +681,7 @@ fn load_importance(
     };
     let (mut all, mut summary) = match source {
         ImportanceSource::Model(id) => {
-            let record = env.models.get(id).ok_or_else(|| {
-                failed(
-                    "model_not_found",
-                    format!("importance model {id} no longer exists"),
-                )
-            })?;
+            let record = named_model(env, id, "importance")?;
             let file = SafetensorsFile::open(env.store.path(&record.sha256))?;
             let mut all = Importance::new();
             for info in &file.header().tensors {
@@ -1151,12 +1156,7 @@ pub(super) fn distill(
     let teacher = Model::from_safetensors(&teacher_arch, input)?;
     let (student_arch, student) = match &spec.student {
         StudentSpec::Model(id) => {
-            let record = env.models.get(id).ok_or_else(|| {
-                failed(
-                    "model_not_found",
-                    format!("student model {id} no longer exists"),
-                )
-            })?;
+            let record = named_model(env, id, "student")?;
             let arch = current_arch(&record.architecture)?;
             let file = SafetensorsFile::open(env.store.path(&record.sha256))?;
             let m = Model::from_safetensors(&arch, &file)?;

@@ -77,6 +77,15 @@ async fn trained(t: &TestApp, arch: Value, data: &str, epochs: usize) -> String 
     job["result"]["model_id"].as_str().unwrap().to_string()
 }
 
+/// The bytes of a job's output model.
+async fn output(t: &TestApp, job: &Value) -> Vec<u8> {
+    let id = job["result"]["model_id"].as_str().unwrap();
+    t.get(&format!("/v1/models/{id}/content"))
+        .await
+        .body
+        .to_vec()
+}
+
 async fn content(t: &TestApp, job: &Value, kind: &str) -> Vec<u8> {
     let art = job["result"]["artifacts"]
         .as_array()
@@ -142,13 +151,7 @@ async fn magnitude_pruning_layer_and_global_prunes_exactly_the_smallest_weights(
         json!({"model_id": mid, "steps": [{"op": "prune", "method": "magnitude", "sparsity": 0.75, "scope": "layer"}]}),
     )
     .await;
-    let out = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let out = output(&t, &job).await;
     let st = safetensors::SafeTensors::deserialize(&out).unwrap();
     for (name, n) in [("a.weight", 512usize), ("b.weight", 128)] {
         let before = f32s(&src, name);
@@ -183,13 +186,7 @@ async fn magnitude_pruning_layer_and_global_prunes_exactly_the_smallest_weights(
         json!({"model_id": mid, "steps": [{"op": "prune", "sparsity": 0.5, "scope": "global"}]}),
     )
     .await;
-    let out = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let out = output(&t, &job).await;
     let st = safetensors::SafeTensors::deserialize(&out).unwrap();
     let mut pruned_max = 0f32;
     let mut kept_min = f32::INFINITY;
@@ -219,13 +216,7 @@ async fn n_m_and_sparse_output_write_what_they_report() {
     )
     .await;
     // The dense model: every group of 4 consecutive inputs keeps exactly 2.
-    let dense = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let dense = output(&t, &job).await;
     let st = safetensors::SafeTensors::deserialize(&dense).unwrap();
     for name in ["a.weight", "b.weight"] {
         let w = f32s(&st, name);
@@ -372,13 +363,7 @@ async fn gradual_pruning_retrains_with_pruned_weights_held_at_zero() {
         assert!(r["accuracy_after_retraining"].as_f64().is_some(), "{r}");
     }
     assert_eq!(step["epochs"].as_array().unwrap().len(), 6);
-    let out = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let out = output(&t, &job).await;
     let st = safetensors::SafeTensors::deserialize(&out).unwrap();
     let w = f32s(&st, "fc1.weight");
     let zeros = w.iter().filter(|v| **v == 0.0).count();
@@ -445,13 +430,7 @@ async fn uniform_int8_packed_codes_follow_the_standard_formula() {
     .await;
     let original = wide_model();
     let src = safetensors::SafeTensors::deserialize(&original).unwrap();
-    let dense = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let dense = output(&t, &job).await;
     let deq = safetensors::SafeTensors::deserialize(&dense).unwrap();
     let packed = content(&t, &job, "packed").await;
     let pk = safetensors::SafeTensors::deserialize(&packed).unwrap();
@@ -514,13 +493,7 @@ async fn kmeans_log2_and_nf4_use_their_codebooks() {
         json!({"model_id": mid, "steps": [{"op": "quantize", "method": "kmeans", "clusters": 4, "init": "linear"}]}),
     )
     .await;
-    let out = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let out = output(&t, &job).await;
     let st = safetensors::SafeTensors::deserialize(&out).unwrap();
     assert!(distinct(&f32s(&st, "a.weight")) <= 4);
     assert!(m["steps"][0]["layers"][0]["mse"].as_f64().unwrap() > 0.0);
@@ -530,13 +503,7 @@ async fn kmeans_log2_and_nf4_use_their_codebooks() {
         json!({"model_id": mid, "steps": [{"op": "quantize", "method": "log2", "bits": 4}]}),
     )
     .await;
-    let out = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let out = output(&t, &job).await;
     let st = safetensors::SafeTensors::deserialize(&out).unwrap();
     let w = f32s(&st, "a.weight");
     for row in w.chunks(32) {
@@ -555,13 +522,7 @@ async fn kmeans_log2_and_nf4_use_their_codebooks() {
         json!({"model_id": mid, "steps": [{"op": "quantize", "method": "nf4", "group_size": 16}]}),
     )
     .await;
-    let out = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let out = output(&t, &job).await;
     let st = safetensors::SafeTensors::deserialize(&out).unwrap();
     for group in f32s(&st, "a.weight").chunks(16) {
         assert!(distinct(group) <= 16);
@@ -710,8 +671,7 @@ async fn importance_weights_steer_the_clipping_search_toward_the_columns_that_ma
     );
     let mut outputs = Vec::new();
     for j in [&plain, &job] {
-        let id = j["result"]["model_id"].as_str().unwrap();
-        let bytes = t.get(&format!("/v1/models/{id}/content")).await.body;
+        let bytes = output(&t, j).await;
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         outputs.push((f32s(&st, "a.weight"), f32s(&st, "b.weight")));
     }
@@ -846,13 +806,7 @@ async fn quantization_aware_training_beats_post_training_quantization_at_low_bit
     assert!(qat_acc > ptq_acc, "QAT {qat_acc} vs PTQ {ptq_acc}");
     assert_eq!(m["steps"][0]["epochs"].as_array().unwrap().len(), 3);
     // The output holds at most 4 levels per output channel (2-bit codes).
-    let out = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let out = output(&t, &job).await;
     let st = safetensors::SafeTensors::deserialize(&out).unwrap();
     for row in f32s(&st, "fc1.weight").chunks(64) {
         let mut bits: Vec<u32> = row.iter().map(|x| x.to_bits()).collect();
@@ -902,13 +856,7 @@ async fn kmeans_qat_fine_tunes_shared_centroids_and_keeps_pruned_weights_at_zero
     let qat_acc = m["final"]["accuracy"].as_f64().unwrap();
     assert!(qat_acc > ptq_acc, "QAT {qat_acc} vs PTQ {ptq_acc}");
     // At most 4 values (one of them the pinned 0) and every pruned weight still 0.
-    let out = t
-        .get(&format!(
-            "/v1/models/{}/content",
-            job["result"]["model_id"].as_str().unwrap()
-        ))
-        .await
-        .body;
+    let out = output(&t, &job).await;
     let w = f32s(
         &safetensors::SafeTensors::deserialize(&out).unwrap(),
         "fc1.weight",
@@ -1002,8 +950,7 @@ async fn distillation_trains_a_smaller_student_and_reports_the_baseline() {
     step3["keep_sparsity"] = json!(true);
     step3["baseline"] = json!(true);
     let (job, m) = run(&t, json!({"model_id": teacher, "steps": [step3]})).await;
-    let out_id = job["result"]["model_id"].as_str().unwrap();
-    let after = zeros_of(&t.get(&format!("/v1/models/{out_id}/content")).await.body);
+    let after = zeros_of(&output(&t, &job).await);
     let held: usize = before.iter().flatten().filter(|z| **z).count();
     assert!(held > 0);
     for (b, a) in before.iter().zip(&after) {
