@@ -10,7 +10,7 @@ use whittle::db::jobs::JobState;
 use crate::helpers::*;
 
 /// The 1,797 digits (8×8 scaled to [0, 1]) as a safetensors dataset.
-fn digits() -> Vec<u8> {
+pub(crate) fn digits() -> Vec<u8> {
     let d = smartcore::dataset::digits::load_dataset();
     let x: Vec<f32> = d.data.iter().map(|v| *v / 16.0).collect();
     let y: Vec<i64> = d.target.iter().map(|v| *v as i64).collect();
@@ -31,7 +31,7 @@ fn digits() -> Vec<u8> {
     .unwrap()
 }
 
-fn mlp(hidden: usize) -> Value {
+pub(crate) fn mlp(hidden: usize) -> Value {
     json!({"kind": "sequential", "input_shape": [1, 8, 8], "layers": [
         {"type": "flatten"},
         {"type": "linear", "name": "fc1", "in_features": 64, "out_features": hidden},
@@ -39,7 +39,7 @@ fn mlp(hidden: usize) -> Value {
         {"type": "linear", "name": "fc2", "in_features": hidden, "out_features": 10}]})
 }
 
-fn cnn() -> Value {
+pub(crate) fn cnn() -> Value {
     json!({"kind": "sequential", "input_shape": [1, 8, 8], "layers": [
         {"type": "conv2d", "name": "conv1", "in_channels": 1, "out_channels": 8, "kernel_size": 3, "padding": 1},
         {"type": "batch_norm2d", "name": "bn1", "num_features": 8},
