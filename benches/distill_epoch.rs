@@ -20,13 +20,13 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use whittle::compress::arch::Architecture;
-use whittle::compress::data::{Dataset, DatasetX};
 use whittle::compress::distill::{distill_with_cache, DistillParams, TeacherCache};
-use whittle::compress::finetune::{finetune, FinetuneParams, Validation};
-use whittle::compress::model::Model;
+use whittle::compress::engine::data::{Dataset, DatasetX};
+use whittle::compress::engine::finetune::{finetune, FinetuneParams, Validation};
+use whittle::compress::engine::sequential::arch::Architecture;
+use whittle::compress::engine::sequential::model::Model;
+use whittle::compress::engine::train::TrainHooks;
 use whittle::compress::progress::Ctx;
-use whittle::compress::train::TrainHooks;
 
 fn mlp(hidden: usize, dropout: bool) -> Architecture {
     let mut layers = vec![serde_json::json!({"type":"flatten"})];

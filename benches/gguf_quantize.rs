@@ -33,11 +33,11 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use whittle::compress::gguf::{write_gguf, GgufReport, GgufType};
-use whittle::compress::progress::Ctx;
-use whittle::compress::tensors::{
+use whittle::compress::formats::gguf::{write_gguf, GgufReport, GgufType};
+use whittle::compress::formats::safetensors::{
     encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
 };
+use whittle::compress::progress::Ctx;
 
 const ROWS: usize = 4096;
 const COLS: usize = 4096;
@@ -56,7 +56,7 @@ fn tensor_values(seed: u64) -> Vec<f32> {
 /// Writes the input file unless one of the right size is already there.
 fn make_input(n_tensors: usize) -> BoxResult<()> {
     let expected = (n_tensors * ROWS * COLS * 4) as u64;
-    if let Ok(h) = whittle::compress::tensors::read_header(INPUT) {
+    if let Ok(h) = whittle::compress::formats::safetensors::read_header(INPUT) {
         if h.data_len() as u64 == expected {
             return Ok(());
         }

@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use whittle::compress::packed::{quantize_file, Format};
+use whittle::compress::formats::packed::{quantize_file, Format};
+use whittle::compress::formats::safetensors::{
+    write_safetensors, Dtype, SafetensorsFile, TensorSpec,
+};
 use whittle::compress::progress::Ctx;
-use whittle::compress::qcodec::{quantize_symmetric_rows, quantize_tensor, Granularity, Method};
-use whittle::compress::tensors::{write_safetensors, Dtype, SafetensorsFile, TensorSpec};
+use whittle::compress::quant::{quantize_symmetric_rows, quantize_tensor, Granularity, Method};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)

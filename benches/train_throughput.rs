@@ -25,13 +25,13 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use whittle::compress::arch::Architecture;
-use whittle::compress::data::{Dataset, DatasetX, Subset};
-use whittle::compress::model::Model;
-use whittle::compress::progress::Ctx;
-use whittle::compress::train::{
+use whittle::compress::engine::data::{Dataset, DatasetX, Subset};
+use whittle::compress::engine::sequential::arch::Architecture;
+use whittle::compress::engine::sequential::model::Model;
+use whittle::compress::engine::train::{
     cross_entropy, train, LrSchedule, Optimizer, ScheduleKind, TrainConfig, TrainHooks,
 };
+use whittle::compress::progress::Ctx;
 
 const BATCH: usize = 128;
 

@@ -11,25 +11,13 @@
 //! a progress callback and a cancel flag, and get back values or a [`Error`] whose
 //! [`Error::code`] is the stable, user-facing error code of the REST contract.
 
-pub mod activations;
-pub mod arch;
-pub mod conv;
-pub mod data;
 pub mod distill;
-pub mod evaluate;
-pub mod finetune;
-pub mod gguf;
-pub mod model;
-pub mod packed;
+pub mod engine;
+pub mod formats;
 pub mod progress;
 pub mod prune;
-pub mod qcodec;
-pub mod quantize;
+pub mod quant;
 pub mod select;
-pub mod sharing;
-pub mod structured;
-pub mod tensors;
-pub mod train;
 
 /// Everything that can go wrong in compression compute, named by cause.
 ///

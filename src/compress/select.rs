@@ -5,7 +5,7 @@
 //! conv kernels; biases and norms are left alone unless included). It only looks at
 //! names, dtypes and shapes, never at tensor data.
 
-use super::tensors::TensorInfo;
+use super::formats::safetensors::TensorInfo;
 
 /// Whether `name` matches the glob `pattern`: `*` matches any run of characters (dots
 /// included), `?` exactly one character, everything else itself.
@@ -144,7 +144,7 @@ pub fn unmatched_patterns(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::tensors::Dtype;
+    use crate::compress::formats::safetensors::Dtype;
 
     fn t(name: &str, dtype: Dtype, shape: &[usize]) -> TensorInfo {
         TensorInfo {

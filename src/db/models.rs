@@ -128,7 +128,7 @@ pub async fn blob_referenced(db: &Db, sha256: &str) -> Result<bool> {
 
 /// The `tensors` inventory (`[{name, dtype, shape}]`) and parameter count (elements of
 /// floating-point tensors; integer buffers such as position ids are not parameters) of a file.
-pub fn inventory(header: &crate::compress::tensors::Header) -> (Value, i64) {
+pub fn inventory(header: &crate::compress::formats::safetensors::Header) -> (Value, i64) {
     let tensors = header
         .tensors
         .iter()

@@ -15,7 +15,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page};
 use super::models::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
-use crate::compress::data::Dataset;
+use crate::compress::engine::data::Dataset;
 use crate::db::datasets::{self, DatasetRecord};
 use crate::ids::{now_micros, rfc3339, DatasetId};
 use crate::store::TempBlob;

@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page};
 use super::AppState;
-use crate::compress::arch::Architecture;
-use crate::compress::tensors::{self, Dtype, TensorSpec};
+use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
 use crate::db::models::{self, ModelRecord};
 use crate::ids::{now_micros, rfc3339, ModelId};
 use crate::queue::runner::META_ARCHITECTURE;
@@ -254,7 +254,7 @@ async fn ingest(
 ) -> ApiResult<ModelRecord> {
     let name = clean_name(name)?;
     let path = temp.path().to_path_buf();
-    let header = tokio::task::spawn_blocking(move || tensors::read_header(path)).await??;
+    let header = tokio::task::spawn_blocking(move || safetensors::read_header(path)).await??;
     let architecture = match architecture {
         Some(a) => Some(a),
         None => match header.metadata.get(META_ARCHITECTURE) {
@@ -395,11 +395,11 @@ async fn create_from_architecture(
             .map(|(p, _)| TensorSpec::new(p.name.clone(), Dtype::F32, p.shape.clone()))
             .collect();
         let mut temp = store.create_temp().map_err(ApiError::internal)?;
-        tensors::write_safetensors(&mut temp, &metadata, &specs, |i, w| {
-            w.write_all(&tensors::encode_f32(&params[i].1))?;
+        safetensors::write_safetensors(&mut temp, &metadata, &specs, |i, w| {
+            w.write_all(&safetensors::encode_f32(&params[i].1))?;
             Ok(())
         })?;
-        let header = tensors::read_header(temp.path())?;
+        let header = safetensors::read_header(temp.path())?;
         Ok((store.commit(temp)?, header))
     })
     .await??;

@@ -11,20 +11,20 @@ use super::runner::{
     current_arch, eval_json, write_named, DatasetCache, PipelineError, PipelineHooks, ResumePoint,
     CHECKPOINT_INTERVAL, META_ARCHITECTURE,
 };
-use crate::compress::activations::{self, ActivationParams, Calibration};
-use crate::compress::arch::Architecture;
-use crate::compress::data::Subset;
 use crate::compress::distill::{self, DistillParams, FeaturePair};
-use crate::compress::evaluate::{self, Evaluation};
-use crate::compress::gguf::{self, GgufType};
-use crate::compress::model::{Model, NamedTensor, WeightTransform};
+use crate::compress::engine::data::Subset;
+use crate::compress::engine::evaluate::{self, Evaluation};
+use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::sequential::model::{Model, NamedTensor, WeightTransform};
+use crate::compress::engine::train::{Checkpoint, EpochMetrics, TrainHooks};
+use crate::compress::formats::gguf::{self, GgufType};
+use crate::compress::formats::safetensors::SafetensorsFile;
 use crate::compress::progress::Ctx;
 use crate::compress::prune::{self as cprune, Method as CMethod, Output, PruneTargets, Scope};
-use crate::compress::qcodec::{self, Importance, Method as QMethod};
-use crate::compress::sharing::SharedWeights;
-use crate::compress::tensors::SafetensorsFile;
-use crate::compress::train::{Checkpoint, EpochMetrics, TrainHooks};
-use crate::compress::{self, packed};
+use crate::compress::quant::activations::{self, ActivationParams, Calibration};
+use crate::compress::quant::sharing::SharedWeights;
+use crate::compress::quant::{self, Importance, Method as QMethod};
+use crate::compress::{self, formats::packed};
 use crate::db::models::ModelRecord;
 use crate::spec::distill::StudentSpec;
 use crate::spec::prune::{PruneMethod, PruneOutput, PruneScope};
@@ -226,7 +226,7 @@ pub(super) fn prune(
         let weights = load_f32(input)?;
         let flops_before = arch.flops();
         let params_before = arch.parameter_count();
-        let out = crate::compress::structured::prune_structured(
+        let out = crate::compress::prune::structured::prune_structured(
             &arch,
             weights,
             &selected,
@@ -424,7 +424,7 @@ fn prune_gradual(
                         }
                     }
                 };
-                let out = crate::compress::structured::prune_structured(
+                let out = crate::compress::prune::structured::prune_structured(
                     &arch,
                     weights,
                     &selected_in(&arch, selected),
@@ -457,7 +457,7 @@ fn prune_gradual(
             (env.hooks.epoch_finished)(env.index, m);
             Ok(())
         };
-        let out = crate::compress::finetune::finetune(
+        let out = crate::compress::engine::finetune::finetune(
             model,
             &params,
             env.ctx,
@@ -637,20 +637,20 @@ fn quant_method(m: &QuantMethod) -> Option<QMethod> {
             bits: *bits,
             symmetric: *symmetric,
             granularity: match granularity {
-                Granularity::PerTensor => qcodec::Granularity::PerTensor,
-                Granularity::PerChannel => qcodec::Granularity::PerChannel,
-                Granularity::PerGroup(g) => qcodec::Granularity::PerGroup { group_size: *g },
+                Granularity::PerTensor => quant::Granularity::PerTensor,
+                Granularity::PerChannel => quant::Granularity::PerChannel,
+                Granularity::PerGroup(g) => quant::Granularity::PerGroup { group_size: *g },
             },
             search: *search,
         },
         QuantMethod::Kmeans { clusters, init } => QMethod::Kmeans {
             clusters: *clusters,
-            max_iterations: qcodec::DEFAULT_KMEANS_MAX_ITERATIONS,
-            tolerance: qcodec::DEFAULT_KMEANS_TOLERANCE,
+            max_iterations: quant::DEFAULT_KMEANS_MAX_ITERATIONS,
+            tolerance: quant::DEFAULT_KMEANS_TOLERANCE,
             init: match init {
-                KmeansInit::Linear => qcodec::KmeansInit::Linear,
-                KmeansInit::Density => qcodec::KmeansInit::Density,
-                KmeansInit::KmeansPlusPlus => qcodec::KmeansInit::KmeansPlusPlus,
+                KmeansInit::Linear => quant::KmeansInit::Linear,
+                KmeansInit::Density => quant::KmeansInit::Density,
+                KmeansInit::KmeansPlusPlus => quant::KmeansInit::KmeansPlusPlus,
             },
         },
         QuantMethod::Log2 { bits } => QMethod::Log2 { bits: *bits },
@@ -713,7 +713,7 @@ fn load_importance(
             continue;
         };
         if let Some(t) = input.header().tensors.iter().find(|t| &t.name == name) {
-            qcodec::check_importance(name, &t.shape, method, &w)?;
+            quant::check_importance(name, &t.shape, method, &w)?;
         }
         importance.insert(name.clone(), w);
     }
@@ -738,9 +738,9 @@ impl Quantizer {
         values: &[f32],
         shape: &[usize],
         seed: u64,
-    ) -> compress::Result<(qcodec::Quantized, compress::quantize::ErrorStats)> {
+    ) -> compress::Result<(quant::Quantized, compress::quant::float::ErrorStats)> {
         let importance = self.importance.get(name).map(Vec::as_slice);
-        qcodec::quantize_named(name, values, shape, &self.method, seed, importance)
+        quant::quantize_named(name, values, shape, &self.method, seed, importance)
     }
 }
 
@@ -952,7 +952,7 @@ fn write_replacing(
     metadata: &BTreeMap<String, String>,
     out: &mut dyn std::io::Write,
 ) -> compress::Result<u64> {
-    use crate::compress::tensors::{encode_as, write_safetensors, TensorSpec};
+    use crate::compress::formats::safetensors::{encode_as, write_safetensors, TensorSpec};
     let infos = &input.header().tensors;
     let specs: Vec<TensorSpec> = infos
         .iter()
@@ -1115,7 +1115,7 @@ fn quantization_aware_training(
         |m: &Model| -> compress::Result<()> { shared.as_ref().map_or(Ok(()), |s| s.project(m)) };
     let params = env.datasets.training_params(qat, env.seed)?;
     let mut on_epoch = checkpointer(env.store, env.hooks, env.index, qat.epochs);
-    let out = crate::compress::finetune::finetune(
+    let out = crate::compress::engine::finetune::finetune(
         model,
         &params,
         env.ctx,

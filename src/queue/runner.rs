@@ -7,18 +7,20 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::compress::arch::Architecture;
-use crate::compress::data::{Dataset, Subset};
-use crate::compress::evaluate::{self, Evaluation};
-use crate::compress::finetune::{
+use crate::compress::engine::data::{Dataset, Subset};
+use crate::compress::engine::evaluate::{self, Evaluation};
+use crate::compress::engine::finetune::{
     self, EarlyStoppingParams, FinetuneParams, HeadParams, OptimizerName, OptimizerParams,
     ScheduleName, ScheduleParams,
 };
-use crate::compress::model::{Model, NamedTensor};
+use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::sequential::model::{Model, NamedTensor};
+use crate::compress::engine::train::{Checkpoint, EpochMetrics, StopMetric, TrainHooks};
+use crate::compress::formats::safetensors::{
+    encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
+};
 use crate::compress::progress::Ctx;
-use crate::compress::tensors::{encode_f32, write_safetensors, Dtype, SafetensorsFile, TensorSpec};
-use crate::compress::train::{Checkpoint, EpochMetrics, StopMetric, TrainHooks};
-use crate::compress::{self, activations, quantize};
+use crate::compress::{self, quant::activations, quant::float};
 use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::JobRecord;
 use crate::db::models::ModelRecord;
@@ -224,9 +226,8 @@ pub fn run_pipeline(
                     .into_iter()
                     .map(|t| t.name.clone())
                     .collect();
-                let reports = quantize::quantize_float(
-                    &input, &selected, q.dtype, &metadata, &mut temp, ctx,
-                )?;
+                let reports =
+                    float::quantize_float(&input, &selected, q.dtype, &metadata, &mut temp, ctx)?;
                 let changed: Vec<_> = reports.iter().filter(|r| r.changed).collect();
                 record["summary"] = json!({
                     "method": "float",

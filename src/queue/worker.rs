@@ -18,8 +18,8 @@ use super::runner::{
     self, PipelineError, PipelineHooks, PipelineInputs, PipelineOutput, ResumePoint,
 };
 use super::{Completion, Error, JobError, Queue};
+use crate::compress::engine::train::EpochMetrics;
 use crate::compress::progress::Ctx;
-use crate::compress::train::EpochMetrics;
 use crate::db::artifacts::ArtifactRecord;
 use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::{JobRecord, JobState};

@@ -8,7 +8,7 @@ use super::train::{
     Validation,
 };
 use super::{Facts, FieldError, ModelFacts};
-use crate::compress::arch::Architecture;
+use crate::compress::engine::sequential::arch::Architecture;
 
 /// Where the student comes from.
 #[derive(Debug, Clone, PartialEq)]

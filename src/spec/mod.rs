@@ -15,10 +15,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Map, Value};
 
-use crate::compress::arch::Architecture;
-pub use crate::compress::quantize::FloatDtype;
+use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::formats::safetensors::TensorInfo;
+pub use crate::compress::quant::float::FloatDtype;
 use crate::compress::select;
-use crate::compress::tensors::TensorInfo;
 use crate::ids::DatasetId;
 pub use distill::DistillSpec;
 use fields::escape;
@@ -57,7 +57,7 @@ impl ModelFacts {
             .iter()
             .map(|p| TensorInfo {
                 name: p.name.clone(),
-                dtype: crate::compress::tensors::Dtype::F32,
+                dtype: crate::compress::formats::safetensors::Dtype::F32,
                 shape: p.shape.clone(),
                 data_offsets: (0, 0),
             })

@@ -690,7 +690,7 @@ fn parse_importance(
             continue;
         };
         named += 1;
-        let (_, cols) = crate::compress::qcodec::rows_cols(&t.shape);
+        let (_, cols) = crate::compress::quant::rows_cols(&t.shape);
         if !w.dtype.is_float() || w.numel() != cols {
             errors.push(FieldError::new(
                 format!("{ip}/model_id"),

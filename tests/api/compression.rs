@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
-use whittle::compress::tensors::{self, Dtype, TensorSpec};
+use whittle::compress::formats::safetensors::{self as tensors, Dtype, TensorSpec};
 use whittle::db::jobs::JobState;
 
 use crate::helpers::*;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use serde_json::json;
-use whittle::compress::tensors::{self, Dtype, TensorSpec};
+use whittle::compress::formats::safetensors::{self as tensors, Dtype, TensorSpec};
 
 use crate::helpers::*;
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use whittle::compress::tensors::{self, Dtype, TensorSpec};
+use whittle::compress::formats::safetensors::{self as tensors, Dtype, TensorSpec};
 use whittle::db::jobs::JobState;
 use whittle::ids::{now_micros, JobId};
 

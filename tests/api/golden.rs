@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use whittle::compress::tensors::{self, Dtype, TensorSpec};
+use whittle::compress::formats::safetensors::{self as tensors, Dtype, TensorSpec};
 use whittle::db::jobs::JobState;
 
 use crate::compression::{cnn, digits, mlp};

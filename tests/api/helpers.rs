@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 use whittle::app::App;
-use whittle::compress::tensors::{self, Dtype, TensorSpec};
+use whittle::compress::formats::safetensors::{self as tensors, Dtype, TensorSpec};
 use whittle::config::Config;
 use whittle::db::jobs::JobState;
 use whittle::ids::JobId;

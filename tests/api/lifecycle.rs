@@ -37,24 +37,24 @@ async fn long_job(t: &TestApp, timeout_seconds: u64) -> JobId {
     let model = t.upload_model(tiny_model_with(meta)).await;
     let x: Vec<f32> = values(4 * 64, 9);
     let y: Vec<i64> = (0..64).map(|i| i % 3).collect();
-    let bytes = whittle::compress::tensors::serialize(
+    let bytes = whittle::compress::formats::safetensors::serialize(
         &Default::default(),
         &[
             (
-                whittle::compress::tensors::TensorSpec::new(
+                whittle::compress::formats::safetensors::TensorSpec::new(
                     "x",
-                    whittle::compress::tensors::Dtype::F32,
+                    whittle::compress::formats::safetensors::Dtype::F32,
                     vec![64, 4],
                 ),
-                whittle::compress::tensors::encode_f32(&x).as_slice(),
+                whittle::compress::formats::safetensors::encode_f32(&x).as_slice(),
             ),
             (
-                whittle::compress::tensors::TensorSpec::new(
+                whittle::compress::formats::safetensors::TensorSpec::new(
                     "y",
-                    whittle::compress::tensors::Dtype::I64,
+                    whittle::compress::formats::safetensors::Dtype::I64,
                     vec![64],
                 ),
-                whittle::compress::tensors::encode_i64(&y).as_slice(),
+                whittle::compress::formats::safetensors::encode_i64(&y).as_slice(),
             ),
         ],
     )

@@ -27,11 +27,11 @@ use std::collections::HashMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::arch::{Architecture, Layer};
-use super::model::NamedTensor;
-use super::prune::{prune_count, PruneTargets, Scope};
-use super::select::glob_match;
-use super::{Error, Result};
+use crate::compress::engine::sequential::arch::{Architecture, Layer};
+use crate::compress::engine::sequential::model::NamedTensor;
+use crate::compress::prune::{prune_count, PruneTargets, Scope};
+use crate::compress::select::glob_match;
+use crate::compress::{Error, Result};
 
 /// What happened to one shrunk layer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -360,7 +360,13 @@ fn choose_units(candidates: &[Candidate], targets: &PruneTargets) -> Result<Vec<
         removals[c].sort_unstable();
         if removals[c].len() >= cand.units {
             let (pointer, s) = match &cand.own {
-                Some((p, s)) => (format!("/layers/{}", super::arch::escape(p)), *s),
+                Some((p, s)) => (
+                    format!(
+                        "/layers/{}",
+                        crate::compress::engine::sequential::arch::escape(p)
+                    ),
+                    *s,
+                ),
                 None => ("/sparsity".to_owned(), targets.sparsity),
             };
             return Err(Error::InvalidParameter {
@@ -473,8 +479,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::compress::model::Model;
-    use crate::compress::tensors::{encode_f32, serialize, Dtype, TensorSpec};
+    use crate::compress::engine::sequential::model::Model;
+    use crate::compress::formats::safetensors::{encode_f32, serialize, Dtype, TensorSpec};
 
     fn conv_net() -> Architecture {
         Architecture::from_json(&json!({"kind":"sequential","input_shape":[2,8,8],"layers":[

@@ -5,19 +5,19 @@
 //! into [`FinetuneParams`]), checking every one of them up front with a JSON pointer into
 //! the step object, replacing the classifier head with a freshly initialised one of a new
 //! width (and updating the architecture), freezing parameters by pattern, and driving the
-//! one training loop in [`super::train`]. It does not persist checkpoints or results.
+//! one training loop in [`crate::compress::engine::train`]. It does not persist checkpoints or results.
 
-use super::arch::{Architecture, Layer};
-use super::data::{Dataset, Subset};
-use super::evaluate::{check_dataset, classes_of};
-use super::model::{Model, NamedTensor};
-use super::progress::Ctx;
-use super::select::glob_match;
-use super::train::{
+use crate::compress::engine::data::{Dataset, Subset};
+use crate::compress::engine::evaluate::{check_dataset, classes_of};
+use crate::compress::engine::sequential::arch::{Architecture, Layer};
+use crate::compress::engine::sequential::model::{Model, NamedTensor};
+use crate::compress::engine::train::{
     self, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, StopMetric,
     TrainConfig, TrainHooks,
 };
-use super::{Error, Result};
+use crate::compress::progress::Ctx;
+use crate::compress::select::glob_match;
+use crate::compress::{Error, Result};
 
 /// Where validation data comes from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -484,8 +484,8 @@ fn names_hint(model: &Model) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::data::DatasetX;
-    use crate::compress::evaluate::evaluate;
+    use crate::compress::engine::data::DatasetX;
+    use crate::compress::engine::evaluate::evaluate;
     use serde_json::json;
     use std::sync::atomic::AtomicBool;
 

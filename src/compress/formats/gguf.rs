@@ -38,10 +38,12 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use serde::Serialize;
 
-use super::progress::Ctx;
-use super::quantize::ErrorStats;
-use super::tensors::{decode_f32, encode_f32, f32_view, Dtype, SafetensorsFile, TensorInfo};
-use super::{Error, Result};
+use crate::compress::formats::safetensors::{
+    decode_f32, encode_f32, f32_view, Dtype, SafetensorsFile, TensorInfo,
+};
+use crate::compress::progress::Ctx;
+use crate::compress::quant::float::ErrorStats;
+use crate::compress::{Error, Result};
 
 /// GGUF format version written.
 pub const GGUF_VERSION: u32 = 3;
@@ -915,7 +917,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::compress::tensors::{serialize, TensorSpec};
+    use crate::compress::formats::safetensors::{serialize, TensorSpec};
 
     fn info(name: &str, dtype: Dtype, shape: &[usize]) -> TensorInfo {
         let n: usize = shape.iter().product();

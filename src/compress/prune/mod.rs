@@ -1,7 +1,7 @@
 //! The `prune` operation's unstructured and semi-structured compute: `magnitude`, `random`
 //! and `n_m` (N:M) pruning of named tensors, in memory (for gradual pruning between
 //! training rounds) and streamed file → file, plus the packed sparse encoding.
-//! Structured pruning (whole neurons / channels) lives in [`super::structured`].
+//! Structured pruning (whole neurons / channels) lives in [`crate::compress::prune::structured`].
 //!
 //! # Targets
 //! A tensor matching an override pattern ([`PruneTargets::overrides`], first match wins) is
@@ -50,6 +50,8 @@
 //! puts each kept value at its bit's position and +0 everywhere else ([`decode_sparse`]).
 //! A kept element may be zero (an N:M group of zeros, a tie kept at threshold 0).
 
+pub mod structured;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::ops::Range;
@@ -59,13 +61,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::model::NamedTensor;
-use super::progress::Ctx;
-use super::select::glob_match;
-use super::tensors::{
+use crate::compress::engine::sequential::model::NamedTensor;
+use crate::compress::formats::safetensors::{
     decode_f32, write_safetensors, Dtype, SafetensorsFile, TensorInfo, TensorSpec,
 };
-use super::{Error, Result};
+use crate::compress::progress::Ctx;
+use crate::compress::select::glob_match;
+use crate::compress::{Error, Result};
 
 /// Metadata key describing the packed tensors of a sparse file.
 pub const SPARSE_METADATA_KEY: &str = "whittle.sparse";
@@ -111,7 +113,13 @@ impl PruneTargets {
     pub fn validate(&self) -> Result<()> {
         check_sparsity("/sparsity", self.sparsity)?;
         for (pattern, s) in &self.overrides {
-            check_sparsity(&format!("/layers/{}", super::arch::escape(pattern)), *s)?;
+            check_sparsity(
+                &format!(
+                    "/layers/{}",
+                    crate::compress::engine::sequential::arch::escape(pattern)
+                ),
+                *s,
+            )?;
         }
         Ok(())
     }
@@ -1559,7 +1567,7 @@ mod tests {
     use rand_distr_free::normal;
 
     use super::*;
-    use crate::compress::tensors::{encode_f32, serialize};
+    use crate::compress::formats::safetensors::{encode_f32, serialize};
 
     /// Seeded standard-normal samples (Box–Muller; no extra crate).
     mod rand_distr_free {

@@ -16,12 +16,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::arch::Layer;
-use super::data::{Dataset, Subset};
-use super::model::{ActivationTransform, Model};
-use super::progress::Ctx;
-use super::qcodec::Importance;
-use super::{Error, Result};
+use crate::compress::engine::data::{Dataset, Subset};
+use crate::compress::engine::sequential::arch::Layer;
+use crate::compress::engine::sequential::model::{ActivationTransform, Model};
+use crate::compress::progress::Ctx;
+use crate::compress::quant::Importance;
+use crate::compress::{Error, Result};
 
 /// Metadata key carrying the calibrated ranges of a model file.
 pub const METADATA_KEY: &str = "whittle.activations";
@@ -364,8 +364,8 @@ pub fn from_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::arch::Architecture;
-    use crate::compress::data::DatasetX;
+    use crate::compress::engine::data::DatasetX;
+    use crate::compress::engine::sequential::arch::Architecture;
     use std::sync::atomic::AtomicBool;
 
     fn data(n: usize) -> Dataset {

@@ -7,7 +7,7 @@
 //! the whole transfer set (there is no augmentation, so they are the same every epoch and
 //! a distillation step costs about a plain step), the student-versus-teacher figures on
 //! the validation split, and an optional hard-label baseline of the same student trained
-//! under the same budget. Training itself is the one loop of [`super::train`], so
+//! under the same budget. Training itself is the one loop of [`crate::compress::engine::train`], so
 //! schedules, early stopping, checkpoints, resume, cancellation and progress work as in
 //! `finetune`. It does not parse JSON or persist anything.
 
@@ -17,16 +17,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
-use super::arch::escape;
-use super::arch::Architecture;
-use super::data::{Batch, Dataset, Subset};
-use super::evaluate::{check_dataset, classes_of, evaluate};
-use super::finetune::{bad, FinetuneParams, Validation};
-use super::model::{Model, NamedTensor};
-use super::progress::Ctx;
-use super::select::glob_match;
-use super::train::{self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks};
-use super::{Error, Result};
+use crate::compress::engine::data::{Batch, Dataset, Subset};
+use crate::compress::engine::evaluate::{check_dataset, classes_of, evaluate};
+use crate::compress::engine::finetune::{bad, FinetuneParams, Validation};
+use crate::compress::engine::sequential::arch::escape;
+use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::sequential::model::{Model, NamedTensor};
+use crate::compress::engine::train::{
+    self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
+};
+use crate::compress::progress::Ctx;
+use crate::compress::select::glob_match;
+use crate::compress::{Error, Result};
 
 /// The most memory the cached teacher features of `features` may take; above it the
 /// teacher runs live on every batch (its logits stay cached).
@@ -415,7 +417,7 @@ pub fn distill_with_cache(
     hooks: TrainHooks<'_>,
 ) -> Result<DistillOutput> {
     let p = &params.train;
-    let config = super::finetune::train_config(p)?;
+    let config = crate::compress::engine::finetune::train_config(p)?;
     let t = params.temperature;
     if !(t.is_finite() && t > 0.0) {
         return Err(bad(
@@ -770,9 +772,11 @@ fn run_baseline(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::data::DatasetX;
-    use crate::compress::finetune::{finetune, EarlyStoppingParams, HeadParams, ScheduleName};
-    use crate::compress::train::{Checkpoint, StopMetric};
+    use crate::compress::engine::data::DatasetX;
+    use crate::compress::engine::finetune::{
+        finetune, EarlyStoppingParams, HeadParams, ScheduleName,
+    };
+    use crate::compress::engine::train::{Checkpoint, StopMetric};
     use rand::{Rng, SeedableRng};
     use serde_json::json;
 

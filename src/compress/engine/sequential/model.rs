@@ -10,7 +10,7 @@
 //! Only differentiable candle ops are used in the forward pass (layer norm is written out
 //! by hand; the fused `candle_nn` norms and softmax have no backward, CANDLE.md trap 1).
 //! In training mode, convolution, linear layers, max pooling (window = stride) and ReLU
-//! run as the fused ops of [`super::conv`], whose backward passes are gemm calls or
+//! run as the fused ops of [`crate::compress::engine::sequential::conv`], whose backward passes are gemm calls or
 //! single passes (candle's own conv2d backward made CNN training ~50× slower than
 //! PyTorch, and its max-pool gradient is scaled by 1/window); evaluation keeps candle's
 //! ops, which the fused ones match.
@@ -23,11 +23,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::arch::{Architecture, Layer, LayerSummary, ParamKind, ParamSpec, Size2};
-use super::conv;
-use super::select::glob_match;
-use super::tensors::SafetensorsFile;
-use super::{Error, Result};
+use crate::compress::engine::sequential::arch::{
+    Architecture, Layer, LayerSummary, ParamKind, ParamSpec, Size2,
+};
+use crate::compress::engine::sequential::conv;
+use crate::compress::formats::safetensors::SafetensorsFile;
+use crate::compress::select::glob_match;
+use crate::compress::{Error, Result};
 
 /// candle errors inside this module's own computations are bugs (shapes are validated
 /// before anything runs), so they surface as [`Error::Internal`].
@@ -1027,7 +1029,7 @@ pub(crate) mod tests {
 
     #[test]
     fn loads_half_precision_safetensors_as_f32() {
-        use crate::compress::tensors::{self, Dtype, TensorSpec};
+        use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
         let arch =
             Architecture::from_json(&json!({"kind":"sequential","input_shape":[2],"layers":[
             {"type":"linear","name":"fc","in_features":2,"out_features":1}]}))
@@ -1038,7 +1040,7 @@ pub(crate) mod tests {
                 .collect()
         };
         let (w, b) = (half(&[0.5, -1.25]), half(&[2.0]));
-        let bytes = tensors::serialize(
+        let bytes = safetensors::serialize(
             &std::collections::BTreeMap::new(),
             &[
                 (

@@ -16,8 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::tensors::{Dtype, Header, TensorSpec};
-use super::{Error, Result};
+use crate::compress::formats::safetensors::{Dtype, Header, TensorSpec};
+use crate::compress::{Error, Result};
 
 /// The safetensors `__metadata__` key that carries an architecture as a JSON string.
 pub const ARCHITECTURE_METADATA_KEY: &str = "whittle.architecture";
@@ -307,7 +307,7 @@ impl ParamSpec {
         self.shape.iter().product()
     }
 
-    /// The spec to write this parameter with [`super::tensors::write_safetensors`].
+    /// The spec to write this parameter with [`crate::compress::formats::safetensors::write_safetensors`].
     pub fn tensor_spec(&self, dtype: Dtype) -> TensorSpec {
         TensorSpec::new(self.name.clone(), dtype, self.shape.clone())
     }
@@ -1226,7 +1226,7 @@ impl Architecture {
     /// every parameter present with its exact shape and a floating-point dtype, nothing
     /// else except batch-norm `num_batches_tracked` counters (integer scalars).
     pub fn validate_weights(&self, header: &Header) -> Result<()> {
-        let found: HashMap<&str, &super::tensors::TensorInfo> = header
+        let found: HashMap<&str, &crate::compress::formats::safetensors::TensorInfo> = header
             .tensors
             .iter()
             .map(|t| (t.name.as_str(), t))
@@ -1349,7 +1349,7 @@ impl<'de> serde::Deserialize<'de> for Architecture {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::tensors;
+    use crate::compress::formats::safetensors;
     use serde_json::json;
 
     fn lenet_300_100() -> Value {
@@ -1391,12 +1391,12 @@ mod tests {
             .map(|(n, d, s)| TensorSpec::new(n.clone(), *d, s.clone()))
             .collect();
         let mut bytes = Vec::new();
-        tensors::write_safetensors(&mut bytes, &BTreeMap::new(), &specs, |i, w| {
+        safetensors::write_safetensors(&mut bytes, &BTreeMap::new(), &specs, |i, w| {
             w.write_all(&vec![0u8; specs[i].nbytes().unwrap()])?;
             Ok(())
         })
         .unwrap();
-        tensors::parse_header(&bytes, bytes.len() as u64).unwrap()
+        safetensors::parse_header(&bytes, bytes.len() as u64).unwrap()
     }
 
     fn header_for(a: &Architecture) -> Vec<(String, Dtype, Vec<usize>)> {

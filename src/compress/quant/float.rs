@@ -7,9 +7,11 @@ use std::io::Write;
 use half::{bf16, f16};
 use serde::Serialize;
 
-use super::progress::Ctx;
-use super::tensors::{write_safetensors, Dtype, SafetensorsFile, TensorSpec};
-use super::Result;
+use crate::compress::formats::safetensors::{
+    write_safetensors, Dtype, SafetensorsFile, TensorSpec,
+};
+use crate::compress::progress::Ctx;
+use crate::compress::Result;
 
 /// Target of float quantization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

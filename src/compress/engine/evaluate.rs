@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::arch::Architecture;
-use super::data::{Dataset, Subset};
-use super::model::Model;
-use super::progress::Ctx;
-use super::{Error, Result};
+use crate::compress::engine::data::{Dataset, Subset};
+use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::sequential::model::Model;
+use crate::compress::progress::Ctx;
+use crate::compress::{Error, Result};
 
 /// Accuracy on the samples of one class.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,8 +240,8 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::data::DatasetX;
-    use crate::compress::model::NamedTensor;
+    use crate::compress::engine::data::DatasetX;
+    use crate::compress::engine::sequential::model::NamedTensor;
     use serde_json::json;
     use std::sync::atomic::AtomicBool;
 

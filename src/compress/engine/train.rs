@@ -8,7 +8,7 @@
 //! parameters, early stopping, cancellation between batches, progress, per-epoch metrics
 //! and a [`Checkpoint`] after every epoch from which a run resumes bit-identically.
 //!
-//! It does not parse user input (callers such as [`super::finetune`] validate and build
+//! It does not parse user input (callers such as [`crate::compress::engine::finetune`] validate and build
 //! a [`TrainConfig`]) and does not persist anything: checkpoints go to the caller.
 
 use std::cell::RefCell;
@@ -22,13 +22,13 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::data::{shuffle_indices, Batch, Subset};
-use super::evaluate::loss_and_accuracy;
-use super::model::{Model, NamedTensor};
-use super::progress::Ctx;
-use super::select::glob_match;
-use super::tensors::{self, Dtype, TensorSpec};
-use super::{Error, Result};
+use crate::compress::engine::data::{shuffle_indices, Batch, Subset};
+use crate::compress::engine::evaluate::loss_and_accuracy;
+use crate::compress::engine::sequential::model::{Model, NamedTensor};
+use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
+use crate::compress::progress::Ctx;
+use crate::compress::select::glob_match;
+use crate::compress::{Error, Result};
 
 /// The safetensors metadata key holding a checkpoint's scalars (JSON).
 pub const CHECKPOINT_METADATA_KEY: &str = "whittle.checkpoint";
@@ -292,7 +292,7 @@ impl Checkpoint {
                             Dtype::F32,
                             t.shape.clone(),
                         ),
-                        tensors::encode_f32(&t.values),
+                        safetensors::encode_f32(&t.values),
                     )
                 })
             })
@@ -301,12 +301,12 @@ impl Checkpoint {
             .iter()
             .map(|(s, b)| (s.clone(), b.as_slice()))
             .collect();
-        tensors::serialize(&metadata, &parts)
+        safetensors::serialize(&metadata, &parts)
     }
 
     /// Parses what [`Checkpoint::to_safetensors_bytes`] wrote.
     pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Checkpoint> {
-        let header = tensors::parse_header(bytes, bytes.len() as u64)?;
+        let header = safetensors::parse_header(bytes, bytes.len() as u64)?;
         let text = header
             .metadata
             .get(CHECKPOINT_METADATA_KEY)
@@ -330,7 +330,7 @@ impl Checkpoint {
             let nt = NamedTensor {
                 name: name.to_owned(),
                 shape: t.shape.clone(),
-                values: tensors::decode_f32(&t.name, t.dtype, data)?,
+                values: safetensors::decode_f32(&t.name, t.dtype, data)?,
             };
             match group {
                 "weights" => weights.push(nt),
@@ -969,8 +969,8 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::data::{Dataset, DatasetX};
-    use crate::compress::model::tests::every_layer;
+    use crate::compress::engine::data::{Dataset, DatasetX};
+    use crate::compress::engine::sequential::model::tests::every_layer;
     use rand::Rng;
     use std::sync::atomic::{AtomicBool, Ordering};
 

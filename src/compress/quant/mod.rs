@@ -4,7 +4,7 @@
 //! symmetric or affine; per tensor, per channel or per group; optional error-minimising
 //! clipping search), `kmeans` (Deep Compression weight sharing), `log2` (power-of-two
 //! levels) and `nf4` (QLoRA NormalFloat-4) — and the one dequantization rule every reader
-//! uses ([`Params::dequantize`]). File layouts live in [`super::packed`].
+//! uses ([`Params::dequantize`]). File layouts live in [`crate::compress::formats::packed`].
 //!
 //! A tensor is viewed as a matrix `[rows = shape[0] (output channels), cols = the product of
 //! the other dimensions]`; a 1-D tensor or scalar is one row. Scales apply to contiguous
@@ -32,11 +32,15 @@
 //! to exact zeros (no NaN). Exact zeros stay exact zeros in every method (pruned weights
 //! stay pruned), because every level set contains 0.
 
+pub mod activations;
+pub mod float;
+pub mod sharing;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::quantize::ErrorStats;
-use super::{Error, Result};
+use crate::compress::quant::float::ErrorStats;
+use crate::compress::{Error, Result};
 
 /// The 16 NormalFloat-4 levels of QLoRA (Dettmers et al. 2023), as shipped in
 /// bitsandbytes (`get_4bit_type("nf4")`).

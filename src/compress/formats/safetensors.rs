@@ -20,7 +20,7 @@ use std::str::FromStr;
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use super::{Error, Result};
+use crate::compress::{Error, Result};
 
 /// Largest header accepted, in bytes (the reference implementation's limit).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;

@@ -13,8 +13,10 @@ use std::io::Read;
 use std::path::Path;
 use std::str::FromStr;
 
-use super::tensors::{self, Dtype, Header, SafetensorsFile, TensorInfo, TensorSpec};
-use super::{Error, Result};
+use crate::compress::formats::safetensors::{
+    self, Dtype, Header, SafetensorsFile, TensorInfo, TensorSpec,
+};
+use crate::compress::{Error, Result};
 
 /// Largest accepted number of classes (labels must be below this).
 pub const MAX_CLASSES: usize = 1_000_000;
@@ -96,7 +98,7 @@ impl DatasetX {
     fn to_le_bytes(&self) -> Cow<'_, [u8]> {
         match self {
             DatasetX::U8(v) => Cow::Borrowed(v.as_slice()),
-            DatasetX::F32(v) => Cow::Owned(tensors::encode_f32(v)),
+            DatasetX::F32(v) => Cow::Owned(safetensors::encode_f32(v)),
         }
     }
 }
@@ -206,7 +208,7 @@ impl Dataset {
 
     /// Like [`Dataset::from_safetensors`], from the file's bytes in memory.
     pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Dataset> {
-        let header = tensors::parse_header(bytes, bytes.len() as u64)?;
+        let header = safetensors::parse_header(bytes, bytes.len() as u64)?;
         Dataset::from_header(&header, |t| {
             let begin = header.data_start + t.data_offsets.0;
             let end = header.data_start + t.data_offsets.1;
@@ -234,7 +236,7 @@ impl Dataset {
             .ok_or_else(|| invalid("missing tensor `x` (features, samples first)"))?;
         let x = match x_info.dtype {
             Dtype::U8 => DatasetX::U8(bytes(x_info).to_vec()),
-            d if d.is_float() => DatasetX::F32(tensors::decode_f32("x", d, bytes(x_info))?),
+            d if d.is_float() => DatasetX::F32(safetensors::decode_f32("x", d, bytes(x_info))?),
             d => {
                 return Err(invalid(format!(
                     "x has dtype {d}; expected U8 or a floating-point dtype"
@@ -257,7 +259,7 @@ impl Dataset {
                     )));
                 }
                 Some(
-                    tensors::decode_i64("y", t.dtype, bytes(t))
+                    safetensors::decode_i64("y", t.dtype, bytes(t))
                         .map_err(|e| invalid(e.to_string()))?,
                 )
             }
@@ -411,13 +413,13 @@ impl Dataset {
         let mut shape = vec![self.samples];
         shape.extend_from_slice(&self.feature_shape);
         let x_bytes = self.x.to_le_bytes();
-        let y_bytes = self.y.as_deref().map(tensors::encode_i64);
+        let y_bytes = self.y.as_deref().map(safetensors::encode_i64);
         let mut parts: Vec<(TensorSpec, &[u8])> =
             vec![(TensorSpec::new("x", self.x.dtype(), shape), &x_bytes)];
         if let Some(y) = &y_bytes {
             parts.push((TensorSpec::new("y", Dtype::I64, vec![self.samples]), y));
         }
-        tensors::serialize(&BTreeMap::new(), &parts)
+        safetensors::serialize(&BTreeMap::new(), &parts)
     }
 }
 
@@ -721,7 +723,7 @@ mod tests {
             .iter()
             .map(|(n, d, s, b)| (TensorSpec::new(*n, *d, s.clone()), b.as_slice()))
             .collect();
-        tensors::serialize(&BTreeMap::new(), &parts).unwrap()
+        safetensors::serialize(&BTreeMap::new(), &parts).unwrap()
     }
 
     fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -743,8 +745,13 @@ mod tests {
     fn safetensors_round_trip_and_dtypes() {
         let x: Vec<f32> = (0..12).map(|i| i as f32 / 2.0).collect();
         let bytes = st(&[
-            ("x", Dtype::F32, vec![3, 2, 2], tensors::encode_f32(&x)),
-            ("y", Dtype::I64, vec![3], tensors::encode_i64(&[0, 4, 2])),
+            ("x", Dtype::F32, vec![3, 2, 2], safetensors::encode_f32(&x)),
+            (
+                "y",
+                Dtype::I64,
+                vec![3],
+                safetensors::encode_i64(&[0, 4, 2]),
+            ),
         ]);
         let d = Dataset::from_safetensors_bytes(&bytes).unwrap();
         assert_eq!(d.samples, 3);
@@ -782,7 +789,7 @@ mod tests {
         assert_eq!(d.x, DatasetX::U8(vec![7, 9]));
         assert_eq!(d.y, Some(vec![1, 0]));
         let canon = d.to_safetensors_bytes().unwrap();
-        let header = tensors::parse_header(&canon, canon.len() as u64).unwrap();
+        let header = safetensors::parse_header(&canon, canon.len() as u64).unwrap();
         assert_eq!(header.get("x").unwrap().dtype, Dtype::U8);
         assert_eq!(header.get("y").unwrap().dtype, Dtype::I64);
     }
@@ -794,58 +801,83 @@ mod tests {
                 "x",
                 Dtype::F32,
                 vec![2, 1],
-                tensors::encode_f32(&[1.0, 2.0]),
+                safetensors::encode_f32(&[1.0, 2.0]),
             )
         };
         let m = message(Dataset::from_safetensors_bytes(&st(&[
             x(),
-            ("y", Dtype::I64, vec![3], tensors::encode_i64(&[0, 1, 2])),
+            (
+                "y",
+                Dtype::I64,
+                vec![3],
+                safetensors::encode_i64(&[0, 1, 2]),
+            ),
         ])));
         assert!(m.contains("y has 3 labels but x has 2 samples"), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[
             x(),
-            ("y", Dtype::I64, vec![2], tensors::encode_i64(&[0, -1])),
+            ("y", Dtype::I64, vec![2], safetensors::encode_i64(&[0, -1])),
         ])));
         assert!(m.contains("non-negative"), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[
             x(),
-            ("y", Dtype::I64, vec![2], tensors::encode_i64(&[0, 1 << 40])),
+            (
+                "y",
+                Dtype::I64,
+                vec![2],
+                safetensors::encode_i64(&[0, 1 << 40]),
+            ),
         ])));
         assert!(m.contains("limit"), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[
             x(),
-            ("y", Dtype::F32, vec![2], tensors::encode_f32(&[0.0, 1.0])),
+            (
+                "y",
+                Dtype::F32,
+                vec![2],
+                safetensors::encode_f32(&[0.0, 1.0]),
+            ),
         ])));
         assert!(m.contains("integer dtype"), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[
             x(),
-            ("y", Dtype::I64, vec![2, 1], tensors::encode_i64(&[0, 1])),
+            (
+                "y",
+                Dtype::I64,
+                vec![2, 1],
+                safetensors::encode_i64(&[0, 1]),
+            ),
         ])));
         assert!(m.contains("one-dimensional"), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[(
             "y",
             Dtype::I64,
             vec![1],
-            tensors::encode_i64(&[0]),
+            safetensors::encode_i64(&[0]),
         )])));
         assert!(m.contains("missing tensor `x`"), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[
             x(),
-            ("labels", Dtype::I64, vec![2], tensors::encode_i64(&[0, 1])),
+            (
+                "labels",
+                Dtype::I64,
+                vec![2],
+                safetensors::encode_i64(&[0, 1]),
+            ),
         ])));
         assert!(m.contains("unexpected tensor \"labels\""), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[(
             "x",
             Dtype::I64,
             vec![1, 1],
-            tensors::encode_i64(&[0]),
+            safetensors::encode_i64(&[0]),
         )])));
         assert!(m.contains("U8 or a floating-point"), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[(
             "x",
             Dtype::F32,
             vec![2],
-            tensors::encode_f32(&[0.0, 1.0]),
+            safetensors::encode_f32(&[0.0, 1.0]),
         )])));
         assert!(m.contains("at least two dimensions"), "{m}");
         let m = message(Dataset::from_safetensors_bytes(&st(&[(
@@ -859,7 +891,7 @@ mod tests {
             "x",
             Dtype::F32,
             vec![2, 1],
-            tensors::encode_f32(&[0.0, f32::NAN]),
+            safetensors::encode_f32(&[0.0, f32::NAN]),
         )])));
         assert!(m.contains("non-finite") && m.contains("sample 1"), "{m}");
         assert!(matches!(

@@ -1,8 +1,8 @@
 //! The `quantize` operation's integer/codebook methods on files: streaming safetensors →
 //! safetensors in the `dequantized` or `packed` format, and the `packed` reader.
 //!
-//! It owns the `packed` file layout and nothing else: the codecs are in [`super::qcodec`],
-//! safetensors I/O in [`super::tensors`]. Work goes tensor by tensor, so peak memory is
+//! It owns the `packed` file layout and nothing else: the codecs are in [`crate::compress::quant`],
+//! safetensors I/O in [`crate::compress::formats::safetensors`]. Work goes tensor by tensor, so peak memory is
 //! bounded by the largest tensor (its f32 values, codes and reconstruction), not the model.
 //!
 //! # `dequantized` format
@@ -65,16 +65,16 @@ use std::io::Write;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
-use super::model::NamedTensor;
-use super::progress::Ctx;
-use super::qcodec::{
+use crate::compress::engine::sequential::model::NamedTensor;
+use crate::compress::formats::safetensors::{
+    encode_as, encode_f32, f32_view, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
+};
+use crate::compress::progress::Ctx;
+use crate::compress::quant::{
     check_importance, error_stats, quantize_codes_only, quantize_named, Granularity, Importance,
     KmeansInit, Layout, Method, Params, Quantized, Scheme,
 };
-use super::tensors::{
-    encode_as, encode_f32, f32_view, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
-};
-use super::{Error, Result};
+use crate::compress::{Error, Result};
 
 /// Metadata key of the packed format's decoding instructions.
 pub const METADATA_KEY: &str = "whittle.quantization";
@@ -849,7 +849,7 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
     };
     let f32s = |b: Option<&[u8]>| -> Result<Vec<f32>> {
         b.map_or(Ok(vec![]), |b| {
-            super::tensors::decode_f32(name, Dtype::F32, b)
+            crate::compress::formats::safetensors::decode_f32(name, Dtype::F32, b)
         })
     };
     let params = Params {
@@ -879,7 +879,7 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::tensors::serialize;
+    use crate::compress::formats::safetensors::serialize;
     use rand::{Rng, SeedableRng};
     use std::sync::atomic::AtomicBool;
 
@@ -897,7 +897,7 @@ mod tests {
             .iter()
             .flat_map(|v| f16::from_f32(*v).to_le_bytes())
             .collect();
-        let ids = super::super::tensors::encode_i64(&[0, 1, 2]);
+        let ids = crate::compress::formats::safetensors::encode_i64(&[0, 1, 2]);
         let bytes = serialize(
             &BTreeMap::new(),
             &[

@@ -16,9 +16,9 @@ use std::collections::HashSet;
 
 use candle_core::{DType, Tensor};
 
-use super::model::Model;
-use super::qcodec::{quantize_named, Method};
-use super::{Error, Result};
+use crate::compress::engine::sequential::model::Model;
+use crate::compress::quant::{quantize_named, Method};
+use crate::compress::{Error, Result};
 
 /// One shared tensor: its parameter index and fixed cluster assignments.
 struct Group {
@@ -121,8 +121,8 @@ impl SharedWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::arch::Architecture;
-    use crate::compress::qcodec::KmeansInit;
+    use crate::compress::engine::sequential::arch::Architecture;
+    use crate::compress::quant::KmeansInit;
     use serde_json::json;
 
     fn kmeans(clusters: usize) -> Method {
