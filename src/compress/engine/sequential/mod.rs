@@ -4,3 +4,4 @@
 pub mod arch;
 pub mod conv;
 pub mod model;
+mod parse;
