@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use whittle::compress::engine::sequential::model::NamedTensor;
+use whittle::compress::formats::safetensors::NamedTensor;
 use whittle::compress::prune::{prune_tensors, Method, PruneTargets, Scope};
 
 fn env(name: &str, default: usize) -> usize {

@@ -8,12 +8,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use whittle::compress::formats::packed::{quantize_file, Format};
+use whittle::compress::formats::packed::{quantize_file, QuantizeFile};
 use whittle::compress::formats::safetensors::{
     write_safetensors, Dtype, SafetensorsFile, TensorSpec,
 };
 use whittle::compress::progress::Ctx;
-use whittle::compress::quant::{quantize_symmetric_rows, quantize_tensor, Granularity, Method};
+use whittle::compress::quant::{
+    quantize_symmetric_rows, quantize_tensor, Granularity, Method, Quantizer,
+};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -154,12 +156,16 @@ fn file_to_file(values: &[f32], rows: usize, cols: usize, repeat: usize) {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
         quantize_file(
             &file,
-            &names,
-            &method,
-            &Default::default(),
-            0,
-            Format::Packed,
-            &BTreeMap::new(),
+            &QuantizeFile {
+                selected: &names,
+                quantizer: &Quantizer {
+                    method,
+                    importance: Default::default(),
+                },
+                seed: 0,
+                packed: true,
+                metadata: &BTreeMap::new(),
+            },
             &mut w,
             &ctx,
         )

@@ -20,9 +20,9 @@ use super::extract::{page_body, parse_id, AppQuery, Page};
 use super::AppState;
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
+use crate::compress::formats::ARCHITECTURE_KEY;
 use crate::db::models::{self, ModelRecord};
 use crate::ids::{now_micros, rfc3339, ModelId};
-use crate::queue::runner::META_ARCHITECTURE;
 use crate::spec::FieldError;
 use crate::store::TempBlob;
 
@@ -257,11 +257,11 @@ async fn ingest(
     let header = tokio::task::spawn_blocking(move || safetensors::read_header(path)).await??;
     let architecture = match architecture {
         Some(a) => Some(a),
-        None => match header.metadata.get(META_ARCHITECTURE) {
+        None => match header.metadata.get(ARCHITECTURE_KEY) {
             Some(text) => Some(serde_json::from_str(text).map_err(|e| {
                 ApiError::unprocessable(
                     "invalid_architecture",
-                    format!("metadata `{META_ARCHITECTURE}` is not valid JSON: {e}"),
+                    format!("metadata `{ARCHITECTURE_KEY}` is not valid JSON: {e}"),
                 )
             })?),
             None => None,
@@ -385,7 +385,7 @@ async fn create_from_architecture(
     let (blob, header) = tokio::task::spawn_blocking(move || -> ApiResult<_> {
         let params = arch.init_weights(seed);
         let mut metadata = BTreeMap::new();
-        metadata.insert(META_ARCHITECTURE.to_string(), arch_text);
+        metadata.insert(ARCHITECTURE_KEY.to_string(), arch_text);
         metadata.insert(
             "whittle.init".to_string(),
             json!({"scheme": "pytorch_default", "seed": seed}).to_string(),

@@ -8,8 +8,8 @@
 //! [`Error::LeaseLost`]. Expired leases are rescued back to `queued` with exponential backoff
 //! and jitter, or to `failed` once `max_attempts` is spent.
 
-mod ops;
 pub mod runner;
+pub mod steps;
 pub mod worker;
 
 use std::sync::Arc;
@@ -58,6 +58,26 @@ pub struct JobError {
     pub message: String,
     /// Whether another attempt may succeed.
     pub retryable: bool,
+}
+
+impl JobError {
+    /// An error that fails the job for good (bad spec, bad model).
+    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    /// An error another attempt may not meet (I/O, database).
+    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: true,
+        }
+    }
 }
 
 /// What a successful attempt produced, recorded exactly once by [`Queue::complete`].

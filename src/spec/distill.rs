@@ -5,9 +5,10 @@ use serde_json::{json, Map, Value};
 use super::fields::{bool_or, deny_unknown, f64_in, object};
 use super::train::{
     check_dataset_fits, parse_training, require_architecture, FinetuneSpec, TrainingRules,
-    Validation,
 };
 use super::{Facts, FieldError, ModelFacts};
+use crate::compress::distill::FeaturePair;
+use crate::compress::engine::finetune::Validation;
 use crate::compress::engine::sequential::arch::Architecture;
 
 /// Where the student comes from.
@@ -17,17 +18,6 @@ pub enum StudentSpec {
     Model(String),
     /// A fresh, seeded initialisation of this architecture.
     Architecture(Value),
-}
-
-/// Intermediate-layer matching through a learned projection.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FeaturePairSpec {
-    /// Teacher layer name.
-    pub teacher: String,
-    /// Student layer name.
-    pub student: String,
-    /// Weight of this term in the loss.
-    pub weight: f64,
 }
 
 /// A validated `distill` step.
@@ -42,7 +32,7 @@ pub struct DistillSpec {
     /// Weight of the soft-target term.
     pub alpha: f64,
     /// Feature matching pairs.
-    pub features: Vec<FeaturePairSpec>,
+    pub features: Vec<FeaturePair>,
     /// Also train the student on hard labels alone under the same budget, for comparison.
     pub baseline: bool,
     /// Hold the student's zero weights at zero (retraining a pruned student).
@@ -150,7 +140,7 @@ pub fn parse(
                 let student = name("student", &mut errors);
                 let weight = f64_in(m, "weight", (0.0, 1e6), &fp, &mut errors).unwrap_or(1.0);
                 if let (Some(teacher), Some(student)) = (teacher, student) {
-                    features.push(FeaturePairSpec {
+                    features.push(FeaturePair {
                         teacher,
                         student,
                         weight,
@@ -276,7 +266,7 @@ pub fn parse(
                 };
                 check_dataset_fits(
                     &student_view,
-                    &t.dataset_id,
+                    &t.dataset,
                     None,
                     labels_required,
                     &format!("{pointer}/student"),

@@ -183,10 +183,10 @@ pub mod limits {
 /// `Some("packed" | "gguf" | "sparse")` when a step writes something only a last step may.
 fn final_only_output(step: &Step) -> Option<&'static str> {
     match step {
-        Step::Quantize(q) if q.format != quantize::QuantFormat::Dequantized => {
+        Step::Quantize(q) if q.format != crate::compress::quant::Format::Dequantized => {
             Some(q.format.as_str())
         }
-        Step::Prune(p) if p.output == prune::PruneOutput::Sparse => Some("sparse"),
+        Step::Prune(p) if p.output == crate::compress::prune::Output::Sparse => Some("sparse"),
         _ => None,
     }
 }

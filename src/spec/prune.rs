@@ -5,104 +5,28 @@ use serde_json::{json, Map, Value};
 use super::fields::{choice, deny_unknown, escape, f64_in, object, usize_in};
 use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingRules};
 use super::{check_patterns, patterns, Facts, FieldError, Selection};
+use crate::compress::prune::schedule::{Schedule, ScheduleKind};
+use crate::compress::prune::{prune_count, Method, Output, PruneTargets, Scope};
 use crate::compress::select::glob_match;
-
-/// How weights are chosen for removal.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum PruneMethod {
-    /// Smallest |w| first.
-    Magnitude,
-    /// Uniformly at random (the baseline to compare against).
-    Random,
-    /// Whole output neurons / conv channels with the smallest L1 or L2 norm; the file shrinks.
-    Structured {
-        /// 1 or 2.
-        norm: u8,
-    },
-    /// N:M semi-structured: in every group of `m` consecutive inputs keep the `n` largest.
-    NM {
-        /// Kept per group.
-        n: usize,
-        /// Group size.
-        m: usize,
-    },
-}
-
-impl PruneMethod {
-    /// API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Magnitude => "magnitude",
-            Self::Random => "random",
-            Self::Structured { .. } => "structured",
-            Self::NM { .. } => "n_m",
-        }
-    }
-}
-
-/// One threshold across all selected tensors, or each tensor to its own sparsity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PruneScope {
-    /// One threshold across every selected tensor.
-    Global,
-    /// Every tensor to the same sparsity.
-    Layer,
-}
-
-/// How sparsity grows over the iterations of gradual pruning.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ScheduleKind {
-    /// Zhu & Gupta 2017: `s_i = s_f · (1 − (1 − i/n)^power)`.
-    Polynomial {
-        /// The exponent (3 in the paper).
-        power: f64,
-    },
-    /// The final sparsity at every iteration (prune, retrain, repeat).
-    Constant,
-}
 
 /// Gradual / iterative pruning: prune a little, retrain, repeat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PruneSchedule {
-    /// Sparsity curve.
-    pub kind: ScheduleKind,
-    /// Prune + retrain rounds.
-    pub iterations: usize,
+    /// The sparsity curve and the number of rounds.
+    pub curve: Schedule,
     /// Retraining after each pruning round (pruned weights stay zero).
     pub finetune: FinetuneSpec,
-}
-
-impl PruneSchedule {
-    /// Target sparsity after round `i` (1-based) of `iterations`, for a final `target`.
-    pub fn sparsity_at(&self, i: usize, target: f64) -> f64 {
-        match self.kind {
-            ScheduleKind::Constant => target,
-            ScheduleKind::Polynomial { power } => {
-                let frac = 1.0 - i as f64 / self.iterations.max(1) as f64;
-                target * (1.0 - frac.max(0.0).powf(power))
-            }
-        }
-    }
-}
-
-/// Zeros in place, or a packed bitmask + values encoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PruneOutput {
-    /// Drop-in: same tensors, zeros in place.
-    Dense,
-    /// `{name}.sparse_mask` + `{name}.sparse_values` per pruned tensor.
-    Sparse,
 }
 
 /// A validated `prune` step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PruneSpec {
     /// Method.
-    pub method: PruneMethod,
+    pub method: Method,
     /// Target sparsity (fraction of selected weights removed; units for `structured`).
     pub sparsity: f64,
     /// Scope of the threshold.
-    pub scope: PruneScope,
+    pub scope: Scope,
     /// Per-pattern sparsity overrides (layer-wise pruning).
     pub layers: Vec<(String, f64)>,
     /// Which tensors.
@@ -110,28 +34,37 @@ pub struct PruneSpec {
     /// Gradual pruning with retraining.
     pub schedule: Option<PruneSchedule>,
     /// Output encoding.
-    pub output: PruneOutput,
+    pub output: Output,
     /// Seed for `random` (defaults to the job's).
     pub seed: Option<u64>,
 }
 
 impl PruneSpec {
+    /// The engine's targets: the sparsity, its scope and the per-pattern overrides.
+    pub fn targets(&self) -> PruneTargets {
+        PruneTargets {
+            sparsity: self.sparsity,
+            scope: self.scope,
+            overrides: self.layers.clone(),
+        }
+    }
+
     /// Normalised JSON.
     pub fn to_json(&self) -> Value {
         let mut v = json!({
             "op": "prune",
             "method": self.method.as_str(),
             "sparsity": self.sparsity,
-            "scope": match self.scope { PruneScope::Global => "global", PruneScope::Layer => "layer" },
+            "scope": match self.scope { Scope::Global => "global", Scope::Layer => "layer" },
             "layers": self.layers.iter().map(|(p, s)| (p.clone(), json!(s))).collect::<Map<String, Value>>(),
             "include": self.selection.include,
             "exclude": self.selection.exclude,
-            "output": match self.output { PruneOutput::Dense => "dense", PruneOutput::Sparse => "sparse" },
+            "output": match self.output { Output::Dense => "dense", Output::Sparse => "sparse" },
             "seed": self.seed,
         });
         match self.method {
-            PruneMethod::Structured { norm } => v["norm"] = json!(norm),
-            PruneMethod::NM { n, m } => {
+            Method::Structured { norm } => v["norm"] = json!(norm),
+            Method::NM { n, m } => {
                 // Its sparsity follows from n and m; the stored form must parse again.
                 if let Some(o) = v.as_object_mut() {
                     o.remove("sparsity");
@@ -151,13 +84,10 @@ impl PruneSpec {
                     o.remove("head");
                     o.remove("layer_lr");
                 }
-                let mut sj = json!({"iterations": s.iterations, "finetune": f});
-                match s.kind {
-                    ScheduleKind::Constant => sj["kind"] = json!("constant"),
-                    ScheduleKind::Polynomial { power } => {
-                        sj["kind"] = json!("polynomial");
-                        sj["power"] = json!(power);
-                    }
+                let mut sj = json!({"iterations": s.curve.iterations, "finetune": f,
+                                    "kind": s.curve.kind.as_str()});
+                if let ScheduleKind::Polynomial { power } = s.curve.kind {
+                    sj["power"] = json!(power);
                 }
                 sj
             }
@@ -196,7 +126,7 @@ pub fn parse(
         }
     };
     let method = match method_name {
-        "random" => PruneMethod::Random,
+        "random" => Method::Random,
         "structured" => {
             let norm = match obj.get("norm") {
                 None | Some(Value::Null) => 1,
@@ -211,7 +141,7 @@ pub fn parse(
                     1
                 }
             };
-            PruneMethod::Structured { norm }
+            Method::Structured { norm }
         }
         "n_m" => {
             let n = usize_in(obj, "n", (1, 256), pointer, &mut errors);
@@ -230,23 +160,22 @@ pub fn parse(
                         format!("{pointer}/n"),
                         format!("N:M keeps n of every m weights, so n must be smaller than m (got {n}:{m})"),
                     ));
-                    PruneMethod::NM { n: 2, m: 4 }
+                    Method::NM { n: 2, m: 4 }
                 }
-                (Some(n), Some(m)) => PruneMethod::NM { n, m },
-                _ => PruneMethod::NM { n: 2, m: 4 },
+                (Some(n), Some(m)) => Method::NM { n, m },
+                _ => Method::NM { n: 2, m: 4 },
             }
         }
-        _ => PruneMethod::Magnitude,
+        _ => Method::Magnitude,
     };
-    if !matches!(method, PruneMethod::Structured { .. })
-        && obj.get("norm").is_some_and(|v| !v.is_null())
+    if !matches!(method, Method::Structured { .. }) && obj.get("norm").is_some_and(|v| !v.is_null())
     {
         errors.push(FieldError::new(
             format!("{pointer}/norm"),
             "applies to `structured` only",
         ));
     }
-    if !matches!(method, PruneMethod::NM { .. }) {
+    if !matches!(method, Method::NM { .. }) {
         for key in ["n", "m"] {
             if obj.get(key).is_some_and(|v| !v.is_null()) {
                 errors.push(FieldError::new(
@@ -257,8 +186,8 @@ pub fn parse(
         }
     }
     let sparsity = match (method, obj.get("sparsity")) {
-        (PruneMethod::NM { n, m }, None | Some(Value::Null)) => 1.0 - n as f64 / m as f64,
-        (PruneMethod::NM { .. }, Some(_)) => {
+        (Method::NM { n, m }, None | Some(Value::Null)) => 1.0 - n as f64 / m as f64,
+        (Method::NM { .. }, Some(_)) => {
             errors.push(FieldError::new(
                 format!("{pointer}/sparsity"),
                 "N:M sparsity is fixed by n and m (1 − n/m); leave `sparsity` out",
@@ -277,8 +206,8 @@ pub fn parse(
         }
     };
     let scope = match choice(obj, "scope", &["global", "layer"], pointer, &mut errors) {
-        Some("global") => PruneScope::Global,
-        _ => PruneScope::Layer,
+        Some("global") => Scope::Global,
+        _ => Scope::Layer,
     };
     let layers: Vec<(String, f64)> = match object(obj, "layers", pointer, &mut errors) {
         None => Vec::new(),
@@ -290,17 +219,17 @@ pub fn parse(
             })
             .collect(),
     };
-    if matches!(method, PruneMethod::NM { .. }) && !layers.is_empty() {
+    if matches!(method, Method::NM { .. }) && !layers.is_empty() {
         errors.push(FieldError::new(
             format!("{pointer}/layers"),
             "does not apply to `n_m` (its sparsity is n/m everywhere)",
         ));
     }
     let output = match choice(obj, "output", &["dense", "sparse"], pointer, &mut errors) {
-        Some("sparse") => PruneOutput::Sparse,
-        _ => PruneOutput::Dense,
+        Some("sparse") => Output::Sparse,
+        _ => Output::Dense,
     };
-    if output == PruneOutput::Sparse && matches!(method, PruneMethod::Structured { .. }) {
+    if output == Output::Sparse && matches!(method, Method::Structured { .. }) {
         errors.push(FieldError::new(
             format!("{pointer}/output"),
             "structured pruning removes whole units and writes a smaller dense file; `sparse` does not apply",
@@ -366,13 +295,12 @@ pub fn parse(
             }
         };
         Some(PruneSchedule {
-            kind,
-            iterations,
+            curve: Schedule { kind, iterations },
             finetune: finetune?,
         })
     });
 
-    if method == PruneMethod::Random && schedule.is_some() {
+    if method == Method::Random && schedule.is_some() {
         errors.push(FieldError::new(
             format!("{pointer}/schedule"),
             "`random` is the one-shot baseline; gradual pruning ranks weights by magnitude (use `magnitude`, `n_m` or `structured`)",
@@ -412,14 +340,14 @@ pub fn parse(
 fn check_against_model(
     f: &Facts,
     pointer: &str,
-    method: PruneMethod,
+    method: Method,
     sparsity: f64,
     layers: &[(String, f64)],
     selection: &Selection,
     has_schedule: bool,
     errors: &mut Vec<FieldError>,
 ) {
-    if (matches!(method, PruneMethod::Structured { .. }) || has_schedule)
+    if (matches!(method, Method::Structured { .. }) || has_schedule)
         && !require_architecture(f, pointer, errors)
     {
         return;
@@ -474,7 +402,7 @@ fn check_against_model(
             .map_or(sparsity, |(_, s)| *s)
     };
     match method {
-        PruneMethod::NM { m, .. } => {
+        Method::NM { m, .. } => {
             for t in &chosen {
                 let inputs = t.shape.get(1).copied().unwrap_or(0);
                 if t.shape.len() < 2 || inputs % m != 0 {
@@ -488,10 +416,10 @@ fn check_against_model(
                 }
             }
         }
-        PruneMethod::Structured { .. } => {
+        Method::Structured { .. } => {
             for t in &chosen {
                 let units = t.shape.first().copied().unwrap_or(0);
-                let removed = round_half_even(sparsity_of(&t.name) * units as f64) as usize;
+                let removed = prune_count(sparsity_of(&t.name), units as u64) as usize;
                 if removed >= units && units > 0 {
                     errors.push(FieldError::new(
                         if layers.iter().any(|(p, _)| glob_match(p, &t.name)) {
@@ -508,15 +436,5 @@ fn check_against_model(
             }
         }
         _ => {}
-    }
-}
-
-/// Python's `round`: halves go to the even neighbour (what PyTorch's pruning uses).
-pub fn round_half_even(x: f64) -> f64 {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
-        r - x.signum()
-    } else {
-        r
     }
 }

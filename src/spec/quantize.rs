@@ -7,107 +7,10 @@ use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingR
 use super::{
     check_patterns, patterns, Facts, FieldError, FloatDtype, FloatQuantize, Selection, Step,
 };
+use crate::compress::formats::gguf::GgufType;
+use crate::compress::quant::activations::Calibration;
+use crate::compress::quant::{self, Format, Granularity, KmeansInit, Method, Quantization};
 use crate::ids::DatasetId;
-
-/// Where one set of integer scales applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Granularity {
-    /// One scale for the tensor.
-    PerTensor,
-    /// One scale per output channel (dim 0).
-    PerChannel,
-    /// One scale per `group_size` consecutive weights of a row.
-    PerGroup(usize),
-}
-
-/// k-means codebook initialisation (Deep Compression §3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KmeansInit {
-    /// Evenly spaced between min and max.
-    Linear,
-    /// Evenly spaced on the weights' CDF.
-    Density,
-    /// k-means++ (seeded).
-    KmeansPlusPlus,
-}
-
-impl KmeansInit {
-    /// API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Linear => "linear",
-            Self::Density => "density",
-            Self::KmeansPlusPlus => "kmeans++",
-        }
-    }
-}
-
-/// GGUF block types (API spelling) and their block sizes.
-pub const GGUF_TYPES: &[(&str, usize)] = &[
-    ("q8_0", 32),
-    ("q4_0", 32),
-    ("q4_1", 32),
-    ("q5_0", 32),
-    ("q5_1", 32),
-    ("q2_k", 256),
-    ("q3_k", 256),
-    ("q4_k", 256),
-    ("q5_k", 256),
-    ("q6_k", 256),
-];
-
-/// A quantization method other than `float`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum QuantMethod {
-    /// Integer codes with scales (and zero-points when affine).
-    Uniform {
-        /// 2–8.
-        bits: u8,
-        /// Symmetric (zero-point 0) or affine.
-        symmetric: bool,
-        /// Scale granularity.
-        granularity: Granularity,
-        /// Search the clipping range that minimises the squared error (instead of min/max).
-        search: bool,
-        /// Per-column weights of the search's squared error (`importance`).
-        importance: Option<ImportanceSource>,
-    },
-    /// Non-uniform shared weights (a codebook per tensor).
-    Kmeans {
-        /// Codebook size.
-        clusters: usize,
-        /// Initialisation.
-        init: KmeansInit,
-    },
-    /// Power-of-two levels.
-    Log2 {
-        /// Bits per code (sign + exponent).
-        bits: u8,
-    },
-    /// NormalFloat-4 with absmax blocks.
-    Nf4 {
-        /// Weights per absmax block.
-        group_size: usize,
-    },
-    /// A GGUF block type.
-    Gguf {
-        /// API spelling, e.g. `q4_k`.
-        ty: String,
-    },
-}
-
-impl QuantMethod {
-    /// API spelling.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Uniform { .. } => "uniform",
-            Self::Kmeans { .. } => "kmeans",
-            Self::Log2 { .. } => "log2",
-            Self::Nf4 { .. } => "nf4",
-            Self::Gguf { .. } => "gguf",
-        }
-    }
-}
 
 /// Where `uniform`'s per-column importance weights come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,39 +39,6 @@ impl ImportanceSource {
     }
 }
 
-/// What the step writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantFormat {
-    /// A float file carrying the quantization error (drop-in).
-    Dequantized,
-    /// Integer codes + scales / zero-points / codebooks.
-    Packed,
-    /// A GGUF file.
-    Gguf,
-}
-
-impl QuantFormat {
-    /// API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Dequantized => "dequantized",
-            Self::Packed => "packed",
-            Self::Gguf => "gguf",
-        }
-    }
-}
-
-/// How calibration picks an activation range.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum CalibrationMethod {
-    /// Observed min / max.
-    MinMax,
-    /// Percentile (e.g. 99.99).
-    Percentile(f64),
-    /// Minimum squared error.
-    Mse,
-}
-
 /// Static activation quantization (simulated), calibrated on a dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActivationSpec {
@@ -181,17 +51,17 @@ pub struct ActivationSpec {
     /// Calibration samples (a seeded draw).
     pub samples: usize,
     /// Range selection.
-    pub method: CalibrationMethod,
+    pub method: Calibration,
 }
 
 impl ActivationSpec {
     /// Normalised JSON.
     pub fn to_json(&self) -> Value {
-        let (method, percentile) = match self.method {
-            CalibrationMethod::MinMax => ("minmax", None),
-            CalibrationMethod::Percentile(p) => ("percentile", Some(p)),
-            CalibrationMethod::Mse => ("mse", None),
+        let percentile = match self.method {
+            Calibration::Percentile(p) => Some(p),
+            Calibration::MinMax | Calibration::Mse => None,
         };
+        let method = self.method.as_str();
         json!({"bits": self.bits, "symmetric": self.symmetric,
                "calibration": {"dataset_id": self.dataset_id.to_string(), "samples": self.samples,
                                "method": method, "percentile": percentile}})
@@ -202,11 +72,13 @@ impl ActivationSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizeSpec {
     /// Method and its parameters.
-    pub method: QuantMethod,
+    pub method: Quantization,
+    /// Per-column weights of `uniform`'s clipping search.
+    pub importance: Option<ImportanceSource>,
     /// Which tensors (`skip` folded into `exclude`).
     pub selection: Selection,
     /// Output encoding.
-    pub format: QuantFormat,
+    pub format: Format,
     /// Accuracy budget (needs the job's `eval`): revert the most sensitive tensors to float.
     pub max_accuracy_drop: Option<f64>,
     /// Quantization-aware training before the final quantization.
@@ -227,35 +99,30 @@ impl QuantizeSpec {
             "max_accuracy_drop": self.max_accuracy_drop,
         });
         match &self.method {
-            QuantMethod::Uniform {
+            Quantization::Codec(Method::Uniform {
                 bits,
                 symmetric,
                 granularity,
                 search,
-                importance,
-            } => {
+            }) => {
                 v["bits"] = json!(bits);
                 v["symmetric"] = json!(symmetric);
                 v["search"] = json!(search);
-                if let Some(source) = importance {
+                if let Some(source) = &self.importance {
                     v["importance"] = source.to_json();
                 }
-                match granularity {
-                    Granularity::PerTensor => v["granularity"] = json!("per_tensor"),
-                    Granularity::PerChannel => v["granularity"] = json!("per_channel"),
-                    Granularity::PerGroup(g) => {
-                        v["granularity"] = json!("per_group");
-                        v["group_size"] = json!(g);
-                    }
+                v["granularity"] = json!(granularity.as_str());
+                if let Granularity::PerGroup { group_size } = granularity {
+                    v["group_size"] = json!(group_size);
                 }
             }
-            QuantMethod::Kmeans { clusters, init } => {
+            Quantization::Codec(Method::Kmeans { clusters, init, .. }) => {
                 v["clusters"] = json!(clusters);
                 v["init"] = json!(init.as_str());
             }
-            QuantMethod::Log2 { bits } => v["bits"] = json!(bits),
-            QuantMethod::Nf4 { group_size } => v["group_size"] = json!(group_size),
-            QuantMethod::Gguf { ty } => v["type"] = json!(ty),
+            Quantization::Codec(Method::Log2 { bits }) => v["bits"] = json!(bits),
+            Quantization::Codec(Method::Nf4 { group_size }) => v["group_size"] = json!(group_size),
+            Quantization::Gguf(ty) => v["type"] = json!(ty.as_str()),
         }
         if let Some(a) = &self.activations {
             v["activations"] = a.to_json();
@@ -429,7 +296,7 @@ pub fn parse(
             _ => Err(errors),
         };
     }
-    let qmethod = match method {
+    let (qmethod, importance) = match method {
         "uniform" => {
             let bits = bits(2, 8, &mut errors);
             let symmetric = bool_or(obj, "symmetric", true, pointer, &mut errors);
@@ -457,7 +324,9 @@ pub fn parse(
                             "is required for `per_group` (e.g. 64 or 128)",
                         ));
                     }
-                    Granularity::PerGroup(group_size(&mut errors, None).unwrap_or(64))
+                    Granularity::PerGroup {
+                        group_size: group_size(&mut errors, None).unwrap_or(64),
+                    }
                 }
                 _ => {
                     if obj.get("group_size").is_some_and(|v| !v.is_null()) {
@@ -469,13 +338,15 @@ pub fn parse(
                     Granularity::PerChannel
                 }
             };
-            QuantMethod::Uniform {
-                bits,
-                symmetric,
-                granularity,
-                search,
+            (
+                Quantization::Codec(Method::Uniform {
+                    bits,
+                    symmetric,
+                    granularity,
+                    search,
+                }),
                 importance,
-            }
+            )
         }
         "kmeans" => {
             let clusters = usize_in(obj, "clusters", (2, 256), pointer, &mut errors).unwrap_or(16);
@@ -500,36 +371,48 @@ pub fn parse(
                 Some("kmeans++") => KmeansInit::KmeansPlusPlus,
                 _ => KmeansInit::Linear,
             };
-            QuantMethod::Kmeans { clusters, init }
+            (
+                Quantization::Codec(Method::Kmeans {
+                    clusters,
+                    init,
+                    max_iterations: quant::DEFAULT_KMEANS_MAX_ITERATIONS,
+                    tolerance: quant::DEFAULT_KMEANS_TOLERANCE,
+                }),
+                None,
+            )
         }
-        "log2" => QuantMethod::Log2 {
-            bits: bits(3, 4, &mut errors),
-        },
-        "nf4" => QuantMethod::Nf4 {
-            group_size: group_size(&mut errors, Some(64)).unwrap_or(64),
-        },
+        "log2" => (
+            Quantization::Codec(Method::Log2 {
+                bits: bits(3, 4, &mut errors),
+            }),
+            None,
+        ),
+        "nf4" => (
+            Quantization::Codec(Method::Nf4 {
+                group_size: group_size(&mut errors, Some(64)).unwrap_or(64),
+            }),
+            None,
+        ),
         _ => {
-            let ty = match obj.get("type").and_then(Value::as_str) {
-                Some(t) if GGUF_TYPES.iter().any(|(n, _)| *n == t) => t.to_string(),
-                _ => {
+            let ty = match obj
+                .get("type")
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse::<GgufType>().ok())
+            {
+                Some(t) => t,
+                None => {
                     errors.push(FieldError::new(
                         format!("{pointer}/type"),
                         format!(
                             "is required; one of {}",
-                            GGUF_TYPES
-                                .iter()
-                                .map(|(n, _)| *n)
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            GgufType::ALL.map(GgufType::as_str).join(", ")
                         ),
                     ));
-                    "q8_0".to_string()
+                    GgufType::Q8_0
                 }
             };
-            if let (Some(f), Some(block)) = (
-                facts,
-                GGUF_TYPES.iter().find(|(n, _)| *n == ty).map(|(_, b)| *b),
-            ) {
+            if let Some(f) = facts {
+                let block = ty.block_size();
                 for t in selection.resolve(&f.tensors) {
                     let row = t.shape.last().copied().unwrap_or(0);
                     if row % block != 0 {
@@ -548,33 +431,33 @@ pub fn parse(
                     }
                 }
             }
-            QuantMethod::Gguf { ty }
+            (Quantization::Gguf(ty), None)
         }
     };
     let format = match (method, format_given) {
-        ("gguf", None | Some("gguf")) => QuantFormat::Gguf,
+        ("gguf", None | Some("gguf")) => Format::Gguf,
         ("gguf", Some(_)) => {
             errors.push(FieldError::new(
                 format!("{pointer}/format"),
                 "method `gguf` writes a GGUF file: only `gguf` applies",
             ));
-            QuantFormat::Gguf
+            Format::Gguf
         }
         (_, Some("gguf")) => {
             errors.push(FieldError::new(
                 format!("{pointer}/format"),
                 "`gguf` output needs `method: gguf` with a GGUF `type`",
             ));
-            QuantFormat::Packed
+            Format::Packed
         }
-        (_, Some("packed")) => QuantFormat::Packed,
-        _ => QuantFormat::Dequantized,
+        (_, Some("packed")) => Format::Packed,
+        _ => Format::Dequantized,
     };
     let max_accuracy_drop = f64_in(obj, "max_accuracy_drop", (0.0, 1.0), pointer, &mut errors);
     let qat = match object(obj, "qat", pointer, &mut errors) {
         None => None,
         Some(q) => {
-            if matches!(qmethod, QuantMethod::Gguf { .. }) {
+            if matches!(qmethod, Quantization::Gguf(_)) {
                 errors.push(FieldError::new(
                     format!("{pointer}/qat"),
                     "QAT is available for uniform, kmeans, log2 and nf4; for GGUF, train with `qat` on `uniform` at the same bits, then export",
@@ -605,6 +488,7 @@ pub fn parse(
     if errors.is_empty() {
         Ok(Step::Quantize(Box::new(QuantizeSpec {
             method: qmethod,
+            importance,
             selection,
             format,
             max_accuracy_drop,
@@ -752,7 +636,7 @@ fn parse_activations(
     );
     let samples = usize_in(c, "samples", (1, 100_000), &cp, errors).unwrap_or(256);
     let calibration = match choice(c, "method", &["minmax", "percentile", "mse"], &cp, errors) {
-        Some("percentile") => CalibrationMethod::Percentile(
+        Some("percentile") => Calibration::Percentile(
             match c.get("percentile") {
                 None | Some(Value::Null) => Some(99.99),
                 Some(v) => match v.as_f64() {
@@ -768,8 +652,8 @@ fn parse_activations(
             }
             .unwrap_or(99.99),
         ),
-        Some("mse") => CalibrationMethod::Mse,
-        _ => CalibrationMethod::MinMax,
+        Some("mse") => Calibration::Mse,
+        _ => Calibration::MinMax,
     };
     let dataset_id = super::train::dataset_ref(c, &cp, facts, errors);
     if let Some(f) = facts {

@@ -5,6 +5,10 @@ use serde_json::{json, Map, Value};
 
 use super::fields::{bool_or, choice, deny_unknown, escape, f64_in, object, usize_in};
 use super::{patterns, Facts, FieldError};
+use crate::compress::engine::finetune::{FinetuneParams, HeadParams, Validation};
+use crate::compress::engine::train::{
+    EarlyStopping, LrSchedule, Optimizer, ScheduleKind, StopMetric,
+};
 use crate::compress::select::glob_match;
 use crate::ids::DatasetId;
 
@@ -24,131 +28,32 @@ impl EvalSpec {
     }
 }
 
-/// Where validation figures come from during training.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Validation {
-    /// No validation.
-    None,
-    /// A seeded fraction held out of the training set.
-    Fraction(f64),
-    /// A separate dataset.
-    Dataset(DatasetId),
-}
+/// `finetune`: train (all or part of) the network on a labelled dataset. The engine's own
+/// parameters, with datasets named by id.
+pub type FinetuneSpec = FinetuneParams<DatasetId>;
 
-/// The optimizer and its hyper-parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OptimizerSpec {
-    /// AdamW (decoupled weight decay).
-    AdamW {
-        /// Learning rate.
-        lr: f64,
-        /// Decoupled weight decay.
-        weight_decay: f64,
-    },
-    /// SGD with momentum.
-    Sgd {
-        /// Learning rate.
-        lr: f64,
-        /// Momentum.
-        momentum: f64,
-        /// L2 weight decay.
-        weight_decay: f64,
-        /// Nesterov momentum.
-        nesterov: bool,
-    },
-}
-
-/// The learning-rate schedule (after an optional linear warm-up).
-#[derive(Debug, Clone, PartialEq)]
-pub enum LrScheduleSpec {
-    /// Constant.
-    Constant,
-    /// Cosine decay to zero over the epochs.
-    Cosine,
-    /// Multiply by `gamma` every `step_size` epochs.
-    Step {
-        /// Epochs between decays.
-        step_size: usize,
-        /// Decay factor.
-        gamma: f64,
-    },
-}
-
-/// Early stopping on a validation metric.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EarlyStoppingSpec {
-    /// Epochs without improvement before stopping.
-    pub patience: usize,
-    /// `val_loss` (lower is better) or `val_accuracy` (higher is better).
-    pub metric: String,
-}
-
-/// A replacement classifier head.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeadSpec {
-    /// The linear layer to replace.
-    pub layer: String,
-    /// Its new output width.
-    pub num_classes: usize,
-}
-
-/// `finetune`: train (all or part of) the network on a labelled dataset.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FinetuneSpec {
-    /// Training data.
-    pub dataset_id: DatasetId,
-    /// Validation data.
-    pub validation: Validation,
-    /// Passes over the training data.
-    pub epochs: usize,
-    /// Samples per step.
-    pub batch_size: usize,
-    /// Optimizer.
-    pub optimizer: OptimizerSpec,
-    /// Schedule.
-    pub lr_schedule: LrScheduleSpec,
-    /// Linear warm-up epochs.
-    pub warmup_epochs: usize,
-    /// Parameter patterns kept fixed.
-    pub freeze: Vec<String>,
-    /// Head replacement.
-    pub head: Option<HeadSpec>,
-    /// Per-pattern learning-rate multipliers.
-    pub layer_lr: Vec<(String, f64)>,
-    /// Early stopping.
-    pub early_stopping: Option<EarlyStoppingSpec>,
-    /// Global gradient-norm clip.
-    pub grad_clip: Option<f64>,
-    /// Seed (defaults to the job's).
-    pub seed: Option<u64>,
-}
-
-impl FinetuneSpec {
+impl FinetuneParams<DatasetId> {
     /// Normalised JSON (defaults filled in).
     pub fn to_json(&self) -> Value {
-        let optimizer = match &self.optimizer {
-            OptimizerSpec::AdamW { lr, weight_decay } => {
-                json!({"name": "adamw", "lr": lr, "weight_decay": weight_decay})
+        let optimizer = match self.optimizer {
+            Optimizer::AdamW { .. } => {
+                json!({"name": "adamw", "lr": self.lr, "weight_decay": self.weight_decay})
             }
-            OptimizerSpec::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-                nesterov,
-            } => json!({
-                "name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}),
+            Optimizer::Sgd { momentum, nesterov } => json!({
+                "name": "sgd", "lr": self.lr, "momentum": momentum,
+                "weight_decay": self.weight_decay, "nesterov": nesterov}),
         };
-        let mut schedule = match &self.lr_schedule {
-            LrScheduleSpec::Constant => json!({"kind": "constant"}),
-            LrScheduleSpec::Cosine => json!({"kind": "cosine"}),
-            LrScheduleSpec::Step { step_size, gamma } => {
+        let mut schedule = match self.lr_schedule.kind {
+            ScheduleKind::Constant => json!({"kind": "constant"}),
+            ScheduleKind::Cosine => json!({"kind": "cosine"}),
+            ScheduleKind::Step { step_size, gamma } => {
                 json!({"kind": "step", "step_size": step_size, "gamma": gamma})
             }
         };
-        schedule["warmup_epochs"] = json!(self.warmup_epochs);
+        schedule["warmup_epochs"] = json!(self.lr_schedule.warmup_epochs);
         json!({
             "op": "finetune",
-            "dataset_id": self.dataset_id.to_string(),
+            "dataset_id": self.dataset.to_string(),
             "validation": match &self.validation {
                 Validation::None => Value::Null,
                 Validation::Fraction(f) => json!({"fraction": f}),
@@ -161,7 +66,7 @@ impl FinetuneSpec {
             "freeze": self.freeze,
             "head": self.head.as_ref().map(|h| json!({"layer": h.layer, "num_classes": h.num_classes})),
             "layer_lr": self.layer_lr.iter().map(|(p, m)| (p.clone(), json!(m))).collect::<Map<String, Value>>(),
-            "early_stopping": self.early_stopping.as_ref().map(|e| json!({"patience": e.patience, "metric": e.metric})),
+            "early_stopping": self.early_stopping.as_ref().map(|e| json!({"patience": e.patience, "metric": e.metric.as_str()})),
             "grad_clip": self.grad_clip,
             "seed": self.seed,
         })
@@ -277,11 +182,8 @@ pub fn parse_training(
             }
         }
     };
-    let optimizer = match object(obj, "optimizer", pointer, errors) {
-        None => OptimizerSpec::AdamW {
-            lr: 1e-3,
-            weight_decay: 0.01,
-        },
+    let (optimizer, lr, weight_decay) = match object(obj, "optimizer", pointer, errors) {
+        None => (Optimizer::ADAMW, 1e-3, 0.01),
         Some(o) => {
             let op = format!("{pointer}/optimizer");
             deny_unknown(
@@ -300,12 +202,11 @@ pub fn parse_training(
                 "sgd" => {
                     let momentum = f64_in(o, "momentum", (0.0, 0.999), &op, errors).unwrap_or(0.9);
                     let nesterov = bool_or(o, "nesterov", false, &op, errors);
-                    OptimizerSpec::Sgd {
-                        lr: lr.unwrap_or(0.01),
-                        momentum,
-                        weight_decay: weight_decay.unwrap_or(0.0),
-                        nesterov,
-                    }
+                    (
+                        Optimizer::Sgd { momentum, nesterov },
+                        lr.unwrap_or(0.01),
+                        weight_decay.unwrap_or(0.0),
+                    )
                 }
                 _ => {
                     if o.contains_key("momentum") || o.contains_key("nesterov") {
@@ -314,17 +215,18 @@ pub fn parse_training(
                             "momentum applies to `sgd` only",
                         ));
                     }
-                    OptimizerSpec::AdamW {
-                        lr: lr.unwrap_or(1e-3),
-                        weight_decay: weight_decay.unwrap_or(0.01),
-                    }
+                    (
+                        Optimizer::ADAMW,
+                        lr.unwrap_or(1e-3),
+                        weight_decay.unwrap_or(0.01),
+                    )
                 }
             }
         }
     };
     let mut warmup_epochs = 0;
-    let lr_schedule = match object(obj, "lr_schedule", pointer, errors) {
-        None => LrScheduleSpec::Constant,
+    let kind = match object(obj, "lr_schedule", pointer, errors) {
+        None => ScheduleKind::Constant,
         Some(s) => {
             let sp = format!("{pointer}/lr_schedule");
             deny_unknown(
@@ -343,14 +245,18 @@ pub fn parse_training(
             match choice(s, "kind", &["constant", "cosine", "step"], &sp, errors)
                 .unwrap_or("constant")
             {
-                "cosine" => LrScheduleSpec::Cosine,
-                "step" => LrScheduleSpec::Step {
+                "cosine" => ScheduleKind::Cosine,
+                "step" => ScheduleKind::Step {
                     step_size: usize_in(s, "step_size", (1, 10_000), &sp, errors).unwrap_or(1),
                     gamma: f64_in(s, "gamma", (1e-6, 1.0), &sp, errors).unwrap_or(0.1),
                 },
-                _ => LrScheduleSpec::Constant,
+                _ => ScheduleKind::Constant,
             }
         }
+    };
+    let lr_schedule = LrSchedule {
+        kind,
+        warmup_epochs,
     };
     let freeze = patterns(obj.get("freeze"), &format!("{pointer}/freeze"), errors);
     let head = object(obj, "head", pointer, errors).and_then(|h| {
@@ -370,7 +276,7 @@ pub fn parse_training(
         if num_classes.is_none() && !h.contains_key("num_classes") {
             errors.push(FieldError::new(format!("{hp}/num_classes"), "is required"));
         }
-        Some(HeadSpec {
+        Some(HeadParams {
             layer: layer?,
             num_classes: num_classes?,
         })
@@ -394,11 +300,12 @@ pub fn parse_training(
     let early_stopping = object(obj, "early_stopping", pointer, errors).map(|e| {
         let ep = format!("{pointer}/early_stopping");
         deny_unknown(e, &["patience", "metric"], &ep, errors);
-        EarlyStoppingSpec {
+        EarlyStopping {
             patience: usize_in(e, "patience", (1, 10_000), &ep, errors).unwrap_or(3),
-            metric: choice(e, "metric", &["val_loss", "val_accuracy"], &ep, errors)
-                .unwrap_or("val_loss")
-                .to_string(),
+            metric: match choice(e, "metric", &["val_loss", "val_accuracy"], &ep, errors) {
+                Some("val_accuracy") => StopMetric::ValAccuracy,
+                _ => StopMetric::ValLoss,
+            },
         }
     });
     if early_stopping.is_some() && validation == Validation::None {
@@ -472,13 +379,14 @@ pub fn parse_training(
         return None;
     }
     Some(FinetuneSpec {
-        dataset_id: dataset_id?,
+        dataset: dataset_id?,
         validation,
         epochs,
         batch_size,
         optimizer,
+        lr,
+        weight_decay,
         lr_schedule,
-        warmup_epochs,
         freeze,
         head,
         layer_lr,

@@ -22,10 +22,11 @@ use crate::compress::engine::evaluate::{check_dataset, classes_of, evaluate};
 use crate::compress::engine::finetune::{bad, FinetuneParams, Validation};
 use crate::compress::engine::sequential::arch::escape;
 use crate::compress::engine::sequential::arch::Architecture;
-use crate::compress::engine::sequential::model::{Model, NamedTensor};
+use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::{
     self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
 };
+use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
@@ -66,7 +67,7 @@ pub struct DistillParams<'a> {
     /// The training settings as in `finetune`, on the transfer set `train.dataset`
     /// (labels optional when `alpha` is 1). `head` must be `None`; `freeze` and
     /// `layer_lr` apply to the student.
-    pub train: FinetuneParams<'a>,
+    pub train: FinetuneParams<&'a Dataset>,
     /// Softmax temperature T (finite, positive).
     pub temperature: f64,
     /// Weight α of the soft-target term, in [0, 1].
@@ -503,7 +504,7 @@ pub fn distill_with_cache(
         Validation::Fraction(f) => {
             let (a, b) = p
                 .dataset
-                .split(f, p.seed)
+                .split(f, p.seed())
                 .map_err(|e| bad("/validation/fraction", e.to_string()))?;
             (a, Some(b))
         }
@@ -555,7 +556,7 @@ pub fn distill_with_cache(
             i,
             width(&student, &f.student)?,
             width(teacher, &f.teacher)?,
-            p.seed,
+            p.seed(),
         )?);
     }
     let projections: Vec<(Var, Var)> = extra
@@ -773,10 +774,8 @@ fn run_baseline(
 mod tests {
     use super::*;
     use crate::compress::engine::data::DatasetX;
-    use crate::compress::engine::finetune::{
-        finetune, EarlyStoppingParams, HeadParams, ScheduleName,
-    };
-    use crate::compress::engine::train::{Checkpoint, StopMetric};
+    use crate::compress::engine::finetune::{finetune, HeadParams};
+    use crate::compress::engine::train::{Checkpoint, EarlyStopping, ScheduleKind, StopMetric};
     use rand::{Rng, SeedableRng};
     use serde_json::json;
 
@@ -832,7 +831,7 @@ mod tests {
         p.validation = Validation::None;
         p.epochs = 8;
         p.batch_size = 16;
-        p.optimizer.lr = 1e-2;
+        p.lr = 1e-2;
         let cancel = quiet();
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         let model = Model::init(&teacher_arch(), 7).unwrap();
@@ -845,8 +844,8 @@ mod tests {
         p.train.validation = Validation::Fraction(0.25);
         p.train.epochs = 3;
         p.train.batch_size = 16;
-        p.train.optimizer.lr = 1e-2;
-        p.train.seed = 3;
+        p.train.lr = 1e-2;
+        p.train.seed = Some(3);
         p.temperature = 2.0;
         p.alpha = 0.5;
         p
@@ -1089,8 +1088,8 @@ mod tests {
         let data = clusters(100, 5, true);
         let mut p = params(&data);
         p.train.epochs = 4;
-        p.train.lr_schedule.kind = ScheduleName::Cosine;
-        p.train.early_stopping = Some(EarlyStoppingParams {
+        p.train.lr_schedule.kind = ScheduleKind::Cosine;
+        p.train.early_stopping = Some(EarlyStopping {
             patience: 5,
             metric: StopMetric::ValLoss,
         });
@@ -1226,7 +1225,7 @@ mod tests {
         p.baseline = true;
         assert_eq!(ptr(&check(&p, &arch)).1, "/baseline");
         p.baseline = false;
-        p.train.early_stopping = Some(EarlyStoppingParams {
+        p.train.early_stopping = Some(EarlyStopping {
             patience: 2,
             metric: StopMetric::ValLoss,
         });

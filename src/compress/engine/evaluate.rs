@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::engine::data::{Dataset, Subset};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::model::Model;
+use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::{Error, Result};
 
@@ -132,6 +133,33 @@ pub fn loss_and_accuracy(
     }
 }
 
+/// A whole dataset to evaluate on, in batches of `batch_size`.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalData<'a> {
+    /// The dataset.
+    pub dataset: &'a Dataset,
+    /// Samples per forward pass.
+    pub batch_size: usize,
+}
+
+/// [`evaluate`] of the network `weights` make with `arch`, on all of `data`.
+pub fn evaluate_weights(
+    arch: &Architecture,
+    weights: Vec<NamedTensor>,
+    data: EvalData<'_>,
+    reference: Option<&Model>,
+    ctx: &Ctx<'_>,
+) -> Result<Evaluation> {
+    let model = Model::new(arch, weights)?;
+    evaluate(
+        &model,
+        &Subset::all(data.dataset),
+        reference,
+        data.batch_size,
+        ctx,
+    )
+}
+
 /// Evaluates `model` (and optionally a `reference`) on `data` in batches of `batch_size`,
 /// checking `ctx` for cancellation between batches.
 pub fn evaluate(
@@ -241,7 +269,7 @@ pub fn evaluate(
 mod tests {
     use super::*;
     use crate::compress::engine::data::DatasetX;
-    use crate::compress::engine::sequential::model::NamedTensor;
+    use crate::compress::formats::safetensors::NamedTensor;
     use serde_json::json;
     use std::sync::atomic::AtomicBool;
 

@@ -10,72 +10,36 @@
 use crate::compress::engine::data::{Dataset, Subset};
 use crate::compress::engine::evaluate::{check_dataset, classes_of};
 use crate::compress::engine::sequential::arch::{Architecture, Layer};
-use crate::compress::engine::sequential::model::{Model, NamedTensor};
+use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::{
-    self, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, StopMetric,
-    TrainConfig, TrainHooks,
+    self, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, TrainConfig, TrainHooks,
 };
+use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
 
-/// Where validation data comes from.
+/// Where validation data comes from; `D` is how a dataset is named (a `&Dataset` when
+/// running, an id in a job spec).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Validation<'a> {
+pub enum Validation<D> {
     /// No validation (no val metrics, no early stopping).
     None,
     /// A seeded random fraction of the training dataset, held out.
     Fraction(f64),
     /// A separate labelled dataset.
-    Dataset(&'a Dataset),
+    Dataset(D),
 }
 
-/// The optimizer's name in the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OptimizerName {
-    /// `adamw`.
-    AdamW,
-    /// `sgd`.
-    Sgd,
-}
-
-/// `optimizer`: `{"name","lr","weight_decay","momentum"}` (+ `nesterov` for SGD).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OptimizerParams {
-    /// Update rule.
-    pub name: OptimizerName,
-    /// Base learning rate, finite and non-negative.
-    pub lr: f64,
-    /// Weight decay, finite and non-negative.
-    pub weight_decay: f64,
-    /// SGD momentum in [0, 1) (ignored by AdamW).
-    pub momentum: f64,
-    /// SGD Nesterov momentum (needs momentum > 0).
-    pub nesterov: bool,
-}
-
-/// The schedule kind's name in the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScheduleName {
-    /// `constant`.
-    Constant,
-    /// `cosine`.
-    Cosine,
-    /// `step`.
-    Step,
-}
-
-/// `lr_schedule`: `{"kind","step_size","gamma","warmup_epochs"}`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ScheduleParams {
-    /// Shape after warm-up.
-    pub kind: ScheduleName,
-    /// Epochs between decays for `step` (at least 1).
-    pub step_size: usize,
-    /// Decay factor for `step` (finite, positive).
-    pub gamma: f64,
-    /// Epochs of linear warm-up (at most `epochs`).
-    pub warmup_epochs: usize,
+impl<D> Validation<D> {
+    /// The same choice with the dataset named another way.
+    pub fn map<E>(&self, f: impl FnOnce(&D) -> E) -> Validation<E> {
+        match self {
+            Validation::None => Validation::None,
+            Validation::Fraction(x) => Validation::Fraction(*x),
+            Validation::Dataset(d) => Validation::Dataset(f(d)),
+        }
+    }
 }
 
 /// `head`: replace the named final linear layer with a fresh one of `num_classes` outputs.
@@ -87,30 +51,27 @@ pub struct HeadParams {
     pub num_classes: usize,
 }
 
-/// `early_stopping`: `{"patience","metric"}`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EarlyStoppingParams {
-    /// Epochs without improvement tolerated (at least 1).
-    pub patience: usize,
-    /// `val_loss` or `val_accuracy`.
-    pub metric: StopMetric,
-}
-
-/// Everything the `finetune` step takes.
+/// Everything a training step takes: the `finetune` op, and the training inside gradual
+/// pruning, QAT and distillation. `D` names the datasets: ids in a job spec (which is parsed
+/// straight into this type), `&Dataset` when running ([`FinetuneParams::with_data`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct FinetuneParams<'a> {
+pub struct FinetuneParams<D> {
     /// The labelled training dataset.
-    pub dataset: &'a Dataset,
+    pub dataset: D,
     /// Validation data.
-    pub validation: Validation<'a>,
+    pub validation: Validation<D>,
     /// Epochs (at least 1).
     pub epochs: usize,
     /// Batch size (at least 1).
     pub batch_size: usize,
-    /// Optimizer.
-    pub optimizer: OptimizerParams,
+    /// Update rule.
+    pub optimizer: Optimizer,
+    /// Base learning rate, finite and non-negative.
+    pub lr: f64,
+    /// Weight decay (L2 for SGD, decoupled for AdamW), finite and non-negative.
+    pub weight_decay: f64,
     /// Learning-rate schedule.
-    pub lr_schedule: ScheduleParams,
+    pub lr_schedule: LrSchedule,
     /// Glob patterns of parameters kept fixed; each must match at least one.
     pub freeze: Vec<String>,
     /// Optional head replacement.
@@ -118,33 +79,28 @@ pub struct FinetuneParams<'a> {
     /// `(pattern, multiplier)`: per-parameter learning-rate multipliers, first match wins.
     pub layer_lr: Vec<(String, f64)>,
     /// Optional early stopping (needs validation).
-    pub early_stopping: Option<EarlyStoppingParams>,
+    pub early_stopping: Option<EarlyStopping>,
     /// Optional global gradient-norm clip (finite, positive).
     pub grad_clip: Option<f64>,
-    /// Seed of the validation split, shuffles, dropout and the new head's initialisation.
-    pub seed: u64,
+    /// Seed of the validation split, shuffles, dropout and the new head's initialisation
+    /// (`None`: the job's seed, filled in by [`FinetuneParams::with_data`]).
+    pub seed: Option<u64>,
 }
 
-impl<'a> FinetuneParams<'a> {
+impl<D> FinetuneParams<D> {
     /// Defaults for everything but the dataset: 10 epochs of AdamW (lr 1e-3, weight
-    /// decay 0.01) in batches of 64, constant schedule, 10% validation, seed 0.
-    pub fn new(dataset: &'a Dataset) -> FinetuneParams<'a> {
+    /// decay 0.01) in batches of 64, constant schedule, 10% validation, the job's seed.
+    pub fn new(dataset: D) -> FinetuneParams<D> {
         FinetuneParams {
             dataset,
             validation: Validation::Fraction(0.1),
             epochs: 10,
             batch_size: 64,
-            optimizer: OptimizerParams {
-                name: OptimizerName::AdamW,
-                lr: 1e-3,
-                weight_decay: 0.01,
-                momentum: 0.0,
-                nesterov: false,
-            },
-            lr_schedule: ScheduleParams {
-                kind: ScheduleName::Constant,
-                step_size: 1,
-                gamma: 0.1,
+            optimizer: Optimizer::ADAMW,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            lr_schedule: LrSchedule {
+                kind: ScheduleKind::Constant,
                 warmup_epochs: 0,
             },
             freeze: Vec::new(),
@@ -152,8 +108,38 @@ impl<'a> FinetuneParams<'a> {
             layer_lr: Vec::new(),
             early_stopping: None,
             grad_clip: None,
-            seed: 0,
+            seed: None,
         }
+    }
+
+    /// These parameters over resolved datasets, the seed defaulting to `default_seed`.
+    pub fn with_data<E>(
+        &self,
+        dataset: E,
+        validation: Validation<E>,
+        default_seed: u64,
+    ) -> FinetuneParams<E> {
+        FinetuneParams {
+            dataset,
+            validation,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            optimizer: self.optimizer,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            lr_schedule: self.lr_schedule,
+            freeze: self.freeze.clone(),
+            head: self.head.clone(),
+            layer_lr: self.layer_lr.clone(),
+            early_stopping: self.early_stopping,
+            grad_clip: self.grad_clip,
+            seed: Some(self.seed.unwrap_or(default_seed)),
+        }
+    }
+
+    /// The seed in force (0 when none was given).
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or(0)
     }
 }
 
@@ -200,60 +186,44 @@ fn finite_non_negative(pointer: &str, name: &str, v: f64) -> Result<()> {
 }
 
 /// Checks the parameters that do not depend on the model, and builds the loop's config.
-pub(crate) fn train_config(p: &FinetuneParams<'_>) -> Result<TrainConfig> {
+pub(crate) fn train_config(p: &FinetuneParams<&Dataset>) -> Result<TrainConfig> {
     if p.epochs == 0 {
         return Err(bad("/epochs", "`epochs` must be at least 1"));
     }
     if p.batch_size == 0 {
         return Err(bad("/batch_size", "`batch_size` must be at least 1"));
     }
-    let o = &p.optimizer;
-    finite_non_negative("/optimizer/lr", "lr", o.lr)?;
-    finite_non_negative("/optimizer/weight_decay", "weight_decay", o.weight_decay)?;
-    let optimizer = match o.name {
-        OptimizerName::AdamW => Optimizer::ADAMW,
-        OptimizerName::Sgd => {
-            if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
-                return Err(bad(
-                    "/optimizer/momentum",
-                    format!("`momentum` must be in [0, 1), got {}", o.momentum),
-                ));
-            }
-            if o.nesterov && o.momentum == 0.0 {
-                return Err(bad(
-                    "/optimizer/nesterov",
-                    "Nesterov momentum needs `momentum` > 0",
-                ));
-            }
-            Optimizer::Sgd {
-                momentum: o.momentum,
-                nesterov: o.nesterov,
-            }
+    finite_non_negative("/optimizer/lr", "lr", p.lr)?;
+    finite_non_negative("/optimizer/weight_decay", "weight_decay", p.weight_decay)?;
+    if let Optimizer::Sgd { momentum, nesterov } = p.optimizer {
+        if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
+            return Err(bad(
+                "/optimizer/momentum",
+                format!("`momentum` must be in [0, 1), got {momentum}"),
+            ));
         }
-    };
+        if nesterov && momentum == 0.0 {
+            return Err(bad(
+                "/optimizer/nesterov",
+                "Nesterov momentum needs `momentum` > 0",
+            ));
+        }
+    }
     let s = &p.lr_schedule;
-    let kind = match s.kind {
-        ScheduleName::Constant => ScheduleKind::Constant,
-        ScheduleName::Cosine => ScheduleKind::Cosine,
-        ScheduleName::Step => {
-            if s.step_size == 0 {
-                return Err(bad(
-                    "/lr_schedule/step_size",
-                    "`step_size` must be at least 1 epoch",
-                ));
-            }
-            if !(s.gamma.is_finite() && s.gamma > 0.0) {
-                return Err(bad(
-                    "/lr_schedule/gamma",
-                    format!("`gamma` must be a finite, positive number, got {}", s.gamma),
-                ));
-            }
-            ScheduleKind::Step {
-                step_size: s.step_size,
-                gamma: s.gamma,
-            }
+    if let ScheduleKind::Step { step_size, gamma } = s.kind {
+        if step_size == 0 {
+            return Err(bad(
+                "/lr_schedule/step_size",
+                "`step_size` must be at least 1 epoch",
+            ));
         }
-    };
+        if !(gamma.is_finite() && gamma > 0.0) {
+            return Err(bad(
+                "/lr_schedule/gamma",
+                format!("`gamma` must be a finite, positive number, got {gamma}"),
+            ));
+        }
+    }
     if s.warmup_epochs > p.epochs {
         return Err(bad(
             "/lr_schedule/warmup_epochs",
@@ -294,26 +264,20 @@ pub(crate) fn train_config(p: &FinetuneParams<'_>) -> Result<TrainConfig> {
                     "early stopping needs validation data (`validation`: a fraction or a dataset)",
                 ));
             }
-            Some(EarlyStopping {
-                patience: e.patience,
-                metric: e.metric,
-            })
+            Some(e)
         }
     };
     Ok(TrainConfig {
         epochs: p.epochs,
         batch_size: p.batch_size,
-        optimizer,
-        lr: o.lr,
-        weight_decay: o.weight_decay,
-        schedule: LrSchedule {
-            kind,
-            warmup_epochs: s.warmup_epochs,
-        },
+        optimizer: p.optimizer,
+        lr: p.lr,
+        weight_decay: p.weight_decay,
+        schedule: p.lr_schedule,
         grad_clip: p.grad_clip,
         early_stopping,
         lr_multipliers: p.layer_lr.clone(),
-        seed: p.seed,
+        seed: p.seed(),
     })
 }
 
@@ -389,14 +353,14 @@ fn replace_head(
 /// to resume from (its `loss` is normally left `None`: cross-entropy).
 pub fn finetune(
     model: Model,
-    params: &FinetuneParams<'_>,
+    params: &FinetuneParams<&Dataset>,
     ctx: &Ctx<'_>,
     hooks: TrainHooks<'_>,
 ) -> Result<FinetuneOutput> {
     let config = train_config(params)?;
     let mut model = match &params.head {
         Some(head) => {
-            let (arch, weights) = replace_head(&model, head, params.seed)?;
+            let (arch, weights) = replace_head(&model, head, params.seed())?;
             Model::new(&arch, weights)?
         }
         None => model,
@@ -448,7 +412,7 @@ pub fn finetune(
         Validation::Fraction(f) => {
             let (t, v) = params
                 .dataset
-                .split(f, params.seed)
+                .split(f, params.seed())
                 .map_err(|e| bad("/validation/fraction", e.to_string()))?;
             (t, Some(v))
         }
@@ -486,6 +450,7 @@ mod tests {
     use super::*;
     use crate::compress::engine::data::DatasetX;
     use crate::compress::engine::evaluate::evaluate;
+    use crate::compress::engine::train::StopMetric;
     use serde_json::json;
     use std::sync::atomic::AtomicBool;
 
@@ -522,9 +487,9 @@ mod tests {
         p.validation = Validation::Fraction(0.2);
         p.epochs = 10;
         p.batch_size = 32;
-        p.optimizer.lr = 1e-2;
-        p.lr_schedule.kind = ScheduleName::Cosine;
-        p.seed = 1;
+        p.lr = 1e-2;
+        p.lr_schedule.kind = ScheduleKind::Cosine;
+        p.seed = Some(1);
         let cancel = quiet();
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         let model = Model::init(&mlp(10), 1).unwrap();
@@ -571,7 +536,7 @@ mod tests {
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         let mut p = FinetuneParams::new(&low);
         p.epochs = 10;
-        p.optimizer.lr = 1e-2;
+        p.lr = 1e-2;
         let pre = finetune(
             Model::init(&mlp(5), 2).unwrap(),
             &p,
@@ -583,7 +548,7 @@ mod tests {
 
         let mut p = FinetuneParams::new(&high);
         p.epochs = 15;
-        p.optimizer.lr = 2e-2;
+        p.lr = 2e-2;
         p.freeze = vec!["fc1.*".into()];
         p.head = Some(HeadParams {
             layer: "fc2".into(),
@@ -614,7 +579,7 @@ mod tests {
         }
     }
 
-    fn refusal(p: &FinetuneParams<'_>, arch: &Architecture) -> Error {
+    fn refusal(p: &FinetuneParams<&Dataset>, arch: &Architecture) -> Error {
         let cancel = quiet();
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         finetune(
@@ -635,7 +600,7 @@ mod tests {
 
         for lr in [-1.0, f64::NAN, f64::INFINITY] {
             let mut p = base.clone();
-            p.optimizer.lr = lr;
+            p.lr = lr;
             let (code, ptr, msg) = pointer(refusal(&p, &arch));
             assert_eq!(
                 (code, ptr.as_str()),
@@ -658,7 +623,7 @@ mod tests {
         p.layer_lr = vec![("fc9.*".into(), 0.1)];
         assert_eq!(pointer(refusal(&p, &arch)).1, "/layer_lr/fc9.*");
         let mut p = base.clone();
-        p.early_stopping = Some(EarlyStoppingParams {
+        p.early_stopping = Some(EarlyStopping {
             patience: 2,
             metric: StopMetric::ValLoss,
         });
@@ -668,8 +633,10 @@ mod tests {
         p.epochs = 0;
         assert_eq!(pointer(refusal(&p, &arch)).1, "/epochs");
         let mut p = base.clone();
-        p.lr_schedule.kind = ScheduleName::Step;
-        p.lr_schedule.step_size = 0;
+        p.lr_schedule.kind = ScheduleKind::Step {
+            step_size: 0,
+            gamma: 0.1,
+        };
         assert_eq!(pointer(refusal(&p, &arch)).1, "/lr_schedule/step_size");
         let mut p = base.clone();
         p.validation = Validation::Fraction(1.5);
@@ -729,8 +696,11 @@ mod tests {
             ..tiny()
         };
         let mut p = FinetuneParams::new(&data);
-        p.optimizer.name = OptimizerName::Sgd;
-        p.optimizer.lr = 1e30;
+        p.optimizer = Optimizer::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+        };
+        p.lr = 1e30;
         let e = refusal(&p, &mlp(3));
         assert_eq!(e.code(), "non_finite_loss");
         assert!(matches!(e, Error::NonFiniteLoss { .. }), "{e}");

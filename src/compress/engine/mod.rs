@@ -4,5 +4,6 @@
 pub mod data;
 pub mod evaluate;
 pub mod finetune;
+pub mod masks;
 pub mod sequential;
 pub mod train;

@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress::engine::data::{shuffle_indices, Batch, Subset};
 use crate::compress::engine::evaluate::loss_and_accuracy;
-use crate::compress::engine::sequential::model::{Model, NamedTensor};
+use crate::compress::engine::sequential::model::Model;
+use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
 use crate::compress::progress::Ctx;
 use crate::compress::select::glob_match;
@@ -111,6 +112,16 @@ pub enum StopMetric {
     ValLoss,
     /// Validation accuracy (higher is better).
     ValAccuracy,
+}
+
+impl StopMetric {
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ValLoss => "val_loss",
+            Self::ValAccuracy => "val_accuracy",
+        }
+    }
 }
 
 /// Stop after `patience` epochs without improvement of `metric`, and restore the best
@@ -384,6 +395,9 @@ pub type StepLossFn<'a> = dyn Fn(&Model, &Batch, &mut ChaCha8Rng) -> Result<(Ten
 /// back to zero). An error stops training.
 pub type AfterStepFn<'a> = dyn Fn(&Model) -> Result<()> + 'a;
 
+/// Called after every epoch with its metrics and a checkpoint of the state after it.
+pub type EpochFn<'a> = dyn FnMut(&EpochMetrics, &Checkpoint) -> Result<()> + 'a;
+
 /// The caller's hooks into a run.
 #[derive(Default)]
 pub struct TrainHooks<'a> {
@@ -400,8 +414,7 @@ pub struct TrainHooks<'a> {
     pub extra_params: Vec<(String, Var)>,
     /// Called after every epoch with its metrics and a checkpoint of the state after it
     /// (persist the checkpoint to survive a crash). An error stops training.
-    #[allow(clippy::type_complexity)]
-    pub on_epoch: Option<&'a mut dyn FnMut(&EpochMetrics, &Checkpoint) -> Result<()>>,
+    pub on_epoch: Option<&'a mut EpochFn<'a>>,
     /// Continue from this checkpoint instead of starting afresh.
     pub resume: Option<Checkpoint>,
 }

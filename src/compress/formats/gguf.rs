@@ -904,6 +904,28 @@ fn merge(into: &mut ErrorStats, s: &ErrorStats) {
     into.count += s.count;
 }
 
+/// The named tensors of a GGUF file, dequantized to f32 with candle's decoders (what a
+/// GGUF reader would compute from the file).
+pub fn dequantize_tensors(
+    path: &std::path::Path,
+    names: &[String],
+) -> Result<std::collections::HashMap<String, Vec<f32>>> {
+    use candle_core::quantized::gguf_file;
+    let mut file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| Error::Internal(format!("reading back our GGUF file: {e}")))?;
+    let device = candle_core::Device::Cpu;
+    let mut out = std::collections::HashMap::new();
+    for name in names {
+        let q = content
+            .tensor(&mut file, name, &device)
+            .map_err(|e| Error::Internal(format!("GGUF tensor {name}: {e}")))?;
+        let values = q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?;
+        out.insert(name.clone(), values);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Cursor;

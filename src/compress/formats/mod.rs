@@ -3,3 +3,10 @@
 pub mod gguf;
 pub mod packed;
 pub mod safetensors;
+
+/// The metadata key carrying a model's architecture as a JSON string, in every safetensors
+/// and GGUF file Whittle writes (and read from uploads).
+pub const ARCHITECTURE_KEY: &str = "whittle.architecture";
+
+/// The metadata key carrying a produced file's provenance (job, steps, seed, inputs' sha256).
+pub const JOB_KEY: &str = "whittle.job";

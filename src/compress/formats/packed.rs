@@ -65,14 +65,14 @@ use std::io::Write;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
-use crate::compress::engine::sequential::model::NamedTensor;
+use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::formats::safetensors::{
     encode_as, encode_f32, f32_view, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
 };
 use crate::compress::progress::Ctx;
 use crate::compress::quant::{
-    check_importance, error_stats, quantize_codes_only, quantize_named, Granularity, Importance,
-    KmeansInit, Layout, Method, Params, Quantized, Scheme,
+    check_importance, error_stats, quantize_codes_only, quantize_named, Granularity, KmeansInit,
+    Layout, Method, Params, Quantized, Quantizer, Scheme,
 };
 use crate::compress::{Error, Result};
 
@@ -84,13 +84,20 @@ pub const FORMAT_NAME: &str = "whittle.packed";
 /// which only have masks, still decode).
 pub const FORMAT_VERSION: u32 = 2;
 
-/// Output format of [`quantize_file`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Float file of the same dtypes and shapes carrying the quantization error.
-    Dequantized,
-    /// Codes, scales, zero-points and codebooks (see the module documentation).
-    Packed,
+/// What [`quantize_file`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizeFile<'a> {
+    /// The tensors to quantize.
+    pub selected: &'a [String],
+    /// The method, and the importance of the tensors it weights.
+    pub quantizer: &'a Quantizer,
+    /// Seed (`kmeans++` initialisation).
+    pub seed: u64,
+    /// `true`: codes, scales, zero-points and codebooks (see the module documentation);
+    /// `false`: a float file of the same dtypes and shapes carrying the quantization error.
+    pub packed: bool,
+    /// Metadata of the written file.
+    pub metadata: &'a BTreeMap<String, String>,
 }
 
 /// Weight-level figures for one quantized tensor.
@@ -293,18 +300,20 @@ enum Part {
 /// (provenance); the packed format adds [`METADATA_KEY`]. `seed` drives `kmeans++`
 /// (mixed with each tensor's index). Every tensor is checked against the method before the
 /// first byte is written. Returns one report per quantized tensor, in file order.
-#[allow(clippy::too_many_arguments)]
 pub fn quantize_file(
     input: &SafetensorsFile,
-    selected: &[String],
-    method: &Method,
-    importance: &Importance,
-    seed: u64,
-    format: Format,
-    metadata: &BTreeMap<String, String>,
+    job: &QuantizeFile<'_>,
     out: &mut dyn Write,
     ctx: &Ctx,
 ) -> Result<Vec<QuantReport>> {
+    let QuantizeFile {
+        selected,
+        quantizer,
+        seed,
+        packed,
+        metadata,
+    } = *job;
+    let (method, importance) = (&quantizer.method, &*quantizer.importance);
     method.validate()?;
     let tensors = &input.header().tensors;
     let selected: HashSet<&str> = selected.iter().map(String::as_str).collect();
@@ -343,16 +352,16 @@ pub fn quantize_file(
         tensors: BTreeMap::new(),
     };
     for (i, (t, layout)) in tensors.iter().zip(&layouts).enumerate() {
-        match (layout, format) {
+        match (layout, packed) {
             (None, _) => {
                 specs.push(TensorSpec::new(t.name.clone(), t.dtype, t.shape.clone()));
                 parts.push((i, Part::Raw));
             }
-            (Some(_), Format::Dequantized) => {
+            (Some(_), false) => {
                 specs.push(TensorSpec::new(t.name.clone(), t.dtype, t.shape.clone()));
                 parts.push((i, Part::Dense));
             }
-            (Some((l, positions)), Format::Packed) => {
+            (Some((l, positions)), true) => {
                 let positions = *positions;
                 let mut m = TensorMeta::new(&t.name, method, l, &t.shape, t.dtype);
                 let code_bytes = (positions.codes(l.numel) * l.bits as usize).div_ceil(8);
@@ -417,7 +426,7 @@ pub fn quantize_file(
         }
     }
     let mut metadata = metadata.clone();
-    if format == Format::Packed {
+    if packed {
         let json = serde_json::to_string(&meta)
             .map_err(|e| Error::Internal(format!("quantization metadata: {e}")))?;
         metadata.insert(METADATA_KEY.into(), json);
@@ -926,7 +935,7 @@ mod tests {
     fn run(
         input: &SafetensorsFile,
         method: &Method,
-        format: Format,
+        packed: bool,
         dir: &std::path::Path,
     ) -> (SafetensorsFile, Vec<QuantReport>, u64) {
         let progress = |_: f64, _: &str| {};
@@ -940,17 +949,21 @@ mod tests {
         let mut bytes = Vec::new();
         let reports = quantize_file(
             input,
-            &selected,
-            method,
-            &Importance::new(),
-            5,
-            format,
-            &meta,
+            &QuantizeFile {
+                selected: &selected,
+                quantizer: &Quantizer {
+                    method: *method,
+                    importance: Default::default(),
+                },
+                seed: 5,
+                packed,
+                metadata: &meta,
+            },
             &mut bytes,
             &ctx,
         )
         .unwrap();
-        let path = dir.join(format!("{format:?}-{}.safetensors", method.name()));
+        let path = dir.join(format!("{packed:?}-{}.safetensors", method.name()));
         std::fs::write(&path, &bytes).unwrap();
         (
             SafetensorsFile::open(&path).unwrap(),
@@ -1019,8 +1032,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = model(dir.path());
         for method in methods() {
-            let (dense, rd, _) = run(&input, &method, Format::Dequantized, dir.path());
-            let (packed, rp, packed_len) = run(&input, &method, Format::Packed, dir.path());
+            let (dense, rd, _) = run(&input, &method, false, dir.path());
+            let (packed, rp, packed_len) = run(&input, &method, true, dir.path());
             assert_eq!(rd, rp, "{method:?}: reports differ between formats");
             let names: Vec<&str> = rp.iter().map(|r| r.tensor.as_str()).collect();
             assert_eq!(names, ["fc1.weight", "fc2.weight", "emb.weight"]);
@@ -1101,19 +1114,20 @@ mod tests {
             for method in methods() {
                 let mut out = [Vec::new(), Vec::new()];
                 let mut reports = Vec::new();
-                for (k, format) in [Format::Dequantized, Format::Packed]
-                    .into_iter()
-                    .enumerate()
-                {
+                for (k, packed) in [false, true].into_iter().enumerate() {
                     reports.push(
                         quantize_file(
                             &input,
-                            &selected,
-                            &method,
-                            &Default::default(),
-                            1,
-                            format,
-                            &BTreeMap::new(),
+                            &QuantizeFile {
+                                selected: &selected,
+                                quantizer: &Quantizer {
+                                    method,
+                                    importance: Default::default(),
+                                },
+                                seed: 1,
+                                packed,
+                                metadata: &BTreeMap::new(),
+                            },
                             &mut out[k],
                             &ctx,
                         )
@@ -1233,7 +1247,7 @@ mod tests {
             granularity: Granularity::PerGroup { group_size: 32 },
             search: false,
         };
-        let (packed, reports, _) = run(&input, &m, Format::Packed, dir.path());
+        let (packed, reports, _) = run(&input, &m, true, dir.path());
         let h = packed.header();
         let codes = h.get("fc1.weight.qcodes").unwrap();
         assert_eq!(
@@ -1259,7 +1273,7 @@ mod tests {
         assert_eq!(reports[0].bits_per_weight, 4.0 + 40.0 / 32.0);
         // int8 symmetric: codes offset by 128, per-channel scales.
         let m = methods()[0];
-        let (packed, _, _) = run(&input, &m, Format::Packed, dir.path());
+        let (packed, _, _) = run(&input, &m, true, dir.path());
         let codes = packed.bytes(packed.get("fc1.weight.qcodes").unwrap());
         let scales = packed
             .to_f32(packed.get("fc1.weight.qscale").unwrap())
@@ -1280,12 +1294,16 @@ mod tests {
         let mut out = Vec::new();
         let e = quantize_file(
             &input,
-            &["fc1.weight".into()],
-            &m,
-            &Default::default(),
-            0,
-            Format::Packed,
-            &BTreeMap::new(),
+            &QuantizeFile {
+                selected: &["fc1.weight".into()],
+                quantizer: &Quantizer {
+                    method: m,
+                    importance: Default::default(),
+                },
+                seed: 0,
+                packed: true,
+                metadata: &BTreeMap::new(),
+            },
             &mut out,
             &ctx,
         )
@@ -1300,26 +1318,34 @@ mod tests {
         };
         assert!(quantize_file(
             &input,
-            &[],
-            &m,
-            &Default::default(),
-            0,
-            Format::Packed,
-            &BTreeMap::new(),
+            &QuantizeFile {
+                selected: &[],
+                quantizer: &Quantizer {
+                    method: m,
+                    importance: Default::default()
+                },
+                seed: 0,
+                packed: true,
+                metadata: &BTreeMap::new()
+            },
             &mut out,
-            &ctx
+            &ctx,
         )
         .is_err());
         cancel.store(true, std::sync::atomic::Ordering::Relaxed);
         let m = methods()[0];
         let e = quantize_file(
             &input,
-            &["fc1.weight".into()],
-            &m,
-            &Default::default(),
-            0,
-            Format::Packed,
-            &BTreeMap::new(),
+            &QuantizeFile {
+                selected: &["fc1.weight".into()],
+                quantizer: &Quantizer {
+                    method: m,
+                    importance: Default::default(),
+                },
+                seed: 0,
+                packed: true,
+                metadata: &BTreeMap::new(),
+            },
             &mut out,
             &ctx,
         )
@@ -1331,7 +1357,7 @@ mod tests {
     fn damaged_packed_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let input = model(dir.path());
-        let (packed, _, _) = run(&input, &methods()[0], Format::Packed, dir.path());
+        let (packed, _, _) = run(&input, &methods()[0], true, dir.path());
         let mut meta = packed.header().metadata.clone();
         let json = meta[METADATA_KEY].replace("\"bits\":8", "\"bits\":4");
         meta.insert(METADATA_KEY.into(), json);

@@ -22,6 +22,17 @@ use serde_json::Value;
 
 use crate::compress::{Error, Result};
 
+/// A named f32 tensor on the host: what models load from and export to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// The state_dict name (`fc1.weight`).
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub values: Vec<f32>,
+}
+
 /// Largest header accepted, in bytes (the reference implementation's limit).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
 
@@ -646,6 +657,43 @@ impl SafetensorsFile {
     pub fn to_i64(&self, info: &TensorInfo) -> Result<Vec<i64>> {
         decode_i64(&info.name, info.dtype, self.bytes(info))
     }
+
+    /// Every floating-point tensor as f32, in file order.
+    pub fn float_tensors(&self) -> Result<Vec<NamedTensor>> {
+        self.header
+            .tensors
+            .iter()
+            .filter(|t| t.dtype.is_float())
+            .map(|t| {
+                Ok(NamedTensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    values: self.to_f32(t)?,
+                })
+            })
+            .collect()
+    }
+
+    /// One pass over the floating-point tensors: elements, non-zero elements, bytes.
+    pub fn weight_summary(&self) -> WeightSummary {
+        let mut s = WeightSummary::default();
+        for t in self.header.tensors.iter().filter(|t| t.dtype.is_float()) {
+            let width = t.dtype.size_in_bytes();
+            // A float is zero when every bit but the sign bit (top bit of the last byte,
+            // little-endian) is zero, so -0.0 counts as zero too.
+            s.nonzero += self
+                .bytes(t)
+                .chunks_exact(width)
+                .filter(|e| {
+                    let last = e.len() - 1;
+                    e[..last].iter().any(|&b| b != 0) || e[last] & 0x7f != 0
+                })
+                .count() as u64;
+            s.parameters += t.numel() as u64;
+            s.float_bytes += t.nbytes() as u64;
+        }
+        s
+    }
 }
 
 /// The bytes of an F32 tensor as `&[f32]` without copying, when they are 4-byte aligned in
@@ -927,6 +975,72 @@ pub fn write_safetensors<W: Write>(
     }
     out.flush()?;
     Ok(out.count)
+}
+
+/// Element and size counts of a model's floating-point tensors.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WeightSummary {
+    /// Elements.
+    pub parameters: u64,
+    /// Non-zero elements (`-0.0` counts as zero).
+    pub nonzero: u64,
+    /// Bytes of their data.
+    pub float_bytes: u64,
+}
+
+impl WeightSummary {
+    /// Bits of storage per element (0 for no elements).
+    pub fn bits_per_weight(&self) -> f64 {
+        if self.parameters == 0 {
+            0.0
+        } else {
+            self.float_bytes as f64 * 8.0 / self.parameters as f64
+        }
+    }
+}
+
+/// Bytes of the data of f32 `tensors` (what a file holds besides its header).
+pub fn tensor_bytes(tensors: &[NamedTensor]) -> u64 {
+    tensors.iter().map(|w| w.values.len() as u64 * 4).sum()
+}
+
+/// Writes f32 tensors as a safetensors file; returns the bytes written.
+pub fn write_f32(
+    out: &mut dyn Write,
+    metadata: &BTreeMap<String, String>,
+    tensors: &[NamedTensor],
+) -> Result<u64> {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|w| TensorSpec::new(w.name.clone(), Dtype::F32, w.shape.clone()))
+        .collect();
+    write_safetensors(out, metadata, &specs, |i, w| {
+        w.write_all(&encode_f32(&tensors[i].values))?;
+        Ok(())
+    })
+}
+
+/// Copies `input` with new metadata, replacing the values of the tensors named in
+/// `replacements` (f32, re-encoded in each tensor's own dtype); returns the bytes written.
+pub fn write_replacing(
+    input: &SafetensorsFile,
+    replacements: &std::collections::HashMap<String, Vec<f32>>,
+    metadata: &BTreeMap<String, String>,
+    out: &mut dyn Write,
+) -> Result<u64> {
+    let infos = &input.header().tensors;
+    let specs: Vec<TensorSpec> = infos
+        .iter()
+        .map(|t| TensorSpec::new(t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    write_safetensors(out, metadata, &specs, |i, w| {
+        let t = &infos[i];
+        match replacements.get(&t.name) {
+            Some(v) => w.write_all(&encode_as(t.dtype, v)?)?,
+            None => w.write_all(input.bytes(t))?,
+        }
+        Ok(())
+    })
 }
 
 /// Serializes small in-memory tensors (spec plus little-endian bytes) to a complete

@@ -47,6 +47,7 @@ pub fn prune_file(
             })
             .collect(),
         Method::NM { n, m } => vec![Rule::NM { n: *n, m: *m }; infos.len()],
+        Method::Structured { .. } => return Err(structured_elsewhere()),
     };
     ctx.check()?;
     let plans: Vec<(&TensorInfo, Rule)> = infos.into_iter().zip(rules).collect();

@@ -103,6 +103,7 @@ pub(super) fn prune_in_memory(
             })
             .collect(),
         Method::NM { n, m } => vec![Rule::NM { n: *n, m: *m }; chosen.len()],
+        Method::Structured { .. } => return Err(structured_elsewhere()),
     };
 
     let mut masks = Vec::new();
@@ -271,4 +272,33 @@ pub(super) fn apply_thresholds(
         }
     }
     total
+}
+
+/// Per-tensor figures of already-pruned `selected` weights (after retraining, say): their
+/// zeros count as pruned.
+pub fn reports_of(weights: &[NamedTensor], selected: &[String]) -> Vec<LayerReport> {
+    weights
+        .iter()
+        .filter(|w| selected.contains(&w.name))
+        .map(|w| {
+            let numel = w.values.len() as u64;
+            let nonzero = w.values.iter().filter(|v| **v != 0.0).count() as u64;
+            LayerReport {
+                tensor: w.name.clone(),
+                shape: w.shape.clone(),
+                dtype: "F32".into(),
+                numel,
+                pruned: numel - nonzero,
+                nonzero,
+                sparsity: if numel == 0 {
+                    0.0
+                } else {
+                    1.0 - nonzero as f64 / numel as f64
+                },
+                threshold: None,
+                dense_bytes: numel * 4,
+                packed_bytes: numel.div_ceil(8) + nonzero * 4,
+            }
+        })
+        .collect()
 }

@@ -58,6 +58,7 @@ mod sparse;
 #[allow(unused_imports)]
 pub use {file::*, memory::*, plan::*, radix::*, sparse::*};
 
+pub mod schedule;
 pub mod structured;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -69,7 +70,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::compress::engine::sequential::model::NamedTensor;
+use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::formats::safetensors::{
     decode_f32, write_safetensors, Dtype, SafetensorsFile, TensorInfo, TensorSpec,
 };
@@ -132,6 +133,19 @@ impl PruneTargets {
         Ok(())
     }
 
+    /// These targets with every sparsity multiplied by `fraction` (a round of a schedule).
+    pub fn scaled(&self, fraction: f64) -> PruneTargets {
+        PruneTargets {
+            sparsity: self.sparsity * fraction,
+            scope: self.scope,
+            overrides: self
+                .overrides
+                .iter()
+                .map(|(p, s)| (p.clone(), s * fraction))
+                .collect(),
+        }
+    }
+
     /// The override sparsity for `name` (first matching pattern), if any.
     pub fn override_for(&self, name: &str) -> Option<f64> {
         self.overrides
@@ -166,11 +180,31 @@ pub enum Method {
         /// Group size.
         m: usize,
     },
+    /// Whole output neurons / conv channels with the smallest L1 or L2 norm ([`structured`]):
+    /// the tensors and the architecture shrink.
+    Structured {
+        /// 1 or 2.
+        norm: u8,
+    },
 }
 
 impl Method {
-    /// Refuses N:M with `m = 0`, `n = 0` or `n ≥ m` (pointers `/m`, `/n`).
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Magnitude => "magnitude",
+            Self::Random => "random",
+            Self::NM { .. } => "n_m",
+            Self::Structured { .. } => "structured",
+        }
+    }
+
+    /// Refuses N:M with `m = 0`, `n = 0` or `n ≥ m` (pointers `/m`, `/n`), and `structured`,
+    /// which [`structured::prune_structured`] runs instead (it rewrites the architecture).
     pub fn validate(&self) -> Result<()> {
+        if let Method::Structured { .. } = self {
+            return Err(structured_elsewhere());
+        }
         if let Method::NM { n, m } = *self {
             if m == 0 {
                 return Err(Error::InvalidParameter {
@@ -189,6 +223,14 @@ impl Method {
         }
         Ok(())
     }
+}
+
+/// The error of asking the mask-based pruners for structured pruning.
+fn structured_elsewhere() -> Error {
+    Error::Internal(
+        "structured pruning rewrites the architecture: it runs in prune::structured, not on masks"
+            .into(),
+    )
 }
 
 /// The encoding of a pruned file.

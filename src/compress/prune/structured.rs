@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::compress::engine::sequential::arch::{Architecture, Layer};
-use crate::compress::engine::sequential::model::NamedTensor;
+use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::prune::{prune_count, PruneTargets, Scope};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};

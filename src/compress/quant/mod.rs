@@ -40,12 +40,15 @@ mod uniform;
 pub use {kmeans::*, levels::*, stats::*, uniform::*};
 
 pub mod activations;
+pub mod budget;
 pub mod float;
+pub mod qat;
 pub mod sharing;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::compress::formats::gguf::GgufType;
 use crate::compress::quant::float::ErrorStats;
 use crate::compress::{Error, Result};
 
@@ -612,6 +615,73 @@ fn check_group(tensor: &str, shape: &[usize], cols: usize, group_size: usize) ->
             "tensor {tensor:?} {shape:?} has {cols} columns per row, not a multiple of group_size {group_size}; {hint}"
         ),
     ))
+}
+
+/// The `quantize` operation's method: a codec of this module, or a GGUF block type (written
+/// by [`crate::compress::formats::gguf`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Quantization {
+    /// `uniform`, `kmeans`, `log2` or `nf4`.
+    Codec(Method),
+    /// `gguf` with its block type.
+    Gguf(GgufType),
+}
+
+impl Quantization {
+    /// API spelling of the method.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Codec(m) => m.name(),
+            Self::Gguf(_) => "gguf",
+        }
+    }
+}
+
+/// What a `quantize` step writes besides the dequantized float model that later steps read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Nothing else: the float file carrying the quantization error is the result.
+    Dequantized,
+    /// Integer codes + scales / zero-points / codebooks ([`crate::compress::formats::packed`]).
+    Packed,
+    /// A GGUF file.
+    Gguf,
+}
+
+impl Format {
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dequantized => "dequantized",
+            Self::Packed => "packed",
+            Self::Gguf => "gguf",
+        }
+    }
+}
+
+/// A quantization method with the importance weights of the tensors it weights: what every
+/// consumer of one `quantize` step (PTQ, QAT's fake-quantization, the accuracy budget)
+/// quantizes with, so they all agree.
+#[derive(Debug, Clone)]
+pub struct Quantizer {
+    /// The method.
+    pub method: Method,
+    /// Per-column importance of some tensors (empty: none weighted).
+    pub importance: std::sync::Arc<Importance>,
+}
+
+impl Quantizer {
+    /// [`quantize_named`] with this method and the tensor's importance, if any.
+    pub fn quantize(
+        &self,
+        name: &str,
+        values: &[f32],
+        shape: &[usize],
+        seed: u64,
+    ) -> Result<(Quantized, ErrorStats)> {
+        let importance = self.importance.get(name).map(Vec::as_slice);
+        quantize_named(name, values, shape, &self.method, seed, importance)
+    }
 }
 
 /// Quantizes one tensor in memory and measures the reconstruction error.

@@ -19,10 +19,8 @@ use serde_json::Value;
 pub(crate) use super::parse::escape;
 use super::parse::*;
 use crate::compress::formats::safetensors::{Dtype, Header, TensorSpec};
+use crate::compress::formats::ARCHITECTURE_KEY;
 use crate::compress::{Error, Result};
-
-/// The safetensors `__metadata__` key that carries an architecture as a JSON string.
-pub const ARCHITECTURE_METADATA_KEY: &str = "whittle.architecture";
 
 /// Largest accepted size field (features, channels, kernel, input dimension).
 pub const MAX_DIM: usize = 1 << 24;
@@ -434,11 +432,11 @@ impl Architecture {
         Architecture::from_json(&doc)
     }
 
-    /// The architecture stored under [`ARCHITECTURE_METADATA_KEY`] in safetensors
+    /// The architecture stored under [`ARCHITECTURE_KEY`] in safetensors
     /// metadata, if there is one.
     pub fn from_metadata(metadata: &BTreeMap<String, String>) -> Result<Option<Architecture>> {
         metadata
-            .get(ARCHITECTURE_METADATA_KEY)
+            .get(ARCHITECTURE_KEY)
             .map(|text| Architecture::from_json_str(text))
             .transpose()
     }
@@ -1049,10 +1047,7 @@ mod tests {
     fn architecture_from_metadata() {
         let mut meta = BTreeMap::new();
         assert!(Architecture::from_metadata(&meta).unwrap().is_none());
-        meta.insert(
-            ARCHITECTURE_METADATA_KEY.to_owned(),
-            lenet_300_100().to_string(),
-        );
+        meta.insert(ARCHITECTURE_KEY.to_owned(), lenet_300_100().to_string());
         let a = Architecture::from_metadata(&meta).unwrap().unwrap();
         assert_eq!(a.parameter_count(), 266_610);
     }

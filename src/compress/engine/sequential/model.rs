@@ -27,7 +27,7 @@ use crate::compress::engine::sequential::arch::{
     Architecture, Layer, LayerSummary, ParamKind, ParamSpec, Size2,
 };
 use crate::compress::engine::sequential::conv;
-use crate::compress::formats::safetensors::SafetensorsFile;
+use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
 
@@ -37,17 +37,6 @@ impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Error::Internal(format!("tensor engine: {e}"))
     }
-}
-
-/// A named f32 tensor on the host: what models load from and export to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NamedTensor {
-    /// The state_dict name (`fc1.weight`).
-    pub name: String,
-    /// Its shape.
-    pub shape: Vec<usize>,
-    /// Row-major values.
-    pub values: Vec<f32>,
 }
 
 /// One parameter or buffer of a [`Model`].

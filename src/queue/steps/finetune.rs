@@ -1,0 +1,52 @@
+//! The `finetune` step: transfer learning, or training from scratch, checkpointed per epoch
+//! so a rescued job resumes where it stopped.
+
+use serde_json::{json, Value};
+
+use super::{current_arch, with_architecture, Env, Input, PipelineError, StepOut};
+use crate::compress::engine::finetune::finetune as train;
+use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::train::TrainHooks;
+use crate::spec::FinetuneSpec;
+
+/// The `finetune` step.
+pub(super) fn finetune(
+    env: &Env,
+    spec: &FinetuneSpec,
+    input: &Input,
+) -> Result<StepOut, PipelineError> {
+    let arch = current_arch(input.architecture)?;
+    let model = Model::from_safetensors(&arch, input.file)?;
+    let params = env.datasets.training_params(spec, env.seed)?;
+    let mut on_epoch = env.checkpointer(spec.epochs);
+    let out = train(
+        model,
+        &params,
+        env.ctx,
+        TrainHooks {
+            on_epoch: Some(&mut on_epoch),
+            resume: env.resume_checkpoint()?,
+            ..Default::default()
+        },
+    )?;
+    let new_arch = out.architecture.to_json();
+    let (temp, _) = env.write_f32(&with_architecture(input.metadata, &new_arch), &out.weights)?;
+    let record = json!({
+        "epochs": serde_json::to_value(&out.history).unwrap_or(Value::Null),
+        "summary": {
+            "epochs_run": out.history.len(),
+            "best_epoch": out.best_epoch,
+            "stopped_early": out.stopped_early,
+            "restored_best": out.restored_best,
+            "trainable_parameters": out.trainable_parameters,
+            "final_train_loss": out.history.last().map(|h| h.train_loss),
+            "final_val_accuracy": out.history.last().and_then(|h| h.val_accuracy),
+        },
+    });
+    Ok(StepOut {
+        file: Some(temp),
+        artifact: None,
+        architecture: Some(new_arch),
+        record,
+    })
+}

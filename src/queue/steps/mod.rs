@@ -1,0 +1,385 @@
+//! One file per op: load what the step reads, call `compress`, describe what it did. Glue
+//! only — the algorithms live in `compress`, the loop over a job's steps in
+//! [`super::runner`], which is the only caller of [`run`].
+//!
+//! A step reads the previous step's committed file and returns a new one in a temp blob (or
+//! none, for `evaluate`), optionally a second encoding kept as an artifact (`packed`,
+//! `gguf`), the architecture when it changed, and its metrics record.
+
+mod distill;
+mod evaluate;
+mod finetune;
+mod prune;
+mod quantize;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::compress::engine::data::{Dataset, Subset};
+use crate::compress::engine::evaluate::{evaluate, evaluate_weights, EvalData, Evaluation};
+use crate::compress::engine::finetune::{FinetuneParams, Validation};
+use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::train::{Checkpoint, EpochMetrics};
+use crate::compress::formats::safetensors::{self, NamedTensor, SafetensorsFile};
+use crate::compress::progress::Ctx;
+use crate::compress::quant::activations;
+use crate::compress::{self};
+use crate::db::datasets::DatasetRecord;
+use crate::db::models::ModelRecord;
+use crate::ids::DatasetId;
+use crate::queue::JobError;
+use crate::spec::{EvalSpec, FinetuneSpec, Step};
+use crate::store::{BlobStore, TempBlob};
+
+/// Shortest time between two saved training checkpoints.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why a pipeline stopped without output.
+#[derive(Debug)]
+pub enum PipelineError {
+    /// The cancel flag was raised (by a cancel request, the timeout or shutdown).
+    Cancelled,
+    /// The job failed.
+    Failed(JobError),
+}
+
+impl From<compress::Error> for PipelineError {
+    fn from(e: compress::Error) -> Self {
+        match e {
+            compress::Error::Cancelled => PipelineError::Cancelled,
+            compress::Error::Io(io) => PipelineError::Failed(JobError::retryable(
+                "io_error",
+                format!("reading or writing a blob failed: {io}"),
+            )),
+            other => PipelineError::Failed(JobError::fatal(other.code(), other.to_string())),
+        }
+    }
+}
+
+impl From<crate::store::Error> for PipelineError {
+    fn from(e: crate::store::Error) -> Self {
+        PipelineError::Failed(JobError::retryable(
+            "storage_error",
+            format!("the blob store failed: {e}"),
+        ))
+    }
+}
+
+impl From<std::io::Error> for PipelineError {
+    fn from(e: std::io::Error) -> Self {
+        crate::store::Error::Io(e).into()
+    }
+}
+
+/// A fatal failure of the job with `code`.
+fn failed(code: &str, message: impl Into<String>) -> PipelineError {
+    PipelineError::Failed(JobError::fatal(code, message))
+}
+
+/// A training checkpoint saved by an earlier attempt: the step it belongs to and its blob.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumePoint {
+    /// Index of the training step.
+    pub step: usize,
+    /// Blob holding the checkpoint.
+    pub sha256: String,
+    /// Epochs it covers.
+    pub epoch: usize,
+}
+
+/// Callbacks from the pipeline to the worker (called on the compute thread).
+pub struct PipelineHooks<'a> {
+    /// A step begins.
+    pub step_started: &'a (dyn Fn(usize, &str) + Sync),
+    /// A training epoch finished (step index, figures).
+    pub epoch_finished: &'a (dyn Fn(usize, &EpochMetrics) + Sync),
+    /// A checkpoint was stored; the worker records it so a rescued job resumes from it.
+    pub checkpoint_saved: &'a (dyn Fn(ResumePoint) + Sync),
+}
+
+/// The job's datasets, loaded from the store once, before the first step.
+pub struct DatasetCache<'a> {
+    records: &'a HashMap<DatasetId, DatasetRecord>,
+    loaded: HashMap<DatasetId, Dataset>,
+}
+
+impl<'a> DatasetCache<'a> {
+    /// Loads every dataset in `records`.
+    pub fn load(
+        store: &BlobStore,
+        records: &'a HashMap<DatasetId, DatasetRecord>,
+    ) -> Result<Self, PipelineError> {
+        let mut loaded = HashMap::new();
+        for (id, record) in records {
+            loaded.insert(*id, Dataset::from_safetensors(store.path(&record.sha256))?);
+        }
+        Ok(Self { records, loaded })
+    }
+
+    /// The dataset `id`.
+    pub fn get(&self, id: &DatasetId) -> Result<&Dataset, PipelineError> {
+        self.loaded.get(id).ok_or_else(|| {
+            failed(
+                "dataset_not_found",
+                format!("dataset {id} no longer exists"),
+            )
+        })
+    }
+
+    /// The engine's training parameters for `f`, with its training and validation data.
+    pub fn training_params(
+        &self,
+        f: &FinetuneSpec,
+        job_seed: u64,
+    ) -> Result<FinetuneParams<&Dataset>, PipelineError> {
+        let validation = match &f.validation {
+            Validation::None => Validation::None,
+            Validation::Fraction(x) => Validation::Fraction(*x),
+            Validation::Dataset(d) => Validation::Dataset(self.get(d)?),
+        };
+        Ok(f.with_data(self.get(&f.dataset)?, validation, job_seed))
+    }
+
+    /// The evaluation data of `spec`.
+    pub fn eval_data(&self, spec: &EvalSpec) -> Result<EvalData<'_>, PipelineError> {
+        Ok(EvalData {
+            dataset: self.get(&spec.dataset_id)?,
+            batch_size: spec.batch_size,
+        })
+    }
+
+    /// `{dataset_id: sha256}` of every dataset the job names (for provenance).
+    pub fn hashes(&self) -> Value {
+        Value::Object(
+            self.records
+                .iter()
+                .map(|(id, r)| (id.to_string(), json!(r.sha256)))
+                .collect(),
+        )
+    }
+}
+
+/// What a step reads besides its input file.
+pub(super) struct Env<'a> {
+    pub store: &'a BlobStore,
+    pub datasets: &'a DatasetCache<'a>,
+    pub ctx: &'a Ctx<'a>,
+    pub hooks: &'a PipelineHooks<'a>,
+    /// Index of the step in the pipeline.
+    pub index: usize,
+    /// A checkpoint an earlier attempt saved, if any (it belongs to step `resume.step`).
+    pub resume: Option<&'a ResumePoint>,
+    /// The job's seed.
+    pub seed: u64,
+    /// The job's `eval`.
+    pub eval: Option<&'a EvalSpec>,
+    /// The job's input model loaded once, when something compares against it.
+    pub reference: Option<&'a Model>,
+    /// Other models the job names (`distill` students, `quantize` importance weights), by id.
+    pub models: &'a HashMap<String, ModelRecord>,
+}
+
+/// The file a step reads and what is known about it.
+pub(super) struct Input<'a> {
+    /// The previous step's output (the job's model for the first step).
+    pub file: &'a SafetensorsFile,
+    /// Its architecture, when it has one.
+    pub architecture: &'a Option<Value>,
+    /// Metadata for the files the step writes: the input's, with the job's provenance and
+    /// the architecture set (a step that changes the architecture replaces it).
+    pub metadata: &'a BTreeMap<String, String>,
+}
+
+/// What a step produced.
+pub(super) struct StepOut {
+    /// The new float model file, when the step writes one (what the next step reads).
+    pub file: Option<TempBlob>,
+    /// A second encoding of the same model (`packed`, `gguf`), kept as an artifact.
+    pub artifact: Option<Artifact>,
+    /// The architecture after the step, when it changed.
+    pub architecture: Option<Value>,
+    /// `summary`, `layers`, `epochs`, … merged into the step's metrics record.
+    pub record: Value,
+}
+
+/// A compact encoding of a step's output, stored as an artifact of the job.
+pub(super) struct Artifact {
+    /// Artifact kind (`packed`, `gguf`).
+    pub kind: &'static str,
+    /// File format (`safetensors`, `gguf`).
+    pub format: &'static str,
+    /// Its bytes.
+    pub file: TempBlob,
+}
+
+/// Runs one step.
+pub(super) fn run(env: &Env, step: &Step, input: &Input) -> Result<StepOut, PipelineError> {
+    match step {
+        Step::QuantizeFloat(q) => quantize::float(env, q, input),
+        Step::Quantize(q) => quantize::quantize(env, q, input),
+        Step::Prune(p) => prune::prune(env, p, input),
+        Step::Finetune(f) => finetune::finetune(env, f, input),
+        Step::Distill(d) => distill::distill(env, d, input),
+        Step::Evaluate(e) => evaluate::evaluate(env, e, input),
+    }
+}
+
+impl Env<'_> {
+    /// A model the job names besides its input (`role`: what it is for, for the error).
+    fn named_model(&self, id: &str, role: &str) -> Result<&ModelRecord, PipelineError> {
+        self.models.get(id).ok_or_else(|| {
+            failed(
+                "model_not_found",
+                format!("{role} model {id} no longer exists"),
+            )
+        })
+    }
+
+    /// The job's eval data, when it has an `eval`.
+    fn eval_data(&self) -> Result<Option<EvalData<'_>>, PipelineError> {
+        self.eval.map(|e| self.datasets.eval_data(e)).transpose()
+    }
+
+    /// Evaluates `weights` (of `arch`) on the job's eval dataset, when there is one.
+    fn eval_weights(
+        &self,
+        arch: &Architecture,
+        weights: Vec<NamedTensor>,
+        reference: Option<&Model>,
+    ) -> Result<Option<Evaluation>, PipelineError> {
+        match self.eval_data()? {
+            Some(data) => Ok(Some(evaluate_weights(
+                arch, weights, data, reference, self.ctx,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The training checkpoint an earlier attempt left for this step, if any.
+    fn resume_checkpoint(&self) -> Result<Option<Checkpoint>, PipelineError> {
+        match self.resume {
+            Some(r) if r.step == self.index => {
+                let bytes = std::fs::read(self.store.path(&r.sha256))?;
+                Ok(Some(Checkpoint::from_safetensors_bytes(&bytes)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Reports every epoch and saves training checkpoints of this step: the first epoch's,
+    /// then at most one per [`CHECKPOINT_INTERVAL`], none for the last epoch (the step's
+    /// output follows at once).
+    fn checkpointer(
+        &self,
+        epochs: usize,
+    ) -> impl FnMut(&EpochMetrics, &Checkpoint) -> compress::Result<()> + '_ {
+        let mut last_saved: Option<Instant> = None;
+        move |m: &EpochMetrics, c: &Checkpoint| {
+            (self.hooks.epoch_finished)(self.index, m);
+            let due = last_saved.is_none_or(|t| t.elapsed() >= CHECKPOINT_INTERVAL);
+            if !due || c.epoch >= epochs {
+                return Ok(());
+            }
+            last_saved = Some(Instant::now());
+            let bytes = c.to_safetensors_bytes()?;
+            let blob = self
+                .store
+                .put_bytes(&bytes)
+                .map_err(|e| compress::Error::Io(std::io::Error::other(e.to_string())))?;
+            (self.hooks.checkpoint_saved)(ResumePoint {
+                step: self.index,
+                sha256: blob.sha256,
+                epoch: c.epoch,
+            });
+            Ok(())
+        }
+    }
+
+    /// f32 `weights` written as a new safetensors temp blob.
+    fn write_f32(
+        &self,
+        metadata: &BTreeMap<String, String>,
+        weights: &[NamedTensor],
+    ) -> Result<(TempBlob, u64), PipelineError> {
+        let mut temp = self.store.create_temp()?;
+        let written = safetensors::write_f32(&mut temp, metadata, weights)?;
+        Ok((temp, written))
+    }
+}
+
+/// The architecture a step that runs the network needs.
+pub(super) fn current_arch(arch: &Option<Value>) -> Result<Architecture, PipelineError> {
+    match arch {
+        Some(a) => Ok(Architecture::from_json(a)?),
+        None => Err(failed(
+            "architecture_required",
+            "this step runs the network and the model has no architecture",
+        )),
+    }
+}
+
+/// The network in `file`, simulating its calibrated activation quantization if it has one.
+pub(super) fn load_model(arch: &Architecture, file: &SafetensorsFile) -> compress::Result<Model> {
+    let mut model = Model::from_safetensors(arch, file)?;
+    if let Some(ranges) = activations::from_metadata(&file.header().metadata)? {
+        model.set_activation_transform(Some(activations::transform(&ranges)));
+    }
+    Ok(model)
+}
+
+/// Evaluates the network in `file` (with architecture `arch`) on `spec`'s dataset.
+pub(super) fn evaluate_file(
+    arch: &Option<Value>,
+    file: &SafetensorsFile,
+    datasets: &DatasetCache,
+    spec: &EvalSpec,
+    reference: Option<&Model>,
+    ctx: &Ctx,
+) -> Result<Evaluation, PipelineError> {
+    let model = load_model(&current_arch(arch)?, file)?;
+    evaluate_model(&model, datasets.eval_data(spec)?, reference, ctx)
+}
+
+/// Evaluates `model` on all of `data`, against `reference` when given.
+pub(super) fn evaluate_model(
+    model: &Model,
+    data: EvalData<'_>,
+    reference: Option<&Model>,
+    ctx: &Ctx,
+) -> Result<Evaluation, PipelineError> {
+    Ok(evaluate(
+        model,
+        &Subset::all(data.dataset),
+        reference,
+        data.batch_size,
+        ctx,
+    )?)
+}
+
+/// The API's figures of an evaluation.
+pub(super) fn eval_json(e: &Evaluation) -> Value {
+    json!({
+        "samples": e.samples,
+        "loss": e.loss,
+        "accuracy": e.accuracy,
+        "top5_accuracy": e.top5_accuracy,
+        "per_class_accuracy": e.per_class,
+        "agreement": e.agreement,
+        "kl_divergence": e.kl_divergence,
+        "samples_per_second": e.samples_per_second,
+        "mean_batch_latency_ms": e.mean_batch_latency_ms,
+    })
+}
+
+/// `metadata` with the architecture `arch` set.
+fn with_architecture(
+    metadata: &BTreeMap<String, String>,
+    arch: &Value,
+) -> BTreeMap<String, String> {
+    let mut meta = metadata.clone();
+    meta.insert(compress::formats::ARCHITECTURE_KEY.into(), arch.to_string());
+    meta
+}

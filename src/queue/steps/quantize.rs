@@ -1,0 +1,312 @@
+//! The `quantize` step: float casts; GGUF block types (the file read back is the model);
+//! the integer and codebook codecs with their importance weights, QAT, accuracy budget and
+//! activation calibration around them, and the `packed` encoding as an artifact.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::{current_arch, failed, Artifact, Env, Input, PipelineError, StepOut};
+use crate::compress::engine::sequential::model::Model;
+use crate::compress::formats::gguf;
+use crate::compress::formats::packed::{self, QuantizeFile};
+use crate::compress::formats::safetensors::{self, SafetensorsFile};
+use crate::compress::quant::activations::{self, ActivationParams};
+use crate::compress::quant::budget::{accuracy_budget, BudgetParams};
+use crate::compress::quant::float::quantize_float;
+use crate::compress::quant::qat::{quantization_aware_training, QatParams};
+use crate::compress::quant::{self, Format, Importance, Method, Quantization, Quantizer};
+use crate::spec::quantize::ImportanceSource;
+use crate::spec::{FloatQuantize, QuantizeSpec};
+
+/// `quantize` with `method: float`: cast the selected tensors to f16 / bf16.
+pub(super) fn float(env: &Env, q: &FloatQuantize, input: &Input) -> Result<StepOut, PipelineError> {
+    let mut temp = env.store.create_temp()?;
+    let selected: HashSet<String> = q
+        .selection
+        .resolve(&input.file.header().tensors)
+        .into_iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let reports = quantize_float(
+        input.file,
+        &selected,
+        q.dtype,
+        input.metadata,
+        &mut temp,
+        env.ctx,
+    )?;
+    let changed: Vec<_> = reports.iter().filter(|r| r.changed).collect();
+    let record = json!({
+        "summary": {
+            "method": "float",
+            "dtype": q.dtype.as_str(),
+            "tensors_changed": changed.len(),
+            "tensor_bytes_before": reports.iter().map(|r| r.bytes_before).sum::<u64>(),
+            "tensor_bytes_after": reports.iter().map(|r| r.bytes_after).sum::<u64>(),
+            "max_abs_error": changed.iter().map(|r| r.max_abs_error).fold(0.0, f64::max),
+        },
+        "layers": reports,
+    });
+    Ok(StepOut {
+        file: Some(temp),
+        artifact: None,
+        architecture: None,
+        record,
+    })
+}
+
+/// The `quantize` step with every method but `float`.
+pub(super) fn quantize(
+    env: &Env,
+    spec: &QuantizeSpec,
+    input: &Input,
+) -> Result<StepOut, PipelineError> {
+    let mut selected: Vec<String> = spec
+        .selection
+        .resolve(&input.file.header().tensors)
+        .into_iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let method = match spec.method {
+        Quantization::Gguf(ty) => return to_gguf(env, ty, input, &selected),
+        Quantization::Codec(m) => m,
+    };
+    let mut metadata = input.metadata.clone();
+    let mut record = json!({});
+    let seed = env.seed;
+    let (importance, importance_summary) = load_importance(env, spec, &method, input, &selected)?;
+    let quantizer = Quantizer {
+        method,
+        importance: Arc::new(importance),
+    };
+    // QAT trains a float model first (an intermediate blob nothing references; the blob
+    // collector reclaims it), which is then quantized exactly as PTQ would.
+    let mut trained = None;
+    if let Some(qat) = &spec.qat {
+        let arch = current_arch(input.architecture)?;
+        let model = Model::from_safetensors(&arch, input.file)?;
+        let params = env.datasets.training_params(qat, env.seed)?;
+        let mut on_epoch = env.checkpointer(qat.epochs);
+        let qat = QatParams {
+            quantizer: &quantizer,
+            selected: &selected,
+            seed,
+            train: &params,
+        };
+        let (out, mode) = quantization_aware_training(
+            model,
+            &qat,
+            env.ctx,
+            &mut on_epoch,
+            env.resume_checkpoint()?,
+        )?;
+        let (temp, _) = env.write_f32(&metadata, &out.weights)?;
+        let blob = env.store.commit(temp)?;
+        record["epochs"] = serde_json::to_value(&out.history).unwrap_or(Value::Null);
+        record["qat"] = json!({
+            "epochs_run": out.history.len(),
+            "final_train_loss": out.history.last().map(|h| h.train_loss),
+            "final_val_accuracy": out.history.last().and_then(|h| h.val_accuracy),
+            "mode": mode.as_str(),
+        });
+        trained = Some(SafetensorsFile::open(env.store.path(&blob.sha256))?);
+    }
+    let source = trained.as_ref().unwrap_or(input.file);
+    if let Some(budget) = spec.max_accuracy_drop {
+        let arch = current_arch(input.architecture)?;
+        let weights = Model::from_safetensors(&arch, source)?.export()?;
+        let eval = env.eval_data()?.ok_or_else(|| {
+            failed(
+                "validation_failed",
+                "max_accuracy_drop needs the job's `eval` dataset",
+            )
+        })?;
+        let params = BudgetParams {
+            quantizer: &quantizer,
+            selected: &selected,
+            budget,
+            seed,
+            eval,
+        };
+        let (kept, report) = accuracy_budget(&arch, &weights, &params, env.ctx)?;
+        selected = kept;
+        record["reverted"] = serde_json::to_value(&report).unwrap_or(Value::Null);
+    }
+    if let Some(a) = &spec.activations {
+        // Calibrate on the float network (the weights' error is measured separately), and
+        // ship the ranges in the file so every later evaluation simulates them.
+        let arch = current_arch(input.architecture)?;
+        let model = Model::from_safetensors(&arch, source)?;
+        let data = env.datasets.get(&a.dataset_id)?;
+        let params = ActivationParams {
+            bits: a.bits,
+            symmetric: a.symmetric,
+            calibration: a.method,
+            samples: a.samples,
+            seed,
+        };
+        let calibrated = activations::calibrate(&model, data, &params, env.ctx)?;
+        metadata.insert(
+            activations::METADATA_KEY.into(),
+            serde_json::to_string(&calibrated.layers).unwrap_or_default(),
+        );
+        record["activations"] = json!({
+            "bits": a.bits,
+            "symmetric": a.symmetric,
+            "calibration": {
+                "dataset_id": a.dataset_id.to_string(),
+                "method": calibrated.method,
+                "samples": calibrated.indices.len(),
+                "seed": seed,
+                "indices": calibrated.indices,
+            },
+            "layers": calibrated.layers,
+        });
+    }
+    let job = |packed| QuantizeFile {
+        selected: &selected,
+        quantizer: &quantizer,
+        seed,
+        packed,
+        metadata: &metadata,
+    };
+    let mut temp = env.store.create_temp()?;
+    let reports = packed::quantize_file(source, &job(false), &mut temp, env.ctx)?;
+    let artifact = if spec.format == Format::Packed {
+        let mut file = env.store.create_temp()?;
+        packed::quantize_file(source, &job(true), &mut file, env.ctx)?;
+        Some(Artifact {
+            kind: "packed",
+            format: "safetensors",
+            file,
+        })
+    } else {
+        None
+    };
+    let numel: u64 = reports
+        .iter()
+        .map(|r| r.shape.iter().product::<usize>() as u64)
+        .sum();
+    let bits: f64 = reports
+        .iter()
+        .map(|r| r.bits_per_weight * r.shape.iter().product::<usize>() as f64)
+        .sum();
+    record["summary"] = json!({
+        "method": spec.method.as_str(),
+        "format": spec.format.as_str(),
+        "tensors_quantized": reports.len(),
+        "bits_per_weight": if numel == 0 { 0.0 } else { bits / numel as f64 },
+        "packed_bytes": reports.iter().map(|r| r.packed_bytes).sum::<u64>(),
+        "dense_bytes": reports.iter().map(|r| r.dense_bytes).sum::<u64>(),
+        "packed_file_bytes": artifact.as_ref().map(|a| a.file.size()),
+        "max_mse": reports.iter().map(|r| r.mse).fold(0.0, f64::max),
+        "min_sqnr_db": reports.iter().filter_map(|r| r.sqnr_db).reduce(f64::min),
+    });
+    if !importance_summary.is_null() {
+        record["summary"]["importance"] = importance_summary;
+    }
+    record["layers"] = serde_json::to_value(&reports).unwrap_or(Value::Null);
+    Ok(StepOut {
+        file: Some(temp),
+        artifact,
+        architecture: None,
+        record,
+    })
+}
+
+/// `method: gguf`: the GGUF file is the artifact; the model of the step is that file read back
+/// and dequantized, so `eval` and later jobs measure exactly what the GGUF holds.
+fn to_gguf(
+    env: &Env,
+    ty: gguf::GgufType,
+    input: &Input,
+    selected: &[String],
+) -> Result<StepOut, PipelineError> {
+    gguf::check_gguf(&input.file.header().tensors, selected, ty)?;
+    let mut file = env.store.create_temp()?;
+    let reports = gguf::write_gguf(input.file, selected, ty, input.metadata, &mut file, env.ctx)?;
+    std::io::Write::flush(&mut file)?;
+    let dequantized = gguf::dequantize_tensors(file.path(), selected)?;
+    let mut temp = env.store.create_temp()?;
+    safetensors::write_replacing(input.file, &dequantized, input.metadata, &mut temp)?;
+    let record = json!({
+        "summary": {
+            "method": "gguf",
+            "type": ty.as_str(),
+            "format": "gguf",
+            "tensors_quantized": selected.len(),
+            "gguf_bytes": file.size(),
+        },
+        "layers": reports,
+    });
+    Ok(StepOut {
+        file: Some(temp),
+        artifact: Some(Artifact {
+            kind: "gguf",
+            format: "gguf",
+            file,
+        }),
+        architecture: None,
+        record,
+    })
+}
+
+/// The importance weights of a `uniform` step's selected tensors: read from the uploaded
+/// file it names, or measured on the model over calibration samples; and what to report
+/// about them.
+fn load_importance(
+    env: &Env,
+    spec: &QuantizeSpec,
+    method: &Method,
+    input: &Input,
+    selected: &[String],
+) -> Result<(Importance, Value), PipelineError> {
+    let Some(source) = &spec.importance else {
+        return Ok((Importance::new(), Value::Null));
+    };
+    let (mut all, mut summary) = match source {
+        ImportanceSource::Model(id) => {
+            let record = env.named_model(id, "importance")?;
+            let file = SafetensorsFile::open(env.store.path(&record.sha256))?;
+            let mut all = Importance::new();
+            for info in &file.header().tensors {
+                if selected.contains(&info.name) {
+                    all.insert(info.name.clone(), file.to_f32(info)?);
+                }
+            }
+            (all, json!({ "model_id": id }))
+        }
+        ImportanceSource::Calibration {
+            dataset_id,
+            samples,
+        } => {
+            let arch = current_arch(input.architecture)?;
+            let model = Model::from_safetensors(&arch, input.file)?;
+            let data = env.datasets.get(dataset_id)?;
+            let (all, indices) =
+                activations::input_importance(&model, data, *samples, env.seed, env.ctx)?;
+            let summary = json!({"dataset_id": dataset_id.to_string(), "samples": indices.len(),
+                                 "seed": env.seed, "indices": indices});
+            (all, summary)
+        }
+    };
+    let mut importance = Importance::new();
+    let mut unweighted = Vec::new();
+    for name in selected {
+        let Some(w) = all.remove(name) else {
+            unweighted.push(name.clone());
+            continue;
+        };
+        if let Some(t) = input.file.get(name) {
+            quant::check_importance(name, &t.shape, method, &w)?;
+        }
+        importance.insert(name.clone(), w);
+    }
+    let mut weighted: Vec<&String> = importance.keys().collect();
+    weighted.sort();
+    summary["weighted"] = json!(weighted);
+    summary["unweighted"] = json!(unweighted);
+    Ok((importance, summary))
+}
