@@ -91,7 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for round in 1..=rounds {
         let started = Instant::now();
         let out = finetune(
-            Model::init(&student_arch, 2)?,
+            Box::new(Model::init(&student_arch, 2)?),
             &train,
             &ctx,
             TrainHooks::default(),
@@ -103,7 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let started = Instant::now();
         let out = distill_with_cache(
             &teacher,
-            Model::init(&student_arch, 2)?,
+            Box::new(Model::init(&student_arch, 2)?),
             &p,
             TeacherCache::Auto,
             &ctx,
@@ -115,7 +115,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let started = Instant::now();
         let out = distill_with_cache(
             &teacher,
-            Model::init(&student_arch, 2)?,
+            Box::new(Model::init(&student_arch, 2)?),
             &p,
             TeacherCache::Live,
             &ctx,

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::steps::{self, eval_json, evaluate_file, evaluate_model, load_model, Env, Input};
 pub use super::steps::{DatasetCache, PipelineError, PipelineHooks, ResumePoint};
 use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::{SafetensorsFile, WeightSummary};
 use crate::compress::formats::{ARCHITECTURE_KEY, JOB_KEY};
 use crate::compress::progress::Ctx;
@@ -80,14 +81,14 @@ pub fn run_pipeline(
         .map(Architecture::from_json)
         .transpose()?;
     // The input model, loaded once when anything compares against it.
-    let reference = match (&input_arch, needs_network(spec)) {
-        (Some(arch), true) => Some(load_model(arch, &input)?),
+    let reference: Option<Box<dyn Network>> = match (&input_arch, needs_network(spec)) {
+        (Some(arch), true) => Some(Box::new(load_model(arch, &input)?)),
         _ => None,
     };
     drop(input);
     let mut baseline = summary_json(&baseline_weights, model.size_bytes as u64);
     if let (Some(eval), Some(reference)) = (&spec.eval, &reference) {
-        let e = evaluate_model(reference, datasets.eval_data(eval)?, None, ctx)?;
+        let e = evaluate_model(reference.as_ref(), datasets.eval_data(eval)?, None, ctx)?;
         merge(&mut baseline, &eval_json(&e));
     }
 
@@ -133,7 +134,7 @@ pub fn run_pipeline(
             resume: inputs.resume.as_ref(),
             seed: spec.seed,
             eval: spec.eval.as_ref(),
-            reference: reference.as_ref(),
+            reference: reference.as_deref(),
             models: inputs.models,
         };
         let out = steps::run(
@@ -186,7 +187,7 @@ pub fn run_pipeline(
             &output,
             &datasets,
             eval,
-            reference.as_ref(),
+            reference.as_deref(),
             ctx,
         )?;
         merge(&mut final_json, &eval_json(&e));

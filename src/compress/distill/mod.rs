@@ -18,14 +18,13 @@ use candle_core::{Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
 use crate::compress::engine::data::{Batch, Dataset, Subset};
-use crate::compress::engine::evaluate::{check_dataset, classes_of, evaluate};
+use crate::compress::engine::evaluate::evaluate;
 use crate::compress::engine::finetune::{bad, FinetuneParams, Validation};
-use crate::compress::engine::sequential::arch::escape;
-use crate::compress::engine::sequential::arch::Architecture;
-use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::sequential::arch::{escape, Architecture};
 use crate::compress::engine::train::{
     self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
 };
+use crate::compress::engine::{Mode, Network};
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::select::glob_match;
@@ -126,8 +125,8 @@ pub struct BaselineOutput {
 pub struct DistillOutput {
     /// The trained student's parameters and buffers (no projections), in architecture order.
     pub weights: Vec<NamedTensor>,
-    /// The student's architecture.
-    pub architecture: Architecture,
+    /// The student's architecture document ([`Network::describe`]).
+    pub architecture: serde_json::Value,
     /// Per-epoch metrics (`train_loss` is the whole distillation loss).
     pub history: Vec<EpochMetrics>,
     /// The loss's parts per epoch.
@@ -178,11 +177,8 @@ pub fn kd_loss(
 
 /// Checks the parameters that need both models: the same number of classes, and
 /// feature layers that exist.
-fn check_models(teacher: &Model, student: &Model, p: &DistillParams<'_>) -> Result<()> {
-    let (tc, sc) = (
-        classes_of(teacher.architecture())?,
-        classes_of(student.architecture())?,
-    );
+fn check_models(teacher: &dyn Network, student: &dyn Network, p: &DistillParams<'_>) -> Result<()> {
+    let (tc, sc) = (teacher.output_width()?, student.output_width()?);
     if tc != sc {
         return Err(Error::ArchitectureMismatch(format!(
             "the student outputs {sc} classes but the teacher outputs {tc}; distillation needs the same classes"
@@ -193,13 +189,8 @@ fn check_models(teacher: &Model, student: &Model, p: &DistillParams<'_>) -> Resu
             ("teacher", teacher, &f.teacher),
             ("student", student, &f.student),
         ] {
-            if model.layer_index(name).is_none() {
-                let names: Vec<String> = model
-                    .architecture()
-                    .summary()
-                    .into_iter()
-                    .map(|s| s.name)
-                    .collect();
+            if !model.has_layer(name) {
+                let names = model.layer_names();
                 return Err(bad(
                     &format!("/features/{i}/{role}"),
                     format!(
@@ -222,15 +213,9 @@ fn check_models(teacher: &Model, student: &Model, p: &DistillParams<'_>) -> Resu
     Ok(())
 }
 
-/// Values per sample of a top-level layer's output.
-fn width(model: &Model, layer: &str) -> Result<usize> {
-    let i = model
-        .layer_index(layer)
-        .ok_or_else(|| Error::Internal(format!("layer {layer:?} vanished")))?;
-    Ok(model.architecture().summary()[i]
-        .output_shape
-        .iter()
-        .product())
+/// Values per sample of a tappable layer's output.
+fn width(model: &dyn Network, layer: &str) -> Result<usize> {
+    model.layer_width(layer)
 }
 
 /// The teacher's outputs, by dataset row, computed once in evaluation mode.
@@ -258,13 +243,13 @@ impl TeacherCacheData {
 /// Runs the teacher over the training rows in evaluation mode and keeps its logits (and
 /// the tapped features when `with_features`), indexed by dataset row.
 fn cache_teacher(
-    teacher: &Model,
+    teacher: &dyn Network,
     train: &Subset<'_>,
     taps: &[&str],
     with_features: bool,
     ctx: &Ctx<'_>,
 ) -> Result<TeacherCacheData> {
-    let classes = classes_of(teacher.architecture())?;
+    let classes = teacher.output_width()?;
     let n = train.dataset.samples;
     let widths: Vec<usize> = taps
         .iter()
@@ -292,7 +277,7 @@ fn cache_teacher(
     for (b, batch) in batches.enumerate() {
         ctx.check()?;
         let batch = batch?;
-        let (out, tapped) = teacher.forward_eval_taps(&batch.x, &used)?;
+        let (out, tapped) = teacher.forward_taps(&batch.x, Mode::Eval, &used)?;
         scatter(&mut logits, classes, &batch.indices, &out)?;
         for ((w, buf), t) in features.iter_mut().zip(&tapped) {
             scatter(buf, *w, &batch.indices, &t.flatten_from(1)?)?;
@@ -398,8 +383,8 @@ fn projection(i: usize, width_s: usize, width_t: usize, seed: u64) -> Result<Vec
 /// student's run (`on_epoch`, `resume`, `after_step`; `after_step` also applies to the
 /// baseline); its `loss` and `forward_loss` must be `None` (distillation sets its own).
 pub fn distill(
-    teacher: &Model,
-    student: Model,
+    teacher: &dyn Network,
+    student: Box<dyn Network>,
     params: &DistillParams<'_>,
     ctx: &Ctx<'_>,
     hooks: TrainHooks<'_>,
@@ -410,8 +395,8 @@ pub fn distill(
 /// [`distill`] with a choice of teacher caching ([`TeacherCache::Live`] for comparisons:
 /// the results agree with the cached run to rounding).
 pub fn distill_with_cache(
-    teacher: &Model,
-    student: Model,
+    teacher: &dyn Network,
+    student: Box<dyn Network>,
     params: &DistillParams<'_>,
     teacher_cache: TeacherCache,
     ctx: &Ctx<'_>,
@@ -444,9 +429,8 @@ pub fn distill_with_cache(
             "distill sets its own loss; pass hooks without `loss` / `forward_loss`".into(),
         ));
     }
-    check_models(teacher, &student, params)?;
+    check_models(teacher, student.as_ref(), params)?;
     let mut student = student;
-    let arch = student.architecture().clone();
     let labelled = p.dataset.y.is_some();
     if !labelled && alpha < 1.0 {
         return Err(Error::DatasetMismatch(format!(
@@ -459,11 +443,18 @@ pub fn distill_with_cache(
             "the hard-label baseline needs a labelled transfer set",
         ));
     }
-    check_dataset(&arch, p.dataset, false).map_err(|e| prefixed("student", e))?;
-    check_dataset(teacher.architecture(), p.dataset, false).map_err(|e| prefixed("teacher", e))?;
+    student
+        .check_dataset(p.dataset, false)
+        .map_err(|e| prefixed("student", e))?;
+    teacher
+        .check_dataset(p.dataset, false)
+        .map_err(|e| prefixed("teacher", e))?;
     if let Validation::Dataset(v) = p.validation {
-        check_dataset(&arch, v, false).map_err(|e| prefixed("validation dataset, student", e))?;
-        check_dataset(teacher.architecture(), v, false)
+        student
+            .check_dataset(v, false)
+            .map_err(|e| prefixed("validation dataset, student", e))?;
+        teacher
+            .check_dataset(v, false)
             .map_err(|e| prefixed("validation dataset, teacher", e))?;
     }
     for (i, pattern) in p.freeze.iter().enumerate() {
@@ -554,7 +545,7 @@ pub fn distill_with_cache(
     for (i, f) in params.features.iter().enumerate() {
         extra.extend(projection(
             i,
-            width(&student, &f.student)?,
+            width(student.as_ref(), &f.student)?,
             width(teacher, &f.teacher)?,
             p.seed(),
         )?);
@@ -566,17 +557,17 @@ pub fn distill_with_cache(
 
     let parts = RefCell::new(PartSums::default());
     let kd_history = RefCell::new(Vec::new());
-    let step = |m: &Model, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
+    let step = |m: &dyn Network, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
         ctx.check()?;
         let (out, taps) = if student_names.is_empty() {
-            (m.forward_train(&b.x, rng)?, Vec::new())
+            (m.forward(&b.x, Mode::Train(rng))?, Vec::new())
         } else {
-            m.forward_train_taps(&b.x, rng, &student_names)?
+            m.forward_taps(&b.x, Mode::Train(rng), &student_names)?
         };
         let needs_live =
             (alpha > 0.0 && cache.is_none()) || (!params.features.is_empty() && !features_cached);
         let live = if needs_live {
-            Some(teacher.forward_eval_taps(&b.x, &teacher_names)?)
+            Some(teacher.forward_taps(&b.x, Mode::Eval, &teacher_names)?)
         } else {
             None
         };
@@ -656,7 +647,7 @@ pub fn distill_with_cache(
     let progress = sub_progress(ctx, &cancel, 0.02, student_hi, "");
     let sub = Ctx::new(&progress, &cancel);
     let outcome = train::train(
-        &mut student,
+        student.as_mut(),
         &train_set,
         loop_val,
         &config,
@@ -676,7 +667,7 @@ pub fn distill_with_cache(
             ctx.check()?;
             let quiet = |_: f64, _: &str| {};
             let eval_ctx = Ctx::new(&quiet, &cancel);
-            let e = evaluate(&student, v, Some(teacher), EVAL_BATCH, &eval_ctx)?;
+            let e = evaluate(student.as_ref(), v, Some(teacher), EVAL_BATCH, &eval_ctx)?;
             let te = if val_labelled {
                 evaluate(teacher, v, None, EVAL_BATCH, &eval_ctx)?.accuracy
             } else {
@@ -689,8 +680,7 @@ pub fn distill_with_cache(
     let baseline = match initial {
         Some(w) => Some(run_baseline(
             teacher,
-            &arch,
-            w,
+            student.with_weights(w)?,
             params,
             &config,
             (&train_set, loop_val, val_set.as_ref()),
@@ -702,7 +692,7 @@ pub fn distill_with_cache(
     };
     Ok(DistillOutput {
         weights,
-        architecture: arch,
+        architecture: student.describe(),
         history: outcome.history,
         kd_history: kd_history.into_inner(),
         best_epoch: outcome.best_epoch,
@@ -721,9 +711,8 @@ pub fn distill_with_cache(
 /// distillation's config and seed (the same shuffles and dropout masks).
 #[allow(clippy::too_many_arguments)]
 fn run_baseline(
-    teacher: &Model,
-    arch: &Architecture,
-    initial: Vec<NamedTensor>,
+    teacher: &dyn Network,
+    mut model: Box<dyn Network>,
     params: &DistillParams<'_>,
     config: &TrainConfig,
     (train_set, loop_val, val_set): (&Subset<'_>, Option<&Subset<'_>>, Option<&Subset<'_>>),
@@ -731,22 +720,21 @@ fn run_baseline(
     after_step: Option<&train::AfterStepFn<'_>>,
     lo: f64,
 ) -> Result<BaselineOutput> {
-    let mut model = Model::new(arch, initial)?;
     for pattern in &params.train.freeze {
         model.freeze(pattern);
     }
     let cancel = AtomicBool::new(false);
     let progress = sub_progress(ctx, &cancel, lo, 1.0, "baseline: ");
     let sub = Ctx::new(&progress, &cancel);
-    let step = |m: &Model, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
+    let step = |m: &dyn Network, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
         ctx.check()?;
-        let out = m.forward_train(&b.x, rng)?;
+        let out = m.forward(&b.x, Mode::Train(rng))?;
         let loss = cross_entropy(&out, b)?;
         Ok((out, loss))
     };
     let step: &StepLossFn<'_> = &step;
     let outcome = train::train(
-        &mut model,
+        model.as_mut(),
         train_set,
         loop_val,
         config,
@@ -758,7 +746,7 @@ fn run_baseline(
         },
     )?;
     let val_agreement = match val_set {
-        Some(v) => evaluate(&model, v, Some(teacher), EVAL_BATCH, &sub)?.agreement,
+        Some(v) => evaluate(model.as_ref(), v, Some(teacher), EVAL_BATCH, &sub)?.agreement,
         None => None,
     };
     Ok(BaselineOutput {
@@ -775,6 +763,7 @@ mod tests {
     use super::*;
     use crate::compress::engine::data::DatasetX;
     use crate::compress::engine::finetune::{finetune, HeadParams};
+    use crate::compress::engine::sequential::model::Model;
     use crate::compress::engine::train::{Checkpoint, EarlyStopping, ScheduleKind, StopMetric};
     use rand::{Rng, SeedableRng};
     use serde_json::json;
@@ -835,8 +824,8 @@ mod tests {
         let cancel = quiet();
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         let model = Model::init(&teacher_arch(), 7).unwrap();
-        let out = finetune(model, &p, &ctx, TrainHooks::default()).unwrap();
-        Model::new(&out.architecture, out.weights).unwrap()
+        let out = finetune(Box::new(model), &p, &ctx, TrainHooks::default()).unwrap();
+        Model::described(&out.architecture, out.weights).unwrap()
     }
 
     fn params(data: &Dataset) -> DistillParams<'_> {
@@ -864,7 +853,7 @@ mod tests {
         let cancel = quiet();
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         let student = Model::init(&student_arch(4), 5)?;
-        distill_with_cache(teacher, student, p, cache, &ctx, hooks)
+        distill_with_cache(teacher, Box::new(student), p, cache, &ctx, hooks)
     }
 
     /// `T²·KL/B` and its gradient in f64, by hand.
@@ -946,7 +935,7 @@ mod tests {
         let cancel = quiet();
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         let plain = finetune(
-            Model::init(&student_arch(4), 5).unwrap(),
+            Box::new(Model::init(&student_arch(4), 5).unwrap()),
             &p.train,
             &ctx,
             TrainHooks::default(),
@@ -1013,7 +1002,7 @@ mod tests {
         assert_eq!(out.teacher_val_accuracy, None);
         assert_eq!(out.kd_history[0].hard_loss, None);
         // The exported weights reproduce the agreement.
-        let student = Model::new(&out.architecture, out.weights).unwrap();
+        let student = Model::described(&out.architecture, out.weights).unwrap();
         let e = evaluate(&student, &val, Some(&teacher), 64, &ctx).unwrap();
         assert_eq!(e.agreement, Some(after));
     }
@@ -1115,7 +1104,7 @@ mod tests {
             on_epoch: Some(&mut on_epoch),
             ..Default::default()
         };
-        let killed = distill(&teacher, student, &p, &ctx, hooks);
+        let killed = distill(&teacher, Box::new(student), &p, &ctx, hooks);
         assert!(matches!(killed, Err(Error::Cancelled)), "{killed:?}");
         let cp = Checkpoint::from_safetensors_bytes(&saved[1]).unwrap();
         assert!(cp
@@ -1149,7 +1138,7 @@ mod tests {
             let cancel = quiet();
             let ctx = Ctx::new(&|_, _| {}, &cancel);
             let s = Model::init(student, 0).unwrap();
-            distill(&teacher, s, p, &ctx, TrainHooks::default()).unwrap_err()
+            distill(&teacher, Box::new(s), p, &ctx, TrainHooks::default()).unwrap_err()
         };
         let ptr = |e: &Error| (e.code(), e.pointer().unwrap_or_default());
         let arch = student_arch(4);
@@ -1240,7 +1229,7 @@ mod tests {
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         let e = distill(
             &Model::init(&wide, 0).unwrap(),
-            Model::init(&arch, 0).unwrap(),
+            Box::new(Model::init(&arch, 0).unwrap()),
             &base,
             &ctx,
             TrainHooks::default(),

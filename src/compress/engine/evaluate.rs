@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::engine::data::{Dataset, Subset};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::{Mode, Network};
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::{Error, Result};
@@ -55,43 +56,6 @@ pub struct Evaluation {
     pub batch_size: usize,
 }
 
-/// Checks that `dataset` can be fed to a model of `arch`: the per-sample feature count
-/// equals the model input's (a `[64]` dataset feeds a `[1, 8, 8]` model), the model emits
-/// one vector of class scores per sample, and every label is below the number of classes.
-/// `require_labels` refuses an unlabelled dataset.
-pub fn check_dataset(arch: &Architecture, dataset: &Dataset, require_labels: bool) -> Result<()> {
-    let input: usize = arch.input_shape().iter().product();
-    if dataset.features_per_sample() != input {
-        return Err(Error::DatasetMismatch(format!(
-            "the dataset's samples have shape {:?} ({} values) but the model's input shape is {:?} ({input} values)",
-            dataset.feature_shape,
-            dataset.features_per_sample(),
-            arch.input_shape()
-        )));
-    }
-    let classes = classes_of(arch)?;
-    match (dataset.num_classes, require_labels) {
-        (None, true) => Err(Error::DatasetMismatch(
-            "the dataset has no labels (`y`), but this operation needs class labels".into(),
-        )),
-        (Some(n), _) if n > classes => Err(Error::DatasetMismatch(format!(
-            "the dataset has labels up to {}, but the model's output has only {classes} classes (labels must be below {classes}; replace the head with `head` to change the class count)",
-            n - 1
-        ))),
-        _ => Ok(()),
-    }
-}
-
-/// The number of classes of a classifier architecture (its output must be one vector).
-pub fn classes_of(arch: &Architecture) -> Result<usize> {
-    match arch.output_shape() {
-        [c] => Ok(*c),
-        other => Err(Error::Unsupported(format!(
-            "evaluation and training need a classifier whose output is one vector of class scores per sample, but this model's output shape is {other:?} (add a flatten and a linear layer)"
-        ))),
-    }
-}
-
 /// `log_softmax` of one row of logits, in f64.
 fn log_softmax_row(row: &[f32], out: &mut Vec<f64>) {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
@@ -119,7 +83,7 @@ fn argmax(row: &[f32]) -> usize {
 /// Mean cross-entropy loss and top-1 accuracy of `model` on a labelled subset, in
 /// evaluation mode. Used by the training loop for validation.
 pub fn loss_and_accuracy(
-    model: &Model,
+    model: &dyn Network,
     data: &Subset<'_>,
     batch_size: usize,
     ctx: &Ctx<'_>,
@@ -147,7 +111,7 @@ pub fn evaluate_weights(
     arch: &Architecture,
     weights: Vec<NamedTensor>,
     data: EvalData<'_>,
-    reference: Option<&Model>,
+    reference: Option<&dyn Network>,
     ctx: &Ctx<'_>,
 ) -> Result<Evaluation> {
     let model = Model::new(arch, weights)?;
@@ -163,20 +127,20 @@ pub fn evaluate_weights(
 /// Evaluates `model` (and optionally a `reference`) on `data` in batches of `batch_size`,
 /// checking `ctx` for cancellation between batches.
 pub fn evaluate(
-    model: &Model,
+    model: &dyn Network,
     data: &Subset<'_>,
-    reference: Option<&Model>,
+    reference: Option<&dyn Network>,
     batch_size: usize,
     ctx: &Ctx<'_>,
 ) -> Result<Evaluation> {
-    check_dataset(model.architecture(), data.dataset, false)?;
-    let classes = classes_of(model.architecture())?;
+    model.check_dataset(data.dataset, false)?;
+    let classes = model.output_width()?;
     if let Some(r) = reference {
-        check_dataset(r.architecture(), data.dataset, false)?;
-        if classes_of(r.architecture())? != classes {
+        r.check_dataset(data.dataset, false)?;
+        if r.output_width()? != classes {
             return Err(Error::DatasetMismatch(format!(
                 "the reference model has {} classes but the model has {classes}",
-                classes_of(r.architecture())?
+                r.output_width()?
             )));
         }
     }
@@ -195,11 +159,15 @@ pub fn evaluate(
         ctx.check()?;
         let batch = batch?;
         let started = Instant::now();
-        let out = model.forward_eval(&batch.x)?;
+        let out = model.forward(&batch.x, Mode::Eval)?;
         let logits = out.flatten_all()?.to_vec1::<f32>()?;
         forward_seconds += started.elapsed().as_secs_f64();
         let ref_logits = match reference {
-            Some(r) => Some(r.forward_eval(&batch.x)?.flatten_all()?.to_vec1::<f32>()?),
+            Some(r) => Some(
+                r.forward(&batch.x, Mode::Eval)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
             None => None,
         };
         for (s, row) in logits.chunks_exact(classes).enumerate() {
@@ -269,6 +237,7 @@ pub fn evaluate(
 mod tests {
     use super::*;
     use crate::compress::engine::data::DatasetX;
+    use crate::compress::engine::sequential::model::check_dataset;
     use crate::compress::formats::safetensors::NamedTensor;
     use serde_json::json;
     use std::sync::atomic::AtomicBool;

@@ -8,12 +8,10 @@
 //! one training loop in [`crate::compress::engine::train`]. It does not persist checkpoints or results.
 
 use crate::compress::engine::data::{Dataset, Subset};
-use crate::compress::engine::evaluate::{check_dataset, classes_of};
-use crate::compress::engine::sequential::arch::{Architecture, Layer};
-use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::{
     self, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, TrainConfig, TrainHooks,
 };
+use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::select::glob_match;
@@ -148,8 +146,9 @@ impl<D> FinetuneParams<D> {
 pub struct FinetuneOutput {
     /// The trained parameters and buffers, in architecture order.
     pub weights: Vec<NamedTensor>,
-    /// The architecture (changed when the head was replaced).
-    pub architecture: Architecture,
+    /// The architecture document of the trained network (changed when the head was
+    /// replaced): [`Network::describe`].
+    pub architecture: serde_json::Value,
     /// Per-epoch metrics.
     pub history: Vec<EpochMetrics>,
     /// The epoch with the best validation figure, when validating.
@@ -281,95 +280,25 @@ pub(crate) fn train_config(p: &FinetuneParams<&Dataset>) -> Result<TrainConfig> 
     })
 }
 
-/// Replaces the top-level linear layer `head.layer` with a fresh one of
-/// `head.num_classes` outputs: the new architecture, and the weights with the head's
-/// tensors freshly initialised (seeded).
-fn replace_head(
-    model: &Model,
-    head: &HeadParams,
-    seed: u64,
-) -> Result<(Architecture, Vec<NamedTensor>)> {
-    let arch = model.architecture();
-    let index = arch
-        .layers()
-        .iter()
-        .enumerate()
-        .position(|(i, l)| l.name().map_or_else(|| i.to_string(), str::to_owned) == head.layer);
-    let Some(index) = index else {
-        return Err(bad(
-            "/head/layer",
-            format!(
-                "no top-level layer is named {:?} (unnamed layers are named by their index)",
-                head.layer
-            ),
-        ));
-    };
-    if !matches!(arch.layers()[index], Layer::Linear { .. }) {
-        return Err(bad(
-            "/head/layer",
-            format!(
-                "layer {:?} is a {}, but the head must be a linear layer",
-                head.layer,
-                arch.layers()[index].type_name()
-            ),
-        ));
-    }
-    if head.num_classes == 0 {
-        return Err(bad("/head/num_classes", "`num_classes` must be at least 1"));
-    }
-    let mut doc = arch.to_json();
-    doc["layers"][index]["out_features"] = serde_json::json!(head.num_classes);
-    let new_arch = Architecture::from_json(&doc).map_err(|e| {
-        bad(
-            "/head/layer",
-            format!(
-                "layer {:?} is not the final classifier: widening it breaks the layers after it ({e})",
-                head.layer
-            ),
-        )
-    })?;
-    let prefix = format!("{}.", head.layer);
-    let mut weights: Vec<NamedTensor> = model
-        .export()?
-        .into_iter()
-        .filter(|t| !t.name.starts_with(&prefix))
-        .collect();
-    weights.extend(
-        new_arch
-            .init_weights(seed)
-            .into_iter()
-            .filter(|(spec, _)| spec.layer == head.layer)
-            .map(|(spec, values)| NamedTensor {
-                name: spec.name,
-                shape: spec.shape,
-                values,
-            }),
-    );
-    Ok((new_arch, weights))
-}
-
 /// Runs the `finetune` operation on `model`. Every parameter is checked before any
 /// training starts. `hooks` carries the per-epoch callback and an optional checkpoint
 /// to resume from (its `loss` is normally left `None`: cross-entropy).
 pub fn finetune(
-    model: Model,
+    model: Box<dyn Network>,
     params: &FinetuneParams<&Dataset>,
     ctx: &Ctx<'_>,
     hooks: TrainHooks<'_>,
 ) -> Result<FinetuneOutput> {
     let config = train_config(params)?;
     let mut model = match &params.head {
-        Some(head) => {
-            let (arch, weights) = replace_head(&model, head, params.seed())?;
-            Model::new(&arch, weights)?
-        }
+        Some(head) => model.with_head(&head.layer, head.num_classes, params.seed())?,
         None => model,
     };
-    let arch = model.architecture().clone();
-    classes_of(&arch)?;
-    check_dataset(&arch, params.dataset, true)?;
+    model.output_width()?;
+    model.check_dataset(params.dataset, true)?;
     if let Validation::Dataset(v) = params.validation {
-        check_dataset(&arch, v, true)
+        model
+            .check_dataset(v, true)
             .map_err(|e| Error::DatasetMismatch(format!("validation dataset: {e}")))?;
     }
     for (i, pattern) in params.freeze.iter().enumerate() {
@@ -378,7 +307,7 @@ pub fn finetune(
                 &format!("/freeze/{i}"),
                 format!(
                     "pattern {pattern:?} matches no parameter (the model has {})",
-                    names_hint(&model)
+                    names_hint(model.as_ref())
                 ),
             ));
         }
@@ -389,7 +318,7 @@ pub fn finetune(
                 &format!("/layer_lr/{}", escape(pattern)),
                 format!(
                     "pattern {pattern:?} matches no parameter (the model has {})",
-                    names_hint(&model)
+                    names_hint(model.as_ref())
                 ),
             ));
         }
@@ -419,7 +348,7 @@ pub fn finetune(
         Validation::Dataset(d) => (Subset::all(params.dataset), Some(Subset::all(d))),
     };
     let outcome = train::train(
-        &mut model,
+        model.as_mut(),
         &train_set,
         val_set.as_ref(),
         &config,
@@ -428,7 +357,7 @@ pub fn finetune(
     )?;
     Ok(FinetuneOutput {
         weights: model.export()?,
-        architecture: arch,
+        architecture: model.describe(),
         history: outcome.history,
         best_epoch: outcome.best_epoch,
         stopped_early: outcome.stopped_early,
@@ -438,7 +367,7 @@ pub fn finetune(
 }
 
 /// "fc1.weight, fc1.bias, ... (6 tensors)" for error messages.
-fn names_hint(model: &Model) -> String {
+fn names_hint(model: &dyn Network) -> String {
     let names: Vec<&str> = model.params().iter().map(|p| p.name()).collect();
     let shown: Vec<&str> = names.iter().take(8).copied().collect();
     let more = if names.len() > 8 { ", ..." } else { "" };
@@ -450,6 +379,8 @@ mod tests {
     use super::*;
     use crate::compress::engine::data::DatasetX;
     use crate::compress::engine::evaluate::evaluate;
+    use crate::compress::engine::sequential::arch::Architecture;
+    use crate::compress::engine::sequential::model::Model;
     use crate::compress::engine::train::StopMetric;
     use serde_json::json;
     use std::sync::atomic::AtomicBool;
@@ -493,14 +424,14 @@ mod tests {
         let cancel = quiet();
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         let model = Model::init(&mlp(10), 1).unwrap();
-        let out = finetune(model, &p, &ctx, TrainHooks::default()).unwrap();
+        let out = finetune(Box::new(model), &p, &ctx, TrainHooks::default()).unwrap();
         let last = out.history.last().unwrap();
         assert!(last.val_accuracy.unwrap() >= 0.95, "{:?}", out.history);
         assert!(last.train_loss < out.history[0].train_loss);
         assert_eq!(out.history.len(), 10);
         assert!(out.best_epoch.is_some());
         // The exported weights reproduce the reported validation accuracy.
-        let trained = Model::new(&out.architecture, out.weights).unwrap();
+        let trained = Model::described(&out.architecture, out.weights).unwrap();
         let (_, val) = data.split(0.2, 1).unwrap();
         let e = evaluate(&trained, &val, None, 100, &ctx).unwrap();
         assert!((e.accuracy.unwrap() - last.val_accuracy.unwrap()).abs() < 1e-12);
@@ -538,13 +469,13 @@ mod tests {
         p.epochs = 10;
         p.lr = 1e-2;
         let pre = finetune(
-            Model::init(&mlp(5), 2).unwrap(),
+            Box::new(Model::init(&mlp(5), 2).unwrap()),
             &p,
             &ctx,
             TrainHooks::default(),
         )
         .unwrap();
-        let base = Model::new(&pre.architecture, pre.weights.clone()).unwrap();
+        let base = Model::described(&pre.architecture, pre.weights.clone()).unwrap();
 
         let mut p = FinetuneParams::new(&high);
         p.epochs = 15;
@@ -554,8 +485,13 @@ mod tests {
             layer: "fc2".into(),
             num_classes: 7,
         });
-        let out = finetune(base, &p, &ctx, TrainHooks::default()).unwrap();
-        assert_eq!(out.architecture.output_shape(), &[7]);
+        let out = finetune(Box::new(base), &p, &ctx, TrainHooks::default()).unwrap();
+        assert_eq!(
+            Architecture::from_json(&out.architecture)
+                .unwrap()
+                .output_shape(),
+            &[7]
+        );
         assert_eq!(out.trainable_parameters, 64 * 7 + 7);
         for t in &out.weights {
             let before = pre.weights.iter().find(|w| w.name == t.name).unwrap();
@@ -583,7 +519,7 @@ mod tests {
         let cancel = quiet();
         let ctx = Ctx::new(&|_, _| {}, &cancel);
         finetune(
-            Model::init(arch, 0).unwrap(),
+            Box::new(Model::init(arch, 0).unwrap()),
             p,
             &ctx,
             TrainHooks::default(),

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::Network;
 use crate::compress::Result;
 
 /// The masks of some parameters of one model, by parameter index.
@@ -15,7 +15,7 @@ pub struct ZeroMasks {
 
 impl ZeroMasks {
     /// For each parameter of `model` named in `names`, a mask of its non-zero weights.
-    pub fn of(model: &Model, names: &[String]) -> Result<ZeroMasks> {
+    pub fn of(model: &dyn Network, names: &[String]) -> Result<ZeroMasks> {
         let mut masks = Vec::new();
         for (i, p) in model.params().iter().enumerate() {
             if names.iter().any(|s| s == p.name()) {
@@ -27,7 +27,7 @@ impl ZeroMasks {
     }
 
     /// Multiplies every masked parameter of `model` by its mask.
-    pub fn apply(&self, model: &Model) -> Result<()> {
+    pub fn apply(&self, model: &dyn Network) -> Result<()> {
         let params = model.params();
         for (i, mask) in &self.masks {
             let var = params[*i].var();

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress::engine::data::{shuffle_indices, Batch, Subset};
 use crate::compress::engine::evaluate::loss_and_accuracy;
-use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::{Mode, Network};
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
 use crate::compress::progress::Ctx;
@@ -389,11 +389,12 @@ pub fn cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
 /// caller run the model its own way (e.g. with intermediate outputs, or with a teacher)
 /// while the loop keeps shuffling, optimizing, validating and checkpointing. The outputs
 /// are used for training accuracy; `rng` is the loop's stream (dropout masks).
-pub type StepLossFn<'a> = dyn Fn(&Model, &Batch, &mut ChaCha8Rng) -> Result<(Tensor, Tensor)> + 'a;
+pub type StepLossFn<'a> =
+    dyn Fn(&dyn Network, &Batch, &mut ChaCha8Rng) -> Result<(Tensor, Tensor)> + 'a;
 
 /// Called after every optimizer step with the updated model (e.g. to put pruned weights
 /// back to zero). An error stops training.
-pub type AfterStepFn<'a> = dyn Fn(&Model) -> Result<()> + 'a;
+pub type AfterStepFn<'a> = dyn Fn(&dyn Network) -> Result<()> + 'a;
 
 /// Called after every epoch with its metrics and a checkpoint of the state after it.
 pub type EpochFn<'a> = dyn FnMut(&EpochMetrics, &Checkpoint) -> Result<()> + 'a;
@@ -479,7 +480,7 @@ struct OptimizerState {
 }
 
 impl OptimizerState {
-    fn new(model: &Model, extra: &[(String, Var)], config: &TrainConfig) -> OptimizerState {
+    fn new(model: &dyn Network, extra: &[(String, Var)], config: &TrainConfig) -> OptimizerState {
         let vars: Vec<Trainable> = model
             .params()
             .iter()
@@ -778,7 +779,7 @@ fn improves(metric: StopMetric, value: f64, best: f64) -> bool {
 /// weights on the same build and machine, and resuming from any epoch's [`Checkpoint`]
 /// gives the same final weights as the uninterrupted run.
 pub fn train(
-    model: &mut Model,
+    model: &mut dyn Network,
     train: &Subset<'_>,
     validation: Option<&Subset<'_>>,
     config: &TrainConfig,
@@ -867,7 +868,7 @@ pub fn train(
             let (out, loss) = match forward_loss {
                 Some(f) => f(model, &batch, &mut rng)?,
                 None => {
-                    let out = model.forward_train(&batch.x, &mut rng)?;
+                    let out = model.forward(&batch.x, Mode::Train(&mut rng))?;
                     let loss = loss_fn(&out, &batch)?;
                     (out, loss)
                 }
@@ -984,6 +985,7 @@ mod tests {
     use super::*;
     use crate::compress::engine::data::{Dataset, DatasetX};
     use crate::compress::engine::sequential::model::tests::every_layer;
+    use crate::compress::engine::sequential::model::Model;
     use rand::Rng;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -1161,7 +1163,7 @@ mod tests {
             let mask: Vec<f32> = (0..48).map(|i| (i % 2) as f32).collect();
             let mask = Tensor::from_vec(mask, (8, 6), &candle_core::Device::Cpu).unwrap();
             let calls = std::cell::Cell::new(0usize);
-            let zero_masked = |m: &Model| -> Result<()> {
+            let zero_masked = |m: &dyn Network| -> Result<()> {
                 calls.set(calls.get() + 1);
                 let var = m.params()[fc1].var();
                 var.set(&var.as_tensor().mul(&mask)?)?;

@@ -17,6 +17,7 @@ use crate::compress::engine::masks::ZeroMasks;
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::{Checkpoint, EpochMetrics, TrainHooks};
+use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::Result;
@@ -186,13 +187,13 @@ pub fn prune_gradually(
         // Retrain with the pruned weights held at zero.
         let model = Model::new(&arch, weights)?;
         let masks = ZeroMasks::of(&model, selected)?;
-        let keep_zero = |m: &Model| masks.apply(m);
+        let keep_zero = |m: &dyn Network| masks.apply(m);
         let mut epoch_done = |m: &EpochMetrics, _: &Checkpoint| -> Result<()> {
             on_epoch(m);
             Ok(())
         };
         let out = finetune(
-            model,
+            Box::new(model),
             params.retrain,
             ctx,
             TrainHooks {

@@ -17,8 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::compress::engine::data::{Dataset, Subset};
-use crate::compress::engine::sequential::arch::Layer;
-use crate::compress::engine::sequential::model::{ActivationTransform, Model};
+use crate::compress::engine::sequential::model::ActivationTransform;
+use crate::compress::engine::{LayerInput, Network};
 use crate::compress::progress::Ctx;
 use crate::compress::quant::Importance;
 use crate::compress::{Error, Result};
@@ -174,7 +174,7 @@ fn choose(values: &mut [f32], p: &ActivationParams) -> (f32, f32, f32, f32) {
 /// Calibrate the input range of every top-level linear / conv layer of `model` on a seeded
 /// sample of `data`'s rows.
 pub fn calibrate(
-    model: &Model,
+    model: &dyn Network,
     data: &Dataset,
     params: &ActivationParams,
     ctx: &Ctx,
@@ -191,43 +191,35 @@ pub fn calibrate(
             detail: "must be at least 1".into(),
         });
     }
-    let layers = model.architecture().layers();
-    let targets: Vec<usize> = layers
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| matches!(l, Layer::Linear { .. } | Layer::Conv2d { .. }))
-        .map(|(i, _)| i)
-        .collect();
     let indices = calibration_draw(data, params.samples, params.seed);
     let subset = Subset {
         dataset: data,
         indices: indices.clone(),
     };
-    let mut collected: Vec<Vec<f32>> = vec![Vec::new(); targets.len()];
+    // (layer index, layer name, sampled input values), in the order the network runs them.
+    let mut collected: Vec<(usize, String, Vec<f32>)> = Vec::new();
     for batch in subset.batches(256) {
         ctx.check()?;
         let batch = batch?;
-        let (inputs, _) = model.top_level_inputs(&batch.x)?;
-        for (slot, &i) in targets.iter().enumerate() {
-            let values = inputs[i].flatten_all()?.to_vec1::<f32>()?;
-            let room = MAX_VALUES_PER_LAYER.saturating_sub(collected[slot].len());
+        model.forward_probed(&batch.x, &mut |input: LayerInput<'_>| {
+            let slot = slot_of(&mut collected, &input, Vec::new);
+            let values = input.x.flatten_all()?.to_vec1::<f32>()?;
+            let kept = &mut collected[slot].2;
+            let room = MAX_VALUES_PER_LAYER.saturating_sub(kept.len());
             let stride = values.len().div_ceil(room.max(1)).max(1);
-            collected[slot].extend(values.iter().step_by(stride).take(room));
-        }
+            kept.extend(values.iter().step_by(stride).take(room));
+            Ok(())
+        })?;
     }
-    let mut out = Vec::with_capacity(targets.len());
-    for (slot, &i) in targets.iter().enumerate() {
-        let values = &mut collected[slot];
+    let mut out = Vec::with_capacity(collected.len());
+    for (index, layer, mut values) in collected {
         if values.is_empty() {
             continue;
         }
-        let (observed_min, observed_max, lo, hi) = choose(values, params);
+        let (observed_min, observed_max, lo, hi) = choose(&mut values, params);
         let (scale, zero_point) = scale_zero(lo, hi, params.bits, params.symmetric);
-        let layer = layers[i]
-            .name()
-            .map_or_else(|| i.to_string(), str::to_owned);
         out.push(LayerRange {
-            index: i,
+            index,
             layer,
             observed_min,
             observed_max,
@@ -236,7 +228,7 @@ pub fn calibrate(
             scale,
             zero_point,
             bits: params.bits,
-            mse: mse_of(values, scale, zero_point, params.bits),
+            mse: mse_of(&values, scale, zero_point, params.bits),
         });
     }
     Ok(Calibrated {
@@ -244,6 +236,22 @@ pub fn calibrate(
         layers: out,
         indices,
     })
+}
+
+/// The index of `input`'s layer in `slots`, appending a new slot made by `fresh` the first
+/// time the layer is seen (so slots follow the network's order).
+fn slot_of<T>(
+    slots: &mut Vec<(usize, String, T)>,
+    input: &LayerInput<'_>,
+    fresh: impl FnOnce() -> T,
+) -> usize {
+    match slots.iter().position(|(_, name, _)| name == input.layer) {
+        Some(i) => i,
+        None => {
+            slots.push((input.index, input.layer.to_string(), fresh()));
+            slots.len() - 1
+        }
+    }
 }
 
 /// The seeded draw of `samples` calibration samples (all of them when there are fewer).
@@ -261,7 +269,7 @@ fn calibration_draw(data: &Dataset, samples: usize, seed: u64) -> Vec<usize> {
 /// channel-major). Keys are the weights' tensor names; also returns the drawn indices.
 /// Layers inside residual blocks are not measured.
 pub fn input_importance(
-    model: &Model,
+    model: &dyn Network,
     data: &Dataset,
     samples: usize,
     seed: u64,
@@ -273,61 +281,49 @@ pub fn input_importance(
             detail: "must be at least 1".into(),
         });
     }
-    let layers = model.architecture().layers();
-    // (layer index, weight name, kernel window size) of every measured layer.
-    let targets: Vec<(usize, String, usize)> = layers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| {
-            let window = match l {
-                Layer::Linear { .. } => 1,
-                Layer::Conv2d { kernel_size, .. } => kernel_size.0 * kernel_size.1,
-                _ => return None,
-            };
-            let name = l.name().map_or_else(|| i.to_string(), str::to_owned);
-            Some((i, format!("{name}.weight"), window))
-        })
-        .collect();
     let indices = calibration_draw(data, samples, seed);
     let subset = Subset {
         dataset: data,
         indices: indices.clone(),
     };
-    let mut sums: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    let mut counts = vec![0usize; targets.len()];
+    // (layer index, layer name, (Σx² per input channel, values counted, kernel window)).
+    type Sums = (Vec<f64>, usize, usize);
+    let mut sums: Vec<(usize, String, Sums)> = Vec::new();
     for batch in subset.batches(256) {
         ctx.check()?;
         let batch = batch?;
-        let (inputs, _) = model.top_level_inputs(&batch.x)?;
-        for (slot, (i, _, _)) in targets.iter().enumerate() {
-            let x = &inputs[*i];
+        model.forward_probed(&batch.x, &mut |input: LayerInput<'_>| {
+            let slot = slot_of(&mut sums, &input, || (Vec::new(), 0, input.window));
+            let x = input.x;
             // Linear: [batch, features]; conv2d: [batch, channels, h, w].
             let (squares, n) = match x.dims() {
                 [b, _] => (x.sqr()?.sum(0)?, *b),
                 [b, _, h, w] => (x.sqr()?.sum(0)?.sum(1)?.sum(1)?, b * h * w),
                 dims => {
                     return Err(Error::Internal(format!(
-                        "input of layer {i} has shape {dims:?}"
+                        "input of layer {} has shape {dims:?}",
+                        input.layer
                     )))
                 }
             };
             let squares = squares.to_vec1::<f32>()?;
-            let acc = &mut sums[slot];
+            let (acc, count, _) = &mut sums[slot].2;
             acc.resize(squares.len(), 0.0);
             for (a, v) in acc.iter_mut().zip(squares) {
                 *a += f64::from(v);
             }
-            counts[slot] += n;
-        }
+            *count += n;
+            Ok(())
+        })?;
     }
     let mut out = Importance::new();
-    for (slot, (_, name, window)) in targets.into_iter().enumerate() {
-        let n = counts[slot].max(1) as f64;
-        let per_channel = sums[slot].iter().map(|s| (s / n) as f32);
+    for (_, layer, (sum, count, window)) in sums {
+        let n = count.max(1) as f64;
+        let per_channel = sum.iter().map(|s| (s / n) as f32);
         let row: Vec<f32> = per_channel
             .flat_map(|v| std::iter::repeat_n(v, window))
             .collect();
-        out.insert(name, row);
+        out.insert(format!("{layer}.weight"), row);
     }
     Ok((out, indices))
 }
@@ -366,6 +362,7 @@ mod tests {
     use super::*;
     use crate::compress::engine::data::DatasetX;
     use crate::compress::engine::sequential::arch::Architecture;
+    use crate::compress::engine::sequential::model::Model;
     use std::sync::atomic::AtomicBool;
 
     fn data(n: usize) -> Dataset {

@@ -13,8 +13,8 @@ use super::sharing::SharedWeights;
 use super::{Method, Quantizer};
 use crate::compress::engine::data::Dataset;
 use crate::compress::engine::finetune::{finetune, FinetuneOutput, FinetuneParams};
-use crate::compress::engine::sequential::model::{Model, WeightTransform};
 use crate::compress::engine::train::{Checkpoint, EpochFn, TrainHooks};
+use crate::compress::engine::{Network, WeightTransform};
 use crate::compress::progress::Ctx;
 use crate::compress::Result;
 
@@ -53,7 +53,7 @@ pub struct QatParams<'a> {
 /// quantizes the trained float weights exactly as PTQ would. `on_epoch` and `resume` are
 /// the training loop's ([`TrainHooks`]).
 pub fn quantization_aware_training(
-    mut model: Model,
+    mut model: Box<dyn Network>,
     params: &QatParams<'_>,
     ctx: &Ctx<'_>,
     on_epoch: &mut EpochFn<'_>,
@@ -68,7 +68,7 @@ pub fn quantization_aware_training(
     let selected: HashSet<String> = selected.iter().cloned().collect();
     let shared = if matches!(quantizer.method, Method::Kmeans { .. }) {
         Some(SharedWeights::new(
-            &model,
+            model.as_ref(),
             &selected,
             &quantizer.method,
             seed,
@@ -88,7 +88,7 @@ pub fn quantization_aware_training(
         ))));
         None
     };
-    let tie = |m: &Model| shared.as_ref().map_or(Ok(()), |s| s.project(m));
+    let tie = |m: &dyn Network| shared.as_ref().map_or(Ok(()), |s| s.project(m));
     let out = finetune(
         model,
         params,

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 
 use candle_core::{DType, Tensor};
 
-use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::Network;
 use crate::compress::quant::{quantize_named, Method};
 use crate::compress::{Error, Result};
 
@@ -41,7 +41,7 @@ impl SharedWeights {
     /// Clusters every parameter of `model` named in `selected` with `method` (a
     /// [`Method::Kmeans`]) and sets it to its codebook values.
     pub fn new(
-        model: &Model,
+        model: &dyn Network,
         selected: &HashSet<String>,
         method: &Method,
         seed: u64,
@@ -92,7 +92,7 @@ impl SharedWeights {
     }
 
     /// Sets every shared weight to the mean of its cluster (pinned zeros to 0).
-    pub fn project(&self, model: &Model) -> Result<()> {
+    pub fn project(&self, model: &dyn Network) -> Result<()> {
         let params = model.params();
         for g in &self.groups {
             let var = params[g.param].var();
@@ -122,6 +122,7 @@ impl SharedWeights {
 mod tests {
     use super::*;
     use crate::compress::engine::sequential::arch::Architecture;
+    use crate::compress::engine::sequential::model::Model;
     use crate::compress::quant::KmeansInit;
     use serde_json::json;
 

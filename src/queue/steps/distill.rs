@@ -9,6 +9,7 @@ use crate::compress::engine::masks::ZeroMasks;
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::TrainHooks;
+use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::SafetensorsFile;
 use crate::spec::distill::StudentSpec;
 use crate::spec::DistillSpec;
@@ -56,11 +57,11 @@ pub(super) fn distill(
         ZeroMasks::default()
     };
     let held_zeros = masks.zeros()?;
-    let keep_zero = |m: &Model| masks.apply(m);
+    let keep_zero = |m: &dyn Network| masks.apply(m);
     let mut on_epoch = env.checkpointer(spec.train.epochs);
     let out = distill::distill(
         &teacher,
-        student,
+        Box::new(student),
         &params,
         env.ctx,
         TrainHooks {

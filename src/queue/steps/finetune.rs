@@ -20,7 +20,7 @@ pub(super) fn finetune(
     let params = env.datasets.training_params(spec, env.seed)?;
     let mut on_epoch = env.checkpointer(spec.epochs);
     let out = train(
-        model,
+        Box::new(model),
         &params,
         env.ctx,
         TrainHooks {
@@ -29,7 +29,7 @@ pub(super) fn finetune(
             ..Default::default()
         },
     )?;
-    let new_arch = out.architecture.to_json();
+    let new_arch = out.architecture;
     let (temp, _) = env.write_f32(&with_architecture(input.metadata, &new_arch), &out.weights)?;
     let record = json!({
         "epochs": serde_json::to_value(&out.history).unwrap_or(Value::Null),

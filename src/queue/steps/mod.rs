@@ -23,6 +23,7 @@ use crate::compress::engine::finetune::{FinetuneParams, Validation};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::{Checkpoint, EpochMetrics};
+use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::{self, NamedTensor, SafetensorsFile};
 use crate::compress::progress::Ctx;
 use crate::compress::quant::activations;
@@ -177,7 +178,7 @@ pub(super) struct Env<'a> {
     /// The job's `eval`.
     pub eval: Option<&'a EvalSpec>,
     /// The job's input model loaded once, when something compares against it.
-    pub reference: Option<&'a Model>,
+    pub reference: Option<&'a dyn Network>,
     /// Other models the job names (`distill` students, `quantize` importance weights), by id.
     pub models: &'a HashMap<String, ModelRecord>,
 }
@@ -248,7 +249,7 @@ impl Env<'_> {
         &self,
         arch: &Architecture,
         weights: Vec<NamedTensor>,
-        reference: Option<&Model>,
+        reference: Option<&dyn Network>,
     ) -> Result<Option<Evaluation>, PipelineError> {
         match self.eval_data()? {
             Some(data) => Ok(Some(evaluate_weights(
@@ -336,7 +337,7 @@ pub(super) fn evaluate_file(
     file: &SafetensorsFile,
     datasets: &DatasetCache,
     spec: &EvalSpec,
-    reference: Option<&Model>,
+    reference: Option<&dyn Network>,
     ctx: &Ctx,
 ) -> Result<Evaluation, PipelineError> {
     let model = load_model(&current_arch(arch)?, file)?;
@@ -345,9 +346,9 @@ pub(super) fn evaluate_file(
 
 /// Evaluates `model` on all of `data`, against `reference` when given.
 pub(super) fn evaluate_model(
-    model: &Model,
+    model: &dyn Network,
     data: EvalData<'_>,
-    reference: Option<&Model>,
+    reference: Option<&dyn Network>,
     ctx: &Ctx,
 ) -> Result<Evaluation, PipelineError> {
     Ok(evaluate(

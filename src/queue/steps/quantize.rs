@@ -96,7 +96,7 @@ pub(super) fn quantize(
             train: &params,
         };
         let (out, mode) = quantization_aware_training(
-            model,
+            Box::new(model),
             &qat,
             env.ctx,
             &mut on_epoch,

@@ -18,7 +18,8 @@ use serde_json::Value;
 
 pub(crate) use super::parse::escape;
 use super::parse::*;
-use crate::compress::formats::safetensors::{Dtype, Header, TensorSpec};
+pub use crate::compress::engine::{ParamKind, ParamSpec};
+use crate::compress::formats::safetensors::Header;
 use crate::compress::formats::ARCHITECTURE_KEY;
 use crate::compress::{Error, Result};
 
@@ -259,57 +260,6 @@ impl Layer {
             Layer::Sigmoid { .. } => "sigmoid",
             Layer::Residual { .. } => "residual",
         }
-    }
-}
-
-/// The role of a parameter tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamKind {
-    /// `{name}.weight`.
-    Weight,
-    /// `{name}.bias`.
-    Bias,
-    /// `{name}.running_mean` (batch norm buffer).
-    RunningMean,
-    /// `{name}.running_var` (batch norm buffer).
-    RunningVar,
-}
-
-impl ParamKind {
-    /// The suffix after the layer name.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            ParamKind::Weight => "weight",
-            ParamKind::Bias => "bias",
-            ParamKind::RunningMean => "running_mean",
-            ParamKind::RunningVar => "running_var",
-        }
-    }
-}
-
-/// A tensor the architecture expects in its weights file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ParamSpec {
-    /// Full tensor name, as in a PyTorch `state_dict` (`fc1.weight`, `3.1.bias`).
-    pub name: String,
-    /// Its shape.
-    pub shape: Vec<usize>,
-    /// Its role.
-    pub kind: ParamKind,
-    /// Full name of the layer it belongs to (`fc1`, `3.1`).
-    pub layer: String,
-}
-
-impl ParamSpec {
-    /// Number of elements.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// The spec to write this parameter with [`crate::compress::formats::safetensors::write_safetensors`].
-    pub fn tensor_spec(&self, dtype: Dtype) -> TensorSpec {
-        TensorSpec::new(self.name.clone(), dtype, self.shape.clone())
     }
 }
 
@@ -622,6 +572,7 @@ impl<'de> serde::Deserialize<'de> for Architecture {
 mod tests {
     use super::*;
     use crate::compress::formats::safetensors;
+    use crate::compress::formats::safetensors::{Dtype, TensorSpec};
     use serde_json::json;
 
     fn lenet_300_100() -> Value {

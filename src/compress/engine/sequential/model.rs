@@ -23,10 +23,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::compress::engine::data::Dataset;
+use crate::compress::engine::finetune::{bad, HeadParams};
 use crate::compress::engine::sequential::arch::{
-    Architecture, Layer, LayerSummary, ParamKind, ParamSpec, Size2,
+    Architecture, Layer, LayerSummary, ParamKind, Size2,
 };
 use crate::compress::engine::sequential::conv;
+use crate::compress::engine::{Family, LayerInput, Mode, Network, Param, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
@@ -36,51 +39,6 @@ use crate::compress::{Error, Result};
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Error::Internal(format!("tensor engine: {e}"))
-    }
-}
-
-/// One parameter or buffer of a [`Model`].
-#[derive(Debug)]
-pub struct Param {
-    spec: ParamSpec,
-    var: Var,
-    frozen: bool,
-}
-
-impl Param {
-    /// The tensor's name, shape and role.
-    pub fn spec(&self) -> &ParamSpec {
-        &self.spec
-    }
-
-    /// The tensor's name.
-    pub fn name(&self) -> &str {
-        &self.spec.name
-    }
-
-    /// The candle variable holding its current value.
-    pub fn var(&self) -> &Var {
-        &self.var
-    }
-
-    /// Whether it is frozen (kept fixed during training).
-    pub fn is_frozen(&self) -> bool {
-        self.frozen
-    }
-
-    /// Whether an optimizer updates it: a weight or bias that is not frozen (batch-norm
-    /// running statistics are buffers, updated by the forward pass, never by gradients).
-    pub fn is_trainable(&self) -> bool {
-        !self.frozen && matches!(self.spec.kind, ParamKind::Weight | ParamKind::Bias)
-    }
-
-    /// The value as it enters the graph: tracked when trainable, detached otherwise.
-    fn tensor(&self, train: bool) -> Tensor {
-        if train && self.is_trainable() {
-            self.var.as_tensor().clone()
-        } else {
-            self.var.as_detached_tensor()
-        }
     }
 }
 
@@ -152,21 +110,6 @@ pub struct ActivationTransform(
 impl std::fmt::Debug for ActivationTransform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ActivationTransform(..)")
-    }
-}
-
-/// A function of `(parameter name, weight)` giving the weight a linear or conv layer computes
-/// with instead (`None`: unchanged). Quantization-aware training uses it to fake-quantize
-/// weights; in training the gradient passes straight through (`w + (q(w) − w).detach()`).
-#[derive(Clone)]
-pub struct WeightTransform(
-    #[allow(clippy::type_complexity)]
-    pub  std::sync::Arc<dyn Fn(&str, &Tensor) -> Result<Option<Tensor>> + Send + Sync>,
-);
-
-impl std::fmt::Debug for WeightTransform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WeightTransform(..)")
     }
 }
 
@@ -314,11 +257,7 @@ impl Model {
                 }
                 Some(t) => {
                     let var = Var::from_vec(t.values, spec.shape.clone(), &Device::Cpu)?;
-                    params.push(Param {
-                        spec,
-                        var,
-                        frozen: false,
-                    });
+                    params.push(Param::new(spec, var));
                 }
             }
         }
@@ -340,7 +279,7 @@ impl Model {
         let index: HashMap<String, usize> = params
             .iter()
             .enumerate()
-            .map(|(i, p)| (p.spec.name.clone(), i))
+            .map(|(i, p)| (p.spec().name.clone(), i))
             .collect();
         let nodes = build_nodes(arch.layers(), "", &Lookup { index: &index })?;
         Ok(Model {
@@ -350,6 +289,11 @@ impl Model {
             weight_transform: None,
             activation_transform: None,
         })
+    }
+
+    /// A model of the architecture document `doc` (what [`Network::describe`] returns).
+    pub fn described(doc: &serde_json::Value, weights: Vec<NamedTensor>) -> Result<Model> {
+        Model::new(&Architecture::from_json(doc)?, weights)
     }
 
     /// A freshly initialised model ([`Architecture::init_weights`], PyTorch defaults).
@@ -405,8 +349,8 @@ impl Model {
     pub fn freeze(&mut self, pattern: &str) -> usize {
         let mut n = 0;
         for p in &mut self.params {
-            if glob_match(pattern, &p.spec.name) {
-                p.frozen = true;
+            if glob_match(pattern, p.name()) {
+                p.set_frozen(true);
                 n += 1;
             }
         }
@@ -419,9 +363,9 @@ impl Model {
             .iter()
             .map(|p| {
                 Ok(NamedTensor {
-                    name: p.spec.name.clone(),
-                    shape: p.spec.shape.clone(),
-                    values: p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                    name: p.spec().name.clone(),
+                    shape: p.spec().shape.clone(),
+                    values: p.var().as_tensor().flatten_all()?.to_vec1::<f32>()?,
                 })
             })
             .collect()
@@ -433,16 +377,18 @@ impl Model {
         let by_name: HashMap<&str, &NamedTensor> =
             weights.iter().map(|t| (t.name.as_str(), t)).collect();
         for p in &self.params {
-            let t = by_name.get(p.spec.name.as_str()).ok_or_else(|| {
-                Error::ArchitectureMismatch(format!("missing tensors: {}", p.spec.name))
+            let t = by_name.get(p.spec().name.as_str()).ok_or_else(|| {
+                Error::ArchitectureMismatch(format!("missing tensors: {}", p.spec().name))
             })?;
-            if t.shape != p.spec.shape {
+            if t.shape != p.spec().shape {
                 return Err(Error::ArchitectureMismatch(format!(
                     "wrong shapes: {} expected {:?}, found {:?}",
-                    p.spec.name, p.spec.shape, t.shape
+                    p.spec().name,
+                    p.spec().shape,
+                    t.shape
                 )));
             }
-            p.var.set(&Tensor::from_slice(
+            p.var().set(&Tensor::from_slice(
                 &t.values,
                 t.shape.clone(),
                 &Device::Cpu,
@@ -498,19 +444,6 @@ impl Model {
     /// Sets (or clears) the transform applied to the input of every top-level layer.
     pub fn set_activation_transform(&mut self, transform: Option<ActivationTransform>) {
         self.activation_transform = transform;
-    }
-
-    /// The input each top-level layer receives in an evaluation forward pass of `x` (what
-    /// activation quantization calibrates on), in layer order, and the output.
-    pub fn top_level_inputs(&self, x: &Tensor) -> Result<(Vec<Tensor>, Tensor)> {
-        let mut x = self.as_input(x)?;
-        let mut inputs = Vec::with_capacity(self.nodes.len());
-        for (i, node) in self.nodes.iter().enumerate() {
-            x = self.activation_in(i, x)?;
-            inputs.push(x.clone());
-            x = self.layer(node, &x, None)?;
-        }
-        Ok((inputs, x))
     }
 
     /// The input top-level layer `i` computes with.
@@ -618,11 +551,6 @@ impl Model {
         Ok(x)
     }
 
-    /// Sets (or clears) the transform applied to linear and conv weights in every forward.
-    pub fn set_weight_transform(&mut self, transform: Option<WeightTransform>) {
-        self.weight_transform = transform;
-    }
-
     /// The weight a linear or conv layer computes with: the parameter, or its transform
     /// with a straight-through gradient.
     fn weight(&self, i: usize, train: bool) -> Result<Tensor> {
@@ -725,7 +653,7 @@ impl Model {
                 let c = x.dim(1)?;
                 let mut bshape = vec![1usize; x.rank()];
                 bshape[1] = c;
-                let stats_frozen = self.params[*mean].frozen || self.params[*var].frozen;
+                let stats_frozen = self.params[*mean].is_frozen() || self.params[*var].is_frozen();
                 let normed = if train && !stats_frozen {
                     let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
                     let n = x.elem_count() / c;
@@ -807,7 +735,7 @@ impl Model {
         let mu = mu.detach().flatten_all()?.to_vec1::<f32>()?;
         let vb = var_b.detach().flatten_all()?.to_vec1::<f32>()?;
         for (idx, batch, scale) in [(mean, mu, 1.0f32), (var, vb, unbias)] {
-            let var = &self.params[idx].var;
+            let var = self.params[idx].var();
             let old = var.as_tensor().to_vec1::<f32>()?;
             let new: Vec<f32> = old
                 .iter()
@@ -817,6 +745,226 @@ impl Model {
             var.set(&Tensor::from_vec(new, old.len(), &Device::Cpu)?)?;
         }
         Ok(())
+    }
+}
+
+/// Checks that `dataset` can be fed to a model of `arch`: the per-sample feature count
+/// equals the model input's (a `[64]` dataset feeds a `[1, 8, 8]` model), the model emits
+/// one vector of class scores per sample, and every label is below the number of classes.
+/// `require_labels` refuses an unlabelled dataset.
+pub fn check_dataset(arch: &Architecture, dataset: &Dataset, require_labels: bool) -> Result<()> {
+    let input: usize = arch.input_shape().iter().product();
+    if dataset.features_per_sample() != input {
+        return Err(Error::DatasetMismatch(format!(
+            "the dataset's samples have shape {:?} ({} values) but the model's input shape is {:?} ({input} values)",
+            dataset.feature_shape,
+            dataset.features_per_sample(),
+            arch.input_shape()
+        )));
+    }
+    let classes = classes_of(arch)?;
+    match (dataset.num_classes, require_labels) {
+        (None, true) => Err(Error::DatasetMismatch(
+            "the dataset has no labels (`y`), but this operation needs class labels".into(),
+        )),
+        (Some(n), _) if n > classes => Err(Error::DatasetMismatch(format!(
+            "the dataset has labels up to {}, but the model's output has only {classes} classes (labels must be below {classes}; replace the head with `head` to change the class count)",
+            n - 1
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The number of classes of a classifier architecture (its output must be one vector).
+pub fn classes_of(arch: &Architecture) -> Result<usize> {
+    match arch.output_shape() {
+        [c] => Ok(*c),
+        other => Err(Error::Unsupported(format!(
+            "evaluation and training need a classifier whose output is one vector of class scores per sample, but this model's output shape is {other:?} (add a flatten and a linear layer)"
+        ))),
+    }
+}
+
+/// Replaces the top-level linear layer `head.layer` with a fresh one of
+/// `head.num_classes` outputs: the new architecture, and the weights with the head's
+/// tensors freshly initialised (seeded).
+fn replace_head(
+    model: &Model,
+    head: &HeadParams,
+    seed: u64,
+) -> Result<(Architecture, Vec<NamedTensor>)> {
+    let arch = model.architecture();
+    let index = arch
+        .layers()
+        .iter()
+        .enumerate()
+        .position(|(i, l)| l.name().map_or_else(|| i.to_string(), str::to_owned) == head.layer);
+    let Some(index) = index else {
+        return Err(bad(
+            "/head/layer",
+            format!(
+                "no top-level layer is named {:?} (unnamed layers are named by their index)",
+                head.layer
+            ),
+        ));
+    };
+    if !matches!(arch.layers()[index], Layer::Linear { .. }) {
+        return Err(bad(
+            "/head/layer",
+            format!(
+                "layer {:?} is a {}, but the head must be a linear layer",
+                head.layer,
+                arch.layers()[index].type_name()
+            ),
+        ));
+    }
+    if head.num_classes == 0 {
+        return Err(bad("/head/num_classes", "`num_classes` must be at least 1"));
+    }
+    let mut doc = arch.to_json();
+    doc["layers"][index]["out_features"] = serde_json::json!(head.num_classes);
+    let new_arch = Architecture::from_json(&doc).map_err(|e| {
+        bad(
+            "/head/layer",
+            format!(
+                "layer {:?} is not the final classifier: widening it breaks the layers after it ({e})",
+                head.layer
+            ),
+        )
+    })?;
+    let prefix = format!("{}.", head.layer);
+    let mut weights: Vec<NamedTensor> = model
+        .export()?
+        .into_iter()
+        .filter(|t| !t.name.starts_with(&prefix))
+        .collect();
+    weights.extend(
+        new_arch
+            .init_weights(seed)
+            .into_iter()
+            .filter(|(spec, _)| spec.layer == head.layer)
+            .map(|(spec, values)| NamedTensor {
+                name: spec.name,
+                shape: spec.shape,
+                values,
+            }),
+    );
+    Ok((new_arch, weights))
+}
+
+impl Network for Model {
+    fn family(&self) -> Family {
+        Family::Sequential
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        self.arch.to_json()
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn freeze(&mut self, pattern: &str) -> usize {
+        Model::freeze(self, pattern)
+    }
+
+    fn export(&self) -> Result<Vec<NamedTensor>> {
+        Model::export(self)
+    }
+
+    fn load(&self, weights: &[NamedTensor]) -> Result<()> {
+        Model::load(self, weights)
+    }
+
+    fn with_weights(&self, weights: Vec<NamedTensor>) -> Result<Box<dyn Network>> {
+        Ok(Box::new(Model::new(&self.arch, weights)?))
+    }
+
+    fn check_trainable(&self) -> Result<()> {
+        Model::check_trainable(self)
+    }
+
+    fn check_dataset(&self, dataset: &Dataset, labels_required: bool) -> Result<()> {
+        check_dataset(&self.arch, dataset, labels_required)
+    }
+
+    fn output_width(&self) -> Result<usize> {
+        classes_of(&self.arch)
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode<'_>) -> Result<Tensor> {
+        match mode {
+            Mode::Eval => self.forward_eval(x),
+            Mode::Train(rng) => self.forward_train(x, rng),
+        }
+    }
+
+    fn forward_taps(
+        &self,
+        x: &Tensor,
+        mode: Mode<'_>,
+        layers: &[&str],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        match mode {
+            Mode::Eval => self.forward_eval_taps(x, layers),
+            Mode::Train(rng) => self.forward_train_taps(x, rng, layers),
+        }
+    }
+
+    fn has_layer(&self, layer: &str) -> bool {
+        self.layer_index(layer).is_some()
+    }
+
+    fn layer_names(&self) -> Vec<String> {
+        self.arch.summary().into_iter().map(|s| s.name).collect()
+    }
+
+    fn layer_width(&self, layer: &str) -> Result<usize> {
+        let i = self.layer_index(layer).ok_or_else(|| {
+            Error::Internal(format!("the model has no top-level layer {layer:?}"))
+        })?;
+        Ok(self.arch.summary()[i].output_shape.iter().product())
+    }
+
+    fn forward_probed(
+        &self,
+        x: &Tensor,
+        probe: &mut dyn FnMut(LayerInput<'_>) -> Result<()>,
+    ) -> Result<Tensor> {
+        let mut x = self.as_input(x)?;
+        for (i, (node, layer)) in self.nodes.iter().zip(self.arch.layers()).enumerate() {
+            x = self.activation_in(i, x)?;
+            let window = match layer {
+                Layer::Linear { .. } => Some(1),
+                Layer::Conv2d { kernel_size, .. } => Some(kernel_size.0 * kernel_size.1),
+                _ => None,
+            };
+            if let Some(window) = window {
+                let name = layer.name().map_or_else(|| i.to_string(), str::to_owned);
+                probe(LayerInput {
+                    index: i,
+                    layer: &name,
+                    window,
+                    x: &x,
+                })?;
+            }
+            x = self.layer(node, &x, None)?;
+        }
+        Ok(x)
+    }
+
+    fn set_weight_transform(&mut self, transform: Option<WeightTransform>) {
+        self.weight_transform = transform;
+    }
+
+    fn with_head(&self, layer: &str, num_classes: usize, seed: u64) -> Result<Box<dyn Network>> {
+        let head = HeadParams {
+            layer: layer.to_string(),
+            num_classes,
+        };
+        let (arch, weights) = replace_head(self, &head, seed)?;
+        Ok(Box::new(Model::new(&arch, weights)?))
     }
 }
 
