@@ -13,7 +13,7 @@ use crate::db::{self, Backend, Db};
 use crate::http::{self, AppState};
 use crate::queue::worker::{Worker, WorkerConfig};
 use crate::queue::{Queue, NOTIFY_CHANNEL};
-use crate::store::BlobStore;
+use crate::store::{LocalStore, Store};
 
 /// An opened application: database (migrated), blob store, queue.
 #[derive(Clone)]
@@ -30,9 +30,9 @@ impl App {
             .await
             .with_context(|| format!("connecting to the database at {}", db::redact(&url)))?;
         db.migrate().await.context("applying database migrations")?;
-        let store = BlobStore::open(&config.data_dir).with_context(|| {
+        let store: Store = Arc::new(LocalStore::open(&config.data_dir).with_context(|| {
             format!("opening the blob store under {}", config.data_dir.display())
-        })?;
+        })?);
         let queue = Queue::new(db.clone());
         Ok(Self {
             state: AppState {
@@ -77,7 +77,7 @@ impl App {
         let mut removed = 0;
         for (sha, modified) in blobs {
             if modified <= cutoff && !db::models::blob_referenced(&self.state.db, &sha).await? {
-                self.state.store.delete(&sha).await?;
+                self.state.store.delete(sha.as_str()).await?;
                 removed += 1;
             }
         }

@@ -58,7 +58,7 @@ async fn download_artifact(
         _ => "application/octet-stream",
     };
     super::content::serve_blob(
-        &state.store,
+        state.store.as_ref(),
         &a.sha256,
         a.size_bytes as u64,
         content_type,

@@ -4,15 +4,13 @@
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use super::error::{ApiError, ApiResult};
 use crate::store::BlobStore;
 
 /// Serve blob `sha256` of `size` bytes as `content_type`, offering `filename` for saving.
 pub async fn serve_blob(
-    store: &BlobStore,
+    store: &dyn BlobStore,
     sha256: &str,
     size: u64,
     content_type: &'static str,
@@ -40,9 +38,6 @@ pub async fn serve_blob(
         Some(r) if if_range_ok => parse_range(r, size),
         _ => RangeRequest::Full,
     };
-    let mut file = tokio::fs::File::open(store.path(sha256))
-        .await
-        .map_err(ApiError::internal)?;
     let mut builder = Response::builder()
         .header(header::CONTENT_TYPE, content_type)
         .header(header::ETAG, &etag)
@@ -55,23 +50,16 @@ pub async fn serve_blob(
     let response = match range {
         RangeRequest::Full => builder
             .header(header::CONTENT_LENGTH, size)
-            .body(Body::from_stream(ReaderStream::with_capacity(
-                file,
-                1 << 16,
-            ))),
+            .body(Body::from_stream(store.read_range(sha256, 0..size).await?)),
         RangeRequest::Partial(start, end) => {
-            file.seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(ApiError::internal)?;
             let len = end - start + 1;
             builder = builder
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
                 .header(header::CONTENT_LENGTH, len);
-            builder.body(Body::from_stream(ReaderStream::with_capacity(
-                file.take(len),
-                1 << 16,
-            )))
+            builder.body(Body::from_stream(
+                store.read_range(sha256, start..end + 1).await?,
+            ))
         }
         RangeRequest::Unsatisfiable => {
             let mut err = ApiError::new(

@@ -93,10 +93,12 @@ async fn upload_dataset(
             parts.format = Some("csv".into());
         }
         parts.file = Some(
-            state
-                .store
-                .write_stream(req.into_body().into_data_stream(), limit)
-                .await?,
+            crate::store::write_stream(
+                state.store.as_ref(),
+                req.into_body().into_data_stream(),
+                limit,
+            )
+            .await?,
         );
     } else {
         return Err(ApiError::new(
@@ -212,7 +214,7 @@ async fn read_multipart(state: &AppState, mut mp: Multipart, parts: &mut Parts) 
                 format!("the `{part}` part was sent twice"),
             ));
         }
-        *slot = Some(state.store.write_stream(field, limit).await?);
+        *slot = Some(crate::store::write_stream(state.store.as_ref(), field, limit).await?);
     }
     Ok(())
 }

@@ -140,6 +140,7 @@ impl From<crate::store::Error> for ApiError {
             ),
             crate::store::Error::Body(msg) => ApiError::bad_request("upload_interrupted", msg),
             crate::store::Error::Io(io) => ApiError::internal(io),
+            e @ crate::store::Error::NotFound(_) => ApiError::internal(e),
         }
     }
 }

@@ -28,7 +28,7 @@ use tower_http::trace::TraceLayer;
 use crate::config::Config;
 use crate::db::Db;
 use crate::queue::Queue;
-use crate::store::BlobStore;
+use crate::store::Store;
 use error::ApiError;
 
 /// The OpenAPI document served at `/openapi.yaml` (and printed by `whittle openapi`).
@@ -67,7 +67,7 @@ pub struct AppState {
     /// Metadata database.
     pub db: Db,
     /// Blob store.
-    pub store: BlobStore,
+    pub store: Store,
     /// The job queue.
     pub queue: Queue,
     /// Configuration in force.

@@ -89,10 +89,12 @@ async fn upload_model(
     let limit = state.config.max_upload_bytes;
     check_content_length(req.headers(), limit)?;
     let record = if content_type.starts_with("application/octet-stream") {
-        let temp = state
-            .store
-            .write_stream(req.into_body().into_data_stream(), limit)
-            .await?;
+        let temp = crate::store::write_stream(
+            state.store.as_ref(),
+            req.into_body().into_data_stream(),
+            limit,
+        )
+        .await?;
         let name = query.name.unwrap_or_else(|| "model".into());
         ingest(&state, temp, name, None).await?
     } else if content_type.starts_with("multipart/form-data") {
@@ -186,7 +188,7 @@ async fn upload_multipart(
                         .file_name()
                         .map(|f| f.trim_end_matches(".safetensors").to_string());
                 }
-                temp = Some(state.store.write_stream(field, limit).await?);
+                temp = Some(crate::store::write_stream(state.store.as_ref(), field, limit).await?);
             }
             "architecture" => {
                 let text = field_text(field).await?;
@@ -470,7 +472,7 @@ async fn download_model(
 ) -> ApiResult<Response> {
     let model = load_model(&state, &id).await?;
     super::content::serve_blob(
-        &state.store,
+        state.store.as_ref(),
         &model.sha256,
         model.size_bytes as u64,
         "application/octet-stream",

@@ -44,7 +44,7 @@ pub struct PipelineOutput {
 /// Everything a pipeline reads.
 pub struct PipelineInputs<'a> {
     /// Blob store (inputs are read from it, outputs written to it).
-    pub store: &'a BlobStore,
+    pub store: &'a dyn BlobStore,
     /// The job being run.
     pub job: &'a JobRecord,
     /// Its parsed spec.
@@ -73,7 +73,7 @@ pub fn run_pipeline(
         ..
     } = *inputs;
     let datasets = DatasetCache::load(store, inputs.datasets)?;
-    let input = SafetensorsFile::open(store.path(&model.sha256))?;
+    let input = SafetensorsFile::open(store.materialize(&model.sha256)?)?;
     let baseline_weights = input.weight_summary();
     let input_arch = model
         .architecture
@@ -104,7 +104,7 @@ pub fn run_pipeline(
         ctx.check()?;
         (hooks.step_started)(index, step.op());
         let started = Instant::now();
-        let file = SafetensorsFile::open(store.path(&current.sha256))?;
+        let file = SafetensorsFile::open(store.materialize(&current.sha256)?)?;
         let mut metadata = file.header().metadata.clone();
         // Activation ranges belong to the weights they were calibrated with; a step that
         // writes new weights drops them (a quantize step with `activations` sets new ones).
@@ -164,7 +164,7 @@ pub fn run_pipeline(
         step_metrics.push(record);
     }
 
-    let output = SafetensorsFile::open(store.path(&current.sha256))?;
+    let output = SafetensorsFile::open(store.materialize(&current.sha256)?)?;
     let final_weights = output.weight_summary();
     let (tensors, parameters) = crate::db::models::inventory(output.header());
     let mut final_json = json!({

@@ -26,7 +26,7 @@ use crate::db::jobs::{JobRecord, JobState};
 use crate::db::models::ModelRecord;
 use crate::ids::{now_micros, ArtifactId, DatasetId, JobId, ModelId};
 use crate::spec;
-use crate::store::BlobStore;
+use crate::store::Store;
 
 /// Timing knobs of a worker.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ impl Default for WorkerConfig {
 #[derive(Debug, Clone)]
 pub struct Worker {
     queue: Queue,
-    store: BlobStore,
+    store: Store,
     id: String,
     config: WorkerConfig,
 }
@@ -81,12 +81,7 @@ enum StopReason {
 
 impl Worker {
     /// A worker named `id` over `queue` and `store`.
-    pub fn new(
-        queue: Queue,
-        store: BlobStore,
-        id: impl Into<String>,
-        config: WorkerConfig,
-    ) -> Self {
+    pub fn new(queue: Queue, store: Store, id: impl Into<String>, config: WorkerConfig) -> Self {
         Self {
             queue,
             store,
@@ -279,7 +274,7 @@ impl Worker {
                 };
                 let ctx = Ctx::new(&report, &cancel);
                 let inputs = PipelineInputs {
-                    store: &store,
+                    store: store.as_ref(),
                     job: &job,
                     spec: &spec,
                     model: &model,

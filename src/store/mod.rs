@@ -1,19 +1,31 @@
-//! Blob storage, content-addressed by sha256, in a local directory.
+//! Blob storage, content-addressed by sha256, behind the [`BlobStore`] trait.
 //!
 //! Bytes arrive in a temp file (hashed on the way, size-limited while streaming), then are
-//! renamed to `blobs/<aa>/<sha256>`: a blob path is never derived from a user-supplied name and
-//! a reader never sees a half-written blob. Writing the same content twice is harmless (the
-//! rename replaces identical bytes), which is what lets a retried job write its output again.
+//! committed under their content hash: a blob's name is never derived from a user-supplied
+//! name and a reader never sees a half-written blob. Writing the same content twice is
+//! harmless, which is what lets a retried job write its output again.
 //!
-//! Multi-node deployments need every process to see the same directory (a shared volume);
-//! an object-store backend is not built yet.
+//! Compute runs on blocking threads and uses the synchronous half of the trait (temp files,
+//! commit, [`BlobStore::materialize`] for a local file it can memory-map); HTTP handlers use
+//! the asynchronous half (ranges, deletion, readiness). Nothing outside this module sees
+//! where a blob lives. A backend is one file here: [`local`] is a directory.
+
+pub mod local;
 
 use std::io::{self, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
 
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+
+pub use local::LocalStore;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +39,10 @@ pub enum Error {
     /// The request body failed while streaming (client went away, bad chunk).
     #[error("reading the upload failed: {0}")]
     Body(String),
-    /// The file system failed.
+    /// No blob has this hash.
+    #[error("blob {0} is not in the store")]
+    NotFound(String),
+    /// The storage failed.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -41,14 +56,51 @@ pub struct BlobRef {
     pub size: u64,
 }
 
-/// The local, content-addressed blob store.
-#[derive(Debug, Clone)]
-pub struct BlobStore {
-    root: PathBuf,
+/// A shared handle to the store every part of the process uses.
+pub type Store = Arc<dyn BlobStore>;
+
+/// Content-addressed blob storage.
+pub trait BlobStore: Send + Sync + std::fmt::Debug {
+    /// A new temp file to write a blob into (hashed as it is written).
+    fn create_temp(&self) -> io::Result<TempBlob>;
+
+    /// Puts a finished temp blob into the store under its content hash (blocking).
+    fn commit(&self, temp: TempBlob) -> Result<BlobRef, Error>;
+
+    /// Stores a small in-memory value (reports, canonicalised datasets, checkpoints).
+    fn put_bytes(&self, bytes: &[u8]) -> Result<BlobRef, Error> {
+        let mut temp = self.create_temp()?;
+        temp.write_all(bytes)?;
+        self.commit(temp)
+    }
+
+    /// A local file holding blob `sha256`, for compute that memory-maps or reads it
+    /// (blocking). The file must not be modified.
+    fn materialize(&self, sha256: &str) -> Result<PathBuf, Error>;
+
+    /// Every committed blob with its last-modified time, for garbage collection (blocking).
+    fn list(&self) -> Result<Vec<(String, SystemTime)>, Error>;
+
+    /// Deletes temp files last written before `cutoff` (left by a crash mid-upload);
+    /// returns how many (blocking).
+    fn remove_stale_temps(&self, cutoff: SystemTime) -> Result<usize, Error>;
+
+    /// The bytes `range` of blob `sha256`, streamed.
+    fn read_range(
+        &self,
+        sha256: &str,
+        range: Range<u64>,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, io::Result<Bytes>>, Error>>;
+
+    /// Removes a blob; a missing blob is not an error.
+    fn delete<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Whether the store can be written (for `/readyz`).
+    fn check(&self) -> BoxFuture<'_, Result<(), Error>>;
 }
 
 /// A file being written under the store's temp directory, hashed as it is written.
-/// Dropped without [`BlobStore::commit`], it is deleted.
+/// Dropped without being committed, it is deleted.
 #[derive(Debug)]
 pub struct TempBlob {
     path: PathBuf,
@@ -58,6 +110,18 @@ pub struct TempBlob {
 }
 
 impl TempBlob {
+    /// A new, empty temp file in `dir`.
+    fn create_in(dir: &Path) -> io::Result<TempBlob> {
+        let path = dir.join(format!("{}.part", uuid::Uuid::now_v7()));
+        let file = std::fs::File::create(&path)?;
+        Ok(TempBlob {
+            path,
+            file: Some(io::BufWriter::with_capacity(1 << 20, file)),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
     /// Where the temp file lives (to read it back before committing, e.g. for validation).
     pub fn path(&self) -> &Path {
         &self.path
@@ -105,139 +169,40 @@ impl Drop for TempBlob {
     }
 }
 
-impl BlobStore {
-    /// Open (creating if needed) a store rooted at `root`.
-    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
-        let root = root.into();
-        std::fs::create_dir_all(root.join("blobs"))?;
-        std::fs::create_dir_all(root.join("tmp"))?;
-        Ok(Self { root })
-    }
-
-    /// The path of a committed blob. `sha256` must be a hash this store produced.
-    pub fn path(&self, sha256: &str) -> PathBuf {
-        let prefix = sha256.get(..2).unwrap_or("00");
-        self.root.join("blobs").join(prefix).join(sha256)
-    }
-
-    /// Whether the store's directories are present and writable (for `/readyz`).
-    pub async fn check(&self) -> io::Result<()> {
-        let probe = self
-            .root
-            .join("tmp")
-            .join(format!(".ready-{}", uuid::Uuid::now_v7()));
-        tokio::fs::write(&probe, b"ok").await?;
-        tokio::fs::remove_file(&probe).await
-    }
-
-    /// A new temp file, for synchronous writers (the job runner).
-    pub fn create_temp(&self) -> io::Result<TempBlob> {
-        let path = self
-            .root
-            .join("tmp")
-            .join(format!("{}.part", uuid::Uuid::now_v7()));
-        let file = std::fs::File::create(&path)?;
-        Ok(TempBlob {
-            path,
-            file: Some(io::BufWriter::with_capacity(1 << 20, file)),
-            hasher: Sha256::new(),
-            size: 0,
-        })
-    }
-
-    /// Stream `body` into a temp blob, failing with [`Error::TooLarge`] as soon as more than
-    /// `limit` bytes arrive — memory stays bounded by one chunk whatever the upload size.
-    pub async fn write_stream<S, B, E>(&self, body: S, limit: u64) -> Result<TempBlob, Error>
-    where
-        S: Stream<Item = Result<B, E>>,
-        B: AsRef<[u8]>,
-        E: std::fmt::Display,
-    {
-        let mut temp = self.create_temp()?;
-        // The temp blob's buffered std writer is not used here: this path writes asynchronously.
-        let std_file = temp
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("fresh temp blob has no file"))?
-            .into_inner()
-            .map_err(|e| e.into_error())?;
-        let mut file =
-            tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
-        let mut body = std::pin::pin!(body);
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Error::Body(e.to_string()))?;
-            let chunk = chunk.as_ref();
-            temp.size += chunk.len() as u64;
-            if temp.size > limit {
-                return Err(Error::TooLarge { limit });
-            }
-            temp.hasher.update(chunk);
-            file.write_all(chunk).await?;
+/// Streams `body` into a new temp blob of `store`, failing with [`Error::TooLarge`] as soon as
+/// more than `limit` bytes arrive — memory stays bounded by one chunk whatever the size.
+pub async fn write_stream<S, B, E>(
+    store: &dyn BlobStore,
+    body: S,
+    limit: u64,
+) -> Result<TempBlob, Error>
+where
+    S: Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
+    let mut temp = store.create_temp()?;
+    // The temp blob's buffered std writer is not used here: this path writes asynchronously.
+    let std_file = temp
+        .file
+        .take()
+        .ok_or_else(|| io::Error::other("fresh temp blob has no file"))?
+        .into_inner()
+        .map_err(|e| e.into_error())?;
+    let mut file =
+        tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Error::Body(e.to_string()))?;
+        let chunk = chunk.as_ref();
+        temp.size += chunk.len() as u64;
+        if temp.size > limit {
+            return Err(Error::TooLarge { limit });
         }
-        file.flush().await?;
-        file.into_inner().sync_all().await?;
-        Ok(temp)
+        temp.hasher.update(chunk);
+        file.write_all(chunk).await?;
     }
-
-    /// Move a finished temp blob into place under its content hash.
-    pub fn commit(&self, mut temp: TempBlob) -> Result<BlobRef, Error> {
-        let sha256 = temp.finish()?;
-        let dest = self.path(&sha256);
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::rename(&temp.path, &dest)?;
-        Ok(BlobRef {
-            sha256,
-            size: temp.size,
-        })
-    }
-
-    /// Store a small in-memory value (reports, canonicalised datasets).
-    pub fn put_bytes(&self, bytes: &[u8]) -> Result<BlobRef, Error> {
-        let mut temp = self.create_temp()?;
-        temp.write_all(bytes)?;
-        self.commit(temp)
-    }
-
-    /// Every committed blob with its last-modified time (for garbage collection).
-    pub fn list(&self) -> io::Result<Vec<(String, std::time::SystemTime)>> {
-        let mut out = Vec::new();
-        for dir in std::fs::read_dir(self.root.join("blobs"))? {
-            let dir = dir?;
-            if !dir.file_type()?.is_dir() {
-                continue;
-            }
-            for entry in std::fs::read_dir(dir.path())? {
-                let entry = entry?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    out.push((name, entry.metadata()?.modified()?));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Delete temp files last written before `cutoff` (left by a crash mid-upload).
-    pub fn remove_stale_temps(&self, cutoff: std::time::SystemTime) -> io::Result<usize> {
-        let mut removed = 0;
-        for entry in std::fs::read_dir(self.root.join("tmp"))? {
-            let entry = entry?;
-            if entry.metadata()?.modified()? < cutoff && std::fs::remove_file(entry.path()).is_ok()
-            {
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Remove a blob; a missing blob is not an error.
-    pub async fn delete(&self, sha256: &str) -> Result<(), Error> {
-        match tokio::fs::remove_file(self.path(sha256)).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
+    file.flush().await?;
+    file.into_inner().sync_all().await?;
+    Ok(temp)
 }

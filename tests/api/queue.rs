@@ -165,7 +165,12 @@ async fn retryable_failure_then_success(t: TestApp) {
     let m = t.upload_model(tiny_model()).await;
     let job = t.submit(f16_job(m["id"].as_str().unwrap())).await;
     let id = job["id"].as_str().unwrap();
-    let blob = t.app.state.store.path(m["sha256"].as_str().unwrap());
+    let blob = t
+        .app
+        .state
+        .store
+        .materialize(m["sha256"].as_str().unwrap())
+        .unwrap();
     let hidden = blob.with_extension("hidden");
     std::fs::rename(&blob, &hidden).unwrap();
     let (_, state) = t.run_one().await.unwrap();
@@ -190,7 +195,14 @@ async fn retries_exhausted_fail_the_job(t: TestApp) {
     body["max_attempts"] = json!(2);
     let job = t.submit(body).await;
     let id = job["id"].as_str().unwrap();
-    std::fs::remove_file(t.app.state.store.path(m["sha256"].as_str().unwrap())).unwrap();
+    std::fs::remove_file(
+        t.app
+            .state
+            .store
+            .materialize(m["sha256"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(t.run_one().await.unwrap().1, JobState::Queued);
     assert_eq!(t.run_one().await.unwrap().1, JobState::Failed);
     assert!(t.run_one().await.is_none());

@@ -26,7 +26,7 @@ pub(super) fn distill(
         StudentSpec::Model(id) => {
             let record = env.named_model(id, "student")?;
             let arch = current_arch(&record.architecture)?;
-            let file = SafetensorsFile::open(env.store.path(&record.sha256))?;
+            let file = SafetensorsFile::open(env.store.materialize(&record.sha256)?)?;
             let m = Model::from_safetensors(&arch, &file)?;
             (arch, m)
         }

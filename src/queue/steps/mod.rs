@@ -110,12 +110,15 @@ pub struct DatasetCache<'a> {
 impl<'a> DatasetCache<'a> {
     /// Loads every dataset in `records`.
     pub fn load(
-        store: &BlobStore,
+        store: &dyn BlobStore,
         records: &'a HashMap<DatasetId, DatasetRecord>,
     ) -> Result<Self, PipelineError> {
         let mut loaded = HashMap::new();
         for (id, record) in records {
-            loaded.insert(*id, Dataset::from_safetensors(store.path(&record.sha256))?);
+            loaded.insert(
+                *id,
+                Dataset::from_safetensors(store.materialize(&record.sha256)?)?,
+            );
         }
         Ok(Self { records, loaded })
     }
@@ -165,7 +168,7 @@ impl<'a> DatasetCache<'a> {
 
 /// What a step reads besides its input file.
 pub(super) struct Env<'a> {
-    pub store: &'a BlobStore,
+    pub store: &'a dyn BlobStore,
     pub datasets: &'a DatasetCache<'a>,
     pub ctx: &'a Ctx<'a>,
     pub hooks: &'a PipelineHooks<'a>,
@@ -263,7 +266,7 @@ impl Env<'_> {
     fn resume_checkpoint(&self) -> Result<Option<Checkpoint>, PipelineError> {
         match self.resume {
             Some(r) if r.step == self.index => {
-                let bytes = std::fs::read(self.store.path(&r.sha256))?;
+                let bytes = std::fs::read(self.store.materialize(&r.sha256)?)?;
                 Ok(Some(Checkpoint::from_safetensors_bytes(&bytes)?))
             }
             _ => Ok(None),

@@ -111,7 +111,7 @@ pub(super) fn quantize(
             "final_val_accuracy": out.history.last().and_then(|h| h.val_accuracy),
             "mode": mode.as_str(),
         });
-        trained = Some(SafetensorsFile::open(env.store.path(&blob.sha256))?);
+        trained = Some(SafetensorsFile::open(env.store.materialize(&blob.sha256)?)?);
     }
     let source = trained.as_ref().unwrap_or(input.file);
     if let Some(budget) = spec.max_accuracy_drop {
@@ -269,7 +269,7 @@ fn load_importance(
     let (mut all, mut summary) = match source {
         ImportanceSource::Model(id) => {
             let record = env.named_model(id, "importance")?;
-            let file = SafetensorsFile::open(env.store.path(&record.sha256))?;
+            let file = SafetensorsFile::open(env.store.materialize(&record.sha256)?)?;
             let mut all = Importance::new();
             for info in &file.header().tensors {
                 if selected.contains(&info.name) {
