@@ -95,6 +95,10 @@ pub struct Config {
     )]
     pub shutdown_grace_seconds: u64,
 
+    /// Threads every compute kernel may use (candle's pool included); default: the cores.
+    #[arg(long, env = "WHITTLE_THREADS", global = true)]
+    pub threads: Option<usize>,
+
     /// Log format: `text` or `json`. Filter with `RUST_LOG` (default `info`).
     #[arg(
         long,

@@ -1,5 +1,6 @@
-//! The `whittle` binary: parse the command line, set up tracing, dispatch.
+//! The `whittle` binary: parse the command line, fix the thread budget, set up tracing, dispatch.
 
+use anyhow::Context;
 use clap::Parser;
 use whittle::config::{Cli, Command};
 
@@ -9,9 +10,18 @@ use whittle::config::{Cli, Command};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Before any other thread exists: it may size candle's pool through the environment.
+    whittle::compress::parallel::configure(cli.common.threads);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     whittle::telemetry::init_tracing(&cli.common.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => whittle::app::serve(cli.common).await,

@@ -14,6 +14,7 @@
 pub mod distill;
 pub mod engine;
 pub mod formats;
+pub mod parallel;
 pub mod progress;
 pub mod prune;
 pub mod quant;

@@ -41,6 +41,7 @@ use serde::Serialize;
 use crate::compress::formats::safetensors::{
     decode_f32, encode_f32, f32_view, Dtype, SafetensorsFile, TensorInfo,
 };
+use crate::compress::parallel::{par_map, threads};
 use crate::compress::progress::Ctx;
 use crate::compress::quant::float::ErrorStats;
 use crate::compress::{Error, Result};
@@ -617,7 +618,7 @@ fn float_to_f32_stats(input: &SafetensorsFile, info: &TensorInfo) -> ErrorStats 
     stats
 }
 
-/// Quantizes a tensor in chunks of rows, each chunk split between two threads; writes the
+/// Quantizes a tensor in chunks of rows, each chunk split over the thread budget; writes the
 /// block bytes in row order (ggml blocks never straddle rows, so row chunks concatenate).
 fn write_quantized(
     input: &SafetensorsFile,
@@ -643,32 +644,29 @@ fn write_quantized(
             bytes.len()
         )));
     }
+    let threads = threads();
     let per_thread = (chunk_elems / row).max(1);
     // Reused across chunks: fresh multi-MiB buffers cost a page fault per 4 KiB.
-    let mut bufs = [Vec::new(), Vec::new()];
+    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); threads];
     let mut r0 = 0;
     while r0 < rows {
         ctx.check()?;
-        let r1 = (r0 + 2 * per_thread).min(rows);
-        let mid = r0 + (r1 - r0).div_ceil(2);
+        let r1 = (r0 + threads * per_thread).min(rows);
+        let part = (r1 - r0).div_ceil(threads);
         let slice = |a: usize, b: usize| &bytes[a * row_bytes..b * row_bytes];
-        let [buf0, buf1] = &mut bufs;
-        let (first, second) = std::thread::scope(|s| {
-            let other = (mid < r1).then(|| {
-                s.spawn(|| quantize_rows(&info.name, info.dtype, slice(mid, r1), row, ty, buf1))
-            });
-            let first = quantize_rows(&info.name, info.dtype, slice(r0, mid), row, ty, buf0);
-            let second = other.map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Internal("quantizer thread panicked".into())))
-            });
-            (first, second)
+        let jobs: Vec<(usize, usize, &mut Vec<u8>)> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, buf)| (r0 + i * part, (r0 + (i + 1) * part).min(r1), buf))
+            .filter(|(a, b, _)| a < b)
+            .collect();
+        let used = jobs.len();
+        let results = par_map(jobs, |(a, b, buf)| {
+            quantize_rows(&info.name, info.dtype, slice(a, b), row, ty, buf)
         });
-        merge(&mut stats, &first?);
-        out.write_all(&bufs[0])?;
-        if let Some(second) = second {
-            merge(&mut stats, &second?);
-            out.write_all(&bufs[1])?;
+        for (result, buf) in results.into_iter().zip(&bufs[..used]) {
+            merge(&mut stats, &result?);
+            out.write_all(buf)?;
         }
         progress(r1 * row);
         r0 = r1;

@@ -74,6 +74,7 @@ use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::formats::safetensors::{
     decode_f32, write_safetensors, Dtype, SafetensorsFile, TensorInfo, TensorSpec,
 };
+use crate::compress::parallel::{par_map, threads, PARALLEL_MIN};
 use crate::compress::progress::Ctx;
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
@@ -91,10 +92,6 @@ pub const VALUES_SUFFIX: &str = ".sparse_values";
 const BLOCK: usize = 1 << 16;
 /// Elements decoded at a time from non-f32 (or unaligned) bytes.
 const PIECE: usize = 4096;
-/// Threads for the selection and masking passes (the machine has two cores).
-const MAX_THREADS: usize = 2;
-/// Below this many elements one thread is faster than two.
-const PARALLEL_MIN: usize = 1 << 18;
 
 /// How the targets of tensors without an override are shared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

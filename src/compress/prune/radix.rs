@@ -126,30 +126,6 @@ pub(super) fn split_parts(blocks: &[Block], parts: usize) -> Vec<Range<usize>> {
     out
 }
 
-pub(super) fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(MAX_THREADS)
-}
-
-/// Runs `f` on each item, the first on this thread and the rest on scoped threads.
-pub(super) fn par_map<I: Send, T: Send>(items: Vec<I>, f: impl Fn(I) -> T + Sync) -> Vec<T> {
-    if items.len() <= 1 {
-        return items.into_iter().map(&f).collect();
-    }
-    let f = &f;
-    std::thread::scope(|s| {
-        let mut it = items.into_iter();
-        let first = it.next();
-        let handles: Vec<_> = it.map(|item| s.spawn(move || f(item))).collect();
-        let mut out: Vec<T> = first.into_iter().map(f).collect();
-        for h in handles {
-            out.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        }
-        out
-    })
-}
-
 // Radix selection.
 
 pub(super) const HI: usize = 1 << 15;

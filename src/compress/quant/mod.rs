@@ -49,6 +49,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::compress::formats::gguf::GgufType;
+use crate::compress::parallel::{threads, PARALLEL_MIN};
 use crate::compress::quant::float::ErrorStats;
 use crate::compress::{Error, Result};
 

@@ -56,16 +56,6 @@ pub(super) fn stats_serial(v: &[f32], a: &[f32]) -> ErrorStats {
     s
 }
 
-/// Below this many elements, work stays on the calling thread (spawning costs ~20 µs).
-pub(super) const PARALLEL_MIN: usize = 1 << 18;
-
-/// Worker threads for large tensors: 2 (the machine), fewer if the OS offers fewer.
-pub(super) fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get().min(2))
-        .unwrap_or(1)
-}
-
 /// Runs `f(first_block_index, values, codes, out_params)` over contiguous ranges of whole
 /// blocks on up to `threads` threads. `per_block` is how many output parameters each
 /// block produces.

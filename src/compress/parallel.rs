@@ -1,0 +1,84 @@
+//! One thread budget for every kernel: `WHITTLE_THREADS` (default: the cores available).
+//!
+//! Kernels that split large work (radix selection and masking, quantizers, error statistics,
+//! the GGUF writer) use at most [`threads`] scoped threads, and only above [`PARALLEL_MIN`]
+//! elements (spawning costs ~20 µs). candle's own worker pool (matmul, the training engine's
+//! fused ops) is sized by `RAYON_NUM_THREADS`; [`configure`] sets it to the same budget when it
+//! is not set, before candle first uses it, so the two never oversubscribe the cores. Work
+//! never nests: a kernel's threads do not start more threads.
+
+use std::sync::OnceLock;
+
+/// Below this many elements, work stays on the calling thread.
+pub const PARALLEL_MIN: usize = 1 << 18;
+
+static THREADS: OnceLock<usize> = OnceLock::new();
+
+/// The thread budget.
+pub fn threads() -> usize {
+    *THREADS.get_or_init(|| budget(std::env::var("WHITTLE_THREADS").ok().as_deref()))
+}
+
+/// Fixes the budget at `n` threads (or from `WHITTLE_THREADS` / the cores when `None`) and
+/// sizes candle's worker pool to match unless `RAYON_NUM_THREADS` is set. Call it once at
+/// start-up, before any kernel runs; later calls change nothing. Returns the budget.
+pub fn configure(n: Option<usize>) -> usize {
+    let n = *THREADS.get_or_init(|| match n {
+        Some(n) if n > 0 => n,
+        _ => budget(std::env::var("WHITTLE_THREADS").ok().as_deref()),
+    });
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Start-up runs this before any thread reads the environment.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    n
+}
+
+/// The budget `WHITTLE_THREADS` asks for, or the cores available.
+fn budget(setting: Option<&str>) -> usize {
+    setting
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs `f` on each item, the first on this thread and the rest on scoped threads (one per
+/// item: callers pass at most [`threads`] items).
+pub fn par_map<I: Send, T: Send>(items: Vec<I>, f: impl Fn(I) -> T + Sync) -> Vec<T> {
+    if items.len() <= 1 {
+        return items.into_iter().map(&f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let mut it = items.into_iter();
+        let first = it.next();
+        let handles: Vec<_> = it.map(|item| s.spawn(move || f(item))).collect();
+        let mut out: Vec<T> = first.into_iter().map(f).collect();
+        for h in handles {
+            out.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_comes_from_the_setting_or_the_cores() {
+        assert_eq!(budget(Some("3")), 3);
+        assert_eq!(budget(Some(" 1 ")), 1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(budget(Some("0")), cores);
+        assert_eq!(budget(Some("many")), cores);
+        assert_eq!(budget(None), cores);
+        assert!(threads() >= 1);
+    }
+
+    #[test]
+    fn par_map_keeps_the_order() {
+        assert_eq!(par_map(vec![1, 2, 3], |x| x * 10), vec![10, 20, 30]);
+        assert_eq!(par_map(Vec::<u8>::new(), |x| x), Vec::<u8>::new());
+    }
+}
