@@ -30,6 +30,32 @@ pub struct ModelRecord {
     pub created_at: i64,
 }
 
+impl ModelRecord {
+    /// A new model (fresh id, created now) for the committed file `sha256` of `size` bytes
+    /// whose header is `header`: the one place a model row is made.
+    pub fn new(
+        name: String,
+        sha256: String,
+        size: u64,
+        header: &crate::compress::formats::safetensors::Header,
+        architecture: Option<Value>,
+        source: Option<(JobId, i64)>,
+    ) -> ModelRecord {
+        let (tensors, parameters) = inventory(header);
+        ModelRecord {
+            id: ModelId::new(),
+            name,
+            sha256,
+            size_bytes: size as i64,
+            parameters,
+            tensors,
+            architecture,
+            source,
+            created_at: crate::ids::now_micros(),
+        }
+    }
+}
+
 fn from_row(row: &AnyRow) -> Result<ModelRecord> {
     let source_job: Option<String> = row.try_get("source_job_id")?;
     let source_step: Option<i64> = row.try_get("source_step")?;
@@ -128,7 +154,7 @@ pub async fn blob_referenced(db: &Db, sha256: &str) -> Result<bool> {
 
 /// The `tensors` inventory (`[{name, dtype, shape}]`) and parameter count (elements of
 /// floating-point tensors; integer buffers such as position ids are not parameters) of a file.
-pub fn inventory(header: &crate::compress::formats::safetensors::Header) -> (Value, i64) {
+fn inventory(header: &crate::compress::formats::safetensors::Header) -> (Value, i64) {
     let tensors = header
         .tensors
         .iter()

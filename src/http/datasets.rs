@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page};
-use super::models::{check_content_length, clean_name, field_text, multipart};
+use super::upload::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
 use crate::compress::engine::data::Dataset;
 use crate::db::datasets::{self, DatasetRecord};

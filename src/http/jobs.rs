@@ -1,7 +1,6 @@
 //! `/v1/jobs`: submit (idempotent, with dry runs), get (with ETag), list (filters + cursor),
 //! cancel, events (SSE), metrics, logs.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -19,14 +18,12 @@ use sha2::{Digest, Sha256};
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppJson, AppQuery, Page};
 use super::AppState;
-use crate::compress::engine::sequential::arch::Architecture;
-use crate::compress::formats::safetensors::TensorInfo;
+use crate::db::events;
 use crate::db::jobs::{self, JobFilter, JobRecord, JobState};
 use crate::db::models::ModelRecord;
-use crate::db::{self, events, models};
 use crate::ids::{now_micros, rfc3339, JobId, ModelId};
-use crate::queue::CancelOutcome;
-use crate::spec::{self, DatasetFacts, Facts, FieldError, ModelFacts};
+use crate::queue::{CancelOutcome, JobInputs};
+use crate::spec::{self, Facts, FieldError};
 
 /// Routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -99,18 +96,9 @@ async fn create_job(
         }
     }
 
-    let model = match body
-        .get("model_id")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse::<ModelId>().ok())
-    {
-        Some(id) => models::get(&state.db, id).await?,
-        None => None,
-    };
-    let facts = match &model {
-        Some(m) => Some(facts_for(&state, m, &body).await?),
-        None => None,
-    };
+    let inputs = JobInputs::load(&state.db, &body).await?;
+    let facts = inputs.facts();
+    let model = inputs.model;
     let parsed = spec::parse_job(&body, facts.as_ref());
     let mut errors = parsed.as_ref().err().cloned().unwrap_or_default();
     if model.is_none()
@@ -203,53 +191,6 @@ fn replay(existing: JobRecord, body_sha: &str) -> ApiResult<Response> {
     }
 }
 
-/// What the spec checks need to know: the model's tensors and architecture, and the
-/// datasets the body names.
-async fn facts_for(state: &AppState, model: &ModelRecord, body: &Value) -> ApiResult<Facts> {
-    let mut datasets = HashMap::new();
-    for id in spec::referenced_datasets(body) {
-        if let Some(d) = db::datasets::get(&state.db, id).await? {
-            datasets.insert(
-                id,
-                DatasetFacts {
-                    feature_shape: serde_json::from_value(d.feature_shape.clone())
-                        .unwrap_or_default(),
-                    num_classes: d.num_classes.map(|n| n as usize),
-                },
-            );
-        }
-    }
-    let mut models = HashMap::new();
-    for id in spec::referenced_models(body) {
-        let Ok(model_id) = id.parse::<ModelId>() else {
-            continue;
-        };
-        if let Some(m) = db::models::get(&state.db, model_id).await? {
-            models.insert(
-                id,
-                ModelFacts {
-                    tensors: inventory_infos(&m.tensors),
-                    architecture: m
-                        .architecture
-                        .as_ref()
-                        .and_then(|a| Architecture::from_json(a).ok()),
-                },
-            );
-        }
-    }
-    Ok(Facts {
-        models,
-        tensors: inventory_infos(&model.tensors),
-        // A stored architecture was validated on upload; one that no longer parses (a
-        // newer rule) is treated as absent, which the checks report.
-        architecture: model
-            .architecture
-            .as_ref()
-            .and_then(|a| Architecture::from_json(a).ok()),
-        datasets,
-    })
-}
-
 /// `?dry_run=true`: what each step touches and a memory estimate, without queueing.
 fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Value {
     let largest = facts
@@ -306,26 +247,6 @@ fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Val
         "estimated_peak_memory_bytes": peak,
         "input_size_bytes": model.size_bytes,
     })
-}
-
-/// Rebuild tensor infos from a stored inventory (offsets are not needed for validation).
-fn inventory_infos(tensors: &Value) -> Vec<TensorInfo> {
-    tensors
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|t| {
-                    Some(TensorInfo {
-                        name: t.get("name")?.as_str()?.to_string(),
-                        dtype: t.get("dtype")?.as_str()?.parse().ok()?,
-                        shape: serde_json::from_value(t.get("shape")?.clone()).ok()?,
-                        data_offsets: (0, 0),
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 async fn load_job(state: &AppState, raw: &str) -> ApiResult<JobRecord> {

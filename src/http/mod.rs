@@ -11,6 +11,7 @@ pub mod extract;
 pub mod jobs;
 pub mod models;
 pub mod ops;
+pub mod upload;
 
 use std::sync::Arc;
 use std::time::Instant;

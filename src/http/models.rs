@@ -5,8 +5,6 @@
 //! safetensors (and against its architecture, if any) and only then committed and recorded:
 //! a rejected upload leaves nothing behind.
 
-use std::collections::BTreeMap;
-
 use axum::extract::{Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,12 +15,14 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page};
+use super::upload::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
 use crate::compress::engine::sequential::arch::Architecture;
-use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
+use crate::compress::engine::sequential::write_initialised;
+use crate::compress::formats::safetensors;
 use crate::compress::formats::ARCHITECTURE_KEY;
 use crate::db::models::{self, ModelRecord};
-use crate::ids::{now_micros, rfc3339, ModelId};
+use crate::ids::{rfc3339, ModelId};
 use crate::spec::FieldError;
 use crate::store::TempBlob;
 
@@ -141,26 +141,6 @@ fn created(record: &ModelRecord) -> ApiResult<Response> {
         .into_response())
 }
 
-/// Refuse early when the client announces a body over the limit.
-pub(crate) fn check_content_length(headers: &HeaderMap, limit: u64) -> ApiResult<()> {
-    let announced = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match announced {
-        Some(n) if n > limit => Err(crate::store::Error::TooLarge { limit }.into()),
-        _ => Ok(()),
-    }
-}
-
-/// Build a `Multipart` reader from the whole request.
-pub(crate) async fn multipart(req: Request) -> ApiResult<Multipart> {
-    use axum::extract::FromRequest;
-    Multipart::from_request(req, &())
-        .await
-        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))
-}
-
 async fn upload_multipart(
     state: &AppState,
     mut multipart: Multipart,
@@ -224,29 +204,6 @@ async fn upload_multipart(
     .await
 }
 
-/// Read a small text part (at most 4 MiB).
-pub(crate) async fn field_text(
-    mut field: axum::extract::multipart::Field<'_>,
-) -> ApiResult<String> {
-    let mut buf = Vec::new();
-    while let Some(chunk) = field
-        .chunk()
-        .await
-        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?
-    {
-        buf.extend_from_slice(&chunk);
-        if buf.len() > 4 << 20 {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "text parts are limited to 4 MiB",
-            ));
-        }
-    }
-    String::from_utf8(buf)
-        .map_err(|_| ApiError::bad_request("malformed_multipart", "text parts must be UTF-8"))
-}
-
 /// Validate a streamed upload, then commit the blob and record the model.
 async fn ingest(
     state: &AppState,
@@ -275,32 +232,9 @@ async fn ingest(
     }
     let store = state.store.clone();
     let blob = tokio::task::spawn_blocking(move || store.commit(temp)).await??;
-    let (tensors, parameters) = models::inventory(&header);
-    let record = ModelRecord {
-        id: ModelId::new(),
-        name,
-        sha256: blob.sha256,
-        size_bytes: blob.size as i64,
-        parameters,
-        tensors,
-        architecture,
-        source: None,
-        created_at: now_micros(),
-    };
+    let record = ModelRecord::new(name, blob.sha256, blob.size, &header, architecture, None);
     models::insert(state.db.pool(), &record).await?;
     Ok(record)
-}
-
-/// Trim and check a display name.
-pub(crate) fn clean_name(name: String) -> ApiResult<String> {
-    let name = name.trim().to_string();
-    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
-        return Err(ApiError::unprocessable(
-            "invalid_name",
-            "a name is 1–200 printable characters",
-        ));
-    }
-    Ok(name)
 }
 
 /// `POST /v1/models` with JSON: `{"name", "architecture", "init": {"seed"}}`.
@@ -382,41 +316,24 @@ async fn create_from_architecture(
         }
         err
     })?;
+    let name = clean_name(name)?;
     let store = state.store.clone();
-    let arch_text = architecture.to_string();
+    let document = architecture.to_string();
     let (blob, header) = tokio::task::spawn_blocking(move || -> ApiResult<_> {
-        let params = arch.init_weights(seed);
-        let mut metadata = BTreeMap::new();
-        metadata.insert(ARCHITECTURE_KEY.to_string(), arch_text);
-        metadata.insert(
-            "whittle.init".to_string(),
-            json!({"scheme": "pytorch_default", "seed": seed}).to_string(),
-        );
-        let specs: Vec<TensorSpec> = params
-            .iter()
-            .map(|(p, _)| TensorSpec::new(p.name.clone(), Dtype::F32, p.shape.clone()))
-            .collect();
         let mut temp = store.create_temp().map_err(ApiError::internal)?;
-        safetensors::write_safetensors(&mut temp, &metadata, &specs, |i, w| {
-            w.write_all(&safetensors::encode_f32(&params[i].1))?;
-            Ok(())
-        })?;
+        write_initialised(&arch, &document, seed, &mut temp)?;
         let header = safetensors::read_header(temp.path())?;
         Ok((store.commit(temp)?, header))
     })
     .await??;
-    let (tensors, parameters) = models::inventory(&header);
-    let record = ModelRecord {
-        id: ModelId::new(),
-        name: clean_name(name)?,
-        sha256: blob.sha256,
-        size_bytes: blob.size as i64,
-        parameters,
-        tensors,
-        architecture: Some(architecture),
-        source: None,
-        created_at: now_micros(),
-    };
+    let record = ModelRecord::new(
+        name,
+        blob.sha256,
+        blob.size,
+        &header,
+        Some(architecture),
+        None,
+    );
     models::insert(state.db.pool(), &record).await?;
     Ok(record)
 }

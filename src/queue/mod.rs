@@ -8,6 +8,7 @@
 //! [`Error::LeaseLost`]. Expired leases are rescued back to `queued` with exponential backoff
 //! and jitter, or to `failed` once `max_attempts` is spent.
 
+mod inputs;
 pub mod runner;
 pub mod steps;
 pub mod worker;
@@ -25,6 +26,7 @@ use crate::db::{
     Db,
 };
 use crate::ids::{now_micros, JobId};
+pub use inputs::JobInputs;
 
 /// Postgres channel that announces new or re-queued jobs.
 pub const NOTIFY_CHANNEL: &str = "whittle_jobs";
@@ -402,13 +404,10 @@ impl Queue {
         for row in rows {
             let id: JobId = db::id_col(&row, "id")?;
             let attempt: i64 = row.try_get("attempt")?;
-            let error = JobError {
-                code: "lease_expired".into(),
-                message:
-                    "the worker running this job stopped renewing its lease (crash or network loss)"
-                        .into(),
-                retryable: true,
-            };
+            let error = JobError::retryable(
+                "lease_expired",
+                "the worker running this job stopped renewing its lease (crash or network loss)",
+            );
             match self.fail(id, attempt, &error, now).await {
                 Ok(state) => rescued.push((id, state)),
                 // Finished or renewed between the select and the fenced update: not ours.

@@ -11,7 +11,7 @@ use super::steps::{self, eval_json, evaluate_file, evaluate_model, load_model, E
 pub use super::steps::{DatasetCache, PipelineError, PipelineHooks, ResumePoint};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::Network;
-use crate::compress::formats::safetensors::{SafetensorsFile, WeightSummary};
+use crate::compress::formats::safetensors::{Header, SafetensorsFile, WeightSummary};
 use crate::compress::formats::{ARCHITECTURE_KEY, JOB_KEY};
 use crate::compress::progress::Ctx;
 use crate::compress::quant::activations;
@@ -27,10 +27,8 @@ use crate::store::{BlobRef, BlobStore};
 pub struct PipelineOutput {
     /// The final model's blob.
     pub model: BlobRef,
-    /// Its tensor inventory (`[{name, dtype, shape}]`).
-    pub tensors: Value,
-    /// Its element count.
-    pub parameters: i64,
+    /// Its header (tensor inventory).
+    pub header: Header,
     /// Its architecture (changed by a head replacement).
     pub architecture: Option<Value>,
     /// The metrics document (API.md "Metrics").
@@ -166,7 +164,6 @@ pub fn run_pipeline(
 
     let output = SafetensorsFile::open(store.materialize(&current.sha256)?)?;
     let final_weights = output.weight_summary();
-    let (tensors, parameters) = crate::db::models::inventory(output.header());
     let mut final_json = json!({
         "parameters": final_weights.parameters,
         "nonzero": final_weights.nonzero,
@@ -205,8 +202,7 @@ pub fn run_pipeline(
     )?;
     Ok(PipelineOutput {
         model: current,
-        tensors,
-        parameters,
+        header: output.header().clone(),
         architecture: arch_json,
         metrics,
         report,

@@ -17,14 +17,14 @@ use tracing::{info, warn, Instrument};
 use super::runner::{
     self, PipelineError, PipelineHooks, PipelineInputs, PipelineOutput, ResumePoint,
 };
-use super::{Completion, Error, JobError, Queue};
+use super::{Completion, Error, JobError, JobInputs, Queue};
 use crate::compress::engine::train::EpochMetrics;
 use crate::compress::progress::Ctx;
 use crate::db::artifacts::ArtifactRecord;
 use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::{JobRecord, JobState};
 use crate::db::models::ModelRecord;
-use crate::ids::{now_micros, ArtifactId, DatasetId, JobId, ModelId};
+use crate::ids::{now_micros, ArtifactId, DatasetId, JobId};
 use crate::spec;
 use crate::store::Store;
 
@@ -352,14 +352,13 @@ impl Worker {
             },
             Ok(Err(PipelineError::Cancelled)) => match stop {
                 Some(StopReason::Timeout) => {
-                    let error = JobError {
-                        code: "timeout".into(),
-                        message: format!(
+                    let error = JobError::fatal(
+                        "timeout",
+                        format!(
                             "the attempt ran longer than timeout_seconds = {}",
                             job.timeout_seconds
                         ),
-                        retryable: false,
-                    };
+                    );
                     self.queue.fail(id, attempt, &error, now).await
                 }
                 Some(StopReason::Shutdown) => self
@@ -378,11 +377,10 @@ impl Worker {
                 self.queue.fail(id, attempt, &error, now).await
             }
             Err(join) => {
-                let error = JobError {
-                    code: "internal_error".into(),
-                    message: "the job's computation panicked; this is a bug in Whittle".into(),
-                    retryable: false,
-                };
+                let error = JobError::fatal(
+                    "internal_error",
+                    "the job's computation panicked; this is a bug in Whittle",
+                );
                 warn!(error = %join, "job computation panicked");
                 self.queue.fail(id, attempt, &error, now).await
             }
@@ -416,45 +414,27 @@ impl Worker {
 
     /// Load what a job needs before computing; errors here are fatal for the job.
     async fn prepare(&self, job: &JobRecord) -> Result<Prepared, JobError> {
-        let spec = spec::parse_job(&job.spec, None).map_err(|errors| JobError {
-            code: "invalid_spec".into(),
-            message: format!("the stored job spec no longer parses: {errors:?}"),
-            retryable: false,
+        let spec = spec::parse_job(&job.spec, None).map_err(|errors| {
+            JobError::fatal(
+                "invalid_spec",
+                format!("the stored job spec no longer parses: {errors:?}"),
+            )
         })?;
-        let db_error = |e: crate::db::Error| JobError {
-            code: "database_error".into(),
-            message: format!("loading the job's inputs failed: {e}"),
-            retryable: true,
-        };
-        let model = crate::db::models::get(self.queue.db(), job.model_id)
+        let inputs = JobInputs::load(self.queue.db(), &job.spec)
             .await
-            .map_err(db_error)?
-            .ok_or_else(|| JobError {
-                code: "model_not_found".into(),
-                message: format!("input model {} no longer exists", job.model_id),
-                retryable: false,
+            .map_err(|e| {
+                JobError::retryable(
+                    "database_error",
+                    format!("loading the job's inputs failed: {e}"),
+                )
             })?;
-        let mut datasets = HashMap::new();
-        for id in spec::referenced_datasets(&job.spec) {
-            if let Some(d) = crate::db::datasets::get(self.queue.db(), id)
-                .await
-                .map_err(db_error)?
-            {
-                datasets.insert(id, d);
-            }
-        }
-        let mut models = HashMap::new();
-        for id in spec::referenced_models(&job.spec) {
-            let Ok(model_id) = id.parse::<ModelId>() else {
-                continue;
-            };
-            if let Some(m) = crate::db::models::get(self.queue.db(), model_id)
-                .await
-                .map_err(db_error)?
-            {
-                models.insert(id, m);
-            }
-        }
+        let model = inputs.model.ok_or_else(|| {
+            JobError::fatal(
+                "model_not_found",
+                format!("input model {} no longer exists", job.model_id),
+            )
+        })?;
+        let (datasets, models) = (inputs.datasets, inputs.models);
         let resume = job
             .checkpoint
             .as_ref()
@@ -475,23 +455,19 @@ impl Worker {
         output: PipelineOutput,
     ) -> Completion {
         let now = now_micros();
-        let model_id = ModelId::new();
-        let model = ModelRecord {
-            id: model_id,
-            name: format!("{} (job {})", input.name, job.id),
-            sha256: output.model.sha256.clone(),
-            size_bytes: output.model.size as i64,
-            parameters: output.parameters,
-            tensors: output.tensors,
-            architecture: output.architecture.clone(),
-            source: Some((
+        let model = ModelRecord::new(
+            format!("{} (job {})", input.name, job.id),
+            output.model.sha256.clone(),
+            output.model.size,
+            &output.header,
+            output.architecture.clone(),
+            Some((
                 job.id,
                 job.spec["steps"]
                     .as_array()
                     .map_or(0, |s| s.len() as i64 - 1),
             )),
-            created_at: now,
-        };
+        );
         let artifact = |kind: &str, format: &str, blob: &crate::store::BlobRef| ArtifactRecord {
             id: ArtifactId::new(),
             job_id: job.id,

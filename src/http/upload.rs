@@ -1,0 +1,62 @@
+//! What every upload handler shares: the announced-size check, multipart reading, small text
+//! parts and display names.
+
+use axum::extract::{Multipart, Request};
+use axum::http::{header, HeaderMap, StatusCode};
+
+use super::error::{ApiError, ApiResult};
+
+/// Refuse early when the client announces a body over the limit.
+pub(crate) fn check_content_length(headers: &HeaderMap, limit: u64) -> ApiResult<()> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > limit => Err(crate::store::Error::TooLarge { limit }.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Build a `Multipart` reader from the whole request.
+pub(crate) async fn multipart(req: Request) -> ApiResult<Multipart> {
+    use axum::extract::FromRequest;
+    Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))
+}
+
+/// Read a small text part (at most 4 MiB).
+pub(crate) async fn field_text(
+    mut field: axum::extract::multipart::Field<'_>,
+) -> ApiResult<String> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?
+    {
+        buf.extend_from_slice(&chunk);
+        if buf.len() > 4 << 20 {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "text parts are limited to 4 MiB",
+            ));
+        }
+    }
+    String::from_utf8(buf)
+        .map_err(|_| ApiError::bad_request("malformed_multipart", "text parts must be UTF-8"))
+}
+
+/// Trim and check a display name.
+pub(crate) fn clean_name(name: String) -> ApiResult<String> {
+    let name = name.trim().to_string();
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::unprocessable(
+            "invalid_name",
+            "a name is 1–200 printable characters",
+        ));
+    }
+    Ok(name)
+}
