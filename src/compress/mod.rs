@@ -20,6 +20,8 @@ pub mod prune;
 pub mod quant;
 pub mod select;
 
+use crate::codes::Code;
+
 /// Everything that can go wrong in compression compute, named by cause.
 ///
 /// Every variant except [`Error::Io`] and [`Error::Internal`] is caused by the user's
@@ -54,10 +56,13 @@ pub enum Error {
         expected: String,
     },
     /// A parameter of an operation is out of range or inconsistent with its inputs.
-    #[error("invalid parameter{}: {detail}", at_pointer(.pointer))]
+    #[error("invalid parameter{}: {detail}", named(.field))]
     InvalidParameter {
-        /// JSON pointer into the operation's parameters, e.g. `/optimizer/lr`.
-        pointer: String,
+        /// The parameter, in this module's own terms: a name (`lr`), a path into nested
+        /// parameters (`optimizer.momentum`, `features[0].teacher`) or a keyed entry
+        /// (`layer_lr[fc1.*]`); empty when it is the operation as a whole. The API layer
+        /// maps it to a JSON pointer ([`Error::field`]).
+        field: String,
         /// What is wrong, naming the values involved.
         detail: String,
     },
@@ -89,30 +94,45 @@ pub enum Error {
 
 impl Error {
     /// The stable snake_case code for the problem+json `code` field.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Error::InvalidSafetensors(_) => "invalid_safetensors",
-            Error::ArchitectureInvalid { .. } => "invalid_architecture",
-            Error::ArchitectureMismatch(_) => "architecture_mismatch",
-            Error::InvalidDataset(_) => "invalid_dataset",
-            Error::UnsupportedDtype { .. } => "unsupported_dtype",
-            Error::InvalidParameter { .. } => "validation_failed",
-            Error::DatasetMismatch(_) => "dataset_mismatch",
-            Error::Unsupported(_) => "unsupported_operation",
-            Error::NonFiniteLoss { .. } => "non_finite_loss",
-            Error::Io(_) => "io_error",
-            Error::Cancelled => "cancelled",
-            Error::Internal(_) => "internal_error",
+            Error::InvalidSafetensors(_) => Code::InvalidSafetensors,
+            Error::ArchitectureInvalid { .. } => Code::InvalidArchitecture,
+            Error::ArchitectureMismatch(_) => Code::ArchitectureMismatch,
+            Error::InvalidDataset(_) => Code::InvalidDataset,
+            Error::UnsupportedDtype { .. } => Code::UnsupportedDtype,
+            Error::InvalidParameter { .. } => Code::ValidationFailed,
+            Error::DatasetMismatch(_) => Code::DatasetMismatch,
+            Error::Unsupported(_) => Code::UnsupportedOperation,
+            Error::NonFiniteLoss { .. } => Code::NonFiniteLoss,
+            Error::Io(_) => Code::IoError,
+            Error::Cancelled => Code::Cancelled,
+            Error::Internal(_) => Code::InternalError,
         }
     }
 
-    /// The JSON pointer of the offending value, relative to the document that was parsed
-    /// (the architecture object), when the error has one. Callers embedding that document
-    /// in a larger one prefix their own path (e.g. `/architecture`).
+    /// An [`Error::InvalidParameter`] of `field` (see there for its spelling).
+    pub fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Error {
+        Error::InvalidParameter {
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// The JSON pointer of the offending value, relative to the architecture document that
+    /// was parsed, when the error has one. Callers embedding that document in a larger one
+    /// prefix their own path (e.g. `/architecture`).
     pub fn pointer(&self) -> Option<String> {
         match self {
-            Error::ArchitectureInvalid { pointer, .. }
-            | Error::InvalidParameter { pointer, .. } => Some(pointer.clone()),
+            Error::ArchitectureInvalid { pointer, .. } => Some(pointer.clone()),
+            _ => None,
+        }
+    }
+
+    /// The parameter an [`Error::InvalidParameter`] is about.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Error::InvalidParameter { field, .. } => Some(field),
             _ => None,
         }
     }
@@ -124,6 +144,15 @@ impl Error {
     }
 }
 
+/// " `lr`" for a parameter, nothing for the operation as a whole ("").
+fn named(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!(" `{field}`")
+    }
+}
+
 /// " at /layers/3" for a pointer, nothing for the whole document ("").
 fn at_pointer(pointer: &str) -> String {
     if pointer.is_empty() {
@@ -131,6 +160,11 @@ fn at_pointer(pointer: &str) -> String {
     } else {
         format!(" at {pointer}")
     }
+}
+
+/// Escapes one JSON pointer reference token (RFC 6901): `~` → `~0`, `/` → `~1`.
+pub fn pointer_token(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
 }
 
 /// Result alias for compression compute.
@@ -146,7 +180,7 @@ mod tests {
             pointer: "/layers/3/out_features".into(),
             detail: "must be at least 1, got 0".into(),
         };
-        assert_eq!(arch.code(), "invalid_architecture");
+        assert_eq!(arch.code().as_str(), "invalid_architecture");
         assert_eq!(arch.pointer().as_deref(), Some("/layers/3/out_features"));
         assert_eq!(
             arch.to_string(),
@@ -175,7 +209,7 @@ mod tests {
             (Error::Internal("x".into()), "internal_error"),
         ];
         for (e, code) in cases {
-            assert_eq!(e.code(), code);
+            assert_eq!(e.code().as_str(), code);
             assert_eq!(e.pointer(), None);
             assert_eq!(e.is_retryable(), code == "io_error");
         }

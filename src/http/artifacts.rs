@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, ApiResult};
 use super::extract::parse_id;
 use super::AppState;
+use crate::codes::Code;
 use crate::db::artifacts::{self, ArtifactRecord};
 use crate::ids::{rfc3339, ArtifactId};
 
@@ -34,10 +35,10 @@ pub fn artifact_json(a: &ArtifactRecord) -> Value {
 }
 
 async fn load_artifact(state: &AppState, raw: &str) -> ApiResult<ArtifactRecord> {
-    let id: ArtifactId = parse_id(raw, "artifact_not_found", "artifact")?;
+    let id: ArtifactId = parse_id(raw, Code::ArtifactNotFound, "artifact")?;
     artifacts::get(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::not_found("artifact_not_found", "artifact", raw))
+        .ok_or_else(|| ApiError::not_found(Code::ArtifactNotFound, "artifact", raw))
 }
 
 async fn get_artifact(

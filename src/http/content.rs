@@ -6,6 +6,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, ApiResult};
+use crate::codes::Code;
 use crate::store::BlobStore;
 
 /// Serve blob `sha256` of `size` bytes as `content_type`, offering `filename` for saving.
@@ -64,7 +65,7 @@ pub async fn serve_blob(
         RangeRequest::Unsatisfiable => {
             let mut err = ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
+                Code::RangeNotSatisfiable,
                 format!("the content is {size} bytes long"),
             )
             .into_response();

@@ -15,6 +15,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page};
 use super::upload::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
+use crate::codes::Code;
 use crate::compress::engine::data::Dataset;
 use crate::db::datasets::{self, DatasetRecord};
 use crate::ids::{now_micros, rfc3339, DatasetId};
@@ -103,7 +104,7 @@ async fn upload_dataset(
     } else {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            Code::UnsupportedMediaType,
             "send application/octet-stream with ?format=safetensors|csv, or multipart/form-data with `file` (or `images` + `labels` for IDX)",
         ));
     }
@@ -132,7 +133,7 @@ async fn upload_dataset(
                 Ok(Dataset::from_idx(&read(images)?, &read(labels)?)?)
             }
             other => Err(ApiError::unprocessable(
-                "invalid_dataset_format",
+                Code::InvalidDatasetFormat,
                 format!("unknown format `{other}`; expected safetensors, csv or idx"),
             )),
         }
@@ -172,7 +173,7 @@ async fn upload_dataset(
 
 fn missing(part: &str) -> ApiError {
     ApiError::unprocessable(
-        "missing_part",
+        Code::MissingPart,
         format!("this format needs a multipart/form-data upload with a `{part}` part"),
     )
 }
@@ -182,7 +183,7 @@ async fn read_multipart(state: &AppState, mut mp: Multipart, parts: &mut Parts) 
     while let Some(field) = mp
         .next_field()
         .await
-        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?
+        .map_err(|e| ApiError::bad_request(Code::MalformedMultipart, e.body_text()))?
     {
         let part = field.name().unwrap_or("").to_string();
         let slot = match part.as_str() {
@@ -203,14 +204,14 @@ async fn read_multipart(state: &AppState, mut mp: Multipart, parts: &mut Parts) 
             }
             other => {
                 return Err(ApiError::bad_request(
-                    "malformed_multipart",
+                    Code::MalformedMultipart,
                     format!("unexpected part `{other}`; expected file, images, labels, name, format, label_column"),
                 ))
             }
         };
         if slot.is_some() {
             return Err(ApiError::bad_request(
-                "malformed_multipart",
+                Code::MalformedMultipart,
                 format!("the `{part}` part was sent twice"),
             ));
         }
@@ -234,10 +235,10 @@ async fn list_datasets(
 }
 
 async fn load_dataset(state: &AppState, raw: &str) -> ApiResult<DatasetRecord> {
-    let id: DatasetId = parse_id(raw, "dataset_not_found", "dataset")?;
+    let id: DatasetId = parse_id(raw, Code::DatasetNotFound, "dataset")?;
     datasets::get(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::not_found("dataset_not_found", "dataset", raw))
+        .ok_or_else(|| ApiError::not_found(Code::DatasetNotFound, "dataset", raw))
 }
 
 async fn get_dataset(
@@ -255,7 +256,7 @@ async fn delete_dataset(
     let dataset = load_dataset(&state, &id).await?;
     if !datasets::delete_unless_in_use(&state.db, dataset.id).await? {
         return Err(ApiError::conflict(
-            "dataset_in_use",
+            Code::DatasetInUse,
             "a queued or running job uses this dataset",
         ));
     }

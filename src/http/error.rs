@@ -8,6 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::codes::Code;
 use crate::spec::FieldError;
 
 /// An error answered to the client.
@@ -16,7 +17,7 @@ pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub code: Code,
     /// What happened and what to do about it.
     pub detail: String,
     /// Per-field problems (validation).
@@ -28,7 +29,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     /// An error with no field list.
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: Code, detail: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -38,7 +39,7 @@ impl ApiError {
     }
 
     /// 404 for a resource id that does not exist.
-    pub fn not_found(code: &'static str, what: &str, id: &str) -> Self {
+    pub fn not_found(code: Code, what: &str, id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             code,
@@ -47,23 +48,23 @@ impl ApiError {
     }
 
     /// 400 for a request that is malformed (syntax, parameters).
-    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn bad_request(code: Code, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, detail)
     }
 
     /// 422 for well-formed input that cannot be accepted.
-    pub fn unprocessable(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn unprocessable(code: Code, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
     }
 
     /// 409 for a request that conflicts with the resource's state.
-    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn conflict(code: Code, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, detail)
     }
 
     /// 422 listing field problems; the code is that of the first problem.
     pub fn validation(errors: Vec<FieldError>) -> Self {
-        let code = errors.first().map_or("validation_failed", |e| e.code);
+        let code = errors.first().map_or(Code::ValidationFailed, |e| e.code);
         let detail = match errors.len() {
             1 => format!(
                 "{}: {}",
@@ -85,7 +86,7 @@ impl ApiError {
         tracing::error!(error = %cause, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
+            Code::InternalError,
             "the server failed to handle the request; it has been logged",
         )
     }
@@ -135,10 +136,10 @@ impl From<crate::store::Error> for ApiError {
         match e {
             crate::store::Error::TooLarge { limit } => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                Code::PayloadTooLarge,
                 format!("the upload exceeds the limit of {limit} bytes (WHITTLE_MAX_UPLOAD_BYTES)"),
             ),
-            crate::store::Error::Body(msg) => ApiError::bad_request("upload_interrupted", msg),
+            crate::store::Error::Body(msg) => ApiError::bad_request(Code::UploadInterrupted, msg),
             crate::store::Error::Io(io) => ApiError::internal(io),
             e @ crate::store::Error::NotFound(_) => ApiError::internal(e),
         }

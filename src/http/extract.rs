@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use crate::codes::Code;
 
 /// `Json<T>` whose rejections become `malformed_json` / `unsupported_media_type` problems.
 #[derive(Debug)]
@@ -26,15 +27,15 @@ where
             Ok(axum::Json(v)) => Ok(Self(v)),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                Code::UnsupportedMediaType,
                 "send the body as application/json",
             )),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                Code::PayloadTooLarge,
                 "JSON bodies are limited to 2 MiB",
             )),
-            Err(e) => Err(ApiError::bad_request("malformed_json", e.body_text())),
+            Err(e) => Err(ApiError::bad_request(Code::MalformedJson, e.body_text())),
         }
     }
 }
@@ -53,17 +54,13 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Self(v)),
-            Err(e) => Err(ApiError::bad_request("invalid_parameter", e.body_text())),
+            Err(e) => Err(ApiError::bad_request(Code::InvalidParameter, e.body_text())),
         }
     }
 }
 
 /// Parse an id from a path segment; an unparsable id cannot exist, so it is a 404.
-pub fn parse_id<T: std::str::FromStr>(
-    raw: &str,
-    code: &'static str,
-    what: &str,
-) -> Result<T, ApiError> {
+pub fn parse_id<T: std::str::FromStr>(raw: &str, code: Code, what: &str) -> Result<T, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::not_found(code, what, raw))
 }
@@ -89,7 +86,7 @@ impl Page {
             None | Some("") => Ok(None),
             Some(c) => c.parse().map(Some).map_err(|_| {
                 ApiError::bad_request(
-                    "invalid_cursor",
+                    Code::InvalidCursor,
                     "`cursor` must be a `next_cursor` value from a previous page",
                 )
             }),

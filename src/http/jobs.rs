@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppJson, AppQuery, Page};
 use super::AppState;
+use crate::codes::Code;
 use crate::db::events;
 use crate::db::jobs::{self, JobFilter, JobRecord, JobState};
 use crate::db::models::ModelRecord;
@@ -81,7 +82,7 @@ async fn create_job(
             Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
             _ => {
                 return Err(ApiError::bad_request(
-                    "invalid_idempotency_key",
+                    Code::InvalidIdempotencyKey,
                     "Idempotency-Key must be 1–255 visible ASCII characters",
                 ))
             }
@@ -110,7 +111,7 @@ async fn create_job(
         errors.insert(
             0,
             FieldError {
-                code: "model_not_found",
+                code: Code::ModelNotFound,
                 ..FieldError::new("/model_id", "no model with this id")
             },
         );
@@ -182,7 +183,7 @@ fn replay(existing: JobRecord, body_sha: &str) -> ApiResult<Response> {
         accepted(&existing)
     } else {
         Err(ApiError::unprocessable(
-            "idempotency_key_reused",
+            Code::IdempotencyKeyReused,
             format!(
                 "this Idempotency-Key was used for job {} with a different body",
                 existing.id
@@ -250,10 +251,10 @@ fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Val
 }
 
 async fn load_job(state: &AppState, raw: &str) -> ApiResult<JobRecord> {
-    let id: JobId = parse_id(raw, "job_not_found", "job")?;
+    let id: JobId = parse_id(raw, Code::JobNotFound, "job")?;
     jobs::get(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::not_found("job_not_found", "job", raw))
+        .ok_or_else(|| ApiError::not_found(Code::JobNotFound, "job", raw))
 }
 
 /// `GET /v1/jobs/{id}` with a weak ETag that changes whenever the row does.
@@ -301,7 +302,7 @@ async fn list_jobs(
             None | Some("") => None,
             Some(s) => Some(JobState::parse(s).ok_or_else(|| {
                 ApiError::bad_request(
-                    "invalid_parameter",
+                    Code::InvalidParameter,
                     "`state` is one of queued, running, succeeded, failed, cancelled",
                 )
             })?),
@@ -309,14 +310,14 @@ async fn list_jobs(
         model_id: match q.model_id.as_deref() {
             None | Some("") => None,
             Some(m) => Some(m.parse().map_err(|_| {
-                ApiError::bad_request("invalid_parameter", "`model_id` must be a model id")
+                ApiError::bad_request(Code::InvalidParameter, "`model_id` must be a model id")
             })?),
         },
         label: match q.label.as_deref() {
             None | Some("") => None,
             Some(l) => {
                 let (k, v) = l.split_once(':').ok_or_else(|| {
-                    ApiError::bad_request("invalid_parameter", "`label` is `key:value`")
+                    ApiError::bad_request(Code::InvalidParameter, "`label` is `key:value`")
                 })?;
                 Some((k.to_string(), v.to_string()))
             }
@@ -342,13 +343,13 @@ async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Ap
             Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
         }
         CancelOutcome::AlreadyFinished(s) => Err(ApiError::conflict(
-            "job_already_finished",
+            Code::JobAlreadyFinished,
             format!(
                 "the job already finished ({}); there is nothing to cancel",
                 s.as_str()
             ),
         )),
-        CancelOutcome::NotFound => Err(ApiError::not_found("job_not_found", "job", &id)),
+        CancelOutcome::NotFound => Err(ApiError::not_found(Code::JobNotFound, "job", &id)),
     }
 }
 

@@ -26,6 +26,7 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::codes::Code;
 use crate::config::Config;
 use crate::db::Db;
 use crate::queue::Queue;
@@ -113,7 +114,7 @@ pub fn router(state: AppState) -> Router {
 async fn route_not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "route_not_found",
+        Code::RouteNotFound,
         "no such route; GET /openapi.yaml lists them",
     )
 }
@@ -121,7 +122,7 @@ async fn route_not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        Code::MethodNotAllowed,
         "this route does not accept this method; GET /openapi.yaml lists them",
     )
 }

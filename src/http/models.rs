@@ -17,6 +17,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page};
 use super::upload::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
+use crate::codes::Code;
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::write_initialised;
 use crate::compress::formats::safetensors;
@@ -107,24 +108,27 @@ async fn upload_model(
                 if e.to_string().contains("length limit") {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
+                        Code::PayloadTooLarge,
                         "a JSON model request is limited to 4 MiB",
                     )
                 } else {
                     ApiError::bad_request(
-                        "upload_interrupted",
+                        Code::UploadInterrupted,
                         format!("reading the body failed: {e}"),
                     )
                 }
             })?;
         let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
+            ApiError::bad_request(
+                Code::MalformedJson,
+                format!("the body is not valid JSON: {e}"),
+            )
         })?;
         create_from_architecture(&state, body, query.name).await?
     } else {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            Code::UnsupportedMediaType,
             "send application/octet-stream (safetensors bytes), multipart/form-data (parts `file`, `architecture`, `name`) or application/json (`architecture` + `init`)",
         ));
     };
@@ -153,13 +157,13 @@ async fn upload_multipart(
     while let Some(field) = multipart
         .next_field()
         .await
-        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?
+        .map_err(|e| ApiError::bad_request(Code::MalformedMultipart, e.body_text()))?
     {
         match field.name().unwrap_or("") {
             "file" => {
                 if temp.is_some() {
                     return Err(ApiError::bad_request(
-                        "malformed_multipart",
+                        Code::MalformedMultipart,
                         "send exactly one `file` part",
                     ));
                 }
@@ -174,7 +178,7 @@ async fn upload_multipart(
                 let text = field_text(field).await?;
                 let value: Value = serde_json::from_str(&text).map_err(|e| {
                     ApiError::unprocessable(
-                        "invalid_architecture",
+                        Code::InvalidArchitecture,
                         format!("the `architecture` part is not valid JSON: {e}"),
                     )
                 })?;
@@ -183,7 +187,7 @@ async fn upload_multipart(
             "name" => name = Some(field_text(field).await?),
             other => {
                 return Err(ApiError::bad_request(
-                    "malformed_multipart",
+                    Code::MalformedMultipart,
                     format!("unexpected part `{other}`; expected `file`, `architecture`, `name`"),
                 ))
             }
@@ -191,7 +195,7 @@ async fn upload_multipart(
     }
     let temp = temp.ok_or_else(|| {
         ApiError::bad_request(
-            "malformed_multipart",
+            Code::MalformedMultipart,
             "the `file` part (safetensors bytes) is required",
         )
     })?;
@@ -219,7 +223,7 @@ async fn ingest(
         None => match header.metadata.get(ARCHITECTURE_KEY) {
             Some(text) => Some(serde_json::from_str(text).map_err(|e| {
                 ApiError::unprocessable(
-                    "invalid_architecture",
+                    Code::InvalidArchitecture,
                     format!("metadata `{ARCHITECTURE_KEY}` is not valid JSON: {e}"),
                 )
             })?),
@@ -245,7 +249,7 @@ async fn create_from_architecture(
 ) -> ApiResult<ModelRecord> {
     let Some(obj) = body.as_object() else {
         return Err(ApiError::unprocessable(
-            "validation_failed",
+            Code::ValidationFailed,
             "the body must be a JSON object",
         ));
     };
@@ -259,7 +263,7 @@ async fn create_from_architecture(
     }
     let architecture = obj.get("architecture").cloned().ok_or_else(|| {
         ApiError::validation(vec![FieldError {
-            code: "architecture_required",
+            code: Code::ArchitectureRequired,
             ..FieldError::new(
                 "/architecture",
                 "is required to create a model without weights",
@@ -353,10 +357,10 @@ async fn list_models(
 }
 
 pub(crate) async fn load_model(state: &AppState, raw: &str) -> ApiResult<ModelRecord> {
-    let id: ModelId = parse_id(raw, "model_not_found", "model")?;
+    let id: ModelId = parse_id(raw, Code::ModelNotFound, "model")?;
     models::get(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::not_found("model_not_found", "model", raw))
+        .ok_or_else(|| ApiError::not_found(Code::ModelNotFound, "model", raw))
 }
 
 async fn get_model(
@@ -375,7 +379,7 @@ async fn delete_model(
     let model = load_model(&state, &id).await?;
     if !models::delete_unless_in_use(&state.db, model.id).await? {
         return Err(ApiError::conflict(
-            "model_in_use",
+            Code::ModelInUse,
             "a queued or running job uses this model; cancel it or wait for it to finish",
         ));
     }

@@ -5,6 +5,7 @@ use axum::extract::{Multipart, Request};
 use axum::http::{header, HeaderMap, StatusCode};
 
 use super::error::{ApiError, ApiResult};
+use crate::codes::Code;
 
 /// Refuse early when the client announces a body over the limit.
 pub(crate) fn check_content_length(headers: &HeaderMap, limit: u64) -> ApiResult<()> {
@@ -23,7 +24,7 @@ pub(crate) async fn multipart(req: Request) -> ApiResult<Multipart> {
     use axum::extract::FromRequest;
     Multipart::from_request(req, &())
         .await
-        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))
+        .map_err(|e| ApiError::bad_request(Code::MalformedMultipart, e.body_text()))
 }
 
 /// Read a small text part (at most 4 MiB).
@@ -34,19 +35,19 @@ pub(crate) async fn field_text(
     while let Some(chunk) = field
         .chunk()
         .await
-        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?
+        .map_err(|e| ApiError::bad_request(Code::MalformedMultipart, e.body_text()))?
     {
         buf.extend_from_slice(&chunk);
         if buf.len() > 4 << 20 {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                Code::PayloadTooLarge,
                 "text parts are limited to 4 MiB",
             ));
         }
     }
     String::from_utf8(buf)
-        .map_err(|_| ApiError::bad_request("malformed_multipart", "text parts must be UTF-8"))
+        .map_err(|_| ApiError::bad_request(Code::MalformedMultipart, "text parts must be UTF-8"))
 }
 
 /// Trim and check a display name.
@@ -54,7 +55,7 @@ pub(crate) fn clean_name(name: String) -> ApiResult<String> {
     let name = name.trim().to_string();
     if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
         return Err(ApiError::unprocessable(
-            "invalid_name",
+            Code::InvalidName,
             "a name is 1–200 printable characters",
         ));
     }

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use sqlx::Row;
 use tokio::sync::Notify;
 
+use crate::codes::Code;
 use crate::db::{
     self, artifacts::ArtifactRecord, jobs::JobRecord, jobs::JobState, models::ModelRecord, Backend,
     Db,
@@ -64,18 +65,18 @@ pub struct JobError {
 
 impl JobError {
     /// An error that fails the job for good (bad spec, bad model).
-    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+    pub fn fatal(code: Code, message: impl Into<String>) -> Self {
         Self {
-            code: code.into(),
+            code: code.as_str().into(),
             message: message.into(),
             retryable: false,
         }
     }
 
     /// An error another attempt may not meet (I/O, database).
-    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
+    pub fn retryable(code: Code, message: impl Into<String>) -> Self {
         Self {
-            code: code.into(),
+            code: code.as_str().into(),
             message: message.into(),
             retryable: true,
         }
@@ -405,7 +406,7 @@ impl Queue {
             let id: JobId = db::id_col(&row, "id")?;
             let attempt: i64 = row.try_get("attempt")?;
             let error = JobError::retryable(
-                "lease_expired",
+                Code::LeaseExpired,
                 "the worker running this job stopped renewing its lease (crash or network loss)",
             );
             match self.fail(id, attempt, &error, now).await {

@@ -63,6 +63,14 @@ pub fn run_pipeline(
     ctx: &Ctx,
     hooks: &PipelineHooks,
 ) -> Result<PipelineOutput, PipelineError> {
+    run(inputs, ctx, hooks).map_err(|e| e.at(""))
+}
+
+fn run(
+    inputs: &PipelineInputs,
+    ctx: &Ctx,
+    hooks: &PipelineHooks,
+) -> Result<PipelineOutput, PipelineError> {
     let PipelineInputs {
         store,
         job,
@@ -143,7 +151,8 @@ pub fn run_pipeline(
                 architecture: &arch_json,
                 metadata: &metadata,
             },
-        )?;
+        )
+        .map_err(|e| e.at(&format!("/steps/{index}")))?;
         drop(file);
         let mut record = json!({"op": step.op(), "epochs": []});
         merge(&mut record, &out.record);

@@ -18,6 +18,7 @@ use super::runner::{
     self, PipelineError, PipelineHooks, PipelineInputs, PipelineOutput, ResumePoint,
 };
 use super::{Completion, Error, JobError, JobInputs, Queue};
+use crate::codes::Code;
 use crate::compress::engine::train::EpochMetrics;
 use crate::compress::progress::Ctx;
 use crate::db::artifacts::ArtifactRecord;
@@ -353,7 +354,7 @@ impl Worker {
             Ok(Err(PipelineError::Cancelled)) => match stop {
                 Some(StopReason::Timeout) => {
                     let error = JobError::fatal(
-                        "timeout",
+                        Code::Timeout,
                         format!(
                             "the attempt ran longer than timeout_seconds = {}",
                             job.timeout_seconds
@@ -373,12 +374,10 @@ impl Worker {
                     .await
                     .map(|_| JobState::Cancelled),
             },
-            Ok(Err(PipelineError::Failed(error))) => {
-                self.queue.fail(id, attempt, &error, now).await
-            }
+            Ok(Err(error)) => self.queue.fail(id, attempt, &error.job_error(), now).await,
             Err(join) => {
                 let error = JobError::fatal(
-                    "internal_error",
+                    Code::InternalError,
                     "the job's computation panicked; this is a bug in Whittle",
                 );
                 warn!(error = %join, "job computation panicked");
@@ -416,7 +415,7 @@ impl Worker {
     async fn prepare(&self, job: &JobRecord) -> Result<Prepared, JobError> {
         let spec = spec::parse_job(&job.spec, None).map_err(|errors| {
             JobError::fatal(
-                "invalid_spec",
+                Code::InvalidSpec,
                 format!("the stored job spec no longer parses: {errors:?}"),
             )
         })?;
@@ -424,13 +423,13 @@ impl Worker {
             .await
             .map_err(|e| {
                 JobError::retryable(
-                    "database_error",
+                    Code::DatabaseError,
                     format!("loading the job's inputs failed: {e}"),
                 )
             })?;
         let model = inputs.model.ok_or_else(|| {
             JobError::fatal(
-                "model_not_found",
+                Code::ModelNotFound,
                 format!("input model {} no longer exists", job.model_id),
             )
         })?;

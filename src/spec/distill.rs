@@ -7,6 +7,7 @@ use super::train::{
     check_dataset_fits, parse_training, require_architecture, FinetuneSpec, TrainingRules,
 };
 use super::{Facts, FieldError, ModelFacts};
+use crate::codes::Code;
 use crate::compress::distill::FeaturePair;
 use crate::compress::engine::finetune::Validation;
 use crate::compress::engine::sequential::arch::Architecture;
@@ -174,11 +175,11 @@ pub fn parse(
                     if let Some(f) = facts {
                         match f.models.get(id) {
                             None => errors.push(FieldError {
-                                code: "model_not_found",
+                                code: Code::ModelNotFound,
                                 ..FieldError::new(format!("{sp}/model_id"), "no model with this id")
                             }),
                             Some(m) if m.architecture.is_none() => errors.push(FieldError {
-                                code: "architecture_required",
+                                code: Code::ArchitectureRequired,
                                 ..FieldError::new(
                                     format!("{sp}/model_id"),
                                     "the student model has no architecture; upload it with one",
@@ -209,7 +210,7 @@ pub fn parse(
                             other => (String::new(), other.to_string()),
                         };
                         errors.push(FieldError {
-                            code: "invalid_architecture",
+                            code: Code::InvalidArchitecture,
                             ..FieldError::new(format!("{sp}/architecture{inner}"), detail)
                         });
                         None

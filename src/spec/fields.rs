@@ -131,7 +131,65 @@ pub fn deny_unknown(
     }
 }
 
-/// Escape a key for use in a JSON pointer (RFC 6901).
-pub fn escape(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
+pub use crate::compress::pointer_token as escape;
+
+/// The JSON pointer, under `base` (a step's pointer, `/steps/2`), of a parameter named the way
+/// `compress` names it: `lr`, `optimizer.momentum`, `features[0].teacher`, `layer_lr[fc1.*]`
+/// (a bracketed key is one reference token, dots and all).
+pub fn pointer_of(base: &str, field: &str) -> String {
+    let mut out = String::from(base);
+    let mut token = String::new();
+    let mut in_key = false;
+    let flush = |out: &mut String, token: &mut String| {
+        if !token.is_empty() {
+            out.push('/');
+            out.push_str(&escape(token));
+            token.clear();
+        }
+    };
+    for c in field.chars() {
+        match (c, in_key) {
+            ('[', false) => {
+                flush(&mut out, &mut token);
+                in_key = true;
+            }
+            (']', true) => {
+                out.push('/');
+                out.push_str(&escape(&token));
+                token.clear();
+                in_key = false;
+            }
+            ('.', false) => flush(&mut out, &mut token),
+            (c, _) => token.push(c),
+        }
+    }
+    flush(&mut out, &mut token);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pointer_of;
+
+    #[test]
+    fn compress_field_names_become_pointers() {
+        assert_eq!(pointer_of("/steps/0", "lr"), "/steps/0/lr");
+        assert_eq!(
+            pointer_of("/steps/1", "optimizer.momentum"),
+            "/steps/1/optimizer/momentum"
+        );
+        assert_eq!(
+            pointer_of("/steps/0", "features[2].teacher"),
+            "/steps/0/features/2/teacher"
+        );
+        assert_eq!(
+            pointer_of("/steps/0", "layer_lr[fc1.*]"),
+            "/steps/0/layer_lr/fc1.*"
+        );
+        assert_eq!(
+            pointer_of("/steps/0", "layers[a/b~c]"),
+            "/steps/0/layers/a~1b~0c"
+        );
+        assert_eq!(pointer_of("/steps/3", ""), "/steps/3");
+    }
 }

@@ -7,6 +7,7 @@
 
 pub mod distill;
 mod fields;
+pub use fields::pointer_of;
 pub mod prune;
 pub mod quantize;
 pub mod train;
@@ -15,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Map, Value};
 
+use crate::codes::Code;
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::formats::safetensors::TensorInfo;
 pub use crate::compress::quant::float::FloatDtype;
@@ -144,7 +146,7 @@ pub struct FieldError {
     /// What is wrong and what would be right.
     pub detail: String,
     /// Stable code of this problem (`validation_failed`, `unsupported_operation`, …).
-    pub code: &'static str,
+    pub code: Code,
 }
 
 impl FieldError {
@@ -153,14 +155,14 @@ impl FieldError {
         Self {
             pointer: pointer.into(),
             detail: detail.into(),
-            code: "validation_failed",
+            code: Code::ValidationFailed,
         }
     }
 
     /// An `unsupported_operation` problem at `pointer`.
     pub fn unsupported(pointer: impl Into<String>, detail: impl Into<String>) -> Self {
         Self {
-            code: "unsupported_operation",
+            code: Code::UnsupportedOperation,
             ..Self::new(pointer, detail)
         }
     }

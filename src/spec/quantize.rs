@@ -7,6 +7,7 @@ use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingR
 use super::{
     check_patterns, patterns, Facts, FieldError, FloatDtype, FloatQuantize, Selection, Step,
 };
+use crate::codes::Code;
 use crate::compress::formats::gguf::GgufType;
 use crate::compress::quant::activations::Calibration;
 use crate::compress::quant::{self, Format, Granularity, KmeansInit, Method, Quantization};
@@ -563,7 +564,7 @@ fn parse_importance(
     let Some(f) = facts else { return source };
     let Some(m) = f.models.get(&id) else {
         errors.push(FieldError {
-            code: "model_not_found",
+            code: Code::ModelNotFound,
             ..FieldError::new(format!("{ip}/model_id"), "no model with this id")
         });
         return source;

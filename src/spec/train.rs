@@ -5,6 +5,7 @@ use serde_json::{json, Map, Value};
 
 use super::fields::{bool_or, choice, deny_unknown, escape, f64_in, object, usize_in};
 use super::{patterns, Facts, FieldError};
+use crate::codes::Code;
 use crate::compress::engine::finetune::{FinetuneParams, HeadParams, Validation};
 use crate::compress::engine::train::{
     EarlyStopping, LrSchedule, Optimizer, ScheduleKind, StopMetric,
@@ -422,7 +423,7 @@ pub(super) fn dataset_ref(
     if let Some(f) = facts {
         if !f.datasets.contains_key(&id) {
             errors.push(FieldError {
-                code: "dataset_not_found",
+                code: Code::DatasetNotFound,
                 ..FieldError::new(p, "no dataset with this id")
             });
             return None;
@@ -435,7 +436,7 @@ pub(super) fn dataset_ref(
 pub(super) fn require_architecture(f: &Facts, pointer: &str, errors: &mut Vec<FieldError>) -> bool {
     if f.architecture.is_none() {
         errors.push(FieldError {
-            code: "architecture_required",
+            code: Code::ArchitectureRequired,
             ..FieldError::new(
                 format!("{pointer}/op"),
                 "this operation runs the network: upload the model with an architecture \
@@ -464,7 +465,7 @@ pub(super) fn check_dataset_fits(
     let features: usize = d.feature_shape.iter().product();
     if input != features {
         errors.push(FieldError {
-            code: "dataset_shape_mismatch",
+            code: Code::DatasetShapeMismatch,
             ..FieldError::new(
                 pointer,
                 format!(
@@ -478,7 +479,7 @@ pub(super) fn check_dataset_fits(
     match d.num_classes {
         None if !labels_required => {}
         None => errors.push(FieldError {
-            code: "dataset_unlabeled",
+            code: Code::DatasetUnlabeled,
             ..FieldError::new(
                 pointer,
                 "this dataset has no labels (`y`); this operation needs them",
@@ -488,7 +489,7 @@ pub(super) fn check_dataset_fits(
             let width = head_width.unwrap_or_else(|| arch.output_shape().iter().product());
             if classes > width {
                 errors.push(FieldError {
-                    code: "labels_out_of_range",
+                    code: Code::LabelsOutOfRange,
                     ..FieldError::new(
                         pointer,
                         format!("labels go up to {} but the model has {width} outputs (use `head` to change it)", classes - 1),

@@ -19,8 +19,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::compress::engine::data::{Batch, Dataset, Subset};
 use crate::compress::engine::evaluate::evaluate;
-use crate::compress::engine::finetune::{bad, FinetuneParams, Validation};
-use crate::compress::engine::sequential::arch::{escape, Architecture};
+use crate::compress::engine::finetune::{FinetuneParams, Validation};
+use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::train::{
     self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
 };
@@ -191,8 +191,8 @@ fn check_models(teacher: &dyn Network, student: &dyn Network, p: &DistillParams<
         ] {
             if !model.has_layer(name) {
                 let names = model.layer_names();
-                return Err(bad(
-                    &format!("/features/{i}/{role}"),
+                return Err(Error::invalid(
+                    format!("features[{i}].{role}"),
                     format!(
                         "the {role} has no top-level layer named {name:?} (it has {})",
                         names.join(", ")
@@ -201,8 +201,8 @@ fn check_models(teacher: &dyn Network, student: &dyn Network, p: &DistillParams<
             }
         }
         if !(f.weight.is_finite() && f.weight >= 0.0) {
-            return Err(bad(
-                &format!("/features/{i}/weight"),
+            return Err(Error::invalid(
+                format!("features[{i}].weight"),
                 format!(
                     "`weight` must be a finite, non-negative number, got {}",
                     f.weight
@@ -406,21 +406,21 @@ pub fn distill_with_cache(
     let config = crate::compress::engine::finetune::train_config(p)?;
     let t = params.temperature;
     if !(t.is_finite() && t > 0.0) {
-        return Err(bad(
-            "/temperature",
+        return Err(Error::invalid(
+            "temperature",
             format!("`temperature` must be a finite number above 0, got {t}"),
         ));
     }
     let alpha = params.alpha;
     if !(alpha.is_finite() && (0.0..=1.0).contains(&alpha)) {
-        return Err(bad(
-            "/alpha",
+        return Err(Error::invalid(
+            "alpha",
             format!("`alpha` must lie in [0, 1], got {alpha}"),
         ));
     }
     if p.head.is_some() {
-        return Err(bad(
-            "/head",
+        return Err(Error::invalid(
+            "head",
             "`head` is not available for distillation: give the student the architecture it should have",
         ));
     }
@@ -438,8 +438,8 @@ pub fn distill_with_cache(
         )));
     }
     if !labelled && params.baseline {
-        return Err(bad(
-            "/baseline",
+        return Err(Error::invalid(
+            "baseline",
             "the hard-label baseline needs a labelled transfer set",
         ));
     }
@@ -459,8 +459,8 @@ pub fn distill_with_cache(
     }
     for (i, pattern) in p.freeze.iter().enumerate() {
         if student.freeze(pattern) == 0 {
-            return Err(bad(
-                &format!("/freeze/{i}"),
+            return Err(Error::invalid(
+                format!("freeze[{i}]"),
                 format!("pattern {pattern:?} matches no parameter of the student"),
             ));
         }
@@ -471,8 +471,8 @@ pub fn distill_with_cache(
             .iter()
             .any(|q| glob_match(pattern, q.name()))
         {
-            return Err(bad(
-                &format!("/layer_lr/{}", escape(pattern)),
+            return Err(Error::invalid(
+                format!("layer_lr[{pattern}]"),
                 format!("pattern {pattern:?} matches no parameter of the student"),
             ));
         }
@@ -484,8 +484,8 @@ pub fn distill_with_cache(
         .map(|q| q.spec().numel() as u64)
         .sum();
     if trainable_parameters == 0 {
-        return Err(bad(
-            "/freeze",
+        return Err(Error::invalid(
+            "freeze",
             "every parameter is frozen: nothing is left to train",
         ));
     }
@@ -496,7 +496,7 @@ pub fn distill_with_cache(
             let (a, b) = p
                 .dataset
                 .split(f, p.seed())
-                .map_err(|e| bad("/validation/fraction", e.to_string()))?;
+                .map_err(|e| Error::invalid("validation.fraction", e.to_string()))?;
             (a, Some(b))
         }
         Validation::Dataset(d) => (Subset::all(p.dataset), Some(Subset::all(d))),
@@ -504,8 +504,8 @@ pub fn distill_with_cache(
     // The loop validates with labels; unlabelled validation data only serves agreement.
     let val_labelled = val_set.as_ref().is_some_and(|v| v.dataset.y.is_some());
     if config.early_stopping.is_some() && !val_labelled {
-        return Err(bad(
-            "/early_stopping",
+        return Err(Error::invalid(
+            "early_stopping",
             "early stopping needs labelled validation data, and this validation data has no labels",
         ));
     }
@@ -1140,11 +1140,11 @@ mod tests {
             let s = Model::init(student, 0).unwrap();
             distill(&teacher, Box::new(s), p, &ctx, TrainHooks::default()).unwrap_err()
         };
-        let ptr = |e: &Error| (e.code(), e.pointer().unwrap_or_default());
+        let ptr = |e: &Error| (e.code().as_str(), e.field().unwrap_or_default().to_string());
         let arch = student_arch(4);
 
         let e = check(&base, &student_arch(3));
-        assert_eq!(e.code(), "architecture_mismatch");
+        assert_eq!(e.code().as_str(), "architecture_mismatch");
         assert!(
             e.to_string().contains("3 classes") && e.to_string().contains("outputs 4"),
             "{e}"
@@ -1154,7 +1154,7 @@ mod tests {
             p.temperature = t;
             assert_eq!(
                 ptr(&check(&p, &arch)),
-                ("validation_failed", "/temperature".into())
+                ("validation_failed", "temperature".into())
             );
         }
         for a in [-0.1, 1.5, f64::NAN] {
@@ -1162,7 +1162,7 @@ mod tests {
             p.alpha = a;
             assert_eq!(
                 ptr(&check(&p, &arch)),
-                ("validation_failed", "/alpha".into())
+                ("validation_failed", "alpha".into())
             );
         }
         let mut p = base.clone();
@@ -1179,7 +1179,7 @@ mod tests {
             },
         ];
         let e = check(&p, &arch);
-        assert_eq!(ptr(&e).1, "/features/1/teacher");
+        assert_eq!(ptr(&e).1, "features[1].teacher");
         assert!(
             e.to_string().contains("\"fc9\"") && e.to_string().contains("bn"),
             "{e}"
@@ -1189,36 +1189,36 @@ mod tests {
             student: "7".into(),
             weight: 1.0,
         };
-        assert_eq!(ptr(&check(&p, &arch)).1, "/features/1/student");
+        assert_eq!(ptr(&check(&p, &arch)).1, "features[1].student");
         p.features[1].student = "1".into();
         p.features[1].weight = -1.0;
-        assert_eq!(ptr(&check(&p, &arch)).1, "/features/1/weight");
+        assert_eq!(ptr(&check(&p, &arch)).1, "features[1].weight");
 
         let mut p = base.clone();
         p.train.head = Some(HeadParams {
             layer: "fc2".into(),
             num_classes: 4,
         });
-        assert_eq!(ptr(&check(&p, &arch)).1, "/head");
+        assert_eq!(ptr(&check(&p, &arch)).1, "head");
         let mut p = base.clone();
         p.train.epochs = 0;
-        assert_eq!(ptr(&check(&p, &arch)).1, "/epochs");
+        assert_eq!(ptr(&check(&p, &arch)).1, "epochs");
 
         // Unlabelled data: alpha < 1 and the baseline need labels.
         let unlabelled = clusters(40, 6, false);
         let mut p = params(&unlabelled);
         let e = check(&p, &arch);
-        assert_eq!(e.code(), "dataset_mismatch");
+        assert_eq!(e.code().as_str(), "dataset_mismatch");
         assert!(e.to_string().contains("alpha"), "{e}");
         p.alpha = 1.0;
         p.baseline = true;
-        assert_eq!(ptr(&check(&p, &arch)).1, "/baseline");
+        assert_eq!(ptr(&check(&p, &arch)).1, "baseline");
         p.baseline = false;
         p.train.early_stopping = Some(EarlyStopping {
             patience: 2,
             metric: StopMetric::ValLoss,
         });
-        assert_eq!(ptr(&check(&p, &arch)).1, "/early_stopping");
+        assert_eq!(ptr(&check(&p, &arch)).1, "early_stopping");
 
         // Features that fit the student but not the teacher.
         let wide =
@@ -1235,7 +1235,7 @@ mod tests {
             TrainHooks::default(),
         )
         .unwrap_err();
-        assert_eq!(e.code(), "dataset_mismatch");
+        assert_eq!(e.code().as_str(), "dataset_mismatch");
         assert!(
             e.to_string()
                 .starts_with("dataset does not match the model: teacher:"),

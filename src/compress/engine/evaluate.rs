@@ -347,7 +347,7 @@ mod tests {
             y: Some(labels),
         };
         let e = check_dataset(arch, &d(vec![3], vec![0]), true).unwrap_err();
-        assert_eq!(e.code(), "dataset_mismatch");
+        assert_eq!(e.code().as_str(), "dataset_mismatch");
         assert!(e.to_string().contains("[3] (3 values)"), "{e}");
         let e = check_dataset(arch, &d(vec![2], vec![0, 2]), true).unwrap_err();
         assert!(

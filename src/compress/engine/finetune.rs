@@ -161,24 +161,12 @@ pub struct FinetuneOutput {
     pub trainable_parameters: u64,
 }
 
-pub(crate) fn bad(pointer: &str, detail: impl Into<String>) -> Error {
-    Error::InvalidParameter {
-        pointer: pointer.to_owned(),
-        detail: detail.into(),
-    }
-}
-
-/// Escapes one JSON pointer reference token (RFC 6901).
-fn escape(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
-}
-
-fn finite_non_negative(pointer: &str, name: &str, v: f64) -> Result<()> {
+fn finite_non_negative(field: &str, name: &str, v: f64) -> Result<()> {
     if v.is_finite() && v >= 0.0 {
         Ok(())
     } else {
-        Err(bad(
-            pointer,
+        Err(Error::invalid(
+            field,
             format!("`{name}` must be a finite, non-negative number, got {v}"),
         ))
     }
@@ -187,23 +175,26 @@ fn finite_non_negative(pointer: &str, name: &str, v: f64) -> Result<()> {
 /// Checks the parameters that do not depend on the model, and builds the loop's config.
 pub(crate) fn train_config(p: &FinetuneParams<&Dataset>) -> Result<TrainConfig> {
     if p.epochs == 0 {
-        return Err(bad("/epochs", "`epochs` must be at least 1"));
+        return Err(Error::invalid("epochs", "`epochs` must be at least 1"));
     }
     if p.batch_size == 0 {
-        return Err(bad("/batch_size", "`batch_size` must be at least 1"));
+        return Err(Error::invalid(
+            "batch_size",
+            "`batch_size` must be at least 1",
+        ));
     }
-    finite_non_negative("/optimizer/lr", "lr", p.lr)?;
-    finite_non_negative("/optimizer/weight_decay", "weight_decay", p.weight_decay)?;
+    finite_non_negative("optimizer.lr", "lr", p.lr)?;
+    finite_non_negative("optimizer.weight_decay", "weight_decay", p.weight_decay)?;
     if let Optimizer::Sgd { momentum, nesterov } = p.optimizer {
         if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
-            return Err(bad(
-                "/optimizer/momentum",
+            return Err(Error::invalid(
+                "optimizer.momentum",
                 format!("`momentum` must be in [0, 1), got {momentum}"),
             ));
         }
         if nesterov && momentum == 0.0 {
-            return Err(bad(
-                "/optimizer/nesterov",
+            return Err(Error::invalid(
+                "optimizer.nesterov",
                 "Nesterov momentum needs `momentum` > 0",
             ));
         }
@@ -211,21 +202,21 @@ pub(crate) fn train_config(p: &FinetuneParams<&Dataset>) -> Result<TrainConfig> 
     let s = &p.lr_schedule;
     if let ScheduleKind::Step { step_size, gamma } = s.kind {
         if step_size == 0 {
-            return Err(bad(
-                "/lr_schedule/step_size",
+            return Err(Error::invalid(
+                "lr_schedule.step_size",
                 "`step_size` must be at least 1 epoch",
             ));
         }
         if !(gamma.is_finite() && gamma > 0.0) {
-            return Err(bad(
-                "/lr_schedule/gamma",
+            return Err(Error::invalid(
+                "lr_schedule.gamma",
                 format!("`gamma` must be a finite, positive number, got {gamma}"),
             ));
         }
     }
     if s.warmup_epochs > p.epochs {
-        return Err(bad(
-            "/lr_schedule/warmup_epochs",
+        return Err(Error::invalid(
+            "lr_schedule.warmup_epochs",
             format!(
                 "`warmup_epochs` ({}) must not exceed `epochs` ({})",
                 s.warmup_epochs, p.epochs
@@ -234,16 +225,16 @@ pub(crate) fn train_config(p: &FinetuneParams<&Dataset>) -> Result<TrainConfig> 
     }
     if let Some(c) = p.grad_clip {
         if !(c.is_finite() && c > 0.0) {
-            return Err(bad(
-                "/grad_clip",
+            return Err(Error::invalid(
+                "grad_clip",
                 format!("`grad_clip` must be a finite, positive number, got {c}"),
             ));
         }
     }
     for (pattern, m) in &p.layer_lr {
         if !(m.is_finite() && *m >= 0.0) {
-            return Err(bad(
-                &format!("/layer_lr/{}", escape(pattern)),
+            return Err(Error::invalid(
+                format!("layer_lr[{pattern}]"),
                 format!("the learning-rate multiplier must be finite and non-negative, got {m}"),
             ));
         }
@@ -252,14 +243,14 @@ pub(crate) fn train_config(p: &FinetuneParams<&Dataset>) -> Result<TrainConfig> 
         None => None,
         Some(e) => {
             if e.patience == 0 {
-                return Err(bad(
-                    "/early_stopping/patience",
+                return Err(Error::invalid(
+                    "early_stopping.patience",
                     "`patience` must be at least 1 epoch",
                 ));
             }
             if matches!(p.validation, Validation::None) {
-                return Err(bad(
-                    "/early_stopping",
+                return Err(Error::invalid(
+                    "early_stopping",
                     "early stopping needs validation data (`validation`: a fraction or a dataset)",
                 ));
             }
@@ -303,8 +294,8 @@ pub fn finetune(
     }
     for (i, pattern) in params.freeze.iter().enumerate() {
         if model.freeze(pattern) == 0 {
-            return Err(bad(
-                &format!("/freeze/{i}"),
+            return Err(Error::invalid(
+                format!("freeze[{i}]"),
                 format!(
                     "pattern {pattern:?} matches no parameter (the model has {})",
                     names_hint(model.as_ref())
@@ -314,8 +305,8 @@ pub fn finetune(
     }
     for (pattern, _) in &params.layer_lr {
         if !model.params().iter().any(|p| glob_match(pattern, p.name())) {
-            return Err(bad(
-                &format!("/layer_lr/{}", escape(pattern)),
+            return Err(Error::invalid(
+                format!("layer_lr[{pattern}]"),
                 format!(
                     "pattern {pattern:?} matches no parameter (the model has {})",
                     names_hint(model.as_ref())
@@ -330,8 +321,8 @@ pub fn finetune(
         .map(|p| p.spec().numel() as u64)
         .sum();
     if trainable_parameters == 0 {
-        return Err(bad(
-            "/freeze",
+        return Err(Error::invalid(
+            "freeze",
             "every parameter is frozen: nothing is left to train",
         ));
     }
@@ -342,7 +333,7 @@ pub fn finetune(
             let (t, v) = params
                 .dataset
                 .split(f, params.seed())
-                .map_err(|e| bad("/validation/fraction", e.to_string()))?;
+                .map_err(|e| Error::invalid("validation.fraction", e.to_string()))?;
             (t, Some(v))
         }
         Validation::Dataset(d) => (Subset::all(params.dataset), Some(Subset::all(d))),
@@ -532,7 +523,13 @@ mod tests {
         let data = tiny();
         let arch = mlp(10);
         let base = FinetuneParams::new(&data);
-        let pointer = |e: Error| (e.code(), e.pointer().unwrap_or_default(), e.to_string());
+        let pointer = |e: Error| {
+            (
+                e.code().as_str(),
+                e.field().unwrap_or_default().to_string(),
+                e.to_string(),
+            )
+        };
 
         for lr in [-1.0, f64::NAN, f64::INFINITY] {
             let mut p = base.clone();
@@ -540,43 +537,43 @@ mod tests {
             let (code, ptr, msg) = pointer(refusal(&p, &arch));
             assert_eq!(
                 (code, ptr.as_str()),
-                ("validation_failed", "/optimizer/lr"),
+                ("validation_failed", "optimizer.lr"),
                 "{msg}"
             );
         }
         let mut p = base.clone();
         p.freeze = vec!["fc1.*".into(), "conv*".into()];
         let (_, ptr, msg) = pointer(refusal(&p, &arch));
-        assert_eq!(ptr, "/freeze/1");
+        assert_eq!(ptr, "freeze[1]");
         assert!(
             msg.contains("\"conv*\" matches no parameter") && msg.contains("fc1.weight"),
             "{msg}"
         );
         let mut p = base.clone();
         p.freeze = vec!["*".into()];
-        assert_eq!(pointer(refusal(&p, &arch)).1, "/freeze");
+        assert_eq!(pointer(refusal(&p, &arch)).1, "freeze");
         let mut p = base.clone();
         p.layer_lr = vec![("fc9.*".into(), 0.1)];
-        assert_eq!(pointer(refusal(&p, &arch)).1, "/layer_lr/fc9.*");
+        assert_eq!(pointer(refusal(&p, &arch)).1, "layer_lr[fc9.*]");
         let mut p = base.clone();
         p.early_stopping = Some(EarlyStopping {
             patience: 2,
             metric: StopMetric::ValLoss,
         });
         p.validation = Validation::None;
-        assert_eq!(pointer(refusal(&p, &arch)).1, "/early_stopping");
+        assert_eq!(pointer(refusal(&p, &arch)).1, "early_stopping");
         let mut p = base.clone();
         p.epochs = 0;
-        assert_eq!(pointer(refusal(&p, &arch)).1, "/epochs");
+        assert_eq!(pointer(refusal(&p, &arch)).1, "epochs");
         let mut p = base.clone();
         p.lr_schedule.kind = ScheduleKind::Step {
             step_size: 0,
             gamma: 0.1,
         };
-        assert_eq!(pointer(refusal(&p, &arch)).1, "/lr_schedule/step_size");
+        assert_eq!(pointer(refusal(&p, &arch)).1, "lr_schedule.step_size");
         let mut p = base.clone();
         p.validation = Validation::Fraction(1.5);
-        assert_eq!(pointer(refusal(&p, &arch)).1, "/validation/fraction");
+        assert_eq!(pointer(refusal(&p, &arch)).1, "validation.fraction");
 
         // Head: unknown layer, not linear, not final.
         let mut p = base.clone();
@@ -584,7 +581,7 @@ mod tests {
             layer: "fc3".into(),
             num_classes: 3,
         });
-        assert_eq!(pointer(refusal(&p, &arch)).1, "/head/layer");
+        assert_eq!(pointer(refusal(&p, &arch)).1, "head.layer");
         p.head = Some(HeadParams {
             layer: "2".into(),
             num_classes: 3,
@@ -605,7 +602,7 @@ mod tests {
             num_classes: 2,
         });
         let e = refusal(&p, &arch);
-        assert_eq!(e.code(), "dataset_mismatch");
+        assert_eq!(e.code().as_str(), "dataset_mismatch");
         assert!(e.to_string().contains("labels up to 2"), "{e}");
         let wide = Dataset {
             x: DatasetX::F32(vec![0.0; 40 * 65]),
@@ -613,7 +610,7 @@ mod tests {
             ..tiny()
         };
         let e = refusal(&FinetuneParams::new(&wide), &arch);
-        assert_eq!(e.code(), "dataset_mismatch");
+        assert_eq!(e.code().as_str(), "dataset_mismatch");
         assert!(e.to_string().contains("[1, 8, 8]"), "{e}");
 
         // Overlapping pooling cannot be trained.
@@ -622,7 +619,10 @@ mod tests {
             {"type":"max_pool2d","kernel_size":3,"stride":1},{"type":"flatten"},
             {"type":"linear","in_features":36,"out_features":3}]}))
             .unwrap();
-        assert_eq!(refusal(&base, &pooled).code(), "unsupported_operation");
+        assert_eq!(
+            refusal(&base, &pooled).code().as_str(),
+            "unsupported_operation"
+        );
     }
 
     #[test]
@@ -638,7 +638,7 @@ mod tests {
         };
         p.lr = 1e30;
         let e = refusal(&p, &mlp(3));
-        assert_eq!(e.code(), "non_finite_loss");
+        assert_eq!(e.code().as_str(), "non_finite_loss");
         assert!(matches!(e, Error::NonFiniteLoss { .. }), "{e}");
     }
 }

@@ -789,7 +789,7 @@ pub fn train(
     model.check_trainable()?;
     if config.early_stopping.is_some() && validation.is_none() {
         return Err(Error::InvalidParameter {
-            pointer: "/early_stopping".into(),
+            field: "early_stopping".into(),
             detail: "early stopping needs validation data".into(),
         });
     }

@@ -217,7 +217,7 @@ impl FromStr for GgufType {
             .into_iter()
             .find(|t| t.as_str() == s)
             .ok_or_else(|| Error::InvalidParameter {
-                pointer: "/type".into(),
+                field: "type".into(),
                 detail: format!(
                     "unknown GGUF type {s:?}; expected one of {}",
                     GgufType::ALL.map(GgufType::as_str).join(", ")
@@ -288,7 +288,7 @@ fn check_rows(t: &TensorInfo, ty: GgufType) -> Result<()> {
     let block = ty.block_size();
     let Some(&row) = t.shape.last() else {
         return Err(Error::InvalidParameter {
-            pointer: "/type".into(),
+            field: "type".into(),
             detail: format!(
                 "tensor {:?} is a scalar; {ty} quantizes rows in blocks of {block} values. \
                  Add it to `skip` to keep it in float.",
@@ -310,7 +310,7 @@ fn check_rows(t: &TensorInfo, ty: GgufType) -> Result<()> {
             .to_string()
     };
     Err(Error::InvalidParameter {
-        pointer: "/type".into(),
+        field: "type".into(),
         detail: format!(
             "tensor {:?} (shape {:?}) has rows of {row} values, not a multiple of {ty}'s block \
              size {block}: {alternative}. Whittle does not pad tensors.",
@@ -1025,8 +1025,8 @@ mod tests {
         assert_eq!(GgufType::Q4K.bits_per_weight(), 4.5);
         assert_eq!(GgufType::Q6K.bits_per_weight(), 6.5625);
         let e = "q4_k_m".parse::<GgufType>().unwrap_err();
-        assert_eq!(e.code(), "validation_failed");
-        assert_eq!(e.pointer().as_deref(), Some("/type"));
+        assert_eq!(e.code().as_str(), "validation_failed");
+        assert_eq!(e.field(), Some("type"));
         assert!(e.to_string().contains("\"q4_k_m\""), "{e}");
     }
 
@@ -1037,8 +1037,8 @@ mod tests {
         let sel = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
         let e = check_gguf(&fc1, &sel(&["fc1.weight"]), GgufType::Q4K).unwrap_err();
-        assert_eq!(e.code(), "validation_failed");
-        assert_eq!(e.pointer().as_deref(), Some("/type"));
+        assert_eq!(e.code().as_str(), "validation_failed");
+        assert_eq!(e.field(), Some("type"));
         let msg = e.to_string();
         for part in [
             "\"fc1.weight\"",
@@ -1080,7 +1080,7 @@ mod tests {
     fn check_refuses_what_llama_cpp_cannot_read() {
         let five = info("conv3d.weight", Dtype::F32, &[2, 2, 2, 2, 32]);
         let e = check_gguf(&[five], &[], GgufType::Q8_0).unwrap_err();
-        assert_eq!(e.code(), "unsupported_operation");
+        assert_eq!(e.code().as_str(), "unsupported_operation");
         assert!(e.to_string().contains("5 dimensions"), "{e}");
         let long = info(&"x".repeat(64), Dtype::F32, &[32]);
         let e = check_gguf(&[long], &[], GgufType::Q8_0).unwrap_err();

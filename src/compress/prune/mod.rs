@@ -117,15 +117,9 @@ pub struct PruneTargets {
 impl PruneTargets {
     /// Refuses sparsities outside [0, 1). Pointers: `/sparsity`, `/layers/{pattern}`.
     pub fn validate(&self) -> Result<()> {
-        check_sparsity("/sparsity", self.sparsity)?;
+        check_sparsity("sparsity", self.sparsity)?;
         for (pattern, s) in &self.overrides {
-            check_sparsity(
-                &format!(
-                    "/layers/{}",
-                    crate::compress::engine::sequential::arch::escape(pattern)
-                ),
-                *s,
-            )?;
+            check_sparsity(&format!("layers[{pattern}]"), *s)?;
         }
         Ok(())
     }
@@ -152,14 +146,14 @@ impl PruneTargets {
     }
 }
 
-fn check_sparsity(pointer: &str, s: f64) -> Result<()> {
+fn check_sparsity(field: &str, s: f64) -> Result<()> {
     if (0.0..1.0).contains(&s) {
         Ok(())
     } else {
-        Err(Error::InvalidParameter {
-            pointer: pointer.to_owned(),
-            detail: format!("sparsity must be in [0, 1), got {s}"),
-        })
+        Err(Error::invalid(
+            field,
+            format!("sparsity must be in [0, 1), got {s}"),
+        ))
     }
 }
 
@@ -205,13 +199,13 @@ impl Method {
         if let Method::NM { n, m } = *self {
             if m == 0 {
                 return Err(Error::InvalidParameter {
-                    pointer: "/m".into(),
+                    field: "m".into(),
                     detail: "m (the group size) must be at least 1, got 0".into(),
                 });
             }
             if n == 0 || n >= m {
                 return Err(Error::InvalidParameter {
-                    pointer: "/n".into(),
+                    field: "n".into(),
                     detail: format!(
                         "n (weights kept per group of m) must satisfy 1 <= n < m, got n = {n}, m = {m}"
                     ),
@@ -853,7 +847,10 @@ mod tests {
 
     fn pointer_of(e: Error) -> (String, String) {
         match e {
-            Error::InvalidParameter { pointer, detail } => (pointer, detail),
+            Error::InvalidParameter {
+                field: pointer,
+                detail,
+            } => (pointer, detail),
             other => panic!("expected InvalidParameter, got {other:?}"),
         }
     }
@@ -874,7 +871,7 @@ mod tests {
                 0,
             )
             .unwrap_err();
-            assert_eq!(pointer_of(e).0, "/sparsity");
+            assert_eq!(pointer_of(e).0, "sparsity");
         }
         let tg = PruneTargets {
             sparsity: 0.5,
@@ -882,8 +879,8 @@ mod tests {
             overrides: vec![("fc1/x".into(), 1.0)],
         };
         let e = prune_tensors(&mut w, &sel, &Method::Magnitude, &tg, 0).unwrap_err();
-        assert_eq!(pointer_of(e).0, "/layers/fc1~1x");
-        for (n, m, ptr) in [(4, 4, "/n"), (5, 4, "/n"), (0, 4, "/n"), (1, 0, "/m")] {
+        assert_eq!(pointer_of(e).0, "layers[fc1/x]");
+        for (n, m, ptr) in [(4, 4, "n"), (5, 4, "n"), (0, 4, "n"), (1, 0, "m")] {
             let e = prune_tensors(
                 &mut w,
                 &sel,
@@ -903,7 +900,7 @@ mod tests {
         )
         .unwrap_err();
         let (p, d) = pointer_of(e);
-        assert_eq!(p, "/m");
+        assert_eq!(p, "m");
         assert!(
             d.contains("fc1.weight")
                 && d.contains("[3, 6]")
@@ -919,7 +916,7 @@ mod tests {
             0,
         )
         .unwrap_err();
-        assert_eq!(pointer_of(e).0, "/method");
+        assert_eq!(pointer_of(e).0, "method");
         // Nothing was modified by a refused call.
         assert_eq!(w[0].values, vec![1.0; 18]);
     }
@@ -1275,7 +1272,7 @@ mod tests {
             )
         })
         .unwrap_err();
-        assert_eq!(e.code(), "unsupported_dtype");
+        assert_eq!(e.code().as_str(), "unsupported_dtype");
         let cancel = AtomicBool::new(true);
         let progress = |_: f64, _: &str| {};
         let ctx = Ctx::new(&progress, &cancel);

@@ -80,7 +80,7 @@ pub(super) fn own_sparsity(targets: &PruneTargets, name: &str) -> f64 {
 pub(super) fn check_nm(name: &str, shape: &[usize], m: usize) -> Result<()> {
     if shape.len() < 2 {
         return Err(Error::InvalidParameter {
-            pointer: "/method".into(),
+            field: "method".into(),
             detail: format!(
                 "n_m pruning groups weights along the input dimension (dim 1), but tensor {name} has shape {shape:?}; exclude it"
             ),
@@ -88,7 +88,7 @@ pub(super) fn check_nm(name: &str, shape: &[usize], m: usize) -> Result<()> {
     }
     if shape[1] % m != 0 {
         return Err(Error::InvalidParameter {
-            pointer: "/m".into(),
+            field: "m".into(),
             detail: format!(
                 "tensor {name} of shape {shape:?}: its input dimension (dim 1) has {} elements, not a multiple of m = {m}",
                 shape[1]

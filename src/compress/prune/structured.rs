@@ -240,7 +240,7 @@ pub fn prune_structured(
     targets.validate()?;
     if norm != 1 && norm != 2 {
         return Err(Error::InvalidParameter {
-            pointer: "/norm".into(),
+            field: "norm".into(),
             detail: format!("norm must be 1 or 2, got {norm}"),
         });
     }
@@ -359,23 +359,17 @@ fn choose_units(candidates: &[Candidate], targets: &PruneTargets) -> Result<Vec<
     for (c, cand) in candidates.iter().enumerate() {
         removals[c].sort_unstable();
         if removals[c].len() >= cand.units {
-            let (pointer, s) = match &cand.own {
-                Some((p, s)) => (
-                    format!(
-                        "/layers/{}",
-                        crate::compress::engine::sequential::arch::escape(p)
-                    ),
-                    *s,
-                ),
-                None => ("/sparsity".to_owned(), targets.sparsity),
+            let (field, s) = match &cand.own {
+                Some((p, s)) => (format!("layers[{p}]"), *s),
+                None => ("sparsity".to_owned(), targets.sparsity),
             };
-            return Err(Error::InvalidParameter {
-                pointer,
-                detail: format!(
+            return Err(Error::invalid(
+                field,
+                format!(
                     "structured pruning at sparsity {s} would remove all {} units of layer {} ({}); lower the sparsity or exclude it",
                     cand.units, cand.full, cand.tensor
                 ),
-            });
+            ));
         }
     }
     Ok(removals)
@@ -782,8 +776,11 @@ mod tests {
             overrides: vec![("fc1.weight".into(), 0.99)],
         };
         match prune_structured(&arch, w.clone(), &sel(&["fc1.weight"]), &tg, 2) {
-            Err(Error::InvalidParameter { pointer, detail }) => {
-                assert_eq!(pointer, "/layers/fc1.weight");
+            Err(Error::InvalidParameter {
+                field: pointer,
+                detail,
+            }) => {
+                assert_eq!(pointer, "layers[fc1.weight]");
                 assert!(detail.contains("all 12 units"), "{detail}");
             }
             other => panic!("{other:?}"),
@@ -796,7 +793,7 @@ mod tests {
             3,
         )
         .unwrap_err();
-        assert_eq!(e.pointer().as_deref(), Some("/norm"));
+        assert_eq!(e.field(), Some("norm"));
         let e = prune_structured(
             &arch,
             w,
@@ -805,7 +802,7 @@ mod tests {
             2,
         )
         .unwrap_err();
-        assert_eq!(e.pointer().as_deref(), Some("/sparsity"));
+        assert_eq!(e.field(), Some("sparsity"));
     }
 
     #[test]

@@ -181,13 +181,13 @@ pub fn calibrate(
 ) -> Result<Calibrated> {
     if !(2..=8).contains(&params.bits) {
         return Err(Error::InvalidParameter {
-            pointer: "/activations/bits".into(),
+            field: "activations.bits".into(),
             detail: format!("must be in [2, 8], got {}", params.bits),
         });
     }
     if params.samples == 0 {
         return Err(Error::InvalidParameter {
-            pointer: "/activations/calibration/samples".into(),
+            field: "activations.calibration.samples".into(),
             detail: "must be at least 1".into(),
         });
     }
@@ -277,7 +277,7 @@ pub fn input_importance(
 ) -> Result<(Importance, Vec<usize>)> {
     if samples == 0 {
         return Err(Error::InvalidParameter {
-            pointer: "/importance/samples".into(),
+            field: "importance.samples".into(),
             detail: "must be at least 1".into(),
         });
     }

@@ -448,7 +448,10 @@ impl Method {
             } => {
                 check_bits(bits)?;
                 if let Granularity::PerGroup { group_size: 0 } = granularity {
-                    return Err(param("/group_size", "group_size must be at least 1, got 0"));
+                    return Err(Error::invalid(
+                        "group_size",
+                        "group_size must be at least 1, got 0",
+                    ));
                 }
             }
             Self::Log2 { bits } => check_bits(bits)?,
@@ -459,27 +462,29 @@ impl Method {
                 ..
             } => {
                 if !(2..=256).contains(&clusters) {
-                    return Err(param(
-                        "/clusters",
+                    return Err(Error::invalid("clusters",
                         format!("clusters must be between 2 and 256 (codes are one byte), got {clusters}"),
                     ));
                 }
                 if max_iterations == 0 {
-                    return Err(param(
-                        "/max_iterations",
+                    return Err(Error::invalid(
+                        "max_iterations",
                         "max_iterations must be at least 1, got 0",
                     ));
                 }
                 if !(tolerance.is_finite() && tolerance >= 0.0) {
-                    return Err(param(
-                        "/tolerance",
+                    return Err(Error::invalid(
+                        "tolerance",
                         format!("tolerance must be a finite number ≥ 0, got {tolerance}"),
                     ));
                 }
             }
             Self::Nf4 { group_size } => {
                 if group_size == 0 {
-                    return Err(param("/group_size", "group_size must be at least 1, got 0"));
+                    return Err(Error::invalid(
+                        "group_size",
+                        "group_size must be at least 1, got 0",
+                    ));
                 }
             }
         }
@@ -517,8 +522,7 @@ impl Method {
             }
             Self::Kmeans { clusters, .. } => {
                 if clusters > numel {
-                    return Err(param(
-                        "/clusters",
+                    return Err(Error::invalid("clusters",
                         format!(
                             "tensor {tensor:?} has {numel} weights ({shape:?}), fewer than the {clusters} clusters asked for; use at most {numel} clusters or exclude the tensor"
                         ),
@@ -561,19 +565,12 @@ impl Method {
     }
 }
 
-fn param(pointer: &str, detail: impl Into<String>) -> Error {
-    Error::InvalidParameter {
-        pointer: pointer.into(),
-        detail: detail.into(),
-    }
-}
-
 fn check_bits(bits: u8) -> Result<()> {
     if (2..=8).contains(&bits) {
         Ok(())
     } else {
-        Err(param(
-            "/bits",
+        Err(Error::invalid(
+            "bits",
             format!("bits must be between 2 and 8, got {bits}"),
         ))
     }
@@ -599,7 +596,10 @@ pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
 
 fn check_group(tensor: &str, shape: &[usize], cols: usize, group_size: usize) -> Result<()> {
     if group_size == 0 {
-        return Err(param("/group_size", "group_size must be at least 1, got 0"));
+        return Err(Error::invalid(
+            "group_size",
+            "group_size must be at least 1, got 0",
+        ));
     }
     if cols % group_size == 0 {
         return Ok(());
@@ -610,8 +610,7 @@ fn check_group(tensor: &str, shape: &[usize], cols: usize, group_size: usize) ->
         .find(|d| cols % *d == 0)
         .unwrap_or(cols);
     let hint = format!("try group_size {below} or {above} (divisors of {cols}), or per_channel");
-    Err(param(
-        "/group_size",
+    Err(Error::invalid("group_size",
         format!(
             "tensor {tensor:?} {shape:?} has {cols} columns per row, not a multiple of group_size {group_size}; {hint}"
         ),
@@ -736,15 +735,14 @@ pub type Importance = std::collections::HashMap<String, Vec<f32>>;
 /// calls an importance matrix).
 pub fn check_importance(tensor: &str, shape: &[usize], method: &Method, w: &[f32]) -> Result<()> {
     if !matches!(method, Method::Uniform { search: true, .. }) {
-        return Err(param(
-            "/importance",
+        return Err(Error::invalid(
+            "importance",
             "importance weights the clipping search of `uniform` (`search: true`) only",
         ));
     }
     let (_, cols) = rows_cols(shape);
     if w.len() != cols {
-        return Err(param(
-            "/importance",
+        return Err(Error::invalid("importance",
             format!(
                 "tensor {tensor:?} {shape:?} needs {cols} importance values (one per element of a row), got {}",
                 w.len()
@@ -752,8 +750,7 @@ pub fn check_importance(tensor: &str, shape: &[usize], method: &Method, w: &[f32
         ));
     }
     if let Some(i) = w.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
-        return Err(param(
-            "/importance",
+        return Err(Error::invalid("importance",
             format!(
                 "importance of tensor {tensor:?} holds {} at index {i}; weights must be finite and ≥ 0",
                 w[i]
@@ -995,7 +992,7 @@ mod tests {
         let v = vec![1.0f32; 10 * 100];
         let m = uniform_m(4, true, Granularity::PerGroup { group_size: 64 }, false);
         let e = quantize_tensor(&v, &[10, 100], &m, 0).unwrap_err();
-        assert_eq!(e.pointer().as_deref(), Some("/group_size"));
+        assert_eq!(e.field(), Some("group_size"));
         let msg = e.to_string();
         assert!(
             msg.contains("100 columns") && msg.contains("group_size 64"),
@@ -1006,18 +1003,18 @@ mod tests {
             let e = uniform_m(bits, true, Granularity::PerChannel, false)
                 .validate()
                 .unwrap_err();
-            assert_eq!(e.pointer().as_deref(), Some("/bits"));
-            assert_eq!(e.code(), "validation_failed");
+            assert_eq!(e.field(), Some("bits"));
+            assert_eq!(e.code().as_str(), "validation_failed");
             assert!(Method::Log2 { bits }.validate().is_err());
         }
         let e = quantize_tensor(&[1.0, 2.0, 3.0], &[3], &kmeans_m(4, KmeansInit::Linear), 0)
             .unwrap_err();
-        assert_eq!(e.pointer().as_deref(), Some("/clusters"));
+        assert_eq!(e.field(), Some("clusters"));
         assert!(e.to_string().contains("3 weights"));
         assert!(kmeans_m(257, KmeansInit::Linear).validate().is_err());
         assert!(kmeans_m(1, KmeansInit::Linear).validate().is_err());
         let e = quantize_tensor(&v, &[10, 100], &Method::Nf4 { group_size: 64 }, 0).unwrap_err();
-        assert_eq!(e.pointer().as_deref(), Some("/group_size"));
+        assert_eq!(e.field(), Some("group_size"));
     }
 
     #[test]
@@ -1219,7 +1216,7 @@ mod tests {
         for w in [&short, &bad, &nan] {
             let e = quantize_named("t", &v, &[rows, cols], &m, 0, Some(w)).unwrap_err();
             assert!(
-                matches!(e, Error::InvalidParameter { ref pointer, .. } if pointer == "/importance"),
+                matches!(e, Error::InvalidParameter { field: ref pointer, .. } if pointer == "importance"),
                 "{e}"
             );
         }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::codes::Code;
 use crate::compress::engine::data::{Dataset, Subset};
 use crate::compress::engine::evaluate::{evaluate, evaluate_weights, EvalData, Evaluation};
 use crate::compress::engine::finetune::{FinetuneParams, Validation};
@@ -45,14 +46,45 @@ pub enum PipelineError {
     Cancelled,
     /// The job failed.
     Failed(JobError),
+    /// A parameter was refused by `compress` (named its way; [`PipelineError::at`] locates it).
+    Invalid {
+        /// The parameter, as `compress` names it.
+        field: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl PipelineError {
+    /// This error with a refused parameter located under the JSON pointer `base` (a step's).
+    pub fn at(self, base: &str) -> PipelineError {
+        match self {
+            PipelineError::Invalid { field, detail } => {
+                PipelineError::Failed(located(base, &field, &detail))
+            }
+            other => other,
+        }
+    }
+
+    /// The job error to record for this failure.
+    pub fn job_error(self) -> JobError {
+        match self {
+            PipelineError::Failed(e) => e,
+            PipelineError::Cancelled => JobError::fatal(Code::Cancelled, "the job was cancelled"),
+            PipelineError::Invalid { field, detail } => located("", &field, &detail),
+        }
+    }
 }
 
 impl From<compress::Error> for PipelineError {
     fn from(e: compress::Error) -> Self {
         match e {
             compress::Error::Cancelled => PipelineError::Cancelled,
+            compress::Error::InvalidParameter { field, detail } => {
+                PipelineError::Invalid { field, detail }
+            }
             compress::Error::Io(io) => PipelineError::Failed(JobError::retryable(
-                "io_error",
+                Code::IoError,
                 format!("reading or writing a blob failed: {io}"),
             )),
             other => PipelineError::Failed(JobError::fatal(other.code(), other.to_string())),
@@ -63,7 +95,7 @@ impl From<compress::Error> for PipelineError {
 impl From<crate::store::Error> for PipelineError {
     fn from(e: crate::store::Error) -> Self {
         PipelineError::Failed(JobError::retryable(
-            "storage_error",
+            Code::StorageError,
             format!("the blob store failed: {e}"),
         ))
     }
@@ -75,8 +107,19 @@ impl From<std::io::Error> for PipelineError {
     }
 }
 
+/// A refused parameter as a job error naming its JSON pointer under `base`.
+fn located(base: &str, field: &str, detail: &str) -> JobError {
+    JobError::fatal(
+        Code::ValidationFailed,
+        format!(
+            "invalid parameter at {}: {detail}",
+            crate::spec::pointer_of(base, field)
+        ),
+    )
+}
+
 /// A fatal failure of the job with `code`.
-fn failed(code: &str, message: impl Into<String>) -> PipelineError {
+fn failed(code: Code, message: impl Into<String>) -> PipelineError {
     PipelineError::Failed(JobError::fatal(code, message))
 }
 
@@ -127,7 +170,7 @@ impl<'a> DatasetCache<'a> {
     pub fn get(&self, id: &DatasetId) -> Result<&Dataset, PipelineError> {
         self.loaded.get(id).ok_or_else(|| {
             failed(
-                "dataset_not_found",
+                Code::DatasetNotFound,
                 format!("dataset {id} no longer exists"),
             )
         })
@@ -236,7 +279,7 @@ impl Env<'_> {
     fn named_model(&self, id: &str, role: &str) -> Result<&ModelRecord, PipelineError> {
         self.models.get(id).ok_or_else(|| {
             failed(
-                "model_not_found",
+                Code::ModelNotFound,
                 format!("{role} model {id} no longer exists"),
             )
         })
@@ -319,7 +362,7 @@ pub(super) fn current_arch(arch: &Option<Value>) -> Result<Architecture, Pipelin
     match arch {
         Some(a) => Ok(Architecture::from_json(a)?),
         None => Err(failed(
-            "architecture_required",
+            Code::ArchitectureRequired,
             "this step runs the network and the model has no architecture",
         )),
     }

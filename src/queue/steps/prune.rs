@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use super::{
     current_arch, failed, with_architecture, Artifact, Env, Input, PipelineError, StepOut,
 };
+use crate::codes::Code;
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::formats::safetensors::{tensor_bytes, SafetensorsFile};
 use crate::compress::prune::schedule::{prune_gradually, GradualParams};
@@ -25,7 +26,7 @@ pub(super) fn prune(env: &Env, spec: &PruneSpec, input: &Input) -> Result<StepOu
         .collect();
     if selected.is_empty() {
         return Err(failed(
-            "validation_failed",
+            Code::ValidationFailed,
             "the selection matches no tensor of this step's input",
         ));
     }
@@ -100,7 +101,7 @@ fn gradual(
 ) -> Result<StepOut, PipelineError> {
     let Some(schedule) = &spec.schedule else {
         return Err(failed(
-            "internal_error",
+            Code::InternalError,
             "gradual pruning without a schedule",
         ));
     };

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::{current_arch, failed, Artifact, Env, Input, PipelineError, StepOut};
+use crate::codes::Code;
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::formats::gguf;
 use crate::compress::formats::packed::{self, QuantizeFile};
@@ -119,7 +120,7 @@ pub(super) fn quantize(
         let weights = Model::from_safetensors(&arch, source)?.export()?;
         let eval = env.eval_data()?.ok_or_else(|| {
             failed(
-                "validation_failed",
+                Code::ValidationFailed,
                 "max_accuracy_drop needs the job's `eval` dataset",
             )
         })?;

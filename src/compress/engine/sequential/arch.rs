@@ -16,7 +16,6 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::Value;
 
-pub(crate) use super::parse::escape;
 use super::parse::*;
 pub use crate::compress::engine::{ParamKind, ParamSpec};
 use crate::compress::formats::safetensors::Header;
@@ -937,7 +936,7 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("fc1.bias is I32"), "{m}");
-        assert_eq!(e.code(), "architecture_mismatch");
+        assert_eq!(e.code().as_str(), "architecture_mismatch");
     }
 
     #[test]

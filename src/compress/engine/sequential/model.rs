@@ -24,7 +24,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::compress::engine::data::Dataset;
-use crate::compress::engine::finetune::{bad, HeadParams};
+use crate::compress::engine::finetune::HeadParams;
 use crate::compress::engine::sequential::arch::{
     Architecture, Layer, LayerSummary, ParamKind, Size2,
 };
@@ -498,12 +498,14 @@ impl Model {
         let wanted: Vec<usize> = names
             .iter()
             .map(|name| {
-                self.layer_index(name).ok_or_else(|| Error::InvalidParameter {
-                    pointer: String::new(),
-                    detail: format!(
-                        "the model has no top-level layer named {name:?} (unnamed layers are named by their index; it has {} layers)",
-                        self.nodes.len()
-                    ),
+                self.layer_index(name).ok_or_else(|| {
+                    Error::invalid(
+                        "",
+                        format!(
+                            "the model has no top-level layer named {name:?} (unnamed layers are named by their index; it has {} layers)",
+                            self.nodes.len()
+                        ),
+                    )
                 })
             })
             .collect::<Result<_>>()?;
@@ -800,8 +802,8 @@ fn replace_head(
         .enumerate()
         .position(|(i, l)| l.name().map_or_else(|| i.to_string(), str::to_owned) == head.layer);
     let Some(index) = index else {
-        return Err(bad(
-            "/head/layer",
+        return Err(Error::invalid(
+            "head.layer",
             format!(
                 "no top-level layer is named {:?} (unnamed layers are named by their index)",
                 head.layer
@@ -809,8 +811,8 @@ fn replace_head(
         ));
     };
     if !matches!(arch.layers()[index], Layer::Linear { .. }) {
-        return Err(bad(
-            "/head/layer",
+        return Err(Error::invalid(
+            "head.layer",
             format!(
                 "layer {:?} is a {}, but the head must be a linear layer",
                 head.layer,
@@ -819,13 +821,16 @@ fn replace_head(
         ));
     }
     if head.num_classes == 0 {
-        return Err(bad("/head/num_classes", "`num_classes` must be at least 1"));
+        return Err(Error::invalid(
+            "head.num_classes",
+            "`num_classes` must be at least 1",
+        ));
     }
     let mut doc = arch.to_json();
     doc["layers"][index]["out_features"] = serde_json::json!(head.num_classes);
     let new_arch = Architecture::from_json(&doc).map_err(|e| {
-        bad(
-            "/head/layer",
+        Error::invalid(
+            "head.layer",
             format!(
                 "layer {:?} is not the final classifier: widening it breaks the layers after it ({e})",
                 head.layer
@@ -1066,7 +1071,7 @@ pub(crate) mod tests {
         let grads = taps[0].sum_all().unwrap().backward().unwrap();
         assert!(grads.get(model.params()[0].var().as_tensor()).is_some());
         let e = model.forward_eval_taps(&x, &["nope"]).unwrap_err();
-        assert_eq!(e.code(), "validation_failed");
+        assert_eq!(e.code().as_str(), "validation_failed");
         assert!(e.to_string().contains("\"nope\""), "{e}");
     }
 
@@ -1130,7 +1135,7 @@ pub(crate) mod tests {
         .unwrap();
         let model = Model::init(&arch, 0).unwrap();
         let e = model.check_trainable().unwrap_err();
-        assert_eq!(e.code(), "unsupported_operation");
+        assert_eq!(e.code().as_str(), "unsupported_operation");
         assert!(
             e.to_string().contains("pool") && e.to_string().contains("3x3"),
             "{e}"

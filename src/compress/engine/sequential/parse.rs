@@ -7,18 +7,13 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use super::arch::*;
-use crate::compress::{Error, Result};
+use crate::compress::{pointer_token as escape, Error, Result};
 
 pub(super) fn invalid(pointer: impl Into<String>, detail: impl Into<String>) -> Error {
     Error::ArchitectureInvalid {
         pointer: pointer.into(),
         detail: detail.into(),
     }
-}
-
-/// Escapes one JSON pointer reference token (RFC 6901).
-pub(crate) fn escape(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
 }
 
 pub(super) fn json_kind(v: &Value) -> &'static str {
