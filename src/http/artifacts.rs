@@ -5,33 +5,20 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
 
+use super::bodies::ArtifactBody;
 use super::error::{ApiError, ApiResult};
 use super::extract::parse_id;
 use super::AppState;
 use crate::codes::Code;
 use crate::db::artifacts::{self, ArtifactRecord};
-use crate::ids::{rfc3339, ArtifactId};
+use crate::ids::ArtifactId;
 
 /// Routes of this resource.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/artifacts/{id}", get(get_artifact))
         .route("/artifacts/{id}/content", get(download_artifact))
-}
-
-/// The API body of an artifact.
-pub fn artifact_json(a: &ArtifactRecord) -> Value {
-    json!({
-        "id": a.id.to_string(),
-        "job_id": a.job_id.to_string(),
-        "kind": a.kind,
-        "format": a.format,
-        "size_bytes": a.size_bytes,
-        "sha256": a.sha256,
-        "created_at": rfc3339(a.created_at),
-    })
 }
 
 async fn load_artifact(state: &AppState, raw: &str) -> ApiResult<ArtifactRecord> {
@@ -44,8 +31,8 @@ async fn load_artifact(state: &AppState, raw: &str) -> ApiResult<ArtifactRecord>
 async fn get_artifact(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(artifact_json(&load_artifact(&state, &id).await?)))
+) -> ApiResult<Json<ArtifactBody>> {
+    Ok(Json(ArtifactBody::from(&load_artifact(&state, &id).await?)))
 }
 
 async fn download_artifact(

@@ -9,16 +9,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use super::bodies::DatasetBody;
 use super::error::{ApiError, ApiResult};
-use super::extract::{page_body, parse_id, AppQuery, Page};
+use super::extract::{page_body, parse_id, AppQuery, Page, PageBody};
 use super::upload::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
 use crate::codes::Code;
 use crate::compress::engine::data::Dataset;
 use crate::db::datasets::{self, DatasetRecord};
-use crate::ids::{now_micros, rfc3339, DatasetId};
+use crate::ids::{now_micros, DatasetId};
 use crate::store::TempBlob;
 
 /// Routes of this resource.
@@ -31,21 +32,6 @@ pub fn router() -> Router<AppState> {
                 .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/datasets/{id}", get(get_dataset).delete(delete_dataset))
-}
-
-/// The API body of a dataset.
-pub fn dataset_json(d: &DatasetRecord) -> Value {
-    json!({
-        "id": d.id.to_string(),
-        "name": d.name,
-        "format": d.format,
-        "samples": d.samples,
-        "feature_shape": d.feature_shape,
-        "num_classes": d.num_classes,
-        "sha256": d.sha256,
-        "size_bytes": d.size_bytes,
-        "created_at": rfc3339(d.created_at),
-    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,7 +152,7 @@ async fn upload_dataset(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/datasets/{}", record.id))],
-        Json(dataset_json(&record)),
+        Json(DatasetBody::from(&record)),
     )
         .into_response())
 }
@@ -223,12 +209,12 @@ async fn read_multipart(state: &AppState, mut mp: Multipart, parts: &mut Parts) 
 async fn list_datasets(
     State(state): State<AppState>,
     AppQuery(page): AppQuery<Page>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PageBody<DatasetBody>>> {
     let limit = page.limit();
     let rows = datasets::list(&state.db, page.after()?, limit).await?;
     let last = rows.last().map(|d| d.id);
     Ok(Json(page_body(
-        rows.iter().map(dataset_json).collect(),
+        rows.iter().map(DatasetBody::from).collect(),
         last,
         limit,
     )))
@@ -244,8 +230,8 @@ async fn load_dataset(state: &AppState, raw: &str) -> ApiResult<DatasetRecord> {
 async fn get_dataset(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(dataset_json(&load_dataset(&state, &id).await?)))
+) -> ApiResult<Json<DatasetBody>> {
+    Ok(Json(DatasetBody::from(&load_dataset(&state, &id).await?)))
 }
 
 /// `DELETE /v1/datasets/{id}`; the blob is reclaimed by the garbage collector.

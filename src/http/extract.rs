@@ -95,15 +95,24 @@ impl Page {
 }
 
 /// `{"items": [...], "next_cursor": …}`: the cursor is the last id when the page is full.
-pub fn page_body<T: std::fmt::Display>(
-    items: Vec<serde_json::Value>,
+pub fn page_body<B: serde::Serialize, T: std::fmt::Display>(
+    items: Vec<B>,
     last: Option<T>,
     limit: i64,
-) -> serde_json::Value {
-    let next = if items.len() as i64 == limit {
+) -> PageBody<B> {
+    let next_cursor = if items.len() as i64 == limit {
         last.map(|l| l.to_string())
     } else {
         None
     };
-    serde_json::json!({ "items": items, "next_cursor": next })
+    PageBody { items, next_cursor }
+}
+
+/// One page of a list: `{"items", "next_cursor"}`.
+#[derive(Debug, serde::Serialize)]
+pub struct PageBody<B> {
+    /// The page.
+    pub items: Vec<B>,
+    /// The cursor of the next page; `null` on the last.
+    pub next_cursor: Option<String>,
 }

@@ -15,8 +15,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::bodies::JobBody;
 use super::error::{ApiError, ApiResult};
-use super::extract::{page_body, parse_id, AppJson, AppQuery, Page};
+use super::extract::{page_body, parse_id, AppJson, AppQuery, Page, PageBody};
 use super::AppState;
 use crate::codes::Code;
 use crate::db::events;
@@ -35,33 +36,6 @@ pub fn router() -> Router<AppState> {
         .route("/jobs/{id}/events", get(job_events))
         .route("/jobs/{id}/metrics", get(job_metrics))
         .route("/jobs/{id}/logs", get(job_logs))
-}
-
-/// The API body of a job.
-pub fn job_json(j: &JobRecord) -> Value {
-    let opt_time = |t: Option<i64>| t.map(rfc3339);
-    json!({
-        "id": j.id.to_string(),
-        "state": j.state.as_str(),
-        "model_id": j.model_id.to_string(),
-        "steps": j.spec.get("steps").cloned().unwrap_or(Value::Null),
-        "eval": j.spec.get("eval").cloned().unwrap_or(Value::Null),
-        "progress": j.progress,
-        "attempt": j.attempt,
-        "max_attempts": j.max_attempts,
-        "priority": j.priority,
-        "timeout_seconds": j.timeout_seconds,
-        "seed": j.spec.get("seed").cloned().unwrap_or(json!(0)),
-        "cancel_requested": j.cancel_requested,
-        "error": j.error,
-        "result": j.result,
-        "labels": j.labels(),
-        "webhook_url": j.spec.get("webhook_url").cloned().unwrap_or(Value::Null),
-        "created_at": rfc3339(j.created_at),
-        "started_at": opt_time(j.started_at),
-        "finished_at": opt_time(j.finished_at),
-        "updated_at": rfc3339(j.updated_at),
-    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,7 +146,7 @@ fn accepted(job: &JobRecord) -> ApiResult<Response> {
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/jobs/{}", job.id))],
-        Json(job_json(job)),
+        Json(JobBody::from(job)),
     )
         .into_response())
 }
@@ -277,7 +251,7 @@ async fn get_job(
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    Ok(([(header::ETAG, etag)], Json(job_json(&job))).into_response())
+    Ok(([(header::ETAG, etag)], Json(JobBody::from(&job))).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,7 +266,7 @@ struct ListQuery {
 async fn list_jobs(
     State(state): State<AppState>,
     AppQuery(q): AppQuery<ListQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PageBody<JobBody>>> {
     let page = Page {
         limit: q.limit,
         cursor: q.cursor,
@@ -327,7 +301,7 @@ async fn list_jobs(
     let rows = jobs::list(&state.db, &filter, page.after()?, limit).await?;
     let last = rows.last().map(|j| j.id);
     Ok(Json(page_body(
-        rows.iter().map(job_json).collect(),
+        rows.iter().map(JobBody::from).collect(),
         last,
         limit,
     )))
@@ -340,7 +314,7 @@ async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Ap
         | CancelOutcome::Requested
         | CancelOutcome::AlreadyFinished(JobState::Cancelled) => {
             let job = load_job(&state, &id).await?;
-            Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
+            Ok((StatusCode::ACCEPTED, Json(JobBody::from(&job))).into_response())
         }
         CancelOutcome::AlreadyFinished(s) => Err(ApiError::conflict(
             Code::JobAlreadyFinished,

@@ -4,6 +4,7 @@
 //! nothing themselves beyond validating input.
 
 pub mod artifacts;
+pub mod bodies;
 pub mod content;
 pub mod datasets;
 pub mod error;

@@ -11,10 +11,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::bodies::ModelBody;
 use super::error::{ApiError, ApiResult};
-use super::extract::{page_body, parse_id, AppQuery, Page};
+use super::extract::{page_body, parse_id, AppQuery, Page, PageBody};
 use super::upload::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
 use crate::codes::Code;
@@ -23,7 +24,7 @@ use crate::compress::engine::sequential::write_initialised;
 use crate::compress::formats::safetensors;
 use crate::compress::formats::ARCHITECTURE_KEY;
 use crate::db::models::{self, ModelRecord};
-use crate::ids::{rfc3339, ModelId};
+use crate::ids::ModelId;
 use crate::spec::FieldError;
 use crate::store::TempBlob;
 
@@ -38,36 +39,6 @@ pub fn router() -> Router<AppState> {
         )
         .route("/models/{id}", get(get_model).delete(delete_model))
         .route("/models/{id}/content", get(download_model))
-}
-
-/// The API body of a model.
-pub fn model_json(m: &ModelRecord) -> Value {
-    json!({
-        "id": m.id.to_string(),
-        "name": m.name,
-        "sha256": m.sha256,
-        "size_bytes": m.size_bytes,
-        "parameters": m.parameters,
-        "tensors": m.tensors,
-        "architecture": m.architecture,
-        "summary": m.architecture.as_ref().and_then(|a| Architecture::from_json(a).ok()).map(|a| network_summary(&a)),
-        "source": m.source.map(|(job, step)| json!({"job_id": job.to_string(), "step": step})),
-        "created_at": rfc3339(m.created_at),
-    })
-}
-
-/// What running the network costs: parameters, FLOPs and activation memory per sample, per
-/// layer and in total (from the architecture alone).
-fn network_summary(arch: &Architecture) -> Value {
-    let layers = arch.summary();
-    json!({
-        "parameters": arch.parameter_count(),
-        "flops_per_sample": arch.flops(),
-        "activation_bytes_per_sample": layers.iter().map(|l| l.activation_bytes).sum::<u64>(),
-        "input_shape": arch.input_shape(),
-        "output_shape": arch.output_shape(),
-        "layers": layers,
-    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,7 +111,7 @@ fn created(record: &ModelRecord) -> ApiResult<Response> {
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/models/{}", record.id))],
-        Json(model_json(record)),
+        Json(ModelBody::from(record)),
     )
         .into_response())
 }
@@ -345,12 +316,12 @@ async fn create_from_architecture(
 async fn list_models(
     State(state): State<AppState>,
     AppQuery(page): AppQuery<Page>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PageBody<ModelBody>>> {
     let limit = page.limit();
     let rows = models::list(&state.db, page.after()?, limit).await?;
     let last = rows.last().map(|m| m.id);
     Ok(Json(page_body(
-        rows.iter().map(model_json).collect(),
+        rows.iter().map(ModelBody::from).collect(),
         last,
         limit,
     )))
@@ -366,8 +337,8 @@ pub(crate) async fn load_model(state: &AppState, raw: &str) -> ApiResult<ModelRe
 async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(model_json(&load_model(&state, &id).await?)))
+) -> ApiResult<Json<ModelBody>> {
+    Ok(Json(ModelBody::from(&load_model(&state, &id).await?)))
 }
 
 /// `DELETE /v1/models/{id}`: the row goes at once; the blob is reclaimed by the garbage

@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::steps::{self, eval_json, evaluate_file, evaluate_model, load_model, Env, Input};
+use super::steps::{self, evaluate_file, evaluate_model, load_model, Env, EvalFigures, Input};
 pub use super::steps::{DatasetCache, PipelineError, PipelineHooks, ResumePoint};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::Network;
@@ -92,10 +93,10 @@ fn run(
         _ => None,
     };
     drop(input);
-    let mut baseline = summary_json(&baseline_weights, model.size_bytes as u64);
+    let mut baseline = Figures::of(&baseline_weights, model.size_bytes as u64);
     if let (Some(eval), Some(reference)) = (&spec.eval, &reference) {
         let e = evaluate_model(reference.as_ref(), datasets.eval_data(eval)?, None, ctx)?;
-        merge(&mut baseline, &eval_json(&e));
+        baseline.evaluation = Some(EvalFigures::from(&e));
     }
 
     let steps_json: Vec<Value> = spec.steps.iter().map(Step::to_json).collect();
@@ -173,19 +174,13 @@ fn run(
 
     let output = SafetensorsFile::open(store.materialize(&current.sha256)?)?;
     let final_weights = output.weight_summary();
-    let mut final_json = json!({
-        "parameters": final_weights.parameters,
-        "nonzero": final_weights.nonzero,
-        "size_bytes": current.size,
-        "bits_per_weight": final_weights.bits_per_weight(),
-        "compression_ratio": model.size_bytes as f64 / current.size.max(1) as f64,
-    });
+    let mut end = Figures::of(&final_weights, current.size);
+    end.compression_ratio = Some(model.size_bytes as f64 / current.size.max(1) as f64);
     if let Some((kind, _, blob)) = encodings.last() {
-        final_json["encoding"] = json!(kind);
-        final_json["packed_size_bytes"] = json!(blob.size);
-        final_json["compression_ratio"] = json!(model.size_bytes as f64 / blob.size.max(1) as f64);
-        final_json["bits_per_weight"] =
-            json!(blob.size as f64 * 8.0 / final_weights.parameters.max(1) as f64);
+        end.encoding = Some(kind.clone());
+        end.packed_size_bytes = Some(blob.size);
+        end.compression_ratio = Some(model.size_bytes as f64 / blob.size.max(1) as f64);
+        end.bits_per_weight = blob.size as f64 * 8.0 / final_weights.parameters.max(1) as f64;
     }
     if let Some(eval) = &spec.eval {
         let e = evaluate_file(
@@ -196,14 +191,15 @@ fn run(
             reference.as_deref(),
             ctx,
         )?;
-        merge(&mut final_json, &eval_json(&e));
-        final_json["agreement_with_baseline"] = json!(e.agreement);
+        end.agreement_with_baseline = Some(e.agreement);
+        end.evaluation = Some(EvalFigures::from(&e));
     }
-    let metrics = json!({
-        "baseline": baseline,
-        "steps": step_metrics,
-        "final": final_json,
-    });
+    let metrics = serde_json::to_value(MetricsDocument {
+        baseline,
+        steps: step_metrics,
+        end,
+    })
+    .unwrap_or(Value::Null);
     let report = store.put_bytes(
         serde_json::to_vec_pretty(&metrics)
             .unwrap_or_default()
@@ -232,14 +228,50 @@ fn needs_network(spec: &JobSpec) -> bool {
         })
 }
 
-/// The weight figures of the metrics document's `baseline` and `final`.
-fn summary_json(s: &WeightSummary, size_bytes: u64) -> Value {
-    json!({
-        "parameters": s.parameters,
-        "nonzero": s.nonzero,
-        "size_bytes": size_bytes,
-        "bits_per_weight": s.bits_per_weight(),
-    })
+/// The metrics document (API.md "Metrics"): the input model, each step's record, the output.
+#[derive(Debug, Serialize)]
+struct MetricsDocument {
+    baseline: Figures,
+    /// One record per step: `op`, `seconds`, `epochs`, and the step's own `summary`,
+    /// `layers` and extras (their shapes are per op; openapi.yaml `StepMetrics`).
+    steps: Vec<Value>,
+    #[serde(rename = "final")]
+    end: Figures,
+}
+
+/// The figures of the metrics document's `baseline` (the input) and `final` (the output).
+#[derive(Debug, Serialize)]
+struct Figures {
+    parameters: u64,
+    nonzero: u64,
+    size_bytes: u64,
+    bits_per_weight: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compression_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packed_size_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreement_with_baseline: Option<Option<f64>>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    evaluation: Option<EvalFigures>,
+}
+
+impl Figures {
+    fn of(s: &WeightSummary, size_bytes: u64) -> Figures {
+        Figures {
+            parameters: s.parameters,
+            nonzero: s.nonzero,
+            size_bytes,
+            bits_per_weight: s.bits_per_weight(),
+            compression_ratio: None,
+            encoding: None,
+            packed_size_bytes: None,
+            agreement_with_baseline: None,
+            evaluation: None,
+        }
+    }
 }
 
 fn merge(into: &mut Value, from: &Value) {

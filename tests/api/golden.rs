@@ -137,8 +137,23 @@ async fn digests(t: &TestApp, name: &str, body: Value) -> (Value, String) {
     let (_, state) = t.run_one().await.unwrap();
     let job = t.get(&format!("/v1/jobs/{id}")).await.json();
     assert_eq!(state, JobState::Succeeded, "{name}: {job}");
+    // Every body this job produced matches the contract.
+    assert_schema("Job", &job);
+    let model = t
+        .get(&format!(
+            "/v1/models/{}",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_schema("Model", &model.json());
     let mut out = serde_json::Map::new();
     for a in job["result"]["artifacts"].as_array().unwrap() {
+        assert_schema(
+            "Artifact",
+            &t.get(&format!("/v1/artifacts/{}", a["id"].as_str().unwrap()))
+                .await
+                .json(),
+        );
         let kind = a["kind"].as_str().unwrap();
         if kind == "report" {
             continue; // the metrics document, digested below without its timings
@@ -156,7 +171,9 @@ async fn digests(t: &TestApp, name: &str, body: Value) -> (Value, String) {
         };
         out.insert(kind.to_string(), json!(digest));
     }
-    let metrics = normalise(&t.get(&format!("/v1/jobs/{id}/metrics")).await.json());
+    let raw = t.get(&format!("/v1/jobs/{id}/metrics")).await.json();
+    assert_schema("Metrics", &raw);
+    let metrics = normalise(&raw);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/golden");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(

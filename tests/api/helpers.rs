@@ -398,3 +398,37 @@ pub async fn fresh_model(t: &TestApp, arch: Value, seed: u64) -> String {
     assert_eq!(res.status, 201, "{}", res.text());
     res.json()["id"].as_str().unwrap().to_string()
 }
+
+/// Asserts that `value` conforms to the schema `components/schemas/{name}` of the served
+/// OpenAPI document (JSON Schema 2020-12, as OpenAPI 3.1 uses), listing every violation.
+#[track_caller]
+pub fn assert_schema(name: &str, value: &Value) {
+    use std::sync::OnceLock;
+    static COMPONENTS: OnceLock<Value> = OnceLock::new();
+    let components = COMPONENTS.get_or_init(|| {
+        let doc: Value =
+            serde_yaml::from_str(whittle::http::OPENAPI_YAML).expect("openapi.yaml parses");
+        doc["components"].clone()
+    });
+    assert!(
+        components["schemas"].get(name).is_some(),
+        "openapi.yaml has no schema {name}"
+    );
+    let schema = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$ref": format!("#/components/schemas/{name}"),
+        "components": components,
+    });
+    let validator = jsonschema::validator_for(&schema)
+        .unwrap_or_else(|e| panic!("schema {name} does not compile: {e}"));
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "response does not match schema {name}:\n{}\n{}",
+        errors.join("\n"),
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}

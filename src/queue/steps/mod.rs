@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 
 use crate::codes::Code;
 use crate::compress::engine::data::{Dataset, Subset};
-use crate::compress::engine::evaluate::{evaluate, evaluate_weights, EvalData, Evaluation};
+use crate::compress::engine::evaluate::{
+    evaluate, evaluate_weights, ClassAccuracy, EvalData, Evaluation,
+};
 use crate::compress::engine::finetune::{FinetuneParams, Validation};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::model::Model;
@@ -406,19 +408,39 @@ pub(super) fn evaluate_model(
     )?)
 }
 
-/// The API's figures of an evaluation.
+/// The API's figures of an evaluation (the metrics document's `EvaluationFigures`).
+#[derive(Debug, serde::Serialize)]
+pub struct EvalFigures {
+    samples: usize,
+    loss: Option<f64>,
+    accuracy: Option<f64>,
+    top5_accuracy: Option<f64>,
+    per_class_accuracy: Vec<ClassAccuracy>,
+    agreement: Option<f64>,
+    kl_divergence: Option<f64>,
+    samples_per_second: f64,
+    mean_batch_latency_ms: f64,
+}
+
+impl From<&Evaluation> for EvalFigures {
+    fn from(e: &Evaluation) -> Self {
+        EvalFigures {
+            samples: e.samples,
+            loss: e.loss,
+            accuracy: e.accuracy,
+            top5_accuracy: e.top5_accuracy,
+            per_class_accuracy: e.per_class.clone(),
+            agreement: e.agreement,
+            kl_divergence: e.kl_divergence,
+            samples_per_second: e.samples_per_second,
+            mean_batch_latency_ms: e.mean_batch_latency_ms,
+        }
+    }
+}
+
+/// [`EvalFigures`] as JSON, for step summaries that nest them.
 pub(super) fn eval_json(e: &Evaluation) -> Value {
-    json!({
-        "samples": e.samples,
-        "loss": e.loss,
-        "accuracy": e.accuracy,
-        "top5_accuracy": e.top5_accuracy,
-        "per_class_accuracy": e.per_class,
-        "agreement": e.agreement,
-        "kl_divergence": e.kl_divergence,
-        "samples_per_second": e.samples_per_second,
-        "mean_batch_latency_ms": e.mean_batch_latency_ms,
-    })
+    serde_json::to_value(EvalFigures::from(e)).unwrap_or(Value::Null)
 }
 
 /// `metadata` with the architecture `arch` set.
