@@ -649,3 +649,6 @@ fn parse_labels(v: Option<&Value>, errors: &mut Vec<FieldError>) -> BTreeMap<Str
     }
     labels
 }
+
+#[cfg(test)]
+mod tests;
