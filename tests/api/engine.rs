@@ -355,7 +355,7 @@ async fn a_rescued_training_job_resumes_from_its_checkpoint_with_identical_resul
         async move {
             let bytes = tr.get(&format!("/v1/models/{id}/content")).await.body;
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+            let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
             names.sort();
             names
                 .into_iter()

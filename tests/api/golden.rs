@@ -68,7 +68,7 @@ fn safetensors_digest(bytes: &[u8]) -> String {
         .collect();
     metadata.remove("whittle.job");
     h.update(serde_json::to_vec(&metadata).unwrap());
-    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     for name in names {
         let t = st.tensor(&name).unwrap();

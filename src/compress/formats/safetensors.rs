@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -322,17 +322,20 @@ pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<Header> {
     })
 }
 
-/// Reads and validates the header of the safetensors file at `path`, without reading the
-/// tensor data.
+/// Reads and validates the header of the safetensors file at `path` (the tensor data is
+/// mapped, not read).
 pub fn read_header(path: impl AsRef<Path>) -> Result<Header> {
-    let mut file = File::open(path)?;
-    let file_len = file.metadata()?.len();
-    let mut prefix = vec![0u8; file_len.min(8) as usize];
-    file.read_exact(&mut prefix)?;
-    let n = header_len(&prefix, file_len)?;
-    prefix.resize(8 + n, 0);
-    file.read_exact(&mut prefix[8..])?;
-    parse_header(&prefix, file_len)
+    Ok(SafetensorsFile::open(path)?.header)
+}
+
+/// The `safetensors` crate's own validation of a whole file (header, dtypes, offsets, the
+/// data section's length), on top of ours: ours refuses what it accepts silently (duplicate
+/// names, which its map keeps the last of) and names the offending tensor; it is the
+/// reference reader users load our files with.
+fn reference_check(bytes: &[u8]) -> Result<()> {
+    safetensors::SafeTensors::read_metadata(bytes)
+        .map(|_| ())
+        .map_err(|e| invalid(format!("the safetensors reader refuses the file: {e}")))
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -626,6 +629,7 @@ impl SafetensorsFile {
         // so the mapped bytes cannot change (or shrink) while this map is alive.
         let mmap = unsafe { memmap2::Mmap::map(&file)? };
         let header = parse_header(&mmap, mmap.len() as u64)?;
+        reference_check(&mmap)?;
         Ok(SafetensorsFile { header, mmap })
     }
 
@@ -1171,7 +1175,7 @@ mod tests {
                 TensorView::new(safetensors::Dtype::I64, vec![2], &c).unwrap(),
             ),
         ];
-        let bytes = safetensors::serialize(views, &None).unwrap();
+        let bytes = safetensors::serialize(views, None).unwrap();
         let dir = std::env::temp_dir().join(format!("whittle-tensors-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ref.safetensors");
