@@ -870,8 +870,8 @@ async fn kmeans_qat_fine_tunes_shared_centroids_and_keeps_pruned_weights_at_zero
     let packed = content(&t, &job, "packed").await;
     let st = safetensors::SafeTensors::deserialize(&packed).unwrap();
     let names = st.names();
-    assert!(names.iter().any(|n| *n == "fc1.weight.qindex"), "{names:?}");
-    assert!(!names.iter().any(|n| *n == "fc1.weight.qmask"), "{names:?}");
+    assert!(names.contains(&"fc1.weight.qindex"), "{names:?}");
+    assert!(!names.contains(&"fc1.weight.qmask"), "{names:?}");
 }
 
 #[tokio::test]
