@@ -12,10 +12,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::compress::engine::data::{Dataset, Subset};
-use crate::compress::engine::sequential::arch::Architecture;
-use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::{Mode, Network};
-use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::{Error, Result};
 
@@ -104,24 +101,6 @@ pub struct EvalData<'a> {
     pub dataset: &'a Dataset,
     /// Samples per forward pass.
     pub batch_size: usize,
-}
-
-/// [`evaluate`] of the network `weights` make with `arch`, on all of `data`.
-pub fn evaluate_weights(
-    arch: &Architecture,
-    weights: Vec<NamedTensor>,
-    data: EvalData<'_>,
-    reference: Option<&dyn Network>,
-    ctx: &Ctx<'_>,
-) -> Result<Evaluation> {
-    let model = Model::new(arch, weights)?;
-    evaluate(
-        &model,
-        &Subset::all(data.dataset),
-        reference,
-        data.batch_size,
-        ctx,
-    )
 }
 
 /// Evaluates `model` (and optionally a `reference`) on `data` in batches of `batch_size`,
@@ -237,7 +216,8 @@ pub fn evaluate(
 mod tests {
     use super::*;
     use crate::compress::engine::data::DatasetX;
-    use crate::compress::engine::sequential::model::check_dataset;
+    use crate::compress::engine::sequential::arch::Architecture;
+    use crate::compress::engine::sequential::model::{check_dataset, Model};
     use crate::compress::formats::safetensors::NamedTensor;
     use serde_json::json;
     use std::sync::atomic::AtomicBool;

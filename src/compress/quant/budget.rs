@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::Quantizer;
-use crate::compress::engine::evaluate::{evaluate_weights, EvalData};
+use crate::compress::engine::evaluate::EvalData;
 use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::sequential::evaluate_weights;
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
 use crate::compress::Result;

@@ -19,11 +19,10 @@ use serde_json::{json, Value};
 
 use crate::codes::Code;
 use crate::compress::engine::data::{Dataset, Subset};
-use crate::compress::engine::evaluate::{
-    evaluate, evaluate_weights, ClassAccuracy, EvalData, Evaluation,
-};
+use crate::compress::engine::evaluate::{evaluate, ClassAccuracy, EvalData, Evaluation};
 use crate::compress::engine::finetune::{FinetuneParams, Validation};
 use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::sequential::evaluate_weights;
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::{Checkpoint, EpochMetrics};
 use crate::compress::engine::Network;

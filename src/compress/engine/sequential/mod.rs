@@ -3,14 +3,19 @@
 
 pub mod arch;
 pub mod conv;
+mod layer;
 pub mod model;
 mod parse;
 
 use std::collections::BTreeMap;
 use std::io::Write;
 
+use crate::compress::engine::data::Subset;
+use crate::compress::engine::evaluate::{evaluate, EvalData, Evaluation};
+use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::{write_f32, NamedTensor};
 use crate::compress::formats::ARCHITECTURE_KEY;
+use crate::compress::progress::Ctx;
 use crate::compress::Result;
 
 /// Writes a freshly initialised model of `arch` (PyTorch's default initialisation, seeded)
@@ -38,4 +43,22 @@ pub fn write_initialised(
         })
         .collect();
     write_f32(out, &metadata, &weights)
+}
+
+/// [`evaluate`] of the network `weights` make with `arch`, on all of `data`.
+pub fn evaluate_weights(
+    arch: &arch::Architecture,
+    weights: Vec<NamedTensor>,
+    data: EvalData<'_>,
+    reference: Option<&dyn Network>,
+    ctx: &Ctx<'_>,
+) -> Result<Evaluation> {
+    let model = model::Model::new(arch, weights)?;
+    evaluate(
+        &model,
+        &Subset::all(data.dataset),
+        reference,
+        data.batch_size,
+        ctx,
+    )
 }

@@ -24,7 +24,6 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::compress::engine::data::Dataset;
-use crate::compress::engine::finetune::HeadParams;
 use crate::compress::engine::sequential::arch::{
     Architecture, Layer, LayerSummary, ParamKind, Size2,
 };
@@ -787,12 +786,12 @@ pub fn classes_of(arch: &Architecture) -> Result<usize> {
     }
 }
 
-/// Replaces the top-level linear layer `head.layer` with a fresh one of
-/// `head.num_classes` outputs: the new architecture, and the weights with the head's
+/// Replaces the top-level linear layer `layer` with a fresh one of `num_classes` outputs: the new architecture, and the weights with the head's
 /// tensors freshly initialised (seeded).
 fn replace_head(
     model: &Model,
-    head: &HeadParams,
+    layer: &str,
+    num_classes: usize,
     seed: u64,
 ) -> Result<(Architecture, Vec<NamedTensor>)> {
     let arch = model.architecture();
@@ -800,44 +799,44 @@ fn replace_head(
         .layers()
         .iter()
         .enumerate()
-        .position(|(i, l)| l.name().map_or_else(|| i.to_string(), str::to_owned) == head.layer);
+        .position(|(i, l)| l.name().map_or_else(|| i.to_string(), str::to_owned) == layer);
     let Some(index) = index else {
         return Err(Error::invalid(
-            "head.layer",
+            "layer",
             format!(
                 "no top-level layer is named {:?} (unnamed layers are named by their index)",
-                head.layer
+                layer
             ),
         ));
     };
     if !matches!(arch.layers()[index], Layer::Linear { .. }) {
         return Err(Error::invalid(
-            "head.layer",
+            "layer",
             format!(
                 "layer {:?} is a {}, but the head must be a linear layer",
-                head.layer,
+                layer,
                 arch.layers()[index].type_name()
             ),
         ));
     }
-    if head.num_classes == 0 {
+    if num_classes == 0 {
         return Err(Error::invalid(
-            "head.num_classes",
+            "num_classes",
             "`num_classes` must be at least 1",
         ));
     }
     let mut doc = arch.to_json();
-    doc["layers"][index]["out_features"] = serde_json::json!(head.num_classes);
+    doc["layers"][index]["out_features"] = serde_json::json!(num_classes);
     let new_arch = Architecture::from_json(&doc).map_err(|e| {
         Error::invalid(
-            "head.layer",
+            "layer",
             format!(
                 "layer {:?} is not the final classifier: widening it breaks the layers after it ({e})",
-                head.layer
+                layer
             ),
         )
     })?;
-    let prefix = format!("{}.", head.layer);
+    let prefix = format!("{}.", layer);
     let mut weights: Vec<NamedTensor> = model
         .export()?
         .into_iter()
@@ -847,7 +846,7 @@ fn replace_head(
         new_arch
             .init_weights(seed)
             .into_iter()
-            .filter(|(spec, _)| spec.layer == head.layer)
+            .filter(|(spec, _)| spec.layer == layer)
             .map(|(spec, values)| NamedTensor {
                 name: spec.name,
                 shape: spec.shape,
@@ -964,11 +963,7 @@ impl Network for Model {
     }
 
     fn with_head(&self, layer: &str, num_classes: usize, seed: u64) -> Result<Box<dyn Network>> {
-        let head = HeadParams {
-            layer: layer.to_string(),
-            num_classes,
-        };
-        let (arch, weights) = replace_head(self, &head, seed)?;
+        let (arch, weights) = replace_head(self, layer, num_classes, seed)?;
         Ok(Box::new(Model::new(&arch, weights)?))
     }
 }

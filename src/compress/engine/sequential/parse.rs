@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use super::arch::*;
+use super::layer::*;
+use crate::compress::engine::{ParamKind, ParamSpec};
 use crate::compress::{pointer_token as escape, Error, Result};
 
 pub(super) fn invalid(pointer: impl Into<String>, detail: impl Into<String>) -> Error {
