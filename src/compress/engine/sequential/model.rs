@@ -802,7 +802,7 @@ fn replace_head(
         .position(|(i, l)| l.name().map_or_else(|| i.to_string(), str::to_owned) == layer);
     let Some(index) = index else {
         return Err(Error::invalid(
-            "layer",
+            "head.layer",
             format!(
                 "no top-level layer is named {:?} (unnamed layers are named by their index)",
                 layer
@@ -811,7 +811,7 @@ fn replace_head(
     };
     if !matches!(arch.layers()[index], Layer::Linear { .. }) {
         return Err(Error::invalid(
-            "layer",
+            "head.layer",
             format!(
                 "layer {:?} is a {}, but the head must be a linear layer",
                 layer,
@@ -821,7 +821,7 @@ fn replace_head(
     }
     if num_classes == 0 {
         return Err(Error::invalid(
-            "num_classes",
+            "head.num_classes",
             "`num_classes` must be at least 1",
         ));
     }
@@ -829,7 +829,7 @@ fn replace_head(
     doc["layers"][index]["out_features"] = serde_json::json!(num_classes);
     let new_arch = Architecture::from_json(&doc).map_err(|e| {
         Error::invalid(
-            "layer",
+            "head.layer",
             format!(
                 "layer {:?} is not the final classifier: widening it breaks the layers after it ({e})",
                 layer
