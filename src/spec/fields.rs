@@ -167,6 +167,41 @@ pub fn pointer_of(base: &str, field: &str) -> String {
     out
 }
 
+/// An optional `seed` (a non-negative integer; `null` or absent: the job's).
+pub fn seed(obj: &Map<String, Value>, pointer: &str, errors: &mut Vec<FieldError>) -> Option<u64> {
+    match obj.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(v) => v.as_u64().or_else(|| {
+            errors.push(FieldError::new(
+                format!("{pointer}/seed"),
+                "must be a non-negative integer",
+            ));
+            None
+        }),
+    }
+}
+
+/// The retraining embedded in another step (a pruning schedule's, QAT's) at `pointer`: labels
+/// required, no layer options.
+pub fn embedded_training(
+    obj: &Map<String, Value>,
+    pointer: &str,
+    facts: Option<&super::Facts>,
+    errors: &mut Vec<FieldError>,
+) -> Option<super::FinetuneSpec> {
+    super::train::parse_training(
+        obj,
+        pointer,
+        facts,
+        super::train::TrainingRules {
+            extra_fields: &[],
+            labels_required: true,
+            layer_options: false,
+        },
+        errors,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::pointer_of;

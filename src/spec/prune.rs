@@ -2,8 +2,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::fields::{choice, deny_unknown, escape, f64_in, object, usize_in};
-use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingRules};
+use super::fields::{choice, deny_unknown, embedded_training, escape, f64_in, object, usize_in};
+use super::train::{require_architecture, FinetuneSpec};
 use super::{check_patterns, patterns, Facts, FieldError, Selection};
 use crate::compress::prune::schedule::{Schedule, ScheduleKind};
 use crate::compress::prune::{prune_count, Method, Output, PruneTargets, Scope};
@@ -235,16 +235,7 @@ pub fn parse(
             "structured pruning removes whole units and writes a smaller dense file; `sparse` does not apply",
         ));
     }
-    let seed = match obj.get("seed") {
-        None | Some(Value::Null) => None,
-        Some(v) => v.as_u64().or_else(|| {
-            errors.push(FieldError::new(
-                format!("{pointer}/seed"),
-                "must be a non-negative integer",
-            ));
-            None
-        }),
-    };
+    let seed = super::fields::seed(obj, pointer, &mut errors);
     let include = patterns(
         obj.get("include"),
         &format!("{pointer}/include"),
@@ -273,17 +264,7 @@ pub fn parse(
         };
         let iterations = usize_in(s, "iterations", (1, 100), &sp, &mut errors).unwrap_or(5);
         let finetune = match object(s, "finetune", &sp, &mut errors) {
-            Some(f) => parse_training(
-                f,
-                &format!("{sp}/finetune"),
-                facts,
-                TrainingRules {
-                    extra_fields: &[],
-                    labels_required: true,
-                    layer_options: false,
-                },
-                &mut errors,
-            ),
+            Some(f) => embedded_training(f, &format!("{sp}/finetune"), facts, &mut errors),
             None => {
                 if !s.contains_key("finetune") {
                     errors.push(FieldError::new(

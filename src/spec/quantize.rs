@@ -2,8 +2,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::fields::{bool_or, choice, deny_unknown, f64_in, object, usize_in};
-use super::train::{parse_training, require_architecture, FinetuneSpec, TrainingRules};
+use super::fields::{bool_or, choice, deny_unknown, embedded_training, f64_in, object, usize_in};
+use super::train::{require_architecture, FinetuneSpec};
 use super::{
     check_patterns, patterns, Facts, FieldError, FloatDtype, FloatQuantize, Selection, Step,
 };
@@ -467,17 +467,7 @@ pub fn parse(
             if let Some(f) = facts {
                 require_architecture(f, pointer, &mut errors);
             }
-            parse_training(
-                q,
-                &format!("{pointer}/qat"),
-                facts,
-                TrainingRules {
-                    extra_fields: &[],
-                    labels_required: true,
-                    layer_options: false,
-                },
-                &mut errors,
-            )
+            embedded_training(q, &format!("{pointer}/qat"), facts, &mut errors)
         }
     };
     if max_accuracy_drop.is_some() {

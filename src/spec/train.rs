@@ -316,16 +316,7 @@ pub fn parse_training(
         ));
     }
     let grad_clip = f64_in(obj, "grad_clip", (1e-9, 1e9), pointer, errors);
-    let seed = match obj.get("seed") {
-        None | Some(Value::Null) => None,
-        Some(v) => v.as_u64().or_else(|| {
-            errors.push(FieldError::new(
-                format!("{pointer}/seed"),
-                "must be a non-negative integer",
-            ));
-            None
-        }),
-    };
+    let seed = super::fields::seed(obj, pointer, errors);
 
     if let (Some(f), Some(d)) = (facts, &dataset_id) {
         let arch_ok = require_architecture(f, pointer, errors);

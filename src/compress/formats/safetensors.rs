@@ -20,7 +20,7 @@ use std::str::FromStr;
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use crate::compress::{Error, Result};
+use crate::compress::{json_kind, Error, Result};
 
 /// A named f32 tensor on the host: what models load from and export to.
 #[derive(Debug, Clone, PartialEq)]
@@ -336,17 +336,6 @@ fn reference_check(bytes: &[u8]) -> Result<()> {
     safetensors::SafeTensors::read_metadata(bytes)
         .map(|_| ())
         .map_err(|e| invalid(format!("the safetensors reader refuses the file: {e}")))
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Parses JSON into a `Value`, refusing duplicate keys at any depth (serde_json's own

@@ -21,7 +21,7 @@ use super::parse::*;
 pub use crate::compress::engine::{ParamKind, ParamSpec};
 use crate::compress::formats::safetensors::Header;
 use crate::compress::formats::ARCHITECTURE_KEY;
-use crate::compress::{Error, Result};
+use crate::compress::{json_kind, Error, Result};
 
 /// A validated sequential architecture with its inferred shapes.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,23 +8,12 @@ use serde_json::{Map, Value};
 
 use super::layer::*;
 use crate::compress::engine::{ParamKind, ParamSpec};
-use crate::compress::{pointer_token as escape, Error, Result};
+use crate::compress::{json_kind, pointer_token as escape, Error, Result};
 
 pub(super) fn invalid(pointer: impl Into<String>, detail: impl Into<String>) -> Error {
     Error::ArchitectureInvalid {
         pointer: pointer.into(),
         detail: detail.into(),
-    }
-}
-
-pub(super) fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
