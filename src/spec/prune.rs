@@ -287,29 +287,21 @@ pub fn parse(
             "`random` is the one-shot baseline; gradual pruning ranks weights by magnitude (use `magnitude`, `n_m` or `structured`)",
         ));
     }
+    let spec = PruneSpec {
+        method,
+        sparsity,
+        scope,
+        layers,
+        selection,
+        schedule,
+        output,
+        seed,
+    };
     if let Some(f) = facts {
-        check_against_model(
-            f,
-            pointer,
-            method,
-            sparsity,
-            &layers,
-            &selection,
-            schedule.is_some(),
-            &mut errors,
-        );
+        check_against_model(f, pointer, &spec, &mut errors);
     }
     if errors.is_empty() {
-        Ok(PruneSpec {
-            method,
-            sparsity,
-            scope,
-            layers,
-            selection,
-            schedule,
-            output,
-            seed,
-        })
+        Ok(spec)
     } else {
         Err(errors)
     }
@@ -317,17 +309,15 @@ pub fn parse(
 
 /// Checks that need the model: patterns match, the selection holds float tensors, shapes fit
 /// N:M groups, structured pruning has an architecture and leaves every layer a unit.
-#[allow(clippy::too_many_arguments)]
-fn check_against_model(
-    f: &Facts,
-    pointer: &str,
-    method: Method,
-    sparsity: f64,
-    layers: &[(String, f64)],
-    selection: &Selection,
-    has_schedule: bool,
-    errors: &mut Vec<FieldError>,
-) {
+fn check_against_model(f: &Facts, pointer: &str, spec: &PruneSpec, errors: &mut Vec<FieldError>) {
+    let PruneSpec {
+        method,
+        sparsity,
+        ref layers,
+        ref selection,
+        ..
+    } = *spec;
+    let has_schedule = spec.schedule.is_some();
     if (matches!(method, Method::Structured { .. }) || has_schedule)
         && !require_architecture(f, pointer, errors)
     {

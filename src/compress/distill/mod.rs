@@ -682,11 +682,15 @@ pub fn distill_with_cache(
             teacher,
             student.with_weights(w)?,
             params,
-            &config,
-            (&train_set, loop_val, val_set.as_ref()),
+            BaselineRun {
+                config: &config,
+                train_set: &train_set,
+                loop_val,
+                val_set: val_set.as_ref(),
+                after_step: hooks.after_step,
+                lo: student_hi,
+            },
             ctx,
-            hooks.after_step,
-            student_hi,
         )?),
         None => None,
     };
@@ -707,19 +711,37 @@ pub fn distill_with_cache(
     })
 }
 
-/// Trains the student architecture from `initial` with cross-entropy only, under the
-/// distillation's config and seed (the same shuffles and dropout masks).
-#[allow(clippy::too_many_arguments)]
+/// How the baseline trains: the distillation's loop settings and data, so it sees the same
+/// shuffles and dropout masks.
+struct BaselineRun<'a> {
+    config: &'a TrainConfig,
+    train_set: &'a Subset<'a>,
+    /// Validation inside the loop (early stopping).
+    loop_val: Option<&'a Subset<'a>>,
+    /// Validation for the agreement figure.
+    val_set: Option<&'a Subset<'a>>,
+    after_step: Option<&'a train::AfterStepFn<'a>>,
+    /// Where its progress starts (it runs after the student).
+    lo: f64,
+}
+
+/// Trains the student architecture from its initial weights (`model`) with cross-entropy
+/// only, under the distillation's config and seed.
 fn run_baseline(
     teacher: &dyn Network,
     mut model: Box<dyn Network>,
     params: &DistillParams<'_>,
-    config: &TrainConfig,
-    (train_set, loop_val, val_set): (&Subset<'_>, Option<&Subset<'_>>, Option<&Subset<'_>>),
+    run: BaselineRun<'_>,
     ctx: &Ctx<'_>,
-    after_step: Option<&train::AfterStepFn<'_>>,
-    lo: f64,
 ) -> Result<BaselineOutput> {
+    let BaselineRun {
+        config,
+        train_set,
+        loop_val,
+        val_set,
+        after_step,
+        lo,
+    } = run;
     for pattern in &params.train.freeze {
         model.freeze(pattern);
     }

@@ -5,24 +5,43 @@ use super::*;
 
 // Streamed file → file.
 
+/// What [`prune_file`] does.
+#[derive(Debug, Clone, Copy)]
+pub struct PruneFile<'a> {
+    /// The tensors to prune.
+    pub selected: &'a [String],
+    /// How weights are chosen.
+    pub method: Method,
+    /// How many, and where.
+    pub targets: &'a PruneTargets,
+    /// Seed of `random`.
+    pub seed: u64,
+    /// Zeros in place, or the sparse encoding.
+    pub output: Output,
+    /// Metadata of the written file.
+    pub metadata: &'a BTreeMap<String, String>,
+}
+
 /// Prunes the tensors named in `selected` of `input` and streams the result to `out` as
 /// `output` (dense zeros in place, or `bitmask-v1`), with `metadata` (plus
 /// `whittle.sparse` when sparse). Peak memory is bounded by the largest tensor: the global
 /// threshold is found by two histogram passes over the mapped file, then each tensor is
 /// decoded, masked and written on its own. Every output tensor keeps its dtype; kept
 /// values are bit-exact. Returns one report per selected tensor, in file order.
-#[allow(clippy::too_many_arguments)]
 pub fn prune_file(
     input: &SafetensorsFile,
-    selected: &[String],
-    method: &Method,
-    targets: &PruneTargets,
-    seed: u64,
-    output: Output,
-    metadata: &BTreeMap<String, String>,
+    job: &PruneFile<'_>,
     out: &mut dyn Write,
     ctx: &Ctx,
 ) -> Result<Vec<LayerReport>> {
+    let PruneFile {
+        selected,
+        ref method,
+        targets,
+        seed,
+        output,
+        metadata,
+    } = *job;
     method.validate()?;
     if !matches!(method, Method::NM { .. }) {
         targets.validate()?;

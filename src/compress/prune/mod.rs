@@ -964,12 +964,14 @@ mod tests {
         let r = ctx_run(|ctx| {
             prune_file(
                 f,
-                &names(&["fc1.weight", "fc2.weight"]),
-                &method,
-                tg,
-                3,
-                output,
-                &meta,
+                &PruneFile {
+                    selected: &names(&["fc1.weight", "fc2.weight"]),
+                    method,
+                    targets: tg,
+                    seed: 3,
+                    output,
+                    metadata: &meta,
+                },
                 &mut out,
                 ctx,
             )
@@ -1129,12 +1131,14 @@ mod tests {
         let r = ctx_run(|ctx| {
             prune_file(
                 &f,
-                &names(&["a", "b"]),
-                &Method::Magnitude,
-                &targets(0.5, Scope::Layer),
-                0,
-                Output::Dense,
-                &BTreeMap::new(),
+                &PruneFile {
+                    selected: &names(&["a", "b"]),
+                    method: Method::Magnitude,
+                    targets: &targets(0.5, Scope::Layer),
+                    seed: 0,
+                    output: Output::Dense,
+                    metadata: &BTreeMap::new(),
+                },
                 &mut out,
                 ctx,
             )
@@ -1235,12 +1239,14 @@ mod tests {
         let e = ctx_run(|ctx| {
             prune_file(
                 &f,
-                &names(&["fc1.weight"]),
-                &Method::NM { n: 2, m: 3 },
-                &targets(0.0, Scope::Layer),
-                0,
-                Output::Dense,
-                &BTreeMap::new(),
+                &PruneFile {
+                    selected: &names(&["fc1.weight"]),
+                    method: Method::NM { n: 2, m: 3 },
+                    targets: &targets(0.0, Scope::Layer),
+                    seed: 0,
+                    output: Output::Dense,
+                    metadata: &BTreeMap::new(),
+                },
                 &mut out,
                 ctx,
             )
@@ -1261,12 +1267,14 @@ mod tests {
         let e = ctx_run(|ctx| {
             prune_file(
                 &g,
-                &names(&["codes"]),
-                &Method::Magnitude,
-                &targets(0.5, Scope::Layer),
-                0,
-                Output::Dense,
-                &BTreeMap::new(),
+                &PruneFile {
+                    selected: &names(&["codes"]),
+                    method: Method::Magnitude,
+                    targets: &targets(0.5, Scope::Layer),
+                    seed: 0,
+                    output: Output::Dense,
+                    metadata: &BTreeMap::new(),
+                },
                 &mut out,
                 ctx,
             )
@@ -1278,12 +1286,14 @@ mod tests {
         let ctx = Ctx::new(&progress, &cancel);
         let e = prune_file(
             &f,
-            &names(&["fc1.weight"]),
-            &Method::Magnitude,
-            &targets(0.5, Scope::Layer),
-            0,
-            Output::Dense,
-            &BTreeMap::new(),
+            &PruneFile {
+                selected: &names(&["fc1.weight"]),
+                method: Method::Magnitude,
+                targets: &targets(0.5, Scope::Layer),
+                seed: 0,
+                output: Output::Dense,
+                metadata: &BTreeMap::new(),
+            },
             &mut out,
             &ctx,
         )

@@ -70,12 +70,14 @@ pub(super) fn prune(env: &Env, spec: &PruneSpec, input: &Input) -> Result<StepOu
     let mut temp = env.store.create_temp()?;
     let reports = prune::prune_file(
         file,
-        &selected,
-        &spec.method,
-        &spec.targets(),
-        spec.seed.unwrap_or(env.seed),
-        Output::Dense,
-        input.metadata,
+        &prune::PruneFile {
+            selected: &selected,
+            method: spec.method,
+            targets: &spec.targets(),
+            seed: spec.seed.unwrap_or(env.seed),
+            output: Output::Dense,
+            metadata: input.metadata,
+        },
         &mut temp,
         env.ctx,
     )?;

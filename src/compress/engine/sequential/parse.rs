@@ -191,6 +191,17 @@ pub(super) struct Built {
 }
 
 /// Accumulates parameters while layers are parsed and shapes inferred.
+/// Where a layer stands in the document: its pointer, index in its list, the name prefix of
+/// its parameters, the names of the layers before it in the list, and its residual depth.
+#[derive(Clone, Copy)]
+pub(super) struct Place<'a> {
+    pub(super) ptr: &'a str,
+    pub(super) index: usize,
+    pub(super) prefix: &'a str,
+    pub(super) siblings: &'a HashMap<String, usize>,
+    pub(super) depth: usize,
+}
+
 #[derive(Default)]
 pub(super) struct Builder {
     pub(super) params: Vec<(ParamSpec, Init)>,
@@ -255,7 +266,14 @@ impl Builder {
         let mut shape = input.to_vec();
         for (i, v) in values.iter().enumerate() {
             let lptr = format!("{ptr}/{i}");
-            let built = self.layer(v, &lptr, i, prefix, &names, &shape, depth)?;
+            let place = Place {
+                ptr: &lptr,
+                index: i,
+                prefix,
+                siblings: &names,
+                depth,
+            };
+            let built = self.layer(v, &place, &shape)?;
             let local = built
                 .layer
                 .name()
@@ -268,17 +286,14 @@ impl Builder {
         Ok((layers, summaries, shape))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn layer(
-        &mut self,
-        v: &Value,
-        ptr: &str,
-        index: usize,
-        prefix: &str,
-        siblings: &HashMap<String, usize>,
-        input: &[usize],
-        depth: usize,
-    ) -> Result<Built> {
+    pub(super) fn layer(&mut self, v: &Value, place: &Place<'_>, input: &[usize]) -> Result<Built> {
+        let Place {
+            ptr,
+            index,
+            prefix,
+            siblings,
+            depth,
+        } = *place;
         let Value::Object(map) = v else {
             return Err(invalid(
                 ptr,
