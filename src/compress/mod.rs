@@ -1,11 +1,16 @@
-//! Pure, synchronous model-compression compute.
+//! Pure, synchronous model-compression compute, by concern:
 //!
-//! This module owns everything that touches tensors and datasets: reading and writing
-//! safetensors ([`tensors`]), choosing which tensors an operation touches ([`select`]),
-//! the `sequential` architecture description with its shape inference and parameter
-//! naming ([`arch`]), dataset parsing and batching ([`data`]), the candle network engine
-//! ([`model`]), the one training loop ([`train`]), evaluation ([`evaluate`]) and the
-//! `finetune` operation ([`finetune`]).
+//! - [`engine`]: networks that run on candle behind the [`engine::Network`] trait (the
+//!   `sequential` family today), datasets and batching, the one training loop, evaluation,
+//!   fine-tuning;
+//! - [`prune`]: magnitude / random / N:M masks, structured pruning, gradual schedules, the
+//!   sparse encoding;
+//! - [`quant`]: the codecs (uniform, k-means, log2, nf4, float casts), activation
+//!   calibration, QAT, the accuracy budget;
+//! - [`distill`]: knowledge distillation;
+//! - [`formats`]: safetensors, GGUF and the packed encoding;
+//! - [`select`] (which tensors an operation touches), [`parallel`] (the thread budget) and
+//!   [`progress`] (progress and cancellation).
 //!
 //! It must not know about HTTP, SQL, tokio or the queue: callers hand it bytes, paths,
 //! a progress callback and a cancel flag, and get back values or a [`Error`] whose

@@ -1,11 +1,12 @@
 //! The `finetune` operation (API.md, "Operations"): transfer learning, or training from
 //! scratch on a freshly initialised model.
 //!
-//! This module owns the op's parameters as plain Rust values (the HTTP layer parses JSON
-//! into [`FinetuneParams`]), checking every one of them up front with a JSON pointer into
-//! the step object, replacing the classifier head with a freshly initialised one of a new
-//! width (and updating the architecture), freezing parameters by pattern, and driving the
-//! one training loop in [`crate::compress::engine::train`]. It does not persist checkpoints or results.
+//! This module owns the training parameters every step that trains shares
+//! ([`FinetuneParams`]: the job spec parses straight into them, with datasets named by id),
+//! checks every one of them up front (naming the refused parameter), replaces the classifier
+//! head through [`Network::with_head`], freezes parameters by pattern, and drives the one
+//! training loop in [`crate::compress::engine::train`]. It does not persist checkpoints or
+//! results.
 
 use crate::compress::engine::data::{Dataset, Subset};
 use crate::compress::engine::train::{

@@ -1,5 +1,6 @@
-//! Quantization. Implemented now: `float` — casting selected tensors to f16 or bf16 — streamed
-//! tensor by tensor, so peak memory is bounded by the largest tensor, not the model.
+//! `quantize` with `method: float`: casting selected tensors to f16 or bf16, streamed tensor by
+//! tensor so peak memory is bounded by the largest tensor, not the model; and the error
+//! statistics every quantizer reports ([`ErrorStats`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;

@@ -1,4 +1,6 @@
-//! Weight quantization codecs: pure compute on `f32` slices, no files.
+//! Weight quantization: the codecs (pure compute on `f32` slices, no files) and, in
+//! submodules, what runs around them (float casts, activation calibration, QAT, the accuracy
+//! budget, k-means weight sharing).
 //!
 //! This module owns the quantizers of the `quantize` operation — `uniform` (integer,
 //! symmetric or affine; per tensor, per channel or per group; optional error-minimising
@@ -585,7 +587,7 @@ fn bits_for(clusters: usize) -> u8 {
     b
 }
 
-/// `[rows, cols]` view of `shape`: rows = shape[0], cols = the rest (1-D and scalars: one row).
+/// `[rows, cols]` view of `shape`: rows = `shape[0]`, cols = the rest (1-D and scalars: one row).
 pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
     match shape {
         [] => (1, 1),

@@ -1,6 +1,6 @@
 //! One file per op: load what the step reads, call `compress`, describe what it did. Glue
 //! only — the algorithms live in `compress`, the loop over a job's steps in
-//! [`super::runner`], which is the only caller of [`run`].
+//! [`super::runner`], which is the only caller of `run`.
 //!
 //! A step reads the previous step's committed file and returns a new one in a temp blob (or
 //! none, for `evaluate`), optionally a second encoding kept as an artifact (`packed`,
