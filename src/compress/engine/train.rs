@@ -1,6 +1,6 @@
 //! The one training loop, reused by `finetune`, pruning schedules, QAT and distillation.
 //!
-//! This module owns mini-batch training of a [`Network`](crate::compress::engine::Network): seeded shuffles and dropout
+//! This module owns mini-batch training of a network ([`crate::compress::engine::Network`]): seeded shuffles and dropout
 //! masks (one ChaCha8 stream whose state is checkpointed), a pluggable loss (cross-entropy
 //! by default), SGD (momentum, Nesterov, weight decay) and AdamW as fused in-place updates
 //! over the parameters' storage, constant / step / cosine schedules with linear warm-up,
