@@ -7,6 +7,14 @@ use serde::{Serialize, Serializer};
 /// A stable snake_case problem code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Code {
+    /// `file_not_found`.
+    FileNotFound,
+    /// `tokenizer_required`.
+    TokenizerRequired,
+    /// `unsupported_family`.
+    UnsupportedFamily,
+    /// `invalid_model_folder`.
+    InvalidModelFolder,
     /// `architecture_mismatch`.
     ArchitectureMismatch,
     /// `architecture_required`.
@@ -97,7 +105,11 @@ pub enum Code {
 
 impl Code {
     /// Every code.
-    pub const ALL: [Code; 43] = [
+    pub const ALL: [Code; 47] = [
+        Code::FileNotFound,
+        Code::TokenizerRequired,
+        Code::UnsupportedFamily,
+        Code::InvalidModelFolder,
         Code::ArchitectureMismatch,
         Code::ArchitectureRequired,
         Code::ArtifactNotFound,
@@ -146,6 +158,10 @@ impl Code {
     /// The snake_case spelling clients see.
     pub fn as_str(self) -> &'static str {
         match self {
+            Code::FileNotFound => "file_not_found",
+            Code::TokenizerRequired => "tokenizer_required",
+            Code::UnsupportedFamily => "unsupported_family",
+            Code::InvalidModelFolder => "invalid_model_folder",
             Code::ArchitectureMismatch => "architecture_mismatch",
             Code::ArchitectureRequired => "architecture_required",
             Code::ArtifactNotFound => "artifact_not_found",

@@ -47,6 +47,12 @@ pub enum Error {
     /// The weights file does not hold the tensors the architecture expects.
     #[error("weights do not match the architecture: {0}")]
     ArchitectureMismatch(String),
+    /// A model folder cannot be used (paths, missing weights or config, shards, JSON).
+    #[error("invalid model folder: {0}")]
+    InvalidModelFolder(String),
+    /// The model's family is not one the engine runs (for operations that run the network).
+    #[error("{0}")]
+    UnsupportedFamily(String),
     /// The dataset bytes cannot be used (wrong format, ragged rows, bad labels, ...).
     #[error("invalid dataset: {0}")]
     InvalidDataset(String),
@@ -105,6 +111,8 @@ impl Error {
             Error::ArchitectureInvalid { .. } => Code::InvalidArchitecture,
             Error::ArchitectureMismatch(_) => Code::ArchitectureMismatch,
             Error::InvalidDataset(_) => Code::InvalidDataset,
+            Error::InvalidModelFolder(_) => Code::InvalidModelFolder,
+            Error::UnsupportedFamily(_) => Code::UnsupportedFamily,
             Error::UnsupportedDtype { .. } => Code::UnsupportedDtype,
             Error::InvalidParameter { .. } => Code::ValidationFailed,
             Error::DatasetMismatch(_) => Code::DatasetMismatch,

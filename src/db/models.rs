@@ -26,8 +26,28 @@ pub struct ModelRecord {
     pub architecture: Option<Value>,
     /// The job (and step index) that produced this model, if any.
     pub source: Option<(JobId, i64)>,
+    /// Every file of the model's folder, the weights (`model.safetensors`) included.
+    pub files: Vec<ModelFile>,
+    /// The parsed `config.json` of a folder model.
+    pub config: Option<Value>,
+    /// The model family (`sequential`, `bert`, `llama`) when known.
+    pub family: Option<String>,
     /// Creation time, µs since the epoch.
     pub created_at: i64,
+}
+
+/// The path of the weights in every model's folder.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// One file of a model's folder: a blob under a path.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelFile {
+    /// Path in the folder (`config.json`, `tokenizer.json`, `model.safetensors`).
+    pub path: String,
+    /// Size in bytes.
+    pub size_bytes: i64,
+    /// sha256 of the content (and the blob's name).
+    pub sha256: String,
 }
 
 impl ModelRecord {
@@ -42,17 +62,57 @@ impl ModelRecord {
         source: Option<(JobId, i64)>,
     ) -> ModelRecord {
         let (tensors, parameters) = inventory(header);
+        let family = architecture.as_ref().map(|_| "sequential".to_string());
         ModelRecord {
             id: ModelId::new(),
             name,
+            files: vec![ModelFile {
+                path: WEIGHTS_FILE.into(),
+                size_bytes: size as i64,
+                sha256: sha256.clone(),
+            }],
             sha256,
             size_bytes: size as i64,
             parameters,
             tensors,
             architecture,
             source,
+            config: None,
+            family,
             created_at: crate::ids::now_micros(),
         }
+    }
+
+    /// This model as a folder: its weights file plus `companions` (config, tokenizer, …),
+    /// with the parsed `config.json` and the family it names.
+    pub fn with_folder(
+        mut self,
+        companions: Vec<ModelFile>,
+        config: Option<Value>,
+        family: Option<String>,
+    ) -> ModelRecord {
+        self.files.retain(|f| f.path == WEIGHTS_FILE);
+        self.files.extend(companions);
+        self.files.sort_by(|a, b| a.path.cmp(&b.path));
+        self.config = config;
+        if family.is_some() {
+            self.family = family;
+        }
+        self
+    }
+
+    /// The folder's files other than the weights.
+    pub fn companions(&self) -> Vec<ModelFile> {
+        self.files
+            .iter()
+            .filter(|f| f.path != WEIGHTS_FILE)
+            .cloned()
+            .collect()
+    }
+
+    /// The file at `path`, if the folder has one.
+    pub fn file(&self, path: &str) -> Option<&ModelFile> {
+        self.files.iter().find(|f| f.path == path)
     }
 }
 
@@ -71,11 +131,25 @@ fn from_row(row: &AnyRow) -> Result<ModelRecord> {
             (Some(job), Some(step)) => Some((job, step)),
             _ => None,
         },
+        files: match json_col_opt(row, "files")? {
+            Some(files) => serde_json::from_value(files).map_err(|source| super::Error::Json {
+                column: "files",
+                source,
+            })?,
+            // Rows from before folders: the weights are the one file.
+            None => vec![ModelFile {
+                path: WEIGHTS_FILE.into(),
+                size_bytes: row.try_get("size_bytes")?,
+                sha256: row.try_get("sha256")?,
+            }],
+        },
+        config: json_col_opt(row, "config")?,
+        family: row.try_get("family")?,
         created_at: row.try_get("created_at")?,
     })
 }
 
-const COLUMNS: &str = "id, name, sha256, size_bytes, parameters, tensors, architecture, source_job_id, source_step, created_at";
+const COLUMNS: &str = "id, name, sha256, size_bytes, parameters, tensors, architecture, source_job_id, source_step, files, config, family, created_at";
 
 /// Insert a model row (the blob must already be committed).
 pub async fn insert<'e, E>(executor: E, m: &ModelRecord) -> Result<()>
@@ -83,7 +157,7 @@ where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     sqlx::query(&format!(
-        "insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        "insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
     ))
     .bind(m.id.to_string())
     .bind(&m.name)
@@ -94,6 +168,9 @@ where
     .bind(m.architecture.as_ref().map(|a| a.to_string()))
     .bind(m.source.map(|(j, _)| j.to_string()))
     .bind(m.source.map(|(_, s)| s))
+    .bind(serde_json::to_string(&m.files).unwrap_or_else(|_| "[]".into()))
+    .bind(m.config.as_ref().map(|c| c.to_string()))
+    .bind(m.family.clone())
     .bind(m.created_at)
     .execute(executor)
     .await?;
@@ -140,7 +217,7 @@ pub async fn delete_unless_in_use(db: &Db, id: ModelId) -> Result<bool> {
 /// Whether any model, dataset or artifact still references a blob (before deleting it).
 pub async fn blob_referenced(db: &Db, sha256: &str) -> Result<bool> {
     let row = sqlx::query(
-        "select (select count(*) from models where sha256 = $1) \
+        "select (select count(*) from models where sha256 = $1 or files like $2) \
               + (select count(*) from datasets where sha256 = $1) \
               + (select count(*) from artifacts where sha256 = $1) \
               + (select count(*) from jobs where checkpoint like $2) as n",

@@ -11,7 +11,7 @@ use crate::compress::engine::sequential::arch::{Architecture, LayerSummary};
 use crate::db::artifacts::ArtifactRecord;
 use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::JobRecord;
-use crate::db::models::ModelRecord;
+use crate::db::models::{ModelFile, ModelRecord};
 use crate::ids::{rfc3339, ArtifactId, DatasetId, JobId, ModelId};
 
 /// `Model`.
@@ -26,6 +26,9 @@ pub struct ModelBody {
     architecture: Option<Value>,
     summary: Option<NetworkSummary>,
     source: Option<Source>,
+    family: Option<String>,
+    files: Vec<ModelFile>,
+    config: Option<Value>,
     created_at: String,
 }
 
@@ -77,6 +80,9 @@ impl From<&ModelRecord> for ModelBody {
                     }
                 }),
             source: m.source.map(|(job_id, step)| Source { job_id, step }),
+            family: m.family.clone(),
+            files: m.files.clone(),
+            config: m.config.clone(),
             created_at: rfc3339(m.created_at),
         }
     }

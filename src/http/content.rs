@@ -124,7 +124,7 @@ fn parse_range(value: &str, size: u64) -> RangeRequest {
     }
 }
 
-fn sanitize(name: &str) -> String {
+pub(crate) fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-".contains(c) {

@@ -9,6 +9,7 @@ pub mod content;
 pub mod datasets;
 pub mod error;
 pub mod extract;
+pub mod folders;
 pub mod jobs;
 pub mod models;
 pub mod ops;
@@ -49,6 +50,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/models/{id}"),
     ("DELETE", "/v1/models/{id}"),
     ("GET", "/v1/models/{id}/content"),
+    ("GET", "/v1/models/{id}/files/{path}"),
+    ("GET", "/v1/models/{id}/archive"),
     ("POST", "/v1/datasets"),
     ("GET", "/v1/datasets"),
     ("GET", "/v1/datasets/{id}"),

@@ -5,6 +5,7 @@
 //! safetensors (and against its architecture, if any) and only then committed and recorded:
 //! a rejected upload leaves nothing behind.
 
+use axum::body::Body;
 use axum::extract::{Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,13 +17,14 @@ use serde_json::Value;
 use super::bodies::ModelBody;
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page, PageBody};
+use super::folders::{ingest_folder, push_file, untar, UploadedFile};
 use super::upload::{check_content_length, clean_name, field_text, multipart};
 use super::AppState;
 use crate::codes::Code;
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::write_initialised;
-use crate::compress::formats::safetensors;
 use crate::compress::formats::ARCHITECTURE_KEY;
+use crate::compress::formats::{hf, safetensors};
 use crate::db::models::{self, ModelRecord};
 use crate::ids::ModelId;
 use crate::spec::FieldError;
@@ -39,6 +41,8 @@ pub fn router() -> Router<AppState> {
         )
         .route("/models/{id}", get(get_model).delete(delete_model))
         .route("/models/{id}/content", get(download_model))
+        .route("/models/{id}/files/{*path}", get(download_file))
+        .route("/models/{id}/archive", get(download_archive))
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +76,10 @@ async fn upload_model(
     } else if content_type.starts_with("multipart/form-data") {
         let multipart = multipart(req).await?;
         upload_multipart(&state, multipart, query.name).await?
+    } else if content_type.starts_with("application/x-tar")
+        || content_type.starts_with("application/tar")
+    {
+        upload_tar(&state, req.into_body(), query.name).await?
     } else if content_type.starts_with("application/json") {
         let bytes = axum::body::to_bytes(req.into_body(), 4 << 20)
             .await
@@ -100,7 +108,7 @@ async fn upload_model(
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::UnsupportedMediaType,
-            "send application/octet-stream (safetensors bytes), multipart/form-data (parts `file`, `architecture`, `name`) or application/json (`architecture` + `init`)",
+            "send application/octet-stream (safetensors bytes), multipart/form-data (parts `file`, `architecture`, `name`; or one `file` part per file of a model folder, named by its path), application/x-tar (a model folder) or application/json (`architecture` + `init`)",
         ));
     };
     created(&record)
@@ -121,10 +129,11 @@ async fn upload_multipart(
     mut multipart: Multipart,
     name: Option<String>,
 ) -> ApiResult<ModelRecord> {
-    let mut temp: Option<TempBlob> = None;
+    let mut files: Vec<(Option<String>, TempBlob)> = Vec::new();
     let mut architecture: Option<Value> = None;
     let mut name = name;
     let limit = state.config.max_upload_bytes;
+    let mut used = 0u64;
     while let Some(field) = multipart
         .next_field()
         .await
@@ -132,18 +141,19 @@ async fn upload_multipart(
     {
         match field.name().unwrap_or("") {
             "file" => {
-                if temp.is_some() {
-                    return Err(ApiError::bad_request(
-                        Code::MalformedMultipart,
-                        "send exactly one `file` part",
-                    ));
-                }
-                if name.is_none() {
-                    name = field
-                        .file_name()
-                        .map(|f| f.trim_end_matches(".safetensors").to_string());
-                }
-                temp = Some(crate::store::write_stream(state.store.as_ref(), field, limit).await?);
+                let filename = field.file_name().map(str::to_string);
+                let temp = crate::store::write_stream(
+                    state.store.as_ref(),
+                    field,
+                    limit.saturating_sub(used),
+                )
+                .await
+                .map_err(|e| match e {
+                    crate::store::Error::TooLarge { .. } => crate::store::Error::TooLarge { limit },
+                    other => other,
+                })?;
+                used += temp.size();
+                files.push((filename, temp));
             }
             "architecture" => {
                 let text = field_text(field).await?;
@@ -164,19 +174,52 @@ async fn upload_multipart(
             }
         }
     }
-    let temp = temp.ok_or_else(|| {
-        ApiError::bad_request(
+    // One safetensors part is a model file; anything else is a folder, one part per file.
+    let folder = files.len() > 1
+        || files.iter().any(|(f, _)| {
+            f.as_deref()
+                .is_some_and(|p| p.contains('/') || !p.ends_with(".safetensors"))
+        });
+    if !folder {
+        let (filename, temp) = files.pop().ok_or_else(|| {
+            ApiError::bad_request(
+                Code::MalformedMultipart,
+                "the `file` part (safetensors bytes, or one part per file of a model folder) is required",
+            )
+        })?;
+        let name = name
+            .or_else(|| filename.map(|f| f.trim_end_matches(".safetensors").to_string()))
+            .unwrap_or_else(|| "model".into());
+        return ingest(state, temp, name, architecture).await;
+    }
+    if architecture.is_some() {
+        return Err(ApiError::bad_request(
             Code::MalformedMultipart,
-            "the `file` part (safetensors bytes) is required",
-        )
-    })?;
-    ingest(
-        state,
-        temp,
-        name.unwrap_or_else(|| "model".into()),
-        architecture,
-    )
-    .await
+            "the `architecture` part applies to a single safetensors file; a model folder carries its config.json",
+        ));
+    }
+    let mut folder = Vec::with_capacity(files.len());
+    for (filename, temp) in files {
+        let filename = filename.ok_or_else(|| {
+            ApiError::bad_request(
+                Code::MalformedMultipart,
+                "every `file` part of a folder needs a filename: its path in the folder",
+            )
+        })?;
+        let path = hf::check_path(&filename)?;
+        push_file(&mut folder, UploadedFile { path, temp })?;
+    }
+    ingest_folder(state, folder, name.unwrap_or_else(|| "model".into())).await
+}
+
+/// `POST /v1/models` with `application/x-tar`: the folder as a tar archive.
+async fn upload_tar(state: &AppState, body: Body, name: Option<String>) -> ApiResult<ModelRecord> {
+    let limit = state.config.max_upload_bytes;
+    let tar =
+        crate::store::write_stream(state.store.as_ref(), body.into_data_stream(), limit).await?;
+    let store = state.store.clone();
+    let files = tokio::task::spawn_blocking(move || untar(store.as_ref(), tar.path())).await??;
+    ingest_folder(state, files, name.unwrap_or_else(|| "model".into())).await
 }
 
 /// Validate a streamed upload, then commit the blob and record the model.
@@ -355,6 +398,25 @@ async fn delete_model(
         ));
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/models/{id}/files/{path}`.
+async fn download_file(
+    State(state): State<AppState>,
+    Path((id, path)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let model = load_model(&state, &id).await?;
+    super::folders::serve_file(&state, &model, &path, &headers).await
+}
+
+/// `GET /v1/models/{id}/archive`.
+async fn download_archive(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let model = load_model(&state, &id).await?;
+    super::folders::serve_archive(&state, &model).await
 }
 
 async fn download_model(

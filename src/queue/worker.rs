@@ -466,6 +466,12 @@ impl Worker {
                     .as_array()
                     .map_or(0, |s| s.len() as i64 - 1),
             )),
+        )
+        // A folder model's output is a folder model: its config and tokenizer come along.
+        .with_folder(
+            input.companions(),
+            input.config.clone(),
+            input.family.clone(),
         );
         let artifact = |kind: &str, format: &str, blob: &crate::store::BlobRef| ArtifactRecord {
             id: ArtifactId::new(),

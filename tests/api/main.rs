@@ -31,6 +31,7 @@ macro_rules! on_both_backends {
 mod compression;
 mod datasets;
 mod engine;
+mod folders;
 mod golden;
 mod jobs;
 mod lifecycle;

@@ -26,6 +26,10 @@ use crate::compress::Result;
 pub enum Family {
     /// Layers in order: MLPs and CNNs (API.md "Architecture (sequential/v1)").
     Sequential,
+    /// BERT-style encoders (post-LN blocks, GELU; MiniLM, BERT-base).
+    Bert,
+    /// Llama-style decoders (RMSNorm, RoPE, grouped-query attention, SwiGLU).
+    Llama,
 }
 
 impl Family {
@@ -33,6 +37,8 @@ impl Family {
     pub fn as_str(self) -> &'static str {
         match self {
             Family::Sequential => "sequential",
+            Family::Bert => "bert",
+            Family::Llama => "llama",
         }
     }
 }
