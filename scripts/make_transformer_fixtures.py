@@ -434,10 +434,17 @@ def make_bert(out: str, tok: Tokenizer) -> None:
         tensors = {k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
         tensors.update(outs)
         save_file(tensors, os.path.join(folder, "expected.safetensors"), metadata={"seed": str(seed)})
+        notes = {}
+        if name == "tiny-bert":
+            notes["sentence_embedding"] = "mean of last_hidden_state over attention_mask==1 positions, then L2-normalised"
+            notes["pooler_output"] = "tanh(pooler.dense(last_hidden_state[:, 0])), transformers' BertPooler"
+        else:
+            notes["logits"] = "classifier(pooler_output): tanh(bert.pooler.dense(h[:, 0])) then classifier"
         write_json(
             os.path.join(folder, "expected.json"),
             {
                 "model_class": cls.__name__,
+                "notes": notes,
                 "seed": seed,
                 "texts": BERT_TEST_TEXTS,
                 "padding": "longest",
@@ -446,9 +453,6 @@ def make_bert(out: str, tok: Tokenizer) -> None:
                 "token_type_ids": enc["token_type_ids"].tolist(),
                 "attention_mask": enc["attention_mask"].tolist(),
                 "outputs": {k: list(v.shape) for k, v in outs.items()},
-                "sentence_embedding": "mean of last_hidden_state over attention_mask==1 positions, then L2-normalised"
-                if name == "tiny-bert"
-                else None,
                 "attn_implementation": model.config._attn_implementation,
                 "eager_max_abs_diff": eager_diff,
                 "tokenizer": tokenizer_info(tok, BERT_SPECIALS),

@@ -277,7 +277,7 @@ fn cache_teacher(
     for (b, batch) in batches.enumerate() {
         ctx.check()?;
         let batch = batch?;
-        let (out, tapped) = teacher.forward_taps(&batch.x, Mode::Eval, &used)?;
+        let (out, tapped) = teacher.forward_taps(&batch, Mode::Eval, &used)?;
         scatter(&mut logits, classes, &batch.indices, &out)?;
         for ((w, buf), t) in features.iter_mut().zip(&tapped) {
             scatter(buf, *w, &batch.indices, &t.flatten_from(1)?)?;
@@ -560,14 +560,14 @@ pub fn distill_with_cache(
     let step = |m: &dyn Network, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
         ctx.check()?;
         let (out, taps) = if student_names.is_empty() {
-            (m.forward(&b.x, Mode::Train(rng))?, Vec::new())
+            (m.forward(b, Mode::Train(rng))?, Vec::new())
         } else {
-            m.forward_taps(&b.x, Mode::Train(rng), &student_names)?
+            m.forward_taps(b, Mode::Train(rng), &student_names)?
         };
         let needs_live =
             (alpha > 0.0 && cache.is_none()) || (!params.features.is_empty() && !features_cached);
         let live = if needs_live {
-            Some(teacher.forward_taps(&b.x, Mode::Eval, &teacher_names)?)
+            Some(teacher.forward_taps(b, Mode::Eval, &teacher_names)?)
         } else {
             None
         };
@@ -750,7 +750,7 @@ fn run_baseline(
     let sub = Ctx::new(&progress, &cancel);
     let step = |m: &dyn Network, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
         ctx.check()?;
-        let out = m.forward(&b.x, Mode::Train(rng))?;
+        let out = m.forward(b, Mode::Train(rng))?;
         let loss = cross_entropy(&out, b)?;
         Ok((out, loss))
     };

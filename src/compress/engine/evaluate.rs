@@ -138,12 +138,12 @@ pub fn evaluate(
         ctx.check()?;
         let batch = batch?;
         let started = Instant::now();
-        let out = model.forward(&batch.x, Mode::Eval)?;
+        let out = model.forward(&batch, Mode::Eval)?;
         let logits = out.flatten_all()?.to_vec1::<f32>()?;
         forward_seconds += started.elapsed().as_secs_f64();
         let ref_logits = match reference {
             Some(r) => Some(
-                r.forward(&batch.x, Mode::Eval)?
+                r.forward(&batch, Mode::Eval)?
                     .flatten_all()?
                     .to_vec1::<f32>()?,
             ),

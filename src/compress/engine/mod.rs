@@ -5,18 +5,21 @@
 //! [`Network`]; training, evaluation, distillation, calibration and QAT use only the trait.
 //! A family is one module under `engine/`.
 
+pub mod bert;
 pub mod data;
 pub mod evaluate;
 pub mod finetune;
+pub mod llama;
 pub mod masks;
 pub mod sequential;
 pub mod train;
+pub mod transformer;
 
 use candle_core::{Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::compress::engine::data::Dataset;
+use crate::compress::engine::data::{Batch, Dataset};
 use crate::compress::formats::safetensors::{Dtype, NamedTensor, TensorSpec};
 use crate::compress::Result;
 
@@ -193,6 +196,9 @@ pub struct LayerInput<'a> {
     pub x: &'a Tensor,
 }
 
+/// What a probe does with each linear layer's input ([`Network::forward_probed`]).
+pub type ProbeFn<'p> = dyn FnMut(LayerInput<'_>) -> Result<()> + 'p;
+
 /// A network the engine can run, train and calibrate: a family's implementation over its
 /// named parameters. Inputs are batches of one sample shape (`x: [batch, ...]`).
 pub trait Network: Send + Sync + std::fmt::Debug {
@@ -231,14 +237,16 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     /// Width of the output (classes of a classifier).
     fn output_width(&self) -> Result<usize>;
 
-    /// The forward pass of `x`; returns `[batch, outputs...]`.
-    fn forward(&self, x: &Tensor, mode: Mode<'_>) -> Result<Tensor>;
+    /// The forward pass of a batch (features `[batch, ...]`, or token ids `[batch, seq]` with
+    /// their attention mask); returns `[batch, outputs...]` (a transformer language model:
+    /// `[batch, seq, vocab]` logits).
+    fn forward(&self, batch: &Batch, mode: Mode<'_>) -> Result<Tensor>;
 
     /// [`Network::forward`] that also returns the outputs of the named layers, in the order of
     /// `layers` (tracked for backward in training mode, for losses on intermediate features).
     fn forward_taps(
         &self,
-        x: &Tensor,
+        batch: &Batch,
         mode: Mode<'_>,
         layers: &[&str],
     ) -> Result<(Tensor, Vec<Tensor>)>;
@@ -254,11 +262,7 @@ pub trait Network: Send + Sync + std::fmt::Debug {
 
     /// An evaluation forward pass of `x` in which `probe` sees the input of every linear and
     /// convolution layer it reaches (calibration statistics: ranges, Σx², Hessians).
-    fn forward_probed(
-        &self,
-        x: &Tensor,
-        probe: &mut dyn FnMut(LayerInput<'_>) -> Result<()>,
-    ) -> Result<Tensor>;
+    fn forward_probed(&self, batch: &Batch, probe: &mut ProbeFn<'_>) -> Result<Tensor>;
 
     /// Sets (or clears) the transform applied to linear and conv weights in every forward.
     fn set_weight_transform(&mut self, transform: Option<WeightTransform>);

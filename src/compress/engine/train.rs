@@ -868,7 +868,7 @@ pub fn train(
             let (out, loss) = match forward_loss {
                 Some(f) => f(model, &batch, &mut rng)?,
                 None => {
-                    let out = model.forward(&batch.x, Mode::Train(&mut rng))?;
+                    let out = model.forward(&batch, Mode::Train(&mut rng))?;
                     let loss = loss_fn(&out, &batch)?;
                     (out, loss)
                 }

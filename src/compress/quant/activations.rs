@@ -201,7 +201,7 @@ pub fn calibrate(
     for batch in subset.batches(256) {
         ctx.check()?;
         let batch = batch?;
-        model.forward_probed(&batch.x, &mut |input: LayerInput<'_>| {
+        model.forward_probed(&batch, &mut |input: LayerInput<'_>| {
             let slot = slot_of(&mut collected, &input, Vec::new);
             let values = input.x.flatten_all()?.to_vec1::<f32>()?;
             let kept = &mut collected[slot].2;
@@ -292,7 +292,7 @@ pub fn input_importance(
     for batch in subset.batches(256) {
         ctx.check()?;
         let batch = batch?;
-        model.forward_probed(&batch.x, &mut |input: LayerInput<'_>| {
+        model.forward_probed(&batch, &mut |input: LayerInput<'_>| {
             let slot = slot_of(&mut sums, &input, || (Vec::new(), 0, input.window));
             let x = input.x;
             // Linear: [batch, features]; conv2d: [batch, channels, h, w].

@@ -566,6 +566,11 @@ pub fn shuffle_indices(indices: &mut [usize], rng: &mut impl rand::Rng) {
 }
 
 impl Dataset {
+    /// Whether the samples are texts (tokenized by the model that reads them).
+    pub fn is_text(&self) -> bool {
+        false
+    }
+
     /// A seeded random split into (train, validation) views, the validation view holding
     /// `round(fraction × samples)` samples. Both views must end up non-empty.
     pub fn split(&self, fraction: f64, seed: u64) -> Result<(Subset<'_>, Subset<'_>)> {
@@ -620,11 +625,16 @@ impl Dataset {
     }
 }
 
-/// One batch: features `[n, feature_shape...]` (f32) and, for labelled data, labels `[n]` (u32).
+/// One batch: features `[n, feature_shape...]` (f32) — or, for text, token ids `[n, seq]`
+/// (u32) with their attention mask — and, for labelled data, labels `[n]` (u32).
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// Features, f32, samples first.
+    /// Features (f32), or token ids (u32), samples first.
     pub x: candle_core::Tensor,
+    /// Text: 1 for a real token, 0 for padding, `[n, seq]` (f32); `None`: every position counts.
+    pub mask: Option<candle_core::Tensor>,
+    /// Text pairs: the segment (token type) of each token, `[n, seq]` (u32); `None`: all 0.
+    pub segments: Option<candle_core::Tensor>,
     /// Class labels as a u32 tensor, when the dataset is labelled.
     pub y: Option<candle_core::Tensor>,
     /// The same labels on the host (for accuracy counting without a device round trip).
@@ -683,6 +693,8 @@ impl Batches<'_> {
         };
         Ok(Batch {
             x,
+            mask: None,
+            segments: None,
             y,
             labels,
             len: idx.len(),

@@ -23,12 +23,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::compress::engine::data::Dataset;
+use crate::compress::engine::data::{Batch, Dataset};
 use crate::compress::engine::sequential::arch::{
     Architecture, Layer, LayerSummary, ParamKind, Size2,
 };
 use crate::compress::engine::sequential::conv;
-use crate::compress::engine::{Family, LayerInput, Mode, Network, Param, WeightTransform};
+use crate::compress::engine::{Family, LayerInput, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
@@ -897,22 +897,22 @@ impl Network for Model {
         classes_of(&self.arch)
     }
 
-    fn forward(&self, x: &Tensor, mode: Mode<'_>) -> Result<Tensor> {
+    fn forward(&self, batch: &Batch, mode: Mode<'_>) -> Result<Tensor> {
         match mode {
-            Mode::Eval => self.forward_eval(x),
-            Mode::Train(rng) => self.forward_train(x, rng),
+            Mode::Eval => self.forward_eval(&batch.x),
+            Mode::Train(rng) => self.forward_train(&batch.x, rng),
         }
     }
 
     fn forward_taps(
         &self,
-        x: &Tensor,
+        batch: &Batch,
         mode: Mode<'_>,
         layers: &[&str],
     ) -> Result<(Tensor, Vec<Tensor>)> {
         match mode {
-            Mode::Eval => self.forward_eval_taps(x, layers),
-            Mode::Train(rng) => self.forward_train_taps(x, rng, layers),
+            Mode::Eval => self.forward_eval_taps(&batch.x, layers),
+            Mode::Train(rng) => self.forward_train_taps(&batch.x, rng, layers),
         }
     }
 
@@ -931,12 +931,8 @@ impl Network for Model {
         Ok(self.arch.summary()[i].output_shape.iter().product())
     }
 
-    fn forward_probed(
-        &self,
-        x: &Tensor,
-        probe: &mut dyn FnMut(LayerInput<'_>) -> Result<()>,
-    ) -> Result<Tensor> {
-        let mut x = self.as_input(x)?;
+    fn forward_probed(&self, batch: &Batch, probe: &mut ProbeFn<'_>) -> Result<Tensor> {
+        let mut x = self.as_input(&batch.x)?;
         for (i, (node, layer)) in self.nodes.iter().zip(self.arch.layers()).enumerate() {
             x = self.activation_in(i, x)?;
             let window = match layer {

@@ -1,0 +1,584 @@
+//! The `bert` family: BERT-style encoders as Hugging Face `transformers` defines them
+//! (`BertModel`, `BertForSequenceClassification`): token + position + token-type
+//! embeddings, post-LN blocks (self-attention with a padding mask, GELU feed-forward), and
+//! either a `[CLS]` classifier (pooler + `classifier`) when the weights have one, or the
+//! sentence embedding of sentence-transformers (mean pooling over the attention mask, then
+//! L2 normalisation; all-MiniLM-L6-v2's recipe).
+
+use candle_core::{Tensor, D};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::data::{Batch, Dataset};
+use super::transformer::{
+    attention, dropout, embed, layer_norm, merge_heads, padding_bias, split_heads, token_ids,
+    Probe, Weights,
+};
+use super::{Family, Mode, Network, Param, ProbeFn, WeightTransform};
+use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
+use crate::compress::{Error, Result};
+
+/// The `config.json` fields the engine reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    pub hidden_size: usize,
+    /// Encoder blocks.
+    pub num_hidden_layers: usize,
+    /// Attention heads per block.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Feed-forward activation (`gelu`: the exact erf form).
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    /// Longest sequence (position embeddings).
+    pub max_position_embeddings: usize,
+    /// Token types (segments).
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    /// Layer-norm epsilon.
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    /// Dropout of hidden states in training.
+    #[serde(default = "tenth")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout of attention probabilities in training.
+    #[serde(default = "tenth")]
+    pub attention_probs_dropout_prob: f64,
+    /// Position embeddings (`absolute` only).
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+fn two() -> usize {
+    2
+}
+fn eps() -> f64 {
+    1e-12
+}
+fn tenth() -> f64 {
+    0.1
+}
+
+impl BertConfig {
+    /// Reads and checks a `config.json`.
+    pub fn from_json(config: &Value) -> Result<BertConfig> {
+        let c: BertConfig = serde_json::from_value(config.clone())
+            .map_err(|e| Error::ArchitectureMismatch(format!("config.json for bert: {e}")))?;
+        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+            return Err(Error::ArchitectureMismatch(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            )));
+        }
+        if !matches!(
+            c.hidden_act.as_str(),
+            "gelu" | "relu" | "gelu_new" | "gelu_pytorch_tanh"
+        ) {
+            return Err(Error::UnsupportedFamily(format!(
+                "bert with hidden_act {:?} (gelu, gelu_new, relu are supported)",
+                c.hidden_act
+            )));
+        }
+        if c.position_embedding_type
+            .as_deref()
+            .is_some_and(|p| p != "absolute")
+        {
+            return Err(Error::UnsupportedFamily(
+                "bert with relative position embeddings (absolute only)".into(),
+            ));
+        }
+        Ok(c)
+    }
+}
+
+/// A BERT-style encoder over its weights.
+#[derive(Debug)]
+pub struct Bert {
+    config: BertConfig,
+    document: Value,
+    weights: Weights,
+    /// `bert.` for `BertFor…` checkpoints, empty for `BertModel` ones.
+    prefix: String,
+    /// Classes of the `[CLS]` classifier, when the weights have one.
+    classes: Option<usize>,
+}
+
+impl Bert {
+    /// The encoder described by `config` (a `config.json`) with the weights of `file`.
+    pub fn from_safetensors(config: &Value, file: &SafetensorsFile) -> Result<Bert> {
+        Self::new(config, Weights::from_file(file)?)
+    }
+
+    fn new(document: &Value, weights: Weights) -> Result<Bert> {
+        let config = BertConfig::from_json(document)?;
+        let prefix = if weights.has("bert.embeddings.word_embeddings.weight") {
+            "bert.".to_string()
+        } else {
+            String::new()
+        };
+        let bert = Bert {
+            classes: weights.shape("classifier.weight").map(|s| s[0]),
+            config,
+            document: document.clone(),
+            weights,
+            prefix,
+        };
+        bert.check_shapes()?;
+        Ok(bert)
+    }
+
+    /// Every tensor the config implies is there with its shape.
+    fn check_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let p = &self.prefix;
+        let mut want: Vec<(String, Vec<usize>)> = vec![
+            (
+                format!("{p}embeddings.word_embeddings.weight"),
+                vec![c.vocab_size, h],
+            ),
+            (
+                format!("{p}embeddings.position_embeddings.weight"),
+                vec![c.max_position_embeddings, h],
+            ),
+            (
+                format!("{p}embeddings.token_type_embeddings.weight"),
+                vec![c.type_vocab_size, h],
+            ),
+            (format!("{p}embeddings.LayerNorm.weight"), vec![h]),
+            (format!("{p}embeddings.LayerNorm.bias"), vec![h]),
+        ];
+        for l in 0..c.num_hidden_layers {
+            let b = format!("{p}encoder.layer.{l}");
+            for (name, shape) in [
+                ("attention.self.query", vec![h, h]),
+                ("attention.self.key", vec![h, h]),
+                ("attention.self.value", vec![h, h]),
+                ("attention.output.dense", vec![h, h]),
+                ("intermediate.dense", vec![i, h]),
+                ("output.dense", vec![h, i]),
+            ] {
+                want.push((format!("{b}.{name}.bias"), vec![shape[0]]));
+                want.push((format!("{b}.{name}.weight"), shape));
+            }
+            for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                want.push((format!("{b}.{ln}.weight"), vec![h]));
+                want.push((format!("{b}.{ln}.bias"), vec![h]));
+            }
+        }
+        if self.classes.is_some() {
+            want.push((format!("{p}pooler.dense.weight"), vec![h, h]));
+            want.push((format!("{p}pooler.dense.bias"), vec![h]));
+        }
+        check_tensors(&self.weights, &want)
+    }
+
+    fn name(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    /// The final hidden states `[b, s, h]`, and the layers' outputs named in `taps`
+    /// (`encoder.layer.{i}`).
+    fn encode(
+        &self,
+        batch: &Batch,
+        mode: &mut Mode<'_>,
+        probe: &mut Probe<'_>,
+        taps: &[&str],
+    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+        let c = &self.config;
+        let ids = token_ids(&batch.x)?;
+        let (b, s) = ids.dims2()?;
+        if s > c.max_position_embeddings {
+            return Err(Error::DatasetMismatch(format!(
+                "sequences of {s} tokens are longer than the model's {} positions",
+                c.max_position_embeddings
+            )));
+        }
+        let w = |n: &str, mode: &Mode<'_>| self.weights.get(&self.name(n), mode);
+        let words = embed(&w("embeddings.word_embeddings.weight", mode)?, &ids)?;
+        let positions = w("embeddings.position_embeddings.weight", mode)?.narrow(0, 0, s)?;
+        let segments = match &batch.segments {
+            Some(t) => token_ids(t)?,
+            None => Tensor::zeros((b, s), candle_core::DType::U32, ids.device())?,
+        };
+        let types = embed(
+            &w("embeddings.token_type_embeddings.weight", mode)?,
+            &segments,
+        )?;
+        let x = words.broadcast_add(&positions)?.add(&types)?;
+        let mut h = layer_norm(
+            &x,
+            &w("embeddings.LayerNorm.weight", mode)?,
+            &w("embeddings.LayerNorm.bias", mode)?,
+            c.layer_norm_eps,
+        )?;
+        h = dropout(&h, c.hidden_dropout_prob, mode)?;
+        let bias = match &batch.mask {
+            Some(m) => Some(padding_bias(m)?),
+            None => None,
+        };
+        let mut tapped = vec![None; taps.len()];
+        for l in 0..c.num_hidden_layers {
+            let block = self.name(&format!("encoder.layer.{l}"));
+            let lin = |n: &str, x: &Tensor, mode: &Mode<'_>, probe: &mut Probe<'_>| {
+                self.weights.linear(&format!("{block}.{n}"), x, mode, probe)
+            };
+            let q = split_heads(
+                &lin("attention.self.query", &h, mode, probe)?,
+                c.num_attention_heads,
+            )?;
+            let k = split_heads(
+                &lin("attention.self.key", &h, mode, probe)?,
+                c.num_attention_heads,
+            )?;
+            let v = split_heads(
+                &lin("attention.self.value", &h, mode, probe)?,
+                c.num_attention_heads,
+            )?;
+            let ctx = merge_heads(&attention(
+                &q,
+                &k,
+                &v,
+                bias.as_ref(),
+                c.attention_probs_dropout_prob,
+                mode,
+            )?)?;
+            let a = dropout(
+                &lin("attention.output.dense", &ctx, mode, probe)?,
+                c.hidden_dropout_prob,
+                mode,
+            )?;
+            let ln = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
+                layer_norm(
+                    x,
+                    &self.weights.get(&format!("{block}.{n}.weight"), mode)?,
+                    &self.weights.get(&format!("{block}.{n}.bias"), mode)?,
+                    c.layer_norm_eps,
+                )
+            };
+            let h1 = ln("attention.output.LayerNorm", &(a + &h)?, mode)?;
+            let inner = activation(&c.hidden_act, &lin("intermediate.dense", &h1, mode, probe)?)?;
+            let out = dropout(
+                &lin("output.dense", &inner, mode, probe)?,
+                c.hidden_dropout_prob,
+                mode,
+            )?;
+            h = ln("output.LayerNorm", &(out + &h1)?, mode)?;
+            let tap_name = format!("encoder.layer.{l}");
+            for (slot, t) in taps.iter().enumerate() {
+                if *t == tap_name {
+                    tapped[slot] = Some(h.clone());
+                }
+            }
+        }
+        Ok((h, tapped))
+    }
+
+    /// The network's output for hidden states `h`: classifier logits `[b, classes]`, or the
+    /// L2-normalised mean-pooled sentence embedding `[b, h]`.
+    fn head(
+        &self,
+        h: &Tensor,
+        batch: &Batch,
+        mode: &mut Mode<'_>,
+        probe: &mut Probe<'_>,
+    ) -> Result<Tensor> {
+        if self.classes.is_some() {
+            let first = h.narrow(1, 0, 1)?.squeeze(1)?;
+            let pooled = self
+                .weights
+                .linear(&self.name("pooler.dense"), &first, mode, probe)?
+                .tanh()?;
+            let pooled = dropout(&pooled, self.config.hidden_dropout_prob, mode)?;
+            return self.weights.linear("classifier", &pooled, mode, probe);
+        }
+        mean_pool_normalised(h, batch.mask.as_ref())
+    }
+
+    fn forward_impl(
+        &self,
+        batch: &Batch,
+        mut mode: Mode<'_>,
+        probe: &mut Probe<'_>,
+        taps: &[&str],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (h, tapped) = self.encode(batch, &mut mode, probe, taps)?;
+        let out = self.head(&h, batch, &mut mode, probe)?;
+        let tapped = tapped
+            .into_iter()
+            .zip(taps)
+            .map(|(t, name)| {
+                let t = t.ok_or_else(|| Error::Internal(format!("no layer {name} to tap")))?;
+                // A block's per-sequence output, as sentence-level features: mean-pooled.
+                mean_pool(&t, batch.mask.as_ref())
+            })
+            .collect::<Result<_>>()?;
+        Ok((out, tapped))
+    }
+}
+
+/// The activation of the feed-forward layer.
+fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+    Ok(match name {
+        "relu" => x.relu()?,
+        "gelu_new" | "gelu_pytorch_tanh" => x.gelu()?,
+        _ => x.gelu_erf()?,
+    })
+}
+
+/// Mean of `h` `[b, s, d]` over the positions the mask `[b, s]` keeps: `[b, d]`.
+pub fn mean_pool(h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        None => Ok(h.mean(1)?),
+        Some(m) => {
+            let m = m.to_dtype(candle_core::DType::F32)?.unsqueeze(2)?;
+            let summed = h.broadcast_mul(&m)?.sum(1)?;
+            let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+            Ok(summed.broadcast_div(&counts)?)
+        }
+    }
+}
+
+/// [`mean_pool`] followed by L2 normalisation of each row (sentence-transformers).
+pub fn mean_pool_normalised(h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let pooled = mean_pool(h, mask)?;
+    let norm = pooled
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    Ok(pooled.broadcast_div(&norm)?)
+}
+
+/// Every `(name, shape)` is a tensor of `weights` with that shape.
+pub(super) fn check_tensors(weights: &Weights, want: &[(String, Vec<usize>)]) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut wrong = Vec::new();
+    for (name, shape) in want {
+        match weights.shape(name) {
+            None => missing.push(name.clone()),
+            Some(s) if s != shape.as_slice() => {
+                wrong.push(format!("{name} expected {shape:?}, found {s:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        let shown: Vec<&String> = missing.iter().take(8).collect();
+        parts.push(format!(
+            "missing tensors: {shown:?} ({} in all)",
+            missing.len()
+        ));
+    }
+    if !wrong.is_empty() {
+        parts.push(format!("wrong shapes: {}", wrong.join(", ")));
+    }
+    if parts.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ArchitectureMismatch(parts.join("; ")))
+    }
+}
+
+impl Network for Bert {
+    fn family(&self) -> Family {
+        Family::Bert
+    }
+
+    fn describe(&self) -> Value {
+        self.document.clone()
+    }
+
+    fn params(&self) -> &[Param] {
+        self.weights.params()
+    }
+
+    fn freeze(&mut self, pattern: &str) -> usize {
+        self.weights.freeze(pattern)
+    }
+
+    fn export(&self) -> Result<Vec<NamedTensor>> {
+        self.weights.export()
+    }
+
+    fn load(&self, weights: &[NamedTensor]) -> Result<()> {
+        self.weights.load(weights)
+    }
+
+    fn with_weights(&self, weights: Vec<NamedTensor>) -> Result<Box<dyn Network>> {
+        Ok(Box::new(Bert::new(
+            &self.document,
+            self.weights.with_values(weights)?,
+        )?))
+    }
+
+    fn check_trainable(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn check_dataset(&self, dataset: &Dataset, labels_required: bool) -> Result<()> {
+        if !dataset.is_text() {
+            return Err(Error::DatasetMismatch(
+                "a bert model reads text: upload the dataset as `text` or `jsonl`".into(),
+            ));
+        }
+        match (dataset.num_classes, labels_required, self.classes) {
+            (None, true, _) => Err(Error::DatasetMismatch(
+                "the dataset has no labels, but this operation needs them".into(),
+            )),
+            (Some(n), true, Some(c)) if n > c => Err(Error::DatasetMismatch(format!(
+                "the dataset has labels up to {}, but the classifier has {c} classes",
+                n - 1
+            ))),
+            (Some(_), true, None) => Err(Error::DatasetMismatch(
+                "the model has no classifier head: give `head` with the number of classes".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn output_width(&self) -> Result<usize> {
+        Ok(self.classes.unwrap_or(self.config.hidden_size))
+    }
+
+    fn forward(&self, batch: &Batch, mode: Mode<'_>) -> Result<Tensor> {
+        Ok(self.forward_impl(batch, mode, &mut Probe::none(), &[])?.0)
+    }
+
+    fn forward_taps(
+        &self,
+        batch: &Batch,
+        mode: Mode<'_>,
+        layers: &[&str],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        self.forward_impl(batch, mode, &mut Probe::none(), layers)
+    }
+
+    fn has_layer(&self, layer: &str) -> bool {
+        self.layer_names().iter().any(|l| l == layer)
+    }
+
+    fn layer_names(&self) -> Vec<String> {
+        (0..self.config.num_hidden_layers)
+            .map(|l| format!("encoder.layer.{l}"))
+            .collect()
+    }
+
+    fn layer_width(&self, layer: &str) -> Result<usize> {
+        if self.has_layer(layer) {
+            Ok(self.config.hidden_size)
+        } else {
+            Err(Error::Internal(format!("bert has no layer {layer:?}")))
+        }
+    }
+
+    fn forward_probed(&self, batch: &Batch, probe: &mut ProbeFn<'_>) -> Result<Tensor> {
+        Ok(self
+            .forward_impl(batch, Mode::Eval, &mut Probe::new(probe), &[])?
+            .0)
+    }
+
+    fn set_weight_transform(&mut self, transform: Option<WeightTransform>) {
+        self.weights.set_transform(transform);
+    }
+
+    fn with_head(&self, _layer: &str, _num_classes: usize, _seed: u64) -> Result<Box<dyn Network>> {
+        Err(Error::Unsupported(
+            "a classifier head for bert models is not built yet".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::engine::transformer::fixtures::{batch, f32s, ids, max_diff, open};
+    use crate::compress::engine::LayerInput;
+
+    #[test]
+    fn tiny_bert_matches_transformers() {
+        let (config, weights, expected) = open("tiny-bert");
+        let bert = Bert::from_safetensors(&config, &weights).unwrap();
+        assert_eq!(bert.family(), Family::Bert);
+        let b = batch(
+            ids(&expected, "input_ids"),
+            Some(ids(&expected, "attention_mask")),
+            Some(ids(&expected, "token_type_ids")),
+        );
+        let (h, _) = bert
+            .encode(&b, &mut Mode::Eval, &mut Probe::none(), &[])
+            .unwrap();
+        let d = max_diff(&h, &f32s(&expected, "last_hidden_state"));
+        assert!(d < 1e-5, "last_hidden_state differs by {d}");
+        let e = bert.forward(&b, Mode::Eval).unwrap();
+        let d = max_diff(&e, &f32s(&expected, "sentence_embedding"));
+        assert!(d < 1e-5, "sentence_embedding differs by {d}");
+        assert_eq!(bert.output_width().unwrap(), 32);
+    }
+
+    #[test]
+    fn tiny_bert_classifier_matches_transformers() {
+        let (config, weights, expected) = open("tiny-bert-cls");
+        let bert = Bert::from_safetensors(&config, &weights).unwrap();
+        assert_eq!(bert.output_width().unwrap(), 3);
+        let b = batch(
+            ids(&expected, "input_ids"),
+            Some(ids(&expected, "attention_mask")),
+            Some(ids(&expected, "token_type_ids")),
+        );
+        let logits = bert.forward(&b, Mode::Eval).unwrap();
+        let d = max_diff(&logits, &f32s(&expected, "logits"));
+        assert!(d < 1e-5, "logits differ by {d}");
+    }
+
+    #[test]
+    fn the_probe_sees_every_linear_input_and_exports_round_trip() {
+        let (config, weights, expected) = open("tiny-bert");
+        let bert = Bert::from_safetensors(&config, &weights).unwrap();
+        let b = batch(
+            ids(&expected, "input_ids"),
+            Some(ids(&expected, "attention_mask")),
+            None,
+        );
+        let mut seen = Vec::new();
+        bert.forward_probed(&b, &mut |i: LayerInput<'_>| {
+            seen.push((i.index, i.layer.to_string(), i.x.dims().to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 2 * 6, "6 linear layers per block");
+        assert_eq!(seen[0].1, "encoder.layer.0.attention.self.query");
+        assert_eq!(seen[0].2, vec![3 * 37, 32]);
+        assert_eq!(seen[4].1, "encoder.layer.0.intermediate.dense");
+        assert_eq!(seen[11].0, 11);
+        let exported = bert.export().unwrap();
+        assert_eq!(exported.len(), 39);
+        let copy = bert.with_weights(exported).unwrap();
+        let d = max_diff(
+            &copy.forward(&b, Mode::Eval).unwrap(),
+            &bert.forward(&b, Mode::Eval).unwrap(),
+        );
+        assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn configs_and_weights_that_do_not_fit_are_refused() {
+        let (mut config, weights, _) = open("tiny-bert");
+        config["hidden_size"] = serde_json::json!(48);
+        let e = Bert::from_safetensors(&config, &weights).unwrap_err();
+        assert_eq!(e.code().as_str(), "architecture_mismatch", "{e}");
+        let (mut config, weights, _) = open("tiny-bert");
+        config["hidden_act"] = serde_json::json!("swish");
+        let e = Bert::from_safetensors(&config, &weights).unwrap_err();
+        assert_eq!(e.code().as_str(), "unsupported_family", "{e}");
+    }
+}

@@ -1,0 +1,424 @@
+//! What the transformer families share: their parameters (every float tensor of the weights
+//! file, as f32 candle variables under their file names), the linear layer every projection
+//! goes through (weight transforms for QAT, the probe for calibration), and the
+//! differentiable building blocks — layer norm and RMS norm written out (candle's fused norms
+//! and `softmax_last_dim` have no backward pass), attention, dropout.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::sequential::conv;
+use super::{LayerInput, Mode, Param, ParamKind, ParamSpec, ProbeFn, WeightTransform};
+use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
+use crate::compress::select::glob_match;
+use crate::compress::{Error, Result};
+
+/// The parameters of a transformer, by name.
+#[derive(Debug)]
+pub struct Weights {
+    params: Vec<Param>,
+    index: HashMap<String, usize>,
+    transform: Option<WeightTransform>,
+}
+
+/// The probe of a forward pass, with its running layer count.
+pub struct Probe<'p> {
+    f: Option<&'p mut ProbeFn<'p>>,
+    next: usize,
+}
+
+impl<'p> Probe<'p> {
+    /// No probe.
+    pub fn none() -> Probe<'static> {
+        Probe { f: None, next: 0 }
+    }
+
+    /// A probe calling `f` with every linear layer's input.
+    pub fn new(f: &'p mut ProbeFn<'p>) -> Probe<'p> {
+        Probe {
+            f: Some(f),
+            next: 0,
+        }
+    }
+}
+
+/// The role of a tensor from its name (for freezing, trainability and reports).
+fn kind_of(name: &str) -> ParamKind {
+    if name.ends_with(".bias") {
+        ParamKind::Bias
+    } else {
+        ParamKind::Weight
+    }
+}
+
+impl Weights {
+    /// Every floating-point tensor of `file` as an f32 variable (integer buffers such as
+    /// `position_ids` are left out: they are recomputed).
+    pub fn from_file(file: &SafetensorsFile) -> Result<Weights> {
+        let mut params = Vec::new();
+        for t in file.header().tensors.iter().filter(|t| t.dtype.is_float()) {
+            let values = file.to_f32(t)?;
+            let var = Var::from_vec(values, t.shape.clone(), &Device::Cpu)?;
+            let spec = ParamSpec {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                kind: kind_of(&t.name),
+                layer: t.name.rsplit_once('.').map_or("", |(l, _)| l).to_string(),
+            };
+            params.push(Param::new(spec, var));
+        }
+        Ok(Self::from_params(params))
+    }
+
+    /// The same names and shapes holding `weights`.
+    pub fn with_values(&self, weights: Vec<NamedTensor>) -> Result<Weights> {
+        let by_name: HashMap<String, NamedTensor> =
+            weights.into_iter().map(|w| (w.name.clone(), w)).collect();
+        let mut params = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let w = by_name.get(p.name()).ok_or_else(|| {
+                Error::ArchitectureMismatch(format!("missing tensors: {}", p.name()))
+            })?;
+            if w.shape != p.spec().shape {
+                return Err(Error::ArchitectureMismatch(format!(
+                    "wrong shapes: {} expected {:?}, found {:?}",
+                    p.name(),
+                    p.spec().shape,
+                    w.shape
+                )));
+            }
+            let var = Var::from_vec(w.values.clone(), w.shape.clone(), &Device::Cpu)?;
+            params.push(Param::new(p.spec().clone(), var));
+        }
+        Ok(Self::from_params(params))
+    }
+
+    fn from_params(params: Vec<Param>) -> Weights {
+        let index = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name().to_string(), i))
+            .collect();
+        Weights {
+            params,
+            index,
+            transform: None,
+        }
+    }
+
+    /// Every parameter, in file order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The shape of a tensor.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index
+            .get(name)
+            .map(|&i| self.params[i].spec().shape.as_slice())
+    }
+
+    /// A tensor as it enters the graph (tracked when training and trainable).
+    pub fn get(&self, name: &str, mode: &Mode<'_>) -> Result<Tensor> {
+        let i = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::ArchitectureMismatch(format!("missing tensors: {name}")))?;
+        Ok(self.params[*i].tensor(matches!(mode, Mode::Train(_))))
+    }
+
+    /// Freezes the tensors matching `pattern`; how many matched.
+    pub fn freeze(&mut self, pattern: &str) -> usize {
+        let mut n = 0;
+        for p in &mut self.params {
+            if glob_match(pattern, p.name()) {
+                p.set_frozen(true);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The current values.
+    pub fn export(&self) -> Result<Vec<NamedTensor>> {
+        self.params
+            .iter()
+            .map(|p| {
+                Ok(NamedTensor {
+                    name: p.name().to_string(),
+                    shape: p.spec().shape.clone(),
+                    values: p.var().as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Overwrites every tensor with `weights`.
+    pub fn load(&self, weights: &[NamedTensor]) -> Result<()> {
+        let by_name: HashMap<&str, &NamedTensor> =
+            weights.iter().map(|t| (t.name.as_str(), t)).collect();
+        for p in &self.params {
+            let t = by_name.get(p.name()).ok_or_else(|| {
+                Error::ArchitectureMismatch(format!("missing tensors: {}", p.name()))
+            })?;
+            if t.shape != p.spec().shape {
+                return Err(Error::ArchitectureMismatch(format!(
+                    "wrong shapes: {} expected {:?}, found {:?}",
+                    p.name(),
+                    p.spec().shape,
+                    t.shape
+                )));
+            }
+            p.var().set(&Tensor::from_slice(
+                &t.values,
+                t.shape.clone(),
+                &Device::Cpu,
+            )?)?;
+        }
+        Ok(())
+    }
+
+    /// Sets (or clears) the transform applied to every linear weight.
+    pub fn set_transform(&mut self, transform: Option<WeightTransform>) {
+        self.transform = transform;
+    }
+
+    /// `x · Wᵀ (+ b)` for the linear layer `layer` (`{layer}.weight`, optional
+    /// `{layer}.bias`), on the last dimension of `x`; the probe sees the input first.
+    pub fn linear(
+        &self,
+        layer: &str,
+        x: &Tensor,
+        mode: &Mode<'_>,
+        probe: &mut Probe<'_>,
+    ) -> Result<Tensor> {
+        let weight_name = format!("{layer}.weight");
+        let w = self.get(&weight_name, mode)?;
+        let bias_name = format!("{layer}.bias");
+        let b = if self.has(&bias_name) {
+            Some(self.get(&bias_name, mode)?)
+        } else {
+            None
+        };
+        let dims = x.dims().to_vec();
+        let (in_f, out_f) = (w.dim(1)?, w.dim(0)?);
+        let rows = x.elem_count() / in_f.max(1);
+        let x2 = x.reshape((rows, in_f))?;
+        if let Some(f) = probe.f.as_deref_mut() {
+            f(LayerInput {
+                index: probe.next,
+                layer,
+                window: 1,
+                x: &x2,
+            })?;
+        }
+        probe.next += 1;
+        let w = match &self.transform {
+            None => w,
+            Some(t) => match (t.0)(&weight_name, &w.detach())? {
+                None => w,
+                Some(q) if matches!(mode, Mode::Train(_)) => (&w + (q - w.detach())?)?,
+                Some(q) => q,
+            },
+        };
+        let y = conv::Linear.forward(&x2, &w, b.as_ref())?;
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = out_f;
+        }
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// Layer normalisation over the last dimension (biased variance), written out so it has a
+/// backward pass.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mu = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mu)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// RMS normalisation over the last dimension: `x / sqrt(mean(x²) + eps) · w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// Inverted dropout with probability `p` in training mode; the identity otherwise.
+pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
+    match mode {
+        Mode::Train(rng) if p > 0.0 => {
+            let keep = 1.0 - p;
+            let scale = if keep > 0.0 { (1.0 / keep) as f32 } else { 0.0 };
+            let pf = p as f32;
+            let rng: &mut ChaCha8Rng = rng;
+            let mask: Vec<f32> = (0..x.elem_count())
+                .map(|_| if rng.gen::<f32>() < pf { 0.0 } else { scale })
+                .collect();
+            Ok(x.mul(&Tensor::from_vec(mask, x.dims(), x.device())?)?)
+        }
+        _ => Ok(x.clone()),
+    }
+}
+
+/// `[b, s, heads·d] → [b, heads, s, d]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    Ok(x.reshape((b, s, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// `[b, heads, s, d] → [b, s, heads·d]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, s, h * d))?)
+}
+
+/// Scaled dot-product attention: `softmax(q·kᵀ/√d + bias)·v` with `q, k, v` of
+/// `[b, heads, s, d]` and an additive `bias` broadcastable to `[b, heads, s, s]`; the
+/// attention probabilities go through `dropout` in training.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    dropout_p: f64,
+    mode: &mut Mode<'_>,
+) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+    let scores = match bias {
+        Some(b) => scores.broadcast_add(b)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = dropout(&probs, dropout_p, mode)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// The additive attention bias of a padding mask `[b, s]` (1 real, 0 padding): 0 where a key
+/// counts, the smallest f32 where it is padding; `[b, 1, 1, s]`.
+pub fn padding_bias(mask: &Tensor) -> Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    let bias = ((mask.to_dtype(DType::F32)? - 1.0)?.abs()? * f64::from(f32::MIN))?;
+    Ok(bias.reshape((b, 1, 1, s))?)
+}
+
+/// The ids of a batch as a u32 tensor `[b, s]`.
+pub fn token_ids(x: &Tensor) -> Result<Tensor> {
+    if x.rank() != 2 {
+        return Err(Error::Internal(format!(
+            "token ids must be [batch, seq], got {:?}",
+            x.dims()
+        )));
+    }
+    Ok(match x.dtype() {
+        DType::U32 => x.clone(),
+        DType::I64 | DType::U8 | DType::F32 => x.to_dtype(DType::U32)?,
+        other => {
+            return Err(Error::Internal(format!(
+                "token ids must be integers, got {other:?}"
+            )))
+        }
+    })
+}
+
+/// Rows of an embedding table `[n, h]` for ids `[b, s]`: `[b, s, h]`.
+pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, s) = ids.dims2()?;
+    let h = table.dim(1)?;
+    Ok(table
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, s, h))?)
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    //! The reference folders of `tests/fixtures/transformers/` (made by
+    //! `scripts/make_transformer_fixtures.py` with Hugging Face `transformers`).
+
+    use std::path::PathBuf;
+
+    use candle_core::{DType, Device, Tensor};
+    use serde_json::Value;
+
+    use crate::compress::engine::data::Batch;
+    use crate::compress::formats::safetensors::SafetensorsFile;
+
+    /// The fixture folder `name`.
+    pub fn dir(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/transformers")
+            .join(name)
+    }
+
+    /// Its config.json, model.safetensors and expected.safetensors.
+    pub fn open(name: &str) -> (Value, SafetensorsFile, SafetensorsFile) {
+        let d = dir(name);
+        let config =
+            serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+        (
+            config,
+            SafetensorsFile::open(d.join("model.safetensors")).unwrap(),
+            SafetensorsFile::open(d.join("expected.safetensors")).unwrap(),
+        )
+    }
+
+    /// An expected f32 tensor.
+    pub fn f32s(file: &SafetensorsFile, name: &str) -> Tensor {
+        let t = file.get(name).unwrap_or_else(|| panic!("no {name}"));
+        Tensor::from_vec(file.to_f32(t).unwrap(), t.shape.clone(), &Device::Cpu).unwrap()
+    }
+
+    /// An expected integer tensor as u32.
+    pub fn ids(file: &SafetensorsFile, name: &str) -> Tensor {
+        let t = file.get(name).unwrap_or_else(|| panic!("no {name}"));
+        let v: Vec<u32> = file
+            .to_i64(t)
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        Tensor::from_vec(v, t.shape.clone(), &Device::Cpu).unwrap()
+    }
+
+    /// A batch of token ids with an optional mask and segments.
+    pub fn batch(x: Tensor, mask: Option<Tensor>, segments: Option<Tensor>) -> Batch {
+        let len = x.dim(0).unwrap();
+        Batch {
+            x,
+            mask: mask.map(|m| m.to_dtype(DType::F32).unwrap()),
+            segments,
+            y: None,
+            labels: None,
+            len,
+            indices: (0..len).collect(),
+        }
+    }
+
+    /// The largest absolute difference of two tensors of one shape.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}
