@@ -7,7 +7,8 @@ tokenizer.json from the tokenizer.ggml.* metadata. Writes, under
 target/fixtures/smollm2/reference/:
 
     tokenizer.json, tokenizer_config.json   what transformers rebuilt from the GGUF metadata
-    config.json                             the LlamaConfig transformers derived from the GGUF
+    config.json                             the LlamaConfig transformers derived from the GGUF, minus
+                                            quantization_config, plus architectures (see below)
     expected.json                           token ids, NLL / perplexity, last-position top logits,
                                             per-tensor checksums of the dequantized HF weights
 
@@ -16,9 +17,12 @@ Run (from the repository root; needs torch, transformers, gguf, numpy, accelerat
     scripts/fetch_transformers.sh                 # GGUF + fortunes into target/fixtures/
     /work/pyenv/bin/python scripts/smollm2_reference.py [--threads 2]
 
-Takes about 30 s on 2 CPU cores (transformers 5.25.0, torch 2.15.0 CPU): ~3 s imports, ~8 s
-GGUF model load (dequantization), ~3 s tokenizer build, ~1 s per 128-token forward pass, ~5 s
-tokenizing the corpus; the measured times are written to expected.json ("timings_s").
+Takes about 30 s on 2 idle CPU cores (transformers 5.25.0, torch 2.15.0 CPU), measured: ~2.5 s
+imports, ~4 s tokenizer build, ~13 s GGUF model load (of which GGUFReader parses ~2.5 s, twice;
+gguf.dequantize ~1 s; transformers' GGUF->HF name map ~4 s), ~3 s numpy weight cross-check,
+~0.3 s tokenizing the corpus, ~0.18 s per 128-token forward pass (9 passes; up to ~3 s each when
+the cores are busy). The measured times are written to expected.json ("timings_s").
+`--write-folder DIR` adds ~1 s and 538 MB.
 
 Definitions (so that Rust can reproduce them exactly):
   * fortune files are UTF-8; a document is the text between lines consisting of exactly "%"
@@ -35,6 +39,7 @@ Definitions (so that Rust can reproduce them exactly):
     with "\\n\\n"), one window per file.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -152,10 +157,34 @@ def score_window(model, ids):
     }
 
 
+def write_folder(folder, ref_dir, model, window):
+    """The HF folder an importer should produce: dequantized f32 weights under HF names."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ref_dir, name), folder)
+    reloaded = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        x = torch.tensor([window["ids"]])
+        diff = (reloaded(input_ids=x).logits - model(input_ids=x).logits).abs().max().item()
+    assert diff == 0.0, f"reloaded folder differs: max |dlogit| = {diff}"
+    print(f"wrote {folder} ({len(sd)} tensors); reload reproduces window 0 logits exactly")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(MODEL_DIR, "reference"))
+    ap.add_argument("--write-folder", metavar="DIR",
+                    help="also write the complete HF folder (model.safetensors f32, 538 MB, no lm_head.weight "
+                         "since it is tied; config.json; tokenizer*.json) to DIR and check that "
+                         "LlamaForCausalLM.from_pretrained(DIR) reproduces window 0's logits")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     timings = {"imports": time.time() - T_START}
@@ -176,7 +205,14 @@ def main():
     model.eval()
     timings["model_from_gguf"] = time.time() - t
     cfg = model.config
-    cfg.save_pretrained(args.out)  # config.json
+    # config.json as an HF folder of dequantized f32 safetensors needs it: the transformers-derived
+    # config minus its `quantization_config` (which would make transformers look for the GGUF
+    # again), plus `architectures`. The raw derived config is kept in expected.json["config"].
+    folder_cfg = copy.deepcopy(cfg)
+    if hasattr(folder_cfg, "quantization_config"):
+        del folder_cfg.quantization_config
+    folder_cfg.architectures = ["LlamaForCausalLM"]
+    folder_cfg.save_pretrained(args.out)  # config.json
 
     t = time.time()
     weight_checks = check_weights(gguf_path, model, cfg)
@@ -205,6 +241,7 @@ def main():
     )
     all_docs = [d for f in FORTUNE_FILES for d in docs[f]]
     mismatch = [i for i, d in enumerate(all_docs) if digits_tok.encode(d).ids != tok(d)["input_ids"]]
+    digits_windows_equal = digits_tok.encode(corpus).ids[: N_WINDOWS * STRIDE] == corpus_ids[: N_WINDOWS * STRIDE]
 
     windows, fwd = [], []
     for i in range(N_WINDOWS):
@@ -222,6 +259,11 @@ def main():
         fwd.append(time.time() - t)
     timings["forward_128_each"] = fwd
     timings["forward_total"] = sum(fwd)
+
+    if args.write_folder:
+        t = time.time()
+        write_folder(args.write_folder, args.out, model, windows[0])
+        timings["write_folder"] = time.time() - t
 
     t = time.time()
     stats = tensor_stats(model)
@@ -250,6 +292,7 @@ def main():
             "corpus_chars": len(corpus),
             "corpus_tokens": len(corpus_ids),
             "digits_pretokenizer_mismatch_docs": len(mismatch),
+            "digits_pretokenizer_windows_equal": digits_windows_equal,
             "digits_pretokenizer_mismatch_first": [
                 {"doc": all_docs[i], "transformers": tok(all_docs[i])["input_ids"],
                  "digits_split": digits_tok.encode(all_docs[i]).ids} for i in mismatch[:3]
