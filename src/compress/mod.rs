@@ -53,6 +53,9 @@ pub enum Error {
     /// The model's family is not one the engine runs (for operations that run the network).
     #[error("{0}")]
     UnsupportedFamily(String),
+    /// Text input needs the model's `tokenizer.json`, which the folder lacks.
+    #[error("{0}")]
+    TokenizerRequired(String),
     /// The dataset bytes cannot be used (wrong format, ragged rows, bad labels, ...).
     #[error("invalid dataset: {0}")]
     InvalidDataset(String),
@@ -113,6 +116,7 @@ impl Error {
             Error::InvalidDataset(_) => Code::InvalidDataset,
             Error::InvalidModelFolder(_) => Code::InvalidModelFolder,
             Error::UnsupportedFamily(_) => Code::UnsupportedFamily,
+            Error::TokenizerRequired(_) => Code::TokenizerRequired,
             Error::UnsupportedDtype { .. } => Code::UnsupportedDtype,
             Error::InvalidParameter { .. } => Code::ValidationFailed,
             Error::DatasetMismatch(_) => Code::DatasetMismatch,

@@ -1,4 +1,5 @@
-//! Dataset rows: a canonical safetensors blob (`x`, optional `y`) plus its shape summary.
+//! Dataset rows: a canonical blob (safetensors `x`, optional `y`; or JSONL documents for
+//! text) plus its shape summary.
 
 use serde_json::Value;
 use sqlx::any::AnyRow;
@@ -14,7 +15,7 @@ pub struct DatasetRecord {
     pub id: DatasetId,
     /// Display name.
     pub name: String,
-    /// Upload format: `safetensors`, `csv` or `idx`.
+    /// Upload format: `safetensors`, `csv`, `idx`, `text` or `jsonl`.
     pub format: String,
     /// Number of samples.
     pub samples: i64,
@@ -26,6 +27,8 @@ pub struct DatasetRecord {
     pub sha256: String,
     /// Stored size in bytes.
     pub size_bytes: i64,
+    /// Text datasets: bytes of UTF-8 text over all documents (`None` for tensor datasets).
+    pub text_bytes: Option<i64>,
     /// Creation time, µs since the epoch.
     pub created_at: i64,
 }
@@ -40,17 +43,18 @@ fn from_row(row: &AnyRow) -> Result<DatasetRecord> {
         num_classes: row.try_get("num_classes")?,
         sha256: row.try_get("sha256")?,
         size_bytes: row.try_get("size_bytes")?,
+        text_bytes: row.try_get("text_bytes")?,
         created_at: row.try_get("created_at")?,
     })
 }
 
 const COLUMNS: &str =
-    "id, name, format, samples, feature_shape, num_classes, sha256, size_bytes, created_at";
+    "id, name, format, samples, feature_shape, num_classes, sha256, size_bytes, created_at, text_bytes";
 
 /// Insert a dataset row (the blob must already be committed).
 pub async fn insert(db: &Db, d: &DatasetRecord) -> Result<()> {
     sqlx::query(&format!(
-        "insert into datasets ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        "insert into datasets ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     ))
     .bind(d.id.to_string())
     .bind(&d.name)
@@ -61,6 +65,7 @@ pub async fn insert(db: &Db, d: &DatasetRecord) -> Result<()> {
     .bind(&d.sha256)
     .bind(d.size_bytes)
     .bind(d.created_at)
+    .bind(d.text_bytes)
     .execute(db.pool())
     .await?;
     Ok(())

@@ -99,6 +99,12 @@ pub struct DatasetBody {
     num_classes: Option<i64>,
     sha256: String,
     size_bytes: i64,
+    /// Text datasets: the number of documents (`null` for tensor datasets).
+    documents: Option<i64>,
+    /// Text datasets: UTF-8 bytes of text (`null` for tensor datasets).
+    bytes: Option<i64>,
+    /// Whether every sample has a label.
+    labelled: bool,
     created_at: String,
 }
 
@@ -113,6 +119,9 @@ impl From<&DatasetRecord> for DatasetBody {
             num_classes: d.num_classes,
             sha256: d.sha256.clone(),
             size_bytes: d.size_bytes,
+            documents: d.text_bytes.map(|_| d.samples),
+            bytes: d.text_bytes,
+            labelled: d.num_classes.is_some(),
             created_at: rfc3339(d.created_at),
         }
     }

@@ -1,7 +1,9 @@
-//! `/v1/datasets`: upload (safetensors `x`/`y`, CSV, MNIST IDX), list, get, delete.
+//! `/v1/datasets`: upload (safetensors `x`/`y`, CSV, MNIST IDX, text, JSONL), list, get,
+//! delete.
 //!
-//! Every dataset is stored in one canonical form — safetensors with `x` (U8 or F32, first dim
-//! = samples) and optional `y` (I64 labels) — so the engine reads one format.
+//! Tensor datasets are stored in one canonical form — safetensors with `x` (U8 or F32, first
+//! dim = samples) and optional `y` (I64 labels); text datasets as canonical JSONL (`text`,
+//! optional `text_pair`, `label`) — so the engine reads two formats.
 
 use axum::extract::{Multipart, Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -74,10 +76,17 @@ async fn upload_dataset(
     if content_type.starts_with("multipart/form-data") {
         read_multipart(&state, multipart(req).await?, &mut parts).await?;
     } else if content_type.starts_with("application/octet-stream")
-        || content_type.starts_with("text/csv")
+        || content_type.starts_with("text/")
+        || content_type.starts_with("application/jsonl")
+        || content_type.starts_with("application/x-ndjson")
     {
-        if content_type.starts_with("text/csv") && parts.format.is_none() {
-            parts.format = Some("csv".into());
+        if parts.format.is_none() {
+            parts.format = match content_type.split(';').next().unwrap_or("").trim() {
+                "text/csv" => Some("csv".into()),
+                "text/plain" => Some("text".into()),
+                "application/jsonl" | "application/x-ndjson" => Some("jsonl".into()),
+                _ => None,
+            };
         }
         parts.file = Some(
             crate::store::write_stream(
@@ -91,7 +100,7 @@ async fn upload_dataset(
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::UnsupportedMediaType,
-            "send application/octet-stream with ?format=safetensors|csv, or multipart/form-data with `file` (or `images` + `labels` for IDX)",
+            "send application/octet-stream with ?format=safetensors|csv|text|jsonl (or text/csv, text/plain, application/jsonl), or multipart/form-data with `file` (or `images` + `labels` for IDX)",
         ));
     }
     let format = match (parts.format.as_deref(), &parts.images) {
@@ -118,9 +127,17 @@ async fn upload_dataset(
                 let labels = labels.as_ref().ok_or_else(|| missing("labels"))?;
                 Ok(Dataset::from_idx(&read(images)?, &read(labels)?)?)
             }
+            "text" => {
+                let file = file.as_ref().ok_or_else(|| missing("file"))?;
+                Ok(Dataset::from_text(&read(file)?)?)
+            }
+            "jsonl" => {
+                let file = file.as_ref().ok_or_else(|| missing("file"))?;
+                Ok(Dataset::from_jsonl(&read(file)?)?)
+            }
             other => Err(ApiError::unprocessable(
                 Code::InvalidDatasetFormat,
-                format!("unknown format `{other}`; expected safetensors, csv or idx"),
+                format!("unknown format `{other}`; expected safetensors, csv, idx, text or jsonl"),
             )),
         }
     })
@@ -131,9 +148,14 @@ async fn upload_dataset(
         parsed.feature_shape.clone(),
         parsed.num_classes,
     );
+    let text_bytes = parsed.is_text().then(|| parsed.text_bytes() as i64);
     let store = state.store.clone();
     let blob = tokio::task::spawn_blocking(move || -> ApiResult<_> {
-        let bytes = parsed.to_safetensors_bytes()?;
+        let bytes = if parsed.is_text() {
+            parsed.to_jsonl_bytes()?
+        } else {
+            parsed.to_safetensors_bytes()?
+        };
         Ok(store.put_bytes(&bytes)?)
     })
     .await??;
@@ -146,6 +168,7 @@ async fn upload_dataset(
         num_classes: num_classes.map(|n| n as i64),
         sha256: blob.sha256,
         size_bytes: blob.size as i64,
+        text_bytes,
         created_at: now_micros(),
     };
     datasets::insert(&state.db, &record).await?;

@@ -18,6 +18,7 @@ use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use super::error::{ApiError, ApiResult};
 use super::AppState;
 use crate::codes::Code;
+use crate::compress::engine::data::TextEncoder;
 use crate::compress::formats::hf::{self, Weights};
 use crate::compress::formats::safetensors::SafetensorsFile;
 use crate::compress::{self};
@@ -92,6 +93,19 @@ fn assemble(
             hf::CONFIG
         )))
     })?;
+    // A family the engine runs reads text with the tokenizer: it must load now, not fail
+    // every text job later.
+    if let (Some(_), Some(f)) = (
+        hf::family_of(&config),
+        files.iter().find(|f| f.path == hf::TOKENIZER),
+    ) {
+        TextEncoder::from_file(f.temp.path()).map_err(|e| {
+            compress::Error::InvalidModelFolder(format!(
+                "{} does not load with the tokenizers library: {e}",
+                hf::TOKENIZER
+            ))
+        })?;
+    }
     let index = read_json(hf::INDEX)?;
     let weights = hf::weights_of(&paths, index.as_ref())?;
     for f in &files {

@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::formats::hf;
 use crate::compress::formats::safetensors::TensorInfo;
 use crate::db::datasets::DatasetRecord;
 use crate::db::models::ModelRecord;
 use crate::db::{self, Db};
 use crate::ids::{DatasetId, ModelId};
-use crate::spec::{self, DatasetFacts, Facts, ModelFacts};
+use crate::spec::{self, DatasetFacts, Facts, ModelFacts, TransformerFacts};
 
 /// The rows a job body names that exist.
 #[derive(Debug, Clone, Default)]
@@ -66,6 +67,22 @@ impl JobInputs {
             // A stored architecture was validated on upload; one that no longer parses (a
             // newer rule) is treated as absent, which the checks report.
             architecture: parsed(&model.architecture),
+            transformer: model.config.as_ref().and_then(|c| {
+                TransformerFacts::of(
+                    c,
+                    &inventory_infos(&model.tensors),
+                    model.file(hf::TOKENIZER).is_some(),
+                )
+            }),
+            other_family: match (&model.config, &model.family) {
+                (Some(c), None) => Some(
+                    c.get("model_type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown")
+                        .to_string(),
+                ),
+                _ => None,
+            },
             datasets: self
                 .datasets
                 .iter()
@@ -74,6 +91,7 @@ impl JobInputs {
                         feature_shape: serde_json::from_value(d.feature_shape.clone())
                             .unwrap_or_default(),
                         num_classes: d.num_classes.map(|n| n as usize),
+                        text: d.text_bytes.is_some(),
                     };
                     (*id, facts)
                 })

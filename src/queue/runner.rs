@@ -8,7 +8,10 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::steps::{self, evaluate_file, evaluate_model, load_model, Env, EvalFigures, Input};
+use super::steps::{
+    self, evaluate_file, evaluate_model, load_model, Env, EvalFigures, EvalFiguresOf, Evaluated,
+    Input, TransformerSource,
+};
 pub use super::steps::{DatasetCache, PipelineError, PipelineHooks, ResumePoint};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::Network;
@@ -38,6 +41,8 @@ pub struct PipelineOutput {
     pub report: BlobRef,
     /// Compact encodings of the output (`packed`, `gguf`): `(kind, format, blob)`.
     pub encodings: Vec<(String, String, BlobRef)>,
+    /// Evaluations' saved outputs (`save_outputs`), in order: `outputs` artifacts.
+    pub outputs: Vec<BlobRef>,
 }
 
 /// Everything a pipeline reads.
@@ -87,16 +92,25 @@ fn run(
         .as_ref()
         .map(Architecture::from_json)
         .transpose()?;
+    let transformer = if needs_network(spec) {
+        TransformerSource::of(store, model)?
+    } else {
+        None
+    };
     // The input model, loaded once when anything compares against it.
-    let reference: Option<Box<dyn Network>> = match (&input_arch, needs_network(spec)) {
-        (Some(arch), true) => Some(Box::new(load_model(arch, &input)?)),
-        _ => None,
+    let reference: Option<Box<dyn Network>> = match (&input_arch, &transformer) {
+        _ if !needs_network(spec) => None,
+        (Some(arch), _) => Some(Box::new(load_model(arch, &input)?)),
+        (None, Some(t)) => Some(t.load(&input)?),
+        (None, None) => None,
     };
     drop(input);
     let mut baseline = Figures::of(&baseline_weights, model.size_bytes as u64);
-    if let (Some(eval), Some(reference)) = (&spec.eval, &reference) {
+    // A sequential baseline is evaluated first; a transformer's comes out of the final
+    // evaluation's pass, which runs the reference beside the output window by window.
+    if let (Some(eval), Some(reference), None) = (&spec.eval, &reference, &transformer) {
         let e = evaluate_model(reference.as_ref(), datasets.eval_data(eval)?, None, ctx)?;
-        baseline.evaluation = Some(EvalFigures::from(&e));
+        baseline.evaluation = Some(EvalFiguresOf::Classifier(EvalFigures::from(&e)));
     }
 
     let steps_json: Vec<Value> = spec.steps.iter().map(Step::to_json).collect();
@@ -107,6 +121,7 @@ fn run(
     let mut arch_json = model.architecture.clone();
     let mut step_metrics = Vec::new();
     let mut encodings: Vec<(String, String, BlobRef)> = Vec::new();
+    let mut outputs: Vec<BlobRef> = Vec::new();
     for (index, step) in spec.steps.iter().enumerate() {
         ctx.check()?;
         (hooks.step_started)(index, step.op());
@@ -150,6 +165,7 @@ fn run(
             &Input {
                 file: &file,
                 architecture: &arch_json,
+                transformer: transformer.as_ref(),
                 metadata: &metadata,
             },
         )
@@ -164,6 +180,9 @@ fn run(
             let blob = store.commit(a.file)?;
             record["encoded_bytes"] = json!(blob.size);
             encodings.push((a.kind.to_string(), a.format.to_string(), blob));
+        }
+        if let Some(temp) = out.outputs {
+            outputs.push(store.commit(temp)?);
         }
         if let Some(temp) = out.file {
             current = store.commit(temp)?;
@@ -184,15 +203,28 @@ fn run(
     }
     if let Some(eval) = &spec.eval {
         let e = evaluate_file(
-            &arch_json,
+            &Input {
+                file: &output,
+                architecture: &arch_json,
+                transformer: transformer.as_ref(),
+                metadata: &Default::default(),
+            },
             &output,
             &datasets,
             eval,
             reference.as_deref(),
             ctx,
         )?;
-        end.agreement_with_baseline = Some(e.agreement);
-        end.evaluation = Some(EvalFigures::from(&e));
+        end.agreement_with_baseline = e.agreement().map(Some);
+        end.evaluation = Some(e.figures());
+        if let Evaluated::Text(t) = &e {
+            if let Some(r) = &t.reference {
+                baseline.evaluation = Some(EvalFiguresOf::Text(r.clone()));
+            }
+            if let Some(bytes) = &t.outputs {
+                outputs.push(store.put_bytes(bytes)?);
+            }
+        }
     }
     let metrics = serde_json::to_value(MetricsDocument {
         baseline,
@@ -212,6 +244,7 @@ fn run(
         metrics,
         report,
         encodings,
+        outputs,
     })
 }
 
@@ -255,7 +288,7 @@ struct Figures {
     #[serde(skip_serializing_if = "Option::is_none")]
     agreement_with_baseline: Option<Option<f64>>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    evaluation: Option<EvalFigures>,
+    evaluation: Option<EvalFiguresOf>,
 }
 
 impl Figures {

@@ -490,6 +490,12 @@ impl Worker {
                         .iter()
                         .map(|(kind, format, blob)| artifact(kind, format, blob)),
                 )
+                .chain(
+                    output
+                        .outputs
+                        .iter()
+                        .map(|blob| artifact("outputs", "safetensors", blob)),
+                )
                 .chain(std::iter::once(artifact("report", "json", &output.report)))
                 .collect(),
             models: vec![model],

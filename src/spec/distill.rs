@@ -263,7 +263,7 @@ pub fn parse(
                     tensors: sf.tensors.clone(),
                     architecture: sf.architecture.clone(),
                     datasets: f.datasets.clone(),
-                    models: Default::default(),
+                    ..Facts::default()
                 };
                 check_dataset_fits(
                     &student_view,

@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 
 use crate::codes::Code;
 use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::Family;
 use crate::compress::formats::safetensors::TensorInfo;
 pub use crate::compress::quant::float::FloatDtype;
 use crate::compress::select;
@@ -35,6 +36,12 @@ pub struct Facts {
     pub tensors: Vec<TensorInfo>,
     /// The input model's architecture, if it has one.
     pub architecture: Option<Architecture>,
+    /// The input model's transformer configuration, when it is a folder model of a family
+    /// the engine runs (`bert`, `llama`).
+    pub transformer: Option<TransformerFacts>,
+    /// The `model_type` of a folder model whose family the engine does not run (for the
+    /// `unsupported_family` refusal of ops that run the network).
+    pub other_family: Option<String>,
     /// Every dataset the request names that exists.
     pub datasets: HashMap<DatasetId, DatasetFacts>,
     /// Every other model the request names (distillation students, importance weights) that
@@ -81,13 +88,50 @@ impl Facts {
     }
 }
 
+/// What the checks need to know about a transformer model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransformerFacts {
+    /// Its family.
+    pub family: Family,
+    /// Longest input (`max_position_embeddings`).
+    pub max_positions: usize,
+    /// Whether the folder has a `tokenizer.json` (text datasets need it).
+    pub has_tokenizer: bool,
+    /// Classes of a bert classification head, when the weights have one.
+    pub classes: Option<usize>,
+}
+
+impl TransformerFacts {
+    /// The facts of a folder model with `config` (its parsed `config.json`), `tensors` and
+    /// a tokenizer or not; `None` when the config names no family the engine runs.
+    pub fn of(config: &Value, tensors: &[TensorInfo], has_tokenizer: bool) -> Option<Self> {
+        let family = crate::compress::formats::hf::family_of(config)?;
+        let max_positions = config
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .map_or(512, |v| v as usize);
+        let classes = tensors
+            .iter()
+            .find(|t| t.name == "classifier.weight")
+            .and_then(|t| t.shape.first().copied());
+        Some(Self {
+            family,
+            max_positions,
+            has_tokenizer,
+            classes,
+        })
+    }
+}
+
 /// The shape summary of a dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetFacts {
-    /// Shape of one sample.
+    /// Shape of one sample (empty for text).
     pub feature_shape: Vec<usize>,
     /// Classes (max label + 1), when labelled.
     pub num_classes: Option<usize>,
+    /// Whether it holds text documents (formats `text`, `jsonl`).
+    pub text: bool,
 }
 
 /// Every other model a request body names (for loading their facts): `distill` students
@@ -391,6 +435,8 @@ pub fn parse_job(body: &Value, facts: Option<&Facts>) -> Result<JobSpec, Vec<Fie
                             if let (Some(c), Some(s)) = (current.as_mut(), student) {
                                 c.tensors = s.tensors;
                                 c.architecture = s.architecture;
+                                c.transformer = None;
+                                c.other_family = None;
                             }
                             Step::Distill(Box::new(d))
                         }),
@@ -422,7 +468,7 @@ pub fn parse_job(body: &Value, facts: Option<&Facts>) -> Result<JobSpec, Vec<Fie
         None => None,
         Some(e) => {
             if let Some(f) = facts {
-                train::require_architecture(f, "/eval", &mut errors);
+                train::require_runnable(f, "/eval", &mut errors);
             }
             train::parse_eval(e, "/eval", &[], facts, &mut errors)
         }
@@ -529,7 +575,7 @@ pub fn parse_step(
         "evaluate" => {
             let mut errors = Vec::new();
             if let Some(f) = facts {
-                train::require_architecture(f, pointer, &mut errors);
+                train::require_runnable(f, pointer, &mut errors);
             }
             match train::parse_eval(obj, pointer, &["op"], facts, &mut errors) {
                 Some(e) if errors.is_empty() => Ok(Step::Evaluate(e)),

@@ -44,6 +44,7 @@ fn facts() -> Facts {
         DatasetFacts {
             feature_shape: vec![1, 8, 8],
             num_classes: Some(10),
+            text: false,
         },
     );
     f.models.insert(

@@ -4,28 +4,50 @@
 use serde_json::{json, Map, Value};
 
 use super::fields::{bool_or, choice, deny_unknown, escape, f64_in, object, usize_in};
-use super::{patterns, Facts, FieldError};
+use super::{patterns, Facts, FieldError, TransformerFacts};
 use crate::codes::Code;
 use crate::compress::engine::finetune::{FinetuneParams, HeadParams, Validation};
+use crate::compress::engine::text_eval::TextEvalParams;
 use crate::compress::engine::train::{
     EarlyStopping, LrSchedule, Optimizer, ScheduleKind, StopMetric,
 };
 use crate::compress::select::glob_match;
 use crate::ids::DatasetId;
 
-/// `{"dataset_id", "batch_size"}`: evaluation on a labelled dataset.
+/// `{"dataset_id", "batch_size", "max_tokens", "context", "stride", "save_outputs"}`:
+/// evaluation on a labelled dataset (sequential models) or on text (transformers).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalSpec {
     /// The dataset.
     pub dataset_id: DatasetId,
-    /// Samples per forward pass.
+    /// Samples (documents) per forward pass.
     pub batch_size: usize,
+    /// Transformers: how text is read (`None` for sequential models).
+    pub text: Option<TextEvalParams>,
+}
+
+/// Defaults of a text evaluation (API.md "Evaluation of transformers").
+pub mod text_defaults {
+    /// Tokens scored at most.
+    pub const MAX_TOKENS: usize = 65_536;
+    /// Window length (capped at the model's `max_position_embeddings`).
+    pub const CONTEXT: usize = 512;
+    /// Largest `max_tokens` accepted.
+    pub const MAX_TOKENS_LIMIT: usize = 1 << 24;
 }
 
 impl EvalSpec {
     /// Normalised JSON.
     pub fn to_json(&self) -> Value {
-        json!({"dataset_id": self.dataset_id.to_string(), "batch_size": self.batch_size})
+        let mut v =
+            json!({"dataset_id": self.dataset_id.to_string(), "batch_size": self.batch_size});
+        if let Some(t) = &self.text {
+            v["max_tokens"] = json!(t.max_tokens);
+            v["context"] = json!(t.context);
+            v["stride"] = json!(t.stride);
+            v["save_outputs"] = json!(t.save_outputs);
+        }
+        v
     }
 }
 
@@ -74,7 +96,8 @@ impl FinetuneParams<DatasetId> {
     }
 }
 
-/// Parse `{"dataset_id", "batch_size"}` at `pointer` (the job's `eval` or an `evaluate` step).
+/// Parse an evaluation (`dataset_id`, `batch_size`, and for transformers `max_tokens`,
+/// `context`, `stride`, `save_outputs`) at `pointer` (the job's `eval` or an `evaluate` step).
 pub fn parse_eval(
     obj: &Map<String, Value>,
     pointer: &str,
@@ -82,25 +105,145 @@ pub fn parse_eval(
     facts: Option<&Facts>,
     errors: &mut Vec<FieldError>,
 ) -> Option<EvalSpec> {
+    const TEXT_FIELDS: [&str; 4] = ["max_tokens", "context", "stride", "save_outputs"];
     let mut allowed = vec!["dataset_id", "batch_size"];
+    allowed.extend_from_slice(&TEXT_FIELDS);
     allowed.extend_from_slice(allowed_extra);
     deny_unknown(obj, &allowed, pointer, errors);
-    let batch_size = usize_in(obj, "batch_size", (1, 65_536), pointer, errors).unwrap_or(256);
+    let transformer = facts.and_then(|f| f.transformer.as_ref());
+    let default_batch = if transformer.is_some() { 8 } else { 256 };
+    let batch_size =
+        usize_in(obj, "batch_size", (1, 65_536), pointer, errors).unwrap_or(default_batch);
     let dataset_id = dataset_ref(obj, pointer, facts, errors)?;
-    if let Some(f) = facts {
-        check_dataset_fits(
-            f,
-            &dataset_id,
-            None,
-            true,
-            &format!("{pointer}/dataset_id"),
+    let dataset_pointer = format!("{pointer}/dataset_id");
+    // Without facts (a stored, normalised spec read back) the text fields say it.
+    let reads_text = match facts {
+        Some(f) => f.transformer.is_some(),
+        None => TEXT_FIELDS.iter().any(|k| obj.contains_key(*k)),
+    };
+    let text = if reads_text {
+        if let (Some(f), Some(t)) = (facts, transformer) {
+            check_text_dataset(f, t, &dataset_id, false, &dataset_pointer, errors);
+        }
+        let max_positions = transformer.map_or(usize::MAX, |t| t.max_positions.max(2));
+        let max_tokens = usize_in(
+            obj,
+            "max_tokens",
+            (1, text_defaults::MAX_TOKENS_LIMIT),
+            pointer,
             errors,
-        );
-    }
+        )
+        .unwrap_or(text_defaults::MAX_TOKENS);
+        let context = match usize_in(obj, "context", (2, 1 << 20), pointer, errors) {
+            Some(c) if c > max_positions => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/context"),
+                    format!(
+                        "{c} tokens is more than the model's max_position_embeddings ({max_positions})"
+                    ),
+                ));
+                c
+            }
+            Some(c) => c,
+            None => text_defaults::CONTEXT.min(max_positions),
+        };
+        let stride = match usize_in(obj, "stride", (1, 1 << 20), pointer, errors) {
+            Some(s) if s > context => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/stride"),
+                    format!("{s} is more than the context ({context}): tokens between windows would never be scored"),
+                ));
+                s
+            }
+            Some(s) => s,
+            None => context,
+        };
+        let save_outputs = bool_or(obj, "save_outputs", false, pointer, errors);
+        Some(TextEvalParams {
+            max_tokens,
+            context,
+            stride,
+            save_outputs,
+        })
+    } else {
+        if let Some(f) = facts {
+            for field in TEXT_FIELDS {
+                if obj.contains_key(field) {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/{field}"),
+                        "applies to transformer (bert, llama) models reading text; this model is a sequential network",
+                    ));
+                }
+            }
+            check_dataset_fits(f, &dataset_id, None, true, &dataset_pointer, errors);
+        }
+        None
+    };
     Some(EvalSpec {
         dataset_id,
         batch_size,
+        text,
     })
+}
+
+/// A transformer reads a text dataset with its tokenizer; labels, when `labels_required`,
+/// fit its classification head.
+pub(super) fn check_text_dataset(
+    f: &Facts,
+    t: &TransformerFacts,
+    id: &DatasetId,
+    labels_required: bool,
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    let Some(d) = f.datasets.get(id) else {
+        return;
+    };
+    let family = t.family.as_str();
+    if !d.text {
+        errors.push(FieldError {
+            code: Code::DatasetShapeMismatch,
+            ..FieldError::new(
+                pointer,
+                format!(
+                    "a {family} model reads text: upload the dataset with format `text` or `jsonl`"
+                ),
+            )
+        });
+        return;
+    }
+    if !t.has_tokenizer {
+        errors.push(FieldError {
+            code: Code::TokenizerRequired,
+            ..FieldError::new(
+                pointer,
+                "the model folder has no tokenizer.json to read text with: upload the folder with it",
+            )
+        });
+    }
+    if labels_required && d.num_classes.is_none() {
+        errors.push(FieldError {
+            code: Code::DatasetUnlabeled,
+            ..FieldError::new(
+                pointer,
+                "this dataset has no labels; this operation needs them",
+            )
+        });
+    }
+    if let (Some(n), Some(c)) = (d.num_classes, t.classes) {
+        if n > c {
+            errors.push(FieldError {
+                code: Code::LabelsOutOfRange,
+                ..FieldError::new(
+                    pointer,
+                    format!(
+                        "labels go up to {} but the classifier has {c} classes",
+                        n - 1
+                    ),
+                )
+            });
+        }
+    }
 }
 
 /// What a training spec may hold where it is embedded (a `finetune` step, a pruning
@@ -425,18 +568,54 @@ pub(super) fn dataset_ref(
 
 /// An operation that runs the network needs the model's architecture.
 pub(super) fn require_architecture(f: &Facts, pointer: &str, errors: &mut Vec<FieldError>) -> bool {
-    if f.architecture.is_none() {
+    if let Some(t) = &f.transformer {
         errors.push(FieldError {
-            code: Code::ArchitectureRequired,
+            code: Code::UnsupportedFamily,
             ..FieldError::new(
                 format!("{pointer}/op"),
-                "this operation runs the network: upload the model with an architecture \
-                 (multipart part `architecture` or metadata `whittle.architecture`)",
+                format!(
+                    "with these options this operation trains or calibrates the network, which the engine does for `sequential` models only so far; a {} model supports evaluation (`eval`, `evaluate`) and the weight-only operations",
+                    t.family.as_str()
+                ),
             )
         });
         return false;
     }
-    true
+    if require_runnable(f, pointer, errors) {
+        return true;
+    }
+    false
+}
+
+/// The model is a network the engine runs: a sequential architecture or a transformer of a
+/// supported family. Refuses other families (`unsupported_family`) and plain tensor files
+/// (`architecture_required`).
+pub(super) fn require_runnable(f: &Facts, pointer: &str, errors: &mut Vec<FieldError>) -> bool {
+    if f.architecture.is_some() || f.transformer.is_some() {
+        return true;
+    }
+    if let Some(other) = &f.other_family {
+        errors.push(FieldError {
+            code: Code::UnsupportedFamily,
+            ..FieldError::new(
+                format!("{pointer}/op"),
+                format!(
+                    "this operation runs the network, and the engine does not run `{other}` models: supported families are sequential, bert and llama (weight-only operations work on any model)"
+                ),
+            )
+        });
+        return false;
+    }
+    errors.push(FieldError {
+        code: Code::ArchitectureRequired,
+        ..FieldError::new(
+            format!("{pointer}/op"),
+            "this operation runs the network: upload the model with an architecture \
+             (multipart part `architecture` or metadata `whittle.architecture`), or as a \
+             Hugging Face folder with its config.json",
+        )
+    });
+    false
 }
 
 /// The dataset is labelled (when `labels_required`), its samples fit the model input and its
@@ -452,6 +631,16 @@ pub(super) fn check_dataset_fits(
     let (Some(arch), Some(d)) = (&f.architecture, f.datasets.get(id)) else {
         return;
     };
+    if d.text {
+        errors.push(FieldError {
+            code: Code::DatasetShapeMismatch,
+            ..FieldError::new(
+                pointer,
+                "a text dataset is read by a transformer (bert or llama) model; this model is a sequential network",
+            )
+        });
+        return;
+    }
     let input: usize = arch.input_shape().iter().product();
     let features: usize = d.feature_shape.iter().product();
     if input != features {

@@ -12,8 +12,10 @@ use whittle::db::jobs::JobState;
 use crate::helpers::*;
 
 const CONFIG: &str = r#"{"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1}"#;
-const TOKENIZER: &str =
-    r#"{"version": "1.0", "model": {"type": "WordPiece", "vocab": {"[UNK]": 0}}}"#;
+const TOKENIZER: &str = r###"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+ "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+ "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+           "max_input_chars_per_word": 100, "vocab": {"[UNK]": 0}}}"###;
 
 /// A safetensors file of the named f32 tensors (values from `values`).
 fn weights(tensors_: &[(&str, Vec<usize>)]) -> Vec<u8> {
@@ -325,11 +327,21 @@ async fn bad_folders_are_refused_and_nothing_is_stored(t: TestApp) {
         (
             vec![
                 part("config.json", CONFIG.as_bytes()),
-                part("tokenizer.json", b"{}"),
+                part("tokenizer.json", TOKENIZER.as_bytes()),
             ],
             422,
             "invalid_model_folder",
             "no weights",
+        ),
+        (
+            vec![
+                part("config.json", CONFIG.as_bytes()),
+                part("tokenizer.json", b"{\"model\": 3}"),
+                part("model.safetensors", &w),
+            ],
+            422,
+            "invalid_model_folder",
+            "tokenizers library",
         ),
         (
             vec![

@@ -39,3 +39,4 @@ mod models;
 mod openapi;
 mod ops;
 mod queue;
+mod transformers;

@@ -9,10 +9,12 @@ use candle_core::{Tensor, D};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::data::{Batch, Dataset};
+use std::sync::Arc;
+
+use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::transformer::{
-    attention, dropout, embed, layer_norm, merge_heads, padding_bias, split_heads, token_ids,
-    Probe, Weights,
+    attention, dropout, embed, layer_norm, merge_heads, pad_id, padding_bias, split_heads,
+    token_ids, Probe, Weights,
 };
 use super::{Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -104,6 +106,8 @@ pub struct Bert {
     config: BertConfig,
     document: Value,
     weights: Weights,
+    /// The model's `tokenizer.json`, when it has one (text datasets need it).
+    tokenizer: Option<Arc<TextEncoder>>,
     /// `bert.` for `BertFor…` checkpoints, empty for `BertModel` ones.
     prefix: String,
     /// Classes of the `[CLS]` classifier, when the weights have one.
@@ -114,6 +118,12 @@ impl Bert {
     /// The encoder described by `config` (a `config.json`) with the weights of `file`.
     pub fn from_safetensors(config: &Value, file: &SafetensorsFile) -> Result<Bert> {
         Self::new(config, Weights::from_file(file)?)
+    }
+
+    /// This network reading text with `tokenizer`.
+    pub fn with_tokenizer(mut self, tokenizer: Option<Arc<TextEncoder>>) -> Bert {
+        self.tokenizer = tokenizer;
+        self
     }
 
     fn new(document: &Value, weights: Weights) -> Result<Bert> {
@@ -128,6 +138,7 @@ impl Bert {
             config,
             document: document.clone(),
             weights,
+            tokenizer: None,
             prefix,
         };
         bert.check_shapes()?;
@@ -415,10 +426,10 @@ impl Network for Bert {
     }
 
     fn with_weights(&self, weights: Vec<NamedTensor>) -> Result<Box<dyn Network>> {
-        Ok(Box::new(Bert::new(
-            &self.document,
-            self.weights.with_values(weights)?,
-        )?))
+        Ok(Box::new(
+            Bert::new(&self.document, self.weights.with_values(weights)?)?
+                .with_tokenizer(self.tokenizer.clone()),
+        ))
     }
 
     fn check_trainable(&self) -> Result<()> {
@@ -448,6 +459,18 @@ impl Network for Bert {
 
     fn output_width(&self) -> Result<usize> {
         Ok(self.classes.unwrap_or(self.config.hidden_size))
+    }
+
+    fn has_head(&self) -> bool {
+        self.classes.is_some()
+    }
+
+    fn text_input(&self) -> Option<TextInput<'_>> {
+        self.tokenizer.as_deref().map(|encoder| TextInput {
+            encoder,
+            max_len: self.config.max_position_embeddings,
+            pad_id: pad_id(&self.document),
+        })
     }
 
     fn forward(&self, batch: &Batch, mode: Mode<'_>) -> Result<Tensor> {

@@ -132,7 +132,7 @@ pub fn evaluate(
     let mut forward_seconds = 0f64;
     let mut batches = 0usize;
     let (mut lp, mut lq) = (Vec::new(), Vec::new());
-    let iter = data.batches(batch_size);
+    let iter = model.batches(data, batch_size);
     let total_batches = iter.batch_count().max(1);
     for batch in iter {
         ctx.check()?;

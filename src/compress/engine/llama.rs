@@ -10,10 +10,13 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::bert::check_tensors;
-use super::data::{Batch, Dataset};
+use std::sync::Arc;
+
+use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::sequential::conv;
 use super::transformer::{
-    attention, embed, merge_heads, padding_bias, rms_norm, split_heads, token_ids, Probe, Weights,
+    attention, embed, merge_heads, pad_id, padding_bias, rms_norm, split_heads, token_ids, Probe,
+    Weights,
 };
 use super::{Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -205,6 +208,8 @@ pub struct Llama {
     config: LlamaConfig,
     document: Value,
     weights: Weights,
+    /// The model's `tokenizer.json`, when it has one (text datasets need it).
+    tokenizer: Option<Arc<TextEncoder>>,
 }
 
 impl Llama {
@@ -213,12 +218,19 @@ impl Llama {
         Self::new(config, Weights::from_file(file)?)
     }
 
+    /// This network reading text with `tokenizer`.
+    pub fn with_tokenizer(mut self, tokenizer: Option<Arc<TextEncoder>>) -> Llama {
+        self.tokenizer = tokenizer;
+        self
+    }
+
     fn new(document: &Value, weights: Weights) -> Result<Llama> {
         let config = LlamaConfig::from_json(document)?;
         let llama = Llama {
             config,
             document: document.clone(),
             weights,
+            tokenizer: None,
         };
         llama.check_shapes()?;
         Ok(llama)
@@ -455,10 +467,10 @@ impl Network for Llama {
     }
 
     fn with_weights(&self, weights: Vec<NamedTensor>) -> Result<Box<dyn Network>> {
-        Ok(Box::new(Llama::new(
-            &self.document,
-            self.weights.with_values(weights)?,
-        )?))
+        Ok(Box::new(
+            Llama::new(&self.document, self.weights.with_values(weights)?)?
+                .with_tokenizer(self.tokenizer.clone()),
+        ))
     }
 
     fn check_trainable(&self) -> Result<()> {
@@ -477,6 +489,14 @@ impl Network for Llama {
 
     fn output_width(&self) -> Result<usize> {
         Ok(self.config.vocab_size)
+    }
+
+    fn text_input(&self) -> Option<TextInput<'_>> {
+        self.tokenizer.as_deref().map(|encoder| TextInput {
+            encoder,
+            max_len: self.config.max_position_embeddings,
+            pad_id: pad_id(&self.document),
+        })
     }
 
     fn forward(&self, batch: &Batch, mode: Mode<'_>) -> Result<Tensor> {

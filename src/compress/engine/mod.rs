@@ -12,6 +12,7 @@ pub mod finetune;
 pub mod llama;
 pub mod masks;
 pub mod sequential;
+pub mod text_eval;
 pub mod train;
 pub mod transformer;
 
@@ -19,7 +20,7 @@ use candle_core::{Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::compress::engine::data::{Batch, Dataset};
+use crate::compress::engine::data::{Batch, Batches, Dataset, Subset, TextInput};
 use crate::compress::formats::safetensors::{Dtype, NamedTensor, TensorSpec};
 use crate::compress::Result;
 
@@ -236,6 +237,22 @@ pub trait Network: Send + Sync + std::fmt::Debug {
 
     /// Width of the output (classes of a classifier).
     fn output_width(&self) -> Result<usize>;
+
+    /// Whether the output is a classification head's logits (a bert encoder's output is
+    /// otherwise its sentence embedding; a sequential network is a classifier).
+    fn has_head(&self) -> bool {
+        self.family() == Family::Sequential
+    }
+
+    /// How this network reads text datasets (its tokenizer); `None`: it reads tensors.
+    fn text_input(&self) -> Option<TextInput<'_>> {
+        None
+    }
+
+    /// The batches of `view` as this network reads them (text tokenized with its tokenizer).
+    fn batches<'a>(&'a self, view: &'a Subset<'a>, batch_size: usize) -> Batches<'a> {
+        view.batches(batch_size).reading(self.text_input())
+    }
 
     /// The forward pass of a batch (features `[batch, ...]`, or token ids `[batch, seq]` with
     /// their attention mask); returns `[batch, outputs...]` (a transformer language model:

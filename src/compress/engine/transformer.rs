@@ -16,6 +16,31 @@ use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
 
+/// The network of a folder model: its `config.json` names the family (`bert`, `llama`),
+/// `file` holds the weights, `tokenizer` (its `tokenizer.json`) reads text.
+pub fn load(
+    config: &serde_json::Value,
+    file: &SafetensorsFile,
+    tokenizer: Option<std::sync::Arc<super::data::TextEncoder>>,
+) -> Result<Box<dyn super::Network>> {
+    use crate::compress::formats::hf::family_of;
+    match family_of(config) {
+        Some(super::Family::Bert) => Ok(Box::new(
+            super::bert::Bert::from_safetensors(config, file)?.with_tokenizer(tokenizer),
+        )),
+        Some(super::Family::Llama) => Ok(Box::new(
+            super::llama::Llama::from_safetensors(config, file)?.with_tokenizer(tokenizer),
+        )),
+        _ => Err(Error::UnsupportedFamily(format!(
+            "the engine does not run `{}` models: supported families are sequential, bert and llama",
+            config
+                .get("model_type")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("unknown")
+        ))),
+    }
+}
+
 /// The parameters of a transformer, by name.
 #[derive(Debug)]
 pub struct Weights {
@@ -315,6 +340,16 @@ pub fn padding_bias(mask: &Tensor) -> Result<Tensor> {
     Ok(bias.reshape((b, 1, 1, s))?)
 }
 
+/// The id that pads shorter texts in a batch: the config's `pad_token_id` (else 0; padded
+/// positions are masked out, so any id in the vocabulary works).
+pub fn pad_id(config: &serde_json::Value) -> u32 {
+    config
+        .get("pad_token_id")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(0)
+}
+
 /// The ids of a batch as a u32 tensor `[b, s]`.
 pub fn token_ids(x: &Tensor) -> Result<Tensor> {
     if x.rank() != 2 {
@@ -373,6 +408,31 @@ pub(crate) mod fixtures {
             SafetensorsFile::open(d.join("model.safetensors")).unwrap(),
             SafetensorsFile::open(d.join("expected.safetensors")).unwrap(),
         )
+    }
+
+    /// The fixture `name` as a network reading text with its tokenizer.json.
+    pub fn network(name: &str) -> Box<dyn crate::compress::engine::Network> {
+        let (config, file, _) = open(name);
+        let tok =
+            crate::compress::engine::data::TextEncoder::from_file(dir(name).join("tokenizer.json"))
+                .unwrap();
+        super::load(&config, &file, Some(std::sync::Arc::new(tok))).unwrap()
+    }
+
+    /// `net` with every tensor whose name ends with a key of `scale` multiplied by its value.
+    pub fn scaled(
+        net: &dyn crate::compress::engine::Network,
+        scale: &[(&str, f32)],
+    ) -> Box<dyn crate::compress::engine::Network> {
+        let mut w = net.export().unwrap();
+        for t in &mut w {
+            for (suffix, f) in scale {
+                if t.name.ends_with(suffix) {
+                    t.values.iter_mut().for_each(|v| *v *= f);
+                }
+            }
+        }
+        net.with_weights(w).unwrap()
     }
 
     /// An expected f32 tensor.

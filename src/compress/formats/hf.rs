@@ -14,6 +14,8 @@ use crate::compress::{Error, Result};
 
 /// The folder's configuration file.
 pub const CONFIG: &str = "config.json";
+/// The tokenizer of a folder (the `tokenizers` library's format).
+pub const TOKENIZER: &str = "tokenizer.json";
 /// The index of a sharded checkpoint.
 pub const INDEX: &str = "model.safetensors.index.json";
 /// The single weights file (what shards are merged into).

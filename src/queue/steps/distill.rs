@@ -109,6 +109,7 @@ pub(super) fn distill(
     let new_arch = student_arch.to_json();
     let (temp, _) = env.write_f32(&with_architecture(input.metadata, &new_arch), &out.weights)?;
     Ok(StepOut {
+        outputs: None,
         file: Some(temp),
         artifact: None,
         architecture: Some(new_arch),

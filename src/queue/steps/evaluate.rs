@@ -1,8 +1,10 @@
 //! The `evaluate` step: metrics only; the model passes through unchanged.
 
+use std::io::Write;
+
 use serde_json::json;
 
-use super::{eval_json, evaluate_file, Env, Input, PipelineError, StepOut};
+use super::{evaluate_file, Env, Evaluated, Input, PipelineError, StepOut};
 use crate::spec::EvalSpec;
 
 /// The `evaluate` step.
@@ -12,17 +14,29 @@ pub(super) fn evaluate(
     input: &Input,
 ) -> Result<StepOut, PipelineError> {
     let e = evaluate_file(
-        input.architecture,
+        input,
         input.file,
         env.datasets,
         spec,
         env.reference,
         env.ctx,
     )?;
+    let outputs = match &e {
+        Evaluated::Text(t) => match &t.outputs {
+            Some(bytes) => {
+                let mut temp = env.store.create_temp()?;
+                temp.write_all(bytes)?;
+                Some(temp)
+            }
+            None => None,
+        },
+        Evaluated::Classifier(_) => None,
+    };
     Ok(StepOut {
         file: None,
         artifact: None,
+        outputs,
         architecture: None,
-        record: json!({ "summary": eval_json(&e) }),
+        record: json!({ "summary": e.figures() }),
     })
 }

@@ -44,6 +44,7 @@ pub(super) fn finetune(
         },
     });
     Ok(StepOut {
+        outputs: None,
         file: Some(temp),
         artifact: None,
         architecture: Some(new_arch),

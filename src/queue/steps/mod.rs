@@ -13,19 +13,23 @@ mod prune;
 mod quantize;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::codes::Code;
-use crate::compress::engine::data::{Dataset, Subset};
+use crate::compress::engine::data::{Dataset, Subset, TextEncoder};
 use crate::compress::engine::evaluate::{evaluate, ClassAccuracy, EvalData, Evaluation};
 use crate::compress::engine::finetune::{FinetuneParams, Validation};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::evaluate_weights;
 use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::text_eval::{evaluate_text, TextEvaluation, TextFigures};
 use crate::compress::engine::train::{Checkpoint, EpochMetrics};
+use crate::compress::engine::transformer;
 use crate::compress::engine::Network;
+use crate::compress::formats::hf;
 use crate::compress::formats::safetensors::{self, NamedTensor, SafetensorsFile};
 use crate::compress::progress::Ctx;
 use crate::compress::quant::activations;
@@ -161,7 +165,7 @@ impl<'a> DatasetCache<'a> {
         for (id, record) in records {
             loaded.insert(
                 *id,
-                Dataset::from_safetensors(store.materialize(&record.sha256)?)?,
+                Dataset::load(&record.format, store.materialize(&record.sha256)?)?,
             );
         }
         Ok(Self { records, loaded })
@@ -236,6 +240,8 @@ pub(super) struct Input<'a> {
     pub file: &'a SafetensorsFile,
     /// Its architecture, when it has one.
     pub architecture: &'a Option<Value>,
+    /// Its transformer (config and tokenizer), when it is a folder model the engine runs.
+    pub transformer: Option<&'a TransformerSource>,
     /// Metadata for the files the step writes: the input's, with the job's provenance and
     /// the architecture set (a step that changes the architecture replaces it).
     pub metadata: &'a BTreeMap<String, String>,
@@ -247,6 +253,8 @@ pub(super) struct StepOut {
     pub file: Option<TempBlob>,
     /// A second encoding of the same model (`packed`, `gguf`), kept as an artifact.
     pub artifact: Option<Artifact>,
+    /// An evaluation's saved outputs (`save_outputs`), kept as an `outputs` artifact.
+    pub outputs: Option<TempBlob>,
     /// The architecture after the step, when it changed.
     pub architecture: Option<Value>,
     /// `summary`, `layers`, `epochs`, … merged into the step's metrics record.
@@ -378,17 +386,95 @@ pub(super) fn load_model(arch: &Architecture, file: &SafetensorsFile) -> compres
     Ok(model)
 }
 
-/// Evaluates the network in `file` (with architecture `arch`) on `spec`'s dataset.
+/// A folder model's transformer: its config and tokenizer, for the steps that run it.
+pub struct TransformerSource {
+    /// The parsed `config.json`.
+    pub config: Value,
+    /// Its `tokenizer.json`, when the folder has one.
+    pub tokenizer: Option<Arc<TextEncoder>>,
+}
+
+impl TransformerSource {
+    /// The source of `model` when it is a folder model of a family the engine runs.
+    pub fn of(store: &dyn BlobStore, model: &ModelRecord) -> Result<Option<Self>, PipelineError> {
+        let Some(config) = model.config.as_ref().filter(|c| hf::family_of(c).is_some()) else {
+            return Ok(None);
+        };
+        let tokenizer = match model.file(hf::TOKENIZER) {
+            Some(f) => Some(Arc::new(TextEncoder::from_file(
+                store.materialize(&f.sha256)?,
+            )?)),
+            None => None,
+        };
+        Ok(Some(Self {
+            config: config.clone(),
+            tokenizer,
+        }))
+    }
+
+    /// The network with the weights of `file`.
+    pub fn load(&self, file: &SafetensorsFile) -> compress::Result<Box<dyn Network>> {
+        transformer::load(&self.config, file, self.tokenizer.clone())
+    }
+}
+
+/// What an evaluation produced: a classifier's figures, or a transformer's on text.
+pub(super) enum Evaluated {
+    /// A sequential network on a tensor dataset.
+    Classifier(Evaluation),
+    /// A transformer on text.
+    Text(TextEvaluation),
+}
+
+impl Evaluated {
+    /// The model's figures as the metrics document shows them.
+    pub fn figures(&self) -> EvalFiguresOf {
+        match self {
+            Evaluated::Classifier(e) => EvalFiguresOf::Classifier(EvalFigures::from(e)),
+            Evaluated::Text(t) => EvalFiguresOf::Text(t.model.clone()),
+        }
+    }
+
+    /// The fraction of top-1 predictions equal to the reference's, when compared.
+    pub fn agreement(&self) -> Option<f64> {
+        match self {
+            Evaluated::Classifier(e) => e.agreement,
+            Evaluated::Text(t) => match &t.model {
+                TextFigures::Language(l) => l.top1_agreement,
+                TextFigures::Encoder(_) => None,
+            },
+        }
+    }
+}
+
+/// Evaluates the network in `file` (with architecture `arch`, or the transformer of
+/// `transformer`) on `spec`'s dataset, against `reference` when given.
 pub(super) fn evaluate_file(
-    arch: &Option<Value>,
+    input: &Input,
     file: &SafetensorsFile,
     datasets: &DatasetCache,
     spec: &EvalSpec,
     reference: Option<&dyn Network>,
     ctx: &Ctx,
-) -> Result<Evaluation, PipelineError> {
-    let model = load_model(&current_arch(arch)?, file)?;
-    evaluate_model(&model, datasets.eval_data(spec)?, reference, ctx)
+) -> Result<Evaluated, PipelineError> {
+    if let (Some(t), Some(params)) = (input.transformer, &spec.text) {
+        let model = t.load(file)?;
+        return Ok(Evaluated::Text(evaluate_text(
+            model.as_ref(),
+            reference,
+            datasets.get(&spec.dataset_id)?,
+            params,
+            spec.batch_size,
+            ctx,
+        )?));
+    }
+    let model = load_model(&current_arch(input.architecture)?, file)?;
+    Ok(Evaluated::Classifier(evaluate_model(
+        &model,
+        datasets.eval_data(spec)?,
+        reference,
+        ctx,
+    )?))
 }
 
 /// Evaluates `model` on all of `data`, against `reference` when given.
@@ -435,6 +521,16 @@ impl From<&Evaluation> for EvalFigures {
             mean_batch_latency_ms: e.mean_batch_latency_ms,
         }
     }
+}
+
+/// The figures of an evaluation of either kind (flattened into `baseline` and `final`).
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum EvalFiguresOf {
+    /// A classifier's.
+    Classifier(EvalFigures),
+    /// A transformer's on text.
+    Text(TextFigures),
 }
 
 /// [`EvalFigures`] as JSON, for step summaries that nest them.

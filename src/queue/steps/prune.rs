@@ -61,6 +61,7 @@ pub(super) fn prune(env: &Env, spec: &PruneSpec, input: &Input) -> Result<StepOu
             "layers": out.layers,
         });
         return Ok(StepOut {
+            outputs: None,
             file: Some(temp),
             artifact: None,
             architecture: Some(new_arch),
@@ -83,6 +84,7 @@ pub(super) fn prune(env: &Env, spec: &PruneSpec, input: &Input) -> Result<StepOu
     )?;
     let (file, artifact) = sparse_artifact(env, spec, temp, &selected, input)?;
     Ok(StepOut {
+        outputs: None,
         file: Some(file),
         artifact,
         architecture: None,
@@ -157,6 +159,7 @@ fn gradual(
     };
     let (file, artifact) = sparse_artifact(env, spec, temp, selected, &input)?;
     Ok(StepOut {
+        outputs: None,
         file: Some(file),
         artifact,
         architecture: Some(new_arch),

@@ -51,6 +51,7 @@ pub(super) fn float(env: &Env, q: &FloatQuantize, input: &Input) -> Result<StepO
         "layers": reports,
     });
     Ok(StepOut {
+        outputs: None,
         file: Some(temp),
         artifact: None,
         architecture: None,
@@ -210,6 +211,7 @@ pub(super) fn quantize(
     }
     record["layers"] = serde_json::to_value(&reports).unwrap_or(Value::Null);
     Ok(StepOut {
+        outputs: None,
         file: Some(temp),
         artifact,
         architecture: None,
@@ -243,6 +245,7 @@ fn to_gguf(
         "layers": reports,
     });
     Ok(StepOut {
+        outputs: None,
         file: Some(temp),
         artifact: Some(Artifact {
             kind: "gguf",

@@ -18,6 +18,9 @@ use crate::compress::formats::safetensors::{
 };
 use crate::compress::{Error, Result};
 
+mod text;
+pub use text::*;
+
 /// Largest accepted number of classes (labels must be below this).
 pub const MAX_CLASSES: usize = 1_000_000;
 
@@ -34,6 +37,10 @@ pub enum DatasetFormat {
     Csv,
     /// The MNIST IDX pair (images + labels).
     Idx,
+    /// UTF-8 text, documents separated by a blank line.
+    Text,
+    /// One JSON object a line: `text`, optional `text_pair` and `label`.
+    Jsonl,
 }
 
 impl DatasetFormat {
@@ -43,7 +50,14 @@ impl DatasetFormat {
             DatasetFormat::Safetensors => "safetensors",
             DatasetFormat::Csv => "csv",
             DatasetFormat::Idx => "idx",
+            DatasetFormat::Text => "text",
+            DatasetFormat::Jsonl => "jsonl",
         }
+    }
+
+    /// Whether the format holds text (stored as canonical JSONL).
+    pub fn is_text(self) -> bool {
+        matches!(self, DatasetFormat::Text | DatasetFormat::Jsonl)
     }
 }
 
@@ -55,8 +69,10 @@ impl FromStr for DatasetFormat {
             "safetensors" => Ok(DatasetFormat::Safetensors),
             "csv" => Ok(DatasetFormat::Csv),
             "idx" => Ok(DatasetFormat::Idx),
+            "text" => Ok(DatasetFormat::Text),
+            "jsonl" => Ok(DatasetFormat::Jsonl),
             other => Err(invalid(format!(
-                "unknown dataset format {other:?} (expected safetensors, csv or idx)"
+                "unknown dataset format {other:?} (expected safetensors, csv, idx, text or jsonl)"
             ))),
         }
     }
@@ -70,14 +86,17 @@ pub enum DatasetX {
     U8(Vec<u8>),
     /// Floats.
     F32(Vec<f32>),
+    /// Documents (text and jsonl datasets), tokenized by the network that reads them.
+    Text(Vec<Document>),
 }
 
 impl DatasetX {
-    /// Number of values.
+    /// Number of values (documents, for text).
     pub fn len(&self) -> usize {
         match self {
             DatasetX::U8(v) => v.len(),
             DatasetX::F32(v) => v.len(),
+            DatasetX::Text(v) => v.len(),
         }
     }
 
@@ -86,19 +105,21 @@ impl DatasetX {
         self.len() == 0
     }
 
-    /// The dtype of the canonical storage form.
-    pub fn dtype(&self) -> Dtype {
+    /// The dtype of the canonical safetensors form (`None` for text, stored as JSONL).
+    pub fn dtype(&self) -> Option<Dtype> {
         match self {
-            DatasetX::U8(_) => Dtype::U8,
-            DatasetX::F32(_) => Dtype::F32,
+            DatasetX::U8(_) => Some(Dtype::U8),
+            DatasetX::F32(_) => Some(Dtype::F32),
+            DatasetX::Text(_) => None,
         }
     }
 
-    /// Little-endian bytes of the values.
-    fn to_le_bytes(&self) -> Cow<'_, [u8]> {
+    /// Little-endian bytes of the values (`None` for text).
+    fn to_le_bytes(&self) -> Option<Cow<'_, [u8]>> {
         match self {
-            DatasetX::U8(v) => Cow::Borrowed(v.as_slice()),
-            DatasetX::F32(v) => Cow::Owned(safetensors::encode_f32(v)),
+            DatasetX::U8(v) => Some(Cow::Borrowed(v.as_slice())),
+            DatasetX::F32(v) => Some(Cow::Owned(safetensors::encode_f32(v))),
+            DatasetX::Text(_) => None,
         }
     }
 }
@@ -412,10 +433,14 @@ impl Dataset {
     pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
         let mut shape = vec![self.samples];
         shape.extend_from_slice(&self.feature_shape);
-        let x_bytes = self.x.to_le_bytes();
+        let (Some(x_bytes), Some(dtype)) = (self.x.to_le_bytes(), self.x.dtype()) else {
+            return Err(Error::Internal(
+                "a text dataset is stored as JSONL, not safetensors".into(),
+            ));
+        };
         let y_bytes = self.y.as_deref().map(safetensors::encode_i64);
         let mut parts: Vec<(TensorSpec, &[u8])> =
-            vec![(TensorSpec::new("x", self.x.dtype(), shape), &x_bytes)];
+            vec![(TensorSpec::new("x", dtype, shape), &x_bytes)];
         if let Some(y) = &y_bytes {
             parts.push((TensorSpec::new("y", Dtype::I64, vec![self.samples]), y));
         }
@@ -553,6 +578,7 @@ impl<'a> Subset<'a> {
             batch_size: batch_size.max(1),
             next: 0,
             scratch: Vec::new(),
+            text: None,
         }
     }
 }
@@ -568,7 +594,7 @@ pub fn shuffle_indices(indices: &mut [usize], rng: &mut impl rand::Rng) {
 impl Dataset {
     /// Whether the samples are texts (tokenized by the model that reads them).
     pub fn is_text(&self) -> bool {
-        false
+        matches!(self.x, DatasetX::Text(_))
     }
 
     /// A seeded random split into (train, validation) views, the validation view holding
@@ -621,6 +647,7 @@ impl Dataset {
                     out.extend_from_slice(s);
                 }
             }
+            DatasetX::Text(_) => {}
         }
     }
 }
@@ -654,15 +681,43 @@ pub struct Batches<'a> {
     batch_size: usize,
     next: usize,
     scratch: Vec<f32>,
+    text: Option<TextInput<'a>>,
 }
 
-impl Batches<'_> {
+impl<'a> Batches<'a> {
+    /// Batches that tokenize a text dataset with `text` (the reading network's tokenizer).
+    pub fn reading(mut self, text: Option<TextInput<'a>>) -> Batches<'a> {
+        self.text = text;
+        self
+    }
+
     /// Number of batches in total.
     pub fn batch_count(&self) -> usize {
         self.indices.len().div_ceil(self.batch_size)
     }
 
     fn make(&mut self, idx: &[usize]) -> Result<Batch> {
+        if let Some(docs) = self.dataset.documents() {
+            let Some(text) = self.text else {
+                return Err(Error::DatasetMismatch(
+                    "a text dataset is read by a transformer (bert or llama) with a tokenizer.json"
+                        .into(),
+                ));
+            };
+            let mut encoded = Vec::with_capacity(idx.len());
+            for &i in idx {
+                let doc = docs.get(i).ok_or_else(|| {
+                    Error::Internal(format!("document {i} out of range for {}", docs.len()))
+                })?;
+                encoded.push(text.encoder.encode(doc, text.max_len)?);
+            }
+            let labels: Option<Vec<u32>> = self.dataset.y.as_ref().map(|y| {
+                idx.iter()
+                    .map(|&i| y.get(i).copied().unwrap_or(0) as u32)
+                    .collect()
+            });
+            return text_batch(&encoded, text.pad_id, labels.as_deref(), idx.to_vec());
+        }
         let device = candle_core::Device::Cpu;
         self.scratch.clear();
         for &i in idx {

@@ -1,0 +1,413 @@
+//! Transformers through the service: text datasets, evaluation of bert and llama folder
+//! models against their input (figures equal to `transformers`' on the committed fixtures,
+//! tests/fixtures/transformers/text-eval.json), saved outputs, and the refusals of what the
+//! engine does not run.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use whittle::db::jobs::JobState;
+
+use crate::helpers::*;
+
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/transformers")
+        .join(name)
+}
+
+fn reference() -> Value {
+    serde_json::from_slice(&std::fs::read(fixture_dir("text-eval.json")).unwrap()).unwrap()
+}
+
+/// Uploads the fixture folder `name` (its config, tokenizer and weights; `skip` left out).
+async fn upload_fixture(t: &TestApp, name: &str, skip: &[&str]) -> Value {
+    let files: Vec<(String, Vec<u8>)> = ["config.json", "tokenizer.json", "model.safetensors"]
+        .iter()
+        .filter(|f| !skip.contains(f))
+        .map(|f| {
+            (
+                f.to_string(),
+                std::fs::read(fixture_dir(name).join(f)).unwrap(),
+            )
+        })
+        .collect();
+    let parts: Vec<Part> = files
+        .iter()
+        .map(|(path, bytes)| Part {
+            name: "file",
+            filename: Some(path),
+            bytes: bytes.clone(),
+        })
+        .collect();
+    let res = t
+        .post_multipart(&format!("/v1/models?name={name}"), &parts)
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    res.json()
+}
+
+async fn upload_text(t: &TestApp, content_type: &str, body: &[u8]) -> Value {
+    let res = t
+        .post_bytes("/v1/datasets?name=text", content_type, body.to_vec())
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    let body = res.json();
+    assert_schema("Dataset", &body);
+    body
+}
+
+async fn run_to_end(t: &TestApp, body: Value) -> (Value, Value) {
+    let job = t.submit(body).await;
+    let (_, state) = t.run_one().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    let job = t.get(&format!("/v1/jobs/{id}")).await.json();
+    assert_eq!(state, JobState::Succeeded, "{job}");
+    let metrics = t.get(&format!("/v1/jobs/{id}/metrics")).await.json();
+    assert_schema("Job", &job);
+    assert_schema("Metrics", &metrics);
+    (job, metrics)
+}
+
+fn close(got: &Value, want: &Value, rel: f64) {
+    let (g, w) = (got.as_f64().unwrap(), want.as_f64().unwrap());
+    assert!((g - w).abs() <= rel * w.abs(), "{g} vs {w}");
+}
+
+async fn text_datasets_upload_and_refuse(t: TestApp) {
+    let d = upload_text(
+        &t,
+        "text/plain",
+        b"first document\nstill first\n\n\nsecond one\n",
+    )
+    .await;
+    assert_eq!(d["format"], "text");
+    assert_eq!(d["samples"], 2);
+    assert_eq!(d["documents"], 2);
+    assert_eq!(
+        d["bytes"],
+        "first document\nstill first".len() + "second one".len()
+    );
+    assert_eq!(d["labelled"], false);
+    let jsonl = reference()["jsonl"].as_str().unwrap().to_string();
+    let d = upload_text(&t, "application/jsonl", jsonl.as_bytes()).await;
+    assert_eq!(
+        (d["format"].as_str(), d["documents"].as_u64()),
+        (Some("jsonl"), Some(8))
+    );
+    assert_eq!(d["labelled"], true);
+    assert_eq!(d["num_classes"], 3);
+    // The same upload through multipart with an explicit format.
+    let res = t
+        .post_multipart(
+            "/v1/datasets",
+            &[
+                Part {
+                    name: "format",
+                    filename: None,
+                    bytes: b"jsonl".to_vec(),
+                },
+                Part {
+                    name: "file",
+                    filename: Some("d.jsonl"),
+                    bytes: jsonl.into_bytes(),
+                },
+            ],
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    // Tensor datasets say they are not text.
+    let tensor = t
+        .get(&format!(
+            "/v1/datasets/{}",
+            upload_dataset(&t, tiny_dataset()).await
+        ))
+        .await
+        .json();
+    assert_eq!(
+        (tensor["documents"].clone(), tensor["labelled"].clone()),
+        (Value::Null, json!(true))
+    );
+
+    let before = t.stored_files();
+    for (body, ct, says) in [
+        (&b"{\"label\": 1}\n"[..], "application/jsonl", "no `text`"),
+        (
+            b"{\"text\": \"a\", \"extra\": 1}\n",
+            "application/jsonl",
+            "unknown key",
+        ),
+        (
+            b"{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"}\n",
+            "application/jsonl",
+            "every line or none",
+        ),
+        (b"\n\n  \n", "text/plain", "no documents"),
+        (&[0xff, 0xfe, 0x00], "text/plain", "UTF-8"),
+    ] {
+        let res = t.post_bytes("/v1/datasets", ct, body.to_vec()).await;
+        let p = res.assert_problem(422, "invalid_dataset");
+        assert!(p["detail"].as_str().unwrap().contains(says), "{p}");
+    }
+    t.post_bytes(
+        "/v1/datasets?format=poetry",
+        "application/octet-stream",
+        b"x".to_vec(),
+    )
+    .await
+    .assert_problem(422, "invalid_dataset_format");
+    assert_eq!(t.stored_files(), before, "refusals store nothing");
+}
+
+/// A labelled tensor dataset (for the refusals).
+fn tiny_dataset() -> Vec<u8> {
+    use whittle::compress::formats::safetensors::{self as st, Dtype, TensorSpec};
+    let x = st::encode_f32(&values(4 * 64, 3));
+    let y = st::encode_i64(&[0, 1, 2, 3]);
+    st::serialize(
+        &Default::default(),
+        &[
+            (TensorSpec::new("x", Dtype::F32, vec![4, 64]), &x),
+            (TensorSpec::new("y", Dtype::I64, vec![4]), &y),
+        ],
+    )
+    .unwrap()
+}
+
+async fn llama_evaluation_matches_transformers(t: TestApp) {
+    let want = reference();
+    let model = upload_fixture(&t, "tiny-llama", &[]).await;
+    assert_eq!(model["family"], "llama");
+    let data = upload_text(
+        &t,
+        "application/jsonl",
+        want["jsonl"].as_str().unwrap().as_bytes(),
+    )
+    .await;
+    let (model_id, data_id) = (model["id"].as_str().unwrap(), data["id"].as_str().unwrap());
+    let eval = json!({"dataset_id": data_id, "context": 16, "stride": 8});
+
+    // An evaluate step alone: the output is the input, the figures are transformers'.
+    let (job, metrics) = run_to_end(
+        &t,
+        json!({"model_id": model_id, "eval": eval,
+               "steps": [{"op": "evaluate", "dataset_id": data_id, "context": 16, "stride": 8,
+                          "save_outputs": true}]}),
+    )
+    .await;
+    let llama = &want["llama"];
+    let baseline = &metrics["baseline"];
+    close(
+        &baseline["perplexity"],
+        &llama["reference_perplexity"],
+        1e-5,
+    );
+    assert_eq!(baseline["tokens"], llama["tokens"]);
+    assert_eq!(baseline["windows"], llama["windows"]);
+    let fin = &metrics["final"];
+    close(&fin["perplexity"], &llama["reference_perplexity"], 1e-5);
+    assert_eq!(fin["top1_agreement"], 1.0);
+    assert!(
+        fin["kl_divergence"]["max"].as_f64().unwrap() < 1e-6,
+        "{fin}"
+    );
+    assert!(fin["tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(job["eval"]["max_tokens"], 65536);
+    let step = &metrics["steps"][0]["summary"];
+    close(&step["perplexity"], &llama["reference_perplexity"], 1e-5);
+    // The saved outputs are an artifact holding every scored token's NLL.
+    let artifacts = &job["result"]["artifacts"];
+    let outputs: Vec<&Value> = artifacts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "outputs")
+        .collect();
+    assert_eq!(outputs.len(), 1, "{artifacts}");
+    let bytes = t
+        .get(&format!(
+            "/v1/artifacts/{}/content",
+            outputs[0]["id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("token_nll").unwrap().shape(),
+        [llama["tokens"].as_u64().unwrap() as usize]
+    );
+    assert_eq!(st.tensor("last_logits").unwrap().shape()[1], 320);
+
+    // A weight-only op on the folder, evaluated against the input in the same pass.
+    let (_, metrics) = run_to_end(
+        &t,
+        json!({"model_id": model_id, "eval": eval,
+               "steps": [{"op": "quantize", "method": "uniform", "bits": 4, "granularity": "per_channel"}]}),
+    )
+    .await;
+    let fin = &metrics["final"];
+    close(
+        &metrics["baseline"]["perplexity"],
+        &llama["reference_perplexity"],
+        1e-5,
+    );
+    let kl = fin["kl_divergence"]["mean"].as_f64().unwrap();
+    assert!(kl > 1e-5, "4-bit weights change the outputs: {fin}");
+    let agree = fin["top1_agreement"].as_f64().unwrap();
+    assert!(agree > 0.3 && agree < 1.0, "{fin}");
+    assert_eq!(fin["agreement_with_baseline"], fin["top1_agreement"]);
+    assert!(fin["delta_p"]["mean"].is_number());
+}
+
+async fn bert_evaluation_reports_cosines(t: TestApp) {
+    let want = reference();
+    let model = upload_fixture(&t, "tiny-bert-cls", &[]).await;
+    let data = upload_text(
+        &t,
+        "application/jsonl",
+        want["jsonl"].as_str().unwrap().as_bytes(),
+    )
+    .await;
+    let (_, metrics) = run_to_end(
+        &t,
+        json!({"model_id": model["id"], "eval": {"dataset_id": data["id"]},
+               "steps": [{"op": "quantize", "method": "uniform", "bits": 8, "granularity": "per_channel"}]}),
+    )
+    .await;
+    let bert = &want["bert"];
+    close(
+        &metrics["baseline"]["accuracy"],
+        &bert["classifier"]["accuracy"],
+        1e-9,
+    );
+    close(
+        &metrics["baseline"]["loss"],
+        &bert["classifier"]["loss"],
+        1e-5,
+    );
+    assert_eq!(metrics["baseline"]["documents"], 8);
+    let fin = &metrics["final"];
+    let cos = fin["embedding_cosine"]["min"].as_f64().unwrap();
+    assert!(
+        cos > 0.99 && cos < 1.0,
+        "int8 per channel barely moves the embeddings: {fin}"
+    );
+    assert!(fin["similarity_spearman"].as_f64().unwrap() > 0.9, "{fin}");
+    assert!(fin["accuracy"].is_number());
+}
+
+async fn what_the_engine_does_not_run_is_refused(t: TestApp) {
+    let want = reference();
+    let jsonl = want["jsonl"].as_str().unwrap().as_bytes().to_vec();
+    let text = upload_text(&t, "application/jsonl", &jsonl).await;
+    let text_id = text["id"].as_str().unwrap().to_string();
+    let tensor_id = upload_dataset(&t, tiny_dataset()).await;
+    let llama = upload_fixture(&t, "tiny-llama", &[]).await;
+    let llama_id = llama["id"].as_str().unwrap();
+    let untokenized = upload_fixture(&t, "tiny-llama", &["tokenizer.json"]).await;
+    let sequential_id = fresh_model(&t, tiny_arch(), 0).await;
+    let sequential_id = sequential_id.as_str();
+    // A folder of a family the engine does not run.
+    let gpt2 = {
+        let w = std::fs::read(fixture_dir("tiny-llama").join("model.safetensors")).unwrap();
+        let res = t
+            .post_multipart(
+                "/v1/models",
+                &[
+                    Part {
+                        name: "file",
+                        filename: Some("config.json"),
+                        bytes: br#"{"model_type": "gpt2"}"#.to_vec(),
+                    },
+                    Part {
+                        name: "file",
+                        filename: Some("model.safetensors"),
+                        bytes: w,
+                    },
+                ],
+            )
+            .await;
+        assert_eq!(res.status, 201, "{}", res.text());
+        res.json()
+    };
+    assert_eq!(gpt2["family"], Value::Null);
+    let before = t.get("/v1/jobs").await.json()["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            json!({"model_id": llama_id, "eval": {"dataset_id": tensor_id}, "steps": [{"op": "prune", "sparsity": 0.5}]}),
+            "dataset_shape_mismatch",
+            "/eval/dataset_id",
+        ),
+        (
+            json!({"model_id": llama_id, "eval": {"dataset_id": text_id, "context": 4096}, "steps": [{"op": "prune", "sparsity": 0.5}]}),
+            "validation_failed",
+            "/eval/context",
+        ),
+        (
+            json!({"model_id": llama_id, "eval": {"dataset_id": text_id, "context": 16, "stride": 32}, "steps": [{"op": "prune", "sparsity": 0.5}]}),
+            "validation_failed",
+            "/eval/stride",
+        ),
+        (
+            json!({"model_id": untokenized["id"], "steps": [{"op": "evaluate", "dataset_id": text_id}]}),
+            "tokenizer_required",
+            "/steps/0/dataset_id",
+        ),
+        (
+            json!({"model_id": llama_id, "steps": [{"op": "finetune", "dataset_id": text_id}]}),
+            "unsupported_family",
+            "/steps/0/op",
+        ),
+        (
+            json!({"model_id": gpt2["id"], "steps": [{"op": "evaluate", "dataset_id": text_id}]}),
+            "unsupported_family",
+            "/steps/0/op",
+        ),
+        (
+            json!({"model_id": sequential_id, "eval": {"dataset_id": text_id}, "steps": [{"op": "prune", "sparsity": 0.5}]}),
+            "dataset_shape_mismatch",
+            "/eval/dataset_id",
+        ),
+        (
+            json!({"model_id": sequential_id, "eval": {"dataset_id": tensor_id, "context": 16}, "steps": [{"op": "prune", "sparsity": 0.5}]}),
+            "validation_failed",
+            "/eval/context",
+        ),
+    ];
+    for (body, code, pointer) in cases {
+        let res = t.post_json("/v1/jobs", &body).await;
+        let p = res.assert_problem(422, code);
+        let errors = p["errors"].as_array().unwrap();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e["pointer"] == pointer && e["code"] == code),
+            "{body}: {p}"
+        );
+    }
+    assert_eq!(
+        t.get("/v1/jobs").await.json()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        before,
+        "no refused job is stored"
+    );
+    // Weight-only ops still work on the family the engine does not run.
+    let (job, _) = run_to_end(
+        &t,
+        json!({"model_id": gpt2["id"], "steps": [{"op": "quantize", "method": "uniform", "bits": 8}]}),
+    )
+    .await;
+    assert_eq!(job["state"], "succeeded");
+}
+
+on_both_backends!(
+    text_datasets_upload_and_refuse,
+    llama_evaluation_matches_transformers,
+    bert_evaluation_reports_cosines,
+    what_the_engine_does_not_run_is_refused,
+);
