@@ -2,9 +2,11 @@
 //!
 //! This module owns the `include` / `exclude` glob patterns of the REST contract and the
 //! default selection (floating-point tensors with at least two dimensions: linear and
-//! conv kernels; biases and norms are left alone unless included). It only looks at
-//! names, dtypes and shapes, never at tensor data.
+//! conv kernels; biases and norms are left alone unless included; for transformers, the
+//! linear layers of the blocks: [`family_default`]). It only looks at names, dtypes and
+//! shapes, never at tensor data.
 
+use super::engine::Family;
 use super::formats::safetensors::TensorInfo;
 
 /// Whether `name` matches the glob `pattern`: `*` matches any run of characters (dots
@@ -44,6 +46,26 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// `ndim >= 2`.
 pub fn is_default_selected(t: &TensorInfo) -> bool {
     t.dtype.is_float() && t.shape.len() >= 2
+}
+
+/// The default selection of a transformer family, as include patterns: the linear layers
+/// inside its blocks (attention projections and feed-forward layers) — not the embeddings,
+/// the norms, a tied output head, a pooler or a classifier. `None` for `sequential`, whose
+/// default is [`is_default_selected`].
+pub fn family_default(family: Family) -> Option<Vec<String>> {
+    let patterns: &[&str] = match family {
+        Family::Sequential => return None,
+        Family::Bert => &[
+            "*encoder.layer.*.attention.self.*.weight",
+            "*encoder.layer.*.intermediate.dense.weight",
+            "*encoder.layer.*.output.dense.weight",
+        ],
+        Family::Llama => &[
+            "model.layers.*.self_attn.*_proj.weight",
+            "model.layers.*.mlp.*_proj.weight",
+        ],
+    };
+    Some(patterns.iter().map(|p| p.to_string()).collect())
 }
 
 /// The tensors an operation touches, in file order: those matching any `include`
@@ -193,6 +215,54 @@ mod tests {
         assert!(glob_match("é?", "éà"));
         assert!(!glob_match("", "a"));
         assert!(glob_match("", ""));
+    }
+
+    #[test]
+    fn transformer_defaults_are_the_block_linear_layers() {
+        let names = [
+            "model.embed_tokens.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.o_proj.weight",
+            "model.layers.11.mlp.down_proj.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+            "bert.embeddings.word_embeddings.weight",
+            "bert.encoder.layer.0.attention.self.query.weight",
+            "bert.encoder.layer.0.attention.self.query.bias",
+            "bert.encoder.layer.0.attention.output.dense.weight",
+            "bert.encoder.layer.0.attention.output.LayerNorm.weight",
+            "encoder.layer.5.intermediate.dense.weight",
+            "encoder.layer.5.output.dense.weight",
+            "bert.pooler.dense.weight",
+            "classifier.weight",
+        ];
+        let chosen = |f: Family| -> Vec<&str> {
+            let pats = family_default(f).unwrap();
+            names
+                .iter()
+                .copied()
+                .filter(|n| pats.iter().any(|p| glob_match(p, n)))
+                .collect()
+        };
+        assert_eq!(
+            chosen(Family::Llama),
+            [
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.0.self_attn.o_proj.weight",
+                "model.layers.11.mlp.down_proj.weight"
+            ]
+        );
+        assert_eq!(
+            chosen(Family::Bert),
+            [
+                "bert.encoder.layer.0.attention.self.query.weight",
+                "bert.encoder.layer.0.attention.output.dense.weight",
+                "encoder.layer.5.intermediate.dense.weight",
+                "encoder.layer.5.output.dense.weight"
+            ]
+        );
+        assert_eq!(family_default(Family::Sequential), None);
     }
 
     #[test]

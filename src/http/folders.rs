@@ -19,6 +19,7 @@ use super::error::{ApiError, ApiResult};
 use super::AppState;
 use crate::codes::Code;
 use crate::compress::engine::data::TextEncoder;
+use crate::compress::formats::gguf_import;
 use crate::compress::formats::hf::{self, Weights};
 use crate::compress::formats::safetensors::SafetensorsFile;
 use crate::compress::{self};
@@ -69,6 +70,58 @@ pub async fn ingest_folder(
         tokio::task::spawn_blocking(move || assemble(store.as_ref(), files, name)).await??;
     crate::db::models::insert(state.db.pool(), &record).await?;
     Ok(record)
+}
+
+/// `POST /v1/models` with a GGUF file: imported as a Hugging Face folder (f32 weights under
+/// Hugging Face names, config.json, tokenizer.json, …), then ingested like an uploaded folder.
+/// The weights' metadata records the GGUF file's sha256 (`whittle.source`).
+pub async fn import_gguf(state: &AppState, gguf: TempBlob, name: String) -> ApiResult<ModelRecord> {
+    let store = state.store.clone();
+    let files = tokio::task::spawn_blocking(move || -> ApiResult<Vec<UploadedFile>> {
+        let sha = {
+            use sha2::{Digest, Sha256};
+            let mut hasher = Sha256::new();
+            let mut f = std::fs::File::open(gguf.path()).map_err(ApiError::internal)?;
+            std::io::copy(&mut f, &mut hasher).map_err(ApiError::internal)?;
+            hex::encode(hasher.finalize())
+        };
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert(
+            "whittle.source".to_string(),
+            serde_json::json!({"format": "gguf", "sha256": sha, "size_bytes": gguf.size()})
+                .to_string(),
+        );
+        let mut weights = store.create_temp().map_err(ApiError::internal)?;
+        let imported = gguf_import::import_gguf(gguf.path(), &meta, &mut weights)?;
+        std::io::Write::flush(&mut weights).map_err(ApiError::internal)?;
+        drop(gguf);
+        let mut files = vec![UploadedFile {
+            path: hf::WEIGHTS.into(),
+            temp: weights,
+        }];
+        let mut json_file = |path: &str, value: &serde_json::Value| -> ApiResult<()> {
+            let mut temp = store.create_temp().map_err(ApiError::internal)?;
+            let bytes = serde_json::to_vec_pretty(value).map_err(ApiError::internal)?;
+            std::io::Write::write_all(&mut temp, &bytes).map_err(ApiError::internal)?;
+            std::io::Write::flush(&mut temp).map_err(ApiError::internal)?;
+            files.push(UploadedFile {
+                path: path.into(),
+                temp,
+            });
+            Ok(())
+        };
+        json_file(hf::CONFIG, &imported.config)?;
+        json_file("generation_config.json", &imported.generation_config)?;
+        if let Some(t) = &imported.tokenizer {
+            json_file(hf::TOKENIZER, t)?;
+        }
+        if let Some(t) = &imported.tokenizer_config {
+            json_file("tokenizer_config.json", t)?;
+        }
+        Ok(files)
+    })
+    .await??;
+    ingest_folder(state, files, name).await
 }
 
 /// The blocking half of [`ingest_folder`].

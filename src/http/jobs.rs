@@ -211,9 +211,15 @@ fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Val
                     * 2;
                 peak = peak.max(params + activations + (8 << 20));
             }
+            if let spec::Step::Evaluate(e) = step {
+                peak = peak.max(text_eval_bytes(facts, e));
+            }
             json!({"index": i, "op": step.op(), "step": step.to_json(), "tensors": touched})
         })
         .collect();
+    if let Some(e) = &spec.eval {
+        peak = peak.max(text_eval_bytes(facts, e));
+    }
     json!({
         "dry_run": true,
         "model_id": model.id.to_string(),
@@ -222,6 +228,18 @@ fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Val
         "estimated_peak_memory_bytes": peak,
         "input_size_bytes": model.size_bytes,
     })
+}
+
+/// Peak memory of a transformer evaluation against the input: both networks' f32 weights,
+/// one batch of windows' logits of each (on the device and on the host), and 256 MiB for
+/// activations and the tokenized text. 0 for sequential networks.
+fn text_eval_bytes(facts: &Facts, e: &spec::EvalSpec) -> u64 {
+    let (Some(t), Some(p)) = (&facts.transformer, &e.text) else {
+        return 0;
+    };
+    let weights: u64 = facts.tensors.iter().map(|t| t.numel() as u64 * 4).sum();
+    let logits = (p.context * t.vocab_size * 4) as u64;
+    2 * weights + 4 * logits + (256 << 20)
 }
 
 async fn load_job(state: &AppState, raw: &str) -> ApiResult<JobRecord> {

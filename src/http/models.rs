@@ -23,6 +23,7 @@ use super::AppState;
 use crate::codes::Code;
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::write_initialised;
+use crate::compress::formats::gguf_import;
 use crate::compress::formats::ARCHITECTURE_KEY;
 use crate::compress::formats::{hf, safetensors};
 use crate::db::models::{self, ModelRecord};
@@ -177,8 +178,9 @@ async fn upload_multipart(
     // One safetensors part is a model file; anything else is a folder, one part per file.
     let folder = files.len() > 1
         || files.iter().any(|(f, _)| {
-            f.as_deref()
-                .is_some_and(|p| p.contains('/') || !p.ends_with(".safetensors"))
+            f.as_deref().is_some_and(|p| {
+                p.contains('/') || !(p.ends_with(".safetensors") || p.ends_with(".gguf"))
+            })
         });
     if !folder {
         let (filename, temp) = files.pop().ok_or_else(|| {
@@ -188,7 +190,13 @@ async fn upload_multipart(
             )
         })?;
         let name = name
-            .or_else(|| filename.map(|f| f.trim_end_matches(".safetensors").to_string()))
+            .or_else(|| {
+                filename.map(|f| {
+                    f.trim_end_matches(".safetensors")
+                        .trim_end_matches(".gguf")
+                        .to_string()
+                })
+            })
             .unwrap_or_else(|| "model".into());
         return ingest(state, temp, name, architecture).await;
     }
@@ -222,13 +230,26 @@ async fn upload_tar(state: &AppState, body: Body, name: Option<String>) -> ApiRe
     ingest_folder(state, files, name.unwrap_or_else(|| "model".into())).await
 }
 
-/// Validate a streamed upload, then commit the blob and record the model.
+/// Whether an uploaded file starts with the GGUF magic.
+fn starts_with_gguf(temp: &TempBlob) -> ApiResult<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(temp.path()).map_err(ApiError::internal)?;
+    let n = f.read(&mut magic).map_err(ApiError::internal)?;
+    Ok(n == 4 && gguf_import::is_gguf(&magic))
+}
+
+/// Validate a streamed upload (a GGUF file is imported as a folder), then commit the blob
+/// and record the model.
 async fn ingest(
     state: &AppState,
     temp: TempBlob,
     name: String,
     architecture: Option<Value>,
 ) -> ApiResult<ModelRecord> {
+    if architecture.is_none() && starts_with_gguf(&temp)? {
+        return super::folders::import_gguf(state, temp, name).await;
+    }
     let name = clean_name(name)?;
     let path = temp.path().to_path_buf();
     let header = tokio::task::spawn_blocking(move || safetensors::read_header(path)).await??;

@@ -99,6 +99,8 @@ pub struct TransformerFacts {
     pub has_tokenizer: bool,
     /// Classes of a bert classification head, when the weights have one.
     pub classes: Option<usize>,
+    /// The vocabulary size (`vocab_size`; 0 when the config does not say).
+    pub vocab_size: usize,
 }
 
 impl TransformerFacts {
@@ -114,11 +116,16 @@ impl TransformerFacts {
             .iter()
             .find(|t| t.name == "classifier.weight")
             .and_then(|t| t.shape.first().copied());
+        let vocab_size = config
+            .get("vocab_size")
+            .and_then(Value::as_u64)
+            .map_or(0, |v| v as usize);
         Some(Self {
             family,
             max_positions,
             has_tokenizer,
             classes,
+            vocab_size,
         })
     }
 }
@@ -247,6 +254,23 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// The selection of `include` / `exclude`. An empty `include` on a transformer becomes
+    /// its family's default (the linear layers of its blocks), written out so that the job
+    /// and its dry-run plan show what will be touched.
+    pub fn of(include: Vec<String>, exclude: Vec<String>, facts: Option<&Facts>) -> Self {
+        let include = match facts.and_then(|f| f.transformer.as_ref().map(|t| (f, t))) {
+            // The patterns that name something in this model (a model without the family's
+            // usual names keeps the generic default).
+            Some((f, t)) if include.is_empty() => select::family_default(t.family)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| f.tensors.iter().any(|t| select::glob_match(p, &t.name)))
+                .collect(),
+            _ => include,
+        };
+        Selection { include, exclude }
+    }
+
     /// The tensors selected from a model's inventory.
     pub fn resolve<'a>(&self, tensors: &'a [TensorInfo]) -> Vec<&'a TensorInfo> {
         select::select(tensors, &self.include, &self.exclude)

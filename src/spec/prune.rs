@@ -246,7 +246,7 @@ pub fn parse(
         &format!("{pointer}/exclude"),
         &mut errors,
     );
-    let selection = Selection { include, exclude };
+    let selection = Selection::of(include, exclude, facts);
 
     let schedule = object(obj, "schedule", pointer, &mut errors).and_then(|s| {
         let sp = format!("{pointer}/schedule");

@@ -222,7 +222,7 @@ pub fn parse(
         check_patterns(&f.tensors, &skip, &format!("{pointer}/skip"), &mut errors);
     }
     exclude.extend(skip);
-    let selection = Selection { include, exclude };
+    let selection = Selection::of(include, exclude, facts);
     let activations = parse_activations(obj, pointer, method, facts, &mut errors);
     let format_given = choice(
         obj,

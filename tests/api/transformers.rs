@@ -405,7 +405,203 @@ async fn what_the_engine_does_not_run_is_refused(t: TestApp) {
     assert_eq!(job["state"], "succeeded");
 }
 
+async fn transformer_defaults_select_the_block_linear_layers(t: TestApp) {
+    let model = upload_fixture(&t, "tiny-llama", &[]).await;
+    let data = upload_text(&t, "text/plain", b"one document\n\nanother one").await;
+    let res = t
+        .post_json(
+            "/v1/jobs?dry_run=true",
+            &json!({"model_id": model["id"], "eval": {"dataset_id": data["id"]},
+                    "steps": [{"op": "quantize", "method": "uniform", "bits": 8}]}),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    let plan = res.json();
+    let step = &plan["steps"][0];
+    assert_eq!(
+        step["step"]["include"],
+        json!([
+            "model.layers.*.self_attn.*_proj.weight",
+            "model.layers.*.mlp.*_proj.weight"
+        ])
+    );
+    let tensors: Vec<&str> = step["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(tensors.len(), 2 * 7, "{tensors:?}");
+    assert!(tensors
+        .iter()
+        .all(|n| n.starts_with("model.layers.") && !n.contains("norm")));
+    // Evaluating holds both networks' f32 weights.
+    let weights: u64 = model["parameters"].as_u64().unwrap() * 4;
+    assert!(
+        plan["estimated_peak_memory_bytes"].as_u64().unwrap() > 2 * weights,
+        "{plan}"
+    );
+    assert_eq!(
+        plan["eval"]["context"], 128,
+        "capped at max_position_embeddings"
+    );
+    // The job runs on exactly those tensors: embeddings and norms are untouched.
+    let (job, _) = run_to_end(
+        &t,
+        json!({"model_id": model["id"], "steps": [{"op": "quantize", "method": "uniform", "bits": 4}]}),
+    )
+    .await;
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await;
+    let before = std::fs::read(fixture_dir("tiny-llama").join("model.safetensors")).unwrap();
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&before).unwrap(),
+        safetensors::SafeTensors::deserialize(&out.body).unwrap(),
+    );
+    for name in [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+    ] {
+        assert_eq!(
+            a.tensor(name).unwrap().data(),
+            b.tensor(name).unwrap().data(),
+            "{name}"
+        );
+    }
+    assert_ne!(
+        a.tensor("model.layers.0.mlp.up_proj.weight")
+            .unwrap()
+            .data(),
+        b.tensor("model.layers.0.mlp.up_proj.weight")
+            .unwrap()
+            .data()
+    );
+}
+
+async fn gguf_uploads_become_folder_models(t: TestApp) {
+    let gguf_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let bytes = std::fs::read(gguf_dir.join("tiny-llama-bpe.gguf")).unwrap();
+    let res = t
+        .post_bytes(
+            "/v1/models?name=tiny",
+            "application/octet-stream",
+            bytes.clone(),
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    let model = res.json();
+    assert_schema("Model", &model);
+    assert_eq!(model["family"], "llama");
+    assert_eq!(model["config"]["num_key_value_heads"], 2);
+    assert_eq!(model["config"]["tie_word_embeddings"], true);
+    let paths: Vec<&str> = model["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    let id = model["id"].as_str().unwrap();
+    let weights = t.get(&format!("/v1/models/{id}/content")).await;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&weights.body).unwrap();
+    let source: Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["whittle.source"]).unwrap();
+    assert_eq!(source["sha256"], sha256_hex(&bytes));
+    // The imported model runs: an evaluation on text.
+    let data = upload_text(
+        &t,
+        "text/plain",
+        b"the cat sat on the mat.\n\na quick brown fox.",
+    )
+    .await;
+    let (_, metrics) = run_to_end(
+        &t,
+        json!({"model_id": id, "steps": [{"op": "evaluate", "dataset_id": data["id"], "context": 16}]}),
+    )
+    .await;
+    assert!(
+        metrics["steps"][0]["summary"]["perplexity"]
+            .as_f64()
+            .unwrap()
+            > 1.0
+    );
+    // The same file as a multipart part named *.gguf.
+    let res = t
+        .post_multipart(
+            "/v1/models",
+            &[Part {
+                name: "file",
+                filename: Some("tiny.gguf"),
+                bytes: bytes.clone(),
+            }],
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    assert_eq!(res.json()["name"], "tiny");
+    assert_eq!(
+        res.json()["sha256"],
+        model["sha256"],
+        "the import is deterministic"
+    );
+
+    // Refusals store nothing.
+    let before = t.stored_files();
+    let models_before = t.get("/v1/models").await.json()["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let mut other = bytes.clone();
+    let at = other.windows(5).position(|w| w == b"llama").unwrap();
+    other[at..at + 5].copy_from_slice(b"gpt_2");
+    let p = t
+        .post_bytes("/v1/models", "application/octet-stream", other)
+        .await
+        .assert_problem(422, "unsupported_family");
+    assert!(
+        p["detail"].as_str().unwrap().contains("supported: llama"),
+        "{p}"
+    );
+    t.post_bytes(
+        "/v1/models",
+        "application/octet-stream",
+        bytes[..bytes.len() - 100].to_vec(),
+    )
+    .await
+    .assert_problem(422, "invalid_model_folder");
+    t.post_bytes(
+        "/v1/models",
+        "application/octet-stream",
+        b"GGUF\x03\x00\x00\x00".to_vec(),
+    )
+    .await
+    .assert_problem(422, "invalid_model_folder");
+    assert_eq!(t.stored_files(), before);
+    assert_eq!(
+        t.get("/v1/models").await.json()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        models_before
+    );
+}
+
 on_both_backends!(
+    gguf_uploads_become_folder_models,
+    transformer_defaults_select_the_block_linear_layers,
     text_datasets_upload_and_refuse,
     llama_evaluation_matches_transformers,
     bert_evaluation_reports_cosines,

@@ -1,6 +1,8 @@
 //! File formats read and written by compression: safetensors, GGUF and the packed encoding.
 
 pub mod gguf;
+pub mod gguf_import;
+pub mod gguf_vocab;
 pub mod hf;
 pub mod packed;
 pub mod safetensors;
