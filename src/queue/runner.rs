@@ -87,6 +87,7 @@ fn run(
     let datasets = DatasetCache::load(store, inputs.datasets)?;
     let input = SafetensorsFile::open(store.materialize(&model.sha256)?)?;
     let baseline_weights = input.weight_summary();
+    input.release_all();
     let input_arch = model
         .architecture
         .as_ref()
@@ -193,6 +194,8 @@ fn run(
 
     let output = SafetensorsFile::open(store.materialize(&current.sha256)?)?;
     let final_weights = output.weight_summary();
+    // The summary read every tensor; evaluation loads its own copy.
+    output.release_all();
     let mut end = Figures::of(&final_weights, current.size);
     end.compression_ratio = Some(model.size_bytes as f64 / current.size.max(1) as f64);
     if let Some((kind, _, blob)) = encodings.last() {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::transformer::{
-    attention, dropout, embed, layer_norm, merge_heads, pad_id, padding_bias, split_heads,
+    attention, dropout, embed, layer_norm_in, merge_heads, pad_id, padding_bias, split_heads,
     token_ids, Probe, Weights,
 };
 use super::{Family, Mode, Network, Param, ProbeFn, WeightTransform};
@@ -225,11 +225,12 @@ impl Bert {
             &segments,
         )?;
         let x = words.broadcast_add(&positions)?.add(&types)?;
-        let mut h = layer_norm(
+        let mut h = layer_norm_in(
             &x,
             &w("embeddings.LayerNorm.weight", mode)?,
             &w("embeddings.LayerNorm.bias", mode)?,
             c.layer_norm_eps,
+            mode,
         )?;
         h = dropout(&h, c.hidden_dropout_prob, mode)?;
         let bias = match &batch.mask {
@@ -268,11 +269,12 @@ impl Bert {
                 mode,
             )?;
             let ln = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
-                layer_norm(
+                layer_norm_in(
                     x,
                     &self.weights.get(&format!("{block}.{n}.weight"), mode)?,
                     &self.weights.get(&format!("{block}.{n}.bias"), mode)?,
                     c.layer_norm_eps,
+                    mode,
                 )
             };
             let h1 = ln("attention.output.LayerNorm", &(a + &h)?, mode)?;

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::sequential::conv;
 use super::transformer::{
-    attention, embed, merge_heads, pad_id, padding_bias, rms_norm, split_heads, token_ids, Probe,
-    Weights,
+    attention, embed, merge_heads, pad_id, padding_bias, rms_norm_in, split_heads, token_ids,
+    Probe, Weights,
 };
 use super::{Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -324,10 +324,11 @@ impl Llama {
         for l in 0..c.num_hidden_layers {
             let block = format!("model.layers.{l}");
             let norm = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
-                rms_norm(
+                rms_norm_in(
                     x,
                     &self.weights.get(&format!("{block}.{n}.weight"), mode)?,
                     c.rms_norm_eps,
+                    mode,
                 )
             };
             let x = norm("input_layernorm", &h, &mode)?;
@@ -354,16 +355,27 @@ impl Llama {
                 &lin("self_attn.v_proj", &x, &mode, probe)?,
                 c.num_key_value_heads,
             )?;
+            // Grouped-query attention without copying keys and values: the `rep` query heads
+            // sharing a key/value head are stacked along the sequence ([b, kv, rep·s, d]),
+            // and the mask repeated to match.
             let rep = c.num_attention_heads / c.num_key_value_heads;
-            let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
-            let ctx = merge_heads(&attention(
-                &q,
+            let kv = c.num_key_value_heads;
+            let d = c.head_dim;
+            let grouped = q.reshape((b, kv, rep * s, d))?;
+            let group_bias = if rep > 1 {
+                bias.repeat((1, 1, rep, 1))?
+            } else {
+                bias.clone()
+            };
+            let ctx = attention(
+                &grouped,
                 &k,
                 &v,
-                Some(&bias),
+                Some(&group_bias),
                 c.attention_dropout,
                 &mut mode,
-            )?)?;
+            )?;
+            let ctx = merge_heads(&ctx.reshape((b, c.num_attention_heads, s, d))?)?;
             h = (h + lin("self_attn.o_proj", &ctx, &mode, probe)?)?;
             let x = norm("post_attention_layernorm", &h, &mode)?;
             let gate = lin("mlp.gate_proj", &x, &mode, probe)?;
@@ -377,10 +389,11 @@ impl Llama {
                 }
             }
         }
-        let h = rms_norm(
+        let h = rms_norm_in(
             &h,
             &self.weights.get("model.norm.weight", &mode)?,
             c.rms_norm_eps,
+            &mode,
         )?;
         let logits = if self.tied() {
             let w = self.weights.get("model.embed_tokens.weight", &mode)?;
@@ -410,19 +423,6 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     );
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     Ok(x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)?)
-}
-
-/// Each of the `[b, kv, s, d]` key/value heads repeated `rep` times in place: `[b, kv·rep, s, d]`
-/// (query head `j` reads key/value head `j / rep`).
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, kv, rep, s, d))?
-        .contiguous()?
-        .reshape((b, kv * rep, s, d))?)
 }
 
 /// The causal mask as an additive bias `[1, 1, s, s]` (the smallest f32 above the diagonal),

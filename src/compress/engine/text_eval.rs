@@ -265,13 +265,23 @@ fn score(m: &[f32], r: Option<&[f32]>, next: usize) -> Scored {
     }
 }
 
-/// Logits `[b, s, v]` of a batch of windows as host rows.
-fn logits_of(net: &dyn Network, batch: &Batch) -> Result<Vec<f32>> {
-    let out = net.forward(batch, Mode::Eval)?;
-    Ok(out.flatten_all()?.to_vec1::<f32>()?)
+/// Rows `positions` of window `w` of logits `[b, s, v]`, on the host.
+fn rows_of(
+    logits: &candle_core::Tensor,
+    w: usize,
+    positions: std::ops::Range<usize>,
+) -> Result<Vec<f32>> {
+    Ok(logits
+        .get(w)?
+        .narrow(0, positions.start, positions.len())?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
-/// Host bytes of one window's logits allowed at once (both models together).
+/// Positions whose logits are copied to the host at once (per model).
+const ROWS_PER_CHUNK: usize = 64;
+
+/// Bytes of logits (both models together) a batch of windows may produce at once.
 const LOGITS_BUDGET: usize = 256 << 20;
 
 fn language(
@@ -318,27 +328,33 @@ fn language(
         let chunk = &cut[i..j];
         let batch = window_batch(chunk)?;
         let started = Instant::now();
-        let m = logits_of(model, &batch)?;
+        let m = model.forward(&batch, Mode::Eval)?;
         forward_seconds += started.elapsed().as_secs_f64();
         forward_tokens += chunk.len() * len;
-        let r = reference.map(|r| logits_of(r, &batch)).transpose()?;
+        let r = reference
+            .map(|r| r.forward(&batch, Mode::Eval))
+            .transpose()?;
         for (w, win) in chunk.iter().enumerate() {
-            let base = w * len * vocab;
-            let positions: Vec<usize> = (win.score_from..len - 1).collect();
-            let m = &m;
-            let r = r.as_ref();
-            let rows = par_map(positions, |t| {
-                let at = base + t * vocab;
-                score(
-                    &m[at..at + vocab],
-                    r.map(|r| &r[at..at + vocab]),
-                    win.ids[t + 1] as usize,
-                )
-            });
-            scored.extend(rows);
+            // The logits stay in their tensors; a few rows at a time come to the host.
+            let mut from = win.score_from;
+            while from < len - 1 {
+                let to = (from + ROWS_PER_CHUNK).min(len - 1);
+                let mrows = rows_of(&m, w, from..to)?;
+                let rrows = r.as_ref().map(|r| rows_of(r, w, from..to)).transpose()?;
+                let (mrows, rrows) = (&mrows, rrows.as_ref());
+                let rows = par_map((from..to).collect(), |t| {
+                    let at = (t - from) * vocab;
+                    score(
+                        &mrows[at..at + vocab],
+                        rrows.map(|r| &r[at..at + vocab]),
+                        win.ids[t + 1] as usize,
+                    )
+                });
+                scored.extend(rows);
+                from = to;
+            }
             if params.save_outputs {
-                let at = base + (len - 1) * vocab;
-                last_logits.extend_from_slice(&m[at..at + vocab]);
+                last_logits.extend(rows_of(&m, w, len - 1..len)?);
             }
         }
         i = j;

@@ -86,6 +86,7 @@ impl Weights {
         let mut params = Vec::new();
         for t in file.header().tensors.iter().filter(|t| t.dtype.is_float()) {
             let values = file.to_f32(t)?;
+            file.release(t);
             let var = Var::from_vec(values, t.shape.clone(), &Device::Cpu)?;
             let spec = ParamSpec {
                 name: t.name.clone(),
@@ -279,6 +280,33 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
 }
 
+/// [`layer_norm`], through candle's fused kernel when no gradient is needed (evaluation).
+pub fn layer_norm_in(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    mode: &Mode<'_>,
+) -> Result<Tensor> {
+    match mode {
+        Mode::Eval => Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            w,
+            b,
+            eps as f32,
+        )?),
+        Mode::Train(_) => layer_norm(x, w, b, eps),
+    }
+}
+
+/// [`rms_norm`], through candle's fused kernel when no gradient is needed (evaluation).
+pub fn rms_norm_in(x: &Tensor, w: &Tensor, eps: f64, mode: &Mode<'_>) -> Result<Tensor> {
+    match mode {
+        Mode::Eval => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?),
+        Mode::Train(_) => rms_norm(x, w, eps),
+    }
+}
+
 /// Inverted dropout with probability `p` in training mode; the identity otherwise.
 pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
     match mode {
@@ -322,6 +350,17 @@ pub fn attention(
     mode: &mut Mode<'_>,
 ) -> Result<Tensor> {
     let d = q.dim(D::Minus1)?;
+    if let Mode::Eval = mode {
+        // No backward pass: scale the (smaller) queries, let the matmul read kᵀ through its
+        // strides, and use candle's fused softmax.
+        let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
+        let scores = match bias {
+            Some(b) => scores.broadcast_add(b)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        return Ok(probs.matmul(v)?);
+    }
     let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
     let scores = match bias {
         Some(b) => scores.broadcast_add(b)?,

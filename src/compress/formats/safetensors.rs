@@ -632,6 +632,32 @@ impl SafetensorsFile {
         self.header.get(name)
     }
 
+    /// Drops the mapped pages of a tensor's bytes from the process's resident memory, once
+    /// they have been copied out (a network's weights): they stay in the page cache and are
+    /// read again from the file if touched later. Best effort; errors are ignored.
+    pub fn release(&self, info: &TensorInfo) {
+        let begin = self.header.data_start.saturating_add(info.data_offsets.0);
+        let end = self.header.data_start.saturating_add(info.data_offsets.1);
+        if begin < end && end <= self.mmap.len() {
+            // SAFETY: the map is a read-only, shared mapping of an immutable file: dropping
+            // its pages only makes the next read fault them in again from the same bytes.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    begin,
+                    end - begin,
+                )
+            };
+        }
+    }
+
+    /// [`SafetensorsFile::release`] for every tensor.
+    pub fn release_all(&self) {
+        for t in &self.header.tensors {
+            self.release(t);
+        }
+    }
+
     /// Raw little-endian bytes of a tensor. `info` must come from this file's header; an
     /// info that does not fit the file yields an empty slice.
     pub fn bytes(&self, info: &TensorInfo) -> &[u8] {

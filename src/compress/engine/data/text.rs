@@ -216,7 +216,7 @@ impl TextEncoder {
         let tokenizer = tokenizers::Tokenizer::from_file(path.as_ref()).map_err(|e| {
             Error::InvalidModelFolder(format!("the model's tokenizer.json does not load: {e}"))
         })?;
-        Ok(TextEncoder { tokenizer })
+        Self::new(tokenizer)
     }
 
     /// The tokenizer in `tokenizer.json` bytes.
@@ -224,17 +224,59 @@ impl TextEncoder {
         let tokenizer = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
             Error::InvalidModelFolder(format!("the model's tokenizer.json does not load: {e}"))
         })?;
+        Self::new(tokenizer)
+    }
+
+    /// A tokenizer without the padding and truncation its file may configure (sentence-
+    /// transformers folders pad every text to a fixed length): as `transformers` calls it,
+    /// texts are encoded whole and cut to the length each use asks for.
+    fn new(mut tokenizer: tokenizers::Tokenizer) -> Result<TextEncoder> {
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::InvalidModelFolder(format!("tokenizer.json: {e}")))?;
         Ok(TextEncoder { tokenizer })
     }
 
-    /// Encodes a document (with its pair, if any) with the tokenizer's special tokens,
-    /// truncated to `max_len` ids.
+    /// Encodes a document (with its pair, if any) with the tokenizer's special tokens, at
+    /// most `max_len` ids: the texts are cut first (the longer one first, for a pair), so the
+    /// special tokens stay, as `transformers` truncates.
     pub fn encode(&self, doc: &Document, max_len: usize) -> Result<Encoded> {
-        let enc = match &doc.pair {
-            None => self.tokenizer.encode(doc.text.as_str(), true),
-            Some(p) => self.tokenizer.encode((doc.text.as_str(), p.as_str()), true),
+        let failed =
+            |e: tokenizers::Error| Error::InvalidDataset(format!("tokenizing failed: {e}"));
+        let mut a = self
+            .tokenizer
+            .encode(doc.text.as_str(), false)
+            .map_err(failed)?;
+        let mut b = match &doc.pair {
+            Some(p) => Some(self.tokenizer.encode(p.as_str(), false).map_err(failed)?),
+            None => None,
+        };
+        let added = self.tokenizer.get_post_processor().map_or(0, |p| {
+            tokenizers::PostProcessor::added_tokens(p, b.is_some())
+        });
+        let budget = max_len.saturating_sub(added);
+        let (la, lb) = (a.len(), b.as_ref().map_or(0, |b| b.len()));
+        if la + lb > budget {
+            // Longest first: cut the longer text down to the shorter, then both evenly.
+            let (mut na, mut nb) = (la, lb);
+            let mut excess = la + lb - budget;
+            let cut = excess.min(na.abs_diff(nb));
+            if na > nb {
+                na -= cut;
+            } else {
+                nb -= cut;
+            }
+            excess -= cut;
+            na -= excess.div_ceil(2).min(na);
+            nb -= (excess / 2).min(nb);
+            let right = tokenizers::TruncationDirection::Right;
+            a.truncate(na, 0, right);
+            if let Some(b) = b.as_mut() {
+                b.truncate(nb, 0, right);
+            }
         }
-        .map_err(|e| Error::InvalidDataset(format!("tokenizing failed: {e}")))?;
+        let enc = self.tokenizer.post_process(a, b, true).map_err(failed)?;
         let mut ids = enc.get_ids().to_vec();
         let mut segments = enc.get_type_ids().to_vec();
         ids.truncate(max_len);
@@ -426,6 +468,54 @@ mod tests {
         let w = windows(&stream, 4, 4, 5);
         let scored: usize = w.iter().map(|w| w.ids.len() - 1 - w.score_from).sum();
         assert_eq!(scored, 5, "{w:?}");
+    }
+
+    #[test]
+    fn long_texts_keep_their_special_tokens_and_file_padding_is_ignored() {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/transformers");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join("tiny-bert/tokenizer.json")).unwrap())
+                .unwrap();
+        // A sentence-transformers style file: pad and truncate everything to 16.
+        json["padding"] = serde_json::json!({"strategy": {"Fixed": 16}, "direction": "Right",
+            "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"});
+        json["truncation"] = serde_json::json!({"max_length": 16, "strategy": "LongestFirst", "stride": 0, "direction": "Right"});
+        let enc = TextEncoder::from_bytes(json.to_string().as_bytes()).unwrap();
+        let short = Document {
+            text: "the cat sat on the mat".into(),
+            pair: None,
+        };
+        let ids = enc.encode(&short, 512).unwrap().ids;
+        assert!(ids.len() < 16 && !ids.contains(&0), "no padding: {ids:?}");
+        let per = ids.len() - 2;
+        let long = Document {
+            text: "the cat sat on the mat ".repeat(20),
+            pair: None,
+        };
+        let full = enc.encode(&long, 512).unwrap().ids;
+        assert_eq!(full.len(), 2 + per * 20, "no truncation at the file's 16");
+        let cut = enc.encode(&long, 10).unwrap().ids;
+        assert_eq!(cut.len(), 10);
+        assert_eq!(cut[..9], full[..9]);
+        assert_eq!(cut[9], *full.last().unwrap(), "[SEP] kept");
+        let tail = Document {
+            text: "mat".into(),
+            pair: None,
+        };
+        let tail_len = enc.encode(&tail, 512).unwrap().ids.len() - 2;
+        let pair = Document {
+            text: "the cat ".repeat(10),
+            pair: Some("mat".into()),
+        };
+        let e = enc.encode(&pair, 12).unwrap();
+        assert_eq!(e.ids.len(), 12);
+        let second = e.segments.iter().filter(|&&s| s == 1).count();
+        assert_eq!(
+            second,
+            tail_len + 1,
+            "the short text and its [SEP] are kept: {e:?}"
+        );
     }
 
     #[test]
