@@ -93,11 +93,7 @@ fn run(
         .as_ref()
         .map(Architecture::from_json)
         .transpose()?;
-    let transformer = if needs_network(spec) {
-        TransformerSource::of(store, model)?
-    } else {
-        None
-    };
+    let transformer = TransformerSource::of(store, model)?;
     // The input model, loaded once when anything compares against it.
     let reference: Option<Box<dyn Network>> = match (&input_arch, &transformer) {
         _ if !needs_network(spec) => None,

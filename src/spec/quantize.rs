@@ -413,19 +413,18 @@ pub fn parse(
                 }
             };
             if let Some(f) = facts {
-                let block = ty.block_size();
                 for t in selection.resolve(&f.tensors) {
                     let row = t.shape.last().copied().unwrap_or(0);
-                    if row % block != 0 {
+                    if ty.for_row(row).is_none() {
                         errors.push(FieldError::new(
                             format!("{pointer}/type"),
                             format!(
-                                "tensor `{}` has rows of {row} values; {ty} packs blocks of {block}, which must divide the row. {}",
+                                "tensor `{}` has rows of {row} values; {ty} packs blocks of {}{}, which must divide the row. Add the tensor to `skip` (it stays float) or pad the layer to a multiple of 32.",
                                 t.name,
-                                if block == 256 && row % 32 == 0 {
-                                    "Use a 32-value type (q8_0, q4_0, q4_1, q5_0, q5_1), add the tensor to `skip`, or pad the layer to a multiple of 256.".to_string()
-                                } else {
-                                    "Add the tensor to `skip` (it stays float) or pad the layer to a multiple of 32.".to_string()
+                                ty.block_size(),
+                                match ty.fallback() {
+                                    Some(f) => format!(" (or its fallback {f}'s 32)"),
+                                    None => String::new(),
                                 }
                             ),
                         ));

@@ -107,6 +107,8 @@ fn every_step() -> Vec<Value> {
         json!({"op": "quantize", "method": "log2", "bits": 5}),
         json!({"op": "quantize", "method": "nf4", "group_size": 32}),
         json!({"op": "quantize", "method": "gguf", "type": "q8_0"}),
+        // Rows of 64 and 32 do not fill q4_k's 256-blocks: it falls back to q5_0 per tensor.
+        json!({"op": "quantize", "method": "gguf", "type": "q4_k"}),
         finetune,
         distill,
         json!({"op": "evaluate", "dataset_id": DATA, "batch_size": 64}),
@@ -182,11 +184,6 @@ fn refusals_point_at_the_field_with_a_code() {
                 json!([{"op": "quantize", "method": "uniform", "bits": 4, "granularity": "per_group", "group_size": 7}]),
             ),
             "/steps/0/group_size",
-            Code::ValidationFailed,
-        ),
-        (
-            job(json!([{"op": "quantize", "method": "gguf", "type": "q4_k"}])),
-            "/steps/0/type",
             Code::ValidationFailed,
         ),
         (

@@ -552,19 +552,35 @@ async fn gguf_output_is_a_gguf_file_with_our_provenance() {
         m["baseline"]["accuracy"].as_f64().unwrap() - m["final"]["accuracy"].as_f64().unwrap();
     assert!(drop.abs() < 0.01, "q8_0 costs almost nothing: {drop}");
 
-    // Rows of 64 do not split into 256-value k-quant blocks: refused with advice.
-    let res = t
-        .post_json(
-            "/v1/jobs",
-            &json!({"model_id": model, "steps": [{"op": "quantize", "method": "gguf", "type": "q4_k"}]}),
-        )
+    // Rows of 64 do not split into 256-value k-quant blocks: like llama-quantize, q4_k falls
+    // back to q5_0 for those tensors, and the summary says which.
+    let job = t
+        .submit(json!({"model_id": model, "steps": [{"op": "quantize", "method": "gguf", "type": "q4_k"}]}))
         .await;
-    let problem = res.assert_problem(422, "validation_failed");
-    assert_eq!(problem["errors"][0]["pointer"], "/steps/0/type");
-    assert!(problem["errors"][0]["detail"]
-        .as_str()
+    let (_, state) = t.run_one().await.unwrap();
+    assert_eq!(state, JobState::Succeeded);
+    let id = job["id"].as_str().unwrap();
+    let m = t.get(&format!("/v1/jobs/{id}/metrics")).await.json();
+    let fallbacks = m["steps"][0]["summary"]["fallbacks"]
+        .as_array()
         .unwrap()
-        .contains("q4_0"));
+        .clone();
+    assert!(!fallbacks.is_empty(), "{m}");
+    assert!(
+        fallbacks.iter().all(|f| f["type"] == "q5_0"),
+        "{fallbacks:?}"
+    );
+    let layer = m["steps"][0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["tensor"] == fallbacks[0]["tensor"])
+        .unwrap()
+        .clone();
+    assert!(
+        layer["note"].as_str().unwrap().contains("fallback"),
+        "{layer}"
+    );
 }
 
 #[tokio::test]

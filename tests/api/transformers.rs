@@ -599,7 +599,115 @@ async fn gguf_uploads_become_folder_models(t: TestApp) {
     );
 }
 
+async fn llama_gguf_exports_are_what_llama_cpp_reads(t: TestApp) {
+    let model = upload_fixture(&t, "tiny-llama", &[]).await;
+    let data = upload_text(
+        &t,
+        "application/jsonl",
+        reference()["jsonl"].as_str().unwrap().as_bytes(),
+    )
+    .await;
+    let eval = json!({"dataset_id": data["id"], "context": 16, "stride": 8});
+    // q4_k on rows of 32 and 64 values: every block-linear tensor falls back to q5_0.
+    let (job, metrics) = run_to_end(
+        &t,
+        json!({"model_id": model["id"], "eval": eval,
+               "steps": [{"op": "quantize", "method": "gguf", "type": "q4_k"}]}),
+    )
+    .await;
+    let summary = &metrics["steps"][0]["summary"];
+    assert_eq!(summary["architecture"], "llama");
+    let fallbacks = summary["fallbacks"].as_array().unwrap();
+    assert_eq!(fallbacks.len(), 14, "{summary}");
+    assert!(fallbacks.iter().all(|f| f["type"] == "q5_0"));
+    assert!(metrics["steps"][0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["tensor"] == "model.layers.0.self_attn.q_proj.weight"));
+    let gguf_art = job["result"]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "gguf")
+        .unwrap()
+        .clone();
+    let gguf = t
+        .get(&format!(
+            "/v1/artifacts/{}/content",
+            gguf_art["id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    // llama.cpp's layout: its names, its hyper-parameters, the tokenizer.
+    for key in [
+        &b"general.architecture"[..],
+        b"llama.block_count",
+        b"llama.attention.head_count_kv",
+        b"tokenizer.ggml.tokens",
+        b"tokenizer.ggml.merges",
+        b"blk.1.attn_q.weight",
+        b"token_embd.weight",
+    ] {
+        assert!(
+            gguf.windows(key.len()).any(|w| w == key),
+            "{}",
+            String::from_utf8_lossy(key)
+        );
+    }
+    let hf_name = b"model.layers.0.self_attn.q_proj.weight";
+    assert!(
+        !gguf.windows(hf_name.len()).any(|w| w == hf_name),
+        "Hugging Face names are gone"
+    );
+    // Imported back (as transformers would load it), it is the job's output model: the same
+    // weights (the permutation undone), the same tokenizer, the same perplexity.
+    let res = t
+        .post_bytes(
+            "/v1/models?name=back",
+            "application/octet-stream",
+            gguf.to_vec(),
+        )
+        .await;
+    assert_eq!(res.status, 201, "{}", res.text());
+    let back = res.json();
+    let out = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            job["result"]["model_id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let back_w = t
+        .get(&format!(
+            "/v1/models/{}/content",
+            back["id"].as_str().unwrap()
+        ))
+        .await
+        .body;
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&out).unwrap(),
+        safetensors::SafeTensors::deserialize(&back_w).unwrap(),
+    );
+    for (name, view) in a.tensors() {
+        assert_eq!(view.data(), b.tensor(&name).unwrap().data(), "{name}");
+    }
+    assert_eq!(back["config"]["num_key_value_heads"], 2);
+    assert_eq!(back["config"]["tie_word_embeddings"], true);
+    let (_, m2) = run_to_end(
+        &t,
+        json!({"model_id": back["id"], "steps": [{"op": "evaluate", "dataset_id": data["id"], "context": 16, "stride": 8}]}),
+    )
+    .await;
+    close(
+        &m2["steps"][0]["summary"]["perplexity"],
+        &metrics["final"]["perplexity"],
+        1e-6,
+    );
+}
+
 on_both_backends!(
+    llama_gguf_exports_are_what_llama_cpp_reads,
     gguf_uploads_become_folder_models,
     transformer_defaults_select_the_block_linear_layers,
     text_datasets_upload_and_refuse,

@@ -77,6 +77,85 @@ const PIECE_ELEMS: usize = 1 << 16;
 /// Largest integer magnitude every integer up to which f32 represents exactly.
 const F32_EXACT_INT: i64 = 1 << 24;
 
+/// A typed GGUF metadata value (the writer's own keys and a model family's hyper-parameters
+/// and tokenizer; other metadata is written as strings).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    /// `UINT32`.
+    U32(u32),
+    /// `INT32`.
+    I32(i32),
+    /// `FLOAT32`.
+    F32(f32),
+    /// `BOOL`.
+    Bool(bool),
+    /// `STRING`.
+    Str(String),
+    /// `ARRAY` of `STRING`.
+    Strs(Vec<String>),
+    /// `ARRAY` of `INT32`.
+    I32s(Vec<i32>),
+    /// `ARRAY` of `FLOAT32`.
+    F32s(Vec<f32>),
+}
+
+const GGUF_VALUE_I32: u32 = 5;
+const GGUF_VALUE_F32: u32 = 6;
+const GGUF_VALUE_BOOL: u32 = 7;
+const GGUF_VALUE_ARRAY: u32 = 9;
+
+impl MetaValue {
+    fn put(&self, h: &mut Vec<u8>) {
+        let ty = |h: &mut Vec<u8>, t: u32| h.extend_from_slice(&t.to_le_bytes());
+        match self {
+            MetaValue::U32(v) => {
+                ty(h, GGUF_VALUE_U32);
+                h.extend_from_slice(&v.to_le_bytes());
+            }
+            MetaValue::I32(v) => {
+                ty(h, GGUF_VALUE_I32);
+                h.extend_from_slice(&v.to_le_bytes());
+            }
+            MetaValue::F32(v) => {
+                ty(h, GGUF_VALUE_F32);
+                h.extend_from_slice(&v.to_le_bytes());
+            }
+            MetaValue::Bool(v) => {
+                ty(h, GGUF_VALUE_BOOL);
+                h.push(u8::from(*v));
+            }
+            MetaValue::Str(v) => {
+                ty(h, GGUF_VALUE_STRING);
+                put_str(h, v);
+            }
+            MetaValue::Strs(items) => {
+                ty(h, GGUF_VALUE_ARRAY);
+                ty(h, GGUF_VALUE_STRING);
+                h.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for v in items {
+                    put_str(h, v);
+                }
+            }
+            MetaValue::I32s(items) => {
+                ty(h, GGUF_VALUE_ARRAY);
+                ty(h, GGUF_VALUE_I32);
+                h.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for v in items {
+                    h.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            MetaValue::F32s(items) => {
+                ty(h, GGUF_VALUE_ARRAY);
+                ty(h, GGUF_VALUE_F32);
+                h.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for v in items {
+                    h.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
 /// A GGUF block-quantization type (the `type` parameter of the `gguf` format).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgufType {
@@ -151,6 +230,29 @@ impl GgufType {
     /// Whether this is a k-quant (256-value super-blocks).
     pub fn is_k_quant(self) -> bool {
         self.block_size() == 256
+    }
+
+    /// The type llama-quantize falls back to for rows a k-quant's 256-value blocks do not
+    /// divide: q4_k → q5_0, q5_k → q5_1, q6_k → q8_0, and q2_k / q3_k → q4_0 (llama.cpp
+    /// uses iq4_nl there, a type Whittle does not write). `None` for the 32-block types.
+    pub fn fallback(self) -> Option<GgufType> {
+        match self {
+            GgufType::Q2K | GgufType::Q3K => Some(GgufType::Q4_0),
+            GgufType::Q4K => Some(GgufType::Q5_0),
+            GgufType::Q5K => Some(GgufType::Q5_1),
+            GgufType::Q6K => Some(GgufType::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// The type a row of `row` values is stored as: this type when its blocks divide the
+    /// row, else its [`GgufType::fallback`] when that one's do; `None` when nothing fits.
+    pub fn for_row(self, row: usize) -> Option<GgufType> {
+        if row > 0 && row % self.block_size() == 0 {
+            return Some(self);
+        }
+        self.fallback()
+            .filter(|f| row > 0 && row % f.block_size() == 0)
     }
 
     /// candle's type.
@@ -296,25 +398,21 @@ fn check_rows(t: &TensorInfo, ty: GgufType) -> Result<()> {
             ),
         });
     };
-    if row % block == 0 {
+    if ty.for_row(row).is_some() {
         return Ok(());
     }
-    let alternative = if ty.is_k_quant() && row % 32 == 0 {
-        format!(
-            "{row} is a multiple of 32, so a type with 32-value blocks works \
-             (q8_0, q4_0, q4_1, q5_0, q5_1); or add the tensor to `skip`"
-        )
-    } else {
-        "no GGUF type fits it (all blocks are 32 or 256 values); add the tensor to `skip` \
-         to keep it in float"
-            .to_string()
-    };
     Err(Error::InvalidParameter {
         field: "type".into(),
         detail: format!(
             "tensor {:?} (shape {:?}) has rows of {row} values, not a multiple of {ty}'s block \
-             size {block}: {alternative}. Whittle does not pad tensors.",
-            t.name, t.shape
+             size {block}{}: no GGUF type fits it (all blocks are 32 or 256 values); add the \
+             tensor to `skip` to keep it in float. Whittle does not pad tensors.",
+            t.name,
+            t.shape,
+            match ty.fallback() {
+                Some(f) => format!(" nor of its fallback {f}'s 32"),
+                None => String::new(),
+            }
         ),
     })
 }
@@ -381,7 +479,10 @@ fn plan_storage(
     ty: GgufType,
 ) -> Storage {
     match info.dtype {
-        d if selected && d.is_float() => Storage::Quant(ty),
+        d if selected && d.is_float() => {
+            let row = info.shape.last().copied().unwrap_or(0);
+            Storage::Quant(ty.for_row(row).unwrap_or(ty))
+        }
         Dtype::F32 => Storage::Copy(GGML_TYPE_F32),
         Dtype::F16 => Storage::Copy(GGML_TYPE_F16),
         Dtype::BF16 => Storage::Copy(GGML_TYPE_BF16),
@@ -432,7 +533,37 @@ pub fn write_gguf(
     out: &mut dyn Write,
     ctx: &Ctx,
 ) -> Result<Vec<GgufReport>> {
-    write_gguf_chunked(input, selected, ty, metadata, out, ctx, CHUNK_ELEMS)
+    let meta = Metadata {
+        strings: metadata,
+        typed: &[],
+    };
+    write_gguf_chunked(input, selected, ty, meta, out, ctx, CHUNK_ELEMS)
+}
+
+/// The metadata of a file: string entries, and typed ones that take precedence.
+#[derive(Debug, Clone, Copy)]
+struct Metadata<'a> {
+    strings: &'a BTreeMap<String, String>,
+    typed: &'a [(String, MetaValue)],
+}
+
+/// [`write_gguf`] with typed metadata `typed` written first (a family's hyper-parameters and
+/// tokenizer: `general.architecture`, `llama.block_count`, `tokenizer.ggml.tokens`, …); keys
+/// of `metadata` that `typed` also sets are left out.
+pub fn write_gguf_typed(
+    input: &SafetensorsFile,
+    selected: &[String],
+    ty: GgufType,
+    metadata: &BTreeMap<String, String>,
+    typed: &[(String, MetaValue)],
+    out: &mut dyn Write,
+    ctx: &Ctx,
+) -> Result<Vec<GgufReport>> {
+    let meta = Metadata {
+        strings: metadata,
+        typed,
+    };
+    write_gguf_chunked(input, selected, ty, meta, out, ctx, CHUNK_ELEMS)
 }
 
 /// [`write_gguf`] with a chosen number of elements per thread and chunk (tests use tiny
@@ -441,7 +572,7 @@ fn write_gguf_chunked(
     input: &SafetensorsFile,
     selected: &[String],
     ty: GgufType,
-    metadata: &BTreeMap<String, String>,
+    metadata: Metadata,
     out: &mut dyn Write,
     ctx: &Ctx,
     chunk_elems: usize,
@@ -483,14 +614,14 @@ fn write_gguf_chunked(
         })?;
         pad(out, plan.nbytes)?;
         done += plan.info.numel() as f64;
-        reports.push(report(plan, &stats));
+        reports.push(report(plan, &stats, ty));
     }
     out.flush()?;
     ctx.report(1.0, "done");
     Ok(reports)
 }
 
-fn report(plan: &Plan, stats: &ErrorStats) -> GgufReport {
+fn report(plan: &Plan, stats: &ErrorStats, ty: GgufType) -> GgufReport {
     let numel = plan.info.numel();
     GgufReport {
         tensor: plan.info.name.clone(),
@@ -509,16 +640,28 @@ fn report(plan: &Plan, stats: &ErrorStats) -> GgufReport {
             Storage::Skip(why) => Some(format!("left out of the GGUF file: {why}")),
             Storage::IntToF32 => Some(format!("{} stored as f32 (exact)", plan.info.dtype)),
             Storage::FloatToF32 => Some(format!("{} stored as f32", plan.info.dtype)),
+            Storage::Quant(q) if *q != ty => Some(format!(
+                "{q} instead of {ty}: rows of {} values do not fill {ty}'s blocks of {} (llama-quantize's fallback)",
+                plan.info.shape.last().copied().unwrap_or(0),
+                ty.block_size()
+            )),
             Storage::Quant(_) | Storage::Copy(_) => None,
         },
     }
 }
 
 /// Header, metadata and tensor infos (without the padding before the data).
-fn render_header(plans: &[Plan], ty: GgufType, metadata: &BTreeMap<String, String>) -> Vec<u8> {
-    let user: Vec<(&String, &String)> = metadata
+fn render_header(plans: &[Plan], ty: GgufType, metadata: Metadata) -> Vec<u8> {
+    let typed: Vec<&(String, MetaValue)> = metadata
+        .typed
         .iter()
         .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
+        .collect();
+    let user: Vec<(&String, &String)> = metadata
+        .strings
+        .iter()
+        .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
+        .filter(|(k, _)| !typed.iter().any(|(t, _)| t == *k))
         .collect();
     let written: Vec<&Plan> = plans
         .iter()
@@ -528,7 +671,7 @@ fn render_header(plans: &[Plan], ty: GgufType, metadata: &BTreeMap<String, Strin
     h.extend_from_slice(GGUF_MAGIC);
     h.extend_from_slice(&GGUF_VERSION.to_le_bytes());
     h.extend_from_slice(&(written.len() as u64).to_le_bytes());
-    h.extend_from_slice(&((user.len() + RESERVED_KEYS.len()) as u64).to_le_bytes());
+    h.extend_from_slice(&((typed.len() + user.len() + RESERVED_KEYS.len()) as u64).to_le_bytes());
     let ours = [
         GGUF_ALIGNMENT as u32,
         2, // GGML_QNT_VERSION
@@ -538,6 +681,10 @@ fn render_header(plans: &[Plan], ty: GgufType, metadata: &BTreeMap<String, Strin
         put_str(&mut h, key);
         h.extend_from_slice(&GGUF_VALUE_U32.to_le_bytes());
         h.extend_from_slice(&value.to_le_bytes());
+    }
+    for (key, value) in typed {
+        put_str(&mut h, key);
+        value.put(&mut h);
     }
     for (key, value) in user {
         put_str(&mut h, key);
@@ -980,6 +1127,10 @@ mod tests {
         let ctx = Ctx::new(&progress, &cancel);
         let sel: Vec<String> = selected.iter().map(|s| s.to_string()).collect();
         let mut out = Vec::new();
+        let meta = Metadata {
+            strings: meta,
+            typed: &[],
+        };
         let reports = write_gguf_chunked(file, &sel, ty, meta, &mut out, &ctx, chunk)?;
         Ok((out, reports))
     }
@@ -1050,15 +1201,23 @@ mod tests {
         ] {
             assert!(msg.contains(part), "{part} missing in {msg}");
         }
-        // 784 is not a multiple of 32 either: no type is suggested.
-        assert!(msg.contains("no GGUF type fits"), "{msg}");
+        // 784 is not a multiple of 32 either: the fallback does not fit.
+        assert!(
+            msg.contains("no GGUF type fits") && msg.contains("q5_0"),
+            "{msg}"
+        );
         let e = check_gguf(&fc1, &sel(&["fc1.weight"]), GgufType::Q8_0).unwrap_err();
         assert!(e.to_string().contains("784") && e.to_string().contains(" 32"));
 
-        // 800 = 25 × 32: a k-quant is refused with the 32-block types suggested, q8_0 is fine.
-        let e = check_gguf(&wide, &sel(&["wide.weight"]), GgufType::Q6K).unwrap_err();
-        assert!(e.to_string().contains("multiple of 32"), "{e}");
-        assert!(e.to_string().contains("q8_0"), "{e}");
+        // 800 = 25 × 32: a k-quant falls back to a 32-block type (as llama-quantize does).
+        check_gguf(&wide, &sel(&["wide.weight"]), GgufType::Q6K).unwrap();
+        assert_eq!(GgufType::Q6K.for_row(800), Some(GgufType::Q8_0));
+        assert_eq!(GgufType::Q4K.for_row(576), Some(GgufType::Q5_0));
+        assert_eq!(GgufType::Q5K.for_row(576), Some(GgufType::Q5_1));
+        assert_eq!(GgufType::Q3K.for_row(576), Some(GgufType::Q4_0));
+        assert_eq!(GgufType::Q4K.for_row(1024), Some(GgufType::Q4K));
+        assert_eq!(GgufType::Q4K.for_row(784), None);
+        assert_eq!(GgufType::Q8_0.for_row(800), Some(GgufType::Q8_0));
         check_gguf(&wide, &sel(&["wide.weight"]), GgufType::Q8_0).unwrap();
         check_gguf(&wide, &sel(&["wide.weight"]), GgufType::Q4_1).unwrap();
 

@@ -2,6 +2,7 @@
 
 pub mod gguf;
 pub mod gguf_import;
+pub mod gguf_llama;
 pub mod gguf_vocab;
 pub mod hf;
 pub mod packed;

@@ -390,8 +390,12 @@ pub(super) fn load_model(arch: &Architecture, file: &SafetensorsFile) -> compres
 pub struct TransformerSource {
     /// The parsed `config.json`.
     pub config: Value,
-    /// Its `tokenizer.json`, when the folder has one.
-    pub tokenizer: Option<Arc<TextEncoder>>,
+    /// The model's name (a GGUF export's `general.name`).
+    pub name: String,
+    /// Where its `tokenizer.json` is, when the folder has one.
+    tokenizer_path: Option<std::path::PathBuf>,
+    /// The tokenizer, loaded the first time a step reads text.
+    encoder: std::sync::OnceLock<Option<Arc<TextEncoder>>>,
 }
 
 impl TransformerSource {
@@ -400,21 +404,48 @@ impl TransformerSource {
         let Some(config) = model.config.as_ref().filter(|c| hf::family_of(c).is_some()) else {
             return Ok(None);
         };
-        let tokenizer = match model.file(hf::TOKENIZER) {
-            Some(f) => Some(Arc::new(TextEncoder::from_file(
-                store.materialize(&f.sha256)?,
-            )?)),
+        let tokenizer_path = match model.file(hf::TOKENIZER) {
+            Some(f) => Some(store.materialize(&f.sha256)?),
             None => None,
         };
         Ok(Some(Self {
             config: config.clone(),
-            tokenizer,
+            name: model.name.clone(),
+            tokenizer_path,
+            encoder: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The family its config names.
+    pub fn family(&self) -> Option<crate::compress::engine::Family> {
+        hf::family_of(&self.config)
+    }
+
+    /// The parsed `tokenizer.json`, when the folder has one.
+    pub fn tokenizer_json(&self) -> Result<Option<Value>, PipelineError> {
+        match &self.tokenizer_path {
+            Some(p) => Ok(Some(hf::parse_json_object(
+                hf::TOKENIZER,
+                &std::fs::read(p)?,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    fn encoder(&self) -> compress::Result<Option<Arc<TextEncoder>>> {
+        if let Some(e) = self.encoder.get() {
+            return Ok(e.clone());
+        }
+        let loaded = match &self.tokenizer_path {
+            Some(p) => Some(Arc::new(TextEncoder::from_file(p)?)),
+            None => None,
+        };
+        Ok(self.encoder.get_or_init(|| loaded).clone())
     }
 
     /// The network with the weights of `file`.
     pub fn load(&self, file: &SafetensorsFile) -> compress::Result<Box<dyn Network>> {
-        transformer::load(&self.config, file, self.tokenizer.clone())
+        transformer::load(&self.config, file, self.encoder()?)
     }
 }
 

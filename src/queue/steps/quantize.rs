@@ -2,7 +2,7 @@
 //! the integer and codebook codecs with their importance weights, QAT, accuracy budget and
 //! activation calibration around them, and the `packed` encoding as an artifact.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 use super::{current_arch, failed, Artifact, Env, Input, PipelineError, StepOut};
 use crate::codes::Code;
 use crate::compress::engine::sequential::model::Model;
-use crate::compress::formats::gguf;
 use crate::compress::formats::packed::{self, QuantizeFile};
 use crate::compress::formats::safetensors::{self, SafetensorsFile};
+use crate::compress::formats::{gguf, gguf_import, gguf_llama};
 use crate::compress::quant::activations::{self, ActivationParams};
 use crate::compress::quant::budget::{accuracy_budget, BudgetParams};
 use crate::compress::quant::float::quantize_float;
@@ -227,6 +227,12 @@ fn to_gguf(
     input: &Input,
     selected: &[String],
 ) -> Result<StepOut, PipelineError> {
+    if let Some(t) = input
+        .transformer
+        .filter(|t| t.family() == Some(crate::compress::engine::Family::Llama))
+    {
+        return to_llama_gguf(env, ty, input, selected, t);
+    }
     gguf::check_gguf(&input.file.header().tensors, selected, ty)?;
     let mut file = env.store.create_temp()?;
     let reports = gguf::write_gguf(input.file, selected, ty, input.metadata, &mut file, env.ctx)?;
@@ -235,13 +241,7 @@ fn to_gguf(
     let mut temp = env.store.create_temp()?;
     safetensors::write_replacing(input.file, &dequantized, input.metadata, &mut temp)?;
     let record = json!({
-        "summary": {
-            "method": "gguf",
-            "type": ty.as_str(),
-            "format": "gguf",
-            "tensors_quantized": selected.len(),
-            "gguf_bytes": file.size(),
-        },
+        "summary": gguf_summary(ty, selected.len(), file.size(), &reports),
         "layers": reports,
     });
     Ok(StepOut {
@@ -254,6 +254,118 @@ fn to_gguf(
         }),
         architecture: None,
         record,
+    })
+}
+
+/// The summary of a `gguf` step: what was written, and every tensor that fell back to
+/// another type (llama-quantize's rule for rows the k-quant blocks do not divide).
+fn gguf_summary(
+    ty: gguf::GgufType,
+    quantized: usize,
+    bytes: u64,
+    reports: &[gguf::GgufReport],
+) -> Value {
+    let fallbacks: Vec<Value> = reports
+        .iter()
+        .filter(|r| r.note.as_deref().is_some_and(|n| n.contains("fallback")))
+        .map(|r| json!({"tensor": r.tensor, "type": r.gguf_type}))
+        .collect();
+    json!({
+        "method": "gguf",
+        "type": ty.as_str(),
+        "format": "gguf",
+        "tensors_quantized": quantized,
+        "gguf_bytes": bytes,
+        "fallbacks": fallbacks,
+    })
+}
+
+/// `gguf` for a llama folder model: a file llama.cpp runs (its tensor names, the query/key
+/// row permutation, the hyper-parameters and the tokenizer as metadata); the step's model is
+/// that file read back, un-permuted, under the Hugging Face names.
+fn to_llama_gguf(
+    env: &Env,
+    ty: gguf::GgufType,
+    input: &Input,
+    selected: &[String],
+    source: &super::TransformerSource,
+) -> Result<StepOut, PipelineError> {
+    let tokenizer = source.tokenizer_json()?;
+    let plan = gguf_llama::plan(
+        &source.config,
+        &input.file.header().tensors,
+        tokenizer.as_ref(),
+        &source.name,
+    )?;
+    let mut prepared = env.store.create_temp()?;
+    gguf_llama::prepare(input.file, &plan, input.metadata, &mut prepared)?;
+    std::io::Write::flush(&mut prepared)?;
+    let renamed = SafetensorsFile::open(prepared.path())?;
+    let in_gguf: Vec<String> = selected
+        .iter()
+        .filter_map(|n| plan.names.get(n).cloned())
+        .collect();
+    gguf::check_gguf(&renamed.header().tensors, &in_gguf, ty)?;
+    let mut file = env.store.create_temp()?;
+    let mut reports = gguf::write_gguf_typed(
+        &renamed,
+        &in_gguf,
+        ty,
+        input.metadata,
+        &plan.metadata,
+        &mut file,
+        env.ctx,
+    )?;
+    std::io::Write::flush(&mut file)?;
+    drop(renamed);
+    drop(prepared);
+    let decoded = gguf::dequantize_tensors(file.path(), &in_gguf)?;
+    let mut dequantized = HashMap::new();
+    for hf in selected {
+        let Some(g) = plan.names.get(hf) else {
+            continue;
+        };
+        let Some(values) = decoded.get(g) else {
+            continue;
+        };
+        let values = match plan.permuted.get(hf) {
+            Some(&heads) => {
+                let rows = input
+                    .file
+                    .get(hf)
+                    .and_then(|t| t.shape.first().copied())
+                    .unwrap_or(0);
+                gguf_import::unpermute_rows(values, rows, heads)?
+            }
+            None => values.clone(),
+        };
+        dequantized.insert(hf.clone(), values);
+    }
+    let hf_of: HashMap<&str, &str> = plan
+        .names
+        .iter()
+        .map(|(hf, g)| (g.as_str(), hf.as_str()))
+        .collect();
+    for r in &mut reports {
+        if let Some(hf) = hf_of.get(r.tensor.as_str()) {
+            r.tensor = hf.to_string();
+        }
+    }
+    let mut temp = env.store.create_temp()?;
+    safetensors::write_replacing(input.file, &dequantized, input.metadata, &mut temp)?;
+    let mut summary = gguf_summary(ty, in_gguf.len(), file.size(), &reports);
+    summary["architecture"] = json!("llama");
+    summary["notes"] = json!(plan.notes);
+    Ok(StepOut {
+        outputs: None,
+        file: Some(temp),
+        artifact: Some(Artifact {
+            kind: "gguf",
+            format: "gguf",
+            file,
+        }),
+        architecture: None,
+        record: json!({ "summary": summary, "layers": reports }),
     })
 }
 
