@@ -163,6 +163,7 @@ fn run(
                 file: &file,
                 architecture: &arch_json,
                 transformer: transformer.as_ref(),
+                unchanged: current.sha256 == model.sha256,
                 metadata: &metadata,
             },
         )
@@ -206,6 +207,7 @@ fn run(
                 file: &output,
                 architecture: &arch_json,
                 transformer: transformer.as_ref(),
+                unchanged: current.sha256 == model.sha256,
                 metadata: &Default::default(),
             },
             &output,

@@ -165,6 +165,38 @@ pub struct TextEvaluation {
     pub outputs: Option<Vec<u8>>,
 }
 
+impl TextEvaluation {
+    /// This evaluation of a model as the comparison with itself: the reference's figures are
+    /// the model's, and the comparison is exact (KL 0, every top-1 the same, Δp 0, cosines 1)
+    /// — what running the same weights twice would give, without running them twice.
+    pub fn compared_with_itself(mut self) -> TextEvaluation {
+        self.reference = Some(self.model.clone());
+        match &mut self.model {
+            TextFigures::Language(l) => {
+                l.kl_divergence = Some(Spread {
+                    mean: 0.0,
+                    median: 0.0,
+                    p99: 0.0,
+                    max: 0.0,
+                });
+                l.top1_agreement = Some(1.0);
+                l.delta_p = Some(DeltaP {
+                    mean: 0.0,
+                    rms: 0.0,
+                });
+            }
+            TextFigures::Encoder(e) => {
+                e.embedding_cosine = Some(Cosines {
+                    min: 1.0,
+                    mean: 1.0,
+                });
+                e.similarity_spearman = (e.documents >= 3).then_some(1.0);
+            }
+        }
+        self
+    }
+}
+
 /// Peak resident memory tracking (`VmHWM`, reset through `/proc/self/clear_refs`).
 mod peak {
     /// Resets the high-water mark, where the kernel allows it.
@@ -856,6 +888,23 @@ mod tests {
             assert_eq!(m.tokens, 10);
             assert_eq!(m.top1_agreement, Some(1.0));
             assert!(m.kl_divergence.as_ref().unwrap().max < 1e-6);
+            // Comparing with itself without running twice gives the same figures.
+            let cancel = AtomicBool::new(false);
+            let ctx = Ctx::new(&|_, _| {}, &cancel);
+            let once = evaluate_text(base.as_ref(), None, &data, &params, 4, &ctx)
+                .unwrap()
+                .compared_with_itself();
+            let (TextFigures::Language(a), Some(TextFigures::Language(r))) =
+                (&once.model, &once.reference)
+            else {
+                panic!()
+            };
+            assert_eq!(
+                (a.tokens, a.perplexity, r.perplexity),
+                (m.tokens, m.perplexity, m.perplexity)
+            );
+            assert_eq!(a.top1_agreement, Some(1.0));
+            assert_eq!(a.kl_divergence.as_ref().unwrap().max, 0.0);
         }
 
         #[test]

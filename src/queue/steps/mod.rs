@@ -242,6 +242,8 @@ pub(super) struct Input<'a> {
     pub architecture: &'a Option<Value>,
     /// Its transformer (config and tokenizer), when it is a folder model the engine runs.
     pub transformer: Option<&'a TransformerSource>,
+    /// Whether the file is the job's input model itself (no step changed it yet).
+    pub unchanged: bool,
     /// Metadata for the files the step writes: the input's, with the job's provenance and
     /// the architecture set (a step that changes the architecture replaces it).
     pub metadata: &'a BTreeMap<String, String>,
@@ -490,10 +492,16 @@ pub(super) fn evaluate_file(
 ) -> Result<Evaluated, PipelineError> {
     if let (Some(t), Some(params)) = (input.transformer, &spec.text) {
         let model = t.load(file)?;
+        let data = datasets.get(&spec.dataset_id)?;
+        // The job's input compared with itself: run once, not twice.
+        if input.unchanged && reference.is_some() {
+            let e = evaluate_text(model.as_ref(), None, data, params, spec.batch_size, ctx)?;
+            return Ok(Evaluated::Text(e.compared_with_itself()));
+        }
         return Ok(Evaluated::Text(evaluate_text(
             model.as_ref(),
             reference,
-            datasets.get(&spec.dataset_id)?,
+            data,
             params,
             spec.batch_size,
             ctx,
