@@ -34,6 +34,8 @@ impl App {
             format!("opening the blob store under {}", config.data_dir.display())
         })?);
         let queue = Queue::new(db.clone());
+        let shutdown = CancellationToken::new();
+        let live = http::live::EventHub::start(db.clone(), shutdown.clone());
         Ok(Self {
             state: AppState {
                 db,
@@ -41,6 +43,7 @@ impl App {
                 queue,
                 config: Arc::new(config),
                 prometheus: crate::telemetry::prometheus(),
+                live,
             },
         })
     }
@@ -114,7 +117,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let bind = config.bind.clone();
     let workers = config.workers;
     let app = App::open(config).await?;
-    let shutdown = CancellationToken::new();
+    // Cancelled on SIGINT / SIGTERM: workers stop claiming, live event streams end.
+    let shutdown = app.state.live.shutdown().clone();
     let mut handles = app.spawn_workers(workers, &shutdown);
     handles.push(tokio::spawn(collect_garbage_periodically(
         app.clone(),

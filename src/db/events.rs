@@ -22,6 +22,23 @@ pub struct JobEvent {
     pub created_at: i64,
 }
 
+/// The job of every event this process appends (sent possibly before the transaction
+/// commits), so live followers look for it at once instead of polling.
+pub fn appended() -> &'static tokio::sync::broadcast::Sender<JobId> {
+    static APPENDED: std::sync::OnceLock<tokio::sync::broadcast::Sender<JobId>> =
+        std::sync::OnceLock::new();
+    APPENDED.get_or_init(|| tokio::sync::broadcast::channel(1024).0)
+}
+
+/// The sequence number of `job_id`'s last event (0 without events).
+pub async fn max_seq(db: &Db, job_id: JobId) -> Result<i64> {
+    let row = sqlx::query("select coalesce(max(seq), 0) as m from job_events where job_id = $1")
+        .bind(job_id.to_string())
+        .fetch_one(db.pool())
+        .await?;
+    Ok(row.try_get("m")?)
+}
+
 /// Append an event (unfenced: for the API's own transitions, e.g. cancelling a queued job).
 pub async fn append<'e, E>(executor: E, job_id: JobId, kind: &str, data: &Value) -> Result<()>
 where
@@ -34,6 +51,7 @@ where
         .bind(now_micros())
         .execute(executor)
         .await?;
+    let _ = appended().send(job_id);
     Ok(())
 }
 

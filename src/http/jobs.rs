@@ -308,6 +308,12 @@ async fn list_jobs(
         label: match q.label.as_deref() {
             None | Some("") => None,
             Some(l) => {
+                if l.contains('\0') {
+                    return Err(ApiError::bad_request(
+                        Code::InvalidParameter,
+                        "`label` may not contain the NUL character",
+                    ));
+                }
                 let (k, v) = l.split_once(':').ok_or_else(|| {
                     ApiError::bad_request(Code::InvalidParameter, "`label` is `key:value`")
                 })?;
@@ -325,7 +331,12 @@ async fn list_jobs(
     )))
 }
 
-async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    refuse_form_bodies(&headers)?;
     let job = load_job(&state, &id).await?;
     match state.queue.cancel(job.id).await? {
         CancelOutcome::Cancelled
@@ -345,7 +356,29 @@ async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Ap
     }
 }
 
-/// `GET /v1/jobs/{id}/events`: replay from `Last-Event-ID`, then follow until the job ends.
+/// Refuses the bodies an HTML form can send from another site without a CORS preflight
+/// (`application/x-www-form-urlencoded`, `multipart/form-data`, `text/plain`) on a route that
+/// takes no body: such a request can only be a cross-site forgery.
+fn refuse_form_bodies(headers: &HeaderMap) -> ApiResult<()> {
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase());
+    match media.as_deref() {
+        Some("application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain") => {
+            Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Code::UnsupportedMediaType,
+                "this route takes no form body; send no body or application/json",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: replay from `Last-Event-ID`, then follow until the job ends
+/// (or the server shuts down).
 async fn job_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -357,22 +390,41 @@ async fn job_events(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i64>().ok())
         .unwrap_or(0);
-    let stream = event_stream(state, job.id, after);
+    // Subscribe before reading the history, so nothing falls between the two.
+    let live = state.live.subscribe(job.id).await?;
+    let stream = event_stream(state, job.id, after, live);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
+}
+
+/// Whether an event is the job's terminal state.
+fn is_terminal(ev: &events::JobEvent) -> bool {
+    ev.kind == "state"
+        && ev
+            .data
+            .get("state")
+            .and_then(Value::as_str)
+            .and_then(JobState::parse)
+            .is_some_and(JobState::is_terminal)
 }
 
 fn event_stream(
     state: AppState,
     job_id: JobId,
     after: i64,
+    live: tokio::sync::broadcast::Receiver<events::JobEvent>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     struct Cursor {
         state: AppState,
         job_id: JobId,
+        /// The last event sent.
         after: i64,
+        /// Events read from the database, not sent yet.
         buffer: std::collections::VecDeque<events::JobEvent>,
+        /// Whether the database history has been read up to the live feed.
+        caught_up: bool,
+        live: tokio::sync::broadcast::Receiver<events::JobEvent>,
         done: bool,
     }
     let cursor = Cursor {
@@ -380,46 +432,70 @@ fn event_stream(
         job_id,
         after,
         buffer: Default::default(),
+        caught_up: false,
+        live,
         done: false,
     };
     futures_util::stream::unfold(cursor, |mut c| async move {
+        use tokio::sync::broadcast::error::RecvError;
         loop {
+            if c.done || c.state.live.shutdown().is_cancelled() {
+                return None;
+            }
             if let Some(ev) = c.buffer.pop_front() {
-                c.after = ev.seq;
-                let terminal = ev.kind == "state"
-                    && ev
-                        .data
-                        .get("state")
-                        .and_then(Value::as_str)
-                        .and_then(JobState::parse)
-                        .is_some_and(JobState::is_terminal);
-                if terminal {
-                    c.done = true;
+                if ev.seq <= c.after {
+                    continue;
                 }
+                c.after = ev.seq;
+                c.done = is_terminal(&ev);
                 let event = Event::default()
                     .id(ev.seq.to_string())
                     .event(ev.kind.clone())
                     .data(ev.data.to_string());
                 return Some((Ok(event), c));
             }
-            if c.done {
-                return None;
-            }
-            match events::list_after(&c.state.db, c.job_id, c.after, None, 200).await {
-                Ok(batch) if !batch.is_empty() => c.buffer.extend(batch),
-                Ok(_) => {
-                    // Nothing new: stop if the job already ended (its terminal event was
-                    // before Last-Event-ID), otherwise wait a little.
-                    match jobs::get(&c.state.db, c.job_id).await {
-                        Ok(Some(job)) if job.state.is_terminal() => return None,
-                        Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
-                        _ => return None,
+            if !c.caught_up {
+                // The history, page by page; then, if the job already ended (its terminal
+                // event was before Last-Event-ID), stop.
+                match events::list_after(&c.state.db, c.job_id, c.after, None, 200).await {
+                    Ok(batch) if !batch.is_empty() => {
+                        c.buffer.extend(batch);
+                        continue;
+                    }
+                    Ok(_) => {
+                        c.caught_up = true;
+                        match jobs::get(&c.state.db, c.job_id).await {
+                            Ok(Some(job)) if !job.state.is_terminal() => continue,
+                            Ok(Some(_)) => {
+                                // It ended meanwhile: its last events may have come after
+                                // the read above.
+                                match events::list_after(&c.state.db, c.job_id, c.after, None, 200)
+                                    .await
+                                {
+                                    Ok(batch) if !batch.is_empty() => {
+                                        c.buffer.extend(batch);
+                                        continue;
+                                    }
+                                    _ => return None,
+                                }
+                            }
+                            _ => return None,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading job events failed; ending the stream");
+                        return None;
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading job events failed; ending the stream");
-                    return None;
-                }
+            }
+            tokio::select! {
+                got = c.live.recv() => match got {
+                    Ok(ev) => c.buffer.push_back(ev),
+                    // Fell behind the broadcast: read the gap from the database.
+                    Err(RecvError::Lagged(_)) => c.caught_up = false,
+                    Err(RecvError::Closed) => return None,
+                },
+                _ = c.state.live.shutdown().cancelled() => return None,
             }
         }
     })

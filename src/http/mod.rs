@@ -11,6 +11,7 @@ pub mod error;
 pub mod extract;
 pub mod folders;
 pub mod jobs;
+pub mod live;
 pub mod models;
 pub mod ops;
 pub mod upload;
@@ -80,6 +81,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Prometheus exposition.
     pub prometheus: PrometheusHandle,
+    /// Live job events (one database reader for every follower in the process).
+    pub live: live::EventHub,
 }
 
 /// The whole application router with its middleware.
@@ -99,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(
             ServiceBuilder::new()
+                .layer(middleware::map_request(sanitize_request_id))
                 .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -113,6 +117,23 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(request_id)),
         )
         .with_state(state)
+}
+
+/// Drops a client's `X-Request-Id` that is longer than 128 bytes or holds anything but
+/// letters, digits and `-_.:`: it is echoed and logged, so it must stay short and plain; a
+/// new id is made instead.
+async fn sanitize_request_id(mut req: Request) -> Request {
+    let ok = req.headers().get("x-request-id").is_none_or(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    });
+    if !ok {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
 }
 
 async fn route_not_found() -> ApiError {

@@ -98,12 +98,7 @@ async fn upload_model(
                     )
                 }
             })?;
-        let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::bad_request(
-                Code::MalformedJson,
-                format!("the body is not valid JSON: {e}"),
-            )
-        })?;
+        let body: Value = super::extract::parse_json(&bytes)?;
         create_from_architecture(&state, body, query.name).await?
     } else {
         return Err(ApiError::new(

@@ -1,6 +1,8 @@
 //! Jobs through the API: submit, run (float quantization end to end), result, metrics, logs,
 //! events, validation, idempotency, cancel, filters.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use crate::helpers::*;
@@ -240,6 +242,81 @@ async fn events_stream_replays_the_job_and_ends_after_its_terminal_state(t: Test
     let rest = parse_sse(&resumed.text());
     assert_eq!(rest.len(), events.len() - 3);
     assert_eq!(rest[0].0, events[3].0);
+}
+
+/// Many followers of one unfinished job: the process reads its events once per pass for all
+/// of them (not once per client every 250 ms), they get new events as they come, and shutting
+/// down ends every stream (a graceful shutdown is not held open by followers).
+async fn followers_share_one_reader_and_end_on_shutdown(t: TestApp) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let model = t.upload_model(tiny_model()).await;
+    let job = t.submit(f16_job(model["id"].as_str().unwrap())).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut bodies = Vec::new();
+    for _ in 0..200 {
+        let res = t
+            .router
+            .clone()
+            .oneshot(
+                axum::http::Request::get(format!("/v1/jobs/{id}/events"))
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        // The replayed `queued` event.
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the history comes at once")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+        assert!(text.contains("queued"), "{text}");
+        bodies.push(body);
+    }
+    let before = t.app.state.live.queries();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = t.app.state.live.queries() - before;
+    // One query a second, where polling per client would make 200 × 4 × 3 = 2,400.
+    assert!(idle <= 4, "{idle} queries in 3 s for 200 idle followers");
+
+    // A new event reaches every follower.
+    let res = t
+        .post_json(&format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(res.status, 202, "{}", res.text());
+    for body in &mut bodies {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the cancellation arrives")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+        assert!(text.contains("cancelled"), "{text}");
+    }
+
+    // Followers of a job that is still queued end when the server shuts down.
+    let other = t.submit(f16_job(model["id"].as_str().unwrap())).await;
+    let res = t
+        .router
+        .clone()
+        .oneshot(
+            axum::http::Request::get(format!("/v1/jobs/{}/events", other["id"].as_str().unwrap()))
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    t.app.state.live.shutdown().cancel();
+    let end = tokio::time::timeout(Duration::from_secs(2), body.frame())
+        .await
+        .expect("the stream ends on shutdown");
+    assert!(end.is_none(), "no more frames after shutdown");
 }
 
 #[tokio::test]
@@ -507,13 +584,95 @@ async fn request_ids_are_echoed() {
     assert_eq!(res.header("x-request-id"), Some("abc-123"));
     let res = t.get("/v1/jobs/not-a-job").await;
     assert!(res.header("x-request-id").unwrap().len() >= 32);
+    // An oversized or odd id is not echoed (nor logged): a fresh one replaces it.
+    let long = "a".repeat(8192);
+    for bad in [long.as_str(), "<script>", "a b"] {
+        let res = t.get_with("/healthz", &[("x-request-id", bad)]).await;
+        let got = res.header("x-request-id").unwrap();
+        assert!(got != bad && got.len() <= 64, "{got}");
+    }
+}
+
+/// Inputs a hostile client sends: refused the same way on SQLite and Postgres, nothing stored.
+async fn hostile_bodies_are_refused_alike_on_both_backends(t: TestApp) {
+    let model = t.upload_model(tiny_model()).await;
+    let mid = model["id"].as_str().unwrap();
+    // NUL in a label (Postgres text cannot hold it; SQLite could): 422 at its pointer.
+    let mut body = f16_job(mid);
+    body["labels"] = json!({"team": "a\u{0}b"});
+    let p = t
+        .post_json("/v1/jobs", &body)
+        .await
+        .assert_problem(422, "validation_failed");
+    assert_eq!(p["errors"][0]["pointer"], "/labels/team", "{p}");
+    let mut body = f16_job(mid);
+    body["labels"] = json!({"te\u{0}am": "x"});
+    t.post_json("/v1/jobs", &body)
+        .await
+        .assert_problem(422, "validation_failed");
+    t.get("/v1/jobs?label=a:%00")
+        .await
+        .assert_problem(400, "invalid_parameter");
+    // Duplicate keys: parsers disagree on which wins, so neither does.
+    let raw = format!(r#"{{"model_id": "{mid}", "model_id": "{mid}", "steps": []}}"#);
+    let res = t
+        .request(
+            axum::http::Request::post("/v1/jobs")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(raw))
+                .unwrap(),
+        )
+        .await;
+    let p = res.assert_problem(400, "malformed_json");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key `model_id`"),
+        "{p}"
+    );
+    let raw = r#"{"architecture": {"kind": "sequential", "kind": "sequential"}}"#;
+    t.post_bytes("/v1/models", "application/json", raw.as_bytes().to_vec())
+        .await
+        .assert_problem(400, "malformed_json");
+    assert_eq!(
+        t.get("/v1/jobs").await.json()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // A cross-site form cannot cancel a job.
+    let job = t.submit(f16_job(mid)).await;
+    let id = job["id"].as_str().unwrap();
+    for ct in [
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+    ] {
+        let res = t
+            .request(
+                axum::http::Request::post(format!("/v1/jobs/{id}/cancel"))
+                    .header("content-type", ct)
+                    .body(axum::body::Body::from("a=b"))
+                    .unwrap(),
+            )
+            .await;
+        res.assert_problem(415, "unsupported_media_type");
+    }
+    assert_eq!(
+        t.get(&format!("/v1/jobs/{id}")).await.json()["state"],
+        "queued"
+    );
 }
 
 on_both_backends!(
     float16_job_runs_end_to_end_with_provenance_and_metrics,
     events_stream_replays_the_job_and_ends_after_its_terminal_state,
+    followers_share_one_reader_and_end_on_shutdown,
     idempotency_key_returns_the_first_job_or_refuses_another_body,
     cancel_a_queued_job_at_once_and_refuse_to_cancel_a_finished_one,
     list_filters_by_state_model_and_label_and_paginates,
     job_get_supports_cheap_polling_with_etag,
+    hostile_bodies_are_refused_alike_on_both_backends,
 );
