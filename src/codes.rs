@@ -67,6 +67,10 @@ pub enum Code {
     LabelsOutOfRange,
     /// `lease_expired`.
     LeaseExpired,
+    /// `worker_crashed`.
+    WorkerCrashed,
+    /// `memory_limit_exceeded`.
+    MemoryLimitExceeded,
     /// `malformed_json`.
     MalformedJson,
     /// `malformed_multipart`.
@@ -105,7 +109,7 @@ pub enum Code {
 
 impl Code {
     /// Every code.
-    pub const ALL: [Code; 47] = [
+    pub const ALL: [Code; 49] = [
         Code::FileNotFound,
         Code::TokenizerRequired,
         Code::UnsupportedFamily,
@@ -136,6 +140,8 @@ impl Code {
         Code::JobNotFound,
         Code::LabelsOutOfRange,
         Code::LeaseExpired,
+        Code::WorkerCrashed,
+        Code::MemoryLimitExceeded,
         Code::MalformedJson,
         Code::MalformedMultipart,
         Code::MethodNotAllowed,
@@ -188,6 +194,8 @@ impl Code {
             Code::JobNotFound => "job_not_found",
             Code::LabelsOutOfRange => "labels_out_of_range",
             Code::LeaseExpired => "lease_expired",
+            Code::WorkerCrashed => "worker_crashed",
+            Code::MemoryLimitExceeded => "memory_limit_exceeded",
             Code::MalformedJson => "malformed_json",
             Code::MalformedMultipart => "malformed_multipart",
             Code::MethodNotAllowed => "method_not_allowed",

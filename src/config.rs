@@ -99,6 +99,12 @@ pub struct Config {
     #[arg(long, env = "WHITTLE_THREADS", global = true)]
     pub threads: Option<usize>,
 
+    /// Largest estimated memory a job may need; a job estimated above it is refused at
+    /// submission (422 `memory_limit_exceeded`), as is a model initialised above it. Default:
+    /// half the machine's memory.
+    #[arg(long, env = "WHITTLE_JOB_MEMORY_BYTES", global = true)]
+    pub job_memory_bytes: Option<u64>,
+
     /// Log format: `text` or `json`. Filter with `RUST_LOG` (default `info`).
     #[arg(
         long,
@@ -116,6 +122,20 @@ impl Config {
             Some(url) => url.clone(),
             None => format!("sqlite://{}/whittle.db?mode=rwc", self.data_dir.display()),
         }
+    }
+
+    /// The job memory limit in force: the configured one, else half of `MemTotal` (8 GiB
+    /// where the machine's memory cannot be read).
+    pub fn job_memory_limit(&self) -> u64 {
+        self.job_memory_bytes.unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+                    line.split_whitespace().nth(1)?.parse::<u64>().ok()
+                })
+                .map_or(8 << 30, |kb| kb * 1024 / 2)
+        })
     }
 
     /// A configuration for tests and embedding: everything default except the data directory.

@@ -30,6 +30,19 @@ pub fn appended() -> &'static tokio::sync::broadcast::Sender<JobId> {
     APPENDED.get_or_init(|| tokio::sync::broadcast::channel(1024).0)
 }
 
+/// How many of `job_id`'s events of `kind` mention `needle` in their data.
+pub async fn count_with(db: &Db, job_id: JobId, kind: &str, needle: &str) -> Result<i64> {
+    let row = sqlx::query(
+        "select count(*) as n from job_events where job_id = $1 and kind = $2 and data like $3",
+    )
+    .bind(job_id.to_string())
+    .bind(kind)
+    .bind(format!("%{needle}%"))
+    .fetch_one(db.pool())
+    .await?;
+    Ok(row.try_get("n")?)
+}
+
 /// The sequence number of `job_id`'s last event (0 without events).
 pub async fn max_seq(db: &Db, job_id: JobId) -> Result<i64> {
     let row = sqlx::query("select coalesce(max(seq), 0) as m from job_events where job_id = $1")

@@ -97,9 +97,29 @@ async fn create_job(
         return Err(ApiError::internal("job spec parsed without a model"));
     };
 
+    let facts = facts.unwrap_or_default();
+    let estimate = spec::memory::estimate(&spec, &facts);
     if dry_run {
-        let facts = facts.unwrap_or_default();
-        return Ok(Json(dry_run_plan(&spec, &model, &facts)).into_response());
+        return Ok(Json(dry_run_plan(&spec, &model, &facts, &estimate)).into_response());
+    }
+    let limit = state.config.job_memory_limit();
+    if estimate.peak > limit {
+        let worst = estimate
+            .steps
+            .iter()
+            .position(|&b| b == estimate.peak)
+            .map_or_else(|| "/eval".to_string(), |i| format!("/steps/{i}"));
+        return Err(ApiError::validation(vec![FieldError {
+            code: Code::MemoryLimitExceeded,
+            ..FieldError::new(
+                worst,
+                format!(
+                    "this needs about {} MiB of memory (estimated: weights, gradients, optimizer state and one batch's activations), above the limit of {} MiB (WHITTLE_JOB_MEMORY_BYTES); use a smaller model or batch",
+                    estimate.peak >> 20,
+                    limit >> 20
+                ),
+            )
+        }]));
     }
 
     let now = now_micros();
@@ -167,16 +187,12 @@ fn replay(existing: JobRecord, body_sha: &str) -> ApiResult<Response> {
 }
 
 /// `?dry_run=true`: what each step touches and a memory estimate, without queueing.
-fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Value {
-    let largest = facts
-        .tensors
-        .iter()
-        .map(|t| t.nbytes() as u64)
-        .max()
-        .unwrap_or(0);
-    // Weight-only steps stream tensor by tensor: the largest tensor in f32, its output and
-    // write buffers.
-    let mut peak = largest * 2 + largest / 2 + (2 << 20);
+fn dry_run_plan(
+    spec: &spec::JobSpec,
+    model: &ModelRecord,
+    facts: &Facts,
+    estimate: &spec::memory::MemoryEstimate,
+) -> Value {
     let plan: Vec<Value> = spec
         .steps
         .iter()
@@ -190,56 +206,18 @@ fn dry_run_plan(spec: &spec::JobSpec, model: &ModelRecord, facts: &Facts) -> Val
                     .collect(),
                 None => facts.tensors.iter().map(|t| t.name.as_str()).collect(),
             };
-            let batch = match step {
-                spec::Step::Finetune(f) => Some(f.batch_size as u64),
-                spec::Step::Evaluate(e) => Some(e.batch_size as u64),
-                spec::Step::Distill(d) => Some(d.train.batch_size as u64),
-                spec::Step::Prune(p) => p.schedule.as_ref().map(|s| s.finetune.batch_size as u64),
-                spec::Step::Quantize(q) => q.qat.as_ref().map(|t| t.batch_size as u64),
-                spec::Step::QuantizeFloat(_) => None,
-            };
-            if let (Some(batch), Some(arch)) = (batch, &facts.architecture) {
-                // Training holds weights, gradients and two optimizer moments (4 × f32 per
-                // parameter) plus each layer's activation and its gradient for a batch.
-                let params = arch.parameter_count() * 16;
-                let activations: u64 = arch
-                    .summary()
-                    .iter()
-                    .map(|l| l.activation_bytes)
-                    .sum::<u64>()
-                    * batch
-                    * 2;
-                peak = peak.max(params + activations + (8 << 20));
-            }
-            if let spec::Step::Evaluate(e) = step {
-                peak = peak.max(text_eval_bytes(facts, e));
-            }
-            json!({"index": i, "op": step.op(), "step": step.to_json(), "tensors": touched})
+            json!({"index": i, "op": step.op(), "step": step.to_json(), "tensors": touched,
+                   "estimated_memory_bytes": estimate.steps.get(i)})
         })
         .collect();
-    if let Some(e) = &spec.eval {
-        peak = peak.max(text_eval_bytes(facts, e));
-    }
     json!({
         "dry_run": true,
         "model_id": model.id.to_string(),
         "steps": plan,
         "eval": spec.eval.as_ref().map(spec::EvalSpec::to_json),
-        "estimated_peak_memory_bytes": peak,
+        "estimated_peak_memory_bytes": estimate.peak,
         "input_size_bytes": model.size_bytes,
     })
-}
-
-/// Peak memory of a transformer evaluation against the input: both networks' f32 weights,
-/// one batch of windows' logits of each (on the device and on the host), and 256 MiB for
-/// activations and the tokenized text. 0 for sequential networks.
-fn text_eval_bytes(facts: &Facts, e: &spec::EvalSpec) -> u64 {
-    let (Some(t), Some(p)) = (&facts.transformer, &e.text) else {
-        return 0;
-    };
-    let weights: u64 = facts.tensors.iter().map(|t| t.numel() as u64 * 4).sum();
-    let logits = (p.context * t.vocab_size * 4) as u64;
-    2 * weights + 4 * logits + (256 << 20)
 }
 
 async fn load_job(state: &AppState, raw: &str) -> ApiResult<JobRecord> {

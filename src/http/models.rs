@@ -351,6 +351,26 @@ async fn create_from_architecture(
         err
     })?;
     let name = clean_name(name)?;
+    // Initialising holds every weight in memory and writes them all: refuse what would not fit.
+    let bytes = arch.parameter_count().saturating_mul(4);
+    let limit = state
+        .config
+        .job_memory_limit()
+        .min(state.config.max_upload_bytes);
+    if bytes > limit {
+        return Err(ApiError::validation(vec![crate::spec::FieldError {
+            code: Code::MemoryLimitExceeded,
+            ..crate::spec::FieldError::new(
+                "/architecture",
+                format!(
+                    "{} parameters are {} MiB of f32 weights, above the limit of {} MiB (WHITTLE_JOB_MEMORY_BYTES, WHITTLE_MAX_UPLOAD_BYTES)",
+                    arch.parameter_count(),
+                    bytes >> 20,
+                    limit >> 20
+                ),
+            )
+        }]));
+    }
     let store = state.store.clone();
     let document = architecture.to_string();
     let (blob, header) = tokio::task::spawn_blocking(move || -> ApiResult<_> {

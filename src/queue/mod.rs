@@ -405,10 +405,21 @@ impl Queue {
         for row in rows {
             let id: JobId = db::id_col(&row, "id")?;
             let attempt: i64 = row.try_get("attempt")?;
-            let error = JobError::retryable(
-                Code::LeaseExpired,
-                "the worker running this job stopped renewing its lease (crash or network loss)",
-            );
+            // An attempt that took its worker down (out of memory, abort) would take the next
+            // one down too: after the second lost lease the job fails for good.
+            let lost_before =
+                db::events::count_with(&self.db, id, "state", "lease_expired").await?;
+            let error = if lost_before >= 1 {
+                JobError::fatal(
+                    Code::WorkerCrashed,
+                    "two attempts of this job stopped their workers without a word (a crash: out of memory, abort, kill); it is not retried, so that it takes no more workers down",
+                )
+            } else {
+                JobError::retryable(
+                    Code::LeaseExpired,
+                    "the worker running this job stopped renewing its lease (crash or network loss)",
+                )
+            };
             match self.fail(id, attempt, &error, now).await {
                 Ok(state) => rescued.push((id, state)),
                 // Finished or renewed between the select and the fenced update: not ours.

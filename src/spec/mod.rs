@@ -7,6 +7,7 @@
 
 pub mod distill;
 mod fields;
+pub mod memory;
 pub use fields::pointer_of;
 pub mod prune;
 pub mod quantize;

@@ -593,6 +593,83 @@ async fn request_ids_are_echoed() {
     }
 }
 
+/// Requests that would exhaust memory are refused before any work (they used to abort the
+/// process): a model initialised with 2^31 parameters, and a distillation whose student needs
+/// 27 GB to train although the dry-run estimate said 13 MB.
+#[tokio::test]
+async fn requests_that_would_exhaust_memory_are_refused_up_front() {
+    let t = TestApp::with(Backend::Sqlite, |c| c.job_memory_bytes = Some(1 << 30))
+        .await
+        .unwrap();
+    let huge = json!({"kind": "sequential", "input_shape": [65536], "layers": [
+        {"type": "linear", "in_features": 65536, "out_features": 32768, "bias": false}]});
+    let started = std::time::Instant::now();
+    let p = t
+        .post_json(
+            "/v1/models",
+            &json!({"architecture": huge, "init": {"seed": 0}}),
+        )
+        .await
+        .assert_problem(422, "memory_limit_exceeded");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused, not attempted"
+    );
+    assert_eq!(p["errors"][0]["pointer"], "/architecture");
+    assert!(p["detail"].as_str().unwrap().contains("2147483648"), "{p}");
+
+    let teacher = fresh_model(
+        &t,
+        json!({"kind": "sequential", "input_shape": [784], "layers": [
+        {"type": "linear", "in_features": 784, "out_features": 10}]}),
+        0,
+    )
+    .await;
+    let data = {
+        use whittle::compress::formats::safetensors::{self as st, Dtype, TensorSpec};
+        let x = st::encode_f32(&values(4 * 784, 1));
+        let y = st::encode_i64(&[0, 1, 2, 3]);
+        let bytes = st::serialize(
+            &Default::default(),
+            &[
+                (TensorSpec::new("x", Dtype::F32, vec![4, 784]), &x),
+                (TensorSpec::new("y", Dtype::I64, vec![4]), &y),
+            ],
+        )
+        .unwrap();
+        upload_dataset(&t, bytes).await
+    };
+    let student = json!({"kind": "sequential", "input_shape": [784], "layers": [
+        {"type": "linear", "in_features": 784, "out_features": 2097152}, {"type": "relu"},
+        {"type": "linear", "in_features": 2097152, "out_features": 10}]});
+    let body = json!({"model_id": teacher, "steps": [{"op": "distill", "student": {"architecture": student},
+        "dataset_id": data, "epochs": 1}]});
+    // The dry run says what it needs...
+    let plan = t.post_json("/v1/jobs?dry_run=true", &body).await;
+    assert_eq!(plan.status, 200, "{}", plan.text());
+    let needs = plan.json()["estimated_peak_memory_bytes"].as_u64().unwrap();
+    assert!(
+        needs > 20 << 30,
+        "{needs} bytes: 1.66 G parameters trained in f32 with AdamW"
+    );
+    // ...and the job is refused, pointing at the step.
+    let p = t
+        .post_json("/v1/jobs", &body)
+        .await
+        .assert_problem(422, "memory_limit_exceeded");
+    assert_eq!(p["errors"][0]["pointer"], "/steps/0");
+    assert_eq!(
+        t.get("/v1/jobs").await.json()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // A job that fits is accepted.
+    let fits = json!({"model_id": teacher, "steps": [{"op": "quantize", "method": "float", "dtype": "f16"}]});
+    assert_eq!(t.post_json("/v1/jobs", &fits).await.status, 202);
+}
+
 /// Inputs a hostile client sends: refused the same way on SQLite and Postgres, nothing stored.
 async fn hostile_bodies_are_refused_alike_on_both_backends(t: TestApp) {
     let model = t.upload_model(tiny_model()).await;

@@ -16,6 +16,7 @@ use crate::helpers::*;
 const LEASE: Duration = Duration::from_secs(30);
 
 on_both_backends!(
+    a_job_that_keeps_killing_workers_fails_with_worker_crashed,
     claims_by_priority_then_age,
     a_worker_that_dies_loses_its_lease_and_its_late_writes_are_rejected,
     cancelling_a_running_job_stops_it_and_keeps_nothing,
@@ -46,6 +47,35 @@ async fn claims_by_priority_then_age(t: TestApp) {
         order,
         [&urgent["id"], &old["id"], &new["id"]].map(|v| v.as_str().unwrap().to_string())
     );
+}
+
+/// A job whose attempts take their workers down (out of memory, abort) is not handed to a
+/// third worker: the second lost lease fails it with `worker_crashed`.
+async fn a_job_that_keeps_killing_workers_fails_with_worker_crashed(t: TestApp) {
+    let m = t.upload_model(tiny_model()).await;
+    let mut body = f16_job(m["id"].as_str().unwrap());
+    body["max_attempts"] = json!(5);
+    let job = t.submit(body).await;
+    let id: JobId = job["id"].as_str().unwrap().parse().unwrap();
+    let q = &t.app.state.queue;
+    let mut now = now_micros();
+    for expected in [JobState::Queued, JobState::Failed] {
+        let claimed = q
+            .claim("doomed", LEASE, now)
+            .await
+            .unwrap()
+            .expect("claimable");
+        assert_eq!(claimed.id, id);
+        // The worker dies: its lease runs out.
+        now += LEASE.as_micros() as i64 + 1_000_000;
+        assert_eq!(q.rescue(now).await.unwrap(), vec![(id, expected)]);
+        now += 1;
+    }
+    let row = job_state(&t, &id.to_string()).await;
+    assert_eq!(row["state"], "failed");
+    assert_eq!(row["error"]["code"], "worker_crashed", "{row}");
+    assert_eq!(row["error"]["retryable"], false);
+    assert_eq!(row["attempt"], 2, "2 of 5 attempts used");
 }
 
 async fn a_worker_that_dies_loses_its_lease_and_its_late_writes_are_rejected(t: TestApp) {

@@ -1,0 +1,117 @@
+//! An honest estimate of a job's peak memory, per step, from what is known at submission: the
+//! model's tensors and architecture, the students and datasets the steps name. Used by the
+//! dry-run plan and to refuse, before anything is queued, a job that would not fit
+//! (`WHITTLE_JOB_MEMORY_BYTES`): a worker that runs out of memory takes its process down.
+
+use super::distill::StudentSpec;
+use super::{EvalSpec, Facts, JobSpec, Step};
+use crate::compress::engine::sequential::arch::Architecture;
+
+/// Fixed overhead of a step (buffers, the runtime).
+const OVERHEAD: u64 = 8 << 20;
+
+/// The estimate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Each step's peak, in order.
+    pub steps: Vec<u64>,
+    /// The job `eval`'s (the final evaluation), 0 without one.
+    pub eval: u64,
+    /// The largest of them: the job's peak.
+    pub peak: u64,
+}
+
+fn activations(arch: &Architecture) -> u64 {
+    arch.summary().iter().map(|l| l.activation_bytes).sum()
+}
+
+/// Training: weights, gradients and two optimizer moments (4 × f32 per parameter), and each
+/// layer's activation and its gradient for one batch.
+fn training(arch: &Architecture, batch: usize) -> u64 {
+    arch.parameter_count() * 16 + activations(arch) * batch as u64 * 2 + OVERHEAD
+}
+
+/// Inference: the weights and one batch's activations.
+fn inference(arch: &Architecture, batch: usize) -> u64 {
+    arch.parameter_count() * 4 + activations(arch) * batch as u64 + OVERHEAD
+}
+
+/// A weight-only step streams tensor by tensor: the largest tensor in f32, its output and
+/// write buffers.
+fn streaming(facts: &Facts) -> u64 {
+    let largest = facts
+        .tensors
+        .iter()
+        .map(|t| t.nbytes() as u64)
+        .max()
+        .unwrap_or(0);
+    largest * 2 + largest / 2 + (2 << 20)
+}
+
+/// Every f32 weight of the model (a transformer loaded for evaluation).
+fn weights_f32(facts: &Facts) -> u64 {
+    facts.tensors.iter().map(|t| t.numel() as u64 * 4).sum()
+}
+
+/// An evaluation against the job's input: both networks and, for a transformer, a batch of
+/// windows' logits of each (device and host) and 256 MiB for activations and the text.
+fn evaluation(facts: &Facts, arch: Option<&Architecture>, e: &EvalSpec) -> u64 {
+    match (&facts.transformer, &e.text, arch) {
+        (Some(t), Some(p), _) => {
+            let logits = (p.context * t.vocab_size * 4) as u64;
+            2 * weights_f32(facts) + 4 * logits + (256 << 20)
+        }
+        (_, _, Some(a)) => 2 * inference(a, e.batch_size),
+        _ => streaming(facts),
+    }
+}
+
+/// The estimate of `spec` on the model `facts` describe.
+pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
+    let mut arch = facts.architecture.clone();
+    // The job's input stays loaded as the reference whenever something compares with it.
+    let reference = arch.as_ref().map_or(0, |a| a.parameter_count() * 4);
+    let mut steps = Vec::with_capacity(spec.steps.len());
+    for step in &spec.steps {
+        let a = arch.as_ref();
+        let bytes = match step {
+            Step::QuantizeFloat(_) => streaming(facts),
+            Step::Prune(p) => match (&p.schedule, a) {
+                (Some(s), Some(a)) => training(a, s.finetune.batch_size) + reference,
+                _ => streaming(facts),
+            },
+            Step::Quantize(q) => match (a, &q.qat) {
+                (Some(a), Some(t)) => training(a, t.batch_size) + reference,
+                (Some(a), None) if q.max_accuracy_drop.is_some() || q.activations.is_some() => {
+                    3 * inference(a, 256)
+                }
+                _ => streaming(facts),
+            },
+            Step::Finetune(f) => a.map_or(0, |a| training(a, f.batch_size)) + reference,
+            Step::Evaluate(e) => evaluation(facts, a, e),
+            Step::Distill(d) => {
+                let student = match &d.student {
+                    StudentSpec::Architecture(v) => Architecture::from_json(v).ok(),
+                    StudentSpec::Model(id) => {
+                        facts.models.get(id).and_then(|m| m.architecture.clone())
+                    }
+                };
+                let batch = d.train.batch_size;
+                let teacher = a.map_or(0, |a| inference(a, batch));
+                let bytes =
+                    teacher + student.as_ref().map_or(0, |s| training(s, batch)) + reference;
+                if student.is_some() {
+                    arch = student;
+                }
+                bytes
+            }
+        };
+        steps.push(bytes.max(streaming(facts)));
+    }
+    let eval = spec
+        .eval
+        .as_ref()
+        .map_or(0, |e| evaluation(facts, arch.as_ref(), e));
+    let peak = steps.iter().copied().chain([eval]).max().unwrap_or(0);
+    MemoryEstimate { steps, eval, peak }
+}
