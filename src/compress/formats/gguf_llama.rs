@@ -394,7 +394,8 @@ fn tokenizer_metadata(
         {
             "qwen2"
         } else {
-            "gpt2"
+            // llama.cpp's name for the plain GPT-2 split (`gpt2` is the tokenizer model).
+            "gpt-2"
         };
         out.push(("tokenizer.ggml.pre".into(), MetaValue::Str(pre_name.into())));
         out.push(("tokenizer.ggml.tokens".into(), MetaValue::Strs(tokens)));
