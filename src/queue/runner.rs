@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::steps::{
     self, evaluate_file, evaluate_model, load_model, Env, EvalFigures, EvalFiguresOf, Evaluated,
-    Input, TransformerSource,
+    Input, Reference, TransformerSource,
 };
 pub use super::steps::{DatasetCache, PipelineError, PipelineHooks, ResumePoint};
 use crate::compress::engine::sequential::arch::Architecture;
@@ -94,20 +94,27 @@ fn run(
         .map(Architecture::from_json)
         .transpose()?;
     let transformer = TransformerSource::of(store, model)?;
-    // The input model, loaded once when anything compares against it.
-    let reference: Option<Box<dyn Network>> = match (&input_arch, &transformer) {
-        _ if !needs_network(spec) => None,
-        (Some(arch), _) => Some(Box::new(load_model(arch, &input)?)),
-        (None, Some(t)) => Some(t.load(&input)?),
-        (None, None) => None,
-    };
     drop(input);
+    // The input model, loaded the first time something compares against it.
+    let reference = Reference::new(|| -> Result<Option<Box<dyn Network>>, PipelineError> {
+        if !needs_network(spec) {
+            return Ok(None);
+        }
+        let input = SafetensorsFile::open(store.materialize(&model.sha256)?)?;
+        Ok(match (&input_arch, &transformer) {
+            (Some(arch), _) => Some(Box::new(load_model(arch, &input)?)),
+            (None, Some(t)) => Some(t.load(&input)?),
+            (None, None) => None,
+        })
+    });
     let mut baseline = Figures::of(&baseline_weights, model.size_bytes as u64);
     // A sequential baseline is evaluated first; a transformer's comes out of the final
     // evaluation's pass, which runs the reference beside the output window by window.
-    if let (Some(eval), Some(reference), None) = (&spec.eval, &reference, &transformer) {
-        let e = evaluate_model(reference.as_ref(), datasets.eval_data(eval)?, None, ctx)?;
-        baseline.evaluation = Some(EvalFiguresOf::Classifier(EvalFigures::from(&e)));
+    if let (Some(eval), None) = (&spec.eval, &transformer) {
+        if let Some(reference) = reference.get()? {
+            let e = evaluate_model(reference, datasets.eval_data(eval)?, None, ctx)?;
+            baseline.evaluation = Some(EvalFiguresOf::Classifier(EvalFigures::from(&e)));
+        }
     }
 
     let steps_json: Vec<Value> = spec.steps.iter().map(Step::to_json).collect();
@@ -153,7 +160,7 @@ fn run(
             resume: inputs.resume.as_ref(),
             seed: spec.seed,
             eval: spec.eval.as_ref(),
-            reference: reference.as_deref(),
+            reference: &reference,
             models: inputs.models,
         };
         let out = steps::run(
@@ -213,7 +220,7 @@ fn run(
             &output,
             &datasets,
             eval,
-            reference.as_deref(),
+            &reference,
             ctx,
         )?;
         end.agreement_with_baseline = e.agreement().map(Some);

@@ -228,8 +228,8 @@ pub(super) struct Env<'a> {
     pub seed: u64,
     /// The job's `eval`.
     pub eval: Option<&'a EvalSpec>,
-    /// The job's input model loaded once, when something compares against it.
-    pub reference: Option<&'a dyn Network>,
+    /// The job's input model, loaded the first time something compares against it.
+    pub reference: &'a Reference<'a>,
     /// Other models the job names (`distill` students, `quantize` importance weights), by id.
     pub models: &'a HashMap<String, ModelRecord>,
 }
@@ -388,6 +388,38 @@ pub(super) fn load_model(arch: &Architecture, file: &SafetensorsFile) -> compres
     Ok(model)
 }
 
+/// The job's input model as the reference of comparisons, loaded the first time one needs
+/// it (an evaluation of the unchanged input never does), then kept for the job.
+pub struct Reference<'a> {
+    cell: std::sync::OnceLock<Option<Box<dyn Network>>>,
+    load: Box<LoadReference<'a>>,
+}
+
+/// How a [`Reference`] is loaded.
+type LoadReference<'a> =
+    dyn Fn() -> Result<Option<Box<dyn Network>>, PipelineError> + Send + Sync + 'a;
+
+impl<'a> Reference<'a> {
+    /// A reference that `load` loads (`None`: the model is not a network the engine runs).
+    pub fn new(
+        load: impl Fn() -> Result<Option<Box<dyn Network>>, PipelineError> + Send + Sync + 'a,
+    ) -> Self {
+        Reference {
+            cell: std::sync::OnceLock::new(),
+            load: Box::new(load),
+        }
+    }
+
+    /// The reference network, loading it on first use.
+    pub fn get(&self) -> Result<Option<&dyn Network>, PipelineError> {
+        if let Some(r) = self.cell.get() {
+            return Ok(r.as_deref());
+        }
+        let loaded = (self.load)()?;
+        Ok(self.cell.get_or_init(|| loaded).as_deref())
+    }
+}
+
 /// A folder model's transformer: its config and tokenizer, for the steps that run it.
 pub struct TransformerSource {
     /// The parsed `config.json`.
@@ -487,20 +519,20 @@ pub(super) fn evaluate_file(
     file: &SafetensorsFile,
     datasets: &DatasetCache,
     spec: &EvalSpec,
-    reference: Option<&dyn Network>,
+    reference: &Reference,
     ctx: &Ctx,
 ) -> Result<Evaluated, PipelineError> {
     if let (Some(t), Some(params)) = (input.transformer, &spec.text) {
         let model = t.load(file)?;
         let data = datasets.get(&spec.dataset_id)?;
-        // The job's input compared with itself: run once, not twice.
-        if input.unchanged && reference.is_some() {
+        // The job's input compared with itself: run once, not twice (nor loaded twice).
+        if input.unchanged {
             let e = evaluate_text(model.as_ref(), None, data, params, spec.batch_size, ctx)?;
             return Ok(Evaluated::Text(e.compared_with_itself()));
         }
         return Ok(Evaluated::Text(evaluate_text(
             model.as_ref(),
-            reference,
+            reference.get()?,
             data,
             params,
             spec.batch_size,
@@ -511,7 +543,7 @@ pub(super) fn evaluate_file(
     Ok(Evaluated::Classifier(evaluate_model(
         &model,
         datasets.eval_data(spec)?,
-        reference,
+        reference.get()?,
         ctx,
     )?))
 }
