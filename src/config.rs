@@ -20,10 +20,13 @@ pub struct Cli {
     /// Options shared by every command.
     #[command(flatten)]
     pub common: Config,
+    /// Options of the client commands (`models`, `datasets`, `jobs`, `artifacts`).
+    #[command(flatten)]
+    pub client: crate::client::ClientOptions,
 }
 
 /// The sub-commands of the binary.
-#[derive(Debug, Subcommand, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Subcommand, Clone)]
 pub enum Command {
     /// Serve the REST API (and run `--workers` in-process job workers).
     Serve,
@@ -33,6 +36,18 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI document and exit.
     Openapi,
+    /// Client: upload, list, get and download models.
+    #[command(subcommand)]
+    Models(crate::client::ModelsCmd),
+    /// Client: upload and list datasets.
+    #[command(subcommand)]
+    Datasets(crate::client::DatasetsCmd),
+    /// Client: submit, follow, list, cancel jobs; their logs and metrics.
+    #[command(subcommand)]
+    Jobs(crate::client::JobsCmd),
+    /// Client: download artifacts.
+    #[command(subcommand)]
+    Artifacts(crate::client::ArtifactsCmd),
 }
 
 /// Runtime configuration shared by `serve`, `worker` and `migrate`.

@@ -4,6 +4,7 @@
 //! [`compress`]. `compress` is pure, synchronous compute; it knows nothing of HTTP, SQL or tokio.
 
 pub mod app;
+pub mod client;
 pub mod codes;
 pub mod compress;
 pub mod config;

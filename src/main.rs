@@ -12,6 +12,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(client) = client_command(&cli.command) {
+        // A client: no server state, no tracing; the exit code says how it went.
+        let code = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(whittle::client::run(client, cli.client));
+        std::process::exit(code);
+    }
     // Before any other thread exists: it may size candle's pool through the environment.
     whittle::compress::parallel::configure(cli.common.threads);
     tokio::runtime::Builder::new_multi_thread()
@@ -19,6 +28,17 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(run(cli))
+}
+
+fn client_command(cmd: &Option<Command>) -> Option<whittle::client::ClientCommand> {
+    use whittle::client::ClientCommand;
+    Some(match cmd.clone()? {
+        Command::Models(m) => ClientCommand::Models(m),
+        Command::Datasets(d) => ClientCommand::Datasets(d),
+        Command::Jobs(j) => ClientCommand::Jobs(j),
+        Command::Artifacts(a) => ClientCommand::Artifacts(a),
+        _ => return None,
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -30,6 +50,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Openapi => {
             print!("{}", whittle::http::OPENAPI_YAML);
             Ok(())
+        }
+        Command::Models(_) | Command::Datasets(_) | Command::Jobs(_) | Command::Artifacts(_) => {
+            unreachable!("client commands are dispatched in main")
         }
     }
 }
