@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod live;
 pub mod models;
 pub mod ops;
+pub mod ui;
 pub mod upload;
 
 use std::sync::Arc;
@@ -96,6 +97,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/v1", api)
         .merge(ops::router())
+        .merge(ui::router())
         // A route layer runs after routing, so it sees the matched route template.
         .route_layer(middleware::from_fn(record_http_metrics))
         .fallback(route_not_found)

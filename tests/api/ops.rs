@@ -50,3 +50,42 @@ async fn prometheus_metrics_count_requests_and_jobs_by_state() {
         "{text}"
     );
 }
+
+/// The dashboard is served from the binary: the page, its script and styles, the vendored
+/// chart library; with a CSP that allows only this origin, and validators for caching.
+#[tokio::test]
+async fn the_dashboard_is_served_from_the_binary() {
+    let t = TestApp::sqlite().await;
+    let page = t.get("/").await;
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.text().contains("/ui/app.js"));
+    assert!(page
+        .header("content-security-policy")
+        .unwrap()
+        .contains("default-src 'self'"));
+    for (path, ty) in [
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+        ("/ui/vendor/uPlot.iife.min.js", "text/javascript"),
+    ] {
+        let res = t.get(path).await;
+        assert_eq!(res.status, 200, "{path}");
+        assert!(
+            res.header("content-type").unwrap().starts_with(ty),
+            "{path}"
+        );
+        let etag = res.header("etag").unwrap().to_string();
+        let again = t.get_with(path, &[("if-none-match", &etag)]).await;
+        assert_eq!(again.status, 304, "{path}");
+    }
+    t.get("/ui/../Cargo.toml")
+        .await
+        .assert_problem(404, "route_not_found");
+    t.get("/ui/nothing.js")
+        .await
+        .assert_problem(404, "route_not_found");
+}

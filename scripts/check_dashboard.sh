@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The dashboard checked in headless Chromium against a server with a real job (see
+# scripts/check_dashboard.mjs). Installs puppeteer-core (pinned) from npm into a temp dir and
+# uses the machine's chromium (Debian package; installed when missing).
+#   scripts/check_dashboard.sh [path/to/whittle]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=$(realpath "${1:-target/debug/whittle}")
+command -v chromium >/dev/null || apt-get install -y chromium >/dev/null
+dir=$(mktemp -d)
+port=$((20000 + RANDOM % 20000))
+"$bin" serve --workers 0 --bind "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; pkill -f "$dir/data" 2>/dev/null; rm -rf "$dir"' EXIT
+export WHITTLE_URL="http://127.0.0.1:$port"
+for _ in $(seq 50); do curl -sf "$WHITTLE_URL/healthz" >/dev/null && break; sleep 0.1; done
+
+# A model, a dataset, and a job that trains, prunes and quantizes (queued: no worker yet).
+model=$(curl -sf "$WHITTLE_URL/v1/models?name=mlp" -H 'content-type: application/json' -d '{"architecture":
+  {"kind": "sequential", "input_shape": [4], "layers": [
+   {"type": "linear", "name": "fc1", "in_features": 4, "out_features": 16}, {"type": "relu"},
+   {"type": "linear", "name": "fc2", "in_features": 16, "out_features": 3}]}, "init": {"seed": 1}}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+python3 - "$dir/data.csv" <<'PY'
+import random, sys
+random.seed(0)
+with open(sys.argv[1], "w") as f:
+    for i in range(120):
+        y = i % 3
+        f.write(",".join(f"{y + random.gauss(0, 0.3):.3f}" for _ in range(4)) + f",{y}\n")
+PY
+data=$(curl -sf "$WHITTLE_URL/v1/datasets?name=toy&format=csv" -H 'content-type: text/csv' --data-binary @"$dir/data.csv" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+job=$(curl -sf "$WHITTLE_URL/v1/jobs" -H 'content-type: application/json' -d "{\"model_id\": \"$model\",
+  \"steps\": [{\"op\": \"finetune\", \"dataset_id\": \"$data\", \"epochs\": 8, \"batch_size\": 16},
+              {\"op\": \"prune\", \"sparsity\": 0.5}, {\"op\": \"quantize\", \"method\": \"uniform\", \"bits\": 8}],
+  \"eval\": {\"dataset_id\": \"$data\"}, \"labels\": {\"team\": \"dash\"}}" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+
+npm_dir="$dir/npm"
+mkdir -p "$npm_dir"
+(cd "$npm_dir" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund puppeteer-core@23.9.0 >/dev/null)
+cp scripts/check_dashboard.mjs "$npm_dir/"
+worker="\"$bin\" worker --data-dir \"$dir/data\" >\"$dir/worker.log\" 2>&1 &"
+mkdir -p target/dashboard
+(cd "$npm_dir" && SHOTS="$OLDPWD/target/dashboard" NODE_PATH="$npm_dir/node_modules" node check_dashboard.mjs "$WHITTLE_URL" "$job" "$model" "$worker") ||
+    { tail -n 20 "$dir/server.log" "$dir/worker.log" >&2; exit 1; }
