@@ -7,7 +7,7 @@ import puppeteer from "puppeteer-core";
 import { writeFileSync, mkdirSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 
-const [url, jobId, modelId, startWorker] = process.argv.slice(2);
+const [url, jobId, modelId, startWorker, apiKey] = process.argv.slice(2);
 const shots = process.env.SHOTS || "target/dashboard";
 mkdirSync(shots, { recursive: true });
 const errors = [];
@@ -18,7 +18,10 @@ const browser = await puppeteer.launch({
 });
 const page = await browser.newPage();
 await page.setViewport({ width: 1366, height: 900 });
-page.on("console", (m) => { if (m.type() === "error") errors.push(`console: ${m.text()}`); });
+let keyEntered = false; // before the key is entered, the 401s are expected
+page.on("console", (m) => {
+  if (m.type() === "error" && !(m.text().includes("401") && !keyEntered)) errors.push(`console: ${m.text()}`);
+});
 page.on("pageerror", (e) => errors.push(`page: ${e.message}`));
 page.on("requestfailed", (r) => { if (!r.url().includes("/events")) errors.push(`request failed: ${r.url()}`); });
 
@@ -28,8 +31,15 @@ const step = async (name, f) => {
   await page.screenshot({ path: `${shots}/${name.replace(/\W+/g, "-")}.png`, fullPage: true });
 };
 
-await step("jobs list shows the queued job", async () => {
+await step("without a key the dashboard asks for one", async () => {
   await page.goto(`${url}/#/jobs`, { waitUntil: "networkidle2" });
+  await page.waitForFunction(() => document.body.innerText.includes("needs an API key"), { timeout: 10000 });
+  await page.type("#api-key", apiKey);
+  keyEntered = true;
+  await page.click("#key-form button");
+});
+
+await step("jobs list shows the queued job", async () => {
   await page.waitForFunction((id) => document.body.innerText.includes(id.slice(0, 8)) &&
     document.body.innerText.includes("queued"), { timeout: 10000 }, jobId);
 });

@@ -9,11 +9,15 @@ bin=$(realpath "${1:-target/debug/whittle}")
 command -v chromium >/dev/null || apt-get install -y chromium >/dev/null
 dir=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
-"$bin" serve --workers 0 --bind "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/server.log" 2>&1 &
+# With API keys on (as on any real network): the first key is made on the database.
+key=$("$bin" keys create --name dashboard --scope write --tenant dash --data-dir "$dir/data" --output json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+"$bin" serve --workers 0 --auth keys --bind "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; pkill -f "$dir/data" 2>/dev/null; rm -rf "$dir"' EXIT
 export WHITTLE_URL="http://127.0.0.1:$port"
 for _ in $(seq 50); do curl -sf "$WHITTLE_URL/healthz" >/dev/null && break; sleep 0.1; done
+curl() { command curl -H "authorization: Bearer $key" "$@"; }
 
 # A model, a dataset, and a job that trains, prunes and quantizes (queued: no worker yet).
 model=$(curl -sf "$WHITTLE_URL/v1/models?name=mlp" -H 'content-type: application/json' -d '{"architecture":
@@ -43,5 +47,5 @@ mkdir -p "$npm_dir"
 cp scripts/check_dashboard.mjs "$npm_dir/"
 worker="\"$bin\" worker --data-dir \"$dir/data\" >\"$dir/worker.log\" 2>&1 &"
 mkdir -p target/dashboard
-(cd "$npm_dir" && SHOTS="$OLDPWD/target/dashboard" NODE_PATH="$npm_dir/node_modules" node check_dashboard.mjs "$WHITTLE_URL" "$job" "$model" "$worker") ||
+(cd "$npm_dir" && SHOTS="$OLDPWD/target/dashboard" NODE_PATH="$npm_dir/node_modules" node check_dashboard.mjs "$WHITTLE_URL" "$job" "$model" "$worker" "$key") ||
     { tail -n 20 "$dir/server.log" "$dir/worker.log" >&2; exit 1; }

@@ -26,7 +26,8 @@ impl App {
     /// Connect to the database, apply migrations and open the blob store.
     pub async fn open(config: Config) -> anyhow::Result<Self> {
         let url = config.database_url();
-        let db = Db::connect(&url)
+        let auth = config.auth_mode()?;
+        let db = Db::connect_with(&url, config.pool_options())
             .await
             .with_context(|| format!("connecting to the database at {}", db::redact(&url)))?;
         db.migrate().await.context("applying database migrations")?;
@@ -44,6 +45,7 @@ impl App {
                 config: Arc::new(config),
                 prometheus: crate::telemetry::prometheus(),
                 live,
+                auth,
             },
         })
     }
@@ -171,6 +173,59 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     let app = App::open(config).await?;
     info!(database = %db::redact(app.state.db.url()), "migrations applied");
     app.state.db.close().await;
+    Ok(())
+}
+
+/// `whittle keys …` without `--api-key`: create, list or revoke keys directly in the
+/// configured database (how the first administrator key of a server is made).
+pub async fn keys(
+    config: Config,
+    cmd: crate::client::KeysCmd,
+    format: crate::client::OutputFormat,
+) -> anyhow::Result<()> {
+    use crate::client::{KeysCmd, Output};
+    use crate::db::keys;
+    use crate::http::auth::{self, KeyBody, NewKeyBody};
+    let url = config.database_url();
+    let db = Db::connect_with(&url, config.pool_options())
+        .await
+        .with_context(|| format!("connecting to the database at {}", db::redact(&url)))?;
+    db.migrate().await.context("applying database migrations")?;
+    let out = Output::new(format);
+    match cmd {
+        KeysCmd::Create {
+            name,
+            scope,
+            tenant,
+        } => {
+            let (record, secret) = auth::mint(auth::CreateKey {
+                name,
+                scope,
+                tenant,
+            })
+            .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+            keys::insert(&db, &record).await?;
+            out.new_key(&serde_json::to_value(NewKeyBody::new(&record, secret))?);
+        }
+        KeysCmd::List { limit } => {
+            let rows = keys::list(&db, None, db::page_limit(Some(limit as i64))).await?;
+            let items: Vec<KeyBody> = rows.iter().map(KeyBody::from).collect();
+            out.list(
+                "keys",
+                &serde_json::json!({"items": items, "next_cursor": null}),
+            );
+        }
+        KeysCmd::Revoke { id } => {
+            let key_id = id
+                .parse()
+                .map_err(|_| anyhow::anyhow!("no key with id `{id}`"))?;
+            if !keys::revoke(&db, key_id).await? {
+                anyhow::bail!("no key with id `{id}`");
+            }
+            eprintln!("revoked {id}");
+        }
+    }
+    db.close().await;
     Ok(())
 }
 

@@ -105,11 +105,23 @@ pub enum Code {
     UploadInterrupted,
     /// `validation_failed`.
     ValidationFailed,
+    /// `unauthenticated`.
+    Unauthenticated,
+    /// `forbidden`.
+    Forbidden,
+    /// `key_not_found`.
+    KeyNotFound,
+    /// `invalid_tenant`.
+    InvalidTenant,
+    /// `database_unavailable`.
+    DatabaseUnavailable,
+    /// `job_not_finished`.
+    JobNotFinished,
 }
 
 impl Code {
     /// Every code.
-    pub const ALL: [Code; 49] = [
+    pub const ALL: [Code; 55] = [
         Code::FileNotFound,
         Code::TokenizerRequired,
         Code::UnsupportedFamily,
@@ -159,6 +171,12 @@ impl Code {
         Code::UnsupportedOperation,
         Code::UploadInterrupted,
         Code::ValidationFailed,
+        Code::Unauthenticated,
+        Code::Forbidden,
+        Code::KeyNotFound,
+        Code::InvalidTenant,
+        Code::DatabaseUnavailable,
+        Code::JobNotFinished,
     ];
 
     /// The snake_case spelling clients see.
@@ -213,6 +231,12 @@ impl Code {
             Code::UnsupportedOperation => "unsupported_operation",
             Code::UploadInterrupted => "upload_interrupted",
             Code::ValidationFailed => "validation_failed",
+            Code::Unauthenticated => "unauthenticated",
+            Code::Forbidden => "forbidden",
+            Code::KeyNotFound => "key_not_found",
+            Code::InvalidTenant => "invalid_tenant",
+            Code::DatabaseUnavailable => "database_unavailable",
+            Code::JobNotFinished => "job_not_finished",
         }
     }
 }

@@ -48,6 +48,9 @@ pub enum Command {
     /// Client: download artifacts.
     #[command(subcommand)]
     Artifacts(crate::client::ArtifactsCmd),
+    /// API keys: over the API with `--api-key` (an admin key), else on the local database.
+    #[command(subcommand)]
+    Keys(crate::client::KeysCmd),
 }
 
 /// Runtime configuration shared by `serve`, `worker` and `migrate`.
@@ -120,6 +123,35 @@ pub struct Config {
     #[arg(long, env = "WHITTLE_JOB_MEMORY_BYTES", global = true)]
     pub job_memory_bytes: Option<u64>,
 
+    /// Authentication: `keys` (every /v1 request needs an API key) or `none`. Default: `none`
+    /// when bound to a loopback address, `keys` otherwise.
+    #[arg(long, env = "WHITTLE_AUTH", value_enum, global = true)]
+    pub auth: Option<AuthChoice>,
+
+    /// Allow `--auth none` on an address other than loopback (anyone who can reach it may do
+    /// anything; a warning is logged).
+    #[arg(long, env = "WHITTLE_INSECURE_NO_AUTH", global = true)]
+    pub insecure_no_auth: bool,
+
+    /// Most database connections a process holds.
+    #[arg(
+        long,
+        env = "WHITTLE_DB_POOL_SIZE",
+        default_value_t = 16,
+        global = true
+    )]
+    pub db_pool_size: u32,
+
+    /// Longest a request waits for a database connection, in milliseconds; past it the API
+    /// answers 503 `database_unavailable` with `Retry-After`.
+    #[arg(
+        long,
+        env = "WHITTLE_DB_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 3000,
+        global = true
+    )]
+    pub db_acquire_timeout_ms: u64,
+
     /// Log format: `text` or `json`. Filter with `RUST_LOG` (default `info`).
     #[arg(
         long,
@@ -130,7 +162,47 @@ pub struct Config {
     pub log_format: String,
 }
 
+/// `--auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthChoice {
+    /// API keys (`Authorization: Bearer wh_…`).
+    Keys,
+    /// No authentication.
+    None,
+}
+
 impl Config {
+    /// The authentication in force, or why the configuration is refused: `none` on an address
+    /// other than loopback needs `--insecure-no-auth`.
+    pub fn auth_mode(&self) -> anyhow::Result<crate::http::auth::AuthMode> {
+        use crate::http::auth::AuthMode;
+        let loopback = is_loopback(&self.bind);
+        match (self.auth, loopback) {
+            (Some(AuthChoice::Keys), _) => Ok(AuthMode::Keys),
+            (Some(AuthChoice::None), true) | (None, true) => Ok(AuthMode::None),
+            (None, false) if !self.insecure_no_auth => Ok(AuthMode::Keys),
+            (Some(AuthChoice::None), false) | (None, false) => {
+                if self.insecure_no_auth {
+                    tracing::warn!(bind = %self.bind, "authentication is off on a non-loopback address (--insecure-no-auth): anyone who can reach it may read, change and delete everything");
+                    Ok(AuthMode::None)
+                } else {
+                    anyhow::bail!(
+                        "WHITTLE_AUTH=none on {} (not a loopback address) would let anyone who can reach it do anything; add --insecure-no-auth (WHITTLE_INSECURE_NO_AUTH=true) to mean it, or use keys",
+                        self.bind
+                    )
+                }
+            }
+        }
+    }
+
+    /// The database pool settings in force.
+    pub fn pool_options(&self) -> crate::db::PoolOptions {
+        crate::db::PoolOptions {
+            max_connections: self.db_pool_size,
+            acquire_timeout: std::time::Duration::from_millis(self.db_acquire_timeout_ms.max(1)),
+        }
+    }
+
     /// The database URL in force: the configured one or the embedded SQLite default.
     pub fn database_url(&self) -> String {
         match &self.database_url {
@@ -156,5 +228,69 @@ impl Config {
     /// A configuration for tests and embedding: everything default except the data directory.
     pub fn for_data_dir(data_dir: PathBuf) -> Self {
         Cli::parse_from(["whittle", "--data-dir", &data_dir.display().to_string()]).common
+    }
+}
+
+/// Whether a bind address (`127.0.0.1:8080`, `[::1]:80`, `localhost:8080`) is loopback only.
+pub fn is_loopback(bind: &str) -> bool {
+    if let Ok(addr) = bind.parse::<std::net::SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    let host = bind.rsplit_once(':').map_or(bind, |(h, _)| h);
+    host.eq_ignore_ascii_case("localhost")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::auth::AuthMode;
+
+    fn config(args: &[&str]) -> Config {
+        let mut all = vec!["whittle"];
+        all.extend_from_slice(args);
+        Cli::parse_from(all).common
+    }
+
+    #[test]
+    fn auth_defaults_to_none_on_loopback_and_keys_elsewhere() {
+        assert!(
+            is_loopback("127.0.0.1:8080") && is_loopback("[::1]:1") && is_loopback("localhost:80")
+        );
+        assert!(
+            !is_loopback("0.0.0.0:8080")
+                && !is_loopback("10.1.2.3:80")
+                && !is_loopback("example.com:80")
+        );
+        assert_eq!(
+            config(&["--bind", "127.0.0.1:8080"]).auth_mode().unwrap(),
+            AuthMode::None
+        );
+        assert_eq!(
+            config(&["--bind", "0.0.0.0:8080"]).auth_mode().unwrap(),
+            AuthMode::Keys
+        );
+        assert_eq!(
+            config(&["--bind", "127.0.0.1:1", "--auth", "keys"])
+                .auth_mode()
+                .unwrap(),
+            AuthMode::Keys
+        );
+        let refused = config(&["--bind", "0.0.0.0:8080", "--auth", "none"]).auth_mode();
+        assert!(refused
+            .unwrap_err()
+            .to_string()
+            .contains("--insecure-no-auth"));
+        assert_eq!(
+            config(&[
+                "--bind",
+                "0.0.0.0:8080",
+                "--auth",
+                "none",
+                "--insecure-no-auth"
+            ])
+            .auth_mode()
+            .unwrap(),
+            AuthMode::None
+        );
     }
 }

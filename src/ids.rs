@@ -57,6 +57,10 @@ id_type!(
     /// An artifact produced by a job.
     ArtifactId
 );
+id_type!(
+    /// An API key (its id; the secret is shown once and stored hashed).
+    KeyId
+);
 
 /// Microseconds since the Unix epoch, the unit every timestamp is stored in.
 pub fn now_micros() -> i64 {

@@ -12,7 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(client) = client_command(&cli.command) {
+    if let Some(client) = client_command(&cli.command, cli.client.api_key.is_some()) {
         // A client: no server state, no tracing; the exit code says how it went.
         let code = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -30,13 +30,15 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(cli))
 }
 
-fn client_command(cmd: &Option<Command>) -> Option<whittle::client::ClientCommand> {
+fn client_command(cmd: &Option<Command>, has_key: bool) -> Option<whittle::client::ClientCommand> {
     use whittle::client::ClientCommand;
     Some(match cmd.clone()? {
         Command::Models(m) => ClientCommand::Models(m),
         Command::Datasets(d) => ClientCommand::Datasets(d),
         Command::Jobs(j) => ClientCommand::Jobs(j),
         Command::Artifacts(a) => ClientCommand::Artifacts(a),
+        // Without a key, `keys` works on the local database (the bootstrap path).
+        Command::Keys(k) if has_key => ClientCommand::Keys(k),
         _ => return None,
     })
 }
@@ -47,6 +49,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => whittle::app::serve(cli.common).await,
         Command::Worker => whittle::app::worker(cli.common).await,
         Command::Migrate => whittle::app::migrate(cli.common).await,
+        Command::Keys(k) => {
+            let output = cli
+                .client
+                .output
+                .unwrap_or(whittle::client::OutputFormat::Table);
+            whittle::app::keys(cli.common, k, output).await
+        }
         Command::Openapi => {
             print!("{}", whittle::http::OPENAPI_YAML);
             Ok(())

@@ -8,7 +8,11 @@ use tracing_subscriber::EnvFilter;
 /// Initialise the global tracing subscriber (`text` or `json`), filtered by `RUST_LOG`.
 pub fn init_tracing(format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to standard error: standard output is for what a command prints
+    // (`whittle keys create` prints the new key, `whittle openapi` the document).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().try_init()
     } else {

@@ -112,7 +112,30 @@ function table(headers, rows, numeric = []) {
     el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c, i) => el("td", numeric.includes(i) ? { class: "num" } : {}, c))))));
 }
 
-function showError(e) { $main.replaceChildren(el("p", { class: "error", role: "alert" }, String(e.message || e))); }
+function showError(e) {
+  const msg = String(e.message || e);
+  const hint = msg.startsWith("401") ? (apiKey() ? "This API key is not accepted (unknown or revoked): enter another above." :
+    "This server needs an API key: enter one above (an administrator makes them with `whittle keys create`).") : null;
+  $main.replaceChildren(el("p", { class: "error", role: "alert" }, msg), hint ? el("p", {}, hint) : null);
+  if (hint) document.getElementById("api-key").focus();
+}
+
+// A download link that sends the API key: plain links cannot carry an Authorization header,
+// so with a key the file is fetched and handed to the browser as a blob.
+function download(href, filename, label) {
+  return el("a", { href, download: filename, onclick: async (ev) => {
+    if (!apiKey()) return; // the browser downloads it directly
+    ev.preventDefault();
+    try {
+      const res = await fetch(href, { headers: { authorization: "Bearer " + apiKey() } });
+      if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+      const url = URL.createObjectURL(await res.blob());
+      const a = el("a", { href: url, download: filename });
+      document.body.append(a); a.click(); a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+    } catch (e) { showError(e); }
+  } }, label);
+}
 
 function chart(container, title, labels, series, opts = {}) {
   if (!window.uPlot || !labels.length) return null;
@@ -221,7 +244,7 @@ async function jobPage(id) {
     const arts = (job.result && job.result.artifacts) || [];
     artifacts.replaceChildren(arts.length ? table(["Kind", "Format", "Size", "sha256", ""], arts.map((a) => [
       a.kind, a.format, bytes(a.size_bytes), el("code", {}, a.sha256.slice(0, 16) + "…"),
-      el("a", { href: `/v1/artifacts/${a.id}/content`, download: `${a.kind}-${a.id}.${a.format === "json" ? "json" : a.format}` }, "download"),
+      download(`/v1/artifacts/${a.id}/content`, `${a.kind}-${a.id}.${a.format === "json" ? "json" : a.format}`, "download"),
     ]), [2]) : el("p", { class: "muted" }, "None yet."));
     log.textContent = await api(`/v1/jobs/${id}/logs`).catch(() => "");
   };
@@ -308,8 +331,8 @@ async function modelPage(id) {
     table(["Family", "Parameters", "Size", "sha256", "Provenance"], [[m.family || "–", fmt(m.parameters), bytes(m.size_bytes),
       el("code", {}, m.sha256.slice(0, 16) + "…"),
       m.source ? el("span", {}, "made by ", link(`#/jobs/${m.source.job_id}`, `job ${short(m.source.job_id)}`), ` (step ${m.source.step})`) : "uploaded"]]),
-    el("p", {}, el("a", { href: `/v1/models/${id}/content`, download: `${m.name}.safetensors` }, "Download weights"),
-      (m.files || []).length > 1 ? [" · ", el("a", { href: `/v1/models/${id}/archive`, download: `${m.name}.tar` }, "Download folder (tar)")] : []),
+    el("p", {}, download(`/v1/models/${id}/content`, `${m.name}.safetensors`, "Download weights"),
+      (m.files || []).length > 1 ? [" · ", download(`/v1/models/${id}/archive`, `${m.name}.tar`, "Download folder (tar)")] : []),
     el("h2", {}, "Files"), table(["Path", "Size", "sha256"], (m.files || []).map((f) => [f.path, bytes(f.size_bytes), el("code", {}, f.sha256.slice(0, 16) + "…")]), [1]),
     el("h2", {}, `Tensors (${m.tensors.length})`), table(["Name", "dtype", "Shape"], m.tensors.map((t) => [t.name, t.dtype, JSON.stringify(t.shape)])),
     el("h2", {}, "Jobs on this model"), jobs.items.length ? table(["Job", "State", "Steps", "Created"], jobs.items.map((j) => [

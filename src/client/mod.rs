@@ -193,6 +193,37 @@ pub enum ArtifactsCmd {
     },
 }
 
+/// `whittle keys …`: with `--api-key` (an admin key) over the API; without, on the database
+/// of the local configuration (`--data-dir` / `DATABASE_URL`), which is how the first key of a
+/// server is made.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCmd {
+    /// Create a key and print it (it is shown once).
+    Create {
+        /// Who or what the key is for.
+        #[arg(long)]
+        name: String,
+        /// `read` (GET), `write` (also uploads, jobs, cancel, delete) or `admin` (every tenant,
+        /// and keys).
+        #[arg(long)]
+        scope: String,
+        /// The tenant the key acts in (default: `default`).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// List keys (never their secrets).
+    List {
+        /// Page size.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Revoke a key: requests with it are refused at once.
+    Revoke {
+        /// Key id.
+        id: String,
+    },
+}
+
 /// A client command.
 #[derive(Debug, Clone)]
 pub enum ClientCommand {
@@ -204,6 +235,8 @@ pub enum ClientCommand {
     Jobs(JobsCmd),
     /// `artifacts …`.
     Artifacts(ArtifactsCmd),
+    /// `keys …` over the API.
+    Keys(KeysCmd),
 }
 
 /// Why a command failed, and its exit code.
@@ -401,6 +434,25 @@ async fn dispatch(c: &Client, cmd: ClientCommand, out: &Output, tty: bool) -> Re
         ClientCommand::Artifacts(ArtifactsCmd::Download { id, output_file }) => {
             download(c, &format!("/v1/artifacts/{id}/content"), &output_file, tty).await?;
         }
+        ClientCommand::Keys(k) => match k {
+            KeysCmd::Create {
+                name,
+                scope,
+                tenant,
+            } => {
+                let body = json!({"name": name, "scope": scope, "tenant": tenant});
+                let key = c.json(c.req(Method::POST, "/v1/keys").json(&body)).await?;
+                out.new_key(&key);
+            }
+            KeysCmd::List { limit } => {
+                out.list("keys", &c.get(&format!("/v1/keys?limit={limit}")).await?);
+            }
+            KeysCmd::Revoke { id } => {
+                c.json(c.req(Method::DELETE, &format!("/v1/keys/{id}")))
+                    .await?;
+                eprintln!("revoked {id}");
+            }
+        },
     }
     Ok(())
 }

@@ -99,6 +99,23 @@ impl Output {
         println!("{t}");
     }
 
+    /// A key just created: its fields, and its secret with the warning that it is shown once.
+    pub fn new_key(&self, v: &Value) {
+        if self.is_json() {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            return;
+        }
+        let mut shown = v.clone();
+        if let Some(o) = shown.as_object_mut() {
+            o.remove("secret");
+        }
+        self.object("key", &shown);
+        println!(
+            "\nAPI key (shown once; store it now):\n{}",
+            v["secret"].as_str().unwrap_or("")
+        );
+    }
+
     /// A page of a list: JSON, or a table of the columns that matter for `kind`.
     pub fn list(&self, kind: &str, page: &Value) {
         if self.is_json() {
@@ -121,6 +138,15 @@ impl Output {
                 "samples",
                 "num_classes",
                 "size_bytes",
+            ],
+            "keys" => &[
+                "id",
+                "name",
+                "tenant",
+                "scope",
+                "prefix",
+                "last_used_at",
+                "revoked_at",
             ],
             _ => &["id", "state", "ops", "progress", "created_at"],
         };

@@ -31,6 +31,8 @@ pub struct DatasetRecord {
     pub text_bytes: Option<i64>,
     /// Creation time, µs since the epoch.
     pub created_at: i64,
+    /// The tenant it belongs to (API.md "Access").
+    pub tenant: String,
 }
 
 fn from_row(row: &AnyRow) -> Result<DatasetRecord> {
@@ -45,16 +47,17 @@ fn from_row(row: &AnyRow) -> Result<DatasetRecord> {
         size_bytes: row.try_get("size_bytes")?,
         text_bytes: row.try_get("text_bytes")?,
         created_at: row.try_get("created_at")?,
+        tenant: row.try_get("tenant")?,
     })
 }
 
 const COLUMNS: &str =
-    "id, name, format, samples, feature_shape, num_classes, sha256, size_bytes, created_at, text_bytes";
+    "id, name, format, samples, feature_shape, num_classes, sha256, size_bytes, created_at, text_bytes, tenant";
 
 /// Insert a dataset row (the blob must already be committed).
 pub async fn insert(db: &Db, d: &DatasetRecord) -> Result<()> {
     sqlx::query(&format!(
-        "insert into datasets ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        "insert into datasets ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
     ))
     .bind(d.id.to_string())
     .bind(&d.name)
@@ -66,6 +69,7 @@ pub async fn insert(db: &Db, d: &DatasetRecord) -> Result<()> {
     .bind(d.size_bytes)
     .bind(d.created_at)
     .bind(d.text_bytes)
+    .bind(&d.tenant)
     .execute(db.pool())
     .await?;
     Ok(())
@@ -81,12 +85,20 @@ pub async fn get(db: &Db, id: DatasetId) -> Result<Option<DatasetRecord>> {
 }
 
 /// A page of datasets, newest first.
-pub async fn list(db: &Db, after: Option<DatasetId>, limit: i64) -> Result<Vec<DatasetRecord>> {
+/// `tenant` restricts the page to one tenant's datasets.
+pub async fn list(
+    db: &Db,
+    tenant: Option<&str>,
+    after: Option<DatasetId>,
+    limit: i64,
+) -> Result<Vec<DatasetRecord>> {
     let rows = sqlx::query(&format!(
-        "select {COLUMNS} from datasets where ($1 = '' or id < $1) order by id desc limit $2"
+        "select {COLUMNS} from datasets where ($1 = '' or id < $1) and ($3 = '' or tenant = $3) \
+         order by id desc limit $2"
     ))
     .bind(after.map(|a| a.to_string()).unwrap_or_default())
     .bind(limit)
+    .bind(tenant.unwrap_or_default())
     .fetch_all(db.pool())
     .await?;
     rows.iter().map(from_row).collect()

@@ -114,6 +114,8 @@ pub struct JobRecord {
     pub finished_at: Option<i64>,
     /// Last change.
     pub updated_at: i64,
+    /// The tenant it belongs to (API.md "Access").
+    pub tenant: String,
 }
 
 impl JobRecord {
@@ -129,7 +131,7 @@ impl JobRecord {
 pub(crate) const COLUMNS: &str = "id, state, model_id, spec, priority, attempt, max_attempts, \
     timeout_seconds, idempotency_key, request_sha256, worker_id, lease_expires_at, run_at, \
     cancel_requested, progress, error, result, metrics, checkpoint, created_at, started_at, finished_at, \
-    updated_at";
+    updated_at, tenant";
 
 pub(crate) fn from_row(row: &AnyRow) -> Result<JobRecord> {
     let state: String = row.try_get("state")?;
@@ -161,6 +163,7 @@ pub(crate) fn from_row(row: &AnyRow) -> Result<JobRecord> {
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
         updated_at: row.try_get("updated_at")?,
+        tenant: row.try_get("tenant")?,
     })
 }
 
@@ -170,8 +173,8 @@ pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
     sqlx::query(
         "insert into jobs (id, state, model_id, spec, priority, attempt, max_attempts, \
          timeout_seconds, idempotency_key, request_sha256, run_at, cancel_requested, \
-         created_at, updated_at) \
-         values ($1, $2, $3, $4, $5, 0, $6, $7, $8, $9, $10, 0, $11, $11)",
+         created_at, updated_at, tenant) \
+         values ($1, $2, $3, $4, $5, 0, $6, $7, $8, $9, $10, 0, $11, $11, $12)",
     )
     .bind(job.id.to_string())
     .bind(job.state.as_str())
@@ -184,6 +187,7 @@ pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
     .bind(job.request_sha256.clone())
     .bind(job.run_at)
     .bind(job.created_at)
+    .bind(&job.tenant)
     .execute(&mut *tx)
     .await?;
     for (key, value) in job.labels() {
@@ -234,6 +238,8 @@ pub struct JobFilter {
     pub model_id: Option<ModelId>,
     /// Only jobs carrying this label (`key`, `value`).
     pub label: Option<(String, String)>,
+    /// Only this tenant's jobs.
+    pub tenant: Option<String>,
 }
 
 /// A page of jobs, newest first, after the cursor id.
@@ -249,6 +255,7 @@ pub async fn list(
          and ($2 = '' or state = $2) \
          and ($3 = '' or model_id = $3) \
          and ($4 = '' or exists (select 1 from job_labels l where l.job_id = j.id and l.key = $4 and l.value = $5)) \
+         and ($7 = '' or tenant = $7) \
          order by id desc limit $6"
     ))
     .bind(after.map(|a| a.to_string()).unwrap_or_default())
@@ -257,6 +264,7 @@ pub async fn list(
     .bind(label_key)
     .bind(label_value)
     .bind(limit)
+    .bind(filter.tenant.clone().unwrap_or_default())
     .fetch_all(db.pool())
     .await?;
     rows.iter().map(from_row).collect()

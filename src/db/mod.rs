@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod datasets;
 pub mod events;
 pub mod jobs;
+pub mod keys;
 pub mod models;
 
 use std::str::FromStr;
@@ -48,8 +49,46 @@ pub enum Error {
     UnsupportedUrl(String),
 }
 
+impl Error {
+    /// Whether the database could not be reached (no connection within the acquire timeout,
+    /// a refused or broken connection): the request may succeed later, so the API answers
+    /// 503 with `Retry-After` rather than 500.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Sqlx(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+                ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| {
+                    // Postgres: 57P01 admin shutdown, 57P03 cannot connect now, 08xxx connection.
+                    c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03"
+                }))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Pool settings (`WHITTLE_DB_POOL_SIZE`, `WHITTLE_DB_ACQUIRE_TIMEOUT_MS`).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOptions {
+    /// Most connections held.
+    pub max_connections: u32,
+    /// Longest a request waits for a connection before it fails (503 in the API).
+    pub acquire_timeout: std::time::Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            max_connections: 16,
+            acquire_timeout: std::time::Duration::from_secs(3),
+        }
+    }
+}
 
 /// A connection pool plus the backend it speaks to.
 #[derive(Debug, Clone)]
@@ -63,8 +102,13 @@ static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 impl Db {
-    /// Connect to `url` (`postgres://…` or `sqlite://…`).
+    /// Connect to `url` (`postgres://…` or `sqlite://…`) with the default pool settings.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PoolOptions::default()).await
+    }
+
+    /// Connect to `url` with these pool settings.
+    pub async fn connect_with(url: &str, pool: PoolOptions) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Backend::Postgres
@@ -73,7 +117,9 @@ impl Db {
         } else {
             return Err(Error::UnsupportedUrl(redact(url)));
         };
-        let mut options = AnyPoolOptions::new().max_connections(16);
+        let mut options = AnyPoolOptions::new()
+            .max_connections(pool.max_connections.max(1))
+            .acquire_timeout(pool.acquire_timeout);
         if backend == Backend::Sqlite {
             if let Some(dir) = sqlite_dir(url) {
                 std::fs::create_dir_all(dir).map_err(sqlx::Error::Io)?;

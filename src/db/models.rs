@@ -34,6 +34,8 @@ pub struct ModelRecord {
     pub family: Option<String>,
     /// Creation time, µs since the epoch.
     pub created_at: i64,
+    /// The tenant it belongs to (API.md "Access").
+    pub tenant: String,
 }
 
 /// The path of the weights in every model's folder.
@@ -80,6 +82,7 @@ impl ModelRecord {
             config: None,
             family,
             created_at: crate::ids::now_micros(),
+            tenant: super::keys::DEFAULT_TENANT.into(),
         }
     }
 
@@ -146,10 +149,11 @@ fn from_row(row: &AnyRow) -> Result<ModelRecord> {
         config: json_col_opt(row, "config")?,
         family: row.try_get("family")?,
         created_at: row.try_get("created_at")?,
+        tenant: row.try_get("tenant")?,
     })
 }
 
-const COLUMNS: &str = "id, name, sha256, size_bytes, parameters, tensors, architecture, source_job_id, source_step, files, config, family, created_at";
+const COLUMNS: &str = "id, name, sha256, size_bytes, parameters, tensors, architecture, source_job_id, source_step, files, config, family, created_at, tenant";
 
 /// Insert a model row (the blob must already be committed).
 pub async fn insert<'e, E>(executor: E, m: &ModelRecord) -> Result<()>
@@ -157,7 +161,7 @@ where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     sqlx::query(&format!(
-        "insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        "insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
     ))
     .bind(m.id.to_string())
     .bind(&m.name)
@@ -172,6 +176,7 @@ where
     .bind(m.config.as_ref().map(|c| c.to_string()))
     .bind(m.family.clone())
     .bind(m.created_at)
+    .bind(&m.tenant)
     .execute(executor)
     .await?;
     Ok(())
@@ -186,13 +191,21 @@ pub async fn get(db: &Db, id: ModelId) -> Result<Option<ModelRecord>> {
     row.as_ref().map(from_row).transpose()
 }
 
-/// A page of models, newest first; `after` is the last id of the previous page.
-pub async fn list(db: &Db, after: Option<ModelId>, limit: i64) -> Result<Vec<ModelRecord>> {
+/// A page of models, newest first; `after` is the last id of the previous page; `tenant`
+/// restricts it to one tenant's models.
+pub async fn list(
+    db: &Db,
+    tenant: Option<&str>,
+    after: Option<ModelId>,
+    limit: i64,
+) -> Result<Vec<ModelRecord>> {
     let rows = sqlx::query(&format!(
-        "select {COLUMNS} from models where ($1 = '' or id < $1) order by id desc limit $2"
+        "select {COLUMNS} from models where ($1 = '' or id < $1) and ($3 = '' or tenant = $3) \
+         order by id desc limit $2"
     ))
     .bind(after.map(|a| a.to_string()).unwrap_or_default())
     .bind(limit)
+    .bind(tenant.unwrap_or_default())
     .fetch_all(db.pool())
     .await?;
     rows.iter().map(from_row).collect()

@@ -6,6 +6,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 
+use super::auth::Caller;
 use super::bodies::ArtifactBody;
 use super::error::{ApiError, ApiResult};
 use super::extract::parse_id;
@@ -21,26 +22,37 @@ pub fn router() -> Router<AppState> {
         .route("/artifacts/{id}/content", get(download_artifact))
 }
 
-async fn load_artifact(state: &AppState, raw: &str) -> ApiResult<ArtifactRecord> {
+/// The artifact `raw` names, if the caller may see its job (another tenant's is 404).
+async fn load_artifact(state: &AppState, caller: &Caller, raw: &str) -> ApiResult<ArtifactRecord> {
     let id: ArtifactId = parse_id(raw, Code::ArtifactNotFound, "artifact")?;
-    artifacts::get(&state.db, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(Code::ArtifactNotFound, "artifact", raw))
+    let not_found = || ApiError::not_found(Code::ArtifactNotFound, "artifact", raw);
+    let artifact = artifacts::get(&state.db, id).await?.ok_or_else(not_found)?;
+    if caller.tenant_filter().is_some() {
+        let job = crate::db::jobs::get(&state.db, artifact.job_id).await?;
+        if !job.is_some_and(|j| caller.sees(&j.tenant)) {
+            return Err(not_found());
+        }
+    }
+    Ok(artifact)
 }
 
 async fn get_artifact(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ArtifactBody>> {
-    Ok(Json(ArtifactBody::from(&load_artifact(&state, &id).await?)))
+    Ok(Json(ArtifactBody::from(
+        &load_artifact(&state, &caller, &id).await?,
+    )))
 }
 
 async fn download_artifact(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let a = load_artifact(&state, &id).await?;
+    let a = load_artifact(&state, &caller, &id).await?;
     let content_type = match a.format.as_str() {
         "json" => "application/json",
         _ => "application/octet-stream",

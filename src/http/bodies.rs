@@ -30,6 +30,7 @@ pub struct ModelBody {
     files: Vec<ModelFile>,
     config: Option<Value>,
     created_at: String,
+    tenant: String,
 }
 
 /// What running the network costs: parameters, FLOPs and activation memory per sample, per
@@ -84,6 +85,7 @@ impl From<&ModelRecord> for ModelBody {
             files: m.files.clone(),
             config: m.config.clone(),
             created_at: rfc3339(m.created_at),
+            tenant: m.tenant.clone(),
         }
     }
 }
@@ -106,6 +108,7 @@ pub struct DatasetBody {
     /// Whether every sample has a label.
     labelled: bool,
     created_at: String,
+    tenant: String,
 }
 
 impl From<&DatasetRecord> for DatasetBody {
@@ -123,6 +126,7 @@ impl From<&DatasetRecord> for DatasetBody {
             bytes: d.text_bytes,
             labelled: d.num_classes.is_some(),
             created_at: rfc3339(d.created_at),
+            tenant: d.tenant.clone(),
         }
     }
 }
@@ -173,6 +177,7 @@ pub struct JobBody {
     labels: BTreeMap<String, String>,
     webhook_url: Value,
     created_at: String,
+    tenant: String,
     started_at: Option<String>,
     finished_at: Option<String>,
     updated_at: String,
@@ -199,6 +204,7 @@ impl From<&JobRecord> for JobBody {
             labels: j.labels(),
             webhook_url: spec("webhook_url", Value::Null),
             created_at: rfc3339(j.created_at),
+            tenant: j.tenant.clone(),
             started_at: j.started_at.map(rfc3339),
             finished_at: j.finished_at.map(rfc3339),
             updated_at: rfc3339(j.updated_at),

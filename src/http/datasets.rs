@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::auth::Caller;
 use super::bodies::DatasetBody;
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page, PageBody};
@@ -56,6 +57,7 @@ struct Parts {
 
 async fn upload_dataset(
     State(state): State<AppState>,
+    caller: Caller,
     AppQuery(query): AppQuery<UploadQuery>,
     req: Request,
 ) -> ApiResult<Response> {
@@ -170,6 +172,7 @@ async fn upload_dataset(
         size_bytes: blob.size as i64,
         text_bytes,
         created_at: now_micros(),
+        tenant: caller.tenant,
     };
     datasets::insert(&state.db, &record).await?;
     Ok((
@@ -231,10 +234,11 @@ async fn read_multipart(state: &AppState, mut mp: Multipart, parts: &mut Parts) 
 
 async fn list_datasets(
     State(state): State<AppState>,
+    caller: Caller,
     AppQuery(page): AppQuery<Page>,
 ) -> ApiResult<Json<PageBody<DatasetBody>>> {
     let limit = page.limit();
-    let rows = datasets::list(&state.db, page.after()?, limit).await?;
+    let rows = datasets::list(&state.db, caller.tenant_filter(), page.after()?, limit).await?;
     let last = rows.last().map(|d| d.id);
     Ok(Json(page_body(
         rows.iter().map(DatasetBody::from).collect(),
@@ -243,26 +247,32 @@ async fn list_datasets(
     )))
 }
 
-async fn load_dataset(state: &AppState, raw: &str) -> ApiResult<DatasetRecord> {
+/// The dataset `raw` names, if the caller may see it (another tenant's is 404).
+async fn load_dataset(state: &AppState, caller: &Caller, raw: &str) -> ApiResult<DatasetRecord> {
     let id: DatasetId = parse_id(raw, Code::DatasetNotFound, "dataset")?;
     datasets::get(&state.db, id)
         .await?
+        .filter(|d| caller.sees(&d.tenant))
         .ok_or_else(|| ApiError::not_found(Code::DatasetNotFound, "dataset", raw))
 }
 
 async fn get_dataset(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<DatasetBody>> {
-    Ok(Json(DatasetBody::from(&load_dataset(&state, &id).await?)))
+    Ok(Json(DatasetBody::from(
+        &load_dataset(&state, &caller, &id).await?,
+    )))
 }
 
 /// `DELETE /v1/datasets/{id}`; the blob is reclaimed by the garbage collector.
 async fn delete_dataset(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let dataset = load_dataset(&state, &id).await?;
+    let dataset = load_dataset(&state, &caller, &id).await?;
     if !datasets::delete_unless_in_use(&state.db, dataset.id).await? {
         return Err(ApiError::conflict(
             Code::DatasetInUse,

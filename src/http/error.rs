@@ -22,6 +22,8 @@ pub struct ApiError {
     pub detail: String,
     /// Per-field problems (validation).
     pub errors: Vec<FieldError>,
+    /// Extra response headers (`WWW-Authenticate`, `Retry-After`).
+    pub headers: Vec<(header::HeaderName, &'static str)>,
 }
 
 /// Result alias for handlers.
@@ -35,7 +37,25 @@ impl ApiError {
             code,
             detail: detail.into(),
             errors: Vec::new(),
+            headers: Vec::new(),
         }
+    }
+
+    /// This error with one more response header.
+    pub fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// 503 while the database cannot be reached: retry after a few seconds.
+    pub fn database_unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "database unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::DatabaseUnavailable,
+            "the database cannot be reached right now; retry shortly",
+        )
+        .with_header(header::RETRY_AFTER, "5")
     }
 
     /// 404 for a resource id that does not exist.
@@ -78,6 +98,7 @@ impl ApiError {
             code,
             detail,
             errors,
+            headers: Vec::new(),
         }
     }
 
@@ -110,24 +131,37 @@ impl IntoResponse for ApiError {
             "code": self.code,
             "errors": self.errors,
         });
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        for (name, value) in self.headers {
+            response
+                .headers_mut()
+                .insert(name, header::HeaderValue::from_static(value));
+        }
+        response
     }
 }
 
 impl From<crate::db::Error> for ApiError {
     fn from(e: crate::db::Error) -> Self {
-        ApiError::internal(e)
+        if e.is_unavailable() {
+            ApiError::database_unavailable(e)
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
 impl From<crate::queue::Error> for ApiError {
     fn from(e: crate::queue::Error) -> Self {
-        ApiError::internal(e)
+        match e {
+            crate::queue::Error::Db(e) => e.into(),
+            e => ApiError::internal(e),
+        }
     }
 }
 

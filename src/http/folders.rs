@@ -58,7 +58,7 @@ pub fn push_file(files: &mut Vec<UploadedFile>, file: UploadedFile) -> ApiResult
     Ok(())
 }
 
-/// Checks and assembles an uploaded folder, commits its blobs and records the model.
+/// Checks and assembles an uploaded folder and commits its blobs; the caller records the model.
 pub async fn ingest_folder(
     state: &AppState,
     files: Vec<UploadedFile>,
@@ -68,7 +68,6 @@ pub async fn ingest_folder(
     let store = state.store.clone();
     let record =
         tokio::task::spawn_blocking(move || assemble(store.as_ref(), files, name)).await??;
-    crate::db::models::insert(state.db.pool(), &record).await?;
     Ok(record)
 }
 

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::auth::Caller;
 use super::bodies::JobBody;
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppJson, AppQuery, Page, PageBody};
@@ -46,6 +47,7 @@ struct CreateQuery {
 /// `POST /v1/jobs`.
 async fn create_job(
     State(state): State<AppState>,
+    caller: Caller,
     AppQuery(query): AppQuery<CreateQuery>,
     headers: HeaderMap,
     AppJson(body): AppJson<Value>,
@@ -65,13 +67,15 @@ async fn create_job(
     // serde_json maps are ordered, so equal bodies serialise identically.
     let body_sha = hex::encode(Sha256::digest(body.to_string().as_bytes()));
     let dry_run = query.dry_run.unwrap_or(false);
+    // Keys are per tenant: another tenant's key is stored under its tenant's name.
+    let idempotency_key = idempotency_key.map(|k| scoped_key(&caller.tenant, k));
     if let (Some(key), false) = (&idempotency_key, dry_run) {
         if let Some(existing) = jobs::get_by_idempotency_key(&state.db, key).await? {
             return replay(existing, &body_sha);
         }
     }
 
-    let inputs = JobInputs::load(&state.db, &body).await?;
+    let inputs = JobInputs::load(&state.db, caller.tenant_filter(), &body).await?;
     let facts = inputs.facts();
     let model = inputs.model;
     let parsed = spec::parse_job(&body, facts.as_ref());
@@ -147,6 +151,7 @@ async fn create_job(
         started_at: None,
         finished_at: None,
         updated_at: now,
+        tenant: caller.tenant.clone(),
     };
     if let Err(e) = jobs::insert(&state.db, &record).await {
         // Two requests with one key raced: the loser answers with the winner's job.
@@ -160,6 +165,16 @@ async fn create_job(
     state.queue.announce().await;
     metrics::counter!("whittle_jobs_submitted_total").increment(1);
     accepted(&record)
+}
+
+/// The stored form of an idempotency key: as sent in the default tenant, prefixed with the
+/// tenant elsewhere (a newline cannot occur in a header value, so no two tenants' keys meet).
+fn scoped_key(tenant: &str, key: String) -> String {
+    if tenant == crate::db::keys::DEFAULT_TENANT {
+        key
+    } else {
+        format!("{tenant}\n{key}")
+    }
 }
 
 fn accepted(job: &JobRecord) -> ApiResult<Response> {
@@ -220,20 +235,23 @@ fn dry_run_plan(
     })
 }
 
-async fn load_job(state: &AppState, raw: &str) -> ApiResult<JobRecord> {
+/// The job `raw` names, if the caller may see it (another tenant's is 404).
+async fn load_job(state: &AppState, caller: &Caller, raw: &str) -> ApiResult<JobRecord> {
     let id: JobId = parse_id(raw, Code::JobNotFound, "job")?;
     jobs::get(&state.db, id)
         .await?
+        .filter(|j| caller.sees(&j.tenant))
         .ok_or_else(|| ApiError::not_found(Code::JobNotFound, "job", raw))
 }
 
 /// `GET /v1/jobs/{id}` with a weak ETag that changes whenever the row does.
 async fn get_job(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let job = load_job(&state, &id).await?;
+    let job = load_job(&state, &caller, &id).await?;
     let etag = format!(
         "W/\"{}-{}-{}\"",
         job.updated_at,
@@ -261,6 +279,7 @@ struct ListQuery {
 
 async fn list_jobs(
     State(state): State<AppState>,
+    caller: Caller,
     AppQuery(q): AppQuery<ListQuery>,
 ) -> ApiResult<Json<PageBody<JobBody>>> {
     let page = Page {
@@ -298,6 +317,7 @@ async fn list_jobs(
                 Some((k.to_string(), v.to_string()))
             }
         },
+        tenant: caller.tenant_filter().map(str::to_string),
     };
     let limit = page.limit();
     let rows = jobs::list(&state.db, &filter, page.after()?, limit).await?;
@@ -311,16 +331,17 @@ async fn list_jobs(
 
 async fn cancel_job(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     refuse_form_bodies(&headers)?;
-    let job = load_job(&state, &id).await?;
+    let job = load_job(&state, &caller, &id).await?;
     match state.queue.cancel(job.id).await? {
         CancelOutcome::Cancelled
         | CancelOutcome::Requested
         | CancelOutcome::AlreadyFinished(JobState::Cancelled) => {
-            let job = load_job(&state, &id).await?;
+            let job = load_job(&state, &caller, &id).await?;
             Ok((StatusCode::ACCEPTED, Json(JobBody::from(&job))).into_response())
         }
         CancelOutcome::AlreadyFinished(s) => Err(ApiError::conflict(
@@ -359,10 +380,11 @@ fn refuse_form_bodies(headers: &HeaderMap) -> ApiResult<()> {
 /// (or the server shuts down).
 async fn job_events(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let job = load_job(&state, &id).await?;
+    let job = load_job(&state, &caller, &id).await?;
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -481,9 +503,10 @@ fn event_stream(
 
 async fn job_metrics(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let job = load_job(&state, &id).await?;
+    let job = load_job(&state, &caller, &id).await?;
     Ok(Json(job.metrics.unwrap_or_else(
         || json!({"baseline": null, "steps": [], "final": null}),
     )))
@@ -492,10 +515,11 @@ async fn job_metrics(
 /// `GET /v1/jobs/{id}/logs`: text lines, or NDJSON with `Accept: application/x-ndjson`.
 async fn job_logs(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let job = load_job(&state, &id).await?;
+    let job = load_job(&state, &caller, &id).await?;
     let mut lines = Vec::new();
     let mut after = 0;
     loop {

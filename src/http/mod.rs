@@ -4,6 +4,7 @@
 //! nothing themselves beyond validating input.
 
 pub mod artifacts;
+pub mod auth;
 pub mod bodies;
 pub mod content;
 pub mod datasets;
@@ -67,6 +68,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/{id}/logs"),
     ("GET", "/v1/artifacts/{id}"),
     ("GET", "/v1/artifacts/{id}/content"),
+    ("GET", "/v1/keys"),
+    ("POST", "/v1/keys"),
+    ("GET", "/v1/keys/{id}"),
+    ("DELETE", "/v1/keys/{id}"),
 ];
 
 /// Shared state of every handler.
@@ -84,6 +89,8 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
     /// Live job events (one database reader for every follower in the process).
     pub live: live::EventHub,
+    /// How requests are authenticated.
+    pub auth: auth::AuthMode,
 }
 
 /// The whole application router with its middleware.
@@ -93,7 +100,12 @@ pub fn router(state: AppState) -> Router {
         .merge(models::router())
         .merge(datasets::router())
         .merge(jobs::router())
-        .merge(artifacts::router());
+        .merge(artifacts::router())
+        .merge(auth::router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .nest("/v1", api)
         .merge(ops::router())

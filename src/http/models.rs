@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::auth::Caller;
 use super::bodies::ModelBody;
 use super::error::{ApiError, ApiResult};
 use super::extract::{page_body, parse_id, AppQuery, Page, PageBody};
@@ -54,6 +55,7 @@ struct UploadQuery {
 /// `POST /v1/models` — dispatches on Content-Type.
 async fn upload_model(
     State(state): State<AppState>,
+    caller: Caller,
     AppQuery(query): AppQuery<UploadQuery>,
     req: Request,
 ) -> ApiResult<Response> {
@@ -65,7 +67,7 @@ async fn upload_model(
         .to_ascii_lowercase();
     let limit = state.config.max_upload_bytes;
     check_content_length(req.headers(), limit)?;
-    let record = if content_type.starts_with("application/octet-stream") {
+    let mut record = if content_type.starts_with("application/octet-stream") {
         let temp = crate::store::write_stream(
             state.store.as_ref(),
             req.into_body().into_data_stream(),
@@ -107,6 +109,9 @@ async fn upload_model(
             "send application/octet-stream (safetensors bytes), multipart/form-data (parts `file`, `architecture`, `name`; or one `file` part per file of a model folder, named by its path), application/x-tar (a model folder) or application/json (`architecture` + `init`)",
         ));
     };
+    // Every path above checks and commits the blobs; the row is written here, once.
+    record.tenant = caller.tenant;
+    models::insert(state.db.pool(), &record).await?;
     created(&record)
 }
 
@@ -266,9 +271,14 @@ async fn ingest(
     }
     let store = state.store.clone();
     let blob = tokio::task::spawn_blocking(move || store.commit(temp)).await??;
-    let record = ModelRecord::new(name, blob.sha256, blob.size, &header, architecture, None);
-    models::insert(state.db.pool(), &record).await?;
-    Ok(record)
+    Ok(ModelRecord::new(
+        name,
+        blob.sha256,
+        blob.size,
+        &header,
+        architecture,
+        None,
+    ))
 }
 
 /// `POST /v1/models` with JSON: `{"name", "architecture", "init": {"seed"}}`.
@@ -380,24 +390,23 @@ async fn create_from_architecture(
         Ok((store.commit(temp)?, header))
     })
     .await??;
-    let record = ModelRecord::new(
+    Ok(ModelRecord::new(
         name,
         blob.sha256,
         blob.size,
         &header,
         Some(architecture),
         None,
-    );
-    models::insert(state.db.pool(), &record).await?;
-    Ok(record)
+    ))
 }
 
 async fn list_models(
     State(state): State<AppState>,
+    caller: Caller,
     AppQuery(page): AppQuery<Page>,
 ) -> ApiResult<Json<PageBody<ModelBody>>> {
     let limit = page.limit();
-    let rows = models::list(&state.db, page.after()?, limit).await?;
+    let rows = models::list(&state.db, caller.tenant_filter(), page.after()?, limit).await?;
     let last = rows.last().map(|m| m.id);
     Ok(Json(page_body(
         rows.iter().map(ModelBody::from).collect(),
@@ -406,27 +415,33 @@ async fn list_models(
     )))
 }
 
-pub(crate) async fn load_model(state: &AppState, raw: &str) -> ApiResult<ModelRecord> {
+/// The model `raw` names, if the caller may see it (another tenant's is 404, as if absent).
+async fn load_model(state: &AppState, caller: &Caller, raw: &str) -> ApiResult<ModelRecord> {
     let id: ModelId = parse_id(raw, Code::ModelNotFound, "model")?;
     models::get(&state.db, id)
         .await?
+        .filter(|m| caller.sees(&m.tenant))
         .ok_or_else(|| ApiError::not_found(Code::ModelNotFound, "model", raw))
 }
 
 async fn get_model(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ModelBody>> {
-    Ok(Json(ModelBody::from(&load_model(&state, &id).await?)))
+    Ok(Json(ModelBody::from(
+        &load_model(&state, &caller, &id).await?,
+    )))
 }
 
 /// `DELETE /v1/models/{id}`: the row goes at once; the blob is reclaimed by the garbage
 /// collector once nothing references it (see [`crate::app::App::collect_garbage`]).
 async fn delete_model(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let model = load_model(&state, &id).await?;
+    let model = load_model(&state, &caller, &id).await?;
     if !models::delete_unless_in_use(&state.db, model.id).await? {
         return Err(ApiError::conflict(
             Code::ModelInUse,
@@ -439,28 +454,31 @@ async fn delete_model(
 /// `GET /v1/models/{id}/files/{path}`.
 async fn download_file(
     State(state): State<AppState>,
+    caller: Caller,
     Path((id, path)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let model = load_model(&state, &id).await?;
+    let model = load_model(&state, &caller, &id).await?;
     super::folders::serve_file(&state, &model, &path, &headers).await
 }
 
 /// `GET /v1/models/{id}/archive`.
 async fn download_archive(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let model = load_model(&state, &id).await?;
+    let model = load_model(&state, &caller, &id).await?;
     super::folders::serve_archive(&state, &model).await
 }
 
 async fn download_model(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let model = load_model(&state, &id).await?;
+    let model = load_model(&state, &caller, &id).await?;
     super::content::serve_blob(
         state.store.as_ref(),
         &model.sha256,

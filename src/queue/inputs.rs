@@ -27,19 +27,26 @@ pub struct JobInputs {
 }
 
 impl JobInputs {
-    /// Loads what `body` (a job request or a stored spec) names.
-    pub async fn load(db: &Db, body: &Value) -> db::Result<JobInputs> {
+    /// Loads what `body` (a job request or a stored spec) names; with a `tenant`, rows of
+    /// other tenants count as absent.
+    pub async fn load(db: &Db, tenant: Option<&str>, body: &Value) -> db::Result<JobInputs> {
+        let visible = |t: &str| tenant.is_none_or(|want| want == t);
         let model = match body
             .get("model_id")
             .and_then(Value::as_str)
             .and_then(|s| s.parse::<ModelId>().ok())
         {
-            Some(id) => db::models::get(db, id).await?,
+            Some(id) => db::models::get(db, id)
+                .await?
+                .filter(|m| visible(&m.tenant)),
             None => None,
         };
         let mut datasets = HashMap::new();
         for id in spec::referenced_datasets(body) {
-            if let Some(d) = db::datasets::get(db, id).await? {
+            if let Some(d) = db::datasets::get(db, id)
+                .await?
+                .filter(|d| visible(&d.tenant))
+            {
                 datasets.insert(id, d);
             }
         }
@@ -48,7 +55,10 @@ impl JobInputs {
             let Ok(model_id) = id.parse::<ModelId>() else {
                 continue;
             };
-            if let Some(m) = db::models::get(db, model_id).await? {
+            if let Some(m) = db::models::get(db, model_id)
+                .await?
+                .filter(|m| visible(&m.tenant))
+            {
                 models.insert(id, m);
             }
         }

@@ -419,7 +419,7 @@ impl Worker {
                 format!("the stored job spec no longer parses: {errors:?}"),
             )
         })?;
-        let inputs = JobInputs::load(self.queue.db(), &job.spec)
+        let inputs = JobInputs::load(self.queue.db(), None, &job.spec)
             .await
             .map_err(|e| {
                 JobError::retryable(
@@ -454,7 +454,7 @@ impl Worker {
         output: PipelineOutput,
     ) -> Completion {
         let now = now_micros();
-        let model = ModelRecord::new(
+        let mut model = ModelRecord::new(
             format!("{} (job {})", input.name, job.id),
             output.model.sha256.clone(),
             output.model.size,
@@ -473,6 +473,8 @@ impl Worker {
             input.config.clone(),
             input.family.clone(),
         );
+        // What a job makes belongs to the job's tenant.
+        model.tenant = job.tenant.clone();
         let artifact = |kind: &str, format: &str, blob: &crate::store::BlobRef| ArtifactRecord {
             id: ArtifactId::new(),
             job_id: job.id,

@@ -179,4 +179,102 @@ async fn the_cli_uploads_submits_waits_and_exits_by_outcome(t: TestApp) {
     assert_eq!(code, 1, "a cancelled job: {err}");
 }
 
+/// `whittle keys`: the first key made on the database, the next ones over the API with it;
+/// requests without a key exit 2 with the server's 401; a revoked key stops working.
+async fn the_cli_manages_api_keys(backend: Backend) {
+    let Some(t) = TestApp::with(backend, |c| {
+        c.auth = Some(whittle::config::AuthChoice::Keys)
+    })
+    .await
+    else {
+        return;
+    };
+    let url = serve(&t).await;
+    let data_dir = t.data_dir().display().to_string();
+    let local = [
+        "--data-dir",
+        data_dir.as_str(),
+        "--database-url",
+        t.database_url.as_str(),
+    ];
+    let mut args = vec![
+        "keys", "create", "--name", "root", "--scope", "admin", "--output", "json",
+    ];
+    args.extend(local);
+    let (code, out, err) = whittle(&url, &args).await;
+    assert_eq!(code, 0, "{err}");
+    let root: Value = serde_json::from_str(&out).unwrap();
+    let admin = root["secret"].as_str().unwrap().to_string();
+    assert!(admin.starts_with("wh_"), "{out}");
+
+    let (code, _, err) = whittle(&url, &["models", "list"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("401 unauthenticated"), "{err}");
+    let (code, out, err) = whittle(
+        &url,
+        &[
+            "--api-key",
+            &admin,
+            "keys",
+            "create",
+            "--name",
+            "ci",
+            "--scope",
+            "read",
+            "--tenant",
+            "team-a",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let ci: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (ci["tenant"].as_str(), ci["scope"].as_str()),
+        (Some("team-a"), Some("read"))
+    );
+    let reader = ci["secret"].as_str().unwrap();
+    let (code, out, err) = whittle(
+        &url,
+        &["--api-key", reader, "models", "list", "--output", "json"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["items"],
+        json!([])
+    );
+    let (code, _, err) = whittle(&url, &["--api-key", reader, "keys", "list"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("403 forbidden"), "{err}");
+    let (code, out, _) = whittle(
+        &url,
+        &["--api-key", &admin, "keys", "list", "--output", "json"],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2);
+    assert!(!out.contains(reader) && !out.contains(&admin));
+    let id = ci["id"].as_str().unwrap();
+    let mut args = vec!["keys", "revoke", id];
+    args.extend(local);
+    let (code, _, err) = whittle(&url, &args).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = whittle(&url, &["--api-key", reader, "models", "list"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("401"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_manages_api_keys_on_sqlite() {
+    the_cli_manages_api_keys(Backend::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_manages_api_keys_on_postgres() {
+    the_cli_manages_api_keys(Backend::Postgres).await
+}
+
 on_both_backends!(the_cli_uploads_submits_waits_and_exits_by_outcome);

@@ -28,6 +28,7 @@ macro_rules! on_both_backends {
     };
 }
 
+mod access;
 mod cli;
 mod compression;
 mod datasets;
