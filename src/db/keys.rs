@@ -207,19 +207,23 @@ pub async fn authenticate(db: &Db, secret: &str) -> Result<Option<KeyRecord>> {
     Ok(Some(key))
 }
 
-/// One key by id.
+/// One live (not revoked) key by id.
 pub async fn get(db: &Db, id: KeyId) -> Result<Option<KeyRecord>> {
-    let row = sqlx::query(&format!("select {COLUMNS} from api_keys where id = $1"))
-        .bind(id.to_string())
-        .fetch_optional(db.pool())
-        .await?;
+    let row = sqlx::query(&format!(
+        "select {COLUMNS} from api_keys where id = $1 and revoked_at is null"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(db.pool())
+    .await?;
     row.as_ref().map(from_row).transpose()
 }
 
-/// A page of keys (revoked ones included), newest first.
+/// A page of live keys, newest first (revoked keys stay in the table, for the record, but
+/// are gone from the API).
 pub async fn list(db: &Db, after: Option<KeyId>, limit: i64) -> Result<Vec<KeyRecord>> {
     let rows = sqlx::query(&format!(
-        "select {COLUMNS} from api_keys where ($1 = '' or id < $1) order by id desc limit $2"
+        "select {COLUMNS} from api_keys where ($1 = '' or id < $1) and revoked_at is null \
+         order by id desc limit $2"
     ))
     .bind(after.map(|a| a.to_string()).unwrap_or_default())
     .bind(limit)
@@ -228,12 +232,13 @@ pub async fn list(db: &Db, after: Option<KeyId>, limit: i64) -> Result<Vec<KeyRe
     rows.iter().map(from_row).collect()
 }
 
-/// Revoke a key (idempotent); returns whether the key exists.
+/// Revoke a key; returns whether a live key was revoked (`false`: unknown or revoked before).
 pub async fn revoke(db: &Db, id: KeyId) -> Result<bool> {
-    sqlx::query("update api_keys set revoked_at = $1 where id = $2 and revoked_at is null")
-        .bind(now_micros())
-        .bind(id.to_string())
-        .execute(db.pool())
-        .await?;
-    Ok(get(db, id).await?.is_some())
+    let done =
+        sqlx::query("update api_keys set revoked_at = $1 where id = $2 and revoked_at is null")
+            .bind(now_micros())
+            .bind(id.to_string())
+            .execute(db.pool())
+            .await?;
+    Ok(done.rows_affected() > 0)
 }

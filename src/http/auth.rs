@@ -130,7 +130,6 @@ pub struct KeyBody {
     prefix: String,
     created_at: String,
     last_used_at: Option<String>,
-    revoked_at: Option<String>,
 }
 
 impl From<&KeyRecord> for KeyBody {
@@ -143,7 +142,6 @@ impl From<&KeyRecord> for KeyBody {
             prefix: k.prefix.clone(),
             created_at: rfc3339(k.created_at),
             last_used_at: k.last_used_at.map(rfc3339),
-            revoked_at: k.revoked_at.map(rfc3339),
         }
     }
 }
@@ -184,7 +182,7 @@ pub struct CreateKey {
 pub fn mint(req: CreateKey) -> ApiResult<(KeyRecord, String)> {
     let mut errors = Vec::new();
     let name = req.name.trim().to_string();
-    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         errors.push(crate::spec::FieldError::new(
             "/name",
             "must be 1–200 characters without control characters",
@@ -253,7 +251,8 @@ async fn get_key(
     Ok(Json(KeyBody::from(&key)))
 }
 
-/// `DELETE /v1/keys/{id}`: revoked at once (idempotent); the row stays, listed as revoked.
+/// `DELETE /v1/keys/{id}`: revoked at once; from then on the key is unknown to the API (the
+/// row stays in the database, with its revocation time, for the record).
 async fn revoke_key(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -190,6 +190,15 @@ pub fn parse_id<T: std::str::FromStr>(raw: &str, code: Code, what: &str) -> Resu
         .map_err(|_| ApiError::not_found(code, what, raw))
 }
 
+/// Whether `s` is a UUID written as `8-4-4-4-12` hex digits (the only form the API writes).
+pub fn is_hyphenated_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
 /// `?limit=&cursor=` of every list.
 #[derive(Debug, Deserialize)]
 pub struct Page {
@@ -209,6 +218,11 @@ impl Page {
     pub fn after<T: std::str::FromStr>(&self) -> Result<Option<T>, ApiError> {
         match self.cursor.as_deref() {
             None | Some("") => Ok(None),
+            // Cursors are ids in their hyphenated form (what `next_cursor` holds).
+            Some(c) if !is_hyphenated_uuid(c) => Err(ApiError::bad_request(
+                Code::InvalidCursor,
+                "`cursor` must be a `next_cursor` value from a previous page",
+            )),
             Some(c) => c.parse().map(Some).map_err(|_| {
                 ApiError::bad_request(
                     Code::InvalidCursor,

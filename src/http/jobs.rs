@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::auth::Caller;
 use super::bodies::JobBody;
 use super::error::{ApiError, ApiResult};
-use super::extract::{page_body, parse_id, AppJson, AppQuery, Page, PageBody};
+use super::extract::{is_hyphenated_uuid, page_body, parse_id, AppJson, AppQuery, Page, PageBody};
 use super::AppState;
 use crate::codes::Code;
 use crate::db::events;
@@ -298,9 +298,17 @@ async fn list_jobs(
         },
         model_id: match q.model_id.as_deref() {
             None | Some("") => None,
-            Some(m) => Some(m.parse().map_err(|_| {
-                ApiError::bad_request(Code::InvalidParameter, "`model_id` must be a model id")
-            })?),
+            Some(m) => Some(
+                m.parse()
+                    .ok()
+                    .filter(|_| is_hyphenated_uuid(m))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            Code::InvalidParameter,
+                            "`model_id` must be a model id",
+                        )
+                    })?,
+            ),
         },
         label: match q.label.as_deref() {
             None | Some("") => None,

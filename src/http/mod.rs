@@ -119,7 +119,14 @@ pub fn router(state: AppState) -> Router {
                 .layer(middleware::map_request(sanitize_request_id))
                 .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
                 .layer(
-                    TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                    // Access log: one INFO line per response (status, latency) in the
+                    // request's span (method, URI, request id).
+                    TraceLayer::new_for_http()
+                        .on_response(
+                            tower_http::trace::DefaultOnResponse::new()
+                                .level(tracing::Level::INFO),
+                        )
+                        .make_span_with(|req: &Request| {
                         let id = req
                             .headers()
                             .get("x-request-id")

@@ -351,6 +351,10 @@ async fn create_from_architecture(
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
+    // The body's name is checked even when `?name=` replaces it.
+    if let Some(n) = &body_name {
+        clean_name(n.clone())?;
+    }
     let name = name.or(body_name).unwrap_or_else(|| "model".into());
     let arch = Architecture::from_json(&architecture).map_err(|e| {
         let mut err = ApiError::from(e);

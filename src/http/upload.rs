@@ -53,7 +53,7 @@ pub(crate) async fn field_text(
 /// Trim and check a display name.
 pub(crate) fn clean_name(name: String) -> ApiResult<String> {
     let name = name.trim().to_string();
-    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(ApiError::unprocessable(
             Code::InvalidName,
             "a name is 1–200 printable characters",
