@@ -89,3 +89,27 @@ async fn the_dashboard_is_served_from_the_binary() {
         .await
         .assert_problem(404, "route_not_found");
 }
+
+/// Postgres over TLS: `sslmode=require` connects encrypted (the machine's server has Debian's
+/// snakeoil certificate), and the whole app works over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_over_tls_with_sslmode_require() {
+    let Some(t) = TestApp::with(Backend::Postgres, |c| {
+        let url = c.database_url.take().unwrap();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        c.database_url = Some(format!("{url}{sep}sslmode=require"));
+    })
+    .await
+    else {
+        return;
+    };
+    let encrypted: bool =
+        sqlx::query_scalar("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+            .fetch_one(t.app.state.db.pool())
+            .await
+            .unwrap();
+    assert!(encrypted, "the connection is not encrypted");
+    let m = t.upload_model(tiny_model()).await;
+    t.submit(f16_job(m["id"].as_str().unwrap())).await;
+    assert_eq!(t.run_one().await.unwrap().1, whittle::db::jobs::JobState::Succeeded);
+}
