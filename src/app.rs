@@ -92,6 +92,16 @@ impl App {
         Ok(removed)
     }
 
+    /// Delete the finished jobs older than `WHITTLE_RETENTION_DAYS` (none when unset); the
+    /// number deleted. Their blobs go with the next garbage collection.
+    pub async fn apply_retention(&self) -> anyhow::Result<u64> {
+        let Some(days) = self.state.config.retention_days else {
+            return Ok(0);
+        };
+        let cutoff = crate::ids::now_micros() - (days as i64).saturating_mul(86_400_000_000);
+        Ok(db::jobs::delete_finished_before(&self.state.db, cutoff).await?)
+    }
+
     /// Start `n` workers and, on Postgres, the LISTEN task that wakes them.
     pub fn spawn_workers(
         &self,
@@ -229,16 +239,23 @@ pub async fn keys(
     Ok(())
 }
 
-/// Every 15 minutes, reclaim blobs unreferenced for an hour.
+/// Every 15 minutes, apply the retention period and reclaim blobs unreferenced for an hour.
 async fn collect_garbage_periodically(app: App, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(15 * 60));
     loop {
         tokio::select! {
-            _ = tick.tick() => match app.collect_garbage(Duration::from_secs(3600)).await {
-                Ok(0) => {}
-                Ok(n) => info!(blobs = n, "garbage collection removed unreferenced blobs"),
-                Err(e) => warn!(error = %e, "garbage collection failed"),
-            },
+            _ = tick.tick() => {
+                match app.apply_retention().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(jobs = n, "retention deleted finished jobs"),
+                    Err(e) => warn!(error = %e, "retention failed"),
+                }
+                match app.collect_garbage(Duration::from_secs(3600)).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(blobs = n, "garbage collection removed unreferenced blobs"),
+                    Err(e) => warn!(error = %e, "garbage collection failed"),
+                }
+            }
             _ = shutdown.cancelled() => return,
         }
     }

@@ -133,6 +133,11 @@ pub struct Config {
     #[arg(long, env = "WHITTLE_INSECURE_NO_AUTH", global = true)]
     pub insecure_no_auth: bool,
 
+    /// Delete finished jobs (with their events, logs and artifacts) this many days after
+    /// they ended; checked every 15 minutes by `serve`. Default: keep them.
+    #[arg(long, env = "WHITTLE_RETENTION_DAYS", global = true)]
+    pub retention_days: Option<u64>,
+
     /// Most database connections a process holds.
     #[arg(
         long,

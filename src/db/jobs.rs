@@ -279,3 +279,29 @@ pub async fn count_by_state(db: &Db) -> Result<Vec<(String, i64)>> {
         .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
         .collect()
 }
+
+/// Delete a finished job with its labels, events, logs and artifact rows (their blobs, and
+/// the checkpoint's, are reclaimed by the garbage collector once nothing references them).
+/// `Ok(false)` when the job is queued or running (or absent): nothing is deleted.
+pub async fn delete_finished(db: &Db, id: JobId) -> Result<bool> {
+    let done = sqlx::query(
+        "delete from jobs where id = $1 and state in ('succeeded', 'failed', 'cancelled')",
+    )
+    .bind(id.to_string())
+    .execute(db.pool())
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Delete every finished job that ended before `cutoff` (µs), as [`delete_finished`] does;
+/// the number deleted.
+pub async fn delete_finished_before(db: &Db, cutoff: i64) -> Result<u64> {
+    let done = sqlx::query(
+        "delete from jobs where state in ('succeeded', 'failed', 'cancelled') \
+         and finished_at is not null and finished_at < $1",
+    )
+    .bind(cutoff)
+    .execute(db.pool())
+    .await?;
+    Ok(done.rows_affected())
+}

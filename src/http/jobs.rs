@@ -32,7 +32,7 @@ use crate::spec::{self, Facts, FieldError};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/jobs", get(list_jobs).post(create_job))
-        .route("/jobs/{id}", get(get_job))
+        .route("/jobs/{id}", get(get_job).delete(delete_job))
         .route("/jobs/{id}/cancel", post(cancel_job))
         .route("/jobs/{id}/events", get(job_events))
         .route("/jobs/{id}/metrics", get(job_metrics))
@@ -266,6 +266,29 @@ async fn get_job(
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     Ok(([(header::ETAG, etag)], Json(JobBody::from(&job))).into_response())
+}
+
+/// `DELETE /v1/jobs/{id}`: a finished job goes with its events, logs and artifacts (their
+/// blobs are reclaimed by the garbage collector); the models it made stay. A queued or
+/// running job is 409 `job_not_finished`: cancel it first.
+async fn delete_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    refuse_form_bodies(&headers)?;
+    let job = load_job(&state, &caller, &id).await?;
+    if !jobs::delete_finished(&state.db, job.id).await? {
+        return Err(ApiError::conflict(
+            Code::JobNotFinished,
+            format!(
+                "the job is {}; cancel it (POST /v1/jobs/{id}/cancel) and delete it once it has stopped",
+                job.state.as_str()
+            ),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]

@@ -62,6 +62,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs"),
     ("GET", "/v1/jobs/{id}"),
+    ("DELETE", "/v1/jobs/{id}"),
     ("POST", "/v1/jobs/{id}/cancel"),
     ("GET", "/v1/jobs/{id}/events"),
     ("GET", "/v1/jobs/{id}/metrics"),

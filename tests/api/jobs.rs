@@ -743,7 +743,91 @@ async fn hostile_bodies_are_refused_alike_on_both_backends(t: TestApp) {
     );
 }
 
+/// `DELETE /v1/jobs/{id}`: refused while the job can still run; afterwards the job, its
+/// events and artifacts go, their blobs are reclaimed, the models it made stay.
+async fn deleting_a_finished_job_removes_it_with_its_events_and_artifacts(t: TestApp) {
+    let input = t.upload_model(tiny_model()).await;
+    let job = t.submit(f16_job(input["id"].as_str().unwrap())).await;
+    let uri = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+    t.delete(&uri).await.assert_problem(409, "job_not_finished");
+    t.run_one().await.unwrap();
+    let done = t.get(&uri).await.json();
+    assert_eq!(done["state"], "succeeded");
+    let output = done["result"]["model_id"].as_str().unwrap().to_string();
+    let artifacts: Vec<String> = done["result"]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_string())
+        .collect();
+    let before = t.stored_files().len();
+
+    assert_eq!(t.delete(&uri).await.status, 204);
+    t.get(&uri).await.assert_problem(404, "job_not_found");
+    t.get(&format!("{uri}/events"))
+        .await
+        .assert_problem(404, "job_not_found");
+    t.delete(&uri).await.assert_problem(404, "job_not_found");
+    for a in &artifacts {
+        t.get(&format!("/v1/artifacts/{a}"))
+            .await
+            .assert_problem(404, "artifact_not_found");
+    }
+    let events: i64 = sqlx::query_scalar("select count(*) from job_events where job_id = $1")
+        .bind(job["id"].as_str().unwrap())
+        .fetch_one(t.app.state.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(events, 0);
+    // The output model is a model of its own and stays; the report's blob is freed.
+    assert_eq!(t.get(&format!("/v1/models/{output}")).await.status, 200);
+    let freed = t
+        .app
+        .collect_garbage(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(freed, 1, "the report artifact's blob");
+    assert_eq!(t.stored_files().len(), before - 1);
+    // Deleting the output model frees its blob too.
+    assert_eq!(t.delete(&format!("/v1/models/{output}")).await.status, 204);
+    assert_eq!(
+        t.app
+            .collect_garbage(std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+/// `WHITTLE_RETENTION_DAYS`: finished jobs older than the period go, others stay.
+async fn retention_deletes_old_finished_jobs_only(backend: Backend) {
+    let Some(t) = TestApp::with(backend, |c| c.retention_days = Some(0)).await else {
+        return;
+    };
+    let m = t.upload_model(tiny_model()).await;
+    let id = m["id"].as_str().unwrap();
+    let finished = t.submit(f16_job(id)).await;
+    t.run_one().await.unwrap();
+    let queued = t.submit(f16_job(id)).await;
+    assert_eq!(t.app.apply_retention().await.unwrap(), 1);
+    let gone = format!("/v1/jobs/{}", finished["id"].as_str().unwrap());
+    t.get(&gone).await.assert_problem(404, "job_not_found");
+    let kept = format!("/v1/jobs/{}", queued["id"].as_str().unwrap());
+    assert_eq!(t.get(&kept).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_deletes_old_finished_jobs_only_on_sqlite() {
+    retention_deletes_old_finished_jobs_only(Backend::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_deletes_old_finished_jobs_only_on_postgres() {
+    retention_deletes_old_finished_jobs_only(Backend::Postgres).await
+}
+
 on_both_backends!(
+    deleting_a_finished_job_removes_it_with_its_events_and_artifacts,
     float16_job_runs_end_to_end_with_provenance_and_metrics,
     events_stream_replays_the_job_and_ends_after_its_terminal_state,
     followers_share_one_reader_and_end_on_shutdown,

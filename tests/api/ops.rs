@@ -111,5 +111,8 @@ async fn postgres_over_tls_with_sslmode_require() {
     assert!(encrypted, "the connection is not encrypted");
     let m = t.upload_model(tiny_model()).await;
     t.submit(f16_job(m["id"].as_str().unwrap())).await;
-    assert_eq!(t.run_one().await.unwrap().1, whittle::db::jobs::JobState::Succeeded);
+    assert_eq!(
+        t.run_one().await.unwrap().1,
+        whittle::db::jobs::JobState::Succeeded
+    );
 }
