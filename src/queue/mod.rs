@@ -200,7 +200,10 @@ impl Queue {
         now: i64,
     ) -> Result<bool> {
         let row = sqlx::query(
-            "update jobs set lease_expires_at = $1, progress = coalesce($2, progress), updated_at = $3 \
+            // `updated_at` (and so the job's ETag) moves only when the progress does: a bare
+            // lease renewal is not a change a poller needs to see.
+            "update jobs set lease_expires_at = $1, progress = coalesce($2, progress), \
+             updated_at = case when $2 is null or $2 = progress then updated_at else $3 end \
              where id = $4 and attempt = $5 and state = 'running' returning cancel_requested",
         )
         .bind(now + lease.as_micros() as i64)

@@ -575,6 +575,44 @@ async fn job_get_supports_cheap_polling_with_etag(t: TestApp) {
     t.get("/v1/jobs/0190d4a0-0000-7000-8000-000000000000/metrics")
         .await
         .assert_problem(404, "job_not_found");
+
+    // A running job's ETag moves with its progress, not with its lease renewals.
+    let job = t.submit(f16_job(model["id"].as_str().unwrap())).await;
+    let uri = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+    let q = &t.app.state.queue;
+    let lease = std::time::Duration::from_secs(30);
+    let claimed = q
+        .claim("etag-test", lease, whittle::ids::now_micros())
+        .await
+        .unwrap()
+        .unwrap();
+    let etag = t.get(&uri).await.header("etag").unwrap().to_string();
+    let beat = |progress: Option<serde_json::Value>| async move {
+        q.heartbeat(
+            claimed.id,
+            claimed.attempt,
+            lease,
+            progress.as_ref(),
+            whittle::ids::now_micros() + 1_000_000,
+        )
+        .await
+        .unwrap()
+    };
+    beat(None).await;
+    assert_eq!(
+        t.get_with(&uri, &[("if-none-match", &etag)]).await.status,
+        304
+    );
+    let progress = serde_json::json!({"step": 0, "op": "quantize", "fraction": 0.5});
+    beat(Some(progress.clone())).await;
+    let moved = t.get_with(&uri, &[("if-none-match", &etag)]).await;
+    assert_eq!(moved.status, 200);
+    let etag = moved.header("etag").unwrap().to_string();
+    beat(Some(progress)).await;
+    assert_eq!(
+        t.get_with(&uri, &[("if-none-match", &etag)]).await.status,
+        304
+    );
 }
 
 #[tokio::test]
