@@ -102,6 +102,27 @@ impl App {
         Ok(db::jobs::delete_finished_before(&self.state.db, cutoff).await?)
     }
 
+    /// Serve `/metrics` on `WHITTLE_METRICS_BIND` until `shutdown`, when it is set.
+    pub async fn serve_metrics(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+        let Some(bind) = self.state.config.metrics_bind.clone() else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(&bind)
+            .await
+            .with_context(|| format!("binding the metrics address {bind}"))?;
+        info!(address = %bind, "serving /metrics");
+        let router = http::ops::metrics_router(self.state.clone());
+        let token = shutdown.clone();
+        Ok(Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+        })))
+    }
+
     /// Start `n` workers and, on Postgres, the LISTEN task that wakes them.
     pub fn spawn_workers(
         &self,
@@ -136,6 +157,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         app.clone(),
         shutdown.clone(),
     )));
+    if let Some(h) = app.serve_metrics(&shutdown).await? {
+        handles.push(h);
+    }
     let listener = tokio::net::TcpListener::bind(&bind)
         .await
         .with_context(|| format!("binding {bind}"))?;
@@ -166,7 +190,10 @@ pub async fn worker(config: Config) -> anyhow::Result<()> {
     let workers = config.workers.max(1);
     let app = App::open(config).await?;
     let shutdown = CancellationToken::new();
-    let handles = app.spawn_workers(workers, &shutdown);
+    let mut handles = app.spawn_workers(workers, &shutdown);
+    if let Some(h) = app.serve_metrics(&shutdown).await? {
+        handles.push(h);
+    }
     info!(workers, database = %db::redact(app.state.db.url()), "whittle worker running");
     wait_for_signal().await;
     info!("shutting down workers");

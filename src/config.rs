@@ -48,6 +48,9 @@ pub enum Command {
     /// Client: download artifacts.
     #[command(subcommand)]
     Artifacts(crate::client::ArtifactsCmd),
+    /// Exit 0 when the server at `--url` is ready (`GET /readyz` answers 200), else non-zero:
+    /// for a container's HEALTHCHECK.
+    Healthcheck,
     /// API keys: over the API with `--api-key` (an admin key), else on the local database.
     #[command(subcommand)]
     Keys(crate::client::KeysCmd),
@@ -132,6 +135,11 @@ pub struct Config {
     /// anything; a warning is logged).
     #[arg(long, env = "WHITTLE_INSECURE_NO_AUTH", global = true)]
     pub insecure_no_auth: bool,
+
+    /// Serve `/metrics` (with `/healthz` and `/readyz`) on this address instead of the API's;
+    /// `worker` processes serve it only when this is set.
+    #[arg(long, env = "WHITTLE_METRICS_BIND", global = true)]
+    pub metrics_bind: Option<String>,
 
     /// Delete finished jobs (with their events, logs and artifacts) this many days after
     /// they ended; checked every 15 minutes by `serve`. Default: keep them.

@@ -37,6 +37,7 @@ fn client_command(cmd: &Option<Command>, has_key: bool) -> Option<whittle::clien
         Command::Datasets(d) => ClientCommand::Datasets(d),
         Command::Jobs(j) => ClientCommand::Jobs(j),
         Command::Artifacts(a) => ClientCommand::Artifacts(a),
+        Command::Healthcheck => ClientCommand::Healthcheck,
         // Without a key, `keys` works on the local database (the bootstrap path).
         Command::Keys(k) if has_key => ClientCommand::Keys(k),
         _ => return None,
@@ -60,7 +61,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", whittle::http::OPENAPI_YAML);
             Ok(())
         }
-        Command::Models(_) | Command::Datasets(_) | Command::Jobs(_) | Command::Artifacts(_) => {
+        Command::Models(_)
+        | Command::Datasets(_)
+        | Command::Jobs(_)
+        | Command::Artifacts(_)
+        | Command::Healthcheck => {
             unreachable!("client commands are dispatched in main")
         }
     }

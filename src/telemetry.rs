@@ -35,8 +35,55 @@ pub fn prometheus() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may already be installed (e.g. by an embedding program); then
             // our handle still renders whatever it records, which is nothing — acceptable.
-            let _ = metrics::set_global_recorder(recorder);
+            if metrics::set_global_recorder(recorder).is_ok() {
+                describe();
+            }
             handle
         })
         .clone()
+}
+
+/// The `# HELP` line of every metric the service records.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "whittle_http_requests_total",
+        "HTTP requests answered, by method, route template and status."
+    );
+    describe_histogram!(
+        "whittle_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request (to the response head), by method and route template."
+    );
+    describe_counter!(
+        "whittle_jobs_submitted_total",
+        "Jobs accepted by POST /v1/jobs."
+    );
+    describe_gauge!(
+        "whittle_jobs",
+        "Jobs in each state, over every process sharing the database (read at scrape time)."
+    );
+    describe_gauge!(
+        "whittle_queue_oldest_queued_seconds",
+        Unit::Seconds,
+        "Age of the oldest queued job (0 when none is queued; read at scrape time)."
+    );
+    describe_counter!(
+        "whittle_job_attempts_total",
+        "Job attempts this process finished, by outcome (succeeded, failed, cancelled, queued for a retry)."
+    );
+    describe_histogram!(
+        "whittle_job_duration_seconds",
+        Unit::Seconds,
+        "Wall time of a job attempt in this process, by outcome."
+    );
+    describe_histogram!(
+        "whittle_step_duration_seconds",
+        Unit::Seconds,
+        "Wall time of one pipeline step, by op."
+    );
+    describe_counter!(
+        "whittle_job_rescues_total",
+        "Jobs whose lease expired and that this process put back in the queue (or failed), by resulting state."
+    );
 }

@@ -237,6 +237,8 @@ pub enum ClientCommand {
     Artifacts(ArtifactsCmd),
     /// `keys …` over the API.
     Keys(KeysCmd),
+    /// `healthcheck`: `GET /readyz`.
+    Healthcheck,
 }
 
 /// Why a command failed, and its exit code.
@@ -433,6 +435,14 @@ async fn dispatch(c: &Client, cmd: ClientCommand, out: &Output, tty: bool) -> Re
         ClientCommand::Jobs(j) => jobs(c, j, out, tty).await?,
         ClientCommand::Artifacts(ArtifactsCmd::Download { id, output_file }) => {
             download(c, &format!("/v1/artifacts/{id}/content"), &output_file, tty).await?;
+        }
+        ClientCommand::Healthcheck => {
+            let ready = c.get("/readyz").await?;
+            if !out.is_json() {
+                eprintln!("ready: {ready}");
+            } else {
+                out.line(&ready);
+            }
         }
         ClientCommand::Keys(k) => match k {
             KeysCmd::Create {

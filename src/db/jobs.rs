@@ -305,3 +305,11 @@ pub async fn delete_finished_before(db: &Db, cutoff: i64) -> Result<u64> {
     .await?;
     Ok(done.rows_affected())
 }
+
+/// When the oldest queued job was created (µs), if any is queued.
+pub async fn oldest_queued_created_at(db: &Db) -> Result<Option<i64>> {
+    let row = sqlx::query("select min(created_at) as t from jobs where state = 'queued'")
+        .fetch_one(db.pool())
+        .await?;
+    Ok(row.try_get::<Option<i64>, _>("t")?)
+}

@@ -109,7 +109,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .nest("/v1", api)
-        .merge(ops::router())
+        .merge(ops::router(state.config.metrics_bind.is_none()))
         .merge(ui::router())
         // A route layer runs after routing, so it sees the matched route template.
         .route_layer(middleware::from_fn(record_http_metrics))

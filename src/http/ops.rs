@@ -11,13 +11,28 @@ use super::error::ApiError;
 use super::{AppState, OPENAPI_YAML};
 use crate::db::jobs::{self, JobState};
 
-/// Routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// Routes of this resource; `/metrics` only when it has no address of its own
+/// (`WHITTLE_METRICS_BIND`).
+pub fn router(with_metrics: bool) -> Router<AppState> {
+    let r = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/openapi.yaml", get(openapi));
+    if with_metrics {
+        r.route("/metrics", get(prometheus_metrics))
+    } else {
+        r
+    }
+}
+
+/// The router of the metrics address (`WHITTLE_METRICS_BIND`, served by `serve` and `worker`
+/// alike): `/metrics`, `/healthz`, `/readyz`.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
         .route("/metrics", get(prometheus_metrics))
-        .route("/openapi.yaml", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -61,6 +76,9 @@ async fn prometheus_metrics(State(state): State<AppState>) -> Result<Response, A
             .map_or(0, |(_, n)| *n);
         metrics::gauge!("whittle_jobs", "state" => s.as_str()).set(n as f64);
     }
+    let oldest = jobs::oldest_queued_created_at(&state.db).await?;
+    metrics::gauge!("whittle_queue_oldest_queued_seconds")
+        .set(oldest.map_or(0.0, |t| (crate::ids::now_micros() - t).max(0) as f64 / 1e6));
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -193,6 +193,8 @@ fn run(
             current = store.commit(temp)?;
         }
         record["seconds"] = json!(started.elapsed().as_secs_f64());
+        metrics::histogram!("whittle_step_duration_seconds", "op" => step.op())
+            .record(started.elapsed().as_secs_f64());
         step_metrics.push(record);
     }
 

@@ -136,6 +136,8 @@ impl Worker {
                     Ok(rescued) => {
                         for (job, state) in rescued {
                             warn!(job_id = %job, state = state.as_str(), "rescued a job whose lease expired");
+                            metrics::counter!("whittle_job_rescues_total", "state" => state.as_str())
+                                .increment(1);
                         }
                     }
                     Err(e) => warn!(error = %e, "rescue failed"),

@@ -49,6 +49,61 @@ async fn prometheus_metrics_count_requests_and_jobs_by_state() {
         text.contains("whittle_job_duration_seconds_bucket"),
         "{text}"
     );
+    assert!(
+        text.contains("whittle_step_duration_seconds_bucket{op=\"quantize\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("whittle_queue_oldest_queued_seconds "),
+        "{text}"
+    );
+    for help in [
+        "# HELP whittle_http_requests_total",
+        "# HELP whittle_jobs ",
+        "# HELP whittle_step_duration_seconds",
+    ] {
+        assert!(text.contains(help), "{help} missing:\n{text}");
+    }
+}
+
+/// `WHITTLE_METRICS_BIND` moves `/metrics` to its own address (served by workers too), and
+/// `whittle healthcheck` says whether a server is ready through its exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_on_their_own_address_and_the_healthcheck() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let t = TestApp::with(Backend::Sqlite, |c| c.metrics_bind = Some(addr.to_string()))
+        .await
+        .unwrap();
+    t.get("/metrics")
+        .await
+        .assert_problem(404, "route_not_found");
+    let token = tokio_util::sync::CancellationToken::new();
+    let handle = t.app.serve_metrics(&token).await.unwrap().unwrap();
+    let url = format!("http://{addr}");
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("# TYPE whittle_jobs gauge"), "{text}");
+    let bin = env!("CARGO_BIN_EXE_whittle");
+    let code = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin)
+                .args(["healthcheck", "--url", &url])
+                .output()
+                .unwrap()
+                .status
+                .code()
+        })
+    };
+    assert_eq!(code(url.clone()).await.unwrap(), Some(0));
+    token.cancel();
+    handle.await.unwrap();
+    assert_ne!(code(url).await.unwrap(), Some(0));
 }
 
 /// The dashboard is served from the binary: the page, its script and styles, the vendored
