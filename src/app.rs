@@ -27,6 +27,10 @@ impl App {
     pub async fn open(config: Config) -> anyhow::Result<Self> {
         let url = config.database_url();
         let auth = config.auth_mode()?;
+        if let Some(s) = &config.webhook_secret {
+            crate::queue::webhooks::Secret::parse_list(s)
+                .map_err(|e| anyhow::anyhow!("WHITTLE_WEBHOOK_SECRET: {e}"))?;
+        }
         let db = Db::connect_with(&url, config.pool_options())
             .await
             .with_context(|| format!("connecting to the database at {}", db::redact(&url)))?;
@@ -123,6 +127,19 @@ impl App {
         })))
     }
 
+    /// Send due webhooks every second until `shutdown`, when a secret is configured.
+    pub fn spawn_webhook_sender(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let secrets = self.state.config.webhook_secret.as_deref()?;
+        let secrets = crate::queue::webhooks::Secret::parse_list(secrets).ok()?;
+        let sender = crate::queue::webhooks::Sender::new(self.state.db.clone(), secrets);
+        Some(tokio::spawn(
+            sender.run(Duration::from_secs(1), shutdown.clone()),
+        ))
+    }
+
     /// Start `n` workers and, on Postgres, the LISTEN task that wakes them.
     pub fn spawn_workers(
         &self,
@@ -160,6 +177,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(h) = app.serve_metrics(&shutdown).await? {
         handles.push(h);
     }
+    handles.extend(app.spawn_webhook_sender(&shutdown));
     let listener = tokio::net::TcpListener::bind(&bind)
         .await
         .with_context(|| format!("binding {bind}"))?;
@@ -194,6 +212,7 @@ pub async fn worker(config: Config) -> anyhow::Result<()> {
     if let Some(h) = app.serve_metrics(&shutdown).await? {
         handles.push(h);
     }
+    handles.extend(app.spawn_webhook_sender(&shutdown));
     info!(workers, database = %db::redact(app.state.db.url()), "whittle worker running");
     wait_for_signal().await;
     info!("shutting down workers");

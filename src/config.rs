@@ -141,6 +141,17 @@ pub struct Config {
     #[arg(long, env = "WHITTLE_METRICS_BIND", global = true)]
     pub metrics_bind: Option<String>,
 
+    /// The key(s) signing webhooks (Standard Webhooks: `whsec_` + base64, or any string of 16+
+    /// characters); several, space-separated, while rotating (each signs). Without it, jobs
+    /// with a `webhook_url` are refused.
+    #[arg(
+        long,
+        env = "WHITTLE_WEBHOOK_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
+
     /// Delete finished jobs (with their events, logs and artifacts) this many days after
     /// they ended; checked every 15 minutes by `serve`. Default: keep them.
     #[arg(long, env = "WHITTLE_RETENTION_DAYS", global = true)]

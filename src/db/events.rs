@@ -53,17 +53,32 @@ pub async fn max_seq(db: &Db, job_id: JobId) -> Result<i64> {
 }
 
 /// Append an event (unfenced: for the API's own transitions, e.g. cancelling a queued job).
-pub async fn append<'e, E>(executor: E, job_id: JobId, kind: &str, data: &Value) -> Result<()>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Any>,
-{
+/// A `state` event that a webhook announces (running, succeeded, failed, cancelled) also
+/// writes the delivery into the outbox, on the same connection: inside the caller's
+/// transaction, the state change and its announcement commit together or not at all.
+pub async fn append(
+    conn: &mut sqlx::AnyConnection,
+    job_id: JobId,
+    kind: &str,
+    data: &Value,
+) -> Result<()> {
+    let now = now_micros();
     sqlx::query("insert into job_events (job_id, kind, data, created_at) values ($1, $2, $3, $4)")
         .bind(job_id.to_string())
         .bind(kind)
         .bind(data.to_string())
-        .bind(now_micros())
-        .execute(executor)
+        .bind(now)
+        .execute(&mut *conn)
         .await?;
+    if kind == "state" {
+        if let Some(event_type) = data
+            .get("state")
+            .and_then(Value::as_str)
+            .and_then(super::webhooks::event_type)
+        {
+            super::webhooks::enqueue(conn, job_id, event_type, data, now).await?;
+        }
+    }
     let _ = appended().send(job_id);
     Ok(())
 }

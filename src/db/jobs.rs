@@ -173,8 +173,8 @@ pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
     sqlx::query(
         "insert into jobs (id, state, model_id, spec, priority, attempt, max_attempts, \
          timeout_seconds, idempotency_key, request_sha256, run_at, cancel_requested, \
-         created_at, updated_at, tenant) \
-         values ($1, $2, $3, $4, $5, 0, $6, $7, $8, $9, $10, 0, $11, $11, $12)",
+         created_at, updated_at, tenant, webhook_url) \
+         values ($1, $2, $3, $4, $5, 0, $6, $7, $8, $9, $10, 0, $11, $11, $12, $13)",
     )
     .bind(job.id.to_string())
     .bind(job.state.as_str())
@@ -188,6 +188,7 @@ pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
     .bind(job.run_at)
     .bind(job.created_at)
     .bind(&job.tenant)
+    .bind(job.spec.get("webhook_url").and_then(Value::as_str))
     .execute(&mut *tx)
     .await?;
     for (key, value) in job.labels() {
@@ -199,7 +200,7 @@ pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
             .await?;
     }
     super::events::append(
-        &mut *tx,
+        &mut tx,
         job.id,
         "state",
         &serde_json::json!({"state": "queued"}),

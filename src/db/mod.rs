@@ -12,6 +12,7 @@ pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod models;
+pub mod webhooks;
 
 use std::str::FromStr;
 

@@ -33,6 +33,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/jobs", get(list_jobs).post(create_job))
         .route("/jobs/{id}", get(get_job).delete(delete_job))
+        .route("/jobs/{id}/deliveries", get(job_deliveries))
         .route("/jobs/{id}/cancel", post(cancel_job))
         .route("/jobs/{id}/events", get(job_events))
         .route("/jobs/{id}/metrics", get(job_metrics))
@@ -80,6 +81,15 @@ async fn create_job(
     let model = inputs.model;
     let parsed = spec::parse_job(&body, facts.as_ref());
     let mut errors = parsed.as_ref().err().cloned().unwrap_or_default();
+    if state.config.webhook_secret.is_none()
+        && parsed.as_ref().is_ok_and(|s| s.webhook_url.is_some())
+    {
+        errors.push(FieldError::unsupported(
+            "/webhook_url",
+            "this server signs no webhooks (WHITTLE_WEBHOOK_SECRET is not set); follow the job \
+             with GET /v1/jobs/{id}/events (SSE) or poll GET /v1/jobs/{id}",
+        ));
+    }
     if model.is_none()
         && body
             .get("model_id")
@@ -289,6 +299,35 @@ async fn delete_job(
         ));
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/jobs/{id}/deliveries`: the job's webhook deliveries, oldest first, with every
+/// attempt's answer.
+async fn job_deliveries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let job = load_job(&state, &caller, &id).await?;
+    let rows = crate::db::webhooks::for_job(&state.db, job.id).await?;
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|d| {
+            json!({
+                "id": d.id,
+                "type": d.event_type,
+                "url": d.url,
+                "state": d.state,
+                "attempts": d.attempts,
+                "next_attempt_at": (d.state == "pending").then(|| rfc3339(d.next_attempt_at)),
+                "created_at": rfc3339(d.created_at),
+                "delivered_at": d.delivered_at.map(rfc3339),
+                "payload": serde_json::from_str::<Value>(&d.payload).unwrap_or(Value::Null),
+                "responses": d.responses,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"items": items, "next_cursor": null})))
 }
 
 #[derive(Debug, Deserialize)]

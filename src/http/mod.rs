@@ -67,6 +67,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/{id}/events"),
     ("GET", "/v1/jobs/{id}/metrics"),
     ("GET", "/v1/jobs/{id}/logs"),
+    ("GET", "/v1/jobs/{id}/deliveries"),
     ("GET", "/v1/artifacts/{id}"),
     ("GET", "/v1/artifacts/{id}/content"),
     ("GET", "/v1/keys"),

@@ -11,6 +11,7 @@
 mod inputs;
 pub mod runner;
 pub mod steps;
+pub mod webhooks;
 pub mod worker;
 
 use std::sync::Arc;
@@ -180,7 +181,7 @@ impl Queue {
             None => return Ok(None),
         };
         db::events::append(
-            &mut *tx,
+            &mut tx,
             job.id,
             "state",
             &json!({"state": "running", "attempt": job.attempt, "worker_id": worker_id}),
@@ -285,9 +286,9 @@ impl Queue {
         for a in &done.artifacts {
             db::artifacts::insert(&mut *tx, a).await?;
         }
-        db::events::append(&mut *tx, id, "metrics", &done.metrics).await?;
+        db::events::append(&mut tx, id, "metrics", &done.metrics).await?;
         db::events::append(
-            &mut *tx,
+            &mut tx,
             id,
             "state",
             &json!({"state": "succeeded", "result": result}),
@@ -329,7 +330,7 @@ impl Queue {
         let state: String = row.try_get("state")?;
         let state = JobState::parse(&state).unwrap_or(JobState::Failed);
         db::events::append(
-            &mut *tx,
+            &mut tx,
             id,
             "state",
             &json!({"state": state.as_str(), "error": error}),
@@ -390,7 +391,7 @@ impl Queue {
         .execute(&mut *tx)
         .await?;
         fenced(&done)?;
-        db::events::append(&mut *tx, id, "state", event).await?;
+        db::events::append(&mut tx, id, "state", event).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -446,7 +447,7 @@ impl Queue {
         .execute(&mut *tx)
         .await?;
         if queued.rows_affected() == 1 {
-            db::events::append(&mut *tx, id, "state", &json!({"state": "cancelled"})).await?;
+            db::events::append(&mut tx, id, "state", &json!({"state": "cancelled"})).await?;
             tx.commit().await?;
             return Ok(CancelOutcome::Cancelled);
         }
@@ -459,7 +460,7 @@ impl Queue {
         .await?;
         if running.rows_affected() == 1 {
             db::events::append(
-                &mut *tx,
+                &mut tx,
                 id,
                 "log",
                 &json!({"level": "info", "message": "cancellation requested"}),

@@ -532,18 +532,21 @@ pub fn parse_job(body: &Value, facts: Option<&Facts>) -> Result<JobSpec, Vec<Fie
     let labels = parse_labels(obj.get("labels"), &mut errors);
     let webhook_url = match obj.get("webhook_url") {
         None | Some(Value::Null) => None,
-        Some(Value::String(u)) if u.starts_with("http://") || u.starts_with("https://") => {
-            errors.push(FieldError::unsupported(
-                "/webhook_url",
-                "webhook delivery is not available in this version; follow the job with \
-                 GET /v1/jobs/{id}/events (SSE) or poll GET /v1/jobs/{id}",
-            ));
-            None
+        Some(Value::String(u))
+            if u.len() <= 2048
+                && url::Url::parse(u).is_ok_and(|p| {
+                    matches!(p.scheme(), "http" | "https")
+                        && p.host_str().is_some_and(|h| !h.is_empty())
+                        && p.username().is_empty()
+                        && p.password().is_none()
+                }) =>
+        {
+            Some(u.clone())
         }
         Some(_) => {
             errors.push(FieldError::new(
                 "/webhook_url",
-                "must be an http:// or https:// URL",
+                "must be an http:// or https:// URL with a host, without credentials, of at most 2,048 characters",
             ));
             None
         }

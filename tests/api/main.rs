@@ -42,3 +42,4 @@ mod openapi;
 mod ops;
 mod queue;
 mod transformers;
+mod webhooks;

@@ -1,0 +1,166 @@
+//! The webhook sender: delivers the outbox (`db::webhooks`) at least once, signed per the
+//! Standard Webhooks spec, with retries and backoff. It runs beside the job workers in every
+//! `serve` and `worker` process and never holds up a job: a receiver that is slow, failing or
+//! down only delays its own deliveries.
+//!
+//! Headers: `webhook-id` (the delivery's `msg_…`, the same on every attempt, for the receiver's
+//! de-duplication), `webhook-timestamp` (Unix seconds of this attempt) and `webhook-signature`:
+//! `v1,` + base64 of HMAC-SHA256 over `{id}.{timestamp}.{body}`, keyed with each configured
+//! secret (several, space-separated, while a secret is being rotated).
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::db::webhooks::{self, Delivery};
+use crate::db::Db;
+use crate::ids::now_micros;
+
+/// A signing secret: `whsec_` + base64 of the key bytes (the Standard Webhooks form), or any
+/// other string, whose UTF-8 bytes are the key.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Secret {
+    /// Parses one secret.
+    pub fn parse(s: &str) -> Result<Secret, String> {
+        match s.strip_prefix("whsec_") {
+            Some(b64) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map(Secret)
+                .map_err(|e| format!("a whsec_ secret must be base64: {e}")),
+            None if s.len() >= 16 => Ok(Secret(s.as_bytes().to_vec())),
+            None => Err("a webhook secret needs at least 16 characters".into()),
+        }
+    }
+
+    /// Parses `WHITTLE_WEBHOOK_SECRET`: one secret, or several separated by spaces or commas
+    /// (the first is the current one; all sign while receivers move over).
+    pub fn parse_list(s: &str) -> Result<Vec<Secret>, String> {
+        let secrets: Vec<Secret> = s
+            .split([' ', ','])
+            .filter(|p| !p.is_empty())
+            .map(Secret::parse)
+            .collect::<Result<_, _>>()?;
+        if secrets.is_empty() {
+            return Err("WHITTLE_WEBHOOK_SECRET is empty".into());
+        }
+        Ok(secrets)
+    }
+
+    /// `v1,` + base64(HMAC-SHA256(key, `{id}.{timestamp}.{body}`)).
+    pub fn sign(&self, id: &str, timestamp: i64, body: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+        format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        )
+    }
+}
+
+/// Delivers due webhooks.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    db: Db,
+    http: reqwest::Client,
+    secrets: Vec<Secret>,
+}
+
+/// How long a claimed delivery is held before another sender may retry it.
+const CLAIM_MICROS: i64 = 60_000_000;
+
+impl Sender {
+    /// A sender signing with `secrets` (the first is current).
+    pub fn new(db: Db, secrets: Vec<Secret>) -> Sender {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("whittle-webhooks/", env!("CARGO_PKG_VERSION")))
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("a client with rustls builds");
+        Sender { db, http, secrets }
+    }
+
+    /// Sends every delivery due at `now` (concurrently, at most 16 at a time); how many
+    /// were attempted.
+    pub async fn deliver_due(&self, now: i64) -> crate::db::Result<usize> {
+        let due = webhooks::claim_due(&self.db, now, CLAIM_MICROS, 16).await?;
+        let n = due.len();
+        let sends = due.into_iter().map(|d| self.send(d));
+        for r in futures_util::future::join_all(sends).await {
+            r?;
+        }
+        Ok(n)
+    }
+
+    async fn send(&self, d: Delivery) -> crate::db::Result<()> {
+        let timestamp = now_micros() / 1_000_000;
+        let signature = self
+            .secrets
+            .iter()
+            .map(|s| s.sign(&d.id, timestamp, &d.payload))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let started = Instant::now();
+        let res = self
+            .http
+            .post(&d.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &d.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(d.payload.clone())
+            .send()
+            .await;
+        let (status, error, body) = match res {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let mut body = r.text().await.unwrap_or_default();
+                if body.len() > 1024 {
+                    let mut end = 1024;
+                    while !body.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    body.truncate(end);
+                }
+                (Some(status), None, body)
+            }
+            Err(e) => (None, Some(e.to_string()), String::new()),
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        match status {
+            Some(s) if (200..300).contains(&s) => {
+                info!(delivery = %d.id, job_id = %d.job_id, event = %d.event_type, status = s, "webhook delivered");
+            }
+            _ => {
+                warn!(delivery = %d.id, job_id = %d.job_id, event = %d.event_type, ?status, ?error, attempt = d.attempts + 1, "webhook delivery failed; it will be retried")
+            }
+        }
+        metrics::counter!("whittle_webhook_attempts_total", "outcome" => if status.is_some_and(|s| (200..300).contains(&s)) { "delivered" } else { "failed" }).increment(1);
+        webhooks::record_attempt(&self.db, &d, now_micros(), status, error, ms, body).await
+    }
+
+    /// Delivers until `shutdown`, looking for due deliveries every `interval`.
+    pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.deliver_due(now_micros()).await {
+                warn!(error = %e, "webhook sender: reading the outbox failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
