@@ -21,6 +21,9 @@ import urllib.request
 
 url = sys.argv[1].rstrip("/")
 key = sys.argv[2] if len(sys.argv) > 2 else None
+# With the server's webhook secret, the job also names a receiver here, and every delivery is
+# checked with the Standard Webhooks reference library (PyPI `standardwebhooks`).
+webhook_secret = sys.argv[3] if len(sys.argv) > 3 else None
 work = tempfile.mkdtemp(prefix="whittle-client-")
 spec = os.path.join(work, "openapi.yaml")
 with urllib.request.urlopen(f"{url}/openapi.yaml") as r, open(spec, "wb") as f:
@@ -98,8 +101,31 @@ for name, step in steps.items():
     ok(plan, M.DryRunPlan)
     print(f"ok   dry-run {name}")
 
+received = []
+if webhook_secret:
+    import http.server
+    import threading
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        """Refuses the first two deliveries (500), accepts the rest."""
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(500 if len(received) <= 2 else 204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=hook_server.serve_forever, daemon=True).start()
+    hook_url = f"http://127.0.0.1:{hook_server.server_address[1]}/hook"
+else:
+    hook_url = types.UNSET
+
 spec = M.JobSpec(model_id=model.id, steps=[steps["finetune"], steps["prune"], steps["quantize uniform"]],
-                 eval_=M.EvalSpec(dataset_id=ds))
+                 eval_=M.EvalSpec(dataset_id=ds), webhook_url=hook_url)
 job = ok(create.sync(client=client, body=spec, idempotency_key="generated-client-1"), M.Job)
 get = api("jobs.get_job")
 deadline = time.time() + 120
@@ -118,4 +144,24 @@ content = api("models.download_model").sync_detailed(client=client, id=str(job.r
 assert content.status_code == 200 and content.content[:8] != b"", content.status_code
 print(f"ok   job {job.id} ({' → '.join(kinds)}) succeeded; output model {job.result.model_id} "
       f"downloaded ({len(content.content)} bytes)")
+if webhook_secret:
+    from standardwebhooks import Webhook
+    deadline = time.time() + 60
+    deliveries = api("jobs.job_deliveries")
+    while True:
+        d = ok(deliveries.sync(client=client, id=str(job.id)), M.DeliveryList)
+        if all(i.state == M.DeliveryState.DELIVERED for i in d.items) and len(d.items) == 2:
+            break
+        if time.time() > deadline:
+            sys.exit(f"deliveries not done after 60 s: {d.to_dict()}")
+        time.sleep(0.5)
+    wh = Webhook(webhook_secret)
+    events = {}
+    for headers, body in received:
+        payload = wh.verify(body, {k.lower(): v for k, v in headers.items()})
+        events.setdefault(payload["type"], set()).add(headers["webhook-id"])
+    assert set(events) == {"job.started", "job.succeeded"}, events
+    assert all(len(ids) == 1 for ids in events.values()), events
+    print(f"ok   webhooks: {len(received)} deliveries ({sum(1 for i in d.items for r in i.responses if r.status == 500)} refused, "
+          f"then accepted), every signature verified by standardwebhooks")
 print("generated client ok")
