@@ -188,13 +188,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "whittle is serving; try GET /healthz"
     );
     let token = shutdown.clone();
-    axum::serve(listener, app.router())
-        .with_graceful_shutdown(async move {
-            wait_for_signal().await;
-            info!("shutting down: no new jobs are claimed; running jobs get the grace period");
-            token.cancel();
-        })
-        .await?;
+    let limits = app.state.config.http_limits();
+    http::server::serve(listener, app.router(), limits, async move {
+        wait_for_signal().await;
+        info!("shutting down: no new jobs are claimed; running jobs get the grace period");
+        token.cancel();
+    })
+    .await;
     shutdown.cancel();
     for h in handles {
         let _ = h.await;

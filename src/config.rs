@@ -157,6 +157,25 @@ pub struct Config {
     #[arg(long, env = "WHITTLE_RETENTION_DAYS", global = true)]
     pub retention_days: Option<u64>,
 
+    /// Most HTTP connections served at once; past it new ones wait in the listen backlog.
+    #[arg(
+        long,
+        env = "WHITTLE_MAX_CONNECTIONS",
+        default_value_t = 2048,
+        global = true
+    )]
+    pub max_connections: usize,
+
+    /// Seconds a client may take to send a request's headers, and a connection may stay idle
+    /// between requests, before it is closed.
+    #[arg(
+        long,
+        env = "WHITTLE_HEADER_TIMEOUT_SECONDS",
+        default_value_t = 15,
+        global = true
+    )]
+    pub header_timeout_seconds: u64,
+
     /// Most database connections a process holds.
     #[arg(
         long,
@@ -216,6 +235,15 @@ impl Config {
                     )
                 }
             }
+        }
+    }
+
+    /// The HTTP connection limits in force.
+    pub fn http_limits(&self) -> crate::http::server::Limits {
+        crate::http::server::Limits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_seconds.max(1)),
+            shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_seconds.max(1)),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod live;
 pub mod models;
 pub mod ops;
+pub mod server;
 pub mod ui;
 pub mod upload;
 

@@ -171,3 +171,74 @@ async fn postgres_over_tls_with_sslmode_require() {
         whittle::db::jobs::JobState::Succeeded
     );
 }
+
+/// The server's connection limits: a socket that sends nothing and a keep-alive connection
+/// left idle are closed after the header timeout; past the connection cap new connections
+/// wait until a slot frees; shutdown returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_close_idle_sockets_and_cap_connections() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestApp::sqlite().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = whittle::http::server::Limits {
+        max_connections: 2,
+        header_timeout: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(whittle::http::server::serve(
+        listener,
+        t.router.clone(),
+        limits,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    const GET: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    // Waits for the peer to close (read returns 0); how long it took.
+    async fn closed_after(s: &mut tokio::net::TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("the server kept the connection open"),
+            }
+        }
+    }
+
+    // Two silent sockets take both slots.
+    let mut silent1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut silent2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A third client is served only once a slot frees (when a silent one is dropped).
+    let started = Instant::now();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    third.write_all(GET).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(
+        waited >= Duration::from_millis(700),
+        "served at once past the cap: {waited:?}"
+    );
+    // The silent ones were closed by the header timeout.
+    assert!(closed_after(&mut silent1).await < Duration::from_secs(2));
+    assert!(closed_after(&mut silent2).await < Duration::from_secs(2));
+    // The third, idle after its answer, is closed too.
+    let idle = closed_after(&mut third).await;
+    assert!(idle < Duration::from_secs(3), "{idle:?}");
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns on shutdown")
+        .unwrap();
+}
