@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The served OpenAPI document checked by independent tools against a running server with API
-# keys on (pinned from PyPI into target/pyenv-clients):
+# keys on (pinned from PyPI by scripts/python_tools.sh):
 #   1. schemathesis: examples, coverage, fuzzing and stateful phases over every operation; no
 #      5xx, every status code, content type, header and body conforming to the document,
 #      schema-violating requests refused, auth enforced, deleted resources gone.
@@ -11,13 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/debug/whittle}")
-venv=target/pyenv-clients
-if [ ! -x "$venv/bin/st" ] || [ ! -x "$venv/bin/openapi-python-client" ] ||
-    ! "$venv/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        schemathesis==4.32.5 openapi-python-client==0.29.1 standardwebhooks==1.3.0
-fi
+venv=$(scripts/python_tools.sh)
 dir=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
 admin=$("$bin" keys create --name schemathesis --scope admin --data-dir "$dir/data" --output json |

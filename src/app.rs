@@ -35,9 +35,26 @@ impl App {
             .await
             .with_context(|| format!("connecting to the database at {}", db::redact(&url)))?;
         db.migrate().await.context("applying database migrations")?;
-        let store: Store = Arc::new(LocalStore::open(&config.data_dir).with_context(|| {
-            format!("opening the blob store under {}", config.data_dir.display())
-        })?);
+        let store: Store =
+            match config.blob_url.as_deref() {
+                None => Arc::new(LocalStore::open(&config.data_dir).with_context(|| {
+                    format!("opening the blob store under {}", config.data_dir.display())
+                })?),
+                Some(url) if url.starts_with("file://") => {
+                    let dir = std::path::PathBuf::from(url.trim_start_matches("file://"));
+                    Arc::new(LocalStore::open(&dir).with_context(|| {
+                        format!("opening the blob store under {}", dir.display())
+                    })?)
+                }
+                Some(url) => Arc::new(
+                    crate::store::ObjectBlobStore::open(
+                        url,
+                        &config.data_dir.join("cache"),
+                        config.cache_bytes,
+                    )
+                    .with_context(|| format!("opening the blob store at {url}"))?,
+                ),
+            };
         let queue = Queue::new(db.clone());
         let shutdown = CancellationToken::new();
         let live = http::live::EventHub::start(db.clone(), shutdown.clone());

@@ -81,6 +81,17 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", global = true)]
     pub database_url: Option<String>,
 
+    /// Where blobs live: `file:///path` (default: `<data-dir>`), or an object store —
+    /// `s3://bucket/prefix` (credentials, region and endpoint from the standard `AWS_*`
+    /// variables, e.g. `AWS_ENDPOINT_URL`), `gs://…`, `az://…`.
+    #[arg(long, env = "WHITTLE_BLOB_URL", global = true)]
+    pub blob_url: Option<String>,
+
+    /// With an object store: most bytes of blobs kept in the local cache (`<data-dir>/cache`)
+    /// for compute; least recently used go first.
+    #[arg(long, env = "WHITTLE_CACHE_BYTES", default_value_t = 8 << 30, global = true)]
+    pub cache_bytes: u64,
+
     /// Largest accepted upload (model or dataset), in bytes.
     #[arg(long, env = "WHITTLE_MAX_UPLOAD_BYTES", default_value_t = 16 * 1024 * 1024 * 1024, global = true)]
     pub max_upload_bytes: u64,

@@ -11,6 +11,7 @@
 //! where a blob lives. A backend is one file here: [`local`] is a directory.
 
 pub mod local;
+pub mod object;
 
 use std::io::{self, Write};
 use std::ops::Range;
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 pub use local::LocalStore;
+pub use object::ObjectBlobStore;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -38,6 +38,7 @@ mod golden;
 mod jobs;
 mod lifecycle;
 mod models;
+mod objects;
 mod openapi;
 mod ops;
 mod queue;
