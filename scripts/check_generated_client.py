@@ -2,9 +2,9 @@
 
 openapi-python-client (PyPI) generates a client from GET /openapi.yaml; this script then uses
 only that client's typed models and functions: it creates a model from an architecture,
-uploads a labelled dataset as a file, dry-runs a job of every step type (each step built from
-its own generated class), submits a real multi-step job and reads it back until it succeeds,
-then downloads its output model. Exits non-zero on any failure.
+uploads a labelled dataset as a file, runs one job of every op (and of every quantize method),
+each step built from its own generated class, then a multi-step job with an evaluation and a
+webhook receiver, and downloads its output model. Exits non-zero on any failure.
 
     python scripts/check_generated_client.py http://127.0.0.1:8080 [API_KEY]
 (run by scripts/check_openapi_clients.sh, which installs the pinned tools and starts a server)
@@ -96,10 +96,29 @@ steps = {
     "evaluate": M.EvaluateStep(op="evaluate", dataset_id=ds),
 }
 create = api("jobs.create_job")
+get = api("jobs.get_job")
+
+
+def wait(job):
+    deadline = time.time() + 120
+    while job.state not in (M.JobState.SUCCEEDED, M.JobState.FAILED, M.JobState.CANCELLED):
+        if time.time() > deadline:
+            sys.exit(f"job {job.id} still {job.state} after 120 s")
+        time.sleep(0.3)
+        job = ok(get.sync(client=client, id=str(job.id)), M.Job)
+    if job.state != M.JobState.SUCCEEDED:
+        sys.exit(f"job {job.id} ended {job.state}: {job.error}")
+    return job
+
+
+# One job of each op (and of each quantize method), each step built from its own class: the
+# plan first (dry run), then the job itself, run to success by the server's worker.
 for name, step in steps.items():
     plan = create.sync(client=client, body=M.JobSpec(model_id=model.id, steps=[step]), dry_run=True)
     ok(plan, M.DryRunPlan)
-    print(f"ok   dry-run {name}")
+    job = wait(ok(create.sync(client=client, body=M.JobSpec(model_id=model.id, steps=[step])), M.Job))
+    assert type(job.steps[0]).__name__ == type(step).__name__, (job.steps[0], step)
+    print(f"ok   {name}: planned, then job {job.id} succeeded")
 
 received = []
 if webhook_secret:
@@ -126,16 +145,7 @@ else:
 
 spec = M.JobSpec(model_id=model.id, steps=[steps["finetune"], steps["prune"], steps["quantize uniform"]],
                  eval_=M.EvalSpec(dataset_id=ds), webhook_url=hook_url)
-job = ok(create.sync(client=client, body=spec, idempotency_key="generated-client-1"), M.Job)
-get = api("jobs.get_job")
-deadline = time.time() + 120
-while job.state not in (M.JobState.SUCCEEDED, M.JobState.FAILED, M.JobState.CANCELLED):
-    if time.time() > deadline:
-        sys.exit(f"job {job.id} still {job.state} after 120 s")
-    time.sleep(0.5)
-    job = ok(get.sync(client=client, id=str(job.id)), M.Job)
-if job.state != M.JobState.SUCCEEDED:
-    sys.exit(f"job {job.id} ended {job.state}: {job.error}")
+job = wait(ok(create.sync(client=client, body=spec, idempotency_key="generated-client-1"), M.Job))
 kinds = [type(s).__name__ for s in job.steps]
 assert kinds == ["FinetuneStep", "PruneStep", "QuantizeUniformStep"], kinds
 metrics = api("jobs.job_metrics").sync(client=client, id=str(job.id))
