@@ -19,25 +19,28 @@ export WHITTLE_URL="http://127.0.0.1:$port"
 for _ in $(seq 50); do curl -sf "$WHITTLE_URL/healthz" >/dev/null && break; sleep 0.1; done
 curl() { command curl -H "authorization: Bearer $key" "$@"; }
 
-# A model, a dataset, and a job that trains, prunes and quantizes (queued: no worker yet).
+# A model, a dataset, and a Deep Compression job: train, prune in rounds with retraining,
+# share weights through a 16-entry k-means codebook, pack (queued: no worker yet).
 model=$(curl -sf "$WHITTLE_URL/v1/models?name=mlp" -H 'content-type: application/json' -d '{"architecture":
-  {"kind": "sequential", "input_shape": [4], "layers": [
-   {"type": "linear", "name": "fc1", "in_features": 4, "out_features": 16}, {"type": "relu"},
-   {"type": "linear", "name": "fc2", "in_features": 16, "out_features": 3}]}, "init": {"seed": 1}}' |
+  {"kind": "sequential", "input_shape": [64], "layers": [
+   {"type": "linear", "name": "fc1", "in_features": 64, "out_features": 256}, {"type": "relu"},
+   {"type": "linear", "name": "fc2", "in_features": 256, "out_features": 3}]}, "init": {"seed": 1}}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 python3 - "$dir/data.csv" <<'PY'
 import random, sys
 random.seed(0)
 with open(sys.argv[1], "w") as f:
-    for i in range(120):
+    for i in range(300):
         y = i % 3
-        f.write(",".join(f"{y + random.gauss(0, 0.3):.3f}" for _ in range(4)) + f",{y}\n")
+        f.write(",".join(f"{(y - 1) * (j % 3 == y) + random.gauss(0, 0.5):.3f}" for j in range(64)) + f",{y}\n")
 PY
 data=$(curl -sf "$WHITTLE_URL/v1/datasets?name=toy&format=csv" -H 'content-type: text/csv' --data-binary @"$dir/data.csv" |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 job=$(curl -sf "$WHITTLE_URL/v1/jobs" -H 'content-type: application/json' -d "{\"model_id\": \"$model\",
   \"steps\": [{\"op\": \"finetune\", \"dataset_id\": \"$data\", \"epochs\": 8, \"batch_size\": 16},
-              {\"op\": \"prune\", \"sparsity\": 0.5}, {\"op\": \"quantize\", \"method\": \"uniform\", \"bits\": 8}],
+              {\"op\": \"prune\", \"sparsity\": 0.7, \"schedule\": {\"kind\": \"polynomial\", \"iterations\": 3,
+                \"finetune\": {\"dataset_id\": \"$data\", \"epochs\": 2, \"batch_size\": 16}}},
+              {\"op\": \"quantize\", \"method\": \"kmeans\", \"clusters\": 16, \"format\": \"packed\"}],
   \"eval\": {\"dataset_id\": \"$data\"}, \"labels\": {\"team\": \"dash\"}}" |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 

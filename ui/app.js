@@ -143,9 +143,11 @@ function chart(container, title, labels, series, opts = {}) {
   const palette = ["#2450b8", "#c2410c", "#15803d", "#7c3aed"];
   const u = new uPlot({
     title, width, height: 220,
-    scales: { x: { time: false } },
-    // Whole epochs and tensor numbers on the x axis.
-    axes: [{ label: opts.xLabel || "", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, {}],
+    // Bars start at zero (a sparsity of 0.70 next to 0.71 must not look like 0 next to 1).
+    scales: { x: { time: false }, y: opts.bars ? { range: (u, min, max) => [0, max > 0 ? max * 1.05 : 1] } : {} },
+    // Whole epochs and tensor numbers on the x axis; four significant digits on the y axis.
+    axes: [{ label: opts.xLabel || "", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] },
+      { values: (u, ticks) => ticks.map((v) => (v == null ? "" : String(Number(v.toPrecision(4))))) }],
     series: [{ label: opts.xLabel || "x" }].concat(series.map((s, i) => ({
       label: s.label, stroke: palette[i % palette.length],
       fill: opts.bars ? palette[i % palette.length] + "55" : undefined,

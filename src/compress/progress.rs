@@ -22,6 +22,16 @@ impl<'a> Ctx<'a> {
         (self.progress)(fraction.clamp(0.0, 1.0), message);
     }
 
+    /// The same cancellation without progress reports: for a pass inside an operation (a
+    /// validation pass between epochs) whose own 0→1 would read as the operation's.
+    pub fn silent(&self) -> Ctx<'a> {
+        fn quiet(_: f64, _: &str) {}
+        Ctx {
+            progress: &quiet,
+            cancel: self.cancel,
+        }
+    }
+
     /// Fail with [`Error::Cancelled`] if cancellation was asked for. Operations call this
     /// between tensors / layers / batches.
     pub fn check(&self) -> Result<()> {

@@ -911,7 +911,8 @@ pub fn train(
         }
         let (val_loss, val_accuracy) = match validation {
             Some(v) => {
-                let (l, a) = loss_and_accuracy(model, v, val_bs, ctx)?;
+                // Silent: the validation pass's own progress is not the step's.
+                let (l, a) = loss_and_accuracy(model, v, val_bs, &ctx.silent())?;
                 (Some(l), Some(a))
             }
             None => (None, None),
@@ -1051,6 +1052,32 @@ mod tests {
         };
         let out = train(&mut model, &train_set, Some(&val_set), config, &ctx, hooks);
         (out, model.export().unwrap(), saved)
+    }
+
+    /// The progress a step reports only moves forward: the validation pass between epochs
+    /// does not report its own 0→1 as the step's (the bar used to jump to 100% and back).
+    #[test]
+    fn progress_only_moves_forward_through_validation_passes() {
+        let data = noisy_data(41, 1);
+        let cfg = config(Optimizer::ADAMW);
+        let mut model = Model::init(&every_layer(), 5).unwrap();
+        let (train_set, val_set) = data.split(0.25, 3).unwrap();
+        let cancel = AtomicBool::new(false);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let record = |f: f64, _: &str| seen.lock().unwrap().push(f);
+        let ctx = Ctx::new(&record, &cancel);
+        train(
+            &mut model,
+            &train_set,
+            Some(&val_set),
+            &cfg,
+            &ctx,
+            TrainHooks::default(),
+        )
+        .unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert!(seen.len() >= 4, "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[1] >= w[0]), "{seen:?}");
     }
 
     #[test]
