@@ -61,6 +61,9 @@ async def follow(job, until_terminal, opened):
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head[:80]
+    # Open = caught up: the job's history (its `queued` event) has arrived.
+    while b"data:" not in await reader.readline():
+        pass
     opened.append(1)
     seen_terminal = False
     try:
@@ -106,9 +109,11 @@ async def main():
             if time.time() - t0 > 60:
                 sys.exit(f"only {len(opened)} of {N} streams opened in 60 s")
         print(f"{N} streams open in {time.time() - t0:.1f} s")
-        await asyncio.sleep(2)
+        # PostgreSQL publishes a backend's counters up to 10 s after it goes idle: let the
+        # catch-up reads of the streams' opening land before the window starts.
+        await asyncio.sleep(12)
         c0, w0 = commits(), time.time()
-        await asyncio.sleep(10)
+        await asyncio.sleep(20)
         c1, w1 = commits(), time.time()
         qps = (c1 - c0 - 1) / (w1 - w0)  # minus the reading query itself
         rss1 = rss_mib(server.pid)
