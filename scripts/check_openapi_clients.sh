@@ -19,7 +19,8 @@ admin=$("$bin" keys create --name schemathesis --scope admin --data-dir "$dir/da
 writer=$("$bin" keys create --name client --scope write --tenant clients --data-dir "$dir/data" --output json |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
 secret="whsec_$(head -c 32 /dev/urandom | base64 -w0)"
-WHITTLE_WEBHOOK_SECRET="$secret" "$bin" serve --workers 1 --auth keys --bind "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/server.log" 2>&1 &
+# The receiver listens on loopback here, so private receivers are allowed for this server.
+WHITTLE_WEBHOOK_SECRET="$secret" WHITTLE_WEBHOOK_ALLOW_PRIVATE=true "$bin" serve --workers 1 --auth keys --bind "127.0.0.1:$port" --data-dir "$dir/data" >"$dir/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$dir"' EXIT
 url="http://127.0.0.1:$port"

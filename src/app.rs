@@ -151,7 +151,11 @@ impl App {
     ) -> Option<tokio::task::JoinHandle<()>> {
         let secrets = self.state.config.webhook_secret.as_deref()?;
         let secrets = crate::queue::webhooks::Secret::parse_list(secrets).ok()?;
-        let sender = crate::queue::webhooks::Sender::new(self.state.db.clone(), secrets);
+        let sender = crate::queue::webhooks::Sender::new(
+            self.state.db.clone(),
+            secrets,
+            self.state.config.webhook_allow_private,
+        );
         Some(tokio::spawn(
             sender.run(Duration::from_secs(1), shutdown.clone()),
         ))

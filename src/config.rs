@@ -163,6 +163,12 @@ pub struct Config {
     )]
     pub webhook_secret: Option<String>,
 
+    /// Let webhooks reach loopback, private, link-local (cloud metadata) and other non-public
+    /// addresses; refused by default, so that tenants cannot make the server call its own
+    /// network.
+    #[arg(long, env = "WHITTLE_WEBHOOK_ALLOW_PRIVATE", global = true)]
+    pub webhook_allow_private: bool,
+
     /// Delete finished jobs (with their events, logs and artifacts) this many days after
     /// they ended; checked every 15 minutes by `serve`. Default: keep them.
     #[arg(long, env = "WHITTLE_RETENTION_DAYS", global = true)]

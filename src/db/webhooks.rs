@@ -153,7 +153,9 @@ pub async fn claim_due(db: &Db, now: i64, lease_micros: i64, limit: i64) -> Resu
 }
 
 /// Records one attempt: `delivered` on a 2xx answer; otherwise pending again after the
-/// backoff, or `failed` once [`MAX_ATTEMPTS`] are spent.
+/// backoff, or `failed` once [`MAX_ATTEMPTS`] are spent or when `give_up` (a receiver that
+/// may not be called at all).
+#[allow(clippy::too_many_arguments)]
 pub async fn record_attempt(
     db: &Db,
     d: &Delivery,
@@ -162,6 +164,7 @@ pub async fn record_attempt(
     error: Option<String>,
     duration_ms: u64,
     body: String,
+    give_up: bool,
 ) -> Result<()> {
     let attempts = d.attempts + 1;
     let ok = status.is_some_and(|s| (200..300).contains(&s));
@@ -174,7 +177,7 @@ pub async fn record_attempt(
     let responses: Vec<Value> = responses.into_iter().skip(skip).collect();
     let (state, next) = if ok {
         ("delivered", now)
-    } else if attempts >= MAX_ATTEMPTS {
+    } else if give_up || attempts >= MAX_ATTEMPTS {
         ("failed", now)
     } else {
         ("pending", now + backoff_seconds(attempts) * 1_000_000)

@@ -36,12 +36,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        // The middleware sets it on every /v1 route; elsewhere there is nothing to protect.
-        Ok(parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or_else(Caller::unauthenticated_admin))
+        // The middleware sets it on every /v1 route. A handler asking for a caller on a route
+        // without the middleware is a wiring bug: refuse rather than grant anything.
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::internal("a route asked for the caller without the access middleware")
+        })
     }
 }
 

@@ -81,6 +81,24 @@ async fn create_job(
     let model = inputs.model;
     let parsed = spec::parse_job(&body, facts.as_ref());
     let mut errors = parsed.as_ref().err().cloned().unwrap_or_default();
+    // A receiver named by a non-public address is refused now; one named by a host name is
+    // checked when it is called (its address may change).
+    if let Some(url) = parsed.as_ref().ok().and_then(|s| s.webhook_url.as_deref()) {
+        let host = url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()));
+        let private = host.as_deref().is_some_and(|h| {
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| !crate::queue::webhooks::is_public(ip))
+        });
+        if private && !state.config.webhook_allow_private {
+            errors.push(FieldError::new(
+                "/webhook_url",
+                "names a loopback, private or link-local address; this server calls only public receivers (WHITTLE_WEBHOOK_ALLOW_PRIVATE=true allows others)",
+            ));
+        }
+    }
     if state.config.webhook_secret.is_none()
         && parsed.as_ref().is_ok_and(|s| s.webhook_url.is_some())
     {

@@ -69,27 +69,104 @@ impl Secret {
     }
 }
 
+/// Whether `ip` is an address on the public internet: not loopback, private (RFC 1918,
+/// unique-local), link-local (cloud metadata lives there), carrier-grade NAT, unspecified,
+/// broadcast or multicast. Receivers at other addresses are refused unless allowed
+/// (`WHITTLE_WEBHOOK_ALLOW_PRIVATE`): a tenant must not make the server call its own
+/// network and read the answers in `GET /v1/jobs/{id}/deliveries`.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
 /// Delivers due webhooks.
 #[derive(Debug, Clone)]
 pub struct Sender {
     db: Db,
     http: reqwest::Client,
     secrets: Vec<Secret>,
+    allow_private: bool,
 }
 
 /// How long a claimed delivery is held before another sender may retry it.
 const CLAIM_MICROS: i64 = 60_000_000;
 
 impl Sender {
-    /// A sender signing with `secrets` (the first is current).
-    pub fn new(db: Db, secrets: Vec<Secret>) -> Sender {
+    /// A sender signing with `secrets` (the first is current); receivers at non-public
+    /// addresses are refused unless `allow_private`.
+    pub fn new(db: Db, secrets: Vec<Secret>, allow_private: bool) -> Sender {
         let http = reqwest::Client::builder()
             .user_agent(concat!("whittle-webhooks/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("a client with rustls builds");
-        Sender { db, http, secrets }
+        Sender {
+            db,
+            http,
+            secrets,
+            allow_private,
+        }
+    }
+
+    /// The client to reach `url` with: refused (with the reason) when its host resolves to a
+    /// non-public address and those are not allowed; otherwise pinned to the address checked,
+    /// so a DNS answer that changes in between cannot redirect the request.
+    async fn client_for(&self, url: &str) -> Result<reqwest::Client, String> {
+        if self.allow_private {
+            return Ok(self.http.clone());
+        }
+        let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
+        let host = parsed.host_str().ok_or("the URL has no host")?.to_string();
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((bare, port))
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .collect();
+        let Some(first) = addrs.first().copied() else {
+            return Err(format!("{host} resolves to no address"));
+        };
+        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+            return Err(format!(
+                "refused: {host} resolves to {}, not a public address (WHITTLE_WEBHOOK_ALLOW_PRIVATE=true allows it)",
+                bad.ip()
+            ));
+        }
+        if bare.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(self.http.clone());
+        }
+        reqwest::Client::builder()
+            .user_agent(concat!("whittle-webhooks/", env!("CARGO_PKG_VERSION")))
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .resolve(&host, first)
+            .build()
+            .map_err(|e| e.to_string())
     }
 
     /// Sends every delivery due at `now` (concurrently, at most 16 at a time); how many
@@ -112,9 +189,25 @@ impl Sender {
             .map(|s| s.sign(&d.id, timestamp, &d.payload))
             .collect::<Vec<_>>()
             .join(" ");
+        let client = match self.client_for(&d.url).await {
+            Ok(c) => c,
+            Err(reason) => {
+                warn!(delivery = %d.id, job_id = %d.job_id, %reason, "webhook refused");
+                return webhooks::record_attempt(
+                    &self.db,
+                    &d,
+                    now_micros(),
+                    None,
+                    Some(reason),
+                    0,
+                    String::new(),
+                    true,
+                )
+                .await;
+            }
+        };
         let started = Instant::now();
-        let res = self
-            .http
+        let res = client
             .post(&d.url)
             .header("content-type", "application/json")
             .header("webhook-id", &d.id)
@@ -148,7 +241,7 @@ impl Sender {
             }
         }
         metrics::counter!("whittle_webhook_attempts_total", "outcome" => if status.is_some_and(|s| (200..300).contains(&s)) { "delivered" } else { "failed" }).increment(1);
-        webhooks::record_attempt(&self.db, &d, now_micros(), status, error, ms, body).await
+        webhooks::record_attempt(&self.db, &d, now_micros(), status, error, ms, body, false).await
     }
 
     /// Delivers until `shutdown`, looking for due deliveries every `interval`.

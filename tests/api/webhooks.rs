@@ -66,7 +66,12 @@ async fn receiver(fail_first: usize) -> (String, Seen) {
 }
 
 async fn webhooks_are_delivered_at_least_once_signed_and_retried(backend: Backend) {
-    let Some(t) = TestApp::with(backend, |c| c.webhook_secret = Some(secret())).await else {
+    let Some(t) = TestApp::with(backend, |c| {
+        c.webhook_secret = Some(secret());
+        c.webhook_allow_private = true;
+    })
+    .await
+    else {
         return;
     };
     let (url, seen) = receiver(2).await;
@@ -96,6 +101,7 @@ async fn webhooks_are_delivered_at_least_once_signed_and_retried(backend: Backen
     let sender = Sender::new(
         t.app.state.db.clone(),
         Secret::parse_list(&secret()).unwrap(),
+        true,
     );
     let now = whittle::ids::now_micros();
     assert_eq!(sender.deliver_due(now).await.unwrap(), 2, "both fail (500)");
@@ -171,6 +177,7 @@ async fn a_receiver_that_stays_down_is_given_up_after_the_last_attempt(t: TestAp
     let sender = Sender::new(
         t.app.state.db.clone(),
         Secret::parse_list(&secret()).unwrap(),
+        true,
     );
     let mut now = whittle::ids::now_micros();
     for _ in 0..whittle::db::webhooks::MAX_ATTEMPTS {
@@ -203,7 +210,11 @@ async fn webhooks_are_delivered_at_least_once_signed_and_retried_on_postgres() {
 }
 
 async fn down_sqlite() -> Option<TestApp> {
-    TestApp::with(Backend::Sqlite, |c| c.webhook_secret = Some(secret())).await
+    TestApp::with(Backend::Sqlite, |c| {
+        c.webhook_secret = Some(secret());
+        c.webhook_allow_private = true;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -214,8 +225,101 @@ async fn a_receiver_that_stays_down_is_given_up_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_receiver_that_stays_down_is_given_up_on_postgres() {
-    if let Some(t) = TestApp::with(Backend::Postgres, |c| c.webhook_secret = Some(secret())).await {
+    if let Some(t) = TestApp::with(Backend::Postgres, |c| {
+        c.webhook_secret = Some(secret());
+        c.webhook_allow_private = true;
+    })
+    .await
+    {
         a_receiver_that_stays_down_is_given_up_after_the_last_attempt(t).await
+    }
+}
+
+/// Receivers on the server's own network are refused unless allowed: a literal loopback or
+/// private address at submission, a host name that resolves to one when it is called (and
+/// then given up at once, not retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receivers_on_private_addresses_are_refused() {
+    let t = TestApp::with(Backend::Sqlite, |c| c.webhook_secret = Some(secret()))
+        .await
+        .unwrap();
+    let m = t.upload_model(tiny_model()).await;
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest",
+        "http://[::1]/x",
+        "http://10.1.2.3/",
+        "http://localhost:8080/",
+    ] {
+        let mut body = f16_job(m["id"].as_str().unwrap());
+        body["webhook_url"] = json!(url);
+        let p = t
+            .post_json("/v1/jobs", &body)
+            .await
+            .assert_problem(422, "validation_failed");
+        assert_eq!(p["errors"][0]["pointer"], "/webhook_url", "{url}");
+    }
+    // A name resolving to loopback passes submission (on a server that allows it here) but a
+    // sender that does not allow private receivers refuses to call it.
+    let t = TestApp::with(Backend::Sqlite, |c| {
+        c.webhook_secret = Some(secret());
+        c.webhook_allow_private = true;
+    })
+    .await
+    .unwrap();
+    let m = t.upload_model(tiny_model()).await;
+    let mut body = f16_job(m["id"].as_str().unwrap());
+    body["webhook_url"] = json!("http://localhost:9/hook");
+    let job = t.submit(body).await;
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(
+        t.post_json(&format!("/v1/jobs/{id}/cancel"), &json!({}))
+            .await
+            .status,
+        202
+    );
+    let strict = Sender::new(
+        t.app.state.db.clone(),
+        Secret::parse_list(&secret()).unwrap(),
+        false,
+    );
+    assert_eq!(
+        strict
+            .deliver_due(whittle::ids::now_micros())
+            .await
+            .unwrap(),
+        1
+    );
+    let d = t.get(&format!("/v1/jobs/{id}/deliveries")).await.json();
+    let item = &d["items"][0];
+    assert_eq!(item["state"], "failed", "{item}");
+    assert_eq!(item["attempts"], 1);
+    assert!(
+        item["responses"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a public address"),
+        "{item}"
+    );
+    use std::net::IpAddr;
+    use whittle::queue::webhooks::is_public;
+    for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+        assert!(is_public(ip.parse::<IpAddr>().unwrap()), "{ip}");
+    }
+    for ip in [
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::1",
+        "fe80::1",
+        "fd00::1",
+        "::ffff:10.0.0.1",
+    ] {
+        assert!(!is_public(ip.parse::<IpAddr>().unwrap()), "{ip}");
     }
 }
 
