@@ -119,7 +119,9 @@ impl App {
         let Some(days) = self.state.config.retention_days else {
             return Ok(0);
         };
-        let cutoff = crate::ids::now_micros() - (days as i64).saturating_mul(86_400_000_000);
+        // Clamped: an absurd period must not wrap into the future and delete everything.
+        let days = days.min(100 * 366) as i64;
+        let cutoff = crate::ids::now_micros() - days * 86_400_000_000;
         Ok(db::jobs::delete_finished_before(&self.state.db, cutoff).await?)
     }
 
@@ -306,7 +308,8 @@ pub async fn keys(
     Ok(())
 }
 
-/// Every 15 minutes, apply the retention period and reclaim blobs unreferenced for an hour.
+/// Every 15 minutes, apply the retention period and reclaim unreferenced blobs (an hour old,
+/// or older than the longest running job's timeout).
 async fn collect_garbage_periodically(app: App, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(15 * 60));
     loop {
@@ -317,7 +320,11 @@ async fn collect_garbage_periodically(app: App, shutdown: CancellationToken) {
                     Ok(n) => info!(jobs = n, "retention deleted finished jobs"),
                     Err(e) => warn!(error = %e, "retention failed"),
                 }
-                match app.collect_garbage(Duration::from_secs(3600)).await {
+                // A running attempt's step outputs are referenced only when it completes: spare
+                // blobs younger than the longest running job may run (and an hour at least).
+                let longest = db::jobs::longest_running_timeout(&app.state.db).await.unwrap_or(0);
+                let min_age = Duration::from_secs(3600.max(longest.max(0) as u64 + 600));
+                match app.collect_garbage(min_age).await {
                     Ok(0) => {}
                     Ok(n) => info!(blobs = n, "garbage collection removed unreferenced blobs"),
                     Err(e) => warn!(error = %e, "garbage collection failed"),

@@ -314,3 +314,14 @@ pub async fn oldest_queued_created_at(db: &Db) -> Result<Option<i64>> {
         .await?;
     Ok(row.try_get::<Option<i64>, _>("t")?)
 }
+
+/// The longest `timeout_seconds` of a running job (0 when none runs): blobs a running attempt
+/// has written are referenced only when it completes, at most this long after it started.
+pub async fn longest_running_timeout(db: &Db) -> Result<i64> {
+    let row = sqlx::query(
+        "select coalesce(max(timeout_seconds), 0) as t from jobs where state = 'running'",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    Ok(row.try_get("t")?)
+}

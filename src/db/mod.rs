@@ -61,8 +61,14 @@ impl Error {
                     e,
                     sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
                 ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| {
-                    // Postgres: 57P01 admin shutdown, 57P03 cannot connect now, 08xxx connection.
-                    c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03"
+                    // Postgres: 57P01 admin shutdown, 57P03 cannot connect now, 08xxx connection;
+                    // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (extended codes keep them in the
+                    // low byte).
+                    c.starts_with("08")
+                        || c == "57P01"
+                        || c == "57P02"
+                        || c == "57P03"
+                        || (c.len() <= 4 && c.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)))
                 }))
             }
             _ => false,

@@ -146,7 +146,11 @@ pub async fn claim_due(db: &Db, now: i64, lease_micros: i64, limit: i64) -> Resu
         .execute(db.pool())
         .await?;
         if done.rows_affected() == 1 {
-            claimed.push(d);
+            // The claim's mark: the outcome is recorded only while the claim still holds.
+            claimed.push(Delivery {
+                next_attempt_at: now + lease_micros,
+                ..d
+            });
         }
     }
     Ok(claimed)
@@ -182,9 +186,12 @@ pub async fn record_attempt(
     } else {
         ("pending", now + backoff_seconds(attempts) * 1_000_000)
     };
+    // Fenced on the claim: a sender whose claim lapsed (another took the delivery over)
+    // records nothing over the other's outcome.
     sqlx::query(
         "update webhook_deliveries set state = $1, attempts = $2, next_attempt_at = $3, \
-         responses = $4, delivered_at = $5 where id = $6",
+         responses = $4, delivered_at = $5 where id = $6 and state = 'pending' \
+         and next_attempt_at = $7",
     )
     .bind(state)
     .bind(attempts)
@@ -192,6 +199,7 @@ pub async fn record_attempt(
     .bind(Value::Array(responses).to_string())
     .bind(ok.then_some(now))
     .bind(&d.id)
+    .bind(d.next_attempt_at)
     .execute(db.pool())
     .await?;
     Ok(())

@@ -46,7 +46,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("no answer within 1 s".to_string()),
     };
-    let store = state.store.check().await;
+    let store =
+        match tokio::time::timeout(std::time::Duration::from_secs(1), state.store.check()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer within 1 s".to_string()),
+        };
     let body = json!({
         "database": if db.is_ok() { "ok" } else { "unavailable" },
         "storage": if store.is_ok() { "ok" } else { "unavailable" },

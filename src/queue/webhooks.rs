@@ -1,7 +1,8 @@
 //! The webhook sender: delivers the outbox (`db::webhooks`) at least once, signed per the
 //! Standard Webhooks spec, with retries and backoff. It runs beside the job workers in every
-//! `serve` and `worker` process and never holds up a job: a receiver that is slow, failing or
-//! down only delays its own deliveries.
+//! `serve` and `worker` process and never holds up a job: a receiver that is failing or down
+//! only delays its own deliveries, and a slow one the others of its batch by at most the
+//! 10 s request timeout.
 //!
 //! Headers: `webhook-id` (the delivery's `msg_…`, the same on every attempt, for the receiver's
 //! de-duplication), `webhook-timestamp` (Unix seconds of this attempt) and `webhook-signature`:
@@ -35,10 +36,11 @@ impl Secret {
     /// Parses one secret.
     pub fn parse(s: &str) -> Result<Secret, String> {
         match s.strip_prefix("whsec_") {
-            Some(b64) => base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map(Secret)
-                .map_err(|e| format!("a whsec_ secret must be base64: {e}")),
+            Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
+                Ok(key) if key.len() >= 16 => Ok(Secret(key)),
+                Ok(_) => Err("a whsec_ secret needs at least 16 bytes of key".into()),
+                Err(e) => Err(format!("a whsec_ secret must be base64: {e}")),
+            },
             None if s.len() >= 16 => Ok(Secret(s.as_bytes().to_vec())),
             None => Err("a webhook secret needs at least 16 characters".into()),
         }
@@ -87,13 +89,24 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 || v4.is_multicast()
                 || v4.is_documentation()
                 || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64))
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18))
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
             let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+            };
+            // Addresses that carry an IPv4 one: mapped, compatible, NAT64, 6to4.
+            if let Some(v4) = v6.to_ipv4() {
+                return !v6.is_loopback() && !v6.is_unspecified() && is_public(IpAddr::V4(v4));
+            }
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(IpAddr::V4(embedded(s[6], s[7])));
+            }
+            if s[0] == 0x2002 {
+                return is_public(IpAddr::V4(embedded(s[1], s[2])));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -101,6 +114,14 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 || (s[0] & 0xffc0) == 0xfe80)
         }
     }
+}
+
+/// Why a receiver was not called.
+enum Refusal {
+    /// It may not be called at all (a non-public address): the delivery fails at once.
+    Forbidden(String),
+    /// Not now (the name did not resolve): retried with the backoff.
+    Transient(String),
 }
 
 /// Delivers due webhooks.
@@ -123,6 +144,8 @@ impl Sender {
             .user_agent(concat!("whittle-webhooks/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve the host itself, around the address check.
+            .no_proxy()
             .build()
             .expect("a client with rustls builds");
         Sender {
@@ -136,26 +159,34 @@ impl Sender {
     /// The client to reach `url` with: refused (with the reason) when its host resolves to a
     /// non-public address and those are not allowed; otherwise pinned to the address checked,
     /// so a DNS answer that changes in between cannot redirect the request.
-    async fn client_for(&self, url: &str) -> Result<reqwest::Client, String> {
+    async fn client_for(&self, url: &str) -> Result<reqwest::Client, Refusal> {
         if self.allow_private {
             return Ok(self.http.clone());
         }
-        let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
-        let host = parsed.host_str().ok_or("the URL has no host")?.to_string();
+        let parsed =
+            url::Url::parse(url).map_err(|e| Refusal::Forbidden(format!("invalid URL: {e}")))?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| Refusal::Forbidden("the URL has no host".into()))?
+            .to_string();
         let port = parsed.port_or_known_default().unwrap_or(80);
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((bare, port))
-            .await
-            .map_err(|e| format!("resolving {host}: {e}"))?
-            .collect();
+        // A resolver that fails or hangs is a passing trouble: retried like a failed send.
+        let lookup = tokio::net::lookup_host((bare, port));
+        let addrs: Vec<std::net::SocketAddr> =
+            match tokio::time::timeout(Duration::from_secs(5), lookup).await {
+                Ok(Ok(a)) => a.collect(),
+                Ok(Err(e)) => return Err(Refusal::Transient(format!("resolving {host}: {e}"))),
+                Err(_) => return Err(Refusal::Transient(format!("resolving {host}: timed out"))),
+            };
         let Some(first) = addrs.first().copied() else {
-            return Err(format!("{host} resolves to no address"));
+            return Err(Refusal::Transient(format!("{host} resolves to no address")));
         };
         if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
-            return Err(format!(
+            return Err(Refusal::Forbidden(format!(
                 "refused: {host} resolves to {}, not a public address (WHITTLE_WEBHOOK_ALLOW_PRIVATE=true allows it)",
                 bad.ip()
-            ));
+            )));
         }
         if bare.parse::<std::net::IpAddr>().is_ok() {
             return Ok(self.http.clone());
@@ -164,9 +195,10 @@ impl Sender {
             .user_agent(concat!("whittle-webhooks/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .resolve(&host, first)
             .build()
-            .map_err(|e| e.to_string())
+            .map_err(|e| Refusal::Transient(e.to_string()))
     }
 
     /// Sends every delivery due at `now` (concurrently, at most 16 at a time); how many
@@ -191,8 +223,12 @@ impl Sender {
             .join(" ");
         let client = match self.client_for(&d.url).await {
             Ok(c) => c,
-            Err(reason) => {
-                warn!(delivery = %d.id, job_id = %d.job_id, %reason, "webhook refused");
+            Err(refusal) => {
+                let (reason, give_up) = match refusal {
+                    Refusal::Forbidden(r) => (r, true),
+                    Refusal::Transient(r) => (r, false),
+                };
+                warn!(delivery = %d.id, job_id = %d.job_id, %reason, give_up, "webhook not sent");
                 return webhooks::record_attempt(
                     &self.db,
                     &d,
@@ -201,7 +237,7 @@ impl Sender {
                     Some(reason),
                     0,
                     String::new(),
-                    true,
+                    give_up,
                 )
                 .await;
             }
@@ -217,16 +253,20 @@ impl Sender {
             .send()
             .await;
         let (status, error, body) = match res {
-            Ok(r) => {
+            Ok(mut r) => {
                 let status = r.status().as_u16();
-                let mut body = r.text().await.unwrap_or_default();
-                if body.len() > 1024 {
-                    let mut end = 1024;
-                    while !body.is_char_boundary(end) {
-                        end -= 1;
+                // The first KiB is kept; more is never read (a receiver could send gigabytes).
+                let mut kept = Vec::new();
+                while kept.len() < 1024 {
+                    match r.chunk().await {
+                        Ok(Some(chunk)) => kept.extend_from_slice(&chunk),
+                        _ => break,
                     }
-                    body.truncate(end);
                 }
+                kept.truncate(1024);
+                let body = String::from_utf8_lossy(&kept)
+                    .trim_end_matches('\u{fffd}')
+                    .to_string();
                 (Some(status), None, body)
             }
             Err(e) => (None, Some(e.to_string()), String::new()),

@@ -79,6 +79,13 @@ impl ObjectBlobStore {
         self.prefix.child("blobs").child(prefix).child(sha256)
     }
 
+    /// An empty object whose time says when blob `sha256` was last stored again: content
+    /// already in the bucket is not rewritten, so its own time stays the first upload's, and
+    /// garbage collection must see the new one.
+    fn touch_marker(&self, sha256: &str) -> ObjectPath {
+        self.prefix.child("touched").child(sha256)
+    }
+
     fn cached(&self, sha256: &str) -> PathBuf {
         let prefix = sha256.get(..2).unwrap_or("00");
         self.cache.join("blobs").join(prefix).join(sha256)
@@ -97,8 +104,12 @@ impl ObjectBlobStore {
 
     async fn upload(&self, sha256: &str, file: &Path, size: u64) -> Result<(), Error> {
         let location = self.object(sha256);
-        // Content-addressed: an object already there holds these bytes.
+        // Content-addressed: an object already there holds these bytes; mark it as stored now.
         if self.store.head(&location).await.is_ok() {
+            self.store
+                .put(&self.touch_marker(sha256), PutPayload::new())
+                .await
+                .map_err(os_err)?;
             return Ok(());
         }
         if size as usize <= PART_BYTES {
@@ -111,18 +122,31 @@ impl ObjectBlobStore {
         }
         let upload = self.store.put_multipart(&location).await.map_err(os_err)?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-        let mut f = tokio::fs::File::open(file).await?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = tokio::io::AsyncReadExt::read(&mut f, &mut buf).await?;
-            if n == 0 {
-                break;
+        let written = async {
+            let mut f = tokio::fs::File::open(file).await?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = tokio::io::AsyncReadExt::read(&mut f, &mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                writer.wait_for_capacity(4).await.map_err(os_err)?;
+                writer.write(&buf[..n]);
             }
-            writer.wait_for_capacity(4).await.map_err(os_err)?;
-            writer.write(&buf[..n]);
+            Ok::<_, Error>(())
         }
-        writer.finish().await.map_err(os_err)?;
-        Ok(())
+        .await;
+        match written {
+            Ok(()) => {
+                writer.finish().await.map_err(os_err)?;
+                Ok(())
+            }
+            Err(e) => {
+                // Leave no orphaned parts behind.
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        }
     }
 
     /// Fetches blob `sha256` into the cache (checking its hash), unless it is there.
@@ -169,10 +193,12 @@ impl ObjectBlobStore {
         Ok(dest)
     }
 
-    /// Removes the least recently used cached blobs until the cache fits its bound (`keep`
-    /// stays: it is about to be used). A blob memory-mapped by a running job stays readable:
-    /// unlinking a file does not unmap it.
+    /// Removes the least recently used cached blobs until the cache fits its bound. Files used
+    /// in the last hour stay even past the bound (a job may hold a path it has not opened yet;
+    /// `keep` is about to be used), so the bound can be exceeded for a while. A blob
+    /// memory-mapped by a running job stays readable anyway: unlinking does not unmap it.
     fn trim_cache(&self, keep: &Path) {
+        let recent = SystemTime::now() - std::time::Duration::from_secs(3600);
         let mut files: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
         let Ok(dirs) = std::fs::read_dir(self.cache.join("blobs")) else {
             return;
@@ -198,11 +224,21 @@ impl ObjectBlobStore {
             if total <= self.cache_bytes {
                 break;
             }
-            if path != keep && std::fs::remove_file(&path).is_ok() {
+            if path != keep
+                && files_time_before(&path, recent)
+                && std::fs::remove_file(&path).is_ok()
+            {
                 total -= len;
             }
         }
     }
+}
+
+/// Whether `path` was last used before `t`.
+fn files_time_before(path: &Path, t: SystemTime) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|m| m < t)
 }
 
 /// Marks a cached file as just used (its modification time orders the eviction).
@@ -235,21 +271,38 @@ impl BlobStore for ObjectBlobStore {
         self.block_on(self.fetch(sha256))
     }
 
+    /// Every blob with the later of its upload time and its last re-store (touch marker).
     fn list(&self) -> Result<Vec<(String, SystemTime)>, Error> {
-        let prefix = self.prefix.child("blobs");
-        self.block_on(async {
+        let named = |prefix: ObjectPath| async move {
             let metas: Vec<object_store::ObjectMeta> = self
                 .store
                 .list(Some(&prefix))
                 .try_collect()
                 .await
                 .map_err(os_err)?;
-            Ok(metas
+            Ok::<_, Error>(
+                metas
+                    .into_iter()
+                    .filter_map(|m| {
+                        let name = m.location.filename()?.to_string();
+                        (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+                            .then(|| (name, SystemTime::from(m.last_modified)))
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        self.block_on(async {
+            let blobs = named(self.prefix.child("blobs")).await?;
+            let touched: std::collections::HashMap<String, SystemTime> =
+                named(self.prefix.child("touched"))
+                    .await?
+                    .into_iter()
+                    .collect();
+            Ok(blobs
                 .into_iter()
-                .filter_map(|m| {
-                    let name = m.location.filename()?.to_string();
-                    (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
-                        .then(|| (name, SystemTime::from(m.last_modified)))
+                .map(|(name, t)| {
+                    let t = touched.get(&name).map_or(t, |&u| t.max(u));
+                    (name, t)
                 })
                 .collect())
         })
@@ -295,26 +348,25 @@ impl BlobStore for ObjectBlobStore {
 
     fn delete<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            match self.store.delete(&self.object(sha256)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(os_err(e)),
+            for location in [self.object(sha256), self.touch_marker(sha256)] {
+                match self.store.delete(&location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(os_err(e)),
+                }
             }
             let _ = tokio::fs::remove_file(self.cached(sha256)).await;
             Ok(())
         })
     }
 
+    /// A read (one listing call under the prefix): `/readyz` is unauthenticated, so it must
+    /// not make anyone able to write to the bucket.
     fn check(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            let probe = self
-                .prefix
-                .child("tmp")
-                .child(format!(".ready-{}", uuid::Uuid::now_v7()));
             self.store
-                .put(&probe, PutPayload::from_static(b"ok"))
+                .list_with_delimiter(Some(&self.prefix))
                 .await
                 .map_err(os_err)?;
-            self.store.delete(&probe).await.map_err(os_err)?;
             Ok(())
         })
     }

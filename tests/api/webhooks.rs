@@ -318,6 +318,10 @@ async fn receivers_on_private_addresses_are_refused() {
         "fe80::1",
         "fd00::1",
         "::ffff:10.0.0.1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:a9fe:a9fe::1",
+        "::169.254.169.254",
+        "198.18.0.1",
     ] {
         assert!(!is_public(ip.parse::<IpAddr>().unwrap()), "{ip}");
     }
