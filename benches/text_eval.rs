@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use whittle::compress::engine::data::{Batch, Dataset, TextEncoder};
 use whittle::compress::engine::text_eval::{evaluate_text, TextEvalParams};
-use whittle::compress::engine::{transformer, Mode};
+use whittle::compress::engine::{families, Mode};
 use whittle::compress::formats::gguf_import::import_gguf;
 use whittle::compress::formats::safetensors::SafetensorsFile;
 use whittle::compress::progress::Ctx;
@@ -76,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("import: {:.2} s", started.elapsed().as_secs_f64());
     let tokenizer = TextEncoder::from_bytes(imported.tokenizer.unwrap().to_string().as_bytes())?;
     let file = SafetensorsFile::open(&weights)?;
-    let net = transformer::load(&imported.config, &file, Some(Arc::new(tokenizer)))?;
+    let net = families::load(&imported.config, &file, Some(Arc::new(tokenizer)))?;
 
     let context = env("BENCH_CONTEXT", 512);
     let windows = env("BENCH_WINDOWS", 4);

@@ -156,20 +156,34 @@ pub async fn claim_due(db: &Db, now: i64, lease_micros: i64, limit: i64) -> Resu
     Ok(claimed)
 }
 
+/// The outcome of one attempt to deliver.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
+    /// When it was made (µs).
+    pub at: i64,
+    /// The receiver's status; `None` when no answer came.
+    pub status: Option<u16>,
+    /// Why no answer came (or why the receiver was not called).
+    pub error: Option<String>,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// The first KiB of the answer.
+    pub body: String,
+    /// Give the delivery up now (a receiver that may not be called at all).
+    pub give_up: bool,
+}
+
 /// Records one attempt: `delivered` on a 2xx answer; otherwise pending again after the
-/// backoff, or `failed` once [`MAX_ATTEMPTS`] are spent or when `give_up` (a receiver that
-/// may not be called at all).
-#[allow(clippy::too_many_arguments)]
-pub async fn record_attempt(
-    db: &Db,
-    d: &Delivery,
-    now: i64,
-    status: Option<u16>,
-    error: Option<String>,
-    duration_ms: u64,
-    body: String,
-    give_up: bool,
-) -> Result<()> {
+/// backoff, or `failed` once [`MAX_ATTEMPTS`] are spent or when the attempt gives up.
+pub async fn record_attempt(db: &Db, d: &Delivery, a: Attempt) -> Result<()> {
+    let Attempt {
+        at: now,
+        status,
+        error,
+        duration_ms,
+        body,
+        give_up,
+    } = a;
     let attempts = d.attempts + 1;
     let ok = status.is_some_and(|s| (200..300).contains(&s));
     let mut responses = d.responses.as_array().cloned().unwrap_or_default();

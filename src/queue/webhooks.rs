@@ -229,17 +229,13 @@ impl Sender {
                     Refusal::Transient(r) => (r, false),
                 };
                 warn!(delivery = %d.id, job_id = %d.job_id, %reason, give_up, "webhook not sent");
-                return webhooks::record_attempt(
-                    &self.db,
-                    &d,
-                    now_micros(),
-                    None,
-                    Some(reason),
-                    0,
-                    String::new(),
+                let attempt = webhooks::Attempt {
+                    at: now_micros(),
+                    error: Some(reason),
                     give_up,
-                )
-                .await;
+                    ..Default::default()
+                };
+                return webhooks::record_attempt(&self.db, &d, attempt).await;
             }
         };
         let started = Instant::now();
@@ -281,7 +277,15 @@ impl Sender {
             }
         }
         metrics::counter!("whittle_webhook_attempts_total", "outcome" => if status.is_some_and(|s| (200..300).contains(&s)) { "delivered" } else { "failed" }).increment(1);
-        webhooks::record_attempt(&self.db, &d, now_micros(), status, error, ms, body, false).await
+        let attempt = webhooks::Attempt {
+            at: now_micros(),
+            status,
+            error,
+            duration_ms: ms,
+            body,
+            give_up: false,
+        };
+        webhooks::record_attempt(&self.db, &d, attempt).await
     }
 
     /// Delivers until `shutdown`, looking for due deliveries every `interval`.

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::transformer::{
-    attention, dropout, embed, layer_norm_in, merge_heads, pad_id, padding_bias, split_heads,
-    token_ids, Probe, Weights,
+    attention, check_tensors, dropout, embed, layer_norm_in, merge_heads, pad_id, padding_bias,
+    split_heads, token_ids, Probe, Weights,
 };
 use super::{Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -369,37 +369,6 @@ pub fn mean_pool_normalised(h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor>
         .sqrt()?
         .clamp(1e-12, f64::MAX)?;
     Ok(pooled.broadcast_div(&norm)?)
-}
-
-/// Every `(name, shape)` is a tensor of `weights` with that shape.
-pub(super) fn check_tensors(weights: &Weights, want: &[(String, Vec<usize>)]) -> Result<()> {
-    let mut missing = Vec::new();
-    let mut wrong = Vec::new();
-    for (name, shape) in want {
-        match weights.shape(name) {
-            None => missing.push(name.clone()),
-            Some(s) if s != shape.as_slice() => {
-                wrong.push(format!("{name} expected {shape:?}, found {s:?}"))
-            }
-            Some(_) => {}
-        }
-    }
-    let mut parts = Vec::new();
-    if !missing.is_empty() {
-        let shown: Vec<&String> = missing.iter().take(8).collect();
-        parts.push(format!(
-            "missing tensors: {shown:?} ({} in all)",
-            missing.len()
-        ));
-    }
-    if !wrong.is_empty() {
-        parts.push(format!("wrong shapes: {}", wrong.join(", ")));
-    }
-    if parts.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::ArchitectureMismatch(parts.join("; ")))
-    }
 }
 
 impl Network for Bert {

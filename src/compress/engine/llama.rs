@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor, D};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::bert::check_tensors;
+use super::transformer::check_tensors;
 use std::sync::Arc;
 
 use super::data::{Batch, Dataset, TextEncoder, TextInput};

@@ -8,6 +8,7 @@
 pub mod bert;
 pub mod data;
 pub mod evaluate;
+pub mod families;
 pub mod finetune;
 pub mod llama;
 pub mod masks;

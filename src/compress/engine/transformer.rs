@@ -16,31 +16,6 @@ use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
 
-/// The network of a folder model: its `config.json` names the family (`bert`, `llama`),
-/// `file` holds the weights, `tokenizer` (its `tokenizer.json`) reads text.
-pub fn load(
-    config: &serde_json::Value,
-    file: &SafetensorsFile,
-    tokenizer: Option<std::sync::Arc<super::data::TextEncoder>>,
-) -> Result<Box<dyn super::Network>> {
-    use crate::compress::formats::hf::family_of;
-    match family_of(config) {
-        Some(super::Family::Bert) => Ok(Box::new(
-            super::bert::Bert::from_safetensors(config, file)?.with_tokenizer(tokenizer),
-        )),
-        Some(super::Family::Llama) => Ok(Box::new(
-            super::llama::Llama::from_safetensors(config, file)?.with_tokenizer(tokenizer),
-        )),
-        _ => Err(Error::UnsupportedFamily(format!(
-            "the engine does not run `{}` models: supported families are sequential, bert and llama",
-            config
-                .get("model_type")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("unknown")
-        ))),
-    }
-}
-
 /// The parameters of a transformer, by name.
 #[derive(Debug)]
 pub struct Weights {
@@ -417,6 +392,37 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         .reshape((b, s, h))?)
 }
 
+/// Every `(name, shape)` is a tensor of `weights` with that shape.
+pub(super) fn check_tensors(weights: &Weights, want: &[(String, Vec<usize>)]) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut wrong = Vec::new();
+    for (name, shape) in want {
+        match weights.shape(name) {
+            None => missing.push(name.clone()),
+            Some(s) if s != shape.as_slice() => {
+                wrong.push(format!("{name} expected {shape:?}, found {s:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        let shown: Vec<&String> = missing.iter().take(8).collect();
+        parts.push(format!(
+            "missing tensors: {shown:?} ({} in all)",
+            missing.len()
+        ));
+    }
+    if !wrong.is_empty() {
+        parts.push(format!("wrong shapes: {}", wrong.join(", ")));
+    }
+    if parts.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ArchitectureMismatch(parts.join("; ")))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod fixtures {
     //! The reference folders of `tests/fixtures/transformers/` (made by
@@ -455,7 +461,8 @@ pub(crate) mod fixtures {
         let tok =
             crate::compress::engine::data::TextEncoder::from_file(dir(name).join("tokenizer.json"))
                 .unwrap();
-        super::load(&config, &file, Some(std::sync::Arc::new(tok))).unwrap()
+        crate::compress::engine::families::load(&config, &file, Some(std::sync::Arc::new(tok)))
+            .unwrap()
     }
 
     /// `net` with every tensor whose name ends with a key of `scale` multiplied by its value.

@@ -35,7 +35,6 @@ use std::str::FromStr;
 
 use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::GgmlDType;
-use half::f16;
 use serde::Serialize;
 
 use crate::compress::formats::safetensors::{
@@ -54,6 +53,8 @@ pub const GGUF_ALIGNMENT: u64 = 32;
 pub const GGUF_MAX_NAME_LEN: usize = 63;
 /// Most dimensions a ggml tensor can have (`GGML_MAX_DIMS`).
 pub const GGUF_MAX_DIMS: usize = 4;
+
+use super::gguf_q4_0::{q4_0_blocks, Q4_0_BLOCK, Q4_0_BYTES};
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// GGUF metadata value types used here.
@@ -930,76 +931,6 @@ fn quantize_rows_q4_0(
     Ok(stats)
 }
 
-/// q4_0 blocks of `values` into `out` (whole blocks); returns Σx², Σ(x − x̂)², max |x − x̂|.
-/// (An AVX2 build of this loop ran no faster: the time goes to reading and writing memory.)
-fn q4_0_blocks(values: &[f32], out: &mut [u8]) -> (f64, f64, f32) {
-    let (mut signal, mut noise, mut max) = (0f64, 0f64, 0f32);
-    let blocks = out.chunks_exact_mut(Q4_0_BYTES);
-    for (xs, block) in values.chunks_exact(Q4_0_BLOCK).zip(blocks) {
-        let (s, n, m) = q4_0_block(xs.try_into().unwrap(), block.try_into().unwrap());
-        signal += f64::from(s);
-        noise += f64::from(n);
-        max = max.max(m);
-    }
-    (signal, noise, max)
-}
-
-const Q4_0_BLOCK: usize = 32;
-const Q4_0_BYTES: usize = 18;
-
-/// One q4_0 block (f16 scale `d`, then 16 bytes of 4-bit codes, value j in the low nibble of
-/// byte j and value j + 16 in its high nibble); returns Σx², Σ(x − x̂)² and max |x − x̂| of the
-/// block, x̂ being candle's decoding `(q − 8)·d`. Per-block sums of 32 squares in f32 are off by
-/// at most a few parts in 10⁷, which a diagnostic can bear; |x − x̂| itself is exact (x̂ is
-/// within a factor of two of x or zero, so the subtraction is exact).
-#[inline(always)]
-fn q4_0_block(xs: &[f32; Q4_0_BLOCK], out: &mut [u8; Q4_0_BYTES]) -> (f32, f32, f32) {
-    const LANES: usize = 8;
-    let mut lanes = [0f32; LANES];
-    for chunk in xs.chunks_exact(LANES) {
-        for (m, &x) in lanes.iter_mut().zip(chunk) {
-            let a = x.abs();
-            *m = if a > *m { a } else { *m };
-        }
-    }
-    let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
-    // candle (and ggml) keep the first value of the largest magnitude, with its sign, and 0.0
-    // when there is none above zero.
-    let max = if amax > 0.0 {
-        xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
-    } else {
-        0.0
-    };
-    let d = max / -8.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let d16 = f16::from_f32(d);
-    out[..2].copy_from_slice(&d16.to_le_bytes());
-    let mut codes = [0u8; Q4_0_BLOCK];
-    for (q, &x) in codes.iter_mut().zip(xs) {
-        *q = u8::min(15, (x * id + 8.5) as u8);
-    }
-    let (lo, hi) = codes.split_at(Q4_0_BLOCK / 2);
-    for ((b, &l), &h) in out[2..].iter_mut().zip(lo).zip(hi) {
-        *b = l | (h << 4);
-    }
-    let dd = d16.to_f32();
-    let (mut signal, mut noise, mut max_err) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
-    for (xc, qc) in xs.chunks_exact(LANES).zip(codes.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            let e = xc[i] - (f32::from(qc[i]) - 8.0) * dd;
-            signal[i] += xc[i] * xc[i];
-            noise[i] += e * e;
-            let a = e.abs();
-            max_err[i] = if a > max_err[i] { a } else { max_err[i] };
-        }
-    }
-    (
-        signal.iter().sum(),
-        noise.iter().sum(),
-        max_err.iter().fold(0f32, |m, &a| m.max(a)),
-    )
-}
-
 /// The bytes of ggml blocks as GGUF stores them.
 fn block_bytes<B: GgmlType>(blocks: &[B]) -> &[u8] {
     assert_eq!(
@@ -1047,28 +978,6 @@ fn merge(into: &mut ErrorStats, s: &ErrorStats) {
     into.noise += s.noise;
     into.max_abs = into.max_abs.max(s.max_abs);
     into.count += s.count;
-}
-
-/// The named tensors of a GGUF file, dequantized to f32 with candle's decoders (what a
-/// GGUF reader would compute from the file).
-pub fn dequantize_tensors(
-    path: &std::path::Path,
-    names: &[String],
-) -> Result<std::collections::HashMap<String, Vec<f32>>> {
-    use candle_core::quantized::gguf_file;
-    let mut file = std::io::BufReader::new(std::fs::File::open(path)?);
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| Error::Internal(format!("reading back our GGUF file: {e}")))?;
-    let device = candle_core::Device::Cpu;
-    let mut out = std::collections::HashMap::new();
-    for name in names {
-        let q = content
-            .tensor(&mut file, name, &device)
-            .map_err(|e| Error::Internal(format!("GGUF tensor {name}: {e}")))?;
-        let values = q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?;
-        out.insert(name.clone(), values);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

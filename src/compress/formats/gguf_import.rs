@@ -19,7 +19,7 @@ use candle_core::quantized::gguf_file::{Content, Value as GgufValue};
 use candle_core::Device;
 use serde_json::{json, Map, Value};
 
-use super::gguf_vocab;
+use super::gguf_vocab::{self, uint_of};
 use super::safetensors::{encode_f32, write_safetensors, Dtype, TensorSpec};
 use crate::compress::{Error, Result};
 
@@ -94,21 +94,6 @@ impl Meta<'_> {
             .ok()
             .filter(|&v| v > 0 && v < (1 << 31))
             .ok_or_else(|| invalid(format!("`{full}` = {v} is out of range")))
-    }
-}
-
-/// A GGUF integer value as u64 (`None` for negative numbers and other types).
-pub(super) fn uint_of(v: &GgufValue) -> Option<u64> {
-    match v {
-        GgufValue::U8(x) => Some(u64::from(*x)),
-        GgufValue::U16(x) => Some(u64::from(*x)),
-        GgufValue::U32(x) => Some(u64::from(*x)),
-        GgufValue::U64(x) => Some(*x),
-        GgufValue::I8(x) => u64::try_from(*x).ok(),
-        GgufValue::I16(x) => u64::try_from(*x).ok(),
-        GgufValue::I32(x) => u64::try_from(*x).ok(),
-        GgufValue::I64(x) => u64::try_from(*x).ok(),
-        _ => None,
     }
 }
 
@@ -452,6 +437,28 @@ fn config_json(meta: &Meta, s: ConfigShape) -> Result<Value> {
     Ok(config)
 }
 
+/// The named tensors of a GGUF file, dequantized to f32 with candle's decoders (what a
+/// GGUF reader would compute from the file).
+pub fn dequantize_tensors(
+    path: &std::path::Path,
+    names: &[String],
+) -> Result<std::collections::HashMap<String, Vec<f32>>> {
+    use candle_core::quantized::gguf_file;
+    let mut file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| Error::Internal(format!("reading back our GGUF file: {e}")))?;
+    let device = candle_core::Device::Cpu;
+    let mut out = std::collections::HashMap::new();
+    for name in names {
+        let q = content
+            .tensor(&mut file, name, &device)
+            .map_err(|e| Error::Internal(format!("GGUF tensor {name}: {e}")))?;
+        let values = q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?;
+        out.insert(name.clone(), values);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,8 +607,7 @@ mod fixtures {
             );
         }
         // The imported folder runs as transformers runs the GGUF.
-        let net =
-            crate::compress::engine::transformer::load(&imported.config, &file, None).unwrap();
+        let net = crate::compress::engine::families::load(&imported.config, &file, None).unwrap();
         let expected = SafetensorsFile::open(dir().join("expected.safetensors")).unwrap();
         let ids_info = expected.get(&format!("{name}.input_ids")).unwrap();
         let ids: Vec<u32> = expected

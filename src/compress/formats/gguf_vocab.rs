@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::Value as GgufValue;
 use serde_json::{json, Map, Value};
 
-use super::gguf_import::uint_of;
 use crate::compress::{Error, Result};
 
 /// The tokenizer files of an imported model.
@@ -359,6 +358,21 @@ pub fn from_metadata(meta: &HashMap<String, GgufValue>) -> Result<Option<Vocab>>
         tokenizer: out,
         tokenizer_config: config,
     }))
+}
+
+/// A GGUF integer value as u64 (`None` for negative numbers and other types).
+pub(super) fn uint_of(v: &GgufValue) -> Option<u64> {
+    match v {
+        GgufValue::U8(x) => Some(u64::from(*x)),
+        GgufValue::U16(x) => Some(u64::from(*x)),
+        GgufValue::U32(x) => Some(u64::from(*x)),
+        GgufValue::U64(x) => Some(*x),
+        GgufValue::I8(x) => u64::try_from(*x).ok(),
+        GgufValue::I16(x) => u64::try_from(*x).ok(),
+        GgufValue::I32(x) => u64::try_from(*x).ok(),
+        GgufValue::I64(x) => u64::try_from(*x).ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -3,10 +3,12 @@
 pub mod gguf;
 pub mod gguf_import;
 pub mod gguf_llama;
+mod gguf_q4_0;
 pub mod gguf_vocab;
 pub mod hf;
 pub mod packed;
 pub mod safetensors;
+mod tensor_codec;
 
 /// The metadata key carrying a model's architecture as a JSON string, in every safetensors
 /// and GGUF file Whittle writes (and read from uploads).

@@ -21,13 +21,13 @@ use serde_json::{json, Value};
 use crate::codes::Code;
 use crate::compress::engine::data::{Dataset, Subset, TextEncoder};
 use crate::compress::engine::evaluate::{evaluate, ClassAccuracy, EvalData, Evaluation};
+use crate::compress::engine::families;
 use crate::compress::engine::finetune::{FinetuneParams, Validation};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::evaluate_weights;
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::text_eval::{evaluate_text, TextEvaluation, TextFigures};
 use crate::compress::engine::train::{Checkpoint, EpochMetrics};
-use crate::compress::engine::transformer;
 use crate::compress::engine::Network;
 use crate::compress::formats::hf;
 use crate::compress::formats::safetensors::{self, NamedTensor, SafetensorsFile};
@@ -479,7 +479,7 @@ impl TransformerSource {
 
     /// The network with the weights of `file`.
     pub fn load(&self, file: &SafetensorsFile) -> compress::Result<Box<dyn Network>> {
-        transformer::load(&self.config, file, self.encoder()?)
+        families::load(&self.config, file, self.encoder()?)
     }
 }
 

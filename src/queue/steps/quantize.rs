@@ -237,7 +237,7 @@ fn to_gguf(
     let mut file = env.store.create_temp()?;
     let reports = gguf::write_gguf(input.file, selected, ty, input.metadata, &mut file, env.ctx)?;
     std::io::Write::flush(&mut file)?;
-    let dequantized = gguf::dequantize_tensors(file.path(), selected)?;
+    let dequantized = gguf_import::dequantize_tensors(file.path(), selected)?;
     let mut temp = env.store.create_temp()?;
     safetensors::write_replacing(input.file, &dequantized, input.metadata, &mut temp)?;
     let record = json!({
@@ -319,7 +319,7 @@ fn to_llama_gguf(
     std::io::Write::flush(&mut file)?;
     drop(renamed);
     drop(prepared);
-    let decoded = gguf::dequantize_tensors(file.path(), &in_gguf)?;
+    let decoded = gguf_import::dequantize_tensors(file.path(), &in_gguf)?;
     let mut dequantized = HashMap::new();
     for hf in selected {
         let Some(g) = plan.names.get(hf) else {
