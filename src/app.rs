@@ -270,6 +270,12 @@ pub async fn keys(
         .await
         .with_context(|| format!("connecting to the database at {}", db::redact(&url)))?;
     db.migrate().await.context("applying database migrations")?;
+    // Without --api-key this works on the local configuration's database: say which, so that
+    // nobody makes keys in a stray ./data while meaning a remote server.
+    eprintln!(
+        "keys on the database {} (give --api-key to manage a server's keys over its API)",
+        db::redact(&url)
+    );
     let out = Output::new(format);
     match cmd {
         KeysCmd::Create {

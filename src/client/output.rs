@@ -145,8 +145,8 @@ impl Output {
                 "tenant",
                 "scope",
                 "prefix",
+                "created_at",
                 "last_used_at",
-                "revoked_at",
             ],
             _ => &["id", "state", "ops", "progress", "created_at"],
         };
