@@ -21,8 +21,8 @@ use tracing::{debug, warn};
 pub struct Limits {
     /// Connections served at once; past it new ones wait in the listen backlog.
     pub max_connections: usize,
-    /// Longest a client may take to send a request's headers, and longest a connection may
-    /// sit idle between requests.
+    /// Longest a client may take to send a request's headers, a connection may sit idle
+    /// between requests, and a request body may stall between two chunks.
     pub header_timeout: Duration,
     /// On shutdown, longest to wait for requests in flight (SSE streams end on their own).
     pub shutdown_grace: Duration,
@@ -63,7 +63,15 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        // A request body that stalls (no bytes for the header timeout) fails the request: a
+        // client cannot hold a slot by trickling an upload.
+        let service = TowerToHyperService::new(
+            tower::ServiceBuilder::new()
+                .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                    limits.header_timeout,
+                ))
+                .service(router.clone()),
+        );
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -236,6 +236,23 @@ async fn connection_limits_close_idle_sockets_and_cap_connections() {
     let idle = closed_after(&mut third).await;
     assert!(idle < Duration::from_secs(3), "{idle:?}");
 
+    // An upload that stalls mid-body is cut off after the timeout (a 400), not held for ever.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        b"POST /v1/models HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: 1000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("a stalled upload is answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("upload_interrupted"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), server)
         .await
