@@ -613,6 +613,23 @@ fn stem(path: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
+/// `POST query` with the file at `path` as the raw body, showing bytes and throughput.
+async fn upload_file(c: &Client, query: &str, path: &Path, tty: bool) -> Res<Value> {
+    let len = file_len(path)?;
+    let bar = bytes_bar(len, tty, "uploading");
+    let body = file_body(path, bar.clone()).await?;
+    let res = c
+        .json(
+            c.req(Method::POST, query)
+                .header("content-type", "application/octet-stream")
+                .header("content-length", len)
+                .body(body),
+        )
+        .await;
+    bar.finish_and_clear();
+    res
+}
+
 async fn upload_model(c: &Client, path: &Path, name: Option<String>, tty: bool) -> Res<Value> {
     let name = name.unwrap_or_else(|| stem(path));
     let query = format!("/v1/models?name={}", urlencode(&name));
@@ -635,19 +652,7 @@ async fn upload_model(c: &Client, path: &Path, name: Option<String>, tty: bool) 
         bar.finish_and_clear();
         return res;
     }
-    let len = file_len(path)?;
-    let bar = bytes_bar(len, tty, "uploading");
-    let body = file_body(path, bar.clone()).await?;
-    let res = c
-        .json(
-            c.req(Method::POST, &query)
-                .header("content-type", "application/octet-stream")
-                .header("content-length", len)
-                .body(body),
-        )
-        .await;
-    bar.finish_and_clear();
-    res
+    upload_file(c, &query, path, tty).await
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String, u64)>) -> Res<()> {
@@ -740,19 +745,7 @@ async fn upload_dataset(
         bar.finish_and_clear();
         return res;
     }
-    let len = file_len(path)?;
-    let bar = bytes_bar(len, tty, "uploading");
-    let body = file_body(path, bar.clone()).await?;
-    let res = c
-        .json(
-            c.req(Method::POST, &query)
-                .header("content-type", "application/octet-stream")
-                .header("content-length", len)
-                .body(body),
-        )
-        .await;
-    bar.finish_and_clear();
-    res
+    upload_file(c, &query, path, tty).await
 }
 
 async fn download(c: &Client, path: &str, to: &Path, tty: bool) -> Res<()> {

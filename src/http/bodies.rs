@@ -211,3 +211,36 @@ impl From<&JobRecord> for JobBody {
         }
     }
 }
+
+/// `Delivery`: one webhook event of a job and its attempts.
+#[derive(Debug, Serialize)]
+pub struct DeliveryBody {
+    id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    url: String,
+    state: String,
+    attempts: i64,
+    next_attempt_at: Option<String>,
+    created_at: String,
+    delivered_at: Option<String>,
+    payload: Value,
+    responses: Value,
+}
+
+impl From<&crate::db::webhooks::Delivery> for DeliveryBody {
+    fn from(d: &crate::db::webhooks::Delivery) -> Self {
+        DeliveryBody {
+            id: d.id.clone(),
+            event_type: d.event_type.clone(),
+            url: d.url.clone(),
+            state: d.state.clone(),
+            attempts: d.attempts,
+            next_attempt_at: (d.state == "pending").then(|| rfc3339(d.next_attempt_at)),
+            created_at: rfc3339(d.created_at),
+            delivered_at: d.delivered_at.map(rfc3339),
+            payload: serde_json::from_str(&d.payload).unwrap_or(Value::Null),
+            responses: d.responses.clone(),
+        }
+    }
+}

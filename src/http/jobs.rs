@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
-use super::bodies::JobBody;
+use super::bodies::{DeliveryBody, JobBody};
 use super::error::{ApiError, ApiResult};
 use super::extract::{is_hyphenated_uuid, page_body, parse_id, AppJson, AppQuery, Page, PageBody};
 use super::AppState;
@@ -325,27 +325,14 @@ async fn job_deliveries(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PageBody<DeliveryBody>>> {
     let job = load_job(&state, &caller, &id).await?;
     let rows = crate::db::webhooks::for_job(&state.db, job.id).await?;
-    let items: Vec<Value> = rows
-        .iter()
-        .map(|d| {
-            json!({
-                "id": d.id,
-                "type": d.event_type,
-                "url": d.url,
-                "state": d.state,
-                "attempts": d.attempts,
-                "next_attempt_at": (d.state == "pending").then(|| rfc3339(d.next_attempt_at)),
-                "created_at": rfc3339(d.created_at),
-                "delivered_at": d.delivered_at.map(rfc3339),
-                "payload": serde_json::from_str::<Value>(&d.payload).unwrap_or(Value::Null),
-                "responses": d.responses,
-            })
-        })
-        .collect();
-    Ok(Json(json!({"items": items, "next_cursor": null})))
+    // A job has a handful of deliveries: one page.
+    Ok(Json(PageBody {
+        items: rows.iter().map(DeliveryBody::from).collect(),
+        next_cursor: None,
+    }))
 }
 
 #[derive(Debug, Deserialize)]

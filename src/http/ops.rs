@@ -39,18 +39,21 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when the database answers and the blob store accepts a write.
-async fn readyz(State(state): State<AppState>) -> Response {
-    // Answer within a second even while the database hangs (a pool waiting to connect).
-    let db = match tokio::time::timeout(std::time::Duration::from_secs(1), state.db.ping()).await {
+/// `check`'s outcome, or a failure when it takes more than a second.
+async fn within_a_second<E: std::fmt::Display>(
+    check: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(std::time::Duration::from_secs(1), check).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("no answer within 1 s".to_string()),
-    };
-    let store =
-        match tokio::time::timeout(std::time::Duration::from_secs(1), state.store.check()).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("no answer within 1 s".to_string()),
-        };
+    }
+}
+
+/// Ready when the database answers and the blob store can be reached.
+async fn readyz(State(state): State<AppState>) -> Response {
+    // Answer within a second even while the database hangs (a pool waiting to connect).
+    let db = within_a_second(state.db.ping()).await;
+    let store = within_a_second(state.store.check()).await;
     let body = json!({
         "database": if db.is_ok() { "ok" } else { "unavailable" },
         "storage": if store.is_ok() { "ok" } else { "unavailable" },

@@ -116,6 +116,16 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
     }
 }
 
+/// The settings of every request to a receiver: a 10 s timeout, no redirects, and no proxy
+/// (a proxy would resolve the host itself, around the address check).
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("whittle-webhooks/", env!("CARGO_PKG_VERSION")))
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+}
+
 /// Why a receiver was not called.
 enum Refusal {
     /// It may not be called at all (a non-public address): the delivery fails at once.
@@ -140,12 +150,7 @@ impl Sender {
     /// A sender signing with `secrets` (the first is current); receivers at non-public
     /// addresses are refused unless `allow_private`.
     pub fn new(db: Db, secrets: Vec<Secret>, allow_private: bool) -> Sender {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("whittle-webhooks/", env!("CARGO_PKG_VERSION")))
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            // A proxy would resolve the host itself, around the address check.
-            .no_proxy()
+        let http = client_builder()
             .build()
             .expect("a client with rustls builds");
         Sender {
@@ -191,11 +196,7 @@ impl Sender {
         if bare.parse::<std::net::IpAddr>().is_ok() {
             return Ok(self.http.clone());
         }
-        reqwest::Client::builder()
-            .user_agent(concat!("whittle-webhooks/", env!("CARGO_PKG_VERSION")))
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
+        client_builder()
             .resolve(&host, first)
             .build()
             .map_err(|e| Refusal::Transient(e.to_string()))

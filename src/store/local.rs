@@ -79,15 +79,7 @@ impl BlobStore for LocalStore {
     }
 
     fn remove_stale_temps(&self, cutoff: SystemTime) -> Result<usize, Error> {
-        let mut removed = 0;
-        for entry in std::fs::read_dir(self.root.join("tmp"))? {
-            let entry = entry?;
-            if entry.metadata()?.modified()? < cutoff && std::fs::remove_file(entry.path()).is_ok()
-            {
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        super::remove_files_older_than(&self.root.join("tmp"), cutoff)
     }
 
     fn read_range(

@@ -171,6 +171,19 @@ impl Drop for TempBlob {
     }
 }
 
+/// Deletes the files of `dir` last written before `cutoff` (temps left by a crash
+/// mid-upload); how many.
+fn remove_files_older_than(dir: &Path, cutoff: SystemTime) -> Result<usize, Error> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.metadata()?.modified()? < cutoff && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Streams `body` into a new temp blob of `store`, failing with [`Error::TooLarge`] as soon as
 /// more than `limit` bytes arrive — memory stays bounded by one chunk whatever the size.
 pub async fn write_stream<S, B, E>(

@@ -309,15 +309,7 @@ impl BlobStore for ObjectBlobStore {
     }
 
     fn remove_stale_temps(&self, cutoff: SystemTime) -> Result<usize, Error> {
-        let mut removed = 0;
-        for entry in std::fs::read_dir(self.cache.join("tmp"))? {
-            let entry = entry?;
-            if entry.metadata()?.modified()? < cutoff && std::fs::remove_file(entry.path()).is_ok()
-            {
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        super::remove_files_older_than(&self.cache.join("tmp"), cutoff)
     }
 
     fn read_range(
