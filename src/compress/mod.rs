@@ -16,6 +16,7 @@
 //! a progress callback and a cancel flag, and get back values or a [`Error`] whose
 //! [`Error::code`] is the stable, user-facing error code of the REST contract.
 
+pub mod calib;
 pub mod distill;
 pub mod engine;
 pub mod formats;

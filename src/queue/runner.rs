@@ -262,7 +262,7 @@ fn run(
 fn needs_network(spec: &JobSpec) -> bool {
     spec.eval.is_some()
         || spec.steps.iter().any(|s| match s {
-            Step::Finetune(_) | Step::Evaluate(_) | Step::Distill(_) => true,
+            Step::Finetune(_) | Step::Evaluate(_) | Step::Distill(_) | Step::Calibrated(_) => true,
             Step::Prune(p) => p.schedule.is_some(),
             Step::Quantize(q) => {
                 q.qat.is_some() || q.max_accuracy_drop.is_some() || q.activations.is_some()

@@ -89,6 +89,8 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
             },
             Step::Finetune(f) => a.map_or(0, |a| training(a, f.batch_size)) + reference,
             Step::Evaluate(e) => evaluation(facts, a, e),
+            // The network, the copy written out, and one layer's statistics.
+            Step::Calibrated(_) => 3 * weights_f32(facts) + (256 << 20),
             Step::Distill(d) => {
                 let student = match &d.student {
                     StudentSpec::Architecture(v) => Architecture::from_json(v).ok(),

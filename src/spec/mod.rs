@@ -5,6 +5,7 @@
 //! Checks that need stored state (does the model exist, which tensors does it have) take that
 //! state as arguments; this module does no I/O.
 
+pub mod calibrated;
 pub mod distill;
 mod fields;
 pub mod memory;
@@ -302,6 +303,8 @@ pub enum Step {
     Quantize(Box<QuantizeSpec>),
     /// Knowledge distillation into a student.
     Distill(Box<DistillSpec>),
+    /// GPTQ quantization, Wanda or SparseGPT pruning, from calibration data.
+    Calibrated(Box<calibrated::CalibratedSpec>),
 }
 
 impl Step {
@@ -314,6 +317,7 @@ impl Step {
             Step::Prune(_) => "prune",
             Step::Quantize(_) => "quantize",
             Step::Distill(_) => "distill",
+            Step::Calibrated(c) => c.op(),
         }
     }
 
@@ -337,6 +341,7 @@ impl Step {
             Step::Prune(p) => p.to_json(),
             Step::Quantize(q) => q.to_json(),
             Step::Distill(d) => d.to_json(),
+            Step::Calibrated(c) => c.to_json(),
         }
     }
 
@@ -346,6 +351,7 @@ impl Step {
             Step::QuantizeFloat(q) => Some(&q.selection),
             Step::Prune(p) => Some(&p.selection),
             Step::Quantize(q) => Some(&q.selection),
+            Step::Calibrated(c) => Some(&c.selection),
             Step::Finetune(_) | Step::Evaluate(_) | Step::Distill(_) => None,
         }
     }
@@ -590,6 +596,14 @@ pub fn parse_step(
         }
     };
     match op {
+        "quantize" | "prune"
+            if matches!(
+                obj.get("method").and_then(Value::as_str),
+                Some("gptq" | "wanda" | "sparsegpt")
+            ) =>
+        {
+            calibrated::parse(obj, pointer, facts).map(|c| Step::Calibrated(Box::new(c)))
+        }
         "quantize" => quantize::parse(obj, pointer, facts),
         "prune" => prune::parse(obj, pointer, facts).map(|p| Step::Prune(Box::new(p))),
         "distill" => distill::parse(obj, pointer, facts).map(|(d, _)| Step::Distill(Box::new(d))),

@@ -96,7 +96,14 @@ impl PruneSpec {
     }
 }
 
-const METHODS: &[&str] = &["magnitude", "random", "structured", "n_m"];
+const METHODS: &[&str] = &[
+    "magnitude",
+    "random",
+    "structured",
+    "n_m",
+    "wanda",
+    "sparsegpt",
+];
 
 /// Parse a `prune` step at `pointer`.
 pub fn parse(

@@ -141,7 +141,7 @@ impl QuantizeSpec {
     }
 }
 
-const METHODS: &[&str] = &["uniform", "kmeans", "log2", "nf4", "float", "gguf"];
+const METHODS: &[&str] = &["uniform", "kmeans", "log2", "nf4", "float", "gguf", "gptq"];
 
 /// Parse a `quantize` step at `pointer`.
 pub fn parse(

@@ -58,7 +58,7 @@ fn train(dataset: &str, epochs: usize) -> Value {
 }
 
 /// Run the job `body` to success; returns (job, metrics).
-async fn run(t: &TestApp, body: Value) -> (Value, Value) {
+pub(crate) async fn run(t: &TestApp, body: Value) -> (Value, Value) {
     let job = t.submit(body).await;
     let id = job["id"].as_str().unwrap().to_string();
     let (_, state) = t.run_one().await.unwrap();
@@ -69,7 +69,7 @@ async fn run(t: &TestApp, body: Value) -> (Value, Value) {
 }
 
 /// A model trained on digits for `epochs` (its id).
-async fn trained(t: &TestApp, arch: Value, data: &str, epochs: usize) -> String {
+pub(crate) async fn trained(t: &TestApp, arch: Value, data: &str, epochs: usize) -> String {
     let model = fresh_model(t, arch, 3).await;
     let mut step = train(data, epochs);
     step["op"] = json!("finetune");
@@ -78,7 +78,7 @@ async fn trained(t: &TestApp, arch: Value, data: &str, epochs: usize) -> String 
 }
 
 /// The bytes of a job's output model.
-async fn output(t: &TestApp, job: &Value) -> Vec<u8> {
+pub(crate) async fn output(t: &TestApp, job: &Value) -> Vec<u8> {
     let id = job["result"]["model_id"].as_str().unwrap();
     t.get(&format!("/v1/models/{id}/content"))
         .await
@@ -104,7 +104,7 @@ async fn content(t: &TestApp, job: &Value, kind: &str) -> Vec<u8> {
     res.body.to_vec()
 }
 
-fn f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+pub(crate) fn f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
     t.data()

@@ -29,6 +29,7 @@ macro_rules! on_both_backends {
 }
 
 mod access;
+mod calibrated;
 mod cli;
 mod compression;
 mod datasets;

@@ -16,12 +16,12 @@ fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn reference() -> Value {
+pub(crate) fn reference() -> Value {
     serde_json::from_slice(&std::fs::read(fixture_dir("text-eval.json")).unwrap()).unwrap()
 }
 
 /// Uploads the fixture folder `name` (its config, tokenizer and weights; `skip` left out).
-async fn upload_fixture(t: &TestApp, name: &str, skip: &[&str]) -> Value {
+pub(crate) async fn upload_fixture(t: &TestApp, name: &str, skip: &[&str]) -> Value {
     let files: Vec<(String, Vec<u8>)> = ["config.json", "tokenizer.json", "model.safetensors"]
         .iter()
         .filter(|f| !skip.contains(f))
@@ -47,7 +47,7 @@ async fn upload_fixture(t: &TestApp, name: &str, skip: &[&str]) -> Value {
     res.json()
 }
 
-async fn upload_text(t: &TestApp, content_type: &str, body: &[u8]) -> Value {
+pub(crate) async fn upload_text(t: &TestApp, content_type: &str, body: &[u8]) -> Value {
     let res = t
         .post_bytes("/v1/datasets?name=text", content_type, body.to_vec())
         .await;

@@ -58,6 +58,7 @@ mod sparse;
 #[allow(unused_imports)]
 pub use {file::*, memory::*, plan::*, radix::*, sparse::*};
 
+pub mod calibrated;
 pub mod schedule;
 pub mod structured;
 

@@ -44,6 +44,7 @@ pub use {kmeans::*, levels::*, stats::*, uniform::*};
 pub mod activations;
 pub mod budget;
 pub mod float;
+pub mod gptq;
 pub mod qat;
 pub mod sharing;
 

@@ -6,6 +6,7 @@
 //! none, for `evaluate`), optionally a second encoding kept as an artifact (`packed`,
 //! `gguf`), the architecture when it changed, and its metrics record.
 
+mod calibrated;
 mod distill;
 mod evaluate;
 mod finetune;
@@ -282,6 +283,7 @@ pub(super) fn run(env: &Env, step: &Step, input: &Input) -> Result<StepOut, Pipe
         Step::Finetune(f) => finetune::finetune(env, f, input),
         Step::Distill(d) => distill::distill(env, d, input),
         Step::Evaluate(e) => evaluate::evaluate(env, e, input),
+        Step::Calibrated(c) => calibrated::calibrated(env, c, input),
     }
 }
 

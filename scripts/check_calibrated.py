@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Calibration-based compression through the service, side by side with its calibration-free
+baselines in one run, on SmolLM2-135M (imported from its GGUF) and the Debian fortunes text;
+and our GPTQ checked against a reference written here in numpy.
+
+  scripts/fetch_transformers.sh                  # the GGUF (PyPI) and the fortunes (Debian)
+  WHITTLE_THREADS=2 cargo run --release -- serve &
+  /work/pyenv/bin/python scripts/check_calibrated.py [--url …] [--samples 16] [--seq-len 256]
+        [--tokens 4096] [--only gptq,prune]
+
+1. Reference check (no download): a small sequential network (64 → 48 → 10, random weights)
+   and a tensor dataset of correlated features are uploaded; a `gptq` job (4 bits, group 16)
+   quantizes it; the script rebuilds the first layer's Hessian from the calibration rows the
+   summary names and runs the GPTQ algorithm of the paper (damping, Cholesky of the inverse,
+   lazy blocks, groups found at their first column) in numpy float64, then compares the codes:
+   equal except where rounding sits on a tie (reported as the share of equal codes).
+2. SmolLM2-135M, the fortunes split into disjoint calibration and held-out documents (seeded):
+   int4 and int3 with groups of 64 — round-to-nearest (`uniform`, symmetric, the same grids),
+   GPTQ, GPTQ with act_order; 50% and 2:4 sparsity — magnitude, Wanda, SparseGPT. Each job's
+   `eval` compares the output with the input on held-out text (context 512, `--tokens`):
+   KL divergence (mean), perplexity, top-1 agreement. Prints a table and the KL ratios.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "target", "fixtures")
+GGUF = os.path.join(ROOT, "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def call(url, method="GET", body=None, content_type="application/json", raw=False):
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=7200) as res:
+            out = res.read()
+    except urllib.error.HTTPError as e:
+        sys.exit(f"{method} {url} -> {e.code}: {e.read().decode()}")
+    return out if raw else json.loads(out or b"null")
+
+
+def run_job(url, spec):
+    started = time.time()
+    job = call(f"{url}/v1/jobs", "POST", spec)
+    while job["state"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(1)
+        job = call(f"{url}/v1/jobs/{job['id']}")
+    if job["state"] != "succeeded":
+        sys.exit(f"job failed: {json.dumps(job['error'])}")
+    return job, call(f"{url}/v1/jobs/{job['id']}/metrics"), time.time() - started
+
+
+def safetensors_bytes(tensors):
+    header, blobs, off = {}, [], 0
+    for name, arr in tensors.items():
+        b = arr.tobytes()
+        dtype = {np.float32: "F32", np.int64: "I64"}[arr.dtype.type]
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return len(h).to_bytes(8, "little") + h + b"".join(blobs)
+
+
+def read_safetensors(raw):
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], dtype=np.float32).reshape(info["shape"])
+    return out
+
+
+def gptq_reference(w, h, bits, group, damp=0.01, block=128):
+    """GPTQ (Frantar et al. 2022, Algorithm 1 with lazy batches and groups), float64."""
+    w = w.astype(np.float64).copy()
+    rows, cols = w.shape
+    h = h.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    h += damp * np.mean(np.diag(h)) * np.eye(cols)
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    qmax = 2 ** (bits - 1) - 1
+    q = np.zeros_like(w)
+    scale = None
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        err = np.zeros((rows, i2 - i1))
+        for i in range(i1, i2):
+            if i % group == 0:
+                scale = np.abs(w[:, i:i + group]).max(axis=1) / qmax
+            col = w[:, i]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                codes = np.where(scale > 0, np.clip(np.round(col / scale), -qmax, qmax), 0)
+            q[:, i] = codes * scale
+            e = (col - q[:, i]) / hinv[i, i]
+            w[:, i + 1:i2] -= np.outer(e, hinv[i, i + 1:i2])
+            err[:, i - i1] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return q
+
+
+def reference_check(url):
+    rng = np.random.default_rng(0)
+    n, feats, hidden = 512, 64, 48
+    latent = rng.normal(size=(n, 6)) @ rng.normal(size=(6, feats))
+    x = (latent + 0.1 * rng.normal(size=(n, feats))).astype(np.float32)
+    x[:, ::9] *= 4  # a few loud features
+    y = rng.integers(0, 10, size=n).astype(np.int64)
+    data = call(f"{url}/v1/datasets?name=gptq-ref", "POST",
+                safetensors_bytes({"x": x, "y": y}), "application/octet-stream")
+    arch = {"kind": "sequential", "input_shape": [feats], "layers": [
+        {"type": "linear", "name": "fc1", "in_features": feats, "out_features": hidden},
+        {"type": "relu"},
+        {"type": "linear", "name": "fc2", "in_features": hidden, "out_features": 10}]}
+    w1 = (rng.normal(size=(hidden, feats)) / 8).astype(np.float32)
+    tensors = {"fc1.weight": w1, "fc1.bias": np.zeros(hidden, np.float32),
+               "fc2.weight": (rng.normal(size=(10, hidden)) / 7).astype(np.float32),
+               "fc2.bias": np.zeros(10, np.float32)}
+    raw = safetensors_bytes(tensors)
+    # The architecture travels in the safetensors metadata.
+    n_h = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n_h])
+    header["__metadata__"] = {"whittle.architecture": json.dumps(arch)}
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    raw = len(h).to_bytes(8, "little") + h + raw[8 + n_h:]
+    model = call(f"{url}/v1/models?name=gptq-ref", "POST", raw, "application/octet-stream")
+    job, m, _ = run_job(url, {"model_id": model["id"], "steps": [
+        {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 16, "include": ["fc1.weight"],
+         "calibration": {"dataset_id": data["id"], "samples": 256, "seed": 7}}]})
+    rows = m["steps"][0]["summary"]["calibration"]["indices"]
+    xc = x[rows].astype(np.float64)
+    hess = 2 * xc.T @ xc / len(rows)
+    ours = read_safetensors(call(f"{url}/v1/models/{job['result']['model_id']}/content", raw=True))["fc1.weight"]
+    theirs = gptq_reference(w1, hess, 4, 16)
+    # Codes: each value divided by its group's step (the same scales on both sides up to
+    # float rounding).
+    same = np.isclose(ours, theirs, rtol=1e-4, atol=1e-6).mean()
+    layer = m["steps"][0]["layers"][0]
+    print(f"GPTQ vs numpy reference (fc1 48x64, 4 bits, group 16, 256 rows): "
+          f"{same * 100:.2f}% of values equal; output error ours {layer['output_error']:.5f}, "
+          f"RTN {layer['output_error_rtn']:.5f}")
+    return same
+
+
+def read_fortunes(path):
+    docs, cur = [], []
+    for line in open(path, encoding="utf-8").read().split("\n"):
+        if line == "%":
+            docs.append("\n".join(cur))
+            cur = []
+        else:
+            cur.append(line)
+    docs.append("\n".join(cur))
+    return [d for d in docs if d.strip()]
+
+
+def smollm2(url, args):
+    model = call(f"{url}/v1/models?name=smollm2", "POST", open(GGUF, "rb").read(), "application/octet-stream")
+    docs = []
+    for f in ["wisdom", "people", "science", "politics", "work"]:
+        docs += read_fortunes(os.path.join(ROOT, "fortunes", f))
+    random.Random(0).shuffle(docs)
+    half = len(docs) // 2
+    up = lambda name, ds: call(f"{url}/v1/datasets?name={name}&format=jsonl", "POST",
+                               "".join(json.dumps({"text": d}) + "\n" for d in ds).encode(), "application/jsonl")
+    calib, held = up("calibration", docs[:half]), up("held-out", docs[half:])
+    calibration = {"dataset_id": calib["id"], "samples": args.samples, "seq_len": args.seq_len, "seed": 0}
+    ev = {"dataset_id": held["id"], "context": 512, "max_tokens": args.tokens}
+    cases = []
+    if "gptq" in args.only:
+        for bits in (4, 3):
+            cases += [
+                (f"int{bits} g64 RTN", {"op": "quantize", "method": "uniform", "bits": bits,
+                                        "granularity": "per_group", "group_size": 64}),
+                (f"int{bits} g64 GPTQ", {"op": "quantize", "method": "gptq", "bits": bits, "group_size": 64,
+                                         "calibration": calibration}),
+                (f"int{bits} g64 GPTQ act_order", {"op": "quantize", "method": "gptq", "bits": bits,
+                                                   "group_size": 64, "act_order": True,
+                                                   "calibration": calibration}),
+            ]
+    if "prune" in args.only:
+        for label, target, nm in (("50%", {"sparsity": 0.5}, False), ("2:4", {"n": 2, "m": 4}, True)):
+            cases += [
+                (f"{label} magnitude", {"op": "prune", "method": "n_m" if nm else "magnitude",
+                                        **({} if nm else {"scope": "layer"}), **target}),
+                (f"{label} Wanda", {"op": "prune", "method": "wanda", "calibration": calibration, **target}),
+                (f"{label} SparseGPT", {"op": "prune", "method": "sparsegpt", "calibration": calibration, **target}),
+            ]
+    results = {}
+    print(f"{'case':28} {'KL mean':>9} {'ppl':>9} {'top-1':>7} {'base ppl':>9} {'job s':>7}")
+    for label, step in cases:
+        job, m, secs = run_job(url, {"model_id": model["id"], "eval": ev, "steps": [step]})
+        fin = m["final"]
+        kl = fin["kl_divergence"]["mean"]
+        results[label] = kl
+        print(f"{label:28} {kl:9.5f} {fin['perplexity']:9.3f} {fin['top1_agreement']:7.4f} "
+              f"{m['baseline']['perplexity']:9.3f} {secs:7.0f}", flush=True)
+    for bits in (4, 3):
+        r = results.get(f"int{bits} g64 RTN")
+        for v in ("GPTQ", "GPTQ act_order"):
+            g = results.get(f"int{bits} g64 {v}")
+            if r and g:
+                print(f"int{bits} g64: {v} KL / RTN KL = {g / r:.3f}")
+    for label in ("50%", "2:4"):
+        mag = results.get(f"{label} magnitude")
+        for v in ("Wanda", "SparseGPT"):
+            k = results.get(f"{label} {v}")
+            if mag and k:
+                print(f"{label}: {v} KL / magnitude KL = {k / mag:.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="http://127.0.0.1:8080")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--only", default="reference,gptq,prune")
+    args = ap.parse_args()
+    args.only = args.only.split(",")
+    if "reference" in args.only:
+        same = reference_check(args.url)
+        if same < 0.99:
+            sys.exit("GPTQ differs from the reference")
+    if "gptq" in args.only or "prune" in args.only:
+        smollm2(args.url, args)
+
+
+if __name__ == "__main__":
+    main()

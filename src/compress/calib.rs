@@ -1,0 +1,554 @@
+//! Calibration-based compression: GPTQ, SparseGPT and Wanda, driven by statistics of each
+//! linear layer's inputs gathered through the real network.
+//!
+//! Layers are processed in the network's own order, in *groups* of consecutive layers that
+//! read the same input (a llama block's `q`/`k`/`v` projections, its `gate`/`up`): each group's
+//! statistics are gathered with every group before it already compressed, so it sees the
+//! inputs the compressed network really produces (GPTQ's "sequential" mode). A group's forward
+//! passes stop right after the group's last layer has read its input, so the cost is about
+//! half a forward pass of the calibration set per group, and memory holds one layer's
+//! Hessian at a time.
+//!
+//! This module holds what the three methods share: the calibration draw, the input
+//! statistics (Σx² per column and the Gram matrix Σxxᵀ), the in-order sweep, the upper
+//! Cholesky factor of the damped inverse Hessian, and the output error
+//! `tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)` every report uses. The methods themselves are
+//! [`crate::compress::quant::gptq`] and [`crate::compress::prune::calibrated`].
+
+use std::collections::HashSet;
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::compress::engine::data::{text_batch, Batch, Dataset, Subset};
+use crate::compress::engine::{Family, LayerInput, Network};
+use crate::compress::progress::Ctx;
+use crate::compress::{Error, Result};
+
+/// What to draw from the calibration dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CalibrationParams {
+    /// Samples: windows of a llama model's token stream, documents for a bert model, rows
+    /// of a tensor dataset.
+    pub samples: usize,
+    /// Tokens per window (llama) or the most tokens kept per document (bert).
+    pub seq_len: usize,
+    /// Seed of the draw.
+    pub seed: u64,
+}
+
+/// The drawn calibration batches and what was drawn (for the job's report).
+#[derive(Debug)]
+pub struct CalibrationSet {
+    /// The batches, in order.
+    pub batches: Vec<Batch>,
+    /// Samples drawn.
+    pub samples: usize,
+    /// Tokens in all (text), 0 for tensor datasets.
+    pub tokens: usize,
+    /// What each sample is: stream offsets of llama windows, document or row indices.
+    pub indices: Vec<usize>,
+    /// `windows` (llama), `documents` (bert) or `rows` (tensors).
+    pub kind: &'static str,
+}
+
+/// Windows of a llama calibration batch.
+const WINDOWS_PER_BATCH: usize = 4;
+/// Rows of a tensor calibration batch.
+const ROWS_PER_BATCH: usize = 64;
+
+/// Draws the calibration set of `net` from `data`, reproducibly from `p.seed`: for a llama
+/// model `samples` windows of `seq_len` tokens at random offsets of the tokenized documents
+/// (joined as the evaluation joins them); for a bert model `samples` documents, each cut to
+/// `seq_len` tokens and run alone (no padding enters the statistics); for a sequential
+/// network `samples` rows.
+pub fn calibration_set(
+    net: &dyn Network,
+    data: &Dataset,
+    p: &CalibrationParams,
+) -> Result<CalibrationSet> {
+    if p.samples == 0 || p.seq_len < 2 {
+        return Err(Error::invalid(
+            "calibration",
+            "needs at least 1 sample and a seq_len of at least 2",
+        ));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+    match (net.text_input(), data.documents()) {
+        (Some(text), Some(docs)) if net.family() == Family::Llama => {
+            let stream = text.encoder.encode_stream(docs)?;
+            let len = p.seq_len.min(text.max_len).min(stream.len());
+            if len < 2 {
+                return Err(Error::InvalidDataset(format!(
+                    "the calibration text holds {} tokens; at least 2 are needed",
+                    stream.len()
+                )));
+            }
+            let offsets: Vec<usize> = (0..p.samples)
+                .map(|_| rng.gen_range(0..=stream.len() - len))
+                .collect();
+            let mut batches = Vec::new();
+            for chunk in offsets.chunks(WINDOWS_PER_BATCH) {
+                let ids: Vec<u32> = chunk
+                    .iter()
+                    .flat_map(|&o| stream[o..o + len].iter().copied())
+                    .collect();
+                batches.push(Batch {
+                    x: Tensor::from_vec(ids, (chunk.len(), len), &Device::Cpu)?,
+                    mask: None,
+                    segments: None,
+                    y: None,
+                    labels: None,
+                    len: chunk.len(),
+                    indices: chunk.to_vec(),
+                });
+            }
+            Ok(CalibrationSet {
+                batches,
+                samples: offsets.len(),
+                tokens: offsets.len() * len,
+                indices: offsets,
+                kind: "windows",
+            })
+        }
+        (Some(text), Some(docs)) => {
+            let indices = draw(docs.len(), p.samples, &mut rng);
+            let mut batches = Vec::new();
+            let mut tokens = 0;
+            for &i in &indices {
+                let encoded = text.encoder.encode(&docs[i], p.seq_len.min(text.max_len))?;
+                tokens += encoded.ids.len();
+                batches.push(text_batch(&[encoded], text.pad_id, None, vec![i])?);
+            }
+            Ok(CalibrationSet {
+                batches,
+                samples: indices.len(),
+                tokens,
+                indices,
+                kind: "documents",
+            })
+        }
+        (Some(_), None) => Err(Error::DatasetMismatch(
+            "a transformer calibrates on a text dataset (format `text` or `jsonl`)".into(),
+        )),
+        (None, Some(_)) => Err(Error::DatasetMismatch(
+            "a text dataset calibrates a transformer (bert or llama); this model is a sequential network".into(),
+        )),
+        (None, None) => {
+            let indices = draw(data.samples, p.samples, &mut rng);
+            let subset = Subset {
+                dataset: data,
+                indices: indices.clone(),
+            };
+            let batches = subset
+                .batches(ROWS_PER_BATCH)
+                .collect::<Result<Vec<_>>>()?;
+            Ok(CalibrationSet {
+                batches,
+                samples: indices.len(),
+                tokens: 0,
+                indices,
+                kind: "rows",
+            })
+        }
+    }
+}
+
+/// `k` distinct indices below `n` in random order (all of them when `k ≥ n`).
+fn draw(n: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    let mut all: Vec<usize> = (0..n).collect();
+    all.shuffle(rng);
+    all.truncate(k.min(n));
+    all
+}
+
+/// Consecutive linear layers that read the same input, in network order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// Layer names (`{layer}.weight` is the weight).
+    pub layers: Vec<String>,
+    /// Input features (columns of each weight).
+    pub cols: usize,
+    /// Kernel window of a convolution (1 for a linear layer).
+    pub window: usize,
+}
+
+/// The groups of `net` as `batch` runs through it: each layer's input is fingerprinted
+/// (shape, Σx, Σx²) and consecutive layers with the same fingerprint form one group.
+pub fn discover_groups(net: &dyn Network, batch: &Batch) -> Result<Vec<Group>> {
+    let mut seen: Vec<(String, Vec<usize>, f64, f64, usize)> = Vec::new();
+    net.forward_probed(batch, &mut |input: LayerInput<'_>| {
+        let x = input.x;
+        let sum = x.sum_all()?.to_scalar::<f32>()? as f64;
+        let sq = x.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        seen.push((
+            input.layer.to_string(),
+            x.dims().to_vec(),
+            sum,
+            sq,
+            input.window,
+        ));
+        Ok(())
+    })?;
+    let mut groups: Vec<Group> = Vec::new();
+    let mut last: Option<(Vec<usize>, f64, f64)> = None;
+    for (layer, dims, sum, sq, window) in seen {
+        let key = (dims.clone(), sum, sq);
+        let cols = dims.get(1).copied().unwrap_or(0) * window;
+        match (&last, groups.last_mut()) {
+            (Some(k), Some(g)) if *k == key && window == 1 => g.layers.push(layer),
+            _ => groups.push(Group {
+                layers: vec![layer],
+                cols,
+                window,
+            }),
+        }
+        last = Some(key);
+    }
+    Ok(groups)
+}
+
+/// Statistics of one group's input over the calibration set.
+#[derive(Debug, Clone)]
+pub struct InputStats {
+    /// Input features.
+    pub cols: usize,
+    /// Rows (tokens or samples) seen.
+    pub rows: usize,
+    /// Σ x² per column.
+    pub sum_sq: Vec<f64>,
+    /// Σ x xᵀ, `cols × cols` row-major.
+    pub gram: Vec<f64>,
+}
+
+impl InputStats {
+    fn new(cols: usize) -> Self {
+        Self {
+            cols,
+            rows: 0,
+            sum_sq: vec![0.0; cols],
+            gram: vec![0.0; cols * cols],
+        }
+    }
+
+    fn add(&mut self, x: &Tensor) -> Result<()> {
+        let (n, cols) = x.dims2()?;
+        if cols != self.cols {
+            return Err(Error::Internal(format!(
+                "calibration input of {cols} features where {} were seen",
+                self.cols
+            )));
+        }
+        let x = x.contiguous()?;
+        let gram = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        for (a, g) in self.gram.iter_mut().zip(gram) {
+            *a += f64::from(g);
+        }
+        for i in 0..cols {
+            self.sum_sq[i] = self.gram[i * cols + i];
+        }
+        self.rows += n;
+        Ok(())
+    }
+
+    /// The Hessian of the layer-wise squared error, `2·Σxxᵀ / rows` (GPTQ's `H`).
+    pub fn hessian(&self) -> Vec<f64> {
+        let s = 2.0 / self.rows.max(1) as f64;
+        self.gram.iter().map(|g| g * s).collect()
+    }
+
+    /// ‖x_j‖₂ per column over all rows (Wanda's activation norm).
+    pub fn column_norms(&self) -> Vec<f64> {
+        self.sum_sq.iter().map(|s| s.sqrt()).collect()
+    }
+}
+
+const STOP: &str = "calibration: the group's inputs are gathered";
+
+/// Runs `solve` on every group holding a selected weight, in network order. `solve` gets the
+/// group and its input statistics (gathered with every earlier group already replaced) and
+/// returns the new values of weights (`{layer}.weight`, same shape), which are installed in
+/// `net` before the next group is measured. Reports progress per group.
+pub fn sweep(
+    net: &dyn Network,
+    set: &CalibrationSet,
+    selected: &HashSet<String>,
+    ctx: &Ctx,
+    mut solve: impl FnMut(&Group, &InputStats) -> Result<Vec<(String, Vec<f32>)>>,
+) -> Result<()> {
+    let Some(first) = set.batches.first() else {
+        return Err(Error::InvalidDataset(
+            "the calibration draw is empty".into(),
+        ));
+    };
+    let groups: Vec<Group> = discover_groups(net, first)?
+        .into_iter()
+        .filter(|g| {
+            g.layers
+                .iter()
+                .any(|l| selected.contains(&format!("{l}.weight")))
+        })
+        .collect();
+    for (gi, group) in groups.iter().enumerate() {
+        ctx.check()?;
+        if group.window != 1 {
+            return Err(Error::Unsupported(format!(
+                "layer {:?} is a convolution; calibrated methods handle linear layers (exclude it, or prune it with `magnitude`)",
+                group.layers[0]
+            )));
+        }
+        ctx.report(
+            gi as f64 / groups.len() as f64,
+            &format!("calibrating {}", group.layers.join(", ")),
+        );
+        let mut stats = InputStats::new(group.cols);
+        let (head, tail) = (
+            &group.layers[0],
+            group.layers.last().unwrap_or(&group.layers[0]),
+        );
+        for batch in &set.batches {
+            ctx.check()?;
+            let run = net.forward_probed(batch, &mut |input: LayerInput<'_>| {
+                if input.layer == head {
+                    stats.add(input.x)?;
+                }
+                if input.layer == tail {
+                    return Err(Error::Internal(STOP.into()));
+                }
+                Ok(())
+            });
+            match run {
+                Ok(_) => {}
+                Err(Error::Internal(m)) if m == STOP => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for (name, values) in solve(group, &stats)? {
+            set_weight(net, &name, values)?;
+        }
+    }
+    ctx.report(1.0, "calibrated");
+    Ok(())
+}
+
+/// The values of the parameter `name` of `net`.
+pub fn weight(net: &dyn Network, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let p = net
+        .params()
+        .iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| Error::Internal(format!("no parameter {name}")))?;
+    let t = p.var().as_tensor();
+    Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
+}
+
+fn set_weight(net: &dyn Network, name: &str, values: Vec<f32>) -> Result<()> {
+    let p = net
+        .params()
+        .iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| Error::Internal(format!("no parameter {name}")))?;
+    let shape = p.var().as_tensor().dims().to_vec();
+    p.var()
+        .set(&Tensor::from_vec(values, shape, &Device::Cpu)?)?;
+    Ok(())
+}
+
+/// Cholesky factor `L` (lower, row-major) of the symmetric positive definite `a` (`n × n`),
+/// in place; `false` when `a` is not positive definite.
+fn cholesky_lower(a: &mut [f64], n: usize) -> bool {
+    for j in 0..n {
+        let d = a[j * n + j] - a[j * n..j * n + j].iter().map(|v| v * v).sum::<f64>();
+        if !(d > 0.0 && d.is_finite()) {
+            return false;
+        }
+        let d = d.sqrt();
+        a[j * n + j] = d;
+        for i in j + 1..n {
+            let (top, bottom) = a.split_at_mut(i * n);
+            let row_j = &top[j * n..j * n + j];
+            let row_i = &mut bottom[..n];
+            let s = row_i[j]
+                - row_i[..j]
+                    .iter()
+                    .zip(row_j)
+                    .map(|(x, y)| x * y)
+                    .sum::<f64>();
+            row_i[j] = s / d;
+        }
+    }
+    for i in 0..n {
+        for j in i + 1..n {
+            a[i * n + j] = 0.0;
+        }
+    }
+    true
+}
+
+/// The upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = Uᵀ·U`), row-major `n × n`: what GPTQ and
+/// SparseGPT read their error propagation from. With `J` the reversal, `J·H·J = K·Kᵀ` gives
+/// `H = R·Rᵀ` for the upper `R = J·K·J`, so `H⁻¹ = R⁻ᵀ·R⁻¹` and `U = R⁻¹ = J·K⁻¹·J`.
+pub fn inverse_hessian_upper(h: &[f64], n: usize) -> Option<Vec<f64>> {
+    let mut k = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            k[i * n + j] = h[(n - 1 - i) * n + (n - 1 - j)];
+        }
+    }
+    if !cholesky_lower(&mut k, n) {
+        return None;
+    }
+    // K⁻¹ column by column, stored transposed (row j of `xt` is column j of K⁻¹), so the
+    // inner sums read two rows.
+    let mut xt = vec![0.0; n * n];
+    for j in 0..n {
+        xt[j * n + j] = 1.0 / k[j * n + j];
+        for i in j + 1..n {
+            let s: f64 = k[i * n + j..i * n + i]
+                .iter()
+                .zip(&xt[j * n + j..j * n + i])
+                .map(|(a, b)| a * b)
+                .sum();
+            xt[j * n + i] = -s / k[i * n + i];
+        }
+    }
+    // U[a][b] = K⁻¹[n−1−a][n−1−b] = xt[n−1−b][n−1−a].
+    let mut u = vec![0.0; n * n];
+    for a in 0..n {
+        for b in a..n {
+            u[a * n + b] = xt[(n - 1 - b) * n + (n - 1 - a)];
+        }
+    }
+    if u.iter().all(|v| v.is_finite()) {
+        Some(u)
+    } else {
+        None
+    }
+}
+
+/// Damps `h` in place (`λ = damp · mean(diag)` added to the diagonal; dead columns, whose
+/// input is always 0, get 1) and returns the upper factor of its inverse, raising the damping
+/// tenfold up to three times if `h` is still not positive definite. Also returns the damping
+/// fraction used and the dead columns.
+pub fn damped_inverse(h: &mut [f64], n: usize, damp: f64) -> Result<(Vec<f64>, f64, Vec<usize>)> {
+    let mut dead = Vec::new();
+    for i in 0..n {
+        if h[i * n + i] == 0.0 {
+            h[i * n + i] = 1.0;
+            dead.push(i);
+        }
+    }
+    let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n.max(1) as f64;
+    let mut frac = damp;
+    let mut added = 0.0;
+    for _ in 0..4 {
+        let lambda = frac * mean;
+        for i in 0..n {
+            h[i * n + i] += lambda - added;
+        }
+        added = lambda;
+        if let Some(u) = inverse_hessian_upper(h, n) {
+            return Ok((u, frac, dead));
+        }
+        frac *= 10.0;
+    }
+    Err(Error::Unsupported(
+        "the calibration Hessian is not positive definite even with 10× damping; use more calibration samples".into(),
+    ))
+}
+
+/// `tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`: the squared error of the layer's output on the calibration
+/// inputs relative to the output's own energy (`H` the Gram matrix or any multiple of it).
+pub fn relative_output_error(original: &[f32], changed: &[f32], gram: &[f64], cols: usize) -> f64 {
+    let rows = original.len() / cols.max(1);
+    let mut num = 0.0;
+    let mut den = 0.0;
+    let mut d = vec![0f64; cols];
+    let mut w = vec![0f64; cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            w[c] = f64::from(original[r * cols + c]);
+            d[c] = w[c] - f64::from(changed[r * cols + c]);
+        }
+        for i in 0..cols {
+            let g = &gram[i * cols..(i + 1) * cols];
+            let gd: f64 = g.iter().zip(&d).map(|(a, b)| a * b).sum();
+            let gw: f64 = g.iter().zip(&w).map(|(a, b)| a * b).sum();
+            num += d[i] * gd;
+            den += w[i] * gw;
+        }
+    }
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spd(n: usize, seed: u64) -> Vec<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let a: Vec<f64> = (0..n * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut h = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                h[i * n + j] = (0..n).map(|k| a[i * n + k] * a[j * n + k]).sum::<f64>();
+            }
+            h[i * n + i] += 0.1;
+        }
+        h
+    }
+
+    #[test]
+    fn upper_factor_of_the_inverse_reproduces_the_inverse() {
+        let n = 7;
+        let h = spd(n, 1);
+        let u = inverse_hessian_upper(&h, n).unwrap();
+        // Uᵀ·U·H = I, and U is upper triangular.
+        for i in 0..n {
+            for j in 0..i {
+                assert_eq!(u[i * n + j], 0.0);
+            }
+        }
+        let mut inv = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                inv[i * n + j] = (0..n).map(|k| u[k * n + i] * u[k * n + j]).sum();
+            }
+        }
+        for i in 0..n {
+            for j in 0..n {
+                let p: f64 = (0..n).map(|k| inv[i * n + k] * h[k * n + j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((p - want).abs() < 1e-9, "({i},{j}) {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn not_positive_definite_is_refused_then_damped() {
+        let n = 3;
+        let mut h = vec![1.0; n * n]; // rank 1
+        assert!(inverse_hessian_upper(&h, n).is_none());
+        let (_, frac, dead) = damped_inverse(&mut h, n, 0.01).unwrap();
+        assert_eq!(frac, 0.01);
+        assert!(dead.is_empty());
+        let mut zero = vec![0.0; 4];
+        let (_, _, dead) = damped_inverse(&mut zero, 2, 0.01).unwrap();
+        assert_eq!(dead, vec![0, 1]);
+    }
+
+    #[test]
+    fn output_error_is_zero_for_no_change_and_one_for_zeroing() {
+        let h = spd(4, 2);
+        let w: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
+        assert_eq!(relative_output_error(&w, &w, &h, 4), 0.0);
+        let z = vec![0f32; 8];
+        assert!((relative_output_error(&w, &z, &h, 4) - 1.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,377 @@
+//! GPTQ (Frantar et al. 2022): round one column of a weight matrix at a time onto the
+//! integer grid and spread each column's rounding error over the columns not yet rounded,
+//! weighted by the inverse Hessian of the layer's squared output error on calibration
+//! inputs (`H = 2·XᵀX/n`), so that the layer's *output* moves as little as possible.
+//!
+//! As the reference: damping `λ = damp · mean(diag H)`, the upper Cholesky factor of
+//! `H⁻¹`, lazy batch updates of `block_size` columns, optional `act_order` (columns by
+//! decreasing `diag H`). Scales come from the same symmetric / affine grid as `uniform`
+//! (round half to even): per output row, or per group of `group_size` consecutive columns,
+//! found from the partly updated weights when the sweep reaches the group's first column.
+//! With `act_order` and groups, the groups' scales are fixed before the sweep from the
+//! original weights (the reference's `static_groups`), so groups stay contiguous columns and
+//! the result keeps the plain per-group layout.
+
+use super::uniform::affine_params;
+use crate::compress::calib::damped_inverse;
+use crate::compress::{Error, Result};
+
+/// GPTQ's parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GptqParams {
+    /// Bits per weight, 2..=8.
+    pub bits: u8,
+    /// Columns per scale; `None`: one scale per output row.
+    pub group_size: Option<usize>,
+    /// Symmetric (codes ±(2^(b−1)−1), no zero-point) or affine (codes 0..2^b−1).
+    pub symmetric: bool,
+    /// Process columns by decreasing Hessian diagonal.
+    pub act_order: bool,
+    /// Damping as a fraction of the mean diagonal.
+    pub damp: f64,
+    /// Columns per lazy update.
+    pub block_size: usize,
+}
+
+/// One layer's result.
+#[derive(Debug, Clone)]
+pub struct GptqLayer {
+    /// The dequantized weights, row-major `[rows, cols]`, every value on its row's (group's)
+    /// grid.
+    pub weights: Vec<f32>,
+    /// The damping fraction finally used (raised when `H` was not positive definite).
+    pub damp: f64,
+    /// Input columns that were always 0 on the calibration data: nothing measures them, so
+    /// they are rounded to nearest and pass no error on (the reference zeroes them instead,
+    /// which would be wrong on inputs the calibration data never showed).
+    pub dead_columns: usize,
+}
+
+/// A row's (group's) grid: `q(x) = (clamp(round(x/scale) + zero, lo, hi) − zero) · scale`.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    scale: f32,
+    inv: f32,
+    zero: f32,
+    lo: f32,
+    hi: f32,
+}
+
+impl Grid {
+    fn of(values: impl Iterator<Item = f32> + Clone, bits: u8, symmetric: bool) -> Grid {
+        if symmetric {
+            let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+            let amax = values.fold(0f32, |m, x| m.max(x.abs()));
+            let scale = amax / qmax;
+            Grid::with(scale, 0.0, -qmax, qmax)
+        } else {
+            let levels = (1i32 << bits) - 1;
+            let (lo, hi) = values.fold((0f32, 0f32), |(lo, hi), x| (lo.min(x), hi.max(x)));
+            let (scale, zero) = affine_params(lo, hi, levels);
+            Grid::with(scale, f32::from(zero), 0.0, levels as f32)
+        }
+    }
+
+    fn with(scale: f32, zero: f32, lo: f32, hi: f32) -> Grid {
+        let inv = if scale > 0.0 && (1.0 / scale).is_finite() {
+            1.0 / scale
+        } else {
+            0.0
+        };
+        Grid {
+            scale,
+            inv,
+            zero,
+            lo,
+            hi,
+        }
+    }
+
+    #[inline]
+    fn quantize(&self, x: f32) -> f32 {
+        if self.inv == 0.0 {
+            return 0.0;
+        }
+        let q = ((x * self.inv).round_ties_even() + self.zero).clamp(self.lo, self.hi);
+        (q - self.zero) * self.scale
+    }
+}
+
+/// Round-to-nearest on the same grids GPTQ uses (from the original weights): the baseline
+/// GPTQ is compared with.
+pub fn rtn(w: &[f32], rows: usize, cols: usize, p: &GptqParams) -> Vec<f32> {
+    let g = p.group_size.unwrap_or(cols);
+    let mut out = vec![0f32; w.len()];
+    for r in 0..rows {
+        for start in (0..cols).step_by(g) {
+            let chunk = &w[r * cols + start..r * cols + start + g];
+            let grid = Grid::of(chunk.iter().copied(), p.bits, p.symmetric);
+            for (o, &x) in out[r * cols + start..].iter_mut().zip(chunk) {
+                *o = grid.quantize(x);
+            }
+        }
+    }
+    out
+}
+
+/// GPTQ of one `[rows, cols]` weight matrix `w` with the Hessian `h` (`cols × cols`,
+/// row-major).
+pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> Result<GptqLayer> {
+    if !(2..=8).contains(&p.bits) || p.block_size == 0 || w.len() != rows * cols {
+        return Err(Error::Internal(format!(
+            "gptq: bits {}, block size {}, {} weights for [{rows}, {cols}]",
+            p.bits,
+            p.block_size,
+            w.len()
+        )));
+    }
+    let g = p.group_size.unwrap_or(cols);
+    if g == 0 || cols % g != 0 {
+        return Err(Error::invalid(
+            "group_size",
+            format!("{cols} columns do not split into groups of {g}"),
+        ));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Unsupported(format!(
+            "weight {i} is {}; GPTQ needs finite weights",
+            w[i]
+        )));
+    }
+    // Column order.
+    let mut perm: Vec<usize> = (0..cols).collect();
+    if p.act_order {
+        perm.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]));
+    }
+    // The permuted Hessian, damped, and the upper factor of its inverse.
+    let mut hp = vec![0f64; cols * cols];
+    for (i, &pi) in perm.iter().enumerate() {
+        for (j, &pj) in perm.iter().enumerate() {
+            hp[i * cols + j] = h[pi * cols + pj];
+        }
+    }
+    let (u, damp, dead_cols) = damped_inverse(&mut hp, cols, p.damp)?;
+    // Work column-major: row i of `wt` is permuted column i of `w` (contiguous over rows).
+    let mut wt = vec![0f32; rows * cols];
+    for (i, &c) in perm.iter().enumerate() {
+        for r in 0..rows {
+            wt[i * rows + r] = w[r * cols + c];
+        }
+    }
+    // Static grids (act_order with groups, or per row): from the original weights.
+    let static_grids = p.act_order || p.group_size.is_none();
+    let groups = cols / g;
+    let mut grids: Vec<Grid> = Vec::with_capacity(rows * groups);
+    if static_grids {
+        for r in 0..rows {
+            for k in 0..groups {
+                let chunk = &w[r * cols + k * g..r * cols + (k + 1) * g];
+                grids.push(Grid::of(chunk.iter().copied(), p.bits, p.symmetric));
+            }
+        }
+    } else {
+        grids.resize(rows * groups, Grid::with(0.0, 0.0, 0.0, 0.0));
+    }
+    let mut q = vec![0f32; rows * cols];
+    let b = p.block_size;
+    let mut err = vec![0f32; b * rows];
+    let mut i1 = 0;
+    while i1 < cols {
+        let i2 = (i1 + b).min(cols);
+        for i in i1..i2 {
+            let c = perm[i];
+            let group = c / g;
+            if !static_grids && c % g == 0 {
+                // The group's columns are perm[i..i+g] (no act_order: perm is the identity).
+                for r in 0..rows {
+                    let vals = (i..i + g).map(|k| wt[k * rows + r]);
+                    grids[r * groups + group] = Grid::of(vals, p.bits, p.symmetric);
+                }
+            }
+            let d = u[i * cols + i] as f32;
+            let (done, rest) = wt.split_at_mut((i + 1) * rows);
+            let col = &done[i * rows..];
+            let e = &mut err[(i - i1) * rows..(i - i1 + 1) * rows];
+            let qi = &mut q[i * rows..(i + 1) * rows];
+            for r in 0..rows {
+                let v = grids[r * groups + group].quantize(col[r]);
+                qi[r] = v;
+                e[r] = (col[r] - v) / d;
+            }
+            // Within the block: columns i+1..i2 absorb this column's error.
+            for j in i + 1..i2 {
+                let f = u[i * cols + j] as f32;
+                if f != 0.0 {
+                    let target = &mut rest[(j - i - 1) * rows..(j - i) * rows];
+                    for (t, ev) in target.iter_mut().zip(e.iter()) {
+                        *t -= f * ev;
+                    }
+                }
+            }
+        }
+        // Lazy update of the columns after the block.
+        if i2 < cols {
+            let (_, rest) = wt.split_at_mut(i2 * rows);
+            for j in i2..cols {
+                let target = &mut rest[(j - i2) * rows..(j - i2 + 1) * rows];
+                for i in i1..i2 {
+                    let f = u[i * cols + j] as f32;
+                    if f != 0.0 {
+                        let e = &err[(i - i1) * rows..(i - i1 + 1) * rows];
+                        for (t, ev) in target.iter_mut().zip(e) {
+                            *t -= f * ev;
+                        }
+                    }
+                }
+            }
+        }
+        i1 = i2;
+    }
+    let mut weights = vec![0f32; rows * cols];
+    for (i, &c) in perm.iter().enumerate() {
+        for r in 0..rows {
+            weights[r * cols + c] = q[i * rows + r];
+        }
+    }
+    Ok(GptqLayer {
+        weights,
+        damp,
+        dead_columns: dead_cols.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::calib::relative_output_error;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Correlated inputs (a few latent factors plus noise, some columns loud): the case GPTQ
+    /// is for.
+    fn problem(rows: usize, cols: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<f64>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let latent = 4;
+        let mix: Vec<f64> = (0..latent * cols)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
+        let mut gram = vec![0f64; cols * cols];
+        for _ in 0..n {
+            let z: Vec<f64> = (0..latent).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let x: Vec<f64> = (0..cols)
+                .map(|c| {
+                    let loud = if c % 7 == 0 { 5.0 } else { 1.0 };
+                    loud * ((0..latent).map(|k| z[k] * mix[k * cols + c]).sum::<f64>()
+                        + 0.1 * rng.gen_range(-1.0..1.0))
+                })
+                .collect();
+            for i in 0..cols {
+                for j in 0..cols {
+                    gram[i * cols + j] += x[i] * x[j];
+                }
+            }
+        }
+        (w, gram)
+    }
+
+    fn params(bits: u8, group_size: Option<usize>, act_order: bool, symmetric: bool) -> GptqParams {
+        GptqParams {
+            bits,
+            group_size,
+            symmetric,
+            act_order,
+            damp: 0.01,
+            block_size: 8,
+        }
+    }
+
+    #[test]
+    fn gptq_beats_round_to_nearest_on_the_output() {
+        let (rows, cols) = (16, 32);
+        let (w, gram) = problem(rows, cols, 256, 3);
+        for p in [
+            params(4, None, false, true),
+            params(3, Some(16), false, true),
+            params(3, Some(16), true, false),
+            params(2, Some(8), true, true),
+        ] {
+            let out = gptq(&w, rows, cols, &gram, &p).unwrap();
+            let e_gptq = relative_output_error(&w, &out.weights, &gram, cols);
+            let e_rtn = relative_output_error(&w, &rtn(&w, rows, cols, &p), &gram, cols);
+            assert!(
+                e_gptq < 0.7 * e_rtn,
+                "{p:?}: gptq {e_gptq:.5} vs rtn {e_rtn:.5}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_value_lies_on_its_grid() {
+        let (rows, cols) = (4, 16);
+        let (w, gram) = problem(rows, cols, 64, 5);
+        for p in [
+            params(3, Some(8), false, true),
+            params(4, Some(8), false, false),
+        ] {
+            let out = gptq(&w, rows, cols, &gram, &p).unwrap();
+            for r in 0..rows {
+                for k in 0..2 {
+                    let chunk = &out.weights[r * cols + k * 8..r * cols + k * 8 + 8];
+                    let levels: std::collections::BTreeSet<u32> =
+                        chunk.iter().map(|v| v.to_bits()).collect();
+                    assert!(
+                        levels.len() <= 1 << p.bits,
+                        "{p:?} row {r} group {k}: {levels:?}"
+                    );
+                    // Steps between values are integer multiples of the smallest step.
+                    let mut vals: Vec<f32> = chunk.to_vec();
+                    vals.sort_by(f32::total_cmp);
+                    vals.dedup();
+                    if vals.len() > 1 {
+                        let step = vals
+                            .windows(2)
+                            .map(|v| v[1] - v[0])
+                            .fold(f32::MAX, f32::min);
+                        for v in &vals {
+                            let k = (v - vals[0]) / step;
+                            assert!((k - k.round()).abs() < 1e-3, "{vals:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn identity_hessian_is_round_to_nearest() {
+        // With H = I there is nothing to compensate: GPTQ's first column of each group is
+        // RTN, and the error feedback is zero (U is diagonal).
+        let (rows, cols) = (3, 8);
+        let w: Vec<f32> = (0..24)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 7.0)
+            .collect();
+        let mut h = vec![0f64; cols * cols];
+        for i in 0..cols {
+            h[i * cols + i] = 1.0;
+        }
+        let p = params(3, Some(4), false, true);
+        let out = gptq(&w, rows, cols, &h, &p).unwrap();
+        assert_eq!(out.weights, rtn(&w, rows, cols, &p));
+    }
+
+    #[test]
+    fn dead_columns_are_rounded_to_nearest() {
+        let (rows, cols) = (2, 4);
+        let w = vec![1.0f32, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0];
+        let mut h = vec![0f64; 16];
+        for i in [0, 1, 3] {
+            h[i * 4 + i] = 1.0;
+        }
+        let out = gptq(&w, rows, cols, &h, &params(8, None, false, true)).unwrap();
+        assert_eq!(out.dead_columns, 1);
+        let p = params(8, None, false, true);
+        let rtn = rtn(&w, rows, cols, &p);
+        assert_eq!((out.weights[2], out.weights[6]), (rtn[2], rtn[6]));
+    }
+}

@@ -1,0 +1,191 @@
+//! Calibration-based steps: GPTQ quantization, Wanda and SparseGPT pruning. The network runs
+//! on a seeded draw of the calibration dataset; layer groups are compressed in order, each
+//! measured on the inputs the already-compressed groups before it produce
+//! ([`crate::compress::calib::sweep`]). Every layer's output error relative to its output
+//! (`tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)` on the calibration inputs it saw) is reported beside the same
+//! figure for the calibration-free baseline at the same setting (round-to-nearest on the same
+//! grids; magnitude pruning at the same per-row target).
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{json, Value};
+
+use super::{current_arch, Env, Input, PipelineError, StepOut};
+use crate::compress::calib::{self, relative_output_error, CalibrationParams};
+use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::Network;
+use crate::compress::prune::calibrated::{self as cprune, Target};
+use crate::compress::quant::gptq::{self, GptqParams};
+use crate::spec::calibrated::{CalibratedMethod, CalibratedSpec};
+
+/// The step.
+pub(super) fn calibrated(
+    env: &Env,
+    spec: &CalibratedSpec,
+    input: &Input,
+) -> Result<StepOut, PipelineError> {
+    let net: Box<dyn Network> = match input.transformer {
+        Some(t) => t.load(input.file)?,
+        None => Box::new(Model::from_safetensors(
+            &current_arch(input.architecture)?,
+            input.file,
+        )?),
+    };
+    let selected: HashSet<String> = spec
+        .selection
+        .resolve(&input.file.header().tensors)
+        .into_iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let c = &spec.calibration;
+    let seed = c.seed.unwrap_or(env.seed);
+    let data = env.datasets.get(&c.dataset_id)?;
+    let set = calib::calibration_set(
+        net.as_ref(),
+        data,
+        &CalibrationParams {
+            samples: c.samples,
+            seq_len: c.seq_len,
+            seed,
+        },
+    )?;
+    let mut layers: Vec<Value> = Vec::new();
+    let mut changed: HashMap<String, Vec<f32>> = HashMap::new();
+    let started = std::time::Instant::now();
+    calib::sweep(net.as_ref(), &set, &selected, env.ctx, |group, stats| {
+        let mut out = Vec::new();
+        let gram = &stats.gram;
+        let h = stats.hessian();
+        for layer in &group.layers {
+            let name = format!("{layer}.weight");
+            if !selected.contains(&name) {
+                continue;
+            }
+            let (shape, w) = calib::weight(net.as_ref(), &name)?;
+            let (rows, cols) = (shape[0], stats.cols);
+            let mut report = json!({"layer": name, "shape": shape, "calibration_rows": stats.rows});
+            let new = match spec.method {
+                CalibratedMethod::Gptq { params, group } => {
+                    let p = GptqParams {
+                        group_size: group.for_cols(cols),
+                        ..params
+                    };
+                    let q = gptq::gptq(&w, rows, cols, &h, &p)?;
+                    let rtn = gptq::rtn(&w, rows, cols, &p);
+                    report["group_size"] = json!(p.group_size);
+                    report["damp"] = json!(q.damp);
+                    report["dead_columns"] = json!(q.dead_columns);
+                    report["output_error"] =
+                        json!(relative_output_error(&w, &q.weights, gram, cols));
+                    report["output_error_rtn"] = json!(relative_output_error(&w, &rtn, gram, cols));
+                    q.weights
+                }
+                CalibratedMethod::Wanda(t) => {
+                    let pruned = cprune::wanda(&w, rows, cols, &stats.column_norms(), t)?;
+                    prune_report(&mut report, &w, &pruned, rows, cols, gram, t)?;
+                    pruned
+                }
+                CalibratedMethod::SparseGpt {
+                    target,
+                    damp,
+                    block_size,
+                } => {
+                    let (pruned, used) =
+                        cprune::sparsegpt(&w, rows, cols, &h, target, damp, block_size)?;
+                    report["damp"] = json!(used);
+                    prune_report(&mut report, &w, &pruned, rows, cols, gram, target)?;
+                    pruned
+                }
+            };
+            layers.push(report);
+            changed.insert(name.clone(), new.clone());
+            out.push((name, new));
+        }
+        Ok(out)
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    // Selected tensors no linear layer reads through the forward pass (an embedding, a tied
+    // head): left unchanged, and said so.
+    let mut not_reached: Vec<&String> = selected
+        .iter()
+        .filter(|n| !changed.contains_key(*n))
+        .collect();
+    not_reached.sort();
+    if changed.is_empty() {
+        return Err(super::failed(
+            crate::codes::Code::ValidationFailed,
+            format!("no selected tensor is the weight of a linear layer the network runs ({} selected); select the linear layers' weights", selected.len()),
+        ));
+    }
+    // The output: the input's tensors with the compressed ones replaced.
+    let mut weights = input.file.float_tensors()?;
+    for t in &mut weights {
+        if let Some(v) = changed.remove(&t.name) {
+            t.values = v;
+        }
+    }
+    let (temp, written) = env.write_f32(input.metadata, &weights)?;
+    let mean = |key: &str| {
+        let v: Vec<f64> = layers.iter().filter_map(|l| l[key].as_f64()).collect();
+        if v.is_empty() {
+            Value::Null
+        } else {
+            json!(v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
+    let mut summary = json!({
+        "method": spec.method_name(),
+        "layers": layers.len(),
+        "calibration": {
+            "dataset_id": c.dataset_id.to_string(), "samples": set.samples, "kind": set.kind,
+            "tokens": set.tokens, "seq_len": c.seq_len, "seed": seed,
+            "indices": set.indices,
+        },
+        "calibration_seconds": seconds,
+        "mean_output_error": mean("output_error"),
+        "file_bytes_after": written,
+        "not_reached": not_reached,
+    });
+    match spec.method {
+        CalibratedMethod::Gptq { params, .. } => {
+            summary["bits"] = json!(params.bits);
+            summary["symmetric"] = json!(params.symmetric);
+            summary["act_order"] = json!(params.act_order);
+            summary["mean_output_error_rtn"] = mean("output_error_rtn");
+        }
+        CalibratedMethod::Wanda(_) | CalibratedMethod::SparseGpt { .. } => {
+            summary["mean_output_error_magnitude"] = mean("output_error_magnitude");
+            let (z, n) = layers.iter().fold((0u64, 0u64), |(z, n), l| {
+                (
+                    z + l["zeros"].as_u64().unwrap_or(0),
+                    n + l["weights"].as_u64().unwrap_or(0),
+                )
+            });
+            summary["sparsity"] = json!(if n > 0 { z as f64 / n as f64 } else { 0.0 });
+        }
+    }
+    Ok(StepOut {
+        outputs: None,
+        file: Some(temp),
+        artifact: None,
+        architecture: None,
+        record: json!({"summary": summary, "layers": layers}),
+    })
+}
+
+fn prune_report(
+    report: &mut Value,
+    w: &[f32],
+    pruned: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &[f64],
+    target: Target,
+) -> crate::compress::Result<()> {
+    let magnitude = cprune::magnitude(w, rows, cols, target)?;
+    report["weights"] = json!(w.len());
+    report["zeros"] = json!(pruned.iter().filter(|v| **v == 0.0).count());
+    report["output_error"] = json!(relative_output_error(w, pruned, gram, cols));
+    report["output_error_magnitude"] = json!(relative_output_error(w, &magnitude, gram, cols));
+    Ok(())
+}
