@@ -16,7 +16,8 @@ and our GPTQ checked against a reference written here in numpy.
    equal except where rounding sits on a tie (reported as the share of equal codes).
 2. SmolLM2-135M, the fortunes split into disjoint calibration and held-out documents (seeded):
    int4 and int3 with groups of 64 — round-to-nearest (`uniform`, symmetric, the same grids),
-   GPTQ, GPTQ with act_order; 50% and 2:4 sparsity — magnitude, Wanda, SparseGPT. Each job's
+   GPTQ, GPTQ with act_order, AWQ; affine round-to-nearest and HQQ; 50% and 2:4 sparsity —
+   magnitude, Wanda, SparseGPT (`--cases REGEX` runs some). Each job's
    `eval` compares the output with the input on held-out text (context 512, `--tokens`):
    KL divergence (mean), perplexity, top-1 agreement. Prints a table and the KL ratios.
 """
@@ -191,6 +192,13 @@ def smollm2(url, args):
                 (f"int{bits} g64 GPTQ act_order", {"op": "quantize", "method": "gptq", "bits": bits,
                                                    "group_size": 64, "act_order": True,
                                                    "calibration": calibration}),
+                (f"int{bits} g64 AWQ", {"op": "quantize", "method": "awq", "bits": bits, "group_size": 64,
+                                        "calibration": calibration}),
+                (f"int{bits} g64 RTN affine", {"op": "quantize", "method": "uniform", "bits": bits,
+                                               "symmetric": False, "granularity": "per_group",
+                                               "group_size": 64}),
+                (f"int{bits} g64 HQQ (affine)", {"op": "quantize", "method": "hqq", "bits": bits,
+                                                 "group_size": 64}),
             ]
     if "prune" in args.only:
         for label, target, nm in (("50%", {"sparsity": 0.5}, False), ("2:4", {"n": 2, "m": 4}, True)):
@@ -200,6 +208,9 @@ def smollm2(url, args):
                 (f"{label} Wanda", {"op": "prune", "method": "wanda", "calibration": calibration, **target}),
                 (f"{label} SparseGPT", {"op": "prune", "method": "sparsegpt", "calibration": calibration, **target}),
             ]
+    if args.cases:
+        import re
+        cases = [c for c in cases if re.search(args.cases, c[0])]
     results = {}
     print(f"{'case':28} {'KL mean':>9} {'ppl':>9} {'top-1':>7} {'base ppl':>9} {'job s':>7}")
     for label, step in cases:
@@ -211,10 +222,13 @@ def smollm2(url, args):
               f"{m['baseline']['perplexity']:9.3f} {secs:7.0f}", flush=True)
     for bits in (4, 3):
         r = results.get(f"int{bits} g64 RTN")
-        for v in ("GPTQ", "GPTQ act_order"):
+        for v in ("GPTQ", "GPTQ act_order", "AWQ"):
             g = results.get(f"int{bits} g64 {v}")
             if r and g:
                 print(f"int{bits} g64: {v} KL / RTN KL = {g / r:.3f}")
+        r, h = results.get(f"int{bits} g64 RTN affine"), results.get(f"int{bits} g64 HQQ (affine)")
+        if r and h:
+            print(f"int{bits} g64: HQQ KL / affine RTN KL = {h / r:.3f}")
     for label in ("50%", "2:4"):
         mag = results.get(f"{label} magnitude")
         for v in ("Wanda", "SparseGPT"):
@@ -230,6 +244,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--only", default="reference,gptq,prune")
+    ap.add_argument("--cases", default="", help="a regular expression over the case labels")
     args = ap.parse_args()
     args.only = args.only.split(",")
     if "reference" in args.only:

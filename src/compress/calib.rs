@@ -219,6 +219,8 @@ pub struct InputStats {
     pub rows: usize,
     /// Σ x² per column.
     pub sum_sq: Vec<f64>,
+    /// Σ |x| per column.
+    pub sum_abs: Vec<f64>,
     /// Σ x xᵀ, `cols × cols` row-major.
     pub gram: Vec<f64>,
 }
@@ -229,6 +231,7 @@ impl InputStats {
             cols,
             rows: 0,
             sum_sq: vec![0.0; cols],
+            sum_abs: vec![0.0; cols],
             gram: vec![0.0; cols * cols],
         }
     }
@@ -249,6 +252,10 @@ impl InputStats {
         for i in 0..cols {
             self.sum_sq[i] = self.gram[i * cols + i];
         }
+        let abs = x.abs()?.sum(0)?.to_vec1::<f32>()?;
+        for (a, v) in self.sum_abs.iter_mut().zip(abs) {
+            *a += f64::from(v);
+        }
         self.rows += n;
         Ok(())
     }
@@ -257,6 +264,12 @@ impl InputStats {
     pub fn hessian(&self) -> Vec<f64> {
         let s = 2.0 / self.rows.max(1) as f64;
         self.gram.iter().map(|g| g * s).collect()
+    }
+
+    /// mean |x_j| per column (AWQ's activation magnitude).
+    pub fn mean_abs(&self) -> Vec<f64> {
+        let n = self.rows.max(1) as f64;
+        self.sum_abs.iter().map(|s| s / n).collect()
     }
 
     /// ‖x_j‖₂ per column over all rows (Wanda's activation norm).

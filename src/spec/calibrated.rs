@@ -43,6 +43,24 @@ pub enum CalibratedMethod {
         /// The requested group size.
         group: GroupSize,
     },
+    /// AWQ quantization.
+    Awq {
+        /// Bits per weight.
+        bits: u8,
+        /// The requested group size.
+        group: GroupSize,
+        /// Symmetric or affine grid.
+        symmetric: bool,
+        /// Exponents tried.
+        grid: usize,
+    },
+    /// HQQ quantization (calibration-free).
+    Hqq {
+        /// Bits per weight.
+        bits: u8,
+        /// The requested group size.
+        group: GroupSize,
+    },
     /// Wanda pruning.
     Wanda(Target),
     /// SparseGPT pruning.
@@ -74,8 +92,8 @@ pub struct CalibrationSpec {
 pub struct CalibratedSpec {
     /// Method.
     pub method: CalibratedMethod,
-    /// What to calibrate on.
-    pub calibration: CalibrationSpec,
+    /// What to calibrate on (`None` for `hqq`, which needs no data).
+    pub calibration: Option<CalibrationSpec>,
     /// Which tensors (linear layers' weights).
     pub selection: Selection,
 }
@@ -84,7 +102,9 @@ impl CalibratedSpec {
     /// `quantize` or `prune`.
     pub fn op(&self) -> &'static str {
         match self.method {
-            CalibratedMethod::Gptq { .. } => "quantize",
+            CalibratedMethod::Gptq { .. }
+            | CalibratedMethod::Awq { .. }
+            | CalibratedMethod::Hqq { .. } => "quantize",
             _ => "prune",
         }
     }
@@ -93,6 +113,8 @@ impl CalibratedSpec {
     pub fn method_name(&self) -> &'static str {
         match self.method {
             CalibratedMethod::Gptq { .. } => "gptq",
+            CalibratedMethod::Awq { .. } => "awq",
+            CalibratedMethod::Hqq { .. } => "hqq",
             CalibratedMethod::Wanda(_) => "wanda",
             CalibratedMethod::SparseGpt { .. } => "sparsegpt",
         }
@@ -100,15 +122,20 @@ impl CalibratedSpec {
 
     /// Normalised JSON.
     pub fn to_json(&self) -> Value {
-        let c = &self.calibration;
         let mut v = json!({
             "op": self.op(),
             "method": self.method_name(),
             "include": self.selection.include,
             "exclude": self.selection.exclude,
-            "calibration": {"dataset_id": c.dataset_id.to_string(), "samples": c.samples,
-                            "seq_len": c.seq_len, "seed": c.seed},
+            "calibration": self.calibration.as_ref().map(|c| json!({
+                "dataset_id": c.dataset_id.to_string(), "samples": c.samples,
+                "seq_len": c.seq_len, "seed": c.seed})),
         });
+        let group_json = |g: GroupSize| match g {
+            GroupSize::Default => Value::Null,
+            GroupSize::PerChannel => json!(-1),
+            GroupSize::Size(g) => json!(g),
+        };
         let target = |v: &mut Value, t: Target| match t {
             Target::Sparsity(s) => v["sparsity"] = json!(s),
             Target::NM { n, m } => {
@@ -119,15 +146,28 @@ impl CalibratedSpec {
         match self.method {
             CalibratedMethod::Gptq { params, group } => {
                 v["bits"] = json!(params.bits);
-                v["group_size"] = match group {
-                    GroupSize::Default => Value::Null,
-                    GroupSize::PerChannel => json!(-1),
-                    GroupSize::Size(g) => json!(g),
-                };
+                v["group_size"] = group_json(group);
                 v["symmetric"] = json!(params.symmetric);
                 v["act_order"] = json!(params.act_order);
                 v["damp"] = json!(params.damp);
                 v["block_size"] = json!(params.block_size);
+                v["format"] = json!("dequantized");
+            }
+            CalibratedMethod::Awq {
+                bits,
+                group,
+                symmetric,
+                grid,
+            } => {
+                v["bits"] = json!(bits);
+                v["group_size"] = group_json(group);
+                v["symmetric"] = json!(symmetric);
+                v["grid"] = json!(grid);
+                v["format"] = json!("dequantized");
+            }
+            CalibratedMethod::Hqq { bits, group } => {
+                v["bits"] = json!(bits);
+                v["group_size"] = group_json(group);
                 v["format"] = json!("dequantized");
             }
             CalibratedMethod::Wanda(t) => target(&mut v, t),
@@ -165,6 +205,8 @@ pub fn parse(
             "block_size",
             "format",
         ][..],
+        "awq" => &["bits", "group_size", "symmetric", "grid", "format"][..],
+        "hqq" => &["bits", "group_size", "format"][..],
         "wanda" => &["sparsity", "n", "m"][..],
         _ => &["sparsity", "n", "m", "damp", "block_size"][..],
     });
@@ -194,7 +236,17 @@ pub fn parse(
         );
     }
     let selection = Selection::of(include, exclude, facts);
-    let calibration = parse_calibration(obj, pointer, facts, &mut errors);
+    let calibration = if method == "hqq" {
+        if obj.get("calibration").is_some_and(|v| !v.is_null()) {
+            errors.push(FieldError::new(
+                format!("{pointer}/calibration"),
+                "hqq is calibration-free: leave `calibration` out",
+            ));
+        }
+        None
+    } else {
+        parse_calibration(obj, pointer, facts, &mut errors)
+    };
     let damp = f64_in(obj, "damp", (0.0, 1.0), pointer, &mut errors).unwrap_or(0.01);
     let block_size = usize_in(obj, "block_size", (1, 4096), pointer, &mut errors).unwrap_or(128);
     // Rows of each selected 2-D weight (calibrated methods handle linear layers).
@@ -220,66 +272,74 @@ pub fn parse(
             ));
         }
     }
-    let method = match method {
-        "gptq" => {
-            let bits = match obj.get("bits") {
-                None | Some(Value::Null) => 4,
-                Some(v) => match v.as_u64() {
-                    Some(b) if (2..=8).contains(&b) => b as u8,
-                    _ => {
-                        errors.push(FieldError::new(
-                            format!("{pointer}/bits"),
-                            "must be an integer in [2, 8]",
-                        ));
-                        4
-                    }
-                },
-            };
-            let group = match obj.get("group_size") {
-                None | Some(Value::Null) => GroupSize::Default,
-                Some(v) if v.as_i64() == Some(-1) => GroupSize::PerChannel,
-                Some(v) => match v.as_u64() {
-                    Some(g) if (2..=1 << 20).contains(&g) => {
-                        let g = g as usize;
-                        for (name, cols) in &cols_of {
-                            if cols % g != 0 {
-                                errors.push(FieldError::new(
-                                    format!("{pointer}/group_size"),
-                                    format!("tensor `{name}` has rows of {cols} weights, not a multiple of group_size {g}; pick a divisor of {cols}, -1 (per row), or leave it out (128, else 64 or 32, else per row)"),
-                                ));
-                            }
-                        }
-                        GroupSize::Size(g)
-                    }
-                    _ => {
+    let quantizing = matches!(method, "gptq" | "awq" | "hqq");
+    let bits = match obj.get("bits") {
+        None | Some(Value::Null) => 4,
+        Some(v) => match v.as_u64() {
+            Some(b) if (2..=8).contains(&b) => b as u8,
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/bits"),
+                    "must be an integer in [2, 8]",
+                ));
+                4
+            }
+        },
+    };
+    let group = match obj.get("group_size") {
+        None | Some(Value::Null) => GroupSize::Default,
+        Some(v) if v.as_i64() == Some(-1) => GroupSize::PerChannel,
+        Some(v) => match v.as_u64() {
+            Some(g) if (2..=1 << 20).contains(&g) => {
+                let g = g as usize;
+                for (name, cols) in &cols_of {
+                    if cols % g != 0 {
                         errors.push(FieldError::new(
                             format!("{pointer}/group_size"),
-                            "must be an integer ≥ 2, or -1 for one scale per row",
+                            format!("tensor `{name}` has rows of {cols} weights, not a multiple of group_size {g}; pick a divisor of {cols}, -1 (per row), or leave it out (128, else 64 or 32, else per row)"),
                         ));
-                        GroupSize::Default
                     }
-                },
-            };
-            if let Some(f) = obj.get("format").and_then(Value::as_str) {
-                if f != "dequantized" {
-                    errors.push(FieldError::unsupported(
-                        format!("{pointer}/format"),
-                        "gptq writes the dequantized model (every weight on its group's integer grid); `packed` and `gguf` output of GPTQ codes is not available yet",
-                    ));
                 }
+                GroupSize::Size(g)
             }
-            CalibratedMethod::Gptq {
-                params: GptqParams {
-                    bits,
-                    group_size: None,
-                    symmetric: bool_or(obj, "symmetric", true, pointer, &mut errors),
-                    act_order: bool_or(obj, "act_order", false, pointer, &mut errors),
-                    damp,
-                    block_size,
-                },
-                group,
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{pointer}/group_size"),
+                    "must be an integer ≥ 2, or -1 for one scale per row",
+                ));
+                GroupSize::Default
+            }
+        },
+    };
+    if quantizing {
+        if let Some(f) = obj.get("format").and_then(Value::as_str) {
+            if f != "dequantized" {
+                errors.push(FieldError::unsupported(
+                    format!("{pointer}/format"),
+                    format!("{method} writes the dequantized model (every weight on its group's grid); `packed` and `gguf` output of its codes is not available yet"),
+                ));
             }
         }
+    }
+    let method = match method {
+        "gptq" => CalibratedMethod::Gptq {
+            params: GptqParams {
+                bits,
+                group_size: None,
+                symmetric: bool_or(obj, "symmetric", true, pointer, &mut errors),
+                act_order: bool_or(obj, "act_order", false, pointer, &mut errors),
+                damp,
+                block_size,
+            },
+            group,
+        },
+        "awq" => CalibratedMethod::Awq {
+            bits,
+            group,
+            symmetric: bool_or(obj, "symmetric", true, pointer, &mut errors),
+            grid: usize_in(obj, "grid", (1, 100), pointer, &mut errors).unwrap_or(20),
+        },
+        "hqq" => CalibratedMethod::Hqq { bits, group },
         m => {
             let target = parse_target(obj, pointer, &cols_of, &mut errors);
             if m == "wanda" {
@@ -293,13 +353,14 @@ pub fn parse(
             }
         }
     };
-    match (calibration, errors.is_empty()) {
-        (Some(calibration), true) => Ok(CalibratedSpec {
+    if errors.is_empty() {
+        Ok(CalibratedSpec {
             method,
             calibration,
             selection,
-        }),
-        _ => Err(errors),
+        })
+    } else {
+        Err(errors)
     }
 }
 

@@ -599,7 +599,7 @@ pub fn parse_step(
         "quantize" | "prune"
             if matches!(
                 obj.get("method").and_then(Value::as_str),
-                Some("gptq" | "wanda" | "sparsegpt")
+                Some("gptq" | "awq" | "hqq" | "wanda" | "sparsegpt")
             ) =>
         {
             calibrated::parse(obj, pointer, facts).map(|c| Step::Calibrated(Box::new(c)))

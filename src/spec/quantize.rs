@@ -141,7 +141,9 @@ impl QuantizeSpec {
     }
 }
 
-const METHODS: &[&str] = &["uniform", "kmeans", "log2", "nf4", "float", "gguf", "gptq"];
+const METHODS: &[&str] = &[
+    "uniform", "kmeans", "log2", "nf4", "float", "gguf", "gptq", "awq", "hqq",
+];
 
 /// Parse a `quantize` step at `pointer`.
 pub fn parse(

@@ -115,6 +115,36 @@ async fn calibrated_compression_of_a_sequential_network(t: TestApp) {
         );
     }
 
+    // AWQ: never worse than round-to-nearest on the calibration inputs (α = 0 is RTN).
+    let (job, m) = run(
+        &t,
+        json!({"model_id": net, "steps": [{"op": "quantize", "method": "awq", "bits": 3, "group_size": 16,
+               "calibration": calibration}]}),
+    )
+    .await;
+    assert_schema("Job", &job);
+    assert_schema("Metrics", &m);
+    for l in layers(&m) {
+        assert!(
+            num(&l["output_error"]) <= num(&l["output_error_rtn"]),
+            "{l}"
+        );
+        assert!((0.0..1.0).contains(&num(&l["alpha"])), "{l}");
+    }
+    // HQQ: no data; the weight error below round-to-nearest's on the affine grid.
+    let (job, m) = run(
+        &t,
+        json!({"model_id": net, "steps": [{"op": "quantize", "method": "hqq", "bits": 3, "group_size": 16}]}),
+    )
+    .await;
+    assert_schema("Job", &job);
+    assert_schema("Metrics", &m);
+    let s = &m["steps"][0]["summary"];
+    assert!(num(&s["mean_mse"]) < num(&s["mean_mse_rtn"]), "{s}");
+    let bytes = output(&t, &job).await;
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(max_levels(&f32s(&st, "fc1.weight"), 64, 16) <= 8);
+
     // Refused before anything is queued.
     let unknown = "0190d4a0-0000-7000-8000-000000000000";
     let gptq = |extra: Value| {
@@ -137,6 +167,16 @@ async fn calibrated_compression_of_a_sequential_network(t: TestApp) {
             (gptq(json!({"calibration": {"dataset_id": data, "samples": 0}})), "/steps/0/calibration/samples", "validation_failed"),
             (gptq(json!({"format": "packed"})), "/steps/0/format", "unsupported_operation"),
             (gptq(json!({"sparsity": 0.5})), "/steps/0/sparsity", "validation_failed"),
+            (
+                json!({"model_id": net, "steps": [{"op": "quantize", "method": "hqq", "calibration": calibration}]}),
+                "/steps/0/calibration",
+                "validation_failed",
+            ),
+            (
+                json!({"model_id": net, "steps": [{"op": "quantize", "method": "awq", "grid": 0, "calibration": calibration}]}),
+                "/steps/0/grid",
+                "validation_failed",
+            ),
             (
                 json!({"model_id": net, "steps": [{"op": "prune", "method": "sparsegpt", "n": 4, "m": 4, "calibration": calibration}]}),
                 "/steps/0/n",

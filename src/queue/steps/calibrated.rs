@@ -15,6 +15,7 @@ use crate::compress::calib::{self, relative_output_error, CalibrationParams};
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::Network;
 use crate::compress::prune::calibrated::{self as cprune, Target};
+use crate::compress::quant::awq::{self, AwqParams};
 use crate::compress::quant::gptq::{self, GptqParams};
 use crate::spec::calibrated::{CalibratedMethod, CalibratedSpec};
 
@@ -24,6 +25,9 @@ pub(super) fn calibrated(
     spec: &CalibratedSpec,
     input: &Input,
 ) -> Result<StepOut, PipelineError> {
+    let Some(c) = &spec.calibration else {
+        return weight_only(env, spec, input);
+    };
     let net: Box<dyn Network> = match input.transformer {
         Some(t) => t.load(input.file)?,
         None => Box::new(Model::from_safetensors(
@@ -37,7 +41,6 @@ pub(super) fn calibrated(
         .into_iter()
         .map(|t| t.name.clone())
         .collect();
-    let c = &spec.calibration;
     let seed = c.seed.unwrap_or(env.seed);
     let data = env.datasets.get(&c.dataset_id)?;
     let set = calib::calibration_set(
@@ -55,6 +58,58 @@ pub(super) fn calibrated(
     calib::sweep(net.as_ref(), &set, &selected, env.ctx, |group, stats| {
         let mut out = Vec::new();
         let gram = &stats.gram;
+        if let CalibratedMethod::Awq {
+            bits,
+            group: g,
+            symmetric,
+            grid,
+        } = spec.method
+        {
+            // One search for the whole group: its layers share the input's scales.
+            let cols = stats.cols;
+            let mut ws = Vec::new();
+            for layer in &group.layers {
+                let name = format!("{layer}.weight");
+                if selected.contains(&name) {
+                    let (shape, w) = calib::weight(net.as_ref(), &name)?;
+                    ws.push((name, shape, w));
+                }
+            }
+            let gs = g.for_cols(cols).unwrap_or(cols);
+            let p = AwqParams {
+                group: gs,
+                bits,
+                symmetric,
+                grid,
+            };
+            let inputs: Vec<(&[f32], usize)> =
+                ws.iter().map(|(_, sh, w)| (w.as_slice(), sh[0])).collect();
+            let found = awq::awq(&inputs, cols, &stats.mean_abs(), gram, &p)?;
+            for ((name, shape, w), new) in ws.iter().zip(found.weights) {
+                let rtn = gptq::rtn(
+                    w,
+                    shape[0],
+                    cols,
+                    &GptqParams {
+                        bits,
+                        group_size: Some(gs),
+                        symmetric,
+                        act_order: false,
+                        damp: 0.0,
+                        block_size: 1,
+                    },
+                );
+                layers.push(json!({
+                    "layer": name, "shape": shape, "calibration_rows": stats.rows,
+                    "group_size": gs, "alpha": found.alpha,
+                    "output_error": relative_output_error(w, &new, gram, cols),
+                    "output_error_rtn": relative_output_error(w, &rtn, gram, cols),
+                }));
+                changed.insert(name.clone(), new.clone());
+                out.push((name.clone(), new));
+            }
+            return Ok(out);
+        }
         let h = stats.hessian();
         for layer in &group.layers {
             let name = format!("{layer}.weight");
@@ -79,6 +134,11 @@ pub(super) fn calibrated(
                         json!(relative_output_error(&w, &q.weights, gram, cols));
                     report["output_error_rtn"] = json!(relative_output_error(&w, &rtn, gram, cols));
                     q.weights
+                }
+                CalibratedMethod::Awq { .. } | CalibratedMethod::Hqq { .. } => {
+                    return Err(crate::compress::Error::Internal(
+                        "awq and hqq are handled apart".into(),
+                    ))
                 }
                 CalibratedMethod::Wanda(t) => {
                     let pruned = cprune::wanda(&w, rows, cols, &stats.column_norms(), t)?;
@@ -153,6 +213,14 @@ pub(super) fn calibrated(
             summary["act_order"] = json!(params.act_order);
             summary["mean_output_error_rtn"] = mean("output_error_rtn");
         }
+        CalibratedMethod::Awq {
+            bits, symmetric, ..
+        } => {
+            summary["bits"] = json!(bits);
+            summary["symmetric"] = json!(symmetric);
+            summary["mean_output_error_rtn"] = mean("output_error_rtn");
+        }
+        CalibratedMethod::Hqq { .. } => {}
         CalibratedMethod::Wanda(_) | CalibratedMethod::SparseGpt { .. } => {
             summary["mean_output_error_magnitude"] = mean("output_error_magnitude");
             let (z, n) = layers.iter().fold((0u64, 0u64), |(z, n), l| {
@@ -188,4 +256,75 @@ fn prune_report(
     report["output_error"] = json!(relative_output_error(w, pruned, gram, cols));
     report["output_error_magnitude"] = json!(relative_output_error(w, &magnitude, gram, cols));
     Ok(())
+}
+
+/// HQQ needs no data: each selected 2-D tensor of the file is solved on its own, and its
+/// weight error is reported beside round-to-nearest's on the same affine grid.
+fn weight_only(env: &Env, spec: &CalibratedSpec, input: &Input) -> Result<StepOut, PipelineError> {
+    let CalibratedMethod::Hqq { bits, group } = spec.method else {
+        return Err(super::failed(
+            crate::codes::Code::ValidationFailed,
+            "this method needs a `calibration` block",
+        ));
+    };
+    let selected: HashSet<String> = spec
+        .selection
+        .resolve(&input.file.header().tensors)
+        .into_iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let mut weights = input.file.float_tensors()?;
+    let mut layers = Vec::new();
+    let total = selected.len().max(1);
+    for t in &mut weights {
+        if !selected.contains(&t.name) || t.shape.len() != 2 {
+            continue;
+        }
+        env.ctx.check()?;
+        env.ctx.report(
+            layers.len() as f64 / total as f64,
+            &format!("hqq {}", t.name),
+        );
+        let cols = t.shape[1];
+        let gs = group.for_cols(cols).unwrap_or(cols);
+        let h = awq::hqq(&t.values, gs, bits);
+        let rtn = gptq::rtn(
+            &t.values,
+            t.shape[0],
+            cols,
+            &GptqParams {
+                bits,
+                group_size: Some(gs),
+                symmetric: false,
+                act_order: false,
+                damp: 0.0,
+                block_size: 1,
+            },
+        );
+        let mse = |q: &[f32]| {
+            q.iter()
+                .zip(&t.values)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum::<f64>()
+                / q.len().max(1) as f64
+        };
+        layers.push(json!({"layer": t.name, "shape": t.shape, "group_size": gs,
+                           "mse": mse(&h), "mse_rtn": mse(&rtn)}));
+        t.values = h;
+    }
+    let (temp, written) = env.write_f32(input.metadata, &weights)?;
+    let mean = |key: &str| {
+        let v: Vec<f64> = layers.iter().filter_map(|l| l[key].as_f64()).collect();
+        json!(v.iter().sum::<f64>() / v.len().max(1) as f64)
+    };
+    let summary = json!({"method": "hqq", "bits": bits, "layers": layers.len(),
+                         "calibration": null, "mean_mse": mean("mse"), "mean_mse_rtn": mean("mse_rtn"),
+                         "file_bytes_after": written});
+    Ok(StepOut {
+        outputs: None,
+        file: Some(temp),
+        artifact: None,
+        architecture: None,
+        record: json!({"summary": summary, "layers": layers}),
+    })
 }
