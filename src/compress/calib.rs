@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::compress::engine::data::{text_batch, Batch, Dataset, Subset};
-use crate::compress::engine::{Family, LayerInput, Network};
+use crate::compress::engine::{BlockRunner, BlockState, Family, LayerInput, Network, ProbeFn};
 use crate::compress::progress::Ctx;
 use crate::compress::{Error, Result};
 
@@ -178,8 +178,17 @@ pub struct Group {
 /// The groups of `net` as `batch` runs through it: each layer's input is fingerprinted
 /// (shape, Σx, Σx²) and consecutive layers with the same fingerprint form one group.
 pub fn discover_groups(net: &dyn Network, batch: &Batch) -> Result<Vec<Group>> {
+    groups_of(|probe| net.forward_probed(batch, probe).map(|_| ()))
+}
+
+type Run<'r> = dyn FnMut(&mut ProbeFn<'_>) -> Result<()> + 'r;
+
+/// What a method does with one group: the new values of its weights, by name.
+pub type Solve<'s> = dyn FnMut(&Group, &InputStats) -> Result<Vec<(String, Vec<f32>)>> + 's;
+
+fn groups_of(mut run: impl FnMut(&mut ProbeFn<'_>) -> Result<()>) -> Result<Vec<Group>> {
     let mut seen: Vec<(String, Vec<usize>, f64, f64, usize)> = Vec::new();
-    net.forward_probed(batch, &mut |input: LayerInput<'_>| {
+    run(&mut |input: LayerInput<'_>| {
         let x = input.x;
         let sum = x.sum_all()?.to_scalar::<f32>()? as f64;
         let sq = x.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -296,54 +305,133 @@ pub fn sweep(
             "the calibration draw is empty".into(),
         ));
     };
+    let wanted = |g: &Group| {
+        g.layers
+            .iter()
+            .any(|l| selected.contains(&format!("{l}.weight")))
+    };
+    if let Some(runner) = net.block_runner() {
+        return sweep_blocks(net, runner, set, &wanted, ctx, &mut solve);
+    }
+    sweep_whole(net, first, set, &wanted, ctx, &mut solve)
+}
+
+/// The sweep of a network run whole: each group's passes run the network from its input
+/// and stop after the group.
+pub(crate) fn sweep_whole(
+    net: &dyn Network,
+    first: &Batch,
+    set: &CalibrationSet,
+    wanted: &dyn Fn(&Group) -> bool,
+    ctx: &Ctx,
+    solve: &mut Solve<'_>,
+) -> Result<()> {
     let groups: Vec<Group> = discover_groups(net, first)?
         .into_iter()
-        .filter(|g| {
-            g.layers
-                .iter()
-                .any(|l| selected.contains(&format!("{l}.weight")))
-        })
+        .filter(|g| wanted(g))
         .collect();
     for (gi, group) in groups.iter().enumerate() {
-        ctx.check()?;
-        if group.window != 1 {
-            return Err(Error::Unsupported(format!(
-                "layer {:?} is a convolution; calibrated methods handle linear layers (exclude it, or prune it with `magnitude`)",
-                group.layers[0]
-            )));
-        }
         ctx.report(
             gi as f64 / groups.len() as f64,
             &format!("calibrating {}", group.layers.join(", ")),
         );
-        let mut stats = InputStats::new(group.cols);
-        let (head, tail) = (
-            &group.layers[0],
-            group.layers.last().unwrap_or(&group.layers[0]),
-        );
-        for batch in &set.batches {
-            ctx.check()?;
-            let run = net.forward_probed(batch, &mut |input: LayerInput<'_>| {
-                if input.layer == head {
-                    stats.add(input.x)?;
-                }
-                if input.layer == tail {
-                    return Err(Error::Internal(STOP.into()));
-                }
-                Ok(())
-            });
-            match run {
-                Ok(_) => {}
-                Err(Error::Internal(m)) if m == STOP => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let mut runs: Vec<Box<Run<'_>>> = set
+            .batches
+            .iter()
+            .map(|b| {
+                Box::new(move |p: &mut ProbeFn<'_>| net.forward_probed(b, p).map(|_| ()))
+                    as Box<Run<'_>>
+            })
+            .collect();
+        let stats = gather(group, &mut runs, ctx)?;
         for (name, values) in solve(group, &stats)? {
             set_weight(net, &name, values)?;
         }
     }
     ctx.report(1.0, "calibrated");
     Ok(())
+}
+
+/// The sweep of a network that runs block by block: the calibration batches' hidden states at
+/// the current block are kept, each group of the block is measured by running that block
+/// alone, and once the block's groups are solved the states move past it.
+pub(crate) fn sweep_blocks(
+    net: &dyn Network,
+    runner: &dyn BlockRunner,
+    set: &CalibrationSet,
+    wanted: &dyn Fn(&Group) -> bool,
+    ctx: &Ctx,
+    solve: &mut Solve<'_>,
+) -> Result<()> {
+    let mut states: Vec<BlockState> = set
+        .batches
+        .iter()
+        .map(|b| runner.embed(b))
+        .collect::<Result<_>>()?;
+    let blocks = runner.num_blocks();
+    for block in 0..blocks {
+        ctx.check()?;
+        let groups: Vec<Group> = groups_of(|p| runner.run_block(block, &states[0], p).map(|_| ()))?
+            .into_iter()
+            .filter(|g| wanted(g))
+            .collect();
+        for group in &groups {
+            ctx.report(
+                block as f64 / blocks as f64,
+                &format!("calibrating {}", group.layers.join(", ")),
+            );
+            let mut runs: Vec<Box<Run<'_>>> = states
+                .iter()
+                .map(|s| {
+                    Box::new(move |p: &mut ProbeFn<'_>| runner.run_block(block, s, p).map(|_| ()))
+                        as Box<Run<'_>>
+                })
+                .collect();
+            let stats = gather(group, &mut runs, ctx)?;
+            drop(runs);
+            for (name, values) in solve(group, &stats)? {
+                set_weight(net, &name, values)?;
+            }
+        }
+        states = states
+            .iter()
+            .map(|s| runner.run_block(block, s, &mut |_| Ok(())))
+            .collect::<Result<_>>()?;
+    }
+    ctx.report(1.0, "calibrated");
+    Ok(())
+}
+
+/// The input statistics of `group`, from every run (each stopped after the group's last
+/// layer has read its input).
+fn gather(group: &Group, runs: &mut [Box<Run<'_>>], ctx: &Ctx) -> Result<InputStats> {
+    if group.window != 1 {
+        return Err(Error::Unsupported(format!(
+            "layer {:?} is a convolution; calibrated methods handle linear layers (exclude it, or prune it with `magnitude`)",
+            group.layers[0]
+        )));
+    }
+    let mut stats = InputStats::new(group.cols);
+    let head = &group.layers[0];
+    let tail = group.layers.last().unwrap_or(head);
+    for run in runs.iter_mut() {
+        ctx.check()?;
+        let result = run(&mut |input: LayerInput<'_>| {
+            if input.layer == head {
+                stats.add(input.x)?;
+            }
+            if input.layer == tail {
+                return Err(Error::Internal(STOP.into()));
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(Error::Internal(m)) if m == STOP => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(stats)
 }
 
 /// The values of the parameter `name` of `net`.

@@ -18,7 +18,7 @@ use super::transformer::{
     attention, embed, merge_heads, pad_id, padding_bias, rms_norm_in, split_heads, token_ids,
     Probe, Weights,
 };
-use super::{Family, Mode, Network, Param, ProbeFn, WeightTransform};
+use super::{BlockRunner, BlockState, Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::{Error, Result};
 
@@ -301,6 +301,85 @@ impl Llama {
         ))
     }
 
+    /// Block `l` on the hidden states `h` `[b, s, hidden]`, with the rotary tables and the
+    /// attention bias of the batch.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        l: usize,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        mode: &mut Mode<'_>,
+        probe: &mut Probe<'_>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s, _) = h.dims3()?;
+        let mut h = h.clone();
+        let block = format!("model.layers.{l}");
+        let norm = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
+            rms_norm_in(
+                x,
+                &self.weights.get(&format!("{block}.{n}.weight"), mode)?,
+                c.rms_norm_eps,
+                mode,
+            )
+        };
+        let x = norm("input_layernorm", &h, mode)?;
+        let lin = |n: &str, x: &Tensor, mode: &Mode<'_>, probe: &mut Probe<'_>| {
+            self.weights.linear(&format!("{block}.{n}"), x, mode, probe)
+        };
+        let q = rope(
+            &split_heads(
+                &lin("self_attn.q_proj", &x, mode, probe)?,
+                c.num_attention_heads,
+            )?,
+            cos,
+            sin,
+        )?;
+        let k = rope(
+            &split_heads(
+                &lin("self_attn.k_proj", &x, mode, probe)?,
+                c.num_key_value_heads,
+            )?,
+            cos,
+            sin,
+        )?;
+        let v = split_heads(
+            &lin("self_attn.v_proj", &x, mode, probe)?,
+            c.num_key_value_heads,
+        )?;
+        // Grouped-query attention without copying keys and values: the `rep` query heads
+        // sharing a key/value head are stacked along the sequence ([b, kv, rep·s, d]),
+        // and the mask repeated to match.
+        let rep = c.num_attention_heads / c.num_key_value_heads;
+        let kv = c.num_key_value_heads;
+        let d = c.head_dim;
+        let grouped = q.reshape((b, kv, rep * s, d))?;
+        let group_bias = if rep > 1 {
+            bias.repeat((1, 1, rep, 1))?
+        } else {
+            bias.clone()
+        };
+        let ctx = attention(
+            &grouped,
+            &k,
+            &v,
+            Some(&group_bias),
+            c.attention_dropout,
+            mode,
+        )?;
+        let ctx = merge_heads(&ctx.reshape((b, c.num_attention_heads, s, d))?)?;
+        h = (h + lin("self_attn.o_proj", &ctx, mode, probe)?)?;
+        let x = norm("post_attention_layernorm", &h, mode)?;
+        let gate = lin("mlp.gate_proj", &x, mode, probe)?;
+        let up = lin("mlp.up_proj", &x, mode, probe)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        h = (h + lin("mlp.down_proj", &act, mode, probe)?)?;
+        Ok(h)
+    }
+
     fn forward_impl(
         &self,
         batch: &Batch,
@@ -322,66 +401,7 @@ impl Llama {
         let bias = causal_bias(s, batch.mask.as_ref())?;
         let mut tapped = vec![None; taps.len()];
         for l in 0..c.num_hidden_layers {
-            let block = format!("model.layers.{l}");
-            let norm = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
-                rms_norm_in(
-                    x,
-                    &self.weights.get(&format!("{block}.{n}.weight"), mode)?,
-                    c.rms_norm_eps,
-                    mode,
-                )
-            };
-            let x = norm("input_layernorm", &h, &mode)?;
-            let lin = |n: &str, x: &Tensor, mode: &Mode<'_>, probe: &mut Probe<'_>| {
-                self.weights.linear(&format!("{block}.{n}"), x, mode, probe)
-            };
-            let q = rope(
-                &split_heads(
-                    &lin("self_attn.q_proj", &x, &mode, probe)?,
-                    c.num_attention_heads,
-                )?,
-                &cos,
-                &sin,
-            )?;
-            let k = rope(
-                &split_heads(
-                    &lin("self_attn.k_proj", &x, &mode, probe)?,
-                    c.num_key_value_heads,
-                )?,
-                &cos,
-                &sin,
-            )?;
-            let v = split_heads(
-                &lin("self_attn.v_proj", &x, &mode, probe)?,
-                c.num_key_value_heads,
-            )?;
-            // Grouped-query attention without copying keys and values: the `rep` query heads
-            // sharing a key/value head are stacked along the sequence ([b, kv, rep·s, d]),
-            // and the mask repeated to match.
-            let rep = c.num_attention_heads / c.num_key_value_heads;
-            let kv = c.num_key_value_heads;
-            let d = c.head_dim;
-            let grouped = q.reshape((b, kv, rep * s, d))?;
-            let group_bias = if rep > 1 {
-                bias.repeat((1, 1, rep, 1))?
-            } else {
-                bias.clone()
-            };
-            let ctx = attention(
-                &grouped,
-                &k,
-                &v,
-                Some(&group_bias),
-                c.attention_dropout,
-                &mut mode,
-            )?;
-            let ctx = merge_heads(&ctx.reshape((b, c.num_attention_heads, s, d))?)?;
-            h = (h + lin("self_attn.o_proj", &ctx, &mode, probe)?)?;
-            let x = norm("post_attention_layernorm", &h, &mode)?;
-            let gate = lin("mlp.gate_proj", &x, &mode, probe)?;
-            let up = lin("mlp.up_proj", &x, &mode, probe)?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
-            h = (h + lin("mlp.down_proj", &act, &mode, probe)?)?;
+            h = self.block(l, &h, &cos, &sin, &bias, &mut mode, probe)?;
             let tap_name = format!("model.layers.{l}");
             for (slot, t) in taps.iter().enumerate() {
                 if *t == tap_name {
@@ -438,6 +458,59 @@ fn causal_bias(s: usize, mask: Option<&Tensor>) -> Result<Tensor> {
             // Adding two f32::MIN would overflow to -inf; take the minimum instead.
             Ok(causal.broadcast_minimum(&padding_bias(m)?)?)
         }
+    }
+}
+
+impl BlockRunner for Llama {
+    fn num_blocks(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    fn embed(&self, batch: &Batch) -> Result<BlockState> {
+        let ids = token_ids(&batch.x)?;
+        let (_, s) = ids.dims2()?;
+        if s > self.config.max_position_embeddings {
+            return Err(Error::DatasetMismatch(format!(
+                "sequences of {s} tokens are longer than the model's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        let hidden = embed(
+            &self.weights.get("model.embed_tokens.weight", &Mode::Eval)?,
+            &ids,
+        )?;
+        let (cos, sin) = self.rotary(s)?;
+        let bias = causal_bias(s, batch.mask.as_ref())?;
+        Ok(BlockState {
+            hidden,
+            aux: vec![cos, sin, bias],
+        })
+    }
+
+    fn run_block(
+        &self,
+        i: usize,
+        state: &BlockState,
+        probe: &mut ProbeFn<'_>,
+    ) -> Result<BlockState> {
+        let [cos, sin, bias] = &state.aux[..] else {
+            return Err(Error::Internal(
+                "llama block state without its tables".into(),
+            ));
+        };
+        let hidden = self.block(
+            i,
+            &state.hidden,
+            cos,
+            sin,
+            bias,
+            &mut Mode::Eval,
+            &mut Probe::new(probe),
+        )?;
+        Ok(BlockState {
+            hidden,
+            aux: state.aux.clone(),
+        })
     }
 }
 
@@ -530,6 +603,10 @@ impl Network for Llama {
         }
     }
 
+    fn block_runner(&self) -> Option<&dyn BlockRunner> {
+        Some(self)
+    }
+
     fn forward_probed(&self, batch: &Batch, probe: &mut ProbeFn<'_>) -> Result<Tensor> {
         Ok(self
             .forward_impl(batch, Mode::Eval, &mut Probe::new(probe), &[])?
@@ -569,6 +646,73 @@ mod tests {
                 .unwrap();
             let d = max_diff(&logits, &want);
             assert!(d < 1e-4, "text {i}: logits differ by {d}");
+        }
+    }
+
+    #[test]
+    fn block_by_block_calibration_equals_runs_of_the_whole_network() {
+        use crate::compress::calib::{self, CalibrationSet, Group, InputStats};
+        use crate::compress::quant::gptq::{gptq, GptqParams};
+        use std::sync::atomic::AtomicBool;
+        let (config, weights, expected) = open("tiny-llama");
+        let set = CalibrationSet {
+            batches: (0..2)
+                .map(|i| {
+                    batch(
+                        ids(&expected, &format!("input_ids_{i}"))
+                            .unsqueeze(0)
+                            .unwrap(),
+                        None,
+                        None,
+                    )
+                })
+                .collect(),
+            samples: 2,
+            tokens: 0,
+            indices: vec![0, 1],
+            kind: "windows",
+        };
+        let p = GptqParams {
+            bits: 3,
+            group_size: Some(16),
+            symmetric: true,
+            act_order: false,
+            damp: 0.01,
+            block_size: 8,
+        };
+        let cancel = AtomicBool::new(false);
+        let quiet = |_: f64, _: &str| {};
+        let ctx = crate::compress::progress::Ctx::new(&quiet, &cancel);
+        let run = |blockwise: bool| {
+            let net = Llama::from_safetensors(&config, &weights).unwrap();
+            let mut seen = Vec::new();
+            let mut solve = |g: &Group, st: &InputStats| {
+                seen.push((g.layers.clone(), st.rows));
+                let mut out = Vec::new();
+                for l in &g.layers {
+                    let name = format!("{l}.weight");
+                    let (shape, w) = calib::weight(&net, &name)?;
+                    let q = gptq(&w, shape[0], shape[1], &st.hessian(), &p)?;
+                    out.push((name, q.weights));
+                }
+                Ok(out)
+            };
+            let all = |_: &Group| true;
+            if blockwise {
+                calib::sweep_blocks(&net, &net, &set, &all, &ctx, &mut solve).unwrap();
+            } else {
+                calib::sweep_whole(&net, &set.batches[0], &set, &all, &ctx, &mut solve).unwrap();
+            }
+            (net.export().unwrap(), seen)
+        };
+        let (a, groups_a) = run(true);
+        let (b, groups_b) = run(false);
+        // q/k/v, o, gate/up, down in each of the two blocks.
+        assert_eq!(groups_a.len(), 8, "{groups_a:?}");
+        assert_eq!(groups_a, groups_b);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.name, y.name);
+            assert!(x.values == y.values, "{} differs", x.name);
         }
     }
 

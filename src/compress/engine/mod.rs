@@ -201,6 +201,33 @@ pub struct LayerInput<'a> {
 /// What a probe does with each linear layer's input ([`Network::forward_probed`]).
 pub type ProbeFn<'p> = dyn FnMut(LayerInput<'_>) -> Result<()> + 'p;
 
+/// The state between the blocks of a transformer run one block at a time: the hidden states
+/// and what every block of the batch reads besides them (rotary tables, attention bias).
+#[derive(Debug, Clone)]
+pub struct BlockState {
+    /// `[batch, seq, hidden]`.
+    pub hidden: Tensor,
+    /// Family-specific per-batch inputs of every block.
+    pub aux: Vec<Tensor>,
+}
+
+/// A network that can run block by block in evaluation mode, so that calibration keeps one
+/// block's inputs in memory instead of running the network from its input for every layer
+/// group.
+pub trait BlockRunner {
+    /// Number of blocks.
+    fn num_blocks(&self) -> usize;
+    /// The input of block 0 for `batch`.
+    fn embed(&self, batch: &Batch) -> Result<BlockState>;
+    /// Block `i` on `state`; `probe` sees the input of each of its linear layers.
+    fn run_block(
+        &self,
+        i: usize,
+        state: &BlockState,
+        probe: &mut ProbeFn<'_>,
+    ) -> Result<BlockState>;
+}
+
 /// A network the engine can run, train and calibrate: a family's implementation over its
 /// named parameters. Inputs are batches of one sample shape (`x: [batch, ...]`).
 pub trait Network: Send + Sync + std::fmt::Debug {
@@ -281,6 +308,11 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     /// An evaluation forward pass of `x` in which `probe` sees the input of every linear and
     /// convolution layer it reaches (calibration statistics: ranges, Σx², Hessians).
     fn forward_probed(&self, batch: &Batch, probe: &mut ProbeFn<'_>) -> Result<Tensor>;
+
+    /// Block-by-block execution, for the families that have blocks.
+    fn block_runner(&self) -> Option<&dyn BlockRunner> {
+        None
+    }
 
     /// Sets (or clears) the transform applied to linear and conv weights in every forward.
     fn set_weight_transform(&mut self, transform: Option<WeightTransform>);
