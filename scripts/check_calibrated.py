@@ -20,6 +20,9 @@ and our GPTQ checked against a reference written here in numpy.
    magnitude, Wanda, SparseGPT (`--cases REGEX` runs some). Each job's
    `eval` compares the output with the input on held-out text (context 512, `--tokens`):
    KL divergence (mean), perplexity, top-1 agreement. Prints a table and the KL ratios.
+3. `--only minilm`: all-MiniLM-L6-v2 (`scripts/fetch_data.sh minilm`), int4 group 64 on the
+   encoder's linear layers, calibrated on 128 fortunes, evaluated on the 40 held-out sentences
+   of scripts/check_minilm_quant.py: embedding cosine to the float model (min, mean).
 """
 import argparse
 import json
@@ -237,6 +240,47 @@ def smollm2(url, args):
                 print(f"{label}: {v} KL / magnitude KL = {k / mag:.3f}")
 
 
+def minilm(url, args):
+    """all-MiniLM-L6-v2 (scripts/fetch_data.sh minilm), int4 group 64 on the encoder's linear
+    layers, calibrated on fortunes, held-out: the 40 sentences of scripts/check_minilm_quant.py."""
+    import io
+    from check_minilm_quant import SENTENCES_B
+    folder = os.path.join(ROOT, "minilm")
+    boundary = "whittle-calibrated-boundary"
+    body = io.BytesIO()
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{rel}\"\r\n"
+                       "Content-Type: application/octet-stream\r\n\r\n".encode())
+            body.write(open(path, "rb").read())
+            body.write(b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    model = call(f"{url}/v1/models?name=minilm", "POST", body.getvalue(), f"multipart/form-data; boundary={boundary}")
+    docs = []
+    for f in ["wisdom", "people", "science", "politics", "work"]:
+        docs += read_fortunes(os.path.join(ROOT, "fortunes", f))
+    random.Random(0).shuffle(docs)
+    up = lambda name, lines: call(f"{url}/v1/datasets?name={name}&format=jsonl", "POST",
+                                  "".join(json.dumps({"text": d}) + "\n" for d in lines).encode(), "application/jsonl")
+    calib, held = up("calibration", docs[:len(docs) // 2]), up("sentences-b", SENTENCES_B)
+    calibration = {"dataset_id": calib["id"], "samples": 128, "seq_len": 128, "seed": 0}
+    cases = [
+        ("int4 g64 RTN", {"op": "quantize", "method": "uniform", "bits": 4, "granularity": "per_group", "group_size": 64}),
+        ("int4 g64 GPTQ", {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 64, "calibration": calibration}),
+        ("int4 g64 GPTQ act_order", {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 64,
+                                     "act_order": True, "calibration": calibration}),
+        ("int4 g64 AWQ", {"op": "quantize", "method": "awq", "bits": 4, "group_size": 64, "calibration": calibration}),
+        ("int4 g64 HQQ (affine)", {"op": "quantize", "method": "hqq", "bits": 4, "group_size": 64}),
+    ]
+    print(f"{'MiniLM case':28} {'cos min':>8} {'cos mean':>9} {'job s':>6}")
+    for label, step in cases:
+        _, m, secs = run_job(url, {"model_id": model["id"], "eval": {"dataset_id": held["id"]}, "steps": [step]})
+        c = m["final"]["embedding_cosine"]
+        print(f"{label:28} {c['min']:8.4f} {c['mean']:9.5f} {secs:6.0f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:8080")
@@ -251,6 +295,8 @@ def main():
         same = reference_check(args.url)
         if same < 0.99:
             sys.exit("GPTQ differs from the reference")
+    if "minilm" in args.only:
+        minilm(args.url, args)
     if "gptq" in args.only or "prune" in args.only:
         smollm2(args.url, args)
 

@@ -434,6 +434,47 @@ fn gather(group: &Group, runs: &mut [Box<Run<'_>>], ctx: &Ctx) -> Result<InputSt
     Ok(stats)
 }
 
+/// The mean square of every input feature of every linear layer over the calibration set
+/// (llama.cpp's importance matrix), keyed by the layers' weight names: one pass of the
+/// network per batch.
+pub fn input_mean_squares(
+    net: &dyn Network,
+    set: &CalibrationSet,
+    ctx: &Ctx,
+) -> Result<std::collections::HashMap<String, Vec<f32>>> {
+    let mut sums: std::collections::HashMap<String, (Vec<f64>, usize)> = Default::default();
+    for (i, batch) in set.batches.iter().enumerate() {
+        ctx.check()?;
+        ctx.report(
+            i as f64 / set.batches.len() as f64,
+            "measuring input importance",
+        );
+        net.forward_probed(batch, &mut |input: LayerInput<'_>| {
+            let x = input.x;
+            let [n, _] = x.dims() else {
+                return Ok(()); // convolutions: measured by the sequential path
+            };
+            let n = *n;
+            let sq = x.sqr()?.sum(0)?.to_vec1::<f32>()?;
+            let entry = sums
+                .entry(format!("{}.weight", input.layer))
+                .or_insert_with(|| (vec![0.0; sq.len()], 0));
+            for (a, v) in entry.0.iter_mut().zip(sq) {
+                *a += f64::from(v);
+            }
+            entry.1 += n;
+            Ok(())
+        })?;
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(k, (s, n))| {
+            let n = n.max(1) as f64;
+            (k, s.iter().map(|v| (v / n) as f32).collect())
+        })
+        .collect())
+}
+
 /// The values of the parameter `name` of `net`.
 pub fn weight(net: &dyn Network, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let p = net

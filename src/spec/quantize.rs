@@ -123,7 +123,12 @@ impl QuantizeSpec {
             }
             Quantization::Codec(Method::Log2 { bits }) => v["bits"] = json!(bits),
             Quantization::Codec(Method::Nf4 { group_size }) => v["group_size"] = json!(group_size),
-            Quantization::Gguf(ty) => v["type"] = json!(ty.as_str()),
+            Quantization::Gguf(ty) => {
+                v["type"] = json!(ty.as_str());
+                if let Some(source) = &self.importance {
+                    v["importance"] = source.to_json();
+                }
+            }
         }
         if let Some(a) = &self.activations {
             v["activations"] = a.to_json();
@@ -194,7 +199,7 @@ pub fn parse(
         "kmeans" => &["clusters", "init"][..],
         "log2" => &["bits"][..],
         "nf4" => &["group_size"][..],
-        _ => &["type"][..],
+        _ => &["type", "importance"][..],
     });
     deny_unknown(obj, &allowed, pointer, &mut errors);
     let include = patterns(
@@ -433,7 +438,8 @@ pub fn parse(
                     }
                 }
             }
-            (Quantization::Gguf(ty), None)
+            let importance = parse_importance(obj, pointer, &selection, facts, &mut errors);
+            (Quantization::Gguf(ty), importance)
         }
     };
     let format = match (method, format_given) {
@@ -519,7 +525,16 @@ fn parse_importance(
         let samples = usize_in(imp, "samples", (1, 100_000), &ip, errors).unwrap_or(256);
         let dataset_id = super::train::dataset_ref(imp, &ip, facts, errors)?;
         if let Some(f) = facts {
-            if require_architecture(f, pointer, errors) {
+            if let Some(t) = &f.transformer {
+                super::train::check_text_dataset(
+                    f,
+                    t,
+                    &dataset_id,
+                    false,
+                    &format!("{ip}/dataset_id"),
+                    errors,
+                );
+            } else if require_architecture(f, pointer, errors) {
                 super::train::check_dataset_fits(
                     f,
                     &dataset_id,

@@ -273,4 +273,136 @@ async fn calibrated_compression_of_a_llama_folder(t: TestApp) {
 on_both_backends!(
     calibrated_compression_of_a_sequential_network,
     calibrated_compression_of_a_llama_folder,
+    importance_weights_gguf_k_quants_and_is_measured_on_transformers,
 );
+
+/// A tensor dataset of `n` rows of 256 features (a few loud ones) with 10 classes.
+fn wide_dataset(n: usize) -> Vec<u8> {
+    use whittle::compress::formats::safetensors::{self as st, Dtype, TensorSpec};
+    let mut x = Vec::with_capacity(n * 256);
+    let mut seed = 7u64;
+    for _ in 0..n * 256 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x.push(((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5);
+    }
+    for r in 0..n {
+        for c in (0..256).step_by(16) {
+            x[r * 256 + c] *= 12.0;
+        }
+    }
+    let y: Vec<i64> = (0..n as i64).map(|i| i % 10).collect();
+    st::serialize(
+        &Default::default(),
+        &[
+            (
+                TensorSpec::new("x", Dtype::F32, vec![n, 256]),
+                st::encode_f32(&x).as_slice(),
+            ),
+            (
+                TensorSpec::new("y", Dtype::I64, vec![n]),
+                st::encode_i64(&y).as_slice(),
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+async fn importance_weights_gguf_k_quants_and_is_measured_on_transformers(t: TestApp) {
+    let data = upload_dataset(&t, wide_dataset(200)).await;
+    let arch = json!({"kind": "sequential", "input_shape": [256], "layers": [
+        {"type": "linear", "name": "fc1", "in_features": 256, "out_features": 32},
+        {"type": "relu"},
+        {"type": "linear", "name": "fc2", "in_features": 32, "out_features": 10}]});
+    let model = fresh_model(&t, arch, 5).await;
+    let step = |importance: Value| {
+        let mut s = json!({"op": "quantize", "method": "gguf", "type": "q3_k"});
+        if !importance.is_null() {
+            s["importance"] = importance;
+        }
+        json!({"model_id": model, "steps": [s]})
+    };
+    let (plain, _) = run(&t, step(Value::Null)).await;
+    let (weighted, m) = run(&t, step(json!({"dataset_id": data, "samples": 100}))).await;
+    assert_schema("Job", &weighted);
+    assert_schema("Metrics", &m);
+    let layers = layers(&m);
+    let fc1 = layers.iter().find(|l| l["tensor"] == "fc1.weight").unwrap();
+    assert_eq!(fc1["type"], "q3_k");
+    assert_eq!(fc1["importance"], true, "{fc1}");
+    // fc2's 32-wide rows fall back to q4_0, which has no weighted fit.
+    let fc2 = layers.iter().find(|l| l["tensor"] == "fc2.weight").unwrap();
+    assert!(fc2.get("importance").is_none(), "{fc2}");
+    let imp = &m["steps"][0]["summary"]["importance"];
+    assert_eq!(imp["samples"], 100, "{imp}");
+    // The importance-weighted error Σ_j E[x_j²]·(w − ŵ)² is lower with the weights.
+    let rows: Vec<usize> = imp["indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let bytes = wide_dataset(200);
+    let ds = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let x = f32s(&ds, "x");
+    let w: Vec<f64> = (0..256)
+        .map(|c| {
+            rows.iter()
+                .map(|r| f64::from(x[r * 256 + c]).powi(2))
+                .sum::<f64>()
+                / rows.len() as f64
+        })
+        .collect();
+    let original = {
+        let res = t.get(&format!("/v1/models/{model}/content")).await;
+        f32s(
+            &safetensors::SafeTensors::deserialize(&res.body).unwrap(),
+            "fc1.weight",
+        )
+    };
+    let weighted_error = |job: &Value| {
+        let job = job.clone();
+        let t = &t;
+        let original = &original;
+        let w = &w;
+        async move {
+            let bytes = output(t, &job).await;
+            let q = f32s(
+                &safetensors::SafeTensors::deserialize(&bytes).unwrap(),
+                "fc1.weight",
+            );
+            q.iter()
+                .zip(original)
+                .enumerate()
+                .map(|(i, (a, b))| w[i % 256] * f64::from(a - b).powi(2))
+                .sum::<f64>()
+        }
+    };
+    let (e_plain, e_weighted) = (
+        weighted_error(&plain).await,
+        weighted_error(&weighted).await,
+    );
+    assert!(e_weighted < 0.95 * e_plain, "{e_weighted} vs {e_plain}");
+
+    // Measured on a llama folder (text): the uniform search weighted by it.
+    let want = reference();
+    let llama = upload_fixture(&t, "tiny-llama", &[]).await;
+    let text = upload_text(
+        &t,
+        "application/jsonl",
+        want["jsonl"].as_str().unwrap().as_bytes(),
+    )
+    .await;
+    let (_, m) = run(
+        &t,
+        json!({"model_id": llama["id"], "steps": [{"op": "quantize", "method": "uniform", "bits": 4,
+               "granularity": "per_group", "group_size": 16,
+               "importance": {"dataset_id": text["id"], "samples": 4}}]}),
+    )
+    .await;
+    let imp = &m["steps"][0]["summary"]["importance"];
+    assert_eq!(imp["kind"], "windows", "{imp}");
+    assert_eq!(imp["weighted"].as_array().unwrap().len(), 14, "{imp}");
+    assert_eq!(imp["unweighted"], json!([]));
+}

@@ -28,7 +28,7 @@
 //!   `LLAMA_FTYPE_MOSTLY_*` for the type; `_S` variants for q3_k/q4_k/q5_k). Those three keys
 //!   are ours: entries of `metadata` with the same names are not written.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::Write;
 use std::str::FromStr;
@@ -353,6 +353,9 @@ pub struct GgufReport {
     /// Why the tensor was converted or left out, when it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Whether its blocks were fitted with importance weights (k-quants only).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub importance: bool,
 }
 
 /// Refuses a `gguf` quantization the file cannot take, before any work is done:
@@ -437,6 +440,8 @@ enum Storage {
 struct Plan<'a> {
     info: &'a TensorInfo,
     storage: Storage,
+    /// Importance weights of a k-quant tensor, one per row element.
+    imatrix: Option<&'a [f32]>,
     /// Data bytes, padding excluded.
     nbytes: u64,
     /// Offset from the start of the data section.
@@ -537,34 +542,39 @@ pub fn write_gguf(
     let meta = Metadata {
         strings: metadata,
         typed: &[],
+        importance: None,
     };
     write_gguf_chunked(input, selected, ty, meta, out, ctx, CHUNK_ELEMS)
 }
 
-/// The metadata of a file: string entries, and typed ones that take precedence.
+/// What a file carries besides the tensors' values: string metadata entries, typed ones
+/// that take precedence, and importance weights (one per row element, llama.cpp's imatrix)
+/// that the k-quant types weight their block fits with.
 #[derive(Debug, Clone, Copy)]
-struct Metadata<'a> {
-    strings: &'a BTreeMap<String, String>,
-    typed: &'a [(String, MetaValue)],
+pub struct GgufExtras<'a> {
+    /// String metadata.
+    pub strings: &'a BTreeMap<String, String>,
+    /// Typed metadata (a family's hyper-parameters and tokenizer).
+    pub typed: &'a [(String, MetaValue)],
+    /// Importance weights by tensor name; used by k-quant types (candle implements the
+    /// weighted fit for those only).
+    pub importance: Option<&'a HashMap<String, Vec<f32>>>,
 }
 
-/// [`write_gguf`] with typed metadata `typed` written first (a family's hyper-parameters and
-/// tokenizer: `general.architecture`, `llama.block_count`, `tokenizer.ggml.tokens`, …); keys
-/// of `metadata` that `typed` also sets are left out.
+type Metadata<'a> = GgufExtras<'a>;
+
+/// [`write_gguf`] with `extras`: typed metadata written first (a family's hyper-parameters
+/// and tokenizer: `general.architecture`, `llama.block_count`, `tokenizer.ggml.tokens`, …;
+/// string keys that `typed` also sets are left out), and importance weights for k-quants.
 pub fn write_gguf_typed(
     input: &SafetensorsFile,
     selected: &[String],
     ty: GgufType,
-    metadata: &BTreeMap<String, String>,
-    typed: &[(String, MetaValue)],
+    extras: GgufExtras<'_>,
     out: &mut dyn Write,
     ctx: &Ctx,
 ) -> Result<Vec<GgufReport>> {
-    let meta = Metadata {
-        strings: metadata,
-        typed,
-    };
-    write_gguf_chunked(input, selected, ty, meta, out, ctx, CHUNK_ELEMS)
+    write_gguf_chunked(input, selected, ty, extras, out, ctx, CHUNK_ELEMS)
 }
 
 /// [`write_gguf`] with a chosen number of elements per thread and chunk (tests use tiny
@@ -586,9 +596,19 @@ fn write_gguf_chunked(
     for info in tensors {
         let storage = plan_storage(input, info, selected.contains(info.name.as_str()), ty);
         let nbytes = data_bytes(info, &storage);
+        let row = info.shape.last().copied().unwrap_or(0);
+        let imatrix = match storage {
+            Storage::Quant(t) if t.is_k_quant() => metadata
+                .importance
+                .and_then(|m| m.get(&info.name))
+                .map(Vec::as_slice)
+                .filter(|w| w.len() == row),
+            _ => None,
+        };
         plans.push(Plan {
             info,
             storage,
+            imatrix,
             nbytes,
             offset,
         });
@@ -648,6 +668,7 @@ fn report(plan: &Plan, stats: &ErrorStats, ty: GgufType) -> GgufReport {
             )),
             Storage::Quant(_) | Storage::Copy(_) => None,
         },
+        importance: plan.imatrix.is_some(),
     }
 }
 
@@ -739,7 +760,7 @@ fn write_tensor(
             stats.count = info.numel() as u64;
         }
         Storage::Quant(ty) => {
-            stats = write_quantized(input, info, *ty, out, ctx, chunk_elems, progress)?;
+            stats = write_quantized(input, plan, *ty, out, ctx, chunk_elems, progress)?;
         }
     }
     Ok(stats)
@@ -770,13 +791,15 @@ fn float_to_f32_stats(input: &SafetensorsFile, info: &TensorInfo) -> ErrorStats 
 /// block bytes in row order (ggml blocks never straddle rows, so row chunks concatenate).
 fn write_quantized(
     input: &SafetensorsFile,
-    info: &TensorInfo,
+    plan: &Plan,
     ty: GgufType,
     out: &mut dyn Write,
     ctx: &Ctx,
     chunk_elems: usize,
     progress: impl Fn(usize),
 ) -> Result<ErrorStats> {
+    let info = plan.info;
+    let imatrix = plan.imatrix;
     let row = info.shape.last().copied().unwrap_or(1);
     let mut stats = ErrorStats::default();
     if info.numel() == 0 || row == 0 {
@@ -810,7 +833,7 @@ fn write_quantized(
             .collect();
         let used = jobs.len();
         let results = par_map(jobs, |(a, b, buf)| {
-            quantize_rows(&info.name, info.dtype, slice(a, b), row, ty, buf)
+            quantize_rows(&info.name, info.dtype, slice(a, b), row, ty, imatrix, buf)
         });
         for (result, buf) in results.into_iter().zip(&bufs[..used]) {
             merge(&mut stats, &result?);
@@ -832,9 +855,27 @@ fn quantize_rows(
     bytes: &[u8],
     row: usize,
     ty: GgufType,
+    imatrix: Option<&[f32]>,
     out: &mut Vec<u8>,
 ) -> Result<ErrorStats> {
     use candle_core::quantized::k_quants as k;
+    if let Some(w) = imatrix {
+        // Only the k-quants have candle's weighted fit (the plan attaches weights to those only).
+        let weighted = match ty {
+            GgufType::Q2K => quantize_rows_imatrix::<k::BlockQ2K>,
+            GgufType::Q3K => quantize_rows_imatrix::<k::BlockQ3K>,
+            GgufType::Q4K => quantize_rows_imatrix::<k::BlockQ4K>,
+            GgufType::Q5K => quantize_rows_imatrix::<k::BlockQ5K>,
+            GgufType::Q6K => quantize_rows_imatrix::<k::BlockQ6K>,
+            other => {
+                return Err(Error::Internal(format!(
+                    "importance weights for {}, which has no weighted fit",
+                    other.as_str()
+                )))
+            }
+        };
+        return weighted(name, dtype, bytes, row, w, out);
+    }
     let quantize = match ty {
         GgufType::Q8_0 => quantize_rows_as::<k::BlockQ8_0>,
         GgufType::Q4_0 => quantize_rows_q4_0,
@@ -869,6 +910,33 @@ fn quantize_rows_as<B: GgmlType>(
         blocks.clear();
         blocks.resize(values.len() / B::BLCK_SIZE, B::zeros());
         B::from_float(values, &mut blocks);
+        back.resize(values.len(), 0.0);
+        B::to_float(&blocks, &mut back);
+        add_errors(&mut stats, values, &back);
+        out.extend_from_slice(block_bytes(&blocks));
+    })?;
+    Ok(stats)
+}
+
+/// [`quantize_rows_as`] with candle's importance-weighted block fit (`w`: one weight per row
+/// element).
+fn quantize_rows_imatrix<B: GgmlType>(
+    name: &str,
+    dtype: Dtype,
+    bytes: &[u8],
+    row: usize,
+    w: &[f32],
+    out: &mut Vec<u8>,
+) -> Result<ErrorStats> {
+    out.clear();
+    let mut stats = ErrorStats::default();
+    let row_bytes = row * dtype.size_in_bytes();
+    let piece_rows = (PIECE_ELEMS / row).max(1);
+    let (mut blocks, mut back) = (Vec::<B>::new(), Vec::<f32>::new());
+    for_each_f32_piece(name, dtype, bytes, piece_rows * row_bytes, |values| {
+        blocks.clear();
+        blocks.resize(values.len() / B::BLCK_SIZE, B::zeros());
+        B::from_float_imatrix(values, &mut blocks, w, row);
         back.resize(values.len(), 0.0);
         B::to_float(&blocks, &mut back);
         add_errors(&mut stats, values, &back);
@@ -1039,6 +1107,7 @@ mod tests {
         let meta = Metadata {
             strings: meta,
             typed: &[],
+            importance: None,
         };
         let reports = write_gguf_chunked(file, &sel, ty, meta, &mut out, &ctx, chunk)?;
         Ok((out, reports))

@@ -744,6 +744,12 @@ pub fn check_importance(tensor: &str, shape: &[usize], method: &Method, w: &[f32
             "importance weights the clipping search of `uniform` (`search: true`) only",
         ));
     }
+    check_importance_values(tensor, shape, w)
+}
+
+/// The checks of [`check_importance`] on the values alone: one finite, non-negative weight
+/// per column.
+pub fn check_importance_values(tensor: &str, shape: &[usize], w: &[f32]) -> Result<()> {
     let (_, cols) = rows_cols(shape);
     if w.len() != cols {
         return Err(Error::invalid("importance",

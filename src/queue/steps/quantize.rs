@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::{current_arch, failed, Artifact, Env, Input, PipelineError, StepOut};
 use crate::codes::Code;
+use crate::compress::calib::{self, CalibrationParams};
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::formats::packed::{self, QuantizeFile};
 use crate::compress::formats::safetensors::{self, SafetensorsFile};
@@ -72,13 +73,21 @@ pub(super) fn quantize(
         .map(|t| t.name.clone())
         .collect();
     let method = match spec.method {
-        Quantization::Gguf(ty) => return to_gguf(env, ty, input, &selected),
+        Quantization::Gguf(ty) => {
+            let (importance, summary) = load_importance(env, spec, None, input, &selected)?;
+            let mut out = to_gguf(env, ty, input, &selected, &importance)?;
+            if !summary.is_null() {
+                out.record["summary"]["importance"] = summary;
+            }
+            return Ok(out);
+        }
         Quantization::Codec(m) => m,
     };
     let mut metadata = input.metadata.clone();
     let mut record = json!({});
     let seed = env.seed;
-    let (importance, importance_summary) = load_importance(env, spec, &method, input, &selected)?;
+    let (importance, importance_summary) =
+        load_importance(env, spec, Some(&method), input, &selected)?;
     let quantizer = Quantizer {
         method,
         importance: Arc::new(importance),
@@ -226,16 +235,22 @@ fn to_gguf(
     ty: gguf::GgufType,
     input: &Input,
     selected: &[String],
+    importance: &Importance,
 ) -> Result<StepOut, PipelineError> {
     if let Some(t) = input
         .transformer
         .filter(|t| t.family() == Some(crate::compress::engine::Family::Llama))
     {
-        return to_llama_gguf(env, ty, input, selected, t);
+        return to_llama_gguf(env, ty, input, selected, t, importance);
     }
     gguf::check_gguf(&input.file.header().tensors, selected, ty)?;
     let mut file = env.store.create_temp()?;
-    let reports = gguf::write_gguf(input.file, selected, ty, input.metadata, &mut file, env.ctx)?;
+    let extras = gguf::GgufExtras {
+        strings: input.metadata,
+        typed: &[],
+        importance: Some(importance),
+    };
+    let reports = gguf::write_gguf_typed(input.file, selected, ty, extras, &mut file, env.ctx)?;
     std::io::Write::flush(&mut file)?;
     let dequantized = gguf_import::dequantize_tensors(file.path(), selected)?;
     let mut temp = env.store.create_temp()?;
@@ -289,6 +304,7 @@ fn to_llama_gguf(
     input: &Input,
     selected: &[String],
     source: &super::TransformerSource,
+    importance: &Importance,
 ) -> Result<StepOut, PipelineError> {
     let tokenizer = source.tokenizer_json()?;
     let plan = gguf_llama::plan(
@@ -307,15 +323,17 @@ fn to_llama_gguf(
         .collect();
     gguf::check_gguf(&renamed.header().tensors, &in_gguf, ty)?;
     let mut file = env.store.create_temp()?;
-    let mut reports = gguf::write_gguf_typed(
-        &renamed,
-        &in_gguf,
-        ty,
-        input.metadata,
-        &plan.metadata,
-        &mut file,
-        env.ctx,
-    )?;
+    // Importance under the file's (llama.cpp) names; columns are not permuted.
+    let renamed_importance: Importance = importance
+        .iter()
+        .filter_map(|(hf, w)| plan.names.get(hf).map(|g| (g.clone(), w.clone())))
+        .collect();
+    let extras = gguf::GgufExtras {
+        strings: input.metadata,
+        typed: &plan.metadata,
+        importance: Some(&renamed_importance),
+    };
+    let mut reports = gguf::write_gguf_typed(&renamed, &in_gguf, ty, extras, &mut file, env.ctx)?;
     std::io::Write::flush(&mut file)?;
     drop(renamed);
     drop(prepared);
@@ -375,7 +393,7 @@ fn to_llama_gguf(
 fn load_importance(
     env: &Env,
     spec: &QuantizeSpec,
-    method: &Method,
+    method: Option<&Method>,
     input: &Input,
     selected: &[String],
 ) -> Result<(Importance, Value), PipelineError> {
@@ -393,6 +411,28 @@ fn load_importance(
                 }
             }
             (all, json!({ "model_id": id }))
+        }
+        ImportanceSource::Calibration {
+            dataset_id,
+            samples,
+        } if input.transformer.is_some() => {
+            let t = input.transformer.expect("checked by the guard");
+            let net = t.load(input.file)?;
+            let data = env.datasets.get(dataset_id)?;
+            let set = calib::calibration_set(
+                net.as_ref(),
+                data,
+                &CalibrationParams {
+                    samples: *samples,
+                    seq_len: 512,
+                    seed: env.seed,
+                },
+            )?;
+            let all = calib::input_mean_squares(net.as_ref(), &set, env.ctx)?;
+            let summary = json!({"dataset_id": dataset_id.to_string(), "samples": set.samples,
+                                 "kind": set.kind, "tokens": set.tokens,
+                                 "seed": env.seed, "indices": set.indices});
+            (all, summary)
         }
         ImportanceSource::Calibration {
             dataset_id,
@@ -416,7 +456,10 @@ fn load_importance(
             continue;
         };
         if let Some(t) = input.file.get(name) {
-            quant::check_importance(name, &t.shape, method, &w)?;
+            match method {
+                Some(m) => quant::check_importance(name, &t.shape, m, &w)?,
+                None => quant::check_importance_values(name, &t.shape, &w)?,
+            }
         }
         importance.insert(name.clone(), w);
     }
