@@ -17,7 +17,8 @@ and our GPTQ checked against a reference written here in numpy.
 2. SmolLM2-135M, the fortunes split into disjoint calibration and held-out documents (seeded):
    int4 and int3 with groups of 64 — round-to-nearest (`uniform`, symmetric, the same grids),
    GPTQ, GPTQ with act_order, AWQ; affine round-to-nearest and HQQ; 50% and 2:4 sparsity —
-   magnitude, Wanda, SparseGPT (`--cases REGEX` runs some). Each job's
+   magnitude, Wanda, SparseGPT; `--only imatrix`: GGUF q4_k and q3_k with and without the
+   importance measured on the calibration text (`--cases REGEX` runs some). Each job's
    `eval` compares the output with the input on held-out text (context 512, `--tokens`):
    KL divergence (mean), perplexity, top-1 agreement. Prints a table and the KL ratios.
 3. `--only minilm`: all-MiniLM-L6-v2 (`scripts/fetch_data.sh minilm`), int4 group 64 on the
@@ -203,6 +204,13 @@ def smollm2(url, args):
                 (f"int{bits} g64 HQQ (affine)", {"op": "quantize", "method": "hqq", "bits": bits,
                                                  "group_size": 64}),
             ]
+    if "imatrix" in args.only:
+        for ty in ("q4_k", "q3_k"):
+            cases += [
+                (f"{ty}", {"op": "quantize", "method": "gguf", "type": ty}),
+                (f"{ty} + imatrix", {"op": "quantize", "method": "gguf", "type": ty,
+                                     "importance": {"dataset_id": calib["id"], "samples": args.samples}}),
+            ]
     if "prune" in args.only:
         for label, target, nm in (("50%", {"sparsity": 0.5}, False), ("2:4", {"n": 2, "m": 4}, True)):
             cases += [
@@ -232,6 +240,10 @@ def smollm2(url, args):
         r, h = results.get(f"int{bits} g64 RTN affine"), results.get(f"int{bits} g64 HQQ (affine)")
         if r and h:
             print(f"int{bits} g64: HQQ KL / affine RTN KL = {h / r:.3f}")
+    for ty in ("q4_k", "q3_k"):
+        a, b = results.get(ty), results.get(f"{ty} + imatrix")
+        if a and b:
+            print(f"{ty}: KL with imatrix / without = {b / a:.3f}")
     for label in ("50%", "2:4"):
         mag = results.get(f"{label} magnitude")
         for v in ("Wanda", "SparseGPT"):
@@ -297,7 +309,7 @@ def main():
             sys.exit("GPTQ differs from the reference")
     if "minilm" in args.only:
         minilm(args.url, args)
-    if "gptq" in args.only or "prune" in args.only:
+    if "gptq" in args.only or "prune" in args.only or "imatrix" in args.only:
         smollm2(args.url, args)
 
 
