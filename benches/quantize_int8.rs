@@ -165,6 +165,7 @@ fn file_to_file(values: &[f32], rows: usize, cols: usize, repeat: usize) {
                 seed: 0,
                 packed: true,
                 metadata: &BTreeMap::new(),
+                precomputed: None,
             },
             &mut w,
             &ctx,

@@ -96,6 +96,8 @@ pub struct CalibratedSpec {
     pub calibration: Option<CalibrationSpec>,
     /// Which tensors (linear layers' weights).
     pub selection: Selection,
+    /// `gptq` only: also write the packed encoding of its codes (an artifact; last step).
+    pub packed: bool,
 }
 
 impl CalibratedSpec {
@@ -151,7 +153,7 @@ impl CalibratedSpec {
                 v["act_order"] = json!(params.act_order);
                 v["damp"] = json!(params.damp);
                 v["block_size"] = json!(params.block_size);
-                v["format"] = json!("dequantized");
+                v["format"] = json!(if self.packed { "packed" } else { "dequantized" });
             }
             CalibratedMethod::Awq {
                 bits,
@@ -311,14 +313,19 @@ pub fn parse(
             }
         },
     };
+    let mut packed = false;
     if quantizing {
-        if let Some(f) = obj.get("format").and_then(Value::as_str) {
-            if f != "dequantized" {
-                errors.push(FieldError::unsupported(
-                    format!("{pointer}/format"),
-                    format!("{method} writes the dequantized model (every weight on its group's grid); `packed` and `gguf` output of its codes is not available yet"),
-                ));
-            }
+        match obj.get("format").and_then(Value::as_str) {
+            None | Some("dequantized") => {}
+            Some("packed") if method == "gptq" => packed = true,
+            Some("packed" | "gguf") => errors.push(FieldError::unsupported(
+                format!("{pointer}/format"),
+                format!("{method} writes the dequantized model{}; `packed` is available for gptq, whose codes lie on integer grids", if method == "awq" { " (its per-channel scales are folded into the weights)" } else { "" }),
+            )),
+            Some(other) => errors.push(FieldError::new(
+                format!("{pointer}/format"),
+                format!("unknown format `{other}`; expected dequantized or packed"),
+            )),
         }
     }
     let method = match method {
@@ -358,6 +365,7 @@ pub fn parse(
             method,
             calibration,
             selection,
+            packed,
         })
     } else {
         Err(errors)

@@ -242,6 +242,7 @@ fn final_only_output(step: &Step) -> Option<&'static str> {
             Some(q.format.as_str())
         }
         Step::Prune(p) if p.output == crate::compress::prune::Output::Sparse => Some("sparse"),
+        Step::Calibrated(c) if c.packed => Some("packed"),
         _ => None,
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
 
-use crate::compression::{digits, f32s, mlp, output, run, trained};
+use crate::compression::{content, digits, f32s, mlp, output, run, trained};
 use crate::helpers::*;
 use crate::transformers::{reference, upload_fixture, upload_text};
 
@@ -60,6 +60,59 @@ async fn calibrated_compression_of_a_sequential_network(t: TestApp) {
     assert!(max_levels(&f32s(&st, "fc1.weight"), 64, 16) <= 8);
     assert!(max_levels(&f32s(&st, "fc2.weight"), 32, 16) <= 8);
     assert!(num(&m["final"]["accuracy"]) > 0.8, "{}", m["final"]);
+
+    // Packed: GPTQ's own codes and scales, decoding to exactly the weights of the output model,
+    // 3-bit codes + one f32 scale per 16 weights = 5 bits per weight.
+    let (packed_job, pm) = run(
+        &t,
+        json!({"model_id": net, "steps": [{"op": "quantize", "method": "gptq", "bits": 3, "group_size": 16,
+               "format": "packed", "calibration": calibration}]}),
+    )
+    .await;
+    assert_schema("Job", &packed_job);
+    assert_schema("Metrics", &pm);
+    assert_eq!(pm["steps"][0]["summary"]["format"], "packed");
+    assert!((num(&pm["steps"][0]["summary"]["bits_per_weight"]) - 5.0).abs() < 1e-9);
+    let packed = content(&t, &packed_job, "packed").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("packed.safetensors");
+    std::fs::write(&path, &packed).unwrap();
+    let file = whittle::compress::formats::safetensors::SafetensorsFile::open(&path).unwrap();
+    let decoded = whittle::compress::formats::packed::decode_packed(&file).unwrap();
+    let model_bytes = output(&t, &packed_job).await;
+    let model = safetensors::SafeTensors::deserialize(&model_bytes).unwrap();
+    for name in ["fc1.weight", "fc2.weight"] {
+        let d = decoded.iter().find(|t| t.name == name).unwrap();
+        assert!(d.values == f32s(&model, name), "{name}");
+        assert!(
+            f32s(&model, name) == f32s(&st, name),
+            "{name}: packed and dequantized runs differ"
+        );
+    }
+    assert!(
+        num(&pm["final"]["packed_size_bytes"]) > 0.0,
+        "{}",
+        pm["final"]
+    );
+    // Packed must be the last step; AWQ has no integer codes to pack.
+    assert_job_refusals(
+        &t,
+        [
+            (
+                json!({"model_id": net, "steps": [
+                    {"op": "quantize", "method": "gptq", "format": "packed", "calibration": calibration},
+                    {"op": "prune", "method": "magnitude", "sparsity": 0.5}]}),
+                "/steps/0/format",
+                "validation_failed",
+            ),
+            (
+                json!({"model_id": net, "steps": [{"op": "quantize", "method": "awq", "format": "packed", "calibration": calibration}]}),
+                "/steps/0/format",
+                "unsupported_operation",
+            ),
+        ],
+    )
+    .await;
 
     // The same job again: the same weights (the draw and the sweep are deterministic).
     let (again, _) = run(
@@ -165,7 +218,7 @@ async fn calibrated_compression_of_a_sequential_network(t: TestApp) {
             (gptq(json!({"group_size": 24})), "/steps/0/group_size", "validation_failed"),
             (gptq(json!({"damp": -1})), "/steps/0/damp", "validation_failed"),
             (gptq(json!({"calibration": {"dataset_id": data, "samples": 0}})), "/steps/0/calibration/samples", "validation_failed"),
-            (gptq(json!({"format": "packed"})), "/steps/0/format", "unsupported_operation"),
+            (gptq(json!({"format": "gguf"})), "/steps/0/format", "unsupported_operation"),
             (gptq(json!({"sparsity": 0.5})), "/steps/0/sparsity", "validation_failed"),
             (
                 json!({"model_id": net, "steps": [{"op": "quantize", "method": "hqq", "calibration": calibration}]}),

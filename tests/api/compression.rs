@@ -86,7 +86,7 @@ pub(crate) async fn output(t: &TestApp, job: &Value) -> Vec<u8> {
         .to_vec()
 }
 
-async fn content(t: &TestApp, job: &Value, kind: &str) -> Vec<u8> {
+pub(crate) async fn content(t: &TestApp, job: &Value, kind: &str) -> Vec<u8> {
     let art = job["result"]["artifacts"]
         .as_array()
         .unwrap()

@@ -59,16 +59,16 @@
 //! computed in f32, then cast to the original `dtype`; reshape to `shape`. The result equals
 //! the `dequantized` format's values bit for bit.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
-use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::formats::safetensors::{
     encode_as, encode_f32, f32_view, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
 };
+use crate::compress::formats::safetensors::{NamedTensor, TensorInfo};
 use crate::compress::progress::Ctx;
 use crate::compress::quant::{
     check_importance, error_stats, quantize_codes_only, quantize_named, Granularity, KmeansInit,
@@ -98,6 +98,10 @@ pub struct QuantizeFile<'a> {
     pub packed: bool,
     /// Metadata of the written file.
     pub metadata: &'a BTreeMap<String, String>,
+    /// Tensors already quantized elsewhere (GPTQ), written as they are: integer codes in the
+    /// layout of `uniform` (symmetric or affine, per row or per group) whose
+    /// `params.dequantize(codes)` is `dequantized`.
+    pub precomputed: Option<&'a HashMap<String, Quantized>>,
 }
 
 /// Weight-level figures for one quantized tensor.
@@ -312,7 +316,30 @@ pub fn quantize_file(
         seed,
         packed,
         metadata,
+        precomputed,
     } = *job;
+    let precomputed = precomputed.filter(|p| !p.is_empty());
+    // The `uniform` method describing a precomputed tensor's layout.
+    let method_of = |t: &TensorInfo| -> Method {
+        match precomputed.and_then(|p| p.get(&t.name)) {
+            Some(q) => {
+                let cols = t.shape.iter().skip(1).product::<usize>().max(1);
+                Method::Uniform {
+                    bits: q.params.bits,
+                    symmetric: q.params.scheme == Scheme::Symmetric,
+                    granularity: if q.params.block_len >= cols {
+                        Granularity::PerChannel
+                    } else {
+                        Granularity::PerGroup {
+                            group_size: q.params.block_len,
+                        }
+                    },
+                    search: false,
+                }
+            }
+            None => quantizer.method,
+        }
+    };
     let (method, importance) = (&quantizer.method, &*quantizer.importance);
     method.validate()?;
     let tensors = &input.header().tensors;
@@ -333,7 +360,7 @@ pub fn quantize_file(
                 expected: "F16, BF16, F32 or F64 for integer or codebook quantization".into(),
             });
         }
-        let layout = method.layout(&t.name, &t.shape)?;
+        let layout = method_of(t).layout(&t.name, &t.shape)?;
         if let Some(w) = importance.get(&t.name) {
             check_importance(&t.name, &t.shape, method, w)?;
         }
@@ -363,7 +390,7 @@ pub fn quantize_file(
             }
             (Some((l, positions)), true) => {
                 let positions = *positions;
-                let mut m = TensorMeta::new(&t.name, method, l, &t.shape, t.dtype);
+                let mut m = TensorMeta::new(&t.name, &method_of(t), l, &t.shape, t.dtype);
                 let code_bytes = (positions.codes(l.numel) * l.bits as usize).div_ceil(8);
                 specs.push(TensorSpec::new(
                     m.codes.clone(),
@@ -464,14 +491,17 @@ pub fn quantize_file(
                 } else {
                     quantize_named
                 };
-                let (mut q, mut stats) = quantize(
-                    &info.name,
-                    values,
-                    &info.shape,
-                    method,
-                    tensor_seed,
-                    weights,
-                )?;
+                let (mut q, mut stats) = match precomputed.and_then(|p| p.get(&info.name)) {
+                    Some(q) => (q.clone(), error_stats(values, &q.dequantized)),
+                    None => quantize(
+                        &info.name,
+                        values,
+                        &info.shape,
+                        method,
+                        tensor_seed,
+                        weights,
+                    )?,
+                };
                 check_params(&info.name, &q, layout)?;
                 if round_to_dtype(&mut q.dequantized, info.dtype) {
                     stats = error_stats(values, &q.dequantized);
@@ -482,7 +512,11 @@ pub fn quantize_file(
                 reports.push(QuantReport {
                     tensor: info.name.clone(),
                     shape: info.shape.clone(),
-                    method: method.name().into(),
+                    method: if precomputed.is_some_and(|p| p.contains_key(&info.name)) {
+                        "gptq".into()
+                    } else {
+                        method.name().into()
+                    },
                     bits: layout.bits,
                     mse: stats.mse(),
                     sqnr_db: stats.sqnr_db(),
@@ -958,6 +992,7 @@ mod tests {
                 seed: 5,
                 packed,
                 metadata: &meta,
+                precomputed: None,
             },
             &mut bytes,
             &ctx,
@@ -1127,6 +1162,7 @@ mod tests {
                                 seed: 1,
                                 packed,
                                 metadata: &BTreeMap::new(),
+                                precomputed: None,
                             },
                             &mut out[k],
                             &ctx,
@@ -1303,6 +1339,7 @@ mod tests {
                 seed: 0,
                 packed: true,
                 metadata: &BTreeMap::new(),
+                precomputed: None,
             },
             &mut out,
             &ctx,
@@ -1326,7 +1363,8 @@ mod tests {
                 },
                 seed: 0,
                 packed: true,
-                metadata: &BTreeMap::new()
+                metadata: &BTreeMap::new(),
+                precomputed: None,
             },
             &mut out,
             &ctx,
@@ -1345,6 +1383,7 @@ mod tests {
                 seed: 0,
                 packed: true,
                 metadata: &BTreeMap::new(),
+                precomputed: None,
             },
             &mut out,
             &ctx,

@@ -13,6 +13,7 @@
 //! the result keeps the plain per-group layout.
 
 use super::uniform::affine_params;
+use super::{Params, Quantized, Scheme};
 use crate::compress::calib::damped_inverse;
 use crate::compress::{Error, Result};
 
@@ -39,6 +40,10 @@ pub struct GptqLayer {
     /// The dequantized weights, row-major `[rows, cols]`, every value on its row's (group's)
     /// grid.
     pub weights: Vec<f32>,
+    /// The same as integer codes with their scales (and zero-points), in the layout of
+    /// `uniform` with groups of `group_size` (or per row): `params.dequantize(codes)` gives
+    /// `weights` exactly, so the packed encoding can store them.
+    pub quantized: Quantized,
     /// The damping fraction finally used (raised when `H` was not positive definite).
     pub damp: f64,
     /// Input columns that were always 0 on the calibration data: nothing measures them, so
@@ -87,13 +92,21 @@ impl Grid {
         }
     }
 
+    /// The integer level of `x` (`zero` for an all-zero group).
+    #[inline]
+    fn level(&self, x: f32) -> f32 {
+        if self.inv == 0.0 {
+            return self.zero;
+        }
+        ((x * self.inv).round_ties_even() + self.zero).clamp(self.lo, self.hi)
+    }
+
     #[inline]
     fn quantize(&self, x: f32) -> f32 {
         if self.inv == 0.0 {
             return 0.0;
         }
-        let q = ((x * self.inv).round_ties_even() + self.zero).clamp(self.lo, self.hi);
-        (q - self.zero) * self.scale
+        (self.level(x) - self.zero) * self.scale
     }
 }
 
@@ -233,7 +246,43 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> R
             weights[r * cols + c] = q[i * rows + r];
         }
     }
+    // Codes from the values and their group's grid (every value is `(level − zero)·scale`).
+    let offset = if p.symmetric { 1i32 << (p.bits - 1) } else { 0 };
+    let mut codes = vec![0u8; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            let grid = &grids[r * groups + c / g];
+            let v = weights[r * cols + c];
+            let level = if grid.inv == 0.0 {
+                grid.zero
+            } else {
+                (v * grid.inv).round_ties_even() + grid.zero
+            };
+            codes[r * cols + c] = (level as i32 + offset) as u8;
+        }
+    }
+    let params = Params {
+        bits: p.bits,
+        scheme: if p.symmetric {
+            Scheme::Symmetric
+        } else {
+            Scheme::Affine
+        },
+        block_len: g,
+        scales: grids.iter().map(|g| g.scale).collect(),
+        zero_points: if p.symmetric {
+            Vec::new()
+        } else {
+            grids.iter().map(|g| g.zero as u8).collect()
+        },
+        codebook: Vec::new(),
+    };
     Ok(GptqLayer {
+        quantized: Quantized {
+            codes,
+            params,
+            dequantized: weights.clone(),
+        },
         weights,
         damp,
         dead_columns: dead_cols.len(),
@@ -340,6 +389,26 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn codes_and_scales_decode_to_the_weights() {
+        let (rows, cols) = (6, 32);
+        let (w, gram) = problem(rows, cols, 64, 9);
+        for p in [
+            params(3, Some(16), false, true),
+            params(4, Some(8), true, false),
+            params(2, None, false, false),
+            params(8, None, true, true),
+        ] {
+            let out = gptq(&w, rows, cols, &gram, &p).unwrap();
+            let mut back = vec![0f32; rows * cols];
+            out.quantized
+                .params
+                .dequantize(&out.quantized.codes, &mut back)
+                .unwrap();
+            assert!(back == out.weights, "{p:?}");
         }
     }
 

@@ -10,13 +10,15 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use super::{current_arch, Env, Input, PipelineError, StepOut};
+use super::{current_arch, Artifact, Env, Input, PipelineError, StepOut};
 use crate::compress::calib::{self, relative_output_error, CalibrationParams};
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::Network;
+use crate::compress::formats::packed::{self, QuantizeFile};
 use crate::compress::prune::calibrated::{self as cprune, Target};
 use crate::compress::quant::awq::{self, AwqParams};
 use crate::compress::quant::gptq::{self, GptqParams};
+use crate::compress::quant::{Granularity, Method, Quantized, Quantizer};
 use crate::spec::calibrated::{CalibratedMethod, CalibratedSpec};
 
 /// The step.
@@ -54,6 +56,7 @@ pub(super) fn calibrated(
     )?;
     let mut layers: Vec<Value> = Vec::new();
     let mut changed: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut codes: HashMap<String, Quantized> = HashMap::new();
     let started = std::time::Instant::now();
     calib::sweep(net.as_ref(), &set, &selected, env.ctx, |group, stats| {
         let mut out = Vec::new();
@@ -133,6 +136,9 @@ pub(super) fn calibrated(
                     report["output_error"] =
                         json!(relative_output_error(&w, &q.weights, gram, cols));
                     report["output_error_rtn"] = json!(relative_output_error(&w, &rtn, gram, cols));
+                    if spec.packed {
+                        codes.insert(name.clone(), q.quantized);
+                    }
                     q.weights
                 }
                 CalibratedMethod::Awq { .. } | CalibratedMethod::Hqq { .. } => {
@@ -185,6 +191,47 @@ pub(super) fn calibrated(
         }
     }
     let (temp, written) = env.write_f32(input.metadata, &weights)?;
+    // GPTQ's codes in the packed encoding, with their error against the input's weights.
+    let mut artifact = None;
+    let mut packed_reports = Vec::new();
+    if spec.packed {
+        let CalibratedMethod::Gptq { params, .. } = spec.method else {
+            return Err(super::failed(
+                crate::codes::Code::ValidationFailed,
+                "only gptq writes packed codes",
+            ));
+        };
+        let mut names: Vec<String> = codes.keys().cloned().collect();
+        names.sort();
+        let nominal = Quantizer {
+            method: Method::Uniform {
+                bits: params.bits,
+                symmetric: params.symmetric,
+                granularity: Granularity::PerChannel,
+                search: false,
+            },
+            importance: Default::default(),
+        };
+        let mut file = env.store.create_temp()?;
+        packed_reports = packed::quantize_file(
+            input.file,
+            &QuantizeFile {
+                selected: &names,
+                quantizer: &nominal,
+                seed,
+                packed: true,
+                metadata: input.metadata,
+                precomputed: Some(&codes),
+            },
+            &mut file,
+            env.ctx,
+        )?;
+        artifact = Some(Artifact {
+            kind: "packed",
+            format: "safetensors",
+            file,
+        });
+    }
     let mean = |key: &str| {
         let v: Vec<f64> = layers.iter().filter_map(|l| l[key].as_f64()).collect();
         if v.is_empty() {
@@ -205,7 +252,21 @@ pub(super) fn calibrated(
         "mean_output_error": mean("output_error"),
         "file_bytes_after": written,
         "not_reached": not_reached,
+        "format": if spec.packed { "packed" } else { "dequantized" },
     });
+    if let Some(a) = &artifact {
+        let numel: u64 = packed_reports
+            .iter()
+            .map(|r| r.shape.iter().product::<usize>() as u64)
+            .sum();
+        let bits: f64 = packed_reports
+            .iter()
+            .map(|r| r.bits_per_weight * r.shape.iter().product::<usize>() as f64)
+            .sum();
+        summary["packed_file_bytes"] = json!(a.file.size());
+        summary["packed_bytes"] = json!(packed_reports.iter().map(|r| r.packed_bytes).sum::<u64>());
+        summary["bits_per_weight"] = json!(if numel == 0 { 0.0 } else { bits / numel as f64 });
+    }
     match spec.method {
         CalibratedMethod::Gptq { params, .. } => {
             summary["bits"] = json!(params.bits);
@@ -235,7 +296,7 @@ pub(super) fn calibrated(
     Ok(StepOut {
         outputs: None,
         file: Some(temp),
-        artifact: None,
+        artifact,
         architecture: None,
         record: json!({"summary": summary, "layers": layers}),
     })

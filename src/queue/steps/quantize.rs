@@ -182,6 +182,7 @@ pub(super) fn quantize(
         seed,
         packed,
         metadata: &metadata,
+        precomputed: None,
     };
     let mut temp = env.store.create_temp()?;
     let reports = packed::quantize_file(source, &job(false), &mut temp, env.ctx)?;
