@@ -378,9 +378,10 @@ fn parse_target(
     cols_of: &[(String, usize)],
     errors: &mut Vec<FieldError>,
 ) -> Target {
-    let has_nm = obj.contains_key("n") || obj.contains_key("m");
+    let given = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
+    let has_nm = given("n") || given("m");
     if has_nm {
-        if obj.contains_key("sparsity") {
+        if given("sparsity") {
             errors.push(FieldError::new(
                 format!("{pointer}/sparsity"),
                 "N:M sparsity is fixed by n and m (1 − n/m); leave `sparsity` out",
@@ -413,7 +414,7 @@ fn parse_target(
         }
         return Target::NM { n, m };
     }
-    match obj.get("sparsity").map(Value::as_f64) {
+    match obj.get("sparsity").filter(|v| !v.is_null()).map(Value::as_f64) {
         Some(Some(s)) if s.is_finite() && (0.0..1.0).contains(&s) => Target::Sparsity(s),
         None => {
             errors.push(FieldError::new(
