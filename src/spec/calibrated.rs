@@ -414,7 +414,11 @@ fn parse_target(
         }
         return Target::NM { n, m };
     }
-    match obj.get("sparsity").filter(|v| !v.is_null()).map(Value::as_f64) {
+    match obj
+        .get("sparsity")
+        .filter(|v| !v.is_null())
+        .map(Value::as_f64)
+    {
         Some(Some(s)) if s.is_finite() && (0.0..1.0).contains(&s) => Target::Sparsity(s),
         None => {
             errors.push(FieldError::new(
