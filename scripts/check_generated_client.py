@@ -94,6 +94,13 @@ steps = {
             M.PlainLayer(type_=M.PlainLayerType.RELU),
             M.LinearLayer(type_="linear", name="fc2", in_features=16, out_features=10)]))),
     "evaluate": M.EvaluateStep(op="evaluate", dataset_id=ds),
+    "quantize gptq": M.QuantizeGptqStep(op="quantize", method="gptq", bits=4, group_size=16,
+                                        calibration=M.Calibration(dataset_id=ds, samples=64)),
+    "quantize awq": M.QuantizeAwqStep(op="quantize", method="awq", bits=4, group_size=16,
+                                      calibration=M.Calibration(dataset_id=ds, samples=64)),
+    "quantize hqq": M.QuantizeHqqStep(op="quantize", method="hqq", bits=4, group_size=16),
+    "prune wanda": M.CalibratedPruneStep(op="prune", method=M.CalibratedPruneStepMethod.WANDA, sparsity=0.5,
+                                         calibration=M.Calibration(dataset_id=ds, samples=64)),
 }
 create = api("jobs.create_job")
 get = api("jobs.get_job")

@@ -209,7 +209,8 @@ pub fn parse(
         ][..],
         "awq" => &["bits", "group_size", "symmetric", "grid", "format"][..],
         "hqq" => &["bits", "group_size", "format"][..],
-        "wanda" => &["sparsity", "n", "m"][..],
+        // damp / block_size are SparseGPT's; a null (what generated clients send) is accepted.
+        "wanda" => &["sparsity", "n", "m", "damp", "block_size"][..],
         _ => &["sparsity", "n", "m", "damp", "block_size"][..],
     });
     deny_unknown(obj, &allowed, pointer, &mut errors);
@@ -249,6 +250,16 @@ pub fn parse(
     } else {
         parse_calibration(obj, pointer, facts, &mut errors)
     };
+    if method == "wanda" {
+        for key in ["damp", "block_size"] {
+            if obj.get(key).is_some_and(|v| !v.is_null()) {
+                errors.push(FieldError::new(
+                    format!("{pointer}/{key}"),
+                    "applies to `sparsegpt` only (Wanda does not update weights)",
+                ));
+            }
+        }
+    }
     let damp = f64_in(obj, "damp", (0.0, 1.0), pointer, &mut errors).unwrap_or(0.01);
     let block_size = usize_in(obj, "block_size", (1, 4096), pointer, &mut errors).unwrap_or(128);
     // Rows of each selected 2-D weight (calibrated methods handle linear layers).
