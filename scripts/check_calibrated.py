@@ -203,6 +203,9 @@ def smollm2(url, args):
                                                "group_size": 64}),
                 (f"int{bits} g64 HQQ (affine)", {"op": "quantize", "method": "hqq", "bits": bits,
                                                  "group_size": 64}),
+                (f"int{bits} g64 GPTQ affine act_order", {"op": "quantize", "method": "gptq", "bits": bits,
+                                                          "group_size": 64, "symmetric": False,
+                                                          "act_order": True, "calibration": calibration}),
             ]
     if "imatrix" in args.only:
         for ty in ("q4_k", "q3_k"):
@@ -237,9 +240,11 @@ def smollm2(url, args):
             g = results.get(f"int{bits} g64 {v}")
             if r and g:
                 print(f"int{bits} g64: {v} KL / RTN KL = {g / r:.3f}")
-        r, h = results.get(f"int{bits} g64 RTN affine"), results.get(f"int{bits} g64 HQQ (affine)")
-        if r and h:
-            print(f"int{bits} g64: HQQ KL / affine RTN KL = {h / r:.3f}")
+        r = results.get(f"int{bits} g64 RTN affine")
+        for v in ("HQQ (affine)", "GPTQ affine act_order"):
+            h = results.get(f"int{bits} g64 {v}")
+            if r and h:
+                print(f"int{bits} g64: {v} KL / affine RTN KL = {h / r:.3f}")
     for ty in ("q4_k", "q3_k"):
         a, b = results.get(ty), results.get(f"{ty} + imatrix")
         if a and b:
