@@ -375,12 +375,7 @@ impl Llama {
         let x = norm("post_attention_layernorm", &h, mode)?;
         let gate = lin("mlp.gate_proj", &x, mode, probe)?;
         let up = lin("mlp.up_proj", &x, mode, probe)?;
-        let act = match mode {
-            Mode::Eval => gate
-                .contiguous()?
-                .apply_op2(&up.contiguous()?, super::fused::SiluMul)?,
-            Mode::Train(_) => (candle_nn::ops::silu(&gate)? * up)?,
-        };
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
         h = (h + lin("mlp.down_proj", &act, mode, probe)?)?;
         Ok(h)
     }

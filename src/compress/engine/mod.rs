@@ -10,7 +10,6 @@ pub mod data;
 pub mod evaluate;
 pub mod families;
 pub mod finetune;
-pub mod fused;
 pub mod llama;
 pub mod masks;
 pub mod sequential;

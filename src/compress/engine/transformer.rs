@@ -329,13 +329,11 @@ pub fn attention(
         // No backward pass: scale the (smaller) queries, let the matmul read kᵀ through its
         // strides, and use candle's fused softmax.
         let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
-        let probs = match bias {
-            // The bias added, the softmax and its exps in one pass.
-            Some(b) => scores
-                .contiguous()?
-                .apply_op2(&b.contiguous()?, super::fused::MaskedSoftmax)?,
-            None => candle_nn::ops::softmax_last_dim(&scores)?,
+        let scores = match bias {
+            Some(b) => scores.broadcast_add(b)?,
+            None => scores,
         };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         return Ok(probs.matmul(v)?);
     }
     let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
