@@ -1,10 +1,11 @@
-//! Calibration-based steps: GPTQ quantization, Wanda and SparseGPT pruning. The network runs
-//! on a seeded draw of the calibration dataset; layer groups are compressed in order, each
-//! measured on the inputs the already-compressed groups before it produce
-//! ([`crate::compress::calib::sweep`]). Every layer's output error relative to its output
-//! (`tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)` on the calibration inputs it saw) is reported beside the same
-//! figure for the calibration-free baseline at the same setting (round-to-nearest on the same
-//! grids; magnitude pruning at the same per-row target).
+//! Calibration-based steps: GPTQ and AWQ quantization, Wanda and SparseGPT pruning, and the
+//! calibration-free HQQ. The network runs on a seeded draw of the calibration dataset; layer
+//! groups are compressed in order, each measured on the inputs the already-compressed groups
+//! before it produce ([`crate::compress::calib::sweep`]). Every layer's output error relative
+//! to its output (`tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)` on the calibration inputs it saw) is reported
+//! beside the same figure for the calibration-free baseline at the same setting
+//! (round-to-nearest on the same grids; magnitude pruning at the same per-row target). HQQ
+//! needs no data and solves each selected tensor of the file on its own.
 
 use std::collections::{HashMap, HashSet};
 
