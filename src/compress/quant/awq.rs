@@ -140,6 +140,9 @@ pub fn awq(
 /// HQQ's dequantized weights for row-major `[rows, cols]` `w`, affine `bits`, groups of
 /// `group` columns.
 pub fn hqq(w: &[f32], group: usize, bits: u8) -> Vec<f32> {
+    if group == 0 {
+        return w.to_vec();
+    }
     let levels = ((1u32 << bits) - 1) as f32;
     let mut out = vec![0f32; w.len()];
     for (chunk, dst) in w.chunks(group).zip(out.chunks_mut(group)) {

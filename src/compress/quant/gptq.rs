@@ -114,6 +114,9 @@ impl Grid {
 /// GPTQ is compared with.
 pub fn rtn(w: &[f32], rows: usize, cols: usize, p: &GptqParams) -> Vec<f32> {
     let g = p.group_size.unwrap_or(cols);
+    if g == 0 || cols % g != 0 || w.len() != rows * cols {
+        return w.to_vec(); // nothing to round (an empty layer); gptq() refuses such shapes
+    }
     let mut out = vec![0f32; w.len()];
     for r in 0..rows {
         for start in (0..cols).step_by(g) {
