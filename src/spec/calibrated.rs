@@ -448,6 +448,9 @@ fn parse_target(
     }
 }
 
+/// Most tokens a transformer's calibration draw may hold (GPTQ's usual 128 windows of 2,048).
+pub const MAX_CALIBRATION_TOKENS: usize = 1 << 18;
+
 fn parse_calibration(
     obj: &Map<String, Value>,
     pointer: &str,
@@ -473,6 +476,17 @@ fn parse_calibration(
     let samples = usize_in(c, "samples", (1, 100_000), &cp, errors).unwrap_or(128);
     let seq_len = usize_in(c, "seq_len", (2, 1 << 16), &cp, errors).unwrap_or(512);
     let seed = seed(c, &cp, errors);
+    // Text only: a sequential network's samples are rows (`seq_len` does not apply).
+    let text = facts.is_some_and(|f| f.transformer.is_some());
+    if text && samples.saturating_mul(seq_len) > MAX_CALIBRATION_TOKENS {
+        errors.push(FieldError::new(
+            format!("{cp}/samples"),
+            format!(
+                "samples × seq_len is {} tokens; at most {MAX_CALIBRATION_TOKENS} (e.g. 128 × 2048) — the hidden states of every sample are kept while a block is calibrated",
+                samples.saturating_mul(seq_len)
+            ),
+        ));
+    }
     let dataset_id = dataset_ref(c, &cp, facts, errors)?;
     if let Some(f) = facts {
         if require_runnable(f, pointer, errors) {

@@ -309,11 +309,16 @@ async fn calibrated_compression_of_a_llama_folder(t: TestApp) {
         );
     }
 
-    // A tensor dataset does not calibrate a llama.
+    // A tensor dataset does not calibrate a llama; a draw beyond 262,144 tokens is refused.
     let tensors = upload_dataset(&t, digits()).await;
     assert_job_refusals(
         &t,
         [(
+            json!({"model_id": model_id, "steps": [{"op": "quantize", "method": "gptq",
+                   "calibration": {"dataset_id": data_id, "samples": 1000, "seq_len": 512}}]}),
+            "/steps/0/calibration/samples",
+            "validation_failed",
+        ), (
             json!({"model_id": model_id, "steps": [{"op": "prune", "method": "wanda", "sparsity": 0.5,
                    "calibration": {"dataset_id": tensors}}]}),
             "/steps/0/calibration/dataset_id",
