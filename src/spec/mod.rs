@@ -599,8 +599,8 @@ pub fn parse_step(
     match op {
         "quantize" | "prune"
             if matches!(
-                obj.get("method").and_then(Value::as_str),
-                Some("gptq" | "awq" | "hqq" | "wanda" | "sparsegpt")
+                (op, obj.get("method").and_then(Value::as_str)),
+                ("quantize", Some("gptq" | "awq" | "hqq")) | ("prune", Some("wanda" | "sparsegpt"))
             ) =>
         {
             calibrated::parse(obj, pointer, facts).map(|c| Step::Calibrated(Box::new(c)))

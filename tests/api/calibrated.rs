@@ -220,6 +220,12 @@ async fn calibrated_compression_of_a_sequential_network(t: TestApp) {
             (gptq(json!({"calibration": {"dataset_id": data, "samples": 0}})), "/steps/0/calibration/samples", "validation_failed"),
             (gptq(json!({"format": "gguf"})), "/steps/0/format", "unsupported_operation"),
             (gptq(json!({"sparsity": 0.5})), "/steps/0/sparsity", "validation_failed"),
+            (gptq(json!({"op": "prune"})), "/steps/0/method", "validation_failed"),
+            (
+                json!({"model_id": net, "steps": [{"op": "quantize", "method": "wanda", "sparsity": 0.5, "calibration": calibration}]}),
+                "/steps/0/method",
+                "validation_failed",
+            ),
             (
                 json!({"model_id": net, "steps": [{"op": "quantize", "method": "hqq", "calibration": calibration}]}),
                 "/steps/0/calibration",
