@@ -16,7 +16,7 @@ use super::transformer::{
     attention, check_tensors, dropout, embed, layer_norm_in, merge_heads, pad_id, padding_bias,
     split_heads, token_ids, Probe, Weights,
 };
-use super::{Family, Mode, Network, Param, ProbeFn, WeightTransform};
+use super::{BlockRunner, BlockState, Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::{Error, Result};
 
@@ -197,13 +197,68 @@ impl Bert {
 
     /// The final hidden states `[b, s, h]`, and the layers' outputs named in `taps`
     /// (`encoder.layer.{i}`).
-    fn encode(
+    /// Encoder block `l` on the hidden states `h` `[b, s, hidden]`, with the batch's
+    /// attention bias.
+    fn block(
         &self,
-        batch: &Batch,
+        l: usize,
+        h: &Tensor,
+        bias: Option<&Tensor>,
         mode: &mut Mode<'_>,
         probe: &mut Probe<'_>,
-        taps: &[&str],
-    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let h = h.clone();
+        let block = self.name(&format!("encoder.layer.{l}"));
+        let lin = |n: &str, x: &Tensor, mode: &Mode<'_>, probe: &mut Probe<'_>| {
+            self.weights.linear(&format!("{block}.{n}"), x, mode, probe)
+        };
+        let q = split_heads(
+            &lin("attention.self.query", &h, mode, probe)?,
+            c.num_attention_heads,
+        )?;
+        let k = split_heads(
+            &lin("attention.self.key", &h, mode, probe)?,
+            c.num_attention_heads,
+        )?;
+        let v = split_heads(
+            &lin("attention.self.value", &h, mode, probe)?,
+            c.num_attention_heads,
+        )?;
+        let ctx = merge_heads(&attention(
+            &q,
+            &k,
+            &v,
+            bias,
+            c.attention_probs_dropout_prob,
+            mode,
+        )?)?;
+        let a = dropout(
+            &lin("attention.output.dense", &ctx, mode, probe)?,
+            c.hidden_dropout_prob,
+            mode,
+        )?;
+        let ln = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
+            layer_norm_in(
+                x,
+                &self.weights.get(&format!("{block}.{n}.weight"), mode)?,
+                &self.weights.get(&format!("{block}.{n}.bias"), mode)?,
+                c.layer_norm_eps,
+                mode,
+            )
+        };
+        let h1 = ln("attention.output.LayerNorm", &(a + &h)?, mode)?;
+        let inner = activation(&c.hidden_act, &lin("intermediate.dense", &h1, mode, probe)?)?;
+        let out = dropout(
+            &lin("output.dense", &inner, mode, probe)?,
+            c.hidden_dropout_prob,
+            mode,
+        )?;
+        ln("output.LayerNorm", &(out + &h1)?, mode)
+    }
+
+    /// The input of block 0 for `batch` and the batch's attention bias.
+    fn embeddings(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<(Tensor, Option<Tensor>)> {
         let c = &self.config;
         let ids = token_ids(&batch.x)?;
         let (b, s) = ids.dims2()?;
@@ -237,54 +292,21 @@ impl Bert {
             Some(m) => Some(padding_bias(m)?),
             None => None,
         };
+        Ok((h, bias))
+    }
+
+    fn encode(
+        &self,
+        batch: &Batch,
+        mode: &mut Mode<'_>,
+        probe: &mut Probe<'_>,
+        taps: &[&str],
+    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+        let c = &self.config;
+        let (mut h, bias) = self.embeddings(batch, mode)?;
         let mut tapped = vec![None; taps.len()];
         for l in 0..c.num_hidden_layers {
-            let block = self.name(&format!("encoder.layer.{l}"));
-            let lin = |n: &str, x: &Tensor, mode: &Mode<'_>, probe: &mut Probe<'_>| {
-                self.weights.linear(&format!("{block}.{n}"), x, mode, probe)
-            };
-            let q = split_heads(
-                &lin("attention.self.query", &h, mode, probe)?,
-                c.num_attention_heads,
-            )?;
-            let k = split_heads(
-                &lin("attention.self.key", &h, mode, probe)?,
-                c.num_attention_heads,
-            )?;
-            let v = split_heads(
-                &lin("attention.self.value", &h, mode, probe)?,
-                c.num_attention_heads,
-            )?;
-            let ctx = merge_heads(&attention(
-                &q,
-                &k,
-                &v,
-                bias.as_ref(),
-                c.attention_probs_dropout_prob,
-                mode,
-            )?)?;
-            let a = dropout(
-                &lin("attention.output.dense", &ctx, mode, probe)?,
-                c.hidden_dropout_prob,
-                mode,
-            )?;
-            let ln = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
-                layer_norm_in(
-                    x,
-                    &self.weights.get(&format!("{block}.{n}.weight"), mode)?,
-                    &self.weights.get(&format!("{block}.{n}.bias"), mode)?,
-                    c.layer_norm_eps,
-                    mode,
-                )
-            };
-            let h1 = ln("attention.output.LayerNorm", &(a + &h)?, mode)?;
-            let inner = activation(&c.hidden_act, &lin("intermediate.dense", &h1, mode, probe)?)?;
-            let out = dropout(
-                &lin("output.dense", &inner, mode, probe)?,
-                c.hidden_dropout_prob,
-                mode,
-            )?;
-            h = ln("output.LayerNorm", &(out + &h1)?, mode)?;
+            h = self.block(l, &h, bias.as_ref(), mode, probe)?;
             let tap_name = format!("encoder.layer.{l}");
             for (slot, t) in taps.iter().enumerate() {
                 if *t == tap_name {
@@ -369,6 +391,39 @@ pub fn mean_pool_normalised(h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor>
         .sqrt()?
         .clamp(1e-12, f64::MAX)?;
     Ok(pooled.broadcast_div(&norm)?)
+}
+
+impl BlockRunner for Bert {
+    fn num_blocks(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    fn embed(&self, batch: &Batch) -> Result<BlockState> {
+        let (hidden, bias) = self.embeddings(batch, &mut Mode::Eval)?;
+        Ok(BlockState {
+            hidden,
+            aux: bias.into_iter().collect(),
+        })
+    }
+
+    fn run_block(
+        &self,
+        i: usize,
+        state: &BlockState,
+        probe: &mut ProbeFn<'_>,
+    ) -> Result<BlockState> {
+        let hidden = self.block(
+            i,
+            &state.hidden,
+            state.aux.first(),
+            &mut Mode::Eval,
+            &mut Probe::new(probe),
+        )?;
+        Ok(BlockState {
+            hidden,
+            aux: state.aux.clone(),
+        })
+    }
 }
 
 impl Network for Bert {
@@ -475,6 +530,10 @@ impl Network for Bert {
         }
     }
 
+    fn block_runner(&self) -> Option<&dyn BlockRunner> {
+        Some(self)
+    }
+
     fn forward_probed(&self, batch: &Batch, probe: &mut ProbeFn<'_>) -> Result<Tensor> {
         Ok(self
             .forward_impl(batch, Mode::Eval, &mut Probe::new(probe), &[])?
@@ -497,6 +556,72 @@ mod tests {
     use super::*;
     use crate::compress::engine::transformer::fixtures::{batch, f32s, ids, max_diff, open};
     use crate::compress::engine::LayerInput;
+
+    #[test]
+    fn block_by_block_calibration_equals_runs_of_the_whole_network() {
+        use crate::compress::calib::{self, CalibrationSet, Group, InputStats};
+        use crate::compress::quant::gptq::{gptq, GptqParams};
+        use std::sync::atomic::AtomicBool;
+        let (config, weights, expected) = open("tiny-bert");
+        // A padded batch: the mask's bias travels with the block states.
+        let b = batch(
+            ids(&expected, "input_ids"),
+            Some(ids(&expected, "attention_mask")),
+            Some(ids(&expected, "token_type_ids")),
+        );
+        let set = CalibrationSet {
+            batches: vec![b],
+            samples: 1,
+            tokens: 0,
+            indices: vec![0],
+            kind: "documents",
+        };
+        let p = GptqParams {
+            bits: 3,
+            group_size: None,
+            symmetric: true,
+            act_order: true,
+            damp: 0.01,
+            block_size: 8,
+        };
+        let cancel = AtomicBool::new(false);
+        let quiet = |_: f64, _: &str| {};
+        let ctx = crate::compress::progress::Ctx::new(&quiet, &cancel);
+        let run = |blockwise: bool| {
+            let net = Bert::from_safetensors(&config, &weights).unwrap();
+            let mut seen = Vec::new();
+            let mut solve = |g: &Group, st: &InputStats| {
+                seen.push((g.layers.clone(), st.rows));
+                let mut out = Vec::new();
+                for l in &g.layers {
+                    let name = format!("{l}.weight");
+                    let (shape, w) = calib::weight(&net, &name)?;
+                    let q = gptq(&w, shape[0], shape[1], &st.hessian(), &p)?;
+                    out.push((name, q.weights));
+                }
+                Ok(out)
+            };
+            let all = |_: &Group| true;
+            if blockwise {
+                calib::sweep_blocks(&net, &net, &set, &all, &ctx, &mut solve).unwrap();
+            } else {
+                calib::sweep_whole(&net, &set.batches[0], &set, &all, &ctx, &mut solve).unwrap();
+            }
+            (net.export().unwrap(), seen)
+        };
+        let (a, groups_a) = run(true);
+        let (b, groups_b) = run(false);
+        // q/k/v, attention output, intermediate, output in each block; no pooler or head.
+        assert_eq!(groups_a.len(), 4 * bert_blocks(&config), "{groups_a:?}");
+        assert_eq!(groups_a, groups_b);
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.values == y.values, "{} differs", x.name);
+        }
+    }
+
+    fn bert_blocks(config: &Value) -> usize {
+        config["num_hidden_layers"].as_u64().unwrap() as usize
+    }
 
     #[test]
     fn tiny_bert_matches_transformers() {
