@@ -1,19 +1,20 @@
-//! Calibration-based compression: GPTQ, SparseGPT and Wanda, driven by statistics of each
-//! linear layer's inputs gathered through the real network.
+//! Calibration-based compression: GPTQ, AWQ, SparseGPT and Wanda (and the importance matrix),
+//! driven by statistics of each linear layer's inputs gathered through the real network.
 //!
 //! Layers are processed in the network's own order, in *groups* of consecutive layers that
 //! read the same input (a llama block's `q`/`k`/`v` projections, its `gate`/`up`): each group's
 //! statistics are gathered with every group before it already compressed, so it sees the
-//! inputs the compressed network really produces (GPTQ's "sequential" mode). A group's forward
-//! passes stop right after the group's last layer has read its input, so the cost is about
-//! half a forward pass of the calibration set per group, and memory holds one layer's
-//! Hessian at a time.
+//! inputs the compressed network really produces (GPTQ's "sequential" mode). Transformers run
+//! block by block ([`BlockRunner`]): the calibration batches' hidden states at the current
+//! block are kept and each group is measured by running that block alone. Other networks run
+//! whole, each pass stopped right after the group's last layer has read its input. Memory holds
+//! one layer's Gram matrix at a time.
 //!
-//! This module holds what the three methods share: the calibration draw, the input
-//! statistics (Σx² per column and the Gram matrix Σxxᵀ), the in-order sweep, the upper
-//! Cholesky factor of the damped inverse Hessian, and the output error
-//! `tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)` every report uses. The methods themselves are
-//! [`crate::compress::quant::gptq`] and [`crate::compress::prune::calibrated`].
+//! This module holds what the methods share: the calibration draw, the input statistics
+//! (Σx², Σ|x| per column and the Gram matrix Σxxᵀ), the in-order sweep, the upper Cholesky
+//! factor of the damped inverse Hessian, and the output error `tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`
+//! every report uses. The methods themselves are [`crate::compress::quant::gptq`],
+//! [`crate::compress::quant::awq`] and [`crate::compress::prune::calibrated`].
 
 use std::collections::HashSet;
 
