@@ -602,24 +602,83 @@ pub fn damped_inverse(h: &mut [f64], n: usize, damp: f64) -> Result<(Vec<f64>, f
     ))
 }
 
+/// The Gram matrix as the f32 tensor [`output_energy`] multiplies with.
+pub fn gram_tensor(gram: &[f64], cols: usize) -> Result<Tensor> {
+    let g: Vec<f32> = gram.iter().map(|v| *v as f32).collect();
+    Ok(Tensor::from_vec(g, (cols, cols), &Device::Cpu)?)
+}
+
+/// `tr(W·G·Wᵀ)` of row-major `w` `[rows, cols]`: the energy of the layer's output (or, for a
+/// difference of weights, of its error) on the inputs whose Gram matrix is `gram`; f32 matrix
+/// products (a report and search figure: about 6 significant digits).
+pub fn output_energy(w: &[f32], gram: &Tensor, cols: usize) -> Result<f64> {
+    let t = Tensor::from_slice(w, (w.len() / cols.max(1), cols), &Device::Cpu)?;
+    Ok(f64::from(
+        t.matmul(gram)?.mul(&t)?.sum_all()?.to_scalar::<f32>()?,
+    ))
+}
+
 /// `tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)`: the squared error of the layer's output on the calibration
 /// inputs relative to the output's own energy (`H` the Gram matrix or any multiple of it).
-/// Computed with f32 matrix products (a report figure: about 6 significant digits).
 pub fn relative_output_error(original: &[f32], changed: &[f32], gram: &[f64], cols: usize) -> f64 {
-    let energy = |w: &[f32]| -> Result<f64> {
-        let rows = w.len() / cols.max(1);
-        let g: Vec<f32> = gram.iter().map(|v| *v as f32).collect();
-        let g = Tensor::from_vec(g, (cols, cols), &Device::Cpu)?;
-        let t = Tensor::from_slice(w, (rows, cols), &Device::Cpu)?;
-        Ok(f64::from(
-            t.matmul(&g)?.mul(&t)?.sum_all()?.to_scalar::<f32>()?,
-        ))
-    };
     let delta: Vec<f32> = original.iter().zip(changed).map(|(a, b)| a - b).collect();
-    match (energy(&delta), energy(original)) {
-        (Ok(num), Ok(den)) if den > 0.0 => num / den,
-        _ => 0.0,
+    let ratio = || -> Result<f64> {
+        let g = gram_tensor(gram, cols)?;
+        Ok((
+            output_energy(&delta, &g, cols)?,
+            output_energy(original, &g, cols)?,
+        ))
+        .map(|(num, den)| if den > 0.0 { num / den } else { 0.0 })
+    };
+    ratio().unwrap_or(0.0)
+}
+
+/// Test support: GPTQ (3 bits) through the block-by-block sweep and through whole-network
+/// runs of two fresh copies of a network must give bit-identical weights and the same groups;
+/// returns the number of groups.
+#[cfg(test)]
+pub(crate) fn assert_blockwise_equals_whole<N: Network + BlockRunner>(
+    make: impl Fn() -> N,
+    set: &CalibrationSet,
+    p: &crate::compress::quant::gptq::GptqParams,
+) -> usize {
+    use crate::compress::quant::gptq::gptq;
+    use std::sync::atomic::AtomicBool;
+    let cancel = AtomicBool::new(false);
+    let quiet = |_: f64, _: &str| {};
+    let ctx = Ctx::new(&quiet, &cancel);
+    let run = |blockwise: bool| {
+        let net = make();
+        let mut seen = Vec::new();
+        let mut solve = |g: &Group, st: &InputStats| {
+            seen.push((g.layers.clone(), st.rows));
+            let mut out = Vec::new();
+            for l in &g.layers {
+                let name = format!("{l}.weight");
+                let (shape, w) = weight(&net, &name)?;
+                out.push((
+                    name,
+                    gptq(&w, shape[0], shape[1], &st.hessian(), p)?.weights,
+                ));
+            }
+            Ok(out)
+        };
+        let all = |_: &Group| true;
+        if blockwise {
+            sweep_blocks(&net, &net, set, &all, &ctx, &mut solve).unwrap();
+        } else {
+            sweep_whole(&net, &set.batches[0], set, &all, &ctx, &mut solve).unwrap();
+        }
+        (net.export().unwrap(), seen)
+    };
+    let (a, groups_a) = run(true);
+    let (b, groups_b) = run(false);
+    assert_eq!(groups_a, groups_b);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.name, y.name);
+        assert!(x.values == y.values, "{} differs", x.name);
     }
+    groups_a.len()
 }
 
 #[cfg(test)]

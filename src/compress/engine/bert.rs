@@ -559,9 +559,8 @@ mod tests {
 
     #[test]
     fn block_by_block_calibration_equals_runs_of_the_whole_network() {
-        use crate::compress::calib::{self, CalibrationSet, Group, InputStats};
-        use crate::compress::quant::gptq::{gptq, GptqParams};
-        use std::sync::atomic::AtomicBool;
+        use crate::compress::calib::{assert_blockwise_equals_whole, CalibrationSet};
+        use crate::compress::quant::gptq::GptqParams;
         let (config, weights, expected) = open("tiny-bert");
         // A padded batch: the mask's bias travels with the block states.
         let b = batch(
@@ -584,39 +583,13 @@ mod tests {
             damp: 0.01,
             block_size: 8,
         };
-        let cancel = AtomicBool::new(false);
-        let quiet = |_: f64, _: &str| {};
-        let ctx = crate::compress::progress::Ctx::new(&quiet, &cancel);
-        let run = |blockwise: bool| {
-            let net = Bert::from_safetensors(&config, &weights).unwrap();
-            let mut seen = Vec::new();
-            let mut solve = |g: &Group, st: &InputStats| {
-                seen.push((g.layers.clone(), st.rows));
-                let mut out = Vec::new();
-                for l in &g.layers {
-                    let name = format!("{l}.weight");
-                    let (shape, w) = calib::weight(&net, &name)?;
-                    let q = gptq(&w, shape[0], shape[1], &st.hessian(), &p)?;
-                    out.push((name, q.weights));
-                }
-                Ok(out)
-            };
-            let all = |_: &Group| true;
-            if blockwise {
-                calib::sweep_blocks(&net, &net, &set, &all, &ctx, &mut solve).unwrap();
-            } else {
-                calib::sweep_whole(&net, &set.batches[0], &set, &all, &ctx, &mut solve).unwrap();
-            }
-            (net.export().unwrap(), seen)
-        };
-        let (a, groups_a) = run(true);
-        let (b, groups_b) = run(false);
+        let groups = assert_blockwise_equals_whole(
+            || Bert::from_safetensors(&config, &weights).unwrap(),
+            &set,
+            &p,
+        );
         // q/k/v, attention output, intermediate, output in each block; no pooler or head.
-        assert_eq!(groups_a.len(), 4 * bert_blocks(&config), "{groups_a:?}");
-        assert_eq!(groups_a, groups_b);
-        for (x, y) in a.iter().zip(&b) {
-            assert!(x.values == y.values, "{} differs", x.name);
-        }
+        assert_eq!(groups, 4 * bert_blocks(&config));
     }
 
     fn bert_blocks(config: &Value) -> usize {

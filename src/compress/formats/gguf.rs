@@ -836,7 +836,7 @@ fn write_quantized(
             quantize_rows(&info.name, info.dtype, slice(a, b), row, ty, imatrix, buf)
         });
         for (result, buf) in results.into_iter().zip(&bufs[..used]) {
-            merge(&mut stats, &result?);
+            stats.merge(&result?);
             out.write_all(buf)?;
         }
         progress(r1 * row);
@@ -859,23 +859,8 @@ fn quantize_rows(
     out: &mut Vec<u8>,
 ) -> Result<ErrorStats> {
     use candle_core::quantized::k_quants as k;
-    if let Some(w) = imatrix {
-        // Only the k-quants have candle's weighted fit (the plan attaches weights to those only).
-        let weighted = match ty {
-            GgufType::Q2K => quantize_rows_imatrix::<k::BlockQ2K>,
-            GgufType::Q3K => quantize_rows_imatrix::<k::BlockQ3K>,
-            GgufType::Q4K => quantize_rows_imatrix::<k::BlockQ4K>,
-            GgufType::Q5K => quantize_rows_imatrix::<k::BlockQ5K>,
-            GgufType::Q6K => quantize_rows_imatrix::<k::BlockQ6K>,
-            other => {
-                return Err(Error::Internal(format!(
-                    "importance weights for {}, which has no weighted fit",
-                    other.as_str()
-                )))
-            }
-        };
-        return weighted(name, dtype, bytes, row, w, out);
-    }
+    // Importance weights reach k-quant tensors only (the plan attaches them to those): candle
+    // has the weighted fit for k-quants alone.
     let quantize = match ty {
         GgufType::Q8_0 => quantize_rows_as::<k::BlockQ8_0>,
         GgufType::Q4_0 => quantize_rows_q4_0,
@@ -888,15 +873,23 @@ fn quantize_rows(
         GgufType::Q5K => quantize_rows_as::<k::BlockQ5K>,
         GgufType::Q6K => quantize_rows_as::<k::BlockQ6K>,
     };
-    quantize(name, dtype, bytes, row, out)
+    if imatrix.is_some() && !ty.is_k_quant() {
+        return Err(Error::Internal(format!(
+            "importance weights for {}, which has no weighted fit",
+            ty.as_str()
+        )));
+    }
+    quantize(name, dtype, bytes, row, imatrix, out)
 }
 
-/// [`quantize_rows`] for one block type `B`.
+/// [`quantize_rows`] for one block type `B`; with `imatrix` (one weight per row element, k-quants
+/// only) candle's importance-weighted block fit.
 fn quantize_rows_as<B: GgmlType>(
     name: &str,
     dtype: Dtype,
     bytes: &[u8],
     row: usize,
+    imatrix: Option<&[f32]>,
     out: &mut Vec<u8>,
 ) -> Result<ErrorStats> {
     out.clear();
@@ -909,37 +902,13 @@ fn quantize_rows_as<B: GgmlType>(
         debug_assert_eq!(values.len() % B::BLCK_SIZE, 0);
         blocks.clear();
         blocks.resize(values.len() / B::BLCK_SIZE, B::zeros());
-        B::from_float(values, &mut blocks);
+        match imatrix {
+            Some(w) => B::from_float_imatrix(values, &mut blocks, w, row),
+            None => B::from_float(values, &mut blocks),
+        }
         back.resize(values.len(), 0.0);
         B::to_float(&blocks, &mut back);
-        add_errors(&mut stats, values, &back);
-        out.extend_from_slice(block_bytes(&blocks));
-    })?;
-    Ok(stats)
-}
-
-/// [`quantize_rows_as`] with candle's importance-weighted block fit (`w`: one weight per row
-/// element).
-fn quantize_rows_imatrix<B: GgmlType>(
-    name: &str,
-    dtype: Dtype,
-    bytes: &[u8],
-    row: usize,
-    w: &[f32],
-    out: &mut Vec<u8>,
-) -> Result<ErrorStats> {
-    out.clear();
-    let mut stats = ErrorStats::default();
-    let row_bytes = row * dtype.size_in_bytes();
-    let piece_rows = (PIECE_ELEMS / row).max(1);
-    let (mut blocks, mut back) = (Vec::<B>::new(), Vec::<f32>::new());
-    for_each_f32_piece(name, dtype, bytes, piece_rows * row_bytes, |values| {
-        blocks.clear();
-        blocks.resize(values.len() / B::BLCK_SIZE, B::zeros());
-        B::from_float_imatrix(values, &mut blocks, w, row);
-        back.resize(values.len(), 0.0);
-        B::to_float(&blocks, &mut back);
-        add_errors(&mut stats, values, &back);
+        stats.add_slices(values, &back);
         out.extend_from_slice(block_bytes(&blocks));
     })?;
     Ok(stats)
@@ -974,6 +943,7 @@ fn quantize_rows_q4_0(
     dtype: Dtype,
     bytes: &[u8],
     _row: usize,
+    _imatrix: Option<&[f32]>,
     out: &mut Vec<u8>,
 ) -> Result<ErrorStats> {
     out.clear();
@@ -1014,38 +984,6 @@ fn block_bytes<B: GgmlType>(blocks: &[B]) -> &[u8] {
     unsafe {
         std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
     }
-}
-
-/// Adds the error of `back` against `values` to `stats`, as [`ErrorStats::add`] does (in
-/// f64), but in 8 independent lanes so the loop vectorises.
-fn add_errors(stats: &mut ErrorStats, values: &[f32], back: &[f32]) {
-    const LANES: usize = 8;
-    let (mut signal, mut noise, mut max) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
-    let (w_chunks, q_chunks) = (values.chunks_exact(LANES), back.chunks_exact(LANES));
-    let (w_rest, q_rest) = (w_chunks.remainder(), q_chunks.remainder());
-    for (w, q) in w_chunks.zip(q_chunks) {
-        for i in 0..LANES {
-            let (w, q) = (f64::from(w[i]), f64::from(q[i]));
-            let e = w - q;
-            signal[i] += w * w;
-            noise[i] += e * e;
-            max[i] = max[i].max(e.abs());
-        }
-    }
-    stats.signal += signal.iter().sum::<f64>();
-    stats.noise += noise.iter().sum::<f64>();
-    stats.max_abs = max.iter().fold(stats.max_abs, |m, &v| m.max(v));
-    stats.count += (values.len() - w_rest.len()) as u64;
-    for (&w, &q) in w_rest.iter().zip(q_rest) {
-        stats.add(w, q);
-    }
-}
-
-fn merge(into: &mut ErrorStats, s: &ErrorStats) {
-    into.signal += s.signal;
-    into.noise += s.noise;
-    into.max_abs = into.max_abs.max(s.max_abs);
-    into.count += s.count;
 }
 
 #[cfg(test)]
@@ -1432,7 +1370,8 @@ mod tests {
         };
         let ours = |w: &[f32]| {
             let mut out = Vec::new();
-            let stats = quantize_rows_q4_0("w", Dtype::F32, &f32_bytes(w), 32, &mut out).unwrap();
+            let stats =
+                quantize_rows_q4_0("w", Dtype::F32, &f32_bytes(w), 32, None, &mut out).unwrap();
             (out, stats)
         };
         // Blocks of random values whose first four are replaced by awkward ones.

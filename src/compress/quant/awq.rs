@@ -15,7 +15,7 @@
 //!   update, as the reference `optimize_weights_proximal` does (β₀ = 10, κ = 1.01, 20 steps,
 //!   stopping when the mean error rises).
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::compress::Result;
 
@@ -33,15 +33,12 @@ fn rtn_groups(w: &[f32], cols: usize, group: usize, bits: u8, symmetric: bool) -
     super::gptq::rtn(w, w.len() / cols.max(1), cols, &p)
 }
 
-/// `Σ_layers tr(ΔW·G·ΔWᵀ)` for row-major `[rows, cols]` differences, with f32 matrix products.
-fn gram_error(deltas: &[(Vec<f32>, usize)], gram: &Tensor, cols: usize) -> Result<f64> {
-    let mut total = 0.0;
-    for (d, rows) in deltas {
-        let t = Tensor::from_slice(d, (*rows, cols), &Device::Cpu)?;
-        let e = t.matmul(gram)?.mul(&t)?.sum_all()?.to_scalar::<f32>()?;
-        total += f64::from(e);
-    }
-    Ok(total)
+/// `Σ_layers tr(ΔW·G·ΔWᵀ)` for row-major differences.
+fn gram_error(deltas: &[Vec<f32>], gram: &Tensor, cols: usize) -> Result<f64> {
+    deltas
+        .iter()
+        .map(|d| crate::compress::calib::output_energy(d, gram, cols))
+        .sum()
 }
 
 /// AWQ's result for one layer group.
@@ -86,8 +83,7 @@ pub fn awq(
         symmetric,
         grid,
     } = *p;
-    let g32: Vec<f32> = gram.iter().map(|v| *v as f32).collect();
-    let gram_t = Tensor::from_vec(g32, (cols, cols), &Device::Cpu)?;
+    let gram_t = crate::compress::calib::gram_tensor(gram, cols)?;
     let candidate = |alpha: f64| -> Result<(Vec<Vec<f32>>, f64)> {
         // s_j = mean|x_j|^α, normalised so that √(max·min) = 1 (the reference's).
         let mut s: Vec<f64> = mean_abs.iter().map(|m| m.max(1e-8).powf(alpha)).collect();
@@ -100,7 +96,7 @@ pub fn awq(
         }
         let mut outs = Vec::with_capacity(weights.len());
         let mut deltas = Vec::with_capacity(weights.len());
-        for (w, rows) in weights {
+        for (w, _) in weights {
             let scaled: Vec<f32> = w
                 .iter()
                 .enumerate()
@@ -112,10 +108,7 @@ pub fn awq(
                 .enumerate()
                 .map(|(i, x)| (f64::from(*x) / s[i % cols]) as f32)
                 .collect();
-            deltas.push((
-                out.iter().zip(w.iter()).map(|(a, b)| a - b).collect(),
-                *rows,
-            ));
+            deltas.push(out.iter().zip(w.iter()).map(|(a, b)| a - b).collect());
             outs.push(out);
         }
         Ok((outs, gram_error(&deltas, &gram_t, cols)?))
