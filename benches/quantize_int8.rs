@@ -166,6 +166,7 @@ fn file_to_file(values: &[f32], rows: usize, cols: usize, repeat: usize) {
                 packed: true,
                 metadata: &BTreeMap::new(),
                 precomputed: None,
+                entropy: Default::default(),
             },
             &mut w,
             &ctx,

@@ -181,7 +181,7 @@ async fn create_job(
         updated_at: now,
         tenant: caller.tenant.clone(),
     };
-    if let Err(e) = jobs::insert(&state.db, &record).await {
+    if let Err(e) = state.queue.submit(&record).await {
         // Two requests with one key raced: the loser answers with the winner's job.
         if let Some(key) = &idempotency_key {
             if let Some(existing) = jobs::get_by_idempotency_key(&state.db, key).await? {
@@ -190,7 +190,6 @@ async fn create_job(
         }
         return Err(e.into());
     }
-    state.queue.announce().await;
     metrics::counter!("whittle_jobs_submitted_total").increment(1);
     accepted(&record)
 }

@@ -137,6 +137,14 @@ impl Queue {
         self.wake.clone()
     }
 
+    /// Store a new queued job (labels and first event included) and tell every worker,
+    /// here and on PostgreSQL through NOTIFY in the same statement.
+    pub async fn submit(&self, job: &JobRecord) -> Result<()> {
+        db::jobs::insert(&self.db, job, Some(NOTIFY_CHANNEL)).await?;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
     /// Tell workers a job is claimable: in this process, and on Postgres every listener.
     pub async fn announce(&self) {
         self.wake.notify_waiters();

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::codes::Code;
 use crate::compress::formats::gguf::GgufType;
+use crate::compress::formats::packed::Entropy;
 use crate::compress::quant::activations::Calibration;
 use crate::compress::quant::{self, Format, Granularity, KmeansInit, Method, Quantization};
 use crate::ids::DatasetId;
@@ -80,6 +81,8 @@ pub struct QuantizeSpec {
     pub selection: Selection,
     /// Output encoding.
     pub format: Format,
+    /// Entropy coding of a `packed` artifact's codes and index gaps.
+    pub entropy: Entropy,
     /// Accuracy budget (needs the job's `eval`): revert the most sensitive tensors to float.
     pub max_accuracy_drop: Option<f64>,
     /// Quantization-aware training before the final quantization.
@@ -99,6 +102,9 @@ impl QuantizeSpec {
             "format": self.format.as_str(),
             "max_accuracy_drop": self.max_accuracy_drop,
         });
+        if self.format == Format::Packed {
+            v["entropy"] = json!(self.entropy.as_str());
+        }
         match &self.method {
             Quantization::Codec(Method::Uniform {
                 bits,
@@ -195,10 +201,11 @@ pub fn parse(
             "group_size",
             "search",
             "importance",
+            "entropy",
         ][..],
-        "kmeans" => &["clusters", "init"][..],
-        "log2" => &["bits"][..],
-        "nf4" => &["group_size"][..],
+        "kmeans" => &["clusters", "init", "entropy"][..],
+        "log2" => &["bits", "entropy"][..],
+        "nf4" => &["group_size", "entropy"][..],
         _ => &["type", "importance"][..],
     });
     deny_unknown(obj, &allowed, pointer, &mut errors);
@@ -461,6 +468,17 @@ pub fn parse(
         (_, Some("packed")) => Format::Packed,
         _ => Format::Dequantized,
     };
+    let entropy = match choice(obj, "entropy", &["none", "huffman"], pointer, &mut errors) {
+        Some("huffman") if format != Format::Packed => {
+            errors.push(FieldError::new(
+                format!("{pointer}/entropy"),
+                "entropy coding applies to the packed artifact; add `format: packed`",
+            ));
+            Entropy::None
+        }
+        Some("huffman") => Entropy::Huffman,
+        _ => Entropy::None,
+    };
     let max_accuracy_drop = f64_in(obj, "max_accuracy_drop", (0.0, 1.0), pointer, &mut errors);
     let qat = match object(obj, "qat", pointer, &mut errors) {
         None => None,
@@ -489,6 +507,7 @@ pub fn parse(
             importance,
             selection,
             format,
+            entropy,
             max_accuracy_drop,
             qat,
             activations,

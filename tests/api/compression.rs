@@ -583,6 +583,177 @@ async fn gguf_output_is_a_gguf_file_with_our_provenance() {
     );
 }
 
+/// Canonical Huffman decoding as the README documents it (written again here, apart from
+/// the server's decoder): `n` symbols from MSB-first `bytes` under per-symbol `lengths`.
+fn huffman_decode(bytes: &[u8], lengths: &[u8], n: usize) -> Vec<u8> {
+    let mut symbols: Vec<(u8, usize)> = lengths
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l > 0)
+        .map(|(s, l)| (*l, s))
+        .collect();
+    symbols.sort();
+    // (length, code) → symbol, codes consecutive within a length, shifted left between.
+    let mut table = std::collections::HashMap::new();
+    let (mut code, mut len) = (0u32, 0u8);
+    for (l, s) in symbols {
+        code <<= l - len;
+        len = l;
+        table.insert((l, code), s as u8);
+        code += 1;
+    }
+    let (mut out, mut bit) = (Vec::new(), 0usize);
+    while out.len() < n {
+        let (mut c, mut l) = (0u32, 0u8);
+        loop {
+            c = c << 1 | u32::from(bytes[bit / 8] >> (7 - bit % 8) & 1);
+            bit += 1;
+            l += 1;
+            if let Some(s) = table.get(&(l, c)) {
+                out.push(*s);
+                break;
+            }
+        }
+    }
+    assert_eq!(bit.div_ceil(8), bytes.len(), "trailing bytes");
+    out
+}
+
+#[tokio::test]
+async fn huffman_entropy_coding_shrinks_a_pruned_shared_model_and_decodes_to_its_output() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 2).await;
+    let steps = |entropy: &str| {
+        json!([{"op": "prune", "sparsity": 0.85},
+               {"op": "quantize", "method": "kmeans", "clusters": 16, "format": "packed",
+                "entropy": entropy}])
+    };
+    let (fixed_job, fixed) = run(
+        &t,
+        json!({"model_id": model, "seed": 3, "steps": steps("none")}),
+    )
+    .await;
+    let (job, m) = run(
+        &t,
+        json!({"model_id": model, "seed": 3, "steps": steps("huffman")}),
+    )
+    .await;
+    let step = &m["steps"][1];
+    assert_eq!(job["steps"][1]["entropy"], "huffman", "{job}");
+    let stages = &step["summary"]["stages"];
+    let fixed_stages = &fixed["steps"][1]["summary"]["stages"];
+    // The fixed-width sizes are the `none` job's, and Huffman coding stores fewer bytes.
+    assert_eq!(
+        stages["weights_quantized_bytes"],
+        fixed_stages["weights_stored_bytes"]
+    );
+    assert_eq!(fixed_stages["entropy_ratio"].as_f64(), Some(1.0));
+    let entropy = stages["entropy_ratio"].as_f64().unwrap();
+    assert!(entropy > 1.0, "{stages}");
+    let ratio = stages["weights_ratio"].as_f64().unwrap();
+    let q = stages["quantization_ratio"].as_f64().unwrap();
+    assert!((ratio - q * entropy).abs() < 1e-9 * ratio, "{stages}");
+    // The tensors' bytes in the files (their JSON headers differ in ways unrelated to coding).
+    let data_bytes = |bytes: &[u8]| {
+        let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        st.tensors()
+            .iter()
+            .map(|(_, v)| v.data().len())
+            .sum::<usize>()
+    };
+    let stored = stages["weights_stored_bytes"].as_u64().unwrap() as usize;
+    let fixed_packed = content(&t, &fixed_job, "packed").await;
+    let biases =
+        data_bytes(&fixed_packed) - fixed_stages["weights_stored_bytes"].as_u64().unwrap() as usize;
+    assert_eq!(
+        data_bytes(&content(&t, &job, "packed").await),
+        stored + biases
+    );
+    let layer = &step["layers"][0];
+    assert!(
+        layer["entropy"]["code_bits_huffman"].as_f64()
+            < layer["entropy"]["code_bits_fixed"].as_f64(),
+        "{layer}"
+    );
+    // Decoded by the README's rules, the artifact is the output model bit for bit.
+    let packed = content(&t, &job, "packed").await;
+    let st = safetensors::SafeTensors::deserialize(&packed).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&packed).unwrap();
+    let meta: Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["whittle.quantization"]).unwrap();
+    assert_eq!(meta["version"], 3);
+    let out = output(&t, &job).await;
+    let out = safetensors::SafeTensors::deserialize(&out).unwrap();
+    for (name, tm) in meta["tensors"].as_object().unwrap() {
+        assert_eq!(tm["entropy"], "huffman", "{tm}");
+        let bytes = |key: &str| {
+            st.tensor(tm[key].as_str().unwrap())
+                .unwrap()
+                .data()
+                .to_vec()
+        };
+        let numel: usize = tm["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .product();
+        let nonzero = tm["nonzero"].as_u64().map(|n| n as usize);
+        let codes = huffman_decode(
+            &bytes("codes"),
+            &bytes("code_lengths"),
+            nonzero.unwrap_or(numel),
+        );
+        let codebook: Vec<f32> = bytes("codebook")
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let mut values = vec![0f32; numel];
+        match (tm["index"].as_str(), nonzero) {
+            (Some(_), Some(_)) => {
+                let bits = tm["index_bits"].as_u64().unwrap() as u32;
+                let entries = tm["index_entries"].as_u64().unwrap() as usize;
+                let gaps = match tm["index_lengths"].as_str() {
+                    Some(_) => huffman_decode(&bytes("index"), &bytes("index_lengths"), entries),
+                    None => {
+                        // Fixed-width entries, LSB-first.
+                        let b = bytes("index");
+                        (0..entries)
+                            .map(|i| {
+                                (0..bits).fold(0u8, |g, k| {
+                                    let at = i * bits as usize + k as usize;
+                                    g | (b[at / 8] >> (at % 8) & 1) << k
+                                })
+                            })
+                            .collect()
+                    }
+                };
+                let full = (1usize << bits) - 1;
+                let (mut p, mut next) = (0usize, codes.iter());
+                for g in gaps {
+                    p += g as usize;
+                    if g as usize == full {
+                        continue;
+                    }
+                    values[p] = codebook[*next.next().unwrap() as usize];
+                    p += 1;
+                }
+            }
+            (None, None) => {
+                for (v, c) in values.iter_mut().zip(&codes) {
+                    *v = codebook[*c as usize];
+                }
+            }
+            other => panic!("{name}: {other:?} (mask) not expected at 85% zeros"),
+        }
+        let want = f32s(&out, name);
+        let a: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        let b: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(a, b, "{name}");
+    }
+}
+
 #[tokio::test]
 async fn quantization_requests_are_checked_before_anything_is_queued() {
     let t = TestApp::sqlite().await;
@@ -607,6 +778,21 @@ async fn quantization_requests_are_checked_before_anything_is_queued() {
         (
             json!({"model_id": pid, "steps": [{"op": "quantize", "method": "kmeans", "clusters": 256}]}),
             "/steps/0/clusters",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "kmeans", "entropy": "huffman"}]}),
+            "/steps/0/entropy",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "uniform", "format": "packed", "entropy": "zstd"}]}),
+            "/steps/0/entropy",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": pid, "steps": [{"op": "quantize", "method": "float", "dtype": "f16", "entropy": "huffman"}]}),
+            "/steps/0/entropy",
             "validation_failed",
         ),
         (

@@ -6,6 +6,7 @@ pub mod gguf_llama;
 mod gguf_q4_0;
 pub mod gguf_vocab;
 pub mod hf;
+pub mod huffman;
 pub mod packed;
 pub mod safetensors;
 mod tensor_codec;

@@ -40,6 +40,15 @@
 //!   pruned then quantized model is thus stored at about
 //!   `min(numel / 8, entries · index_bits / 8) + nonzero · bits / 8` bytes per tensor.
 //!
+//! * Entropy coding (version 3, `entropy: "huffman"`): `{name}.qcodes` holds the codes
+//!   Huffman-coded instead of at a fixed width, with `{name}.qcodes_lengths` — `U8`, shape
+//!   `[2^bits]`, the canonical code length of each code value (see
+//!   [`crate::compress::formats::huffman`] for the stream layout) — right after it; a
+//!   relative index is likewise Huffman-coded when that is smaller, its entries'
+//!   code lengths in `{name}.qindex_lengths` (`U8`, `[2^index_bits]`) right after
+//!   `{name}.qindex`. The writer sizes dense codes, mask and every index width with entropy
+//!   coding and keeps the smallest. Files without entropy coding are written as version 2.
+//!
 //! The metadata key `whittle.quantization` (next to the caller's metadata) holds JSON:
 //! `{"format":"whittle.packed","version":1,"tensors":{"{name}":{…}}}` with, per tensor:
 //! `method` (`uniform|kmeans|log2|nf4`), `bits`, `scheme`, `shape` and `dtype` (original),
@@ -47,10 +56,13 @@
 //! (2^(bits−1) for the symmetric scheme, else null), the names `codes`, `scale`,
 //! `zero_point`, `codebook`, `mask` and `index` (null when absent), `nonzero` (the number of
 //! codes when `mask` or `index` is set), `index_bits` and `index_entries` (with `index`), and
-//! the method's parameters `symmetric`,
+//! `entropy` (`"huffman"`, absent without), `code_lengths` and `index_lengths` (the length
+//! tables' names, with `entropy`), the method's parameters `symmetric`,
 //! `granularity`, `group_size`, `search`, `clusters`, `init` (null when not applicable).
 //!
-//! Decoding (what [`decode_packed`] does): unpack `numel` codes, then per `scheme`
+//! Decoding (what [`decode_packed`] does): unpack (or Huffman-decode) the codes and the
+//! positions, place the codes (`numel` of them, or `nonzero` at the positions), then per
+//! `scheme`
 //! * `symmetric`: `(code − code_offset) · scale[i / block_len]`
 //! * `affine`: `(code − zero[i / block_len]) · scale[i / block_len]`
 //! * `codebook`: `codebook[code]`
@@ -65,6 +77,7 @@ use std::io::Write;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
+use crate::compress::formats::huffman;
 use crate::compress::formats::safetensors::{
     encode_as, encode_f32, f32_view, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
 };
@@ -80,9 +93,29 @@ use crate::compress::{Error, Result};
 pub const METADATA_KEY: &str = "whittle.quantization";
 /// `format` value in that metadata.
 pub const FORMAT_NAME: &str = "whittle.packed";
-/// Current version of the packed layout (2 added the relative `index`; version 1 files,
-/// which only have masks, still decode).
-pub const FORMAT_VERSION: u32 = 2;
+/// Current version of the packed layout (2 added the relative `index`, 3 entropy coding;
+/// older files still decode, and a file without entropy coding is written as version 2).
+pub const FORMAT_VERSION: u32 = 3;
+
+/// Entropy coding of a packed file's codes and index gaps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Entropy {
+    /// Fixed-width codes and index entries.
+    #[default]
+    None,
+    /// Canonical Huffman codes per tensor ([`huffman`]).
+    Huffman,
+}
+
+impl Entropy {
+    /// API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entropy::None => "none",
+            Entropy::Huffman => "huffman",
+        }
+    }
+}
 
 /// What [`quantize_file`] writes.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +135,8 @@ pub struct QuantizeFile<'a> {
     /// layout of `uniform` (symmetric or affine, per row or per group) whose
     /// `params.dequantize(codes)` is `dequantized`.
     pub precomputed: Option<&'a HashMap<String, Quantized>>,
+    /// Entropy coding of the packed codes and index gaps (ignored unless `packed`).
+    pub entropy: Entropy,
 }
 
 /// Weight-level figures for one quantized tensor.
@@ -127,6 +162,50 @@ pub struct QuantReport {
     pub packed_bytes: u64,
     /// Bytes of the original tensor.
     pub dense_bytes: u64,
+    /// With entropy coding: what it saved (Deep Compression's P+Q and P+Q+H columns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyReport>,
+}
+
+/// One tensor's sizes with fixed-width and with Huffman-coded codes and positions.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EntropyReport {
+    /// Codes stored (the non-zeros of a sparse tensor, else every weight).
+    pub codes: u64,
+    /// Bytes of the tensor's parts with fixed-width codes and index (`entropy: none`).
+    pub fixed_bytes: u64,
+    /// Bytes with Huffman coding (what was stored).
+    pub huffman_bytes: u64,
+    /// Bits per stored code, fixed width and Huffman-coded (its length table included).
+    pub code_bits_fixed: f64,
+    /// See `code_bits_fixed`.
+    pub code_bits_huffman: f64,
+    /// Bits per stored code spent locating the codes (mask or index; 0 when dense), fixed
+    /// and Huffman-coded.
+    pub index_bits_fixed: f64,
+    /// See `index_bits_fixed`.
+    pub index_bits_huffman: f64,
+}
+
+impl EntropyReport {
+    fn of(fixed: &Encoded, huffman: &Encoded) -> EntropyReport {
+        let per = |bytes: usize, n: usize| bytes as f64 * 8.0 / n.max(1) as f64;
+        EntropyReport {
+            codes: huffman.stored as u64,
+            fixed_bytes: fixed.bytes() as u64,
+            huffman_bytes: huffman.bytes() as u64,
+            code_bits_fixed: per(fixed.codes.len(), fixed.stored),
+            code_bits_huffman: per(
+                huffman.codes.len() + huffman.code_lengths.len(),
+                huffman.stored,
+            ),
+            index_bits_fixed: per(fixed.positions.len(), fixed.stored),
+            index_bits_huffman: per(
+                huffman.positions.len() + huffman.index_lengths.len(),
+                huffman.stored,
+            ),
+        }
+    }
 }
 
 /// Packs codes of `bits` (1..=8) bits LSB-first; see the module documentation.
@@ -226,6 +305,12 @@ struct TensorMeta {
     index_bits: Option<u8>,
     #[serde(default)]
     index_entries: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    entropy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    code_lengths: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    index_lengths: Option<String>,
     symmetric: Option<bool>,
     granularity: Option<String>,
     group_size: Option<usize>,
@@ -253,6 +338,9 @@ impl TensorMeta {
             index: None,
             index_bits: None,
             index_entries: None,
+            entropy: None,
+            code_lengths: None,
+            index_lengths: None,
             symmetric: None,
             granularity: None,
             group_size: None,
@@ -291,10 +379,137 @@ enum Part {
     Raw,
     Dense,
     Codes,
+    CodeLengths,
     Positions,
+    IndexLengths,
     Scale,
     Zero,
     Codebook,
+}
+
+/// A selected tensor's stored parts (everything after the header is decided).
+struct Encoded {
+    /// The codes stream: bit-packed or Huffman-coded.
+    codes: Vec<u8>,
+    /// Huffman code lengths of the codes (empty without entropy coding).
+    code_lengths: Vec<u8>,
+    /// Mask or index bytes (empty for dense codes).
+    positions: Vec<u8>,
+    /// Huffman code lengths of the index gaps (empty unless the index is Huffman-coded).
+    index_lengths: Vec<u8>,
+    /// Where the codes sit.
+    layout: Positions,
+    /// Codes stored.
+    stored: usize,
+    /// Scales, zero-points and codebook.
+    params: Params,
+}
+
+impl Encoded {
+    /// Bytes stored for the tensor: every part above.
+    fn bytes(&self) -> usize {
+        self.codes.len()
+            + self.code_lengths.len()
+            + self.positions.len()
+            + self.index_lengths.len()
+            + 4 * self.params.scales.len()
+            + self.params.zero_points.len()
+            + 4 * self.params.codebook.len()
+    }
+
+    /// Fixed-width codes at the positions chosen before quantizing.
+    fn fixed(values: &[f32], q: Quantized, positions: Positions) -> Encoded {
+        let kept = kept_codes(values, &q.codes, positions);
+        Encoded {
+            codes: pack_bits(&kept, q.params.bits),
+            code_lengths: Vec::new(),
+            positions: positions.encode(values),
+            index_lengths: Vec::new(),
+            layout: positions,
+            stored: kept.len(),
+            params: q.params,
+        }
+    }
+
+    /// Huffman-coded codes (and index gaps): every way of locating the codes is sized with
+    /// entropy coding and the smallest is kept (dense on ties, then the mask, then the
+    /// shortest index entries).
+    fn huffman(values: &[f32], q: Quantized) -> Encoded {
+        let alphabet = 1usize << q.params.bits;
+        let coded = |symbols: &[u8], alphabet: usize| -> (Vec<u8>, usize) {
+            let mut counts = huffman::histogram(symbols);
+            counts.truncate(alphabet);
+            let lengths = huffman::code_lengths(&counts);
+            let bytes = huffman::encoded_bits(&counts, &lengths).div_ceil(8) as usize;
+            (lengths, bytes + alphabet)
+        };
+        let numel = values.len();
+        let nonzero = values.iter().filter(|v| **v != 0.0).count();
+        let (dense_lengths, dense_size) = coded(&q.codes, alphabet);
+        let mut best = (dense_size, Positions::Dense, None);
+        if nonzero < numel {
+            let kept = kept_codes(values, &q.codes, Positions::Mask { nonzero });
+            let (_, kept_size) = coded(&kept, alphabet);
+            let mask = Positions::Mask { nonzero };
+            if kept_size + mask.bytes(numel) < best.0 {
+                best = (kept_size + mask.bytes(numel), mask, None);
+            }
+            for bits in 1..=8u8 {
+                let gaps = index_gaps(values, bits);
+                let (lengths, size) = coded(&gaps, 1 << bits);
+                let index = Positions::Index {
+                    nonzero,
+                    bits,
+                    entries: gaps.len(),
+                };
+                if kept_size + size < best.0 {
+                    best = (kept_size + size, index, Some((gaps, lengths)));
+                }
+            }
+        }
+        let layout = best.1;
+        let kept = kept_codes(values, &q.codes, layout);
+        let code_lengths = if layout == Positions::Dense {
+            dense_lengths
+        } else {
+            coded(&kept, alphabet).0
+        };
+        let (positions, index_lengths) = match (layout, best.2) {
+            (Positions::Index { .. }, Some((gaps, lengths))) => {
+                (huffman::encode(&gaps, &lengths), lengths)
+            }
+            _ => (layout.encode(values), Vec::new()),
+        };
+        Encoded {
+            codes: huffman::encode(&kept, &code_lengths),
+            code_lengths,
+            positions,
+            index_lengths,
+            layout,
+            stored: kept.len(),
+            params: q.params,
+        }
+    }
+}
+
+/// The codes stored at `positions`: all of them, or those of the non-zero weights.
+fn kept_codes(values: &[f32], codes: &[u8], positions: Positions) -> Vec<u8> {
+    if positions == Positions::Dense {
+        return codes.to_vec();
+    }
+    let kept = values.iter().zip(codes).filter(|(v, _)| **v != 0.0);
+    kept.map(|(_, c)| *c).collect()
+}
+
+/// A selected tensor's values as f32 (borrowed when the file holds f32).
+fn tensor_values<'a>(
+    input: &'a SafetensorsFile,
+    info: &TensorInfo,
+) -> Result<std::borrow::Cow<'a, [f32]>> {
+    Ok(match f32_view(info.dtype, input.bytes(info)) {
+        Some(v) => v.into(),
+        None => input.to_f32(info)?.into(),
+    })
 }
 
 /// Quantizes the float tensors named in `selected` with `method` and writes them in
@@ -304,6 +519,10 @@ enum Part {
 /// (provenance); the packed format adds [`METADATA_KEY`]. `seed` drives `kmeans++`
 /// (mixed with each tensor's index). Every tensor is checked against the method before the
 /// first byte is written. Returns one report per quantized tensor, in file order.
+///
+/// With `entropy: Huffman` the stored sizes are known only after quantizing, so every
+/// selected tensor is quantized and encoded before the header is written: memory then holds
+/// the encoded tensors (about the output's size) instead of one tensor at a time.
 pub fn quantize_file(
     input: &SafetensorsFile,
     job: &QuantizeFile<'_>,
@@ -317,7 +536,9 @@ pub fn quantize_file(
         packed,
         metadata,
         precomputed,
+        entropy,
     } = *job;
+    let huffman = packed && entropy == Entropy::Huffman;
     let precomputed = precomputed.filter(|p| !p.is_empty());
     // The `uniform` method describing a precomputed tensor's layout.
     let method_of = |t: &TensorInfo| -> Method {
@@ -364,11 +585,86 @@ pub fn quantize_file(
         if let Some(w) = importance.get(&t.name) {
             check_importance(&t.name, &t.shape, method, w)?;
         }
-        let positions = match f32_view(t.dtype, input.bytes(t)) {
-            Some(v) => Positions::choose(v, layout.bits),
-            None => Positions::choose(&input.to_f32(t)?, layout.bits),
+        let positions = if huffman {
+            Positions::Dense // decided with the codes, below
+        } else {
+            Positions::choose(&tensor_values(input, t)?, layout.bits)
         };
         layouts.push(Some((layout, positions)));
+    }
+
+    let total = tensors.len().max(1) as f64;
+    let mut reports = Vec::new();
+    // One selected tensor: quantized (or taken from `precomputed`), its report pushed, its
+    // values returned for the positions.
+    let quantize_one = |i: usize, layout: &Layout, part: Part, reports: &mut Vec<QuantReport>| {
+        ctx.check()?;
+        let info = &tensors[i];
+        let values = tensor_values(input, info)?;
+        let tensor_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let weights = importance.get(&info.name).map(Vec::as_slice);
+        // A packed float32/64 tensor needs no reconstruction, only its statistics.
+        let lean = part == Part::Codes && matches!(info.dtype, Dtype::F32 | Dtype::F64);
+        let quantize = if lean {
+            quantize_codes_only
+        } else {
+            quantize_named
+        };
+        let (mut q, mut stats) = match precomputed.and_then(|p| p.get(&info.name)) {
+            Some(q) => (q.clone(), error_stats(&values, &q.dequantized)),
+            None => quantize(
+                &info.name,
+                &values,
+                &info.shape,
+                method,
+                tensor_seed,
+                weights,
+            )?,
+        };
+        check_params(&info.name, &q, layout)?;
+        if round_to_dtype(&mut q.dequantized, info.dtype) {
+            stats = error_stats(&values, &q.dequantized);
+        }
+        reports.push(QuantReport {
+            tensor: info.name.clone(),
+            shape: info.shape.clone(),
+            method: if precomputed.is_some_and(|p| p.contains_key(&info.name)) {
+                "gptq".into()
+            } else {
+                method.name().into()
+            },
+            bits: layout.bits,
+            mse: stats.mse(),
+            sqnr_db: stats.sqnr_db(),
+            max_abs_error: stats.max_abs,
+            bits_per_weight: 0.0,
+            packed_bytes: 0,
+            dense_bytes: info.nbytes() as u64,
+            entropy: None,
+        });
+        ctx.report(
+            (i + 1) as f64 / total,
+            &format!("tensor {}/{} ({})", i + 1, tensors.len(), info.name),
+        );
+        Ok::<_, Error>((q, values))
+    };
+    // Entropy coding needs every stored size before the header: encode now.
+    let mut encoded: Vec<Option<Encoded>> = (0..tensors.len()).map(|_| None).collect();
+    if huffman {
+        for i in 0..tensors.len() {
+            let Some((layout, _)) = layouts[i].clone() else {
+                continue;
+            };
+            let (q, values) = quantize_one(i, &layout, Part::Codes, &mut reports)?;
+            let fixed_positions = Positions::choose(&values, q.params.bits);
+            let fixed = Encoded::fixed(&values, q.clone(), fixed_positions);
+            let e = Encoded::huffman(&values, q);
+            layouts[i] = Some((layout, e.layout));
+            if let Some(r) = reports.last_mut() {
+                r.entropy = Some(EntropyReport::of(&fixed, &e));
+            }
+            encoded[i] = Some(e);
+        }
     }
 
     let mut parts: Vec<(usize, Part)> = Vec::new();
@@ -391,7 +687,11 @@ pub fn quantize_file(
             (Some((l, positions)), true) => {
                 let positions = *positions;
                 let mut m = TensorMeta::new(&t.name, &method_of(t), l, &t.shape, t.dtype);
-                let code_bytes = (positions.codes(l.numel) * l.bits as usize).div_ceil(8);
+                let e = encoded[i].as_ref();
+                let code_bytes = e.map_or_else(
+                    || (positions.codes(l.numel) * l.bits as usize).div_ceil(8),
+                    |e| e.codes.len(),
+                );
                 specs.push(TensorSpec::new(
                     m.codes.clone(),
                     Dtype::U8,
@@ -415,13 +715,32 @@ pub fn quantize_file(
                         m.index_entries = Some(entries);
                     }
                 }
+                if let Some(e) = e {
+                    m.entropy = Some("huffman".into());
+                    m.code_lengths = Some(format!("{}.qcodes_lengths", t.name));
+                    if !e.index_lengths.is_empty() {
+                        m.index_lengths = Some(format!("{}.qindex_lengths", t.name));
+                    }
+                }
                 // The decoding tensors, in the documented order.
                 let companions = [
                     (
+                        m.code_lengths.as_ref(),
+                        Dtype::U8,
+                        vec![1usize << l.bits],
+                        Part::CodeLengths,
+                    ),
+                    (
                         m.mask.as_ref().or(m.index.as_ref()),
                         Dtype::U8,
-                        vec![positions.bytes(l.numel)],
+                        vec![e.map_or_else(|| positions.bytes(l.numel), |e| e.positions.len())],
                         Part::Positions,
+                    ),
+                    (
+                        m.index_lengths.as_ref(),
+                        Dtype::U8,
+                        vec![e.map_or(0, |e| e.index_lengths.len())],
+                        Part::IndexLengths,
                     ),
                     (
                         m.scale.as_ref(),
@@ -454,109 +773,72 @@ pub fn quantize_file(
     }
     let mut metadata = metadata.clone();
     if packed {
+        // Version 3 only where a reader needs it: files without entropy coding stay readable
+        // by version-2 readers.
+        if !huffman {
+            meta.version = 2;
+        }
         let json = serde_json::to_string(&meta)
             .map_err(|e| Error::Internal(format!("quantization metadata: {e}")))?;
         metadata.insert(METADATA_KEY.into(), json);
     }
 
-    let mut reports = Vec::new();
-    let mut current: Option<Quantized> = None;
-    let mut current_positions: Vec<u8> = Vec::new();
-    let total = tensors.len().max(1) as f64;
+    let layout_of = |i: usize| {
+        layouts[i]
+            .clone()
+            .ok_or_else(|| Error::Internal(format!("{:?}: no layout", tensors[i].name)))
+    };
+    let mut current: Option<Encoded> = None;
     write_safetensors(out, &metadata, &specs, |k, w| {
         let (i, part) = parts[k];
         let info = &tensors[i];
         match part {
             Part::Raw => w.write_all(input.bytes(info))?,
-            Part::Dense | Part::Codes => {
-                ctx.check()?;
-                let (layout, positions) = layouts[i]
-                    .as_ref()
-                    .ok_or_else(|| Error::Internal(format!("{:?}: no layout", info.name)))?;
-                let positions = *positions;
-                let owned;
-                let values: &[f32] = match f32_view(info.dtype, input.bytes(info)) {
-                    Some(v) => v,
-                    None => {
-                        owned = input.to_f32(info)?;
-                        &owned
-                    }
-                };
-                let tensor_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let weights = importance.get(&info.name).map(Vec::as_slice);
-                // A packed float32/64 tensor needs no reconstruction, only its statistics.
-                let lean = part == Part::Codes && matches!(info.dtype, Dtype::F32 | Dtype::F64);
-                let quantize = if lean {
-                    quantize_codes_only
-                } else {
-                    quantize_named
-                };
-                let (mut q, mut stats) = match precomputed.and_then(|p| p.get(&info.name)) {
-                    Some(q) => (q.clone(), error_stats(values, &q.dequantized)),
-                    None => quantize(
-                        &info.name,
-                        values,
-                        &info.shape,
-                        method,
-                        tensor_seed,
-                        weights,
-                    )?,
-                };
-                check_params(&info.name, &q, layout)?;
-                if round_to_dtype(&mut q.dequantized, info.dtype) {
-                    stats = error_stats(values, &q.dequantized);
-                }
-                let packed = (layout.packed_bytes() - layout.code_bytes()
-                    + (positions.codes(layout.numel) * layout.bits as usize).div_ceil(8)
-                    + positions.bytes(layout.numel)) as u64;
-                reports.push(QuantReport {
-                    tensor: info.name.clone(),
-                    shape: info.shape.clone(),
-                    method: if precomputed.is_some_and(|p| p.contains_key(&info.name)) {
-                        "gptq".into()
-                    } else {
-                        method.name().into()
-                    },
-                    bits: layout.bits,
-                    mse: stats.mse(),
-                    sqnr_db: stats.sqnr_db(),
-                    max_abs_error: stats.max_abs,
-                    bits_per_weight: packed as f64 * 8.0 / layout.numel as f64,
-                    packed_bytes: packed,
-                    dense_bytes: info.nbytes() as u64,
-                });
-                if part == Part::Dense {
-                    w.write_all(&encode_as(info.dtype, &q.dequantized)?)?;
-                } else {
-                    let codes: std::borrow::Cow<[u8]> = if positions == Positions::Dense {
-                        (&q.codes[..]).into()
-                    } else {
-                        current_positions = positions.encode(values);
-                        let kept = values.iter().zip(&q.codes).filter(|(v, _)| **v != 0.0);
-                        kept.map(|(_, c)| *c).collect::<Vec<u8>>().into()
-                    };
-                    if q.params.bits == 8 {
-                        w.write_all(&codes)?;
-                    } else {
-                        w.write_all(&pack_bits(&codes, q.params.bits))?;
-                    }
-                    current = Some(q);
-                }
-                ctx.report(
-                    (i + 1) as f64 / total,
-                    &format!("tensor {}/{} ({})", i + 1, tensors.len(), info.name),
-                );
+            Part::Dense => {
+                let layout = layout_of(i)?;
+                let (q, _) = quantize_one(i, &layout.0, part, &mut reports)?;
+                w.write_all(&encode_as(info.dtype, &q.dequantized)?)?;
             }
-            Part::Positions => w.write_all(&current_positions)?,
-            Part::Scale | Part::Zero | Part::Codebook => {
-                let q = current.as_ref().ok_or_else(|| {
+            Part::Codes => {
+                let e = match encoded[i].take() {
+                    Some(e) => e,
+                    None => {
+                        let (layout, positions) = layout_of(i)?;
+                        let (q, values) = quantize_one(i, &layout, part, &mut reports)?;
+                        Encoded::fixed(&values, q, positions)
+                    }
+                };
+                w.write_all(&e.codes)?;
+                current = Some(e);
+            }
+            _ => {
+                let e = current.as_ref().ok_or_else(|| {
                     Error::Internal(format!("{:?}: parts out of order", info.name))
                 })?;
                 match part {
-                    Part::Scale => w.write_all(&encode_f32(&q.params.scales))?,
-                    Part::Zero => w.write_all(&q.params.zero_points)?,
-                    _ => w.write_all(&encode_f32(&q.params.codebook))?,
+                    Part::CodeLengths => w.write_all(&e.code_lengths)?,
+                    Part::Positions => w.write_all(&e.positions)?,
+                    Part::IndexLengths => w.write_all(&e.index_lengths)?,
+                    Part::Scale => w.write_all(&encode_f32(&e.params.scales))?,
+                    Part::Zero => w.write_all(&e.params.zero_points)?,
+                    _ => w.write_all(&encode_f32(&e.params.codebook))?,
                 }
+            }
+        }
+        // The report of the tensor whose last part was just written gets its stored size.
+        if parts.get(k + 1).is_none_or(|next| next.0 != i) && part != Part::Raw {
+            let stored = match part {
+                Part::Dense => {
+                    let (l, positions) = layout_of(i)?;
+                    l.packed_bytes() - l.code_bytes()
+                        + (positions.codes(l.numel) * l.bits as usize).div_ceil(8)
+                        + positions.bytes(l.numel)
+                }
+                _ => current.as_ref().map_or(0, Encoded::bytes),
+            };
+            if let Some(r) = reports.iter_mut().rfind(|r| r.tensor == info.name) {
+                r.packed_bytes = stored as u64;
+                r.bits_per_weight = stored as f64 * 8.0 / info.numel().max(1) as f64;
             }
         }
         Ok(())
@@ -652,20 +934,7 @@ impl Positions {
                 mask
             }
             Positions::Index { bits, entries, .. } => {
-                let full = (1usize << bits) - 1;
-                let mut gaps = Vec::with_capacity(entries);
-                let mut next = 0;
-                for (j, v) in values.iter().enumerate() {
-                    if *v != 0.0 {
-                        let mut gap = j - next;
-                        while gap >= full {
-                            gaps.push(full as u8);
-                            gap -= full;
-                        }
-                        gaps.push(gap as u8);
-                        next = j + 1;
-                    }
-                }
+                let gaps = index_gaps(values, bits);
                 debug_assert_eq!(gaps.len(), entries);
                 pack_bits(&gaps, bits)
             }
@@ -673,17 +942,35 @@ impl Positions {
     }
 }
 
+/// The relative-index entries of `bits` bits locating the non-zeros of `values` (see the
+/// module documentation), one per byte.
+fn index_gaps(values: &[f32], bits: u8) -> Vec<u8> {
+    let full = (1usize << bits) - 1;
+    let mut gaps = Vec::new();
+    let mut next = 0;
+    for (j, v) in values.iter().enumerate() {
+        if *v != 0.0 {
+            let mut gap = j - next;
+            while gap >= full {
+                gaps.push(full as u8);
+                gap -= full;
+            }
+            gaps.push(gap as u8);
+            next = j + 1;
+        }
+    }
+    gaps
+}
+
 /// Which of `numel` positions hold codes, from a relative index (see the module
 /// documentation); refuses entries that run past the tensor or place other than `nonzero`
 /// codes.
 fn index_positions(
-    bytes: &[u8],
+    gaps: Vec<u8>,
     bits: u8,
-    entries: usize,
     nonzero: usize,
     numel: usize,
 ) -> std::result::Result<Vec<bool>, String> {
-    let gaps = unpack_bits(bytes, bits, entries).map_err(|e| e.to_string())?;
     let full = (1usize << bits) - 1;
     let mut present = vec![false; numel];
     let (mut p, mut placed) = (0usize, 0usize);
@@ -772,10 +1059,9 @@ pub fn decode_packed(file: &SafetensorsFile) -> Result<Vec<NamedTensor>> {
     let mut companions: HashSet<&str> = HashSet::new();
     for (name, m) in &meta.tensors {
         by_codes.insert(m.codes.as_str(), (name.as_str(), m));
-        for c in [&m.scale, &m.zero_point, &m.codebook, &m.mask, &m.index]
-            .into_iter()
-            .flatten()
-        {
+        let parts = [&m.scale, &m.zero_point, &m.codebook, &m.mask, &m.index];
+        let entropy = [&m.code_lengths, &m.index_lengths];
+        for c in parts.into_iter().chain(entropy).flatten() {
             companions.insert(c.as_str());
         }
     }
@@ -844,6 +1130,18 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
     let codes_bytes = part(file, Some(&m.codes), Dtype::U8)
         .map_err(bad)?
         .unwrap_or(&[]);
+    let (code_lengths, index_lengths) = match m.entropy.as_deref() {
+        None => (None, None),
+        Some("huffman") => (
+            Some(
+                part(file, m.code_lengths.as_deref(), Dtype::U8)
+                    .map_err(bad)?
+                    .ok_or_else(|| bad("`entropy: huffman` without `code_lengths`".into()))?,
+            ),
+            part(file, m.index_lengths.as_deref(), Dtype::U8).map_err(bad)?,
+        ),
+        Some(other) => return Err(bad(format!("unknown entropy coding {other:?}"))),
+    };
     let mask = part(file, m.mask.as_deref(), Dtype::U8).map_err(bad)?;
     let index = part(file, m.index.as_deref(), Dtype::U8).map_err(bad)?;
     let present: Option<Vec<bool>> = match (mask, index, m.nonzero) {
@@ -874,13 +1172,38 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
                     "`index` needs `index_bits` (1 to 8) and `index_entries`".into(),
                 ));
             };
-            Some(index_positions(index, bits, entries, nonzero, numel).map_err(bad)?)
+            let gaps = match &index_lengths {
+                Some(lengths) => {
+                    if lengths.len() != 1 << bits {
+                        return Err(bad(format!(
+                            "{} index code lengths for {bits}-bit entries",
+                            lengths.len()
+                        )));
+                    }
+                    huffman::decode(index, lengths, entries).map_err(|e| bad(e.to_string()))?
+                }
+                None => unpack_bits(index, bits, entries).map_err(|e| bad(e.to_string()))?,
+            };
+            Some(index_positions(gaps, bits, nonzero, numel).map_err(bad)?)
         }
+    };
+    // Fixed-width or Huffman-coded codes, `n` of them.
+    let unpack = |n: usize| match &code_lengths {
+        Some(lengths) => {
+            if lengths.len() != 1 << m.bits {
+                return Err(bad(format!(
+                    "{} code lengths for {}-bit codes",
+                    lengths.len(),
+                    m.bits
+                )));
+            }
+            huffman::decode(codes_bytes, lengths, n).map_err(|e| bad(e.to_string()))
+        }
+        None => unpack_bits(codes_bytes, m.bits, n).map_err(|e| bad(e.to_string())),
     };
     let codes = match (&present, m.nonzero) {
         (Some(present), Some(nonzero)) => {
-            let packed =
-                unpack_bits(codes_bytes, m.bits, nonzero).map_err(|e| bad(e.to_string()))?;
+            let packed = unpack(nonzero)?;
             let mut full = vec![0u8; numel];
             let mut next = packed.into_iter();
             for (c, _) in full.iter_mut().zip(present).filter(|(_, p)| **p) {
@@ -888,7 +1211,7 @@ fn decode_one(file: &SafetensorsFile, name: &str, m: &TensorMeta) -> Result<Vec<
             }
             full
         }
-        _ => unpack_bits(codes_bytes, m.bits, numel).map_err(|e| bad(e.to_string()))?,
+        _ => unpack(numel)?,
     };
     let f32s = |b: Option<&[u8]>| -> Result<Vec<f32>> {
         b.map_or(Ok(vec![]), |b| {
@@ -993,6 +1316,7 @@ mod tests {
                 packed,
                 metadata: &meta,
                 precomputed: None,
+                entropy: Default::default(),
             },
             &mut bytes,
             &ctx,
@@ -1163,6 +1487,7 @@ mod tests {
                                 packed,
                                 metadata: &BTreeMap::new(),
                                 precomputed: None,
+                                entropy: Default::default(),
                             },
                             &mut out[k],
                             &ctx,
@@ -1221,6 +1546,183 @@ mod tests {
     }
 
     #[test]
+    fn huffman_entropy_shrinks_pruned_shared_weights_and_decodes_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        // 90% zeros at irregular places, Gaussian non-zeros: peaked k-means codes and
+        // skewed index gaps, as after Deep Compression's pruning and weight sharing.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let w: Vec<f32> = (0..64 * 256)
+            .map(|_| {
+                let (u, v): (f32, f32) = (rng.gen::<f32>().max(1e-9), rng.gen());
+                let g = (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos();
+                if rng.gen::<f32>() < 0.9 {
+                    0.0
+                } else {
+                    g
+                }
+            })
+            .collect();
+        let bytes = serialize(
+            &BTreeMap::new(),
+            &[(
+                TensorSpec::new("fc.weight", Dtype::F32, vec![64, 256]),
+                &encode_f32(&w)[..],
+            )],
+        )
+        .unwrap();
+        let path = dir.path().join("pruned.safetensors");
+        std::fs::write(&path, bytes).unwrap();
+        let input = SafetensorsFile::open(&path).unwrap();
+        let progress = |_: f64, _: &str| {};
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&progress, &cancel);
+        let selected = vec!["fc.weight".to_string()];
+        let kmeans = Method::Kmeans {
+            clusters: 32,
+            init: KmeansInit::Linear,
+            max_iterations: 30,
+            tolerance: 1e-6,
+        };
+        let int4 = Method::Uniform {
+            bits: 4,
+            symmetric: true,
+            granularity: Granularity::PerChannel,
+            search: false,
+        };
+        for method in [kmeans, int4] {
+            let mut out = [Vec::new(), Vec::new(), Vec::new()];
+            let mut reports = Vec::new();
+            let runs = [
+                (false, Entropy::Huffman),
+                (true, Entropy::None),
+                (true, Entropy::Huffman),
+            ];
+            for (k, (packed, entropy)) in runs.into_iter().enumerate() {
+                let job = QuantizeFile {
+                    selected: &selected,
+                    quantizer: &Quantizer {
+                        method,
+                        importance: Default::default(),
+                    },
+                    seed: 1,
+                    packed,
+                    metadata: &BTreeMap::new(),
+                    precomputed: None,
+                    entropy,
+                };
+                reports.push(quantize_file(&input, &job, &mut out[k], &ctx).unwrap());
+            }
+            let files: Vec<SafetensorsFile> = out
+                .iter()
+                .enumerate()
+                .map(|(k, b)| {
+                    let p = dir.path().join(format!("{k}.safetensors"));
+                    std::fs::write(&p, b).unwrap();
+                    SafetensorsFile::open(&p).unwrap()
+                })
+                .collect();
+            let meta = |f: &SafetensorsFile| -> QuantMeta {
+                serde_json::from_str(&f.header().metadata[METADATA_KEY]).unwrap()
+            };
+            assert_eq!(meta(&files[1]).version, 2);
+            let m = meta(&files[2]);
+            assert_eq!(m.version, 3);
+            let t = &m.tensors["fc.weight"];
+            assert_eq!(t.entropy.as_deref(), Some("huffman"));
+            let lengths = files[2].get("fc.weight.qcodes_lengths").unwrap();
+            assert_eq!(lengths.shape, [1usize << t.bits]);
+            // The same values from all three files, bit for bit.
+            let decoded: Vec<Vec<u32>> = files
+                .iter()
+                .map(|f| {
+                    decode_packed(f).unwrap()[0]
+                        .values
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                })
+                .collect();
+            assert_eq!(decoded[0], decoded[1], "{method:?}");
+            assert_eq!(decoded[0], decoded[2], "{method:?}");
+            // Reports: stored sizes are the file's tensors; entropy coding saved bytes.
+            let stored = |f: &SafetensorsFile| -> u64 {
+                f.header().tensors.iter().map(|t| t.nbytes() as u64).sum()
+            };
+            assert_eq!(reports[1][0].packed_bytes, stored(&files[1]));
+            assert_eq!(reports[2][0].packed_bytes, stored(&files[2]));
+            let e = reports[2][0].entropy.clone().unwrap();
+            assert_eq!(e.fixed_bytes, reports[1][0].packed_bytes);
+            assert_eq!(e.huffman_bytes, reports[2][0].packed_bytes);
+            assert!(e.huffman_bytes < e.fixed_bytes, "{method:?}: {e:?}");
+            assert!(e.index_bits_huffman < e.index_bits_fixed, "{e:?}");
+            assert!(e.code_bits_huffman < e.code_bits_fixed, "{e:?}");
+            assert_eq!(e.codes, w.iter().filter(|v| **v != 0.0).count() as u64);
+            assert_eq!(reports[0][0].mse, reports[2][0].mse);
+            assert!(reports[1][0].entropy.is_none());
+        }
+    }
+
+    #[test]
+    fn damaged_huffman_streams_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let w: Vec<f32> = (0..512)
+            .map(|i| if i % 7 == 0 { (i % 5) as f32 } else { 0.0 })
+            .collect();
+        let bytes = serialize(
+            &BTreeMap::new(),
+            &[(
+                TensorSpec::new("w", Dtype::F32, vec![8, 64]),
+                &encode_f32(&w)[..],
+            )],
+        )
+        .unwrap();
+        let path = dir.path().join("in.safetensors");
+        std::fs::write(&path, bytes).unwrap();
+        let input = SafetensorsFile::open(&path).unwrap();
+        let progress = |_: f64, _: &str| {};
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&progress, &cancel);
+        let mut out = Vec::new();
+        let selected = vec!["w".to_string()];
+        let job = QuantizeFile {
+            selected: &selected,
+            quantizer: &Quantizer {
+                method: Method::Kmeans {
+                    clusters: 4,
+                    init: KmeansInit::Linear,
+                    max_iterations: 10,
+                    tolerance: 1e-6,
+                },
+                importance: Default::default(),
+            },
+            seed: 1,
+            packed: true,
+            metadata: &BTreeMap::new(),
+            precomputed: None,
+            entropy: Entropy::Huffman,
+        };
+        quantize_file(&input, &job, &mut out, &ctx).unwrap();
+        let good = SafetensorsFile::open(&{
+            let p = dir.path().join("good.safetensors");
+            std::fs::write(&p, &out).unwrap();
+            p
+        })
+        .unwrap();
+        decode_packed(&good).unwrap();
+        // Over-subscribe the code lengths (every symbol 1 bit): refused, not a panic.
+        let lengths = good.get("w.qcodes_lengths").unwrap();
+        let start = out.len() - good.header().data_len() + lengths.data_offsets.0;
+        let mut bad = out.clone();
+        for b in &mut bad[start..start + 4] {
+            *b = 1;
+        }
+        let p = dir.path().join("bad.safetensors");
+        std::fs::write(&p, &bad).unwrap();
+        let err = decode_packed(&SafetensorsFile::open(&p).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("Kraft"), "{err}");
+    }
+
+    #[test]
     fn relative_index_chooses_its_width_and_encodes_long_gaps_with_fillers() {
         // Non-zeros at 0, 1, 40 and 300 of 400, 8-bit codes: gaps 0, 0, 38, 259.
         let mut w = vec![0f32; 400];
@@ -1242,7 +1744,7 @@ mod tests {
         );
         let bytes = p.encode(&w);
         assert_eq!(bytes, [0, 0, 38, 255, 4]);
-        let present = index_positions(&bytes, 8, 5, 4, 400).unwrap();
+        let present = index_positions(unpack_bits(&bytes, 8, 5).unwrap(), 8, 4, 400).unwrap();
         let at: Vec<usize> = (0..400).filter(|&i| present[i]).collect();
         assert_eq!(at, [0, 1, 40, 300]);
         for bits in 1..=7u8 {
@@ -1255,12 +1757,13 @@ mod tests {
             };
             let bytes = p.encode(&w);
             assert_eq!(bytes.len(), (entries * bits as usize).div_ceil(8), "{bits}");
-            let present = index_positions(&bytes, bits, entries, 4, 400).unwrap();
+            let present =
+                index_positions(unpack_bits(&bytes, bits, entries).unwrap(), bits, 4, 400).unwrap();
             assert_eq!((0..400).filter(|&i| present[i]).collect::<Vec<_>>(), at);
         }
         // Damaged indices are refused, not decoded past the tensor.
-        assert!(index_positions(&[0, 0, 38, 255, 200], 8, 5, 4, 400).is_err());
-        assert!(index_positions(&[0, 0, 38, 255, 4], 8, 5, 5, 400).is_err());
+        assert!(index_positions(vec![0, 0, 38, 255, 200], 8, 4, 400).is_err());
+        assert!(index_positions(vec![0, 0, 38, 255, 4], 8, 5, 400).is_err());
         // All zeros or all non-zeros: nothing to locate or nothing to skip.
         assert_eq!(
             Positions::choose(&[0.0; 64], 4),
@@ -1340,6 +1843,7 @@ mod tests {
                 packed: true,
                 metadata: &BTreeMap::new(),
                 precomputed: None,
+                entropy: Default::default(),
             },
             &mut out,
             &ctx,
@@ -1365,6 +1869,7 @@ mod tests {
                 packed: true,
                 metadata: &BTreeMap::new(),
                 precomputed: None,
+                entropy: Default::default(),
             },
             &mut out,
             &ctx,
@@ -1384,6 +1889,7 @@ mod tests {
                 packed: true,
                 metadata: &BTreeMap::new(),
                 precomputed: None,
+                entropy: Default::default(),
             },
             &mut out,
             &ctx,

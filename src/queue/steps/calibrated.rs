@@ -223,6 +223,7 @@ pub(super) fn calibrated(
                 packed: true,
                 metadata: input.metadata,
                 precomputed: Some(&codes),
+                entropy: Default::default(),
             },
             &mut file,
             env.ctx,

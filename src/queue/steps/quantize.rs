@@ -183,12 +183,14 @@ pub(super) fn quantize(
         packed,
         metadata: &metadata,
         precomputed: None,
+        entropy: spec.entropy,
     };
     let mut temp = env.store.create_temp()?;
     let reports = packed::quantize_file(source, &job(false), &mut temp, env.ctx)?;
+    let mut packed_reports = Vec::new();
     let artifact = if spec.format == Format::Packed {
         let mut file = env.store.create_temp()?;
-        packed::quantize_file(source, &job(true), &mut file, env.ctx)?;
+        packed_reports = packed::quantize_file(source, &job(true), &mut file, env.ctx)?;
         Some(Artifact {
             kind: "packed",
             format: "safetensors",
@@ -197,11 +199,17 @@ pub(super) fn quantize(
     } else {
         None
     };
-    let numel: u64 = reports
+    // The packed file's own figures where one was written (its sizes, entropy coding).
+    let layers = if packed_reports.is_empty() {
+        &reports
+    } else {
+        &packed_reports
+    };
+    let numel: u64 = layers
         .iter()
         .map(|r| r.shape.iter().product::<usize>() as u64)
         .sum();
-    let bits: f64 = reports
+    let bits: f64 = layers
         .iter()
         .map(|r| r.bits_per_weight * r.shape.iter().product::<usize>() as f64)
         .sum();
@@ -210,8 +218,8 @@ pub(super) fn quantize(
         "format": spec.format.as_str(),
         "tensors_quantized": reports.len(),
         "bits_per_weight": if numel == 0 { 0.0 } else { bits / numel as f64 },
-        "packed_bytes": reports.iter().map(|r| r.packed_bytes).sum::<u64>(),
-        "dense_bytes": reports.iter().map(|r| r.dense_bytes).sum::<u64>(),
+        "packed_bytes": layers.iter().map(|r| r.packed_bytes).sum::<u64>(),
+        "dense_bytes": layers.iter().map(|r| r.dense_bytes).sum::<u64>(),
         "packed_file_bytes": artifact.as_ref().map(|a| a.file.size()),
         "max_mse": reports.iter().map(|r| r.mse).fold(0.0, f64::max),
         "min_sqnr_db": reports.iter().filter_map(|r| r.sqnr_db).reduce(f64::min),
@@ -219,13 +227,40 @@ pub(super) fn quantize(
     if !importance_summary.is_null() {
         record["summary"]["importance"] = importance_summary;
     }
-    record["layers"] = serde_json::to_value(&reports).unwrap_or(Value::Null);
+    if let Some(a) = &artifact {
+        record["summary"]["entropy"] = json!(spec.entropy.as_str());
+        record["summary"]["stages"] = stages(&packed_reports, temp.size(), a.file.size());
+    }
+    record["layers"] = serde_json::to_value(layers).unwrap_or(Value::Null);
     Ok(StepOut {
         outputs: None,
         file: Some(temp),
         artifact,
         architecture: None,
         record,
+    })
+}
+
+/// Deep Compression's columns for the packed artifact (Han et al. 2016, Table 1), over the
+/// quantized weights: their dense bytes over their bytes with fixed-width codes and index
+/// (quantization, pruning's index included; what `entropy: none` stores) and over the bytes
+/// stored (after Huffman coding where asked); and the whole files' ratio.
+fn stages(packed: &[packed::QuantReport], input_bytes: u64, file_bytes: u64) -> Value {
+    let dense: u64 = packed.iter().map(|r| r.dense_bytes).sum();
+    let stored: u64 = packed.iter().map(|r| r.packed_bytes).sum();
+    let fixed: u64 = packed
+        .iter()
+        .map(|r| r.entropy.as_ref().map_or(r.packed_bytes, |e| e.fixed_bytes))
+        .sum();
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    json!({
+        "weights_dense_bytes": dense,
+        "weights_quantized_bytes": fixed,
+        "weights_stored_bytes": stored,
+        "quantization_ratio": ratio(dense, fixed),
+        "entropy_ratio": ratio(fixed, stored),
+        "weights_ratio": ratio(dense, stored),
+        "file_ratio": ratio(input_bytes, file_bytes),
     })
 }
 
