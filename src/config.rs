@@ -283,14 +283,18 @@ impl Config {
     /// The job memory limit in force: the configured one, else half of `MemTotal` (8 GiB
     /// where the machine's memory cannot be read).
     pub fn job_memory_limit(&self) -> u64 {
+        // Read once: every submit asks, and the machine's memory does not change.
+        static HALF_OF_MEMORY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         self.job_memory_bytes.unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .and_then(|m| {
-                    let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-                    line.split_whitespace().nth(1)?.parse::<u64>().ok()
-                })
-                .map_or(8 << 30, |kb| kb * 1024 / 2)
+            *HALF_OF_MEMORY.get_or_init(|| {
+                std::fs::read_to_string("/proc/meminfo")
+                    .ok()
+                    .and_then(|m| {
+                        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+                        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+                    })
+                    .map_or(8 << 30, |kb| kb * 1024 / 2)
+            })
         })
     }
 

@@ -167,13 +167,12 @@ pub(crate) fn from_row(row: &AnyRow) -> Result<JobRecord> {
     })
 }
 
-/// Insert a new queued job with its labels and its first `state` event, atomically; on
-/// PostgreSQL also `NOTIFY notify_channel` when it commits.
+/// Insert a new queued job with its labels and its first `state` event, atomically.
 ///
 /// PostgreSQL does it in one statement (data-modifying CTEs, one round trip, one implicit
-/// transaction): a submit is then one commit, not begin + three inserts + commit + notify.
+/// transaction): a submit is then one commit, not begin + three inserts + commit.
 /// SQLite is in-process, so round trips cost nothing there and the plain transaction stays.
-pub async fn insert(db: &Db, job: &JobRecord, notify_channel: Option<&str>) -> Result<()> {
+pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
     let event = serde_json::json!({"state": "queued"}).to_string();
     let labels = serde_json::to_string(&job.labels()).unwrap_or_else(|_| "{}".into());
     if db.backend() == super::Backend::Postgres {
@@ -184,10 +183,9 @@ pub async fn insert(db: &Db, job: &JobRecord, notify_channel: Option<&str>) -> R
              values ($1, $2, $3, $4, $5, 0, $6, $7, $8, $9, $10, 0, $11, $11, $12, $13) \
              returning id), \
              l as (insert into job_labels (job_id, key, value) \
-             select j.id, t.key, t.value from j, json_each_text($14::json) as t), \
-             e as (insert into job_events (job_id, kind, data, created_at) \
-             select j.id, 'state', $15, $11 from j) \
-             select pg_notify($16, '') from j where $16 <> ''",
+             select j.id, t.key, t.value from j, json_each_text($14::json) as t) \
+             insert into job_events (job_id, kind, data, created_at) \
+             select j.id, 'state', $15, $11 from j",
         )
         .bind(job.id.to_string())
         .bind(job.state.as_str())
@@ -204,7 +202,6 @@ pub async fn insert(db: &Db, job: &JobRecord, notify_channel: Option<&str>) -> R
         .bind(job.spec.get("webhook_url").and_then(Value::as_str))
         .bind(labels)
         .bind(event)
-        .bind(notify_channel.unwrap_or(""))
         .execute(db.pool())
         .await?;
         let _ = super::events::appended().send(job.id);
