@@ -61,6 +61,35 @@ pub fn par_map<I: Send, T: Send>(items: Vec<I>, f: impl Fn(I) -> T + Sync) -> Ve
     })
 }
 
+/// Asks the kernel to back the whole 2 MiB extents of a large, freshly allocated and not yet
+/// touched buffer with transparent huge pages (`madvise(MADV_HUGEPAGE)`; honoured where
+/// `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`): the first writes
+/// then take one page fault per 2 MiB instead of one per 4 KiB, which is most of what
+/// writing into fresh memory costs (a 256 MiB output: 128 faults instead of 65,536). A hint
+/// only; nothing changes where it is refused or on other systems.
+pub fn advise_huge_pages<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (first, last) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if last >= first + HUGE {
+            // SAFETY: [first, last) lies inside `buf`'s allocation; MADV_HUGEPAGE changes how
+            // its pages are backed, never their contents.
+            unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@ impl GroupSize {
         match self {
             GroupSize::PerChannel => None,
             GroupSize::Size(g) => Some(g),
-            GroupSize::Default => [128, 64, 32].into_iter().find(|g| cols % g == 0),
+            GroupSize::Default => [128, 64, 32].into_iter().find(|g| cols.is_multiple_of(*g)),
         }
     }
 }

@@ -739,5 +739,8 @@ fn check_selection(
 
 /// The largest divisor of `n` not above `g` (a group size that would work).
 fn largest_divisor_at_most(n: usize, g: usize) -> usize {
-    (1..=g.min(n)).rev().find(|d| n % d == 0).unwrap_or(1)
+    (1..=g.min(n))
+        .rev()
+        .find(|d| n.is_multiple_of(*d))
+        .unwrap_or(1)
 }

@@ -73,7 +73,7 @@ impl BertConfig {
     pub fn from_json(config: &Value) -> Result<BertConfig> {
         let c: BertConfig = serde_json::from_value(config.clone())
             .map_err(|e| Error::ArchitectureMismatch(format!("config.json for bert: {e}")))?;
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error::ArchitectureMismatch(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads

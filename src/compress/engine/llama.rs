@@ -108,13 +108,13 @@ impl LlamaConfig {
         }
         let heads = r.num_attention_heads;
         let kv = r.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(Error::ArchitectureMismatch(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
             )));
         }
         let head_dim = r.head_dim.unwrap_or(r.hidden_size / heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::ArchitectureMismatch(format!(
                 "head_dim {head_dim} must be even"
             )));

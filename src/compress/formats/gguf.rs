@@ -249,11 +249,11 @@ impl GgufType {
     /// The type a row of `row` values is stored as: this type when its blocks divide the
     /// row, else its [`GgufType::fallback`] when that one's do; `None` when nothing fits.
     pub fn for_row(self, row: usize) -> Option<GgufType> {
-        if row > 0 && row % self.block_size() == 0 {
+        if row > 0 && row.is_multiple_of(self.block_size()) {
             return Some(self);
         }
         self.fallback()
-            .filter(|f| row > 0 && row % f.block_size() == 0)
+            .filter(|f| row > 0 && row.is_multiple_of(f.block_size()))
     }
 
     /// candle's type.

@@ -179,7 +179,11 @@ fn order_key(name: &str) -> (usize, usize, String) {
 /// Undoes llama.cpp's row permutation of a query or key projection: within each of `heads`
 /// heads, GGUF row `2i + j` is Hugging Face row `j·(d/2) + i` (`d` = rows per head).
 pub fn unpermute_rows(values: &[f32], rows: usize, heads: usize) -> Result<Vec<f32>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || values.len() % rows != 0 {
+    if heads == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || !values.len().is_multiple_of(rows)
+    {
         return Err(invalid(format!(
             "{rows} rows do not split into {heads} heads of an even width"
         )));

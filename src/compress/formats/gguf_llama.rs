@@ -227,7 +227,10 @@ pub fn plan(
 /// llama.cpp's row permutation of a query / key projection: within each head of `d` rows,
 /// Hugging Face row `j·(d/2) + i` becomes row `2i + j`. Whole rows of `row_bytes` move.
 pub fn permute_rows(bytes: &[u8], rows: usize, heads: usize, row_bytes: usize) -> Result<Vec<u8>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || bytes.len() != rows * row_bytes
+    if heads == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || bytes.len() != rows * row_bytes
     {
         return Err(invalid(format!(
             "{rows} rows do not split into {heads} heads of an even width"

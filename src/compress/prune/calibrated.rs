@@ -34,7 +34,7 @@ impl Target {
         match *self {
             Target::Sparsity(s) if (0.0..1.0).contains(&s) => Ok(()),
             Target::Sparsity(s) => Err(Error::invalid("sparsity", format!("{s} is not in [0, 1)"))),
-            Target::NM { n, m } if n < m && m > 0 && cols % m == 0 => Ok(()),
+            Target::NM { n, m } if n < m && m > 0 && cols.is_multiple_of(m) => Ok(()),
             Target::NM { n, m } => Err(Error::invalid(
                 "m",
                 format!("{n}:{m} does not fit rows of {cols} weights (m must divide them, n < m)"),

@@ -86,7 +86,7 @@ pub(super) fn check_nm(name: &str, shape: &[usize], m: usize) -> Result<()> {
             ),
         });
     }
-    if shape[1] % m != 0 {
+    if !shape[1].is_multiple_of(m) {
         return Err(Error::InvalidParameter {
             field: "m".into(),
             detail: format!(
@@ -119,7 +119,7 @@ pub(super) fn threshold_bits(vals: &[f32], t: u32, cut: usize) -> Vec<u8> {
 /// A mask with every one of `n` bits set.
 pub(super) fn full_mask(n: usize) -> Vec<u8> {
     let mut bits = vec![0xffu8; mask_len(n)];
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         if let Some(last) = bits.last_mut() {
             *last = (1u8 << (n % 8)) - 1;
         }

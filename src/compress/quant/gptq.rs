@@ -114,7 +114,7 @@ impl Grid {
 /// GPTQ is compared with.
 pub fn rtn(w: &[f32], rows: usize, cols: usize, p: &GptqParams) -> Vec<f32> {
     let g = p.group_size.unwrap_or(cols);
-    if g == 0 || cols % g != 0 || w.len() != rows * cols {
+    if g == 0 || !cols.is_multiple_of(g) || w.len() != rows * cols {
         return w.to_vec(); // nothing to round (an empty layer); gptq() refuses such shapes
     }
     let mut out = vec![0f32; w.len()];
@@ -142,7 +142,7 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> R
         )));
     }
     let g = p.group_size.unwrap_or(cols);
-    if g == 0 || cols % g != 0 {
+    if g == 0 || !cols.is_multiple_of(g) {
         return Err(Error::invalid(
             "group_size",
             format!("{cols} columns do not split into groups of {g}"),
@@ -197,7 +197,7 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> R
         for i in i1..i2 {
             let c = perm[i];
             let group = c / g;
-            if !static_grids && c % g == 0 {
+            if !static_grids && c.is_multiple_of(g) {
                 // The group's columns are perm[i..i+g] (no act_order: perm is the identity).
                 for r in 0..rows {
                     let vals = (i..i + g).map(|k| wt[k * rows + r]);

@@ -605,13 +605,16 @@ fn check_group(tensor: &str, shape: &[usize], cols: usize, group_size: usize) ->
             "group_size must be at least 1, got 0",
         ));
     }
-    if cols % group_size == 0 {
+    if cols.is_multiple_of(group_size) {
         return Ok(());
     }
     // The nearest divisors of `cols` around the requested size.
-    let below = (1..group_size).rev().find(|d| cols % *d == 0).unwrap_or(1);
+    let below = (1..group_size)
+        .rev()
+        .find(|d| cols.is_multiple_of(*d))
+        .unwrap_or(1);
     let above = (group_size + 1..=cols)
-        .find(|d| cols % *d == 0)
+        .find(|d| cols.is_multiple_of(*d))
         .unwrap_or(cols);
     let hint = format!("try group_size {below} or {above} (divisors of {cols}), or per_channel");
     Err(Error::invalid("group_size",
@@ -799,6 +802,7 @@ fn quantize_impl(
         )));
     }
     let mut codes = vec![0u8; values.len()];
+    crate::compress::parallel::advise_huge_pages(&mut codes);
     let params = match *method {
         Method::Uniform {
             bits,
@@ -835,6 +839,7 @@ fn quantize_impl(
     };
     let (dequantized, stats) = if keep_dequantized {
         let mut d = vec![0f32; values.len()];
+        crate::compress::parallel::advise_huge_pages(&mut d);
         params.dequantize(&codes, &mut d)?;
         let stats = error_stats(values, &d);
         (d, stats)
@@ -916,6 +921,59 @@ mod tests {
         let half_step = q.params.scales.iter().fold(0f32, |a, &s| a.max(s)) * 0.5;
         assert!(stats.max_abs <= f64::from(half_step) * 1.0001);
         assert!(stats.sqnr_db().unwrap() > 35.0);
+    }
+
+    #[test]
+    fn symmetric_kernels_agree_with_the_generic_loop_bit_for_bit() {
+        // Odd widths (a tail after the 16-wide body), exact halves (ties round to even),
+        // zero rows, subnormals and every bit width.
+        for cols in [1usize, 15, 16, 33, 256, 1000] {
+            let rows = 7;
+            let mut v = randn(rows * cols, cols as u64);
+            for (i, x) in v.iter_mut().enumerate().step_by(5) {
+                *x = (i % 9) as f32 * 0.5 - 2.0;
+            }
+            v[..cols].iter_mut().for_each(|x| *x = 0.0);
+            v[cols] = 1e-40;
+            for bits in 2..=8u8 {
+                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+                let offset = 1i32 << (bits - 1);
+                let mut want = (vec![0u8; v.len()], vec![0f32; rows]);
+                assert!(uniform::symmetric_rows_generic(
+                    &v,
+                    cols,
+                    qmax,
+                    offset,
+                    &mut want.0,
+                    &mut want.1
+                ));
+                let mut got = (vec![0u8; v.len()], vec![0f32; rows]);
+                assert!(uniform::symmetric_rows(
+                    &v, cols, qmax, offset, &mut got.0, &mut got.1
+                ));
+                assert_eq!(got, want, "{cols} columns, {bits} bits");
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    let mut got = (vec![0u8; v.len()], vec![0f32; rows]);
+                    // SAFETY: the CPU supports AVX-512F, checked just above.
+                    let ok = unsafe {
+                        uniform::symmetric_rows_avx512(
+                            &v, cols, qmax, offset, &mut got.0, &mut got.1,
+                        )
+                    };
+                    assert!(ok);
+                    assert_eq!(got, want, "avx512: {cols} columns, {bits} bits");
+                    let mut bad = v.clone();
+                    bad[3 * cols] = f32::NEG_INFINITY;
+                    // SAFETY: as above.
+                    assert!(!unsafe {
+                        uniform::symmetric_rows_avx512(
+                            &bad, cols, qmax, offset, &mut got.0, &mut got.1,
+                        )
+                    });
+                }
+            }
+        }
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub fn quantize_symmetric_rows(
 ) -> Result<()> {
     check_bits(bits)?;
     let cols = cols.max(1);
-    if values.len() % cols != 0
+    if !values.len().is_multiple_of(cols)
         || codes.len() != values.len()
         || scales.len() != values.len() / cols
     {
@@ -121,11 +121,71 @@ pub(super) fn symmetric_rows(
     scales: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { symmetric_rows_avx2(values, cols, qmax, offset, codes, scales) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { symmetric_rows_avx512(values, cols, qmax, offset, codes, scales) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { symmetric_rows_avx2(values, cols, qmax, offset, codes, scales) };
+        }
     }
     symmetric_rows_generic(values, cols, qmax, offset, codes, scales)
+}
+
+/// [`symmetric_rows_generic`] written for AVX-512F: 16 values per instruction, the row's
+/// largest magnitude as an unsigned max of the sign-cleared bits, codes rounded half to even
+/// by `vcvtps2dq` (the default rounding mode, as [`round_i32`]) and narrowed with `vpmovdb`.
+/// The same codes and scales as the generic loop, bit for bit (unit test).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) fn symmetric_rows_avx512(
+    values: &[f32],
+    cols: usize,
+    qmax: f32,
+    offset: i32,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) -> bool {
+    use std::arch::x86_64::*;
+    let abs = _mm512_set1_epi32(0x7fff_ffff);
+    let off = _mm512_set1_epi32(offset);
+    let (hi, lo) = (_mm512_set1_ps(qmax), _mm512_set1_ps(-qmax));
+    for ((row, crow), scale) in values
+        .chunks(cols)
+        .zip(codes.chunks_mut(cols))
+        .zip(scales.iter_mut())
+    {
+        let body = row.len() / 16 * 16;
+        let mut m = _mm512_setzero_si512();
+        for c in row[..body].chunks_exact(16) {
+            // SAFETY: `c` holds 16 f32 (64 bytes); unaligned loads are allowed.
+            let v = unsafe { _mm512_loadu_si512(c.as_ptr().cast()) };
+            m = _mm512_max_epu32(m, _mm512_and_si512(v, abs));
+        }
+        let bits = _mm512_reduce_max_epu32(m).max(amax_bits(&row[body..]));
+        if bits >= 0x7f80_0000 {
+            return false;
+        }
+        let (sc, inv) = symmetric_scale(f32::from_bits(bits), qmax);
+        *scale = sc;
+        let vinv = _mm512_set1_ps(inv);
+        for (c, out) in row[..body]
+            .chunks_exact(16)
+            .zip(crow[..body].chunks_exact_mut(16))
+        {
+            // SAFETY: `c` holds 16 f32 and `out` 16 bytes; unaligned accesses are allowed.
+            unsafe {
+                let v = _mm512_loadu_ps(c.as_ptr());
+                let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), lo), hi);
+                let i = _mm512_add_epi32(_mm512_cvtps_epi32(q), off);
+                _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(i));
+            }
+        }
+        encode_symmetric(&row[body..], inv, qmax, offset, &mut crow[body..]);
+    }
+    true
 }
 
 /// [`symmetric_rows_generic`] compiled for AVX2 (8-wide max, round, pack).
