@@ -96,6 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 warmup_epochs: 0,
             },
             grad_clip: None,
+            augment: None,
             early_stopping: None,
             lr_multipliers: Vec::new(),
             seed: 0,

@@ -192,7 +192,7 @@ def optimizer(name, lr, weight_decay, momentum=0.9):
 
 
 def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weight_decay=0.0,
-               opt="adamw", kind="polynomial"):
+               opt="adamw", kind="polynomial", kept=None):
     step = {"op": "prune", "method": "magnitude", "scope": scope,
             "schedule": {"kind": kind, "iterations": iterations,
                          "finetune": {"dataset_id": train, "epochs": epochs_per_round, "batch_size": 128,
@@ -202,10 +202,17 @@ def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weig
         step["schedule"]["power"] = 3
     if scope == "layer":
         step["sparsity"] = 0.92
-        step["layers"] = {k: round(1 - v, 4) for k, v in HAN_KEPT.items()}
+        step["layers"] = {k: round(1 - v, 4) for k, v in (kept or HAN_KEPT).items()}
     else:
         step["sparsity"] = 0.92
     return step
+
+
+def kept_arg(args):
+    """`--kept 0.045,0.07,0.25`: the fractions of fc1, fc2, fc3 kept (default Han et al.'s)."""
+    if not args.kept:
+        return None
+    return dict(zip(["fc1.weight", "fc2.weight", "fc3.weight"], (float(k) for k in args.kept.split(","))))
 
 
 def base_lenet(args, train, test):
@@ -220,11 +227,11 @@ def han(args):
     train, test = mnist(args)
     base, base_final, base_s = base_lenet(args, train, test)
     steps = [prune_step(train, args.iterations, args.round_epochs, args.scope, args.retrain_lr, args.retrain_wd,
-                        args.retrain_optimizer)]
+                        args.retrain_optimizer, kept=kept_arg(args))]
     if args.final_epochs:
         # One more round at the final sparsity (the mask does not change), retrained longer.
         steps.append(prune_step(train, 1, args.final_epochs, args.scope, args.final_lr or args.retrain_lr,
-                                args.retrain_wd, args.retrain_optimizer, kind="constant"))
+                                args.retrain_wd, args.retrain_optimizer, kind="constant", kept=kept_arg(args)))
     job, m, seconds = run_job(args.url, {
         "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": steps})
     rounds = [r for s in m["steps"] for r in s["summary"]["iterations"]]
@@ -266,8 +273,8 @@ def deep(args):
     train, test = mnist(args)
     base, base_final, _ = base_lenet(args, train, test)
     size_in = call(f"{args.url}/v1/models/{base}")["size_bytes"]
-    kmeans_step = {"op": "quantize", "method": "kmeans", "clusters": 32, "init": "linear", "format": "packed",
-                   "include": ["fc*.weight"]}
+    kmeans_step = {"op": "quantize", "method": "kmeans", "clusters": args.clusters, "init": "linear",
+                   "format": "packed", "entropy": args.entropy, "include": ["fc*.weight"]}
     if args.qat_epochs:
         # Deep Compression §3.3: fine-tune the shared centroids (pruned weights stay zero).
         kmeans_step["qat"] = {"dataset_id": train, "epochs": args.qat_epochs, "batch_size": 128,
@@ -276,14 +283,23 @@ def deep(args):
     job, m, seconds = run_job(args.url, {
         "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
         "steps": [prune_step(train, args.iterations, args.round_epochs, lr=args.retrain_lr, weight_decay=args.retrain_wd,
-                             opt=args.retrain_optimizer),
+                             opt=args.retrain_optimizer, kept=kept_arg(args)),
                   kmeans_step]})
     final = m["final"]
+    quant = m["steps"][-1]
+    pruned_layers = m["steps"][0]["layers"]
+    total = sum(l["numel"] for l in pruned_layers)
+    nonzero = sum(l["nonzero"] for l in pruned_layers)
     return {"experiment": "Deep Compression pipeline on MNIST LeNet-300-100: prune (iterative) -> kmeans-32 (5 bits), packed",
             "float_model_bytes": size_in, "float_test_error_percent": err(base_final["accuracy"]),
             "packed_bytes": final.get("packed_size_bytes"), "compression_x": round(size_in / final["packed_size_bytes"], 1),
             "test_error_percent": err(final["accuracy"]),
             "paper": {"float_kb": 1070, "compressed_kb": 27, "x": 40, "x_without_huffman": "~32", "error_percent": 1.58},
+            "stages": {"pruning_x": round(total / nonzero, 2), **quant["summary"].get("stages", {})},
+            "entropy": args.entropy, "clusters": args.clusters,
+            "kept_per_layer": {l["tensor"]: round(1 - l["sparsity"], 4) for l in pruned_layers},
+            "layers": [{k: l.get(k) for k in ("tensor", "packed_bytes", "bits_per_weight", "entropy")} for l in quant["layers"]],
+            "iterations": args.iterations, "epochs_per_round": args.round_epochs,
             "centroid_finetune_epochs": args.qat_epochs,
             "retrain_optimizer": optimizer(args.retrain_optimizer, args.retrain_lr, args.retrain_wd),
             "pruned_test_error_percent": err(m["steps"][0]["summary"]["iterations"][-1]["accuracy_after_retraining"]),
@@ -424,6 +440,9 @@ def main():
     ap.add_argument("--final-epochs", type=int, default=0,
                     help="han: one more retraining round at the final sparsity, this many epochs")
     ap.add_argument("--final-lr", type=float, help="han: learning rate of that round (default: --retrain-lr)")
+    ap.add_argument("--kept", help="han/deep: fractions of fc1,fc2,fc3 kept, e.g. 0.045,0.07,0.25 (default 0.08,0.09,0.26)")
+    ap.add_argument("--clusters", type=int, default=32, help="deep: k-means codebook size")
+    ap.add_argument("--entropy", choices=["none", "huffman"], default="huffman", help="deep: entropy coding of the packed file")
     ap.add_argument("--qat-epochs", type=int, default=3, help="quant: QAT epochs; deep: centroid fine-tuning epochs (0: none)")
     ap.add_argument("--distill-epochs", type=int, default=0,
                     help="han: then retrain the pruned network this many epochs by distillation from the unpruned one (zeros held)")

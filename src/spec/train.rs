@@ -9,7 +9,7 @@ use crate::codes::Code;
 use crate::compress::engine::finetune::{FinetuneParams, HeadParams, Validation};
 use crate::compress::engine::text_eval::TextEvalParams;
 use crate::compress::engine::train::{
-    EarlyStopping, LrSchedule, Optimizer, ScheduleKind, StopMetric,
+    Augment, EarlyStopping, LrSchedule, Optimizer, ScheduleKind, StopMetric,
 };
 use crate::compress::select::glob_match;
 use crate::ids::DatasetId;
@@ -74,7 +74,7 @@ impl FinetuneParams<DatasetId> {
             }
         };
         schedule["warmup_epochs"] = json!(self.lr_schedule.warmup_epochs);
-        json!({
+        let mut v = json!({
             "op": "finetune",
             "dataset_id": self.dataset.to_string(),
             "validation": match &self.validation {
@@ -92,7 +92,11 @@ impl FinetuneParams<DatasetId> {
             "early_stopping": self.early_stopping.as_ref().map(|e| json!({"patience": e.patience, "metric": e.metric.as_str()})),
             "grad_clip": self.grad_clip,
             "seed": self.seed,
-        })
+        });
+        if let Some(a) = &self.augment {
+            v["augment"] = json!({"translate": a.translate});
+        }
+        v
     }
 }
 
@@ -296,6 +300,7 @@ pub fn parse_training(
         "early_stopping",
         "grad_clip",
         "seed",
+        "augment",
     ];
     if rules.layer_options {
         allowed.extend(["freeze", "head", "layer_lr"]);
@@ -460,6 +465,28 @@ pub fn parse_training(
     }
     let grad_clip = f64_in(obj, "grad_clip", (1e-9, 1e9), pointer, errors);
     let seed = super::fields::seed(obj, pointer, errors);
+    let augment = object(obj, "augment", pointer, errors).map(|a| {
+        let ap = format!("{pointer}/augment");
+        deny_unknown(a, &["translate"], &ap, errors);
+        let augment = Augment {
+            translate: usize_in(a, "translate", (0, 64), &ap, errors).unwrap_or(0),
+        };
+        let shape = facts.and_then(|f| {
+            let d = dataset_id.as_ref()?;
+            f.datasets.get(d)
+        });
+        if let Some(d) = shape {
+            let refused = if d.text {
+                Some("augmentation applies to image datasets, not text".to_string())
+            } else {
+                augment.check(&d.feature_shape).err().map(|e| e.to_string())
+            };
+            if let Some(why) = refused {
+                errors.push(FieldError::new(format!("{ap}/translate"), why));
+            }
+        }
+        augment
+    });
 
     if let (Some(f), Some(d)) = (facts, &dataset_id) {
         let arch_ok = require_architecture(f, pointer, errors);
@@ -528,6 +555,7 @@ pub fn parse_training(
         early_stopping,
         grad_clip,
         seed,
+        augment,
     })
 }
 

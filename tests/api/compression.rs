@@ -1077,6 +1077,125 @@ async fn kmeans_qat_fine_tunes_shared_centroids_and_keeps_pruned_weights_at_zero
 }
 
 #[tokio::test]
+async fn augmentation_shifts_training_images_reproducibly_and_runs_the_teacher_live() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = fresh_model(&t, mlp(32), 3).await;
+    let finetune = |augment: Option<Value>| {
+        let mut s = train(&data, 2);
+        s["op"] = json!("finetune");
+        s["seed"] = json!(5);
+        if let Some(a) = augment {
+            s["augment"] = a;
+        }
+        json!({"model_id": model, "eval": {"dataset_id": data}, "steps": [s]})
+    };
+    let (a, ma) = run(&t, finetune(Some(json!({"translate": 1})))).await;
+    let (b, _) = run(&t, finetune(Some(json!({"translate": 1})))).await;
+    let (c, _) = run(&t, finetune(None)).await;
+    assert_eq!(a["steps"][0]["augment"], json!({"translate": 1}), "{a}");
+    assert!(c["steps"][0].get("augment").is_none(), "{c}");
+    // Seeded: the same shifts twice; and not the unaugmented run.
+    let weights = |bytes: Vec<u8>| {
+        f32s(
+            &safetensors::SafeTensors::deserialize(&bytes).unwrap(),
+            "fc1.weight",
+        )
+    };
+    let (wa, wb, wc) = (
+        weights(output(&t, &a).await),
+        weights(output(&t, &b).await),
+        weights(output(&t, &c).await),
+    );
+    assert!(wa == wb, "the same seed gave different weights");
+    assert!(wa != wc, "augmentation changed nothing");
+    assert!(ma["final"]["accuracy"].as_f64().unwrap() > 0.5, "{ma}");
+
+    // Distillation with augmentation runs the teacher on every (shifted) batch.
+    let teacher = trained(&t, mlp(64), &data, 3).await;
+    let mut step = train(&data, 1);
+    step["op"] = json!("distill");
+    step["student"] = json!({"architecture": mlp(16)});
+    step["augment"] = json!({"translate": 2});
+    step["baseline"] = json!(true);
+    let (_, m) = run(&t, json!({"model_id": teacher, "steps": [step.clone()]})).await;
+    let s = &m["steps"][0]["summary"];
+    assert_eq!(s["teacher_cached"], false, "{s}");
+    assert_eq!(s["baseline_epochs"].as_array().map(Vec::len), Some(1), "{s}");
+    step["augment"] = Value::Null;
+    let (_, m) = run(&t, json!({"model_id": teacher, "steps": [step]})).await;
+    assert_eq!(m["steps"][0]["summary"]["teacher_cached"], true);
+
+    // Refused: flat samples, a shift as large as the image, unknown fields.
+    let d = smartcore::dataset::digits::load_dataset();
+    let x: Vec<f32> = d.data.iter().map(|v| *v / 16.0).collect();
+    let y: Vec<i64> = d.target.iter().map(|v| *v as i64).collect();
+    let flat = tensors::serialize(
+        &BTreeMap::new(),
+        &[
+            (
+                TensorSpec::new("x", Dtype::F32, vec![y.len(), 64]),
+                tensors::encode_f32(&x).as_slice(),
+            ),
+            (
+                TensorSpec::new("y", Dtype::I64, vec![y.len()]),
+                tensors::encode_i64(&y).as_slice(),
+            ),
+        ],
+    )
+    .unwrap();
+    let flat = upload_dataset(&t, flat).await;
+    let linear = fresh_model(
+        &t,
+        json!({"kind": "sequential", "input_shape": [64], "layers": [
+            {"type": "linear", "name": "fc", "in_features": 64, "out_features": 10}]}),
+        1,
+    )
+    .await;
+    let step = |dataset: &str, augment: Value| {
+        let mut s = train(dataset, 1);
+        s["op"] = json!("finetune");
+        s["augment"] = augment;
+        vec![s]
+    };
+    for (model, steps, pointer) in [
+        (
+            &linear,
+            step(&flat, json!({"translate": 2})),
+            "/steps/0/augment/translate",
+        ),
+        (
+            &model,
+            step(&data, json!({"translate": 8})),
+            "/steps/0/augment/translate",
+        ),
+        (
+            &model,
+            step(&data, json!({"translate": 65})),
+            "/steps/0/augment/translate",
+        ),
+        (
+            &model,
+            step(&data, json!({"rotate": 10})),
+            "/steps/0/augment/rotate",
+        ),
+    ] {
+        let r = t
+            .post_json("/v1/jobs", &json!({"model_id": model, "steps": steps}))
+            .await;
+        assert_eq!(r.status, 422, "{}", r.text());
+        let body = r.json();
+        let pointers: Vec<&str> = body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["pointer"].as_str())
+            .collect();
+        assert!(pointers.contains(&pointer), "{body}");
+    }
+}
+
+#[tokio::test]
 async fn distillation_trains_a_smaller_student_and_reports_the_baseline() {
     let t = TestApp::sqlite().await;
     let data = upload_dataset(&t, digits()).await;

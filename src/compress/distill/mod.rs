@@ -524,7 +524,8 @@ pub fn distill_with_cache(
         .sum::<Result<usize>>()?
         .saturating_mul(p.dataset.samples)
         .saturating_mul(4);
-    let auto = teacher_cache == TeacherCache::Auto;
+    // Augmented inputs differ at every step: the teacher runs on each batch as seen.
+    let auto = teacher_cache == TeacherCache::Auto && config.augment.is_none();
     let features_cached =
         auto && !params.features.is_empty() && feature_bytes <= FEATURE_CACHE_LIMIT_BYTES;
     // With alpha = 0 and no cached features, training never looks at the teacher.

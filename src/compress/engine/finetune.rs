@@ -10,7 +10,8 @@
 
 use crate::compress::engine::data::{Dataset, Subset};
 use crate::compress::engine::train::{
-    self, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, TrainConfig, TrainHooks,
+    self, Augment, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, TrainConfig,
+    TrainHooks,
 };
 use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::NamedTensor;
@@ -84,6 +85,8 @@ pub struct FinetuneParams<D> {
     /// Seed of the validation split, shuffles, dropout and the new head's initialisation
     /// (`None`: the job's seed, filled in by [`FinetuneParams::with_data`]).
     pub seed: Option<u64>,
+    /// Augmentation of the training batches.
+    pub augment: Option<Augment>,
 }
 
 impl<D> FinetuneParams<D> {
@@ -108,6 +111,7 @@ impl<D> FinetuneParams<D> {
             early_stopping: None,
             grad_clip: None,
             seed: None,
+            augment: None,
         }
     }
 
@@ -133,6 +137,7 @@ impl<D> FinetuneParams<D> {
             early_stopping: self.early_stopping,
             grad_clip: self.grad_clip,
             seed: Some(self.seed.unwrap_or(default_seed)),
+            augment: self.augment,
         }
     }
 
@@ -258,7 +263,17 @@ pub(crate) fn train_config(p: &FinetuneParams<&Dataset>) -> Result<TrainConfig> 
             Some(e)
         }
     };
+    if let Some(a) = &p.augment {
+        if p.dataset.is_text() {
+            return Err(Error::invalid(
+                "augment",
+                "augmentation applies to image datasets, not text",
+            ));
+        }
+        a.check(&p.dataset.feature_shape)?;
+    }
     Ok(TrainConfig {
+        augment: p.augment,
         epochs: p.epochs,
         batch_size: p.batch_size,
         optimizer: p.optimizer,
