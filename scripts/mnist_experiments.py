@@ -167,12 +167,12 @@ def mnist(args):
     return train["id"], test["id"]
 
 
-def pretrained(args, arch, train, test, epochs, name):
+def pretrained(args, arch, train, test, epochs, name, **extra):
     """A network trained from scratch (the unpruned / float reference) and its test figures."""
     model = call(f"{args.url}/v1/models", "POST", {"name": name, "architecture": arch, "init": {"seed": args.seed}})
     job, m, seconds = run_job(args.url, {
         "model_id": model["id"], "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
-        "steps": [train_step(train, epochs)]})
+        "steps": [train_step(train, epochs, **extra)]})
     return job["result"]["model_id"], m["final"], seconds
 
 
@@ -392,7 +392,14 @@ def hinton(args):
         _, m, _ = run_job(args.url, {"model_id": teacher, "steps": [{"op": "evaluate", "dataset_id": test, "batch_size": 1000}]})
         teacher_final = m["steps"][0]["summary"]
     else:
-        teacher, teacher_final, _ = pretrained(args, teacher_arch, train, test, args.teacher_epochs, "teacher-2x1200")
+        extra = {"augment": {"translate": args.augment}} if args.augment else {}
+        teacher, teacher_final, t_seconds = pretrained(args, teacher_arch, train, test, args.teacher_epochs,
+                                                       "teacher-2x1200", **extra)
+        if args.teacher_only:
+            return {"experiment": "Hinton et al. 2015 teacher: 784-1200-1200-10, dropout 0.5",
+                    "teacher_test_errors": round(10000 * (1 - teacher_final["accuracy"])), "paper": 67,
+                    "epochs": args.teacher_epochs, "augment_translate": args.augment,
+                    "seconds": round(t_seconds, 1), "teacher_id": teacher}
     if args.transfer_samples:
         # A smaller transfer set (the first N training samples) for both the distilled student and
         # the hard-label baseline: where a teacher's soft targets carry the most information.
@@ -401,7 +408,8 @@ def hinton(args):
     out = {"experiment": "Hinton et al. 2015 on MNIST: teacher 784-1200-1200-10 (dropout) -> students",
            "teacher_test_errors": round(10000 * (1 - teacher_final["accuracy"])),
            "paper": {"teacher": 67, "student_alone_2x800": 146, "distilled_2x800_T20": 74},
-           "epochs": args.epochs, "transfer_samples": args.transfer_samples or 60000, "teacher_id": teacher, "students": {}}
+           "epochs": args.epochs, "augment_translate": args.augment,
+           "transfer_samples": args.transfer_samples or 60000, "teacher_id": teacher, "students": {}}
     for hidden in args.students.split(","):
         widths = (784, *map(int, hidden.split("x")), 10)
         name = "x".join(map(str, widths[1:-1]))
@@ -411,6 +419,8 @@ def hinton(args):
                     "temperature": temp, "alpha": args.alpha, "baseline": i == 0,
                     "epochs": args.epochs, "batch_size": 128,
                     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}, "lr_schedule": {"kind": "cosine"}}
+            if args.augment:
+                step["augment"] = {"translate": args.augment}
             _, m, seconds = run_job(args.url, {"model_id": teacher, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": [step]})
             s = m["steps"][0]["summary"]
             if i == 0:
@@ -451,6 +461,8 @@ def main():
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1, 4, 8, 20])
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--teacher-id", help="reuse a trained teacher (hinton)")
+    ap.add_argument("--augment", type=int, default=0, help="hinton: random shifts of up to N pixels while training")
+    ap.add_argument("--teacher-only", action="store_true", help="hinton: train and score the teacher only")
     ap.add_argument("--base-id", help="reuse a trained LeNet-300-100 (han, deep)")
     ap.add_argument("--transfer-samples", type=int, default=0, help="distil on the first N training samples only (hinton)")
     ap.add_argument("--students", default="800x800,30x30", help="student hidden widths (hinton)")

@@ -1121,7 +1121,11 @@ async fn augmentation_shifts_training_images_reproducibly_and_runs_the_teacher_l
     let (_, m) = run(&t, json!({"model_id": teacher, "steps": [step.clone()]})).await;
     let s = &m["steps"][0]["summary"];
     assert_eq!(s["teacher_cached"], false, "{s}");
-    assert_eq!(s["baseline_epochs"].as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!(
+        s["baseline_epochs"].as_array().map(Vec::len),
+        Some(1),
+        "{s}"
+    );
     step["augment"] = Value::Null;
     let (_, m) = run(&t, json!({"model_id": teacher, "steps": [step]})).await;
     assert_eq!(m["steps"][0]["summary"]["teacher_cached"], true);
@@ -1446,4 +1450,58 @@ async fn gradual_structured_pruning_reaches_the_target_unit_count() {
         .json();
     assert_eq!(out["architecture"]["layers"][1]["out_features"], 32);
     assert_eq!(out["architecture"]["layers"][3]["in_features"], 32);
+}
+
+/// The committed recipes (`examples/*.json`) are valid job specs: each model body creates a
+/// model, and each job, with `${MODEL}`, `${TRAIN}` and `${TEST}` filled as the README's
+/// `envsubst` does, passes a dry run against the model it is meant for.
+#[tokio::test]
+async fn example_recipes_are_valid_jobs() {
+    let t = TestApp::sqlite().await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    // A few labelled 28×28 images stand in for MNIST.
+    let n = 20;
+    let x: Vec<f32> = (0..n * 784).map(|i| (i % 255) as f32 / 255.0).collect();
+    let y: Vec<i64> = (0..n as i64).map(|i| i % 10).collect();
+    let data = tensors::serialize(
+        &BTreeMap::new(),
+        &[
+            (
+                TensorSpec::new("x", Dtype::F32, vec![n, 1, 28, 28]),
+                tensors::encode_f32(&x).as_slice(),
+            ),
+            (
+                TensorSpec::new("y", Dtype::I64, vec![n]),
+                tensors::encode_i64(&y).as_slice(),
+            ),
+        ],
+    )
+    .unwrap();
+    let data = upload_dataset(&t, data).await;
+    let mut models = BTreeMap::new();
+    for body in ["lenet300_model.json", "hinton_teacher_model.json"] {
+        let r = t
+            .post_json("/v1/models", &serde_json::from_str(&read(body)).unwrap())
+            .await;
+        assert_eq!(r.status, 201, "{body}: {}", r.text());
+        models.insert(body, r.json()["id"].as_str().unwrap().to_string());
+    }
+    for (job, model) in [
+        ("lenet300_dense.json", "lenet300_model.json"),
+        ("han_lenet300.json", "lenet300_model.json"),
+        ("deep_compression_lenet300.json", "lenet300_model.json"),
+        ("hinton_teacher.json", "hinton_teacher_model.json"),
+        ("hinton_student.json", "hinton_teacher_model.json"),
+    ] {
+        let text = read(job)
+            .replace("${MODEL}", &models[model])
+            .replace("${TRAIN}", &data)
+            .replace("${TEST}", &data);
+        let body: Value = serde_json::from_str(&text).unwrap();
+        let r = t.post_json("/v1/jobs?dry_run=true", &body).await;
+        assert_eq!(r.status, 200, "{job}: {}", r.text());
+    }
+    let listed = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(listed, 7, "a new example needs a place in this test");
 }
