@@ -42,3 +42,25 @@ impl<'a> Ctx<'a> {
         }
     }
 }
+
+/// A progress callback that maps a sub-operation's 0→1 onto `lo..hi` of `outer`'s, its
+/// messages prefixed with `prefix`; a cancellation of `outer` sets `cancel`, the flag of the
+/// sub-operation's own [`Ctx`]. Use: `let p = sub_range(ctx, &flag, lo, hi, "round 2/6: ");`
+/// then `Ctx::new(&p, &flag)`.
+pub fn sub_range<'a>(
+    outer: &'a Ctx<'a>,
+    cancel: &'a AtomicBool,
+    lo: f64,
+    hi: f64,
+    prefix: &'a str,
+) -> impl Fn(f64, &str) + Sync + 'a {
+    move |f: f64, msg: &str| {
+        if outer.check().is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        outer.report(
+            lo + f.clamp(0.0, 1.0) * (hi - lo),
+            &format!("{prefix}{msg}"),
+        );
+    }
+}

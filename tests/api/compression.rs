@@ -344,6 +344,21 @@ async fn gradual_pruning_retrains_with_pruned_weights_held_at_zero() {
     let step = &m["steps"][0];
     let rounds = step["summary"]["iterations"].as_array().unwrap();
     assert_eq!(rounds.len(), 3);
+    // The bar only moves forward: each round is a third of the step, not its own 0→1.
+    let events = t
+        .get(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))
+        .await
+        .text();
+    let fractions: Vec<f64> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| v["op"] == "prune")
+        .filter_map(|v| v["fraction"].as_f64())
+        .collect();
+    assert!(fractions.len() >= 2, "{events}");
+    assert!(fractions.windows(2).all(|w| w[1] >= w[0]), "{fractions:?}");
+    assert!(events.contains("round 3/3: "), "{events}");
     let targets: Vec<f64> = rounds
         .iter()
         .map(|r| r["target_sparsity"].as_f64().unwrap())

@@ -12,7 +12,7 @@
 //! `finetune`. It does not parse JSON or persist anything.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
@@ -26,7 +26,7 @@ use crate::compress::engine::train::{
 };
 use crate::compress::engine::{Mode, Network};
 use crate::compress::formats::safetensors::NamedTensor;
-use crate::compress::progress::Ctx;
+use crate::compress::progress::{sub_range, Ctx};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
 
@@ -341,24 +341,6 @@ impl PartSums {
     }
 }
 
-/// A context forwarding progress to `outer` mapped into `[lo, hi]` with a message
-/// prefix, and noticing `outer`'s cancellation on every report (the step closures also
-/// check `outer` on every batch).
-fn sub_progress<'a>(
-    outer: &'a Ctx<'a>,
-    cancel: &'a AtomicBool,
-    lo: f64,
-    hi: f64,
-    prefix: &'a str,
-) -> impl Fn(f64, &str) + Sync + 'a {
-    move |f: f64, msg: &str| {
-        if outer.check().is_err() {
-            cancel.store(true, Ordering::Relaxed);
-        }
-        outer.report(lo + f * (hi - lo), &format!("{prefix}{msg}"));
-    }
-}
-
 /// A seeded linear projection `width_s → width_t` (PyTorch's default init), as named
 /// variables `distill.features.{i}.weight` / `.bias`.
 fn projection(i: usize, width_s: usize, width_t: usize, seed: u64) -> Result<Vec<(String, Var)>> {
@@ -530,7 +512,7 @@ pub fn distill_with_cache(
         auto && !params.features.is_empty() && feature_bytes <= FEATURE_CACHE_LIMIT_BYTES;
     // With alpha = 0 and no cached features, training never looks at the teacher.
     let cache = if auto && (alpha > 0.0 || features_cached) {
-        let progress = sub_progress(ctx, &cancel, 0.0, 0.02, "");
+        let progress = sub_range(ctx, &cancel, 0.0, 0.02, "");
         let sub = Ctx::new(&progress, &cancel);
         Some(cache_teacher(
             teacher,
@@ -645,7 +627,7 @@ pub fn distill_with_cache(
     };
     let mut all_extra = extra;
     all_extra.extend(hooks.extra_params);
-    let progress = sub_progress(ctx, &cancel, 0.02, student_hi, "");
+    let progress = sub_range(ctx, &cancel, 0.02, student_hi, "");
     let sub = Ctx::new(&progress, &cancel);
     let outcome = train::train(
         student.as_mut(),
@@ -747,7 +729,7 @@ fn run_baseline(
         model.freeze(pattern);
     }
     let cancel = AtomicBool::new(false);
-    let progress = sub_progress(ctx, &cancel, lo, 1.0, "baseline: ");
+    let progress = sub_range(ctx, &cancel, lo, 1.0, "baseline: ");
     let sub = Ctx::new(&progress, &cancel);
     let step = |m: &dyn Network, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
         ctx.check()?;
@@ -1118,7 +1100,7 @@ mod tests {
         let mut on_epoch = |m: &EpochMetrics, c: &Checkpoint| -> Result<()> {
             saved.push(c.to_safetensors_bytes()?);
             if m.epoch == 2 {
-                cancel.store(true, Ordering::Relaxed);
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Ok(())
         };

@@ -20,8 +20,9 @@ use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::{Checkpoint, EpochMetrics, TrainHooks};
 use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::NamedTensor;
-use crate::compress::progress::Ctx;
+use crate::compress::progress::{sub_range, Ctx};
 use crate::compress::Result;
+use std::sync::atomic::AtomicBool;
 
 /// How sparsity grows over the rounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,7 +143,10 @@ pub fn prune_gradually(
     let original_units = units(&arch);
     let accuracy = |arch: &Architecture, weights: &[NamedTensor]| -> Result<Option<f64>> {
         match params.eval {
-            Some(data) => Ok(evaluate_weights(arch, weights.to_vec(), data, None, ctx)?.accuracy),
+            // Silent: the evaluation's own 0→1 is not the schedule's progress.
+            Some(data) => {
+                Ok(evaluate_weights(arch, weights.to_vec(), data, None, &ctx.silent())?.accuracy)
+            }
             None => Ok(None),
         }
     };
@@ -193,10 +197,22 @@ pub fn prune_gradually(
             on_epoch(m);
             Ok(())
         };
+        // Round r of R is the (r−1)/R … r/R share of the step's progress.
+        let rounds_total = params.schedule.iterations.max(1) as f64;
+        let prefix = format!("round {round}/{}: ", params.schedule.iterations);
+        let cancel = AtomicBool::new(false);
+        let progress = sub_range(
+            ctx,
+            &cancel,
+            (round - 1) as f64 / rounds_total,
+            round as f64 / rounds_total,
+            &prefix,
+        );
+        let round_ctx = Ctx::new(&progress, &cancel);
         let out = finetune(
             Box::new(model),
             params.retrain,
-            ctx,
+            &round_ctx,
             TrainHooks {
                 on_epoch: Some(&mut epoch_done),
                 after_step: Some(&keep_zero),
