@@ -96,6 +96,8 @@ pub struct Completion {
     pub artifacts: Vec<ArtifactRecord>,
     /// The metrics document.
     pub metrics: Value,
+    /// The job's last progress document, at 100% (`None` keeps what the heartbeats wrote).
+    pub progress: Option<Value>,
 }
 
 /// Outcome of asking to cancel a job.
@@ -302,7 +304,8 @@ impl Queue {
         let mut tx = self.db.pool().begin().await?;
         let updated = sqlx::query(
             "update jobs set state = 'succeeded', result = $1, metrics = $2, finished_at = $3, \
-             updated_at = $3, lease_expires_at = null, error = null, checkpoint = null \
+             updated_at = $3, lease_expires_at = null, error = null, checkpoint = null, \
+             progress = coalesce($6, progress) \
              where id = $4 and attempt = $5 and state = 'running'",
         )
         .bind(result.to_string())
@@ -310,6 +313,7 @@ impl Queue {
         .bind(now)
         .bind(id.to_string())
         .bind(attempt)
+        .bind(done.progress.as_ref().map(Value::to_string))
         .execute(&mut *tx)
         .await?;
         // On a lost lease, dropping the transaction rolls it back: nothing is recorded.

@@ -346,7 +346,19 @@ impl Worker {
             Ok(Ok(output)) => match stop {
                 Some(StopReason::LeaseLost) => Err(Error::LeaseLost),
                 _ => {
-                    let done = self.completion(&job, &model, output);
+                    let mut done = self.completion(&job, &model, output);
+                    // The stored progress is the last heartbeat's (a few seconds old at best):
+                    // a finished job reads 100%, at its last step.
+                    done.progress = progress
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone()
+                        .map(|mut p| {
+                            p["fraction"] = json!(1.0);
+                            p["message"] = json!("done");
+                            p["updated_at"] = json!(crate::ids::rfc3339(now));
+                            p
+                        });
                     self.queue
                         .complete(id, attempt, &done, now)
                         .await
@@ -504,6 +516,7 @@ impl Worker {
                 .collect(),
             models: vec![model],
             metrics: output.metrics,
+            progress: None,
         }
     }
 }

@@ -43,6 +43,10 @@ async fn float16_job_runs_end_to_end_with_provenance_and_metrics(t: TestApp) {
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["attempt"], 1);
     assert!(job["finished_at"].is_string());
+    // A finished job reads 100% at its last step, not its last heartbeat's figure.
+    assert_eq!(job["progress"]["fraction"], 1.0, "{job}");
+    assert_eq!(job["progress"]["message"], "done");
+    assert_eq!(job["progress"]["op"], "quantize");
     let out_id = job["result"]["model_id"].as_str().unwrap();
     let artifacts = job["result"]["artifacts"].as_array().unwrap();
     assert_eq!(artifacts.len(), 2);
