@@ -176,7 +176,7 @@ pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
     let event = serde_json::json!({"state": "queued"}).to_string();
     let labels = serde_json::to_string(&job.labels()).unwrap_or_else(|_| "{}".into());
     if db.backend() == super::Backend::Postgres {
-        sqlx::query(
+        let query = sqlx::query(
             "with j as (insert into jobs (id, state, model_id, spec, priority, attempt, \
              max_attempts, timeout_seconds, idempotency_key, request_sha256, run_at, \
              cancel_requested, created_at, updated_at, tenant, webhook_url) \
@@ -186,49 +186,23 @@ pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
              select j.id, t.key, t.value from j, json_each_text($14::json) as t) \
              insert into job_events (job_id, kind, data, created_at) \
              select j.id, 'state', $15, $11 from j",
-        )
-        .bind(job.id.to_string())
-        .bind(job.state.as_str())
-        .bind(job.model_id.to_string())
-        .bind(job.spec.to_string())
-        .bind(job.priority)
-        .bind(job.max_attempts)
-        .bind(job.timeout_seconds)
-        .bind(job.idempotency_key.clone())
-        .bind(job.request_sha256.clone())
-        .bind(job.run_at)
-        .bind(job.created_at)
-        .bind(&job.tenant)
-        .bind(job.spec.get("webhook_url").and_then(Value::as_str))
-        .bind(labels)
-        .bind(event)
-        .execute(db.pool())
-        .await?;
+        );
+        bind_job(query, job)
+            .bind(labels)
+            .bind(event)
+            .execute(db.pool())
+            .await?;
         let _ = super::events::appended().send(job.id);
         return Ok(());
     }
     let mut tx = db.pool().begin().await?;
-    sqlx::query(
+    let query = sqlx::query(
         "insert into jobs (id, state, model_id, spec, priority, attempt, max_attempts, \
          timeout_seconds, idempotency_key, request_sha256, run_at, cancel_requested, \
          created_at, updated_at, tenant, webhook_url) \
          values ($1, $2, $3, $4, $5, 0, $6, $7, $8, $9, $10, 0, $11, $11, $12, $13)",
-    )
-    .bind(job.id.to_string())
-    .bind(job.state.as_str())
-    .bind(job.model_id.to_string())
-    .bind(job.spec.to_string())
-    .bind(job.priority)
-    .bind(job.max_attempts)
-    .bind(job.timeout_seconds)
-    .bind(job.idempotency_key.clone())
-    .bind(job.request_sha256.clone())
-    .bind(job.run_at)
-    .bind(job.created_at)
-    .bind(&job.tenant)
-    .bind(job.spec.get("webhook_url").and_then(Value::as_str))
-    .execute(&mut *tx)
-    .await?;
+    );
+    bind_job(query, job).execute(&mut *tx).await?;
     sqlx::query(
         "insert into job_labels (job_id, key, value) \
          select $1, key, value from json_each($2)",
@@ -246,6 +220,27 @@ pub async fn insert(db: &Db, job: &JobRecord) -> Result<()> {
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Binds `$1 … $13` of a new job's row, in the order both backends' inserts list them.
+fn bind_job<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    job: &'q JobRecord,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    query
+        .bind(job.id.to_string())
+        .bind(job.state.as_str())
+        .bind(job.model_id.to_string())
+        .bind(job.spec.to_string())
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(job.timeout_seconds)
+        .bind(job.idempotency_key.clone())
+        .bind(job.request_sha256.clone())
+        .bind(job.run_at)
+        .bind(job.created_at)
+        .bind(&job.tenant)
+        .bind(job.spec.get("webhook_url").and_then(Value::as_str))
 }
 
 /// One job by id.

@@ -1249,6 +1249,26 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use std::sync::atomic::AtomicBool;
 
+    /// A safetensors file holding one F32 tensor, opened.
+    fn one_tensor_file(
+        dir: &std::path::Path,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
+    ) -> SafetensorsFile {
+        let bytes = serialize(
+            &BTreeMap::new(),
+            &[(
+                TensorSpec::new(name, Dtype::F32, shape.to_vec()),
+                &encode_f32(values)[..],
+            )],
+        )
+        .unwrap();
+        let path = dir.join(format!("{name}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        SafetensorsFile::open(&path).unwrap()
+    }
+
     fn randn(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect()
@@ -1455,17 +1475,7 @@ mod tests {
                     *v = 0.0;
                 }
             }
-            let bytes = serialize(
-                &BTreeMap::new(),
-                &[(
-                    TensorSpec::new("fc.weight", Dtype::F32, vec![16, 64]),
-                    &encode_f32(&w)[..],
-                )],
-            )
-            .unwrap();
-            let path = dir.path().join("pruned.safetensors");
-            std::fs::write(&path, bytes).unwrap();
-            let input = SafetensorsFile::open(&path).unwrap();
+            let input = one_tensor_file(dir.path(), "fc.weight", &[16, 64], &w);
             let progress = |_: f64, _: &str| {};
             let cancel = AtomicBool::new(false);
             let ctx = Ctx::new(&progress, &cancel);
@@ -1562,17 +1572,7 @@ mod tests {
                 }
             })
             .collect();
-        let bytes = serialize(
-            &BTreeMap::new(),
-            &[(
-                TensorSpec::new("fc.weight", Dtype::F32, vec![64, 256]),
-                &encode_f32(&w)[..],
-            )],
-        )
-        .unwrap();
-        let path = dir.path().join("pruned.safetensors");
-        std::fs::write(&path, bytes).unwrap();
-        let input = SafetensorsFile::open(&path).unwrap();
+        let input = one_tensor_file(dir.path(), "fc.weight", &[64, 256], &w);
         let progress = |_: f64, _: &str| {};
         let cancel = AtomicBool::new(false);
         let ctx = Ctx::new(&progress, &cancel);
@@ -1668,17 +1668,7 @@ mod tests {
         let w: Vec<f32> = (0..512)
             .map(|i| if i % 7 == 0 { (i % 5) as f32 } else { 0.0 })
             .collect();
-        let bytes = serialize(
-            &BTreeMap::new(),
-            &[(
-                TensorSpec::new("w", Dtype::F32, vec![8, 64]),
-                &encode_f32(&w)[..],
-            )],
-        )
-        .unwrap();
-        let path = dir.path().join("in.safetensors");
-        std::fs::write(&path, bytes).unwrap();
-        let input = SafetensorsFile::open(&path).unwrap();
+        let input = one_tensor_file(dir.path(), "w", &[8, 64], &w);
         let progress = |_: f64, _: &str| {};
         let cancel = AtomicBool::new(false);
         let ctx = Ctx::new(&progress, &cancel);
