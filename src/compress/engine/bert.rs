@@ -618,6 +618,38 @@ mod tests {
     }
 
     #[test]
+    fn gradients_reach_every_tensor_and_match_finite_differences() {
+        use crate::compress::engine::transformer::fixtures::check_gradients;
+        // The mean-pooled sentence embedding does not read the pooler; the classifier does.
+        for (fixture, unread) in [("tiny-bert", Some("pooler.")), ("tiny-bert-cls", None)] {
+            let (config, weights, expected) = open(fixture);
+            let bert = Bert::from_safetensors(&config, &weights).unwrap();
+            let b = batch(
+                ids(&expected, "input_ids"),
+                Some(ids(&expected, "attention_mask")),
+                Some(ids(&expected, "token_type_ids")),
+            );
+            let names: Vec<String> = bert.params().iter().map(|p| p.name().to_string()).collect();
+            let pick = |suffix: &str| {
+                names
+                    .iter()
+                    .find(|n| n.ends_with(suffix))
+                    .unwrap_or_else(|| panic!("{fixture}: no {suffix} in {names:?}"))
+                    .as_str()
+            };
+            let checked = [
+                pick("embeddings.word_embeddings.weight"),
+                pick("embeddings.LayerNorm.weight"),
+                pick("layer.0.attention.self.query.weight"),
+                pick("layer.0.attention.output.LayerNorm.bias"),
+                pick("layer.0.intermediate.dense.weight"),
+                pick("layer.1.output.dense.weight"),
+            ];
+            check_gradients(&bert, &b, &checked, unread);
+        }
+    }
+
+    #[test]
     fn tiny_bert_classifier_matches_transformers() {
         let (config, weights, expected) = open("tiny-bert-cls");
         let bert = Bert::from_safetensors(&config, &weights).unwrap();

@@ -513,6 +513,105 @@ pub(crate) mod fixtures {
         }
     }
 
+    /// The gradients of a training-mode forward pass reach every trainable tensor (but those
+    /// named `unread_prefix…`, which the output does not read and must get none), and agree
+    /// with central finite differences at one entry of each tensor named in `checked`.
+    ///
+    /// The loss is `mean(output · R)` for a fixed random `R` (so every output element matters
+    /// with its own weight); dropout masks repeat because every pass draws them from the same
+    /// seed. Candle's fused norms and softmax have no backward pass (CANDLE.md): a network
+    /// that used them in training would leave the tensors before its last norm without a
+    /// gradient, and fail the first check.
+    pub fn check_gradients(
+        net: &dyn crate::compress::engine::Network,
+        batch: &Batch,
+        checked: &[&str],
+        unread_prefix: Option<&str>,
+    ) {
+        use crate::compress::engine::Mode;
+        use rand::{Rng, SeedableRng};
+        let loss_of = |r: Option<&Tensor>| -> (Tensor, Tensor) {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+            let out = net.forward(batch, Mode::Train(&mut rng)).unwrap();
+            let r = match r {
+                Some(r) => r.clone(),
+                None => {
+                    let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+                    let v: Vec<f32> = (0..out.elem_count())
+                        .map(|_| g.gen::<f32>() - 0.5)
+                        .collect();
+                    Tensor::from_vec(v, out.dims(), &Device::Cpu).unwrap()
+                }
+            };
+            let loss = (&out * &r).unwrap().mean_all().unwrap();
+            (loss, r)
+        };
+        let (loss, r) = loss_of(None);
+        let grads = loss.backward().unwrap();
+        let mut missing = Vec::new();
+        for p in net.params().iter().filter(|p| p.is_trainable()) {
+            let norm = grads.get(p.var().as_tensor()).map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            });
+            // Tensors the output does not read (a sentence embedding's unused pooler) must
+            // get none; every other one must get some.
+            let unread = unread_prefix.is_some_and(|u| p.name().starts_with(u));
+            if norm.is_some_and(|n| n > 0.0) == unread {
+                missing.push(p.name().to_string());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "gradients wrong (none, or on an unread tensor) for {missing:?}"
+        );
+        for name in checked {
+            let p = net
+                .params()
+                .iter()
+                .find(|p| p.name() == *name)
+                .unwrap_or_else(|| panic!("no parameter {name}"));
+            let var = p.var();
+            let values = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let grad = grads.get(var.as_tensor()).unwrap();
+            let grad = grad.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // The entry with the largest gradient, so the difference stands above rounding.
+            let (i, analytic) = grad
+                .iter()
+                .copied()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
+            let eps = 1e-2f32;
+            let at = |delta: f32| -> f32 {
+                let mut v = values.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.as_tensor().dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss_of(Some(&r)).0.to_scalar::<f32>().unwrap()
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            var.set(
+                &Tensor::from_vec(values.clone(), var.as_tensor().dims(), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let tolerance = 2e-2 * analytic.abs().max(numeric.abs()) + 1e-5;
+            assert!(
+                (numeric - analytic).abs() <= tolerance,
+                "{name}[{i}]: backward {analytic:e}, finite differences {numeric:e}"
+            );
+        }
+    }
+
     /// The largest absolute difference of two tensors of one shape.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
