@@ -6,10 +6,11 @@ use serde_json::{json, Map, Value};
 use super::fields::{bool_or, choice, deny_unknown, escape, f64_in, object, usize_in};
 use super::{patterns, Facts, FieldError, TransformerFacts};
 use crate::codes::Code;
+use crate::compress::engine::augment::Augment;
 use crate::compress::engine::finetune::{FinetuneParams, HeadParams, Validation};
 use crate::compress::engine::text_eval::TextEvalParams;
 use crate::compress::engine::train::{
-    Augment, EarlyStopping, LrSchedule, Optimizer, ScheduleKind, StopMetric,
+    EarlyStopping, LrSchedule, Optimizer, ScheduleKind, StopMetric,
 };
 use crate::compress::select::glob_match;
 use crate::ids::DatasetId;

@@ -629,21 +629,13 @@ mod tests {
                 Some(ids(&expected, "attention_mask")),
                 Some(ids(&expected, "token_type_ids")),
             );
-            let names: Vec<String> = bert.params().iter().map(|p| p.name().to_string()).collect();
-            let pick = |suffix: &str| {
-                names
-                    .iter()
-                    .find(|n| n.ends_with(suffix))
-                    .unwrap_or_else(|| panic!("{fixture}: no {suffix} in {names:?}"))
-                    .as_str()
-            };
             let checked = [
-                pick("embeddings.word_embeddings.weight"),
-                pick("embeddings.LayerNorm.weight"),
-                pick("layer.0.attention.self.query.weight"),
-                pick("layer.0.attention.output.LayerNorm.bias"),
-                pick("layer.0.intermediate.dense.weight"),
-                pick("layer.1.output.dense.weight"),
+                "embeddings.word_embeddings.weight",
+                "embeddings.LayerNorm.weight",
+                "layer.0.attention.self.query.weight",
+                "layer.0.attention.output.LayerNorm.bias",
+                "layer.0.intermediate.dense.weight",
+                "layer.1.output.dense.weight",
             ];
             check_gradients(&bert, &b, &checked, unread);
         }

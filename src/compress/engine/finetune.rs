@@ -8,10 +8,10 @@
 //! training loop in [`crate::compress::engine::train`]. It does not persist checkpoints or
 //! results.
 
+use crate::compress::engine::augment::Augment;
 use crate::compress::engine::data::{Dataset, Subset};
 use crate::compress::engine::train::{
-    self, Augment, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, TrainConfig,
-    TrainHooks,
+    self, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, TrainConfig, TrainHooks,
 };
 use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::NamedTensor;

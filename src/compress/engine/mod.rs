@@ -5,6 +5,7 @@
 //! [`Network`]; training, evaluation, distillation, calibration and QAT use only the trait.
 //! A family is one module under `engine/`.
 
+pub mod augment;
 pub mod bert;
 pub mod data;
 pub mod evaluate;

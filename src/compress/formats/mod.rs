@@ -8,6 +8,7 @@ pub mod gguf_vocab;
 pub mod hf;
 pub mod huffman;
 pub mod packed;
+mod packed_codes;
 pub mod safetensors;
 mod tensor_codec;
 

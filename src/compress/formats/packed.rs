@@ -78,6 +78,8 @@ use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 use crate::compress::formats::huffman;
+use crate::compress::formats::packed_codes::{index_positions, Encoded, Positions};
+pub use crate::compress::formats::packed_codes::{pack_bits, unpack_bits, EntropyReport};
 use crate::compress::formats::safetensors::{
     encode_as, encode_f32, f32_view, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
 };
@@ -165,111 +167,6 @@ pub struct QuantReport {
     /// With entropy coding: what it saved (Deep Compression's P+Q and P+Q+H columns).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyReport>,
-}
-
-/// One tensor's sizes with fixed-width and with Huffman-coded codes and positions.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct EntropyReport {
-    /// Codes stored (the non-zeros of a sparse tensor, else every weight).
-    pub codes: u64,
-    /// Bytes of the tensor's parts with fixed-width codes and index (`entropy: none`).
-    pub fixed_bytes: u64,
-    /// Bytes with Huffman coding (what was stored).
-    pub huffman_bytes: u64,
-    /// Bits per stored code, fixed width and Huffman-coded (its length table included).
-    pub code_bits_fixed: f64,
-    /// See `code_bits_fixed`.
-    pub code_bits_huffman: f64,
-    /// Bits per stored code spent locating the codes (mask or index; 0 when dense), fixed
-    /// and Huffman-coded.
-    pub index_bits_fixed: f64,
-    /// See `index_bits_fixed`.
-    pub index_bits_huffman: f64,
-}
-
-impl EntropyReport {
-    fn of(fixed: &Encoded, huffman: &Encoded) -> EntropyReport {
-        let per = |bytes: usize, n: usize| bytes as f64 * 8.0 / n.max(1) as f64;
-        EntropyReport {
-            codes: huffman.stored as u64,
-            fixed_bytes: fixed.bytes() as u64,
-            huffman_bytes: huffman.bytes() as u64,
-            code_bits_fixed: per(fixed.codes.len(), fixed.stored),
-            code_bits_huffman: per(
-                huffman.codes.len() + huffman.code_lengths.len(),
-                huffman.stored,
-            ),
-            index_bits_fixed: per(fixed.positions.len(), fixed.stored),
-            index_bits_huffman: per(
-                huffman.positions.len() + huffman.index_lengths.len(),
-                huffman.stored,
-            ),
-        }
-    }
-}
-
-/// Packs codes of `bits` (1..=8) bits LSB-first; see the module documentation.
-pub fn pack_bits(codes: &[u8], bits: u8) -> Vec<u8> {
-    if bits >= 8 {
-        return codes.to_vec();
-    }
-    let bits = u32::from(bits.max(1));
-    let mask = (1u32 << bits) - 1;
-    let mut out = Vec::with_capacity((codes.len() * bits as usize).div_ceil(8));
-    let (mut acc, mut filled) = (0u32, 0u32);
-    for &c in codes {
-        acc |= (u32::from(c) & mask) << filled;
-        filled += bits;
-        while filled >= 8 {
-            out.push(acc as u8);
-            acc >>= 8;
-            filled -= 8;
-        }
-    }
-    if filled > 0 {
-        out.push(acc as u8);
-    }
-    out
-}
-
-/// Unpacks `n` codes of `bits` bits from `bytes` (the inverse of [`pack_bits`]). Refuses a
-/// byte count other than ⌈n · bits / 8⌉.
-pub fn unpack_bits(bytes: &[u8], bits: u8, n: usize) -> Result<Vec<u8>> {
-    if !(1..=8).contains(&bits) {
-        return Err(Error::InvalidSafetensors(format!(
-            "packed codes of {bits} bits (1 to 8 expected)"
-        )));
-    }
-    let need = n
-        .checked_mul(bits as usize)
-        .map(|b| b.div_ceil(8))
-        .ok_or_else(|| Error::InvalidSafetensors(format!("{n} codes overflow")))?;
-    if bytes.len() != need {
-        return Err(Error::InvalidSafetensors(format!(
-            "{} bytes of packed codes, expected {need} for {n} codes of {bits} bits",
-            bytes.len()
-        )));
-    }
-    if bits == 8 {
-        return Ok(bytes.to_vec());
-    }
-    let bits = u32::from(bits);
-    let mask = (1u32 << bits) - 1;
-    let mut out = Vec::with_capacity(n);
-    let (mut acc, mut filled) = (0u32, 0u32);
-    let mut it = bytes.iter();
-    while out.len() < n {
-        if filled < bits {
-            acc |= u32::from(it.next().copied().unwrap_or(0)) << filled;
-            filled += 8;
-        }
-        while filled >= bits && out.len() < n {
-            out.push((acc & mask) as u8);
-            acc >>= bits;
-            filled -= bits;
-        }
-    }
-    Ok(out)
 }
 
 /// The packed file's decoding instructions (the `whittle.quantization` metadata).
@@ -385,120 +282,6 @@ enum Part {
     Scale,
     Zero,
     Codebook,
-}
-
-/// A selected tensor's stored parts (everything after the header is decided).
-struct Encoded {
-    /// The codes stream: bit-packed or Huffman-coded.
-    codes: Vec<u8>,
-    /// Huffman code lengths of the codes (empty without entropy coding).
-    code_lengths: Vec<u8>,
-    /// Mask or index bytes (empty for dense codes).
-    positions: Vec<u8>,
-    /// Huffman code lengths of the index gaps (empty unless the index is Huffman-coded).
-    index_lengths: Vec<u8>,
-    /// Where the codes sit.
-    layout: Positions,
-    /// Codes stored.
-    stored: usize,
-    /// Scales, zero-points and codebook.
-    params: Params,
-}
-
-impl Encoded {
-    /// Bytes stored for the tensor: every part above.
-    fn bytes(&self) -> usize {
-        self.codes.len()
-            + self.code_lengths.len()
-            + self.positions.len()
-            + self.index_lengths.len()
-            + 4 * self.params.scales.len()
-            + self.params.zero_points.len()
-            + 4 * self.params.codebook.len()
-    }
-
-    /// Fixed-width codes at the positions chosen before quantizing.
-    fn fixed(values: &[f32], q: Quantized, positions: Positions) -> Encoded {
-        let kept = kept_codes(values, &q.codes, positions);
-        Encoded {
-            codes: pack_bits(&kept, q.params.bits),
-            code_lengths: Vec::new(),
-            positions: positions.encode(values),
-            index_lengths: Vec::new(),
-            layout: positions,
-            stored: kept.len(),
-            params: q.params,
-        }
-    }
-
-    /// Huffman-coded codes (and index gaps): every way of locating the codes is sized with
-    /// entropy coding and the smallest is kept (dense on ties, then the mask, then the
-    /// shortest index entries).
-    fn huffman(values: &[f32], q: Quantized) -> Encoded {
-        let alphabet = 1usize << q.params.bits;
-        let coded = |symbols: &[u8], alphabet: usize| -> (Vec<u8>, usize) {
-            let mut counts = huffman::histogram(symbols);
-            counts.truncate(alphabet);
-            let lengths = huffman::code_lengths(&counts);
-            let bytes = huffman::encoded_bits(&counts, &lengths).div_ceil(8) as usize;
-            (lengths, bytes + alphabet)
-        };
-        let numel = values.len();
-        let nonzero = values.iter().filter(|v| **v != 0.0).count();
-        let (dense_lengths, dense_size) = coded(&q.codes, alphabet);
-        let mut best = (dense_size, Positions::Dense, None);
-        if nonzero < numel {
-            let kept = kept_codes(values, &q.codes, Positions::Mask { nonzero });
-            let (_, kept_size) = coded(&kept, alphabet);
-            let mask = Positions::Mask { nonzero };
-            if kept_size + mask.bytes(numel) < best.0 {
-                best = (kept_size + mask.bytes(numel), mask, None);
-            }
-            for bits in 1..=8u8 {
-                let gaps = index_gaps(values, bits);
-                let (lengths, size) = coded(&gaps, 1 << bits);
-                let index = Positions::Index {
-                    nonzero,
-                    bits,
-                    entries: gaps.len(),
-                };
-                if kept_size + size < best.0 {
-                    best = (kept_size + size, index, Some((gaps, lengths)));
-                }
-            }
-        }
-        let layout = best.1;
-        let kept = kept_codes(values, &q.codes, layout);
-        let code_lengths = if layout == Positions::Dense {
-            dense_lengths
-        } else {
-            coded(&kept, alphabet).0
-        };
-        let (positions, index_lengths) = match (layout, best.2) {
-            (Positions::Index { .. }, Some((gaps, lengths))) => {
-                (huffman::encode(&gaps, &lengths), lengths)
-            }
-            _ => (layout.encode(values), Vec::new()),
-        };
-        Encoded {
-            codes: huffman::encode(&kept, &code_lengths),
-            code_lengths,
-            positions,
-            index_lengths,
-            layout,
-            stored: kept.len(),
-            params: q.params,
-        }
-    }
-}
-
-/// The codes stored at `positions`: all of them, or those of the non-zero weights.
-fn kept_codes(values: &[f32], codes: &[u8], positions: Positions) -> Vec<u8> {
-    if positions == Positions::Dense {
-        return codes.to_vec();
-    }
-    let kept = values.iter().zip(codes).filter(|(v, _)| **v != 0.0);
-    kept.map(|(_, c)| *c).collect()
 }
 
 /// A selected tensor's values as f32 (borrowed when the file holds f32).
@@ -656,12 +439,11 @@ pub fn quantize_file(
                 continue;
             };
             let (q, values) = quantize_one(i, &layout, Part::Codes, &mut reports)?;
-            let fixed_positions = Positions::choose(&values, q.params.bits);
-            let fixed = Encoded::fixed(&values, q.clone(), fixed_positions);
+            let fixed = Positions::choose(&values, q.params.bits);
             let e = Encoded::huffman(&values, q);
             layouts[i] = Some((layout, e.layout));
             if let Some(r) = reports.last_mut() {
-                r.entropy = Some(EntropyReport::of(&fixed, &e));
+                r.entropy = Some(EntropyReport::of(fixed, values.len(), &e));
             }
             encoded[i] = Some(e);
         }
@@ -844,155 +626,6 @@ pub fn quantize_file(
         Ok(())
     })?;
     Ok(reports)
-}
-
-/// Where a tensor's codes sit: at every position, or only at its non-zeros, located by a
-/// bitmask or by relative indices (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Positions {
-    Dense,
-    Mask {
-        nonzero: usize,
-    },
-    Index {
-        nonzero: usize,
-        bits: u8,
-        entries: usize,
-    },
-}
-
-impl Positions {
-    /// The smallest encoding for `values` quantized to `code_bits` bits (one pass).
-    fn choose(values: &[f32], code_bits: u8) -> Positions {
-        let numel = values.len();
-        let nonzero = values.iter().filter(|v| **v != 0.0).count();
-        // Leaving out the zeros' codes saves (numel − nonzero) · bits bits; locating the
-        // non-zeros costs at least one bit each (mask or index), so a dense tensor (the
-        // usual case) needs no further pass.
-        if (numel - nonzero) * code_bits as usize <= nonzero {
-            return Positions::Dense;
-        }
-        // Filler entries a relative index of 1..=8 bits needs.
-        let mut fillers = [0usize; 8];
-        let mut next = 0usize;
-        for (j, v) in values.iter().enumerate() {
-            if *v != 0.0 {
-                let gap = j - next;
-                if gap > 0 {
-                    for (b, f) in fillers.iter_mut().enumerate() {
-                        *f += gap / ((1usize << (b + 1)) - 1);
-                    }
-                }
-                next = j + 1;
-            }
-        }
-        let codes = |n: usize| (n * code_bits as usize).div_ceil(8);
-        let mut best = (codes(numel), Positions::Dense);
-        let mask = Positions::Mask { nonzero };
-        let candidates = std::iter::once(mask).chain((1..=8u8).map(|bits| Positions::Index {
-            nonzero,
-            bits,
-            entries: nonzero + fillers[bits as usize - 1],
-        }));
-        for p in candidates {
-            let size = codes(nonzero) + p.bytes(numel);
-            if size < best.0 {
-                best = (size, p);
-            }
-        }
-        best.1
-    }
-
-    /// Codes stored for a tensor of `numel` weights.
-    fn codes(&self, numel: usize) -> usize {
-        match *self {
-            Positions::Dense => numel,
-            Positions::Mask { nonzero } | Positions::Index { nonzero, .. } => nonzero,
-        }
-    }
-
-    /// Bytes of the mask or index.
-    fn bytes(&self, numel: usize) -> usize {
-        match *self {
-            Positions::Dense => 0,
-            Positions::Mask { .. } => numel.div_ceil(8),
-            Positions::Index { bits, entries, .. } => (entries * bits as usize).div_ceil(8),
-        }
-    }
-
-    /// The mask or index bytes of `values` (empty for `Dense`).
-    fn encode(&self, values: &[f32]) -> Vec<u8> {
-        match *self {
-            Positions::Dense => Vec::new(),
-            Positions::Mask { .. } => {
-                let mut mask = vec![0u8; values.len().div_ceil(8)];
-                for (j, v) in values.iter().enumerate() {
-                    if *v != 0.0 {
-                        mask[j / 8] |= 1 << (j % 8);
-                    }
-                }
-                mask
-            }
-            Positions::Index { bits, entries, .. } => {
-                let gaps = index_gaps(values, bits);
-                debug_assert_eq!(gaps.len(), entries);
-                pack_bits(&gaps, bits)
-            }
-        }
-    }
-}
-
-/// The relative-index entries of `bits` bits locating the non-zeros of `values` (see the
-/// module documentation), one per byte.
-fn index_gaps(values: &[f32], bits: u8) -> Vec<u8> {
-    let full = (1usize << bits) - 1;
-    let mut gaps = Vec::new();
-    let mut next = 0;
-    for (j, v) in values.iter().enumerate() {
-        if *v != 0.0 {
-            let mut gap = j - next;
-            while gap >= full {
-                gaps.push(full as u8);
-                gap -= full;
-            }
-            gaps.push(gap as u8);
-            next = j + 1;
-        }
-    }
-    gaps
-}
-
-/// Which of `numel` positions hold codes, from a relative index (see the module
-/// documentation); refuses entries that run past the tensor or place other than `nonzero`
-/// codes.
-fn index_positions(
-    gaps: Vec<u8>,
-    bits: u8,
-    nonzero: usize,
-    numel: usize,
-) -> std::result::Result<Vec<bool>, String> {
-    let full = (1usize << bits) - 1;
-    let mut present = vec![false; numel];
-    let (mut p, mut placed) = (0usize, 0usize);
-    for g in gaps {
-        let g = g as usize;
-        p += g;
-        if g == full {
-            continue;
-        }
-        if p >= numel {
-            return Err(format!("relative index runs past the {numel} weights"));
-        }
-        present[p] = true;
-        placed += 1;
-        p += 1;
-    }
-    if placed != nonzero {
-        return Err(format!(
-            "relative index places {placed} weights, metadata says {nonzero}"
-        ));
-    }
-    Ok(present)
 }
 
 /// The quantizer's parameter counts must match the layout the header was written from.
@@ -1249,6 +882,40 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use std::sync::atomic::AtomicBool;
 
+    /// `method` on every tensor of `input` (seed 1, no metadata): the file's bytes and the
+    /// reports.
+    fn quantize_all(
+        input: &SafetensorsFile,
+        method: Method,
+        packed: bool,
+        entropy: Entropy,
+    ) -> (Vec<u8>, Vec<QuantReport>) {
+        let progress = |_: f64, _: &str| {};
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&progress, &cancel);
+        let selected: Vec<String> = input
+            .header()
+            .tensors
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        let job = QuantizeFile {
+            selected: &selected,
+            quantizer: &Quantizer {
+                method,
+                importance: Default::default(),
+            },
+            seed: 1,
+            packed,
+            metadata: &BTreeMap::new(),
+            precomputed: None,
+            entropy,
+        };
+        let mut out = Vec::new();
+        let reports = quantize_file(input, &job, &mut out, &ctx).unwrap();
+        (out, reports)
+    }
+
     /// A safetensors file holding one F32 tensor, opened.
     fn one_tensor_file(
         dir: &std::path::Path,
@@ -1264,6 +931,11 @@ mod tests {
             )],
         )
         .unwrap();
+        open_bytes(dir, name, &bytes)
+    }
+
+    /// `bytes` written to `{dir}/{name}.safetensors` and opened.
+    fn open_bytes(dir: &std::path::Path, name: &str, bytes: &[u8]) -> SafetensorsFile {
         let path = dir.join(format!("{name}.safetensors"));
         std::fs::write(&path, bytes).unwrap();
         SafetensorsFile::open(&path).unwrap()
@@ -1476,44 +1148,19 @@ mod tests {
                 }
             }
             let input = one_tensor_file(dir.path(), "fc.weight", &[16, 64], &w);
-            let progress = |_: f64, _: &str| {};
-            let cancel = AtomicBool::new(false);
-            let ctx = Ctx::new(&progress, &cancel);
-            let selected = vec!["fc.weight".to_string()];
             for method in methods() {
                 let mut out = [Vec::new(), Vec::new()];
                 let mut reports = Vec::new();
                 for (k, packed) in [false, true].into_iter().enumerate() {
-                    reports.push(
-                        quantize_file(
-                            &input,
-                            &QuantizeFile {
-                                selected: &selected,
-                                quantizer: &Quantizer {
-                                    method,
-                                    importance: Default::default(),
-                                },
-                                seed: 1,
-                                packed,
-                                metadata: &BTreeMap::new(),
-                                precomputed: None,
-                                entropy: Default::default(),
-                            },
-                            &mut out[k],
-                            &ctx,
-                        )
-                        .unwrap(),
-                    );
+                    let (bytes, r) = quantize_all(&input, method, packed, Entropy::None);
+                    out[k] = bytes;
+                    reports.push(r);
                 }
                 assert_eq!(reports[0], reports[1]);
                 let files: Vec<SafetensorsFile> = out
                     .iter()
                     .enumerate()
-                    .map(|(k, b)| {
-                        let p = dir.path().join(format!("{k}.safetensors"));
-                        std::fs::write(&p, b).unwrap();
-                        SafetensorsFile::open(&p).unwrap()
-                    })
+                    .map(|(k, b)| open_bytes(dir.path(), &k.to_string(), b))
                     .collect();
                 let positions = files[1].get(&format!("fc.weight.{kind}")).unwrap();
                 let meta: QuantMeta =
@@ -1573,10 +1220,6 @@ mod tests {
             })
             .collect();
         let input = one_tensor_file(dir.path(), "fc.weight", &[64, 256], &w);
-        let progress = |_: f64, _: &str| {};
-        let cancel = AtomicBool::new(false);
-        let ctx = Ctx::new(&progress, &cancel);
-        let selected = vec!["fc.weight".to_string()];
         let kmeans = Method::Kmeans {
             clusters: 32,
             init: KmeansInit::Linear,
@@ -1598,28 +1241,14 @@ mod tests {
                 (true, Entropy::Huffman),
             ];
             for (k, (packed, entropy)) in runs.into_iter().enumerate() {
-                let job = QuantizeFile {
-                    selected: &selected,
-                    quantizer: &Quantizer {
-                        method,
-                        importance: Default::default(),
-                    },
-                    seed: 1,
-                    packed,
-                    metadata: &BTreeMap::new(),
-                    precomputed: None,
-                    entropy,
-                };
-                reports.push(quantize_file(&input, &job, &mut out[k], &ctx).unwrap());
+                let (bytes, r) = quantize_all(&input, method, packed, entropy);
+                out[k] = bytes;
+                reports.push(r);
             }
             let files: Vec<SafetensorsFile> = out
                 .iter()
                 .enumerate()
-                .map(|(k, b)| {
-                    let p = dir.path().join(format!("{k}.safetensors"));
-                    std::fs::write(&p, b).unwrap();
-                    SafetensorsFile::open(&p).unwrap()
-                })
+                .map(|(k, b)| open_bytes(dir.path(), &k.to_string(), b))
                 .collect();
             let meta = |f: &SafetensorsFile| -> QuantMeta {
                 serde_json::from_str(&f.header().metadata[METADATA_KEY]).unwrap()
@@ -1669,29 +1298,13 @@ mod tests {
             .map(|i| if i % 7 == 0 { (i % 5) as f32 } else { 0.0 })
             .collect();
         let input = one_tensor_file(dir.path(), "w", &[8, 64], &w);
-        let progress = |_: f64, _: &str| {};
-        let cancel = AtomicBool::new(false);
-        let ctx = Ctx::new(&progress, &cancel);
-        let mut out = Vec::new();
-        let selected = vec!["w".to_string()];
-        let job = QuantizeFile {
-            selected: &selected,
-            quantizer: &Quantizer {
-                method: Method::Kmeans {
-                    clusters: 4,
-                    init: KmeansInit::Linear,
-                    max_iterations: 10,
-                    tolerance: 1e-6,
-                },
-                importance: Default::default(),
-            },
-            seed: 1,
-            packed: true,
-            metadata: &BTreeMap::new(),
-            precomputed: None,
-            entropy: Entropy::Huffman,
+        let kmeans = Method::Kmeans {
+            clusters: 4,
+            init: KmeansInit::Linear,
+            max_iterations: 10,
+            tolerance: 1e-6,
         };
-        quantize_file(&input, &job, &mut out, &ctx).unwrap();
+        let (out, _) = quantize_all(&input, kmeans, true, Entropy::Huffman);
         let good = SafetensorsFile::open(&{
             let p = dir.path().join("good.safetensors");
             std::fs::write(&p, &out).unwrap();
