@@ -97,6 +97,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
             grad_clip: None,
             augment: None,
+            accumulate: 1,
             early_stopping: None,
             lr_multipliers: Vec::new(),
             seed: 0,

@@ -35,6 +35,9 @@ pub struct PipelineOutput {
     pub header: Header,
     /// Its architecture (changed by a head replacement).
     pub architecture: Option<Value>,
+    /// A folder model's new `config.json` and its blob, when a step changed it (a new
+    /// classifier head); `None`: the input's config stands.
+    pub config: Option<(Value, BlobRef)>,
     /// The metrics document (API.md "Metrics").
     pub metrics: Value,
     /// The metrics document stored as a `report` artifact.
@@ -94,6 +97,11 @@ fn run(
         .map(Architecture::from_json)
         .transpose()?;
     let transformer = TransformerSource::of(store, model)?;
+    // The transformer as the steps see it: a step may change its config (a new head).
+    let mut current_transformer = transformer
+        .as_ref()
+        .map(|t| t.with_config(t.config.clone()));
+    let mut config_changed = false;
     drop(input);
     // The input model, loaded the first time something compares against it.
     let reference = Reference::new(|| -> Result<Option<Box<dyn Network>>, PipelineError> {
@@ -169,7 +177,7 @@ fn run(
             &Input {
                 file: &file,
                 architecture: &arch_json,
-                transformer: transformer.as_ref(),
+                transformer: current_transformer.as_ref(),
                 unchanged: current.sha256 == model.sha256,
                 metadata: &metadata,
             },
@@ -178,8 +186,13 @@ fn run(
         drop(file);
         let mut record = json!({"op": step.op(), "epochs": []});
         merge(&mut record, &out.record);
-        if let Some(a) = out.architecture {
-            arch_json = Some(a);
+        match (out.architecture, &mut current_transformer) {
+            (Some(config), Some(t)) => {
+                *t = t.with_config(config);
+                config_changed = true;
+            }
+            (Some(a), None) => arch_json = Some(a),
+            (None, _) => {}
         }
         if let Some(a) = out.artifact {
             let blob = store.commit(a.file)?;
@@ -215,7 +228,7 @@ fn run(
             &Input {
                 file: &output,
                 architecture: &arch_json,
-                transformer: transformer.as_ref(),
+                transformer: current_transformer.as_ref(),
                 unchanged: current.sha256 == model.sha256,
                 metadata: &Default::default(),
             },
@@ -247,7 +260,16 @@ fn run(
             .unwrap_or_default()
             .as_slice(),
     )?;
+    let config = match current_transformer.filter(|_| config_changed) {
+        Some(t) => {
+            let bytes = serde_json::to_vec_pretty(&t.config).unwrap_or_default();
+            let blob = store.put_bytes(&bytes)?;
+            Some((t.config, blob))
+        }
+        None => None,
+    };
     Ok(PipelineOutput {
+        config,
         model: current,
         header: output.header().clone(),
         architecture: arch_json,

@@ -20,11 +20,12 @@ use super::runner::{
 use super::{Completion, Error, JobError, JobInputs, Queue};
 use crate::codes::Code;
 use crate::compress::engine::train::EpochMetrics;
+use crate::compress::formats::hf;
 use crate::compress::progress::Ctx;
 use crate::db::artifacts::ArtifactRecord;
 use crate::db::datasets::DatasetRecord;
 use crate::db::jobs::{JobRecord, JobState};
-use crate::db::models::ModelRecord;
+use crate::db::models::{ModelFile, ModelRecord};
 use crate::ids::{now_micros, ArtifactId, DatasetId, JobId};
 use crate::spec;
 use crate::store::Store;
@@ -487,6 +488,17 @@ impl Worker {
             input.config.clone(),
             input.family.clone(),
         );
+        // A step that changed the config (a new head) replaces its file.
+        if let Some((config, blob)) = &output.config {
+            model.files.retain(|f| f.path != hf::CONFIG);
+            model.files.push(ModelFile {
+                path: hf::CONFIG.into(),
+                size_bytes: blob.size as i64,
+                sha256: blob.sha256.clone(),
+            });
+            model.files.sort_by(|a, b| a.path.cmp(&b.path));
+            model.config = Some(config.clone());
+        }
         // What a job makes belongs to the job's tenant.
         model.tenant = job.tenant.clone();
         let artifact = |kind: &str, format: &str, blob: &crate::store::BlobRef| ArtifactRecord {

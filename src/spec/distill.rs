@@ -245,6 +245,7 @@ pub fn parse(
             extra_fields: &[],
             labels_required,
             layer_options: false,
+            transformers: false,
         },
         &mut errors,
     );

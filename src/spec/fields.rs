@@ -197,6 +197,7 @@ pub fn embedded_training(
             extra_fields: &[],
             labels_required: true,
             layer_options: false,
+            transformers: false,
         },
         errors,
     )

@@ -97,6 +97,10 @@ impl FinetuneParams<DatasetId> {
         if let Some(a) = &self.augment {
             v["augment"] = json!({"translate": a.translate});
         }
+        // Written only when set, so that specs without it normalise as before.
+        if self.accumulate > 1 {
+            v["accumulate"] = json!(self.accumulate);
+        }
         v
     }
 }
@@ -261,6 +265,8 @@ pub struct TrainingRules<'a> {
     pub labels_required: bool,
     /// Whether `freeze`, `head` and `layer_lr` apply.
     pub layer_options: bool,
+    /// Whether transformers (bert, llama folder models) may be trained here.
+    pub transformers: bool,
 }
 
 impl TrainingRules<'_> {
@@ -269,6 +275,7 @@ impl TrainingRules<'_> {
         extra_fields: &["op"],
         labels_required: true,
         layer_options: true,
+        transformers: true,
     };
 }
 
@@ -302,6 +309,7 @@ pub fn parse_training(
         "grad_clip",
         "seed",
         "augment",
+        "accumulate",
     ];
     if rules.layer_options {
         allowed.extend(["freeze", "head", "layer_lr"]);
@@ -412,8 +420,11 @@ pub fn parse_training(
     let head = object(obj, "head", pointer, errors).and_then(|h| {
         let hp = format!("{pointer}/head");
         deny_unknown(h, &["layer", "num_classes"], &hp, errors);
+        let transformer = facts.is_some_and(|f| f.transformer.is_some());
         let layer = match h.get("layer").and_then(Value::as_str) {
             Some(l) if !l.is_empty() => Some(l.to_string()),
+            // A bert classifier's head has one place.
+            None if transformer => Some("classifier".to_string()),
             _ => {
                 errors.push(FieldError::new(
                     format!("{hp}/layer"),
@@ -465,6 +476,7 @@ pub fn parse_training(
         ));
     }
     let grad_clip = f64_in(obj, "grad_clip", (1e-9, 1e9), pointer, errors);
+    let accumulate = usize_in(obj, "accumulate", (1, 4096), pointer, errors).unwrap_or(1);
     let seed = super::fields::seed(obj, pointer, errors);
     let augment = object(obj, "augment", pointer, errors).map(|a| {
         let ap = format!("{pointer}/augment");
@@ -489,7 +501,27 @@ pub fn parse_training(
         augment
     });
 
-    if let (Some(f), Some(d)) = (facts, &dataset_id) {
+    if let (Some(f), Some(d), Some(t)) = (
+        facts,
+        &dataset_id,
+        facts
+            .and_then(|f| f.transformer.as_ref())
+            .filter(|_| rules.transformers),
+    ) {
+        check_transformer_training(
+            f,
+            t,
+            &TransformerTraining {
+                dataset: d,
+                validation: &validation,
+                head: head.as_ref(),
+                freeze: &freeze,
+                layer_lr: &layer_lr,
+            },
+            pointer,
+            errors,
+        );
+    } else if let (Some(f), Some(d)) = (facts, &dataset_id) {
         let arch_ok = require_architecture(f, pointer, errors);
         if arch_ok {
             let width = head.as_ref().map(|h| h.num_classes);
@@ -557,7 +589,94 @@ pub fn parse_training(
         grad_clip,
         seed,
         augment,
+        accumulate,
     })
+}
+
+/// What [`check_transformer_training`] checks.
+struct TransformerTraining<'a> {
+    dataset: &'a DatasetId,
+    validation: &'a Validation<DatasetId>,
+    head: Option<&'a HeadParams>,
+    freeze: &'a [String],
+    layer_lr: &'a [(String, f64)],
+}
+
+/// Training a transformer: a bert model learns a classifier from labelled text (its own, or
+/// a new `head`), a llama model its language-model loss on text; patterns name its tensors
+/// (a bert model's with or without the `bert.` prefix a new head adds).
+fn check_transformer_training(
+    f: &Facts,
+    t: &TransformerFacts,
+    spec: &TransformerTraining<'_>,
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    let mut facts = t.clone();
+    let labels = t.family == crate::compress::engine::Family::Bert;
+    match (t.family, spec.head) {
+        (crate::compress::engine::Family::Llama, Some(_)) => errors.push(FieldError::new(
+            format!("{pointer}/head"),
+            "a llama model is trained as a language model (next-token loss on its text); `head` adds a classifier to a bert model",
+        )),
+        (_, Some(h)) => {
+            if h.layer != "classifier" {
+                errors.push(FieldError::new(
+                    format!("{pointer}/head/layer"),
+                    format!("a bert model's head is `classifier` (leave `layer` out), not `{}`", h.layer),
+                ));
+            }
+            facts.classes = Some(h.num_classes);
+        }
+        (_, None) if labels && t.classes.is_none() => errors.push(FieldError::new(
+            format!("{pointer}/head"),
+            "is required: this bert model has no classifier; give `head: {\"num_classes\": N}` to add one",
+        )),
+        (_, None) => {}
+    }
+    check_text_dataset(
+        f,
+        &facts,
+        spec.dataset,
+        labels,
+        &format!("{pointer}/dataset_id"),
+        errors,
+    );
+    if let Validation::Dataset(v) = spec.validation {
+        check_text_dataset(
+            f,
+            &facts,
+            v,
+            labels,
+            &format!("{pointer}/validation/dataset_id"),
+            errors,
+        );
+    }
+    let names = f.parameter_names();
+    let named = |p: &str| {
+        names.iter().any(|n| {
+            glob_match(p, n)
+                || n.strip_prefix("bert.")
+                    .is_some_and(|bare| glob_match(p, bare))
+                || glob_match(p, &format!("bert.{n}"))
+        })
+    };
+    for (i, p) in spec.freeze.iter().enumerate() {
+        if !named(p) {
+            errors.push(FieldError::new(
+                format!("{pointer}/freeze/{i}"),
+                format!("pattern `{p}` matches no tensor of the model"),
+            ));
+        }
+    }
+    for (p, _) in spec.layer_lr {
+        if !named(p) {
+            errors.push(FieldError::new(
+                format!("{pointer}/layer_lr/{}", escape(p)),
+                format!("pattern `{p}` matches no tensor of the model"),
+            ));
+        }
+    }
 }
 
 /// The `dataset_id` field: present, a UUID, and (with facts) an existing dataset.
@@ -603,7 +722,7 @@ pub(super) fn require_architecture(f: &Facts, pointer: &str, errors: &mut Vec<Fi
             ..FieldError::new(
                 format!("{pointer}/op"),
                 format!(
-                    "with these options this operation trains or calibrates the network, which the engine does for `sequential` models only so far; a {} model supports evaluation (`eval`, `evaluate`) and the weight-only operations",
+                    "with these options this operation trains or calibrates the network, which the engine does for `sequential` models only so far; a {} model supports `finetune`, evaluation (`eval`, `evaluate`) and the weight-only operations",
                     t.family.as_str()
                 ),
             )

@@ -357,7 +357,7 @@ async fn what_the_engine_does_not_run_is_refused(t: TestApp) {
             "/steps/0/dataset_id",
         ),
         (
-            json!({"model_id": llama_id, "steps": [{"op": "finetune", "dataset_id": text_id}]}),
+            json!({"model_id": llama_id, "steps": [{"op": "quantize", "method": "uniform", "bits": 4, "qat": {"dataset_id": text_id}}]}),
             "unsupported_family",
             "/steps/0/op",
         ),
@@ -706,7 +706,217 @@ async fn llama_gguf_exports_are_what_llama_cpp_reads(t: TestApp) {
     );
 }
 
+/// Three classes of sentences a tiny encoder tells apart by their words.
+fn labelled_sentences() -> Vec<u8> {
+    let topics = [
+        [
+            "the cat sat on the mat",
+            "a dog ran to the door",
+            "the cat and the dog",
+        ],
+        [
+            "tea with milk and sugar",
+            "bread and milk for tea",
+            "sugar in the tea",
+        ],
+        [
+            "rain fell all night",
+            "the wind and the rain",
+            "a cold night of rain",
+        ],
+    ];
+    let mut out = String::new();
+    for (label, docs) in topics.iter().enumerate() {
+        for d in docs {
+            out.push_str(&json!({"text": d, "label": label}).to_string());
+            out.push('\n');
+        }
+    }
+    out.into_bytes()
+}
+
+async fn transformers_finetune_as_classifiers_and_language_models(t: TestApp) {
+    let bert = upload_fixture(&t, "tiny-bert", &[]).await;
+    let bert_id = bert["id"].as_str().unwrap();
+    let labelled = upload_text(&t, "application/jsonl", &labelled_sentences()).await;
+    let labelled_id = labelled["id"].as_str().unwrap();
+    // A bert encoder gains a classifier and learns it end to end.
+    let (job, metrics) = run_to_end(
+        &t,
+        json!({"model_id": bert_id, "eval": {"dataset_id": labelled_id},
+               "steps": [{"op": "finetune", "dataset_id": labelled_id, "epochs": 20,
+                          "batch_size": 3, "optimizer": {"name": "adamw", "lr": 0.003},
+                          "head": {"num_classes": 3}, "grad_clip": 1.0, "seed": 3,
+                          "freeze": ["embeddings.word_embeddings.*"]}]}),
+    )
+    .await;
+    assert_eq!(job["steps"][0]["head"]["layer"], "classifier");
+    let step = &metrics["steps"][0];
+    assert_eq!(step["summary"]["objective"], "classification");
+    let epochs = step["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 20);
+    let loss = |e: &Value| e["train_loss"].as_f64().unwrap();
+    assert!(loss(&epochs[19]) < 0.5 * loss(&epochs[0]), "{step}");
+    // The output is a classifier: its accuracy is measured, the embeddings still compared.
+    let fin = &metrics["final"];
+    assert_eq!(fin["accuracy"], 1.0, "{fin}");
+    assert!(metrics["baseline"]["accuracy"].is_null(), "{metrics}");
+    assert!(fin["embedding_cosine"]["min"].is_number(), "{fin}");
+    // ... a folder model whose config and tensors are transformers' BertForSequenceClassification.
+    let out_id = job["result"]["model_id"].as_str().unwrap();
+    let out = t.get(&format!("/v1/models/{out_id}")).await.json();
+    assert_eq!(out["family"], "bert");
+    assert_eq!(
+        out["config"]["architectures"][0],
+        "BertForSequenceClassification"
+    );
+    assert_eq!(out["config"]["id2label"]["2"], "LABEL_2");
+    let config: Value = t
+        .get(&format!("/v1/models/{out_id}/files/config.json"))
+        .await
+        .json();
+    assert_eq!(config, out["config"]);
+    let tensors = out["tensors"].as_array().unwrap();
+    let shape = |n: &str| {
+        tensors
+            .iter()
+            .find(|t| t["name"] == n)
+            .map(|t| t["shape"].clone())
+    };
+    assert_eq!(shape("classifier.weight"), Some(json!([3, 32])));
+    assert_eq!(shape("bert.pooler.dense.weight"), Some(json!([32, 32])));
+    assert!(shape("embeddings.word_embeddings.weight").is_none());
+    assert_eq!(
+        out["files"].as_array().unwrap().len(),
+        bert["files"].as_array().unwrap().len()
+    );
+    // The frozen embeddings kept their bytes.
+    let weights = |id: String| {
+        let t = &t;
+        async move {
+            t.get(&format!("/v1/models/{id}/files/model.safetensors"))
+                .await
+                .body
+        }
+    };
+    let (a, b) = (
+        weights(bert_id.to_string()).await,
+        weights(out_id.to_string()).await,
+    );
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&a).unwrap(),
+        safetensors::SafeTensors::deserialize(&b).unwrap(),
+    );
+    assert_eq!(
+        a.tensor("embeddings.word_embeddings.weight")
+            .unwrap()
+            .data(),
+        b.tensor("bert.embeddings.word_embeddings.weight")
+            .unwrap()
+            .data()
+    );
+    assert_ne!(
+        a.tensor("encoder.layer.1.output.dense.weight")
+            .unwrap()
+            .data(),
+        b.tensor("bert.encoder.layer.1.output.dense.weight")
+            .unwrap()
+            .data()
+    );
+    // The classifier trains on: its own head, no `head` needed.
+    let (_, again) = run_to_end(
+        &t,
+        json!({"model_id": out_id, "steps": [{"op": "finetune", "dataset_id": labelled_id,
+               "epochs": 1, "batch_size": 3, "validation": {"dataset_id": labelled_id}}]}),
+    )
+    .await;
+    assert_eq!(
+        again["steps"][0]["epochs"][0]["val_accuracy"], 1.0,
+        "{again}"
+    );
+
+    // A llama model learns its text with the language-model loss: perplexity falls.
+    let llama = upload_fixture(&t, "tiny-llama", &[]).await;
+    let text = upload_text(
+        &t,
+        "text/plain",
+        b"the cat sat on the mat.\n\nthe cat sat on the mat again.\n\nthe mat sat on the cat.",
+    )
+    .await;
+    let text_id = text["id"].as_str().unwrap();
+    let (_, metrics) = run_to_end(
+        &t,
+        json!({"model_id": llama["id"], "eval": {"dataset_id": text_id, "context": 16},
+               "steps": [{"op": "finetune", "dataset_id": text_id, "epochs": 8, "batch_size": 2,
+                          "optimizer": {"name": "adamw", "lr": 0.01}, "seed": 1,
+                          "validation": {"dataset_id": text_id}}]}),
+    )
+    .await;
+    let step = &metrics["steps"][0];
+    assert_eq!(step["summary"]["objective"], "causal_lm");
+    let (before, after) = (
+        metrics["baseline"]["perplexity"].as_f64().unwrap(),
+        metrics["final"]["perplexity"].as_f64().unwrap(),
+    );
+    assert!(after < 0.5 * before, "{before} → {after}");
+    assert!(
+        step["epochs"][7]["val_accuracy"].as_f64().unwrap() > 0.5,
+        "{step}"
+    );
+
+    // Refused before anything runs.
+    let unlabelled = text_id;
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            json!({"op": "finetune", "dataset_id": text_id, "head": {"num_classes": 2}}),
+            "validation_failed",
+            "/steps/0/head",
+        ),
+        (
+            json!({"op": "finetune", "dataset_id": labelled_id}),
+            "validation_failed",
+            "/steps/0/head",
+        ),
+        (
+            json!({"op": "finetune", "dataset_id": unlabelled, "head": {"num_classes": 2}}),
+            "dataset_unlabeled",
+            "/steps/0/dataset_id",
+        ),
+        (
+            json!({"op": "finetune", "dataset_id": labelled_id, "head": {"layer": "fc", "num_classes": 3}}),
+            "validation_failed",
+            "/steps/0/head/layer",
+        ),
+        (
+            json!({"op": "finetune", "dataset_id": labelled_id, "head": {"num_classes": 2}}),
+            "labels_out_of_range",
+            "/steps/0/dataset_id",
+        ),
+        (
+            json!({"op": "finetune", "dataset_id": labelled_id, "head": {"num_classes": 3}, "freeze": ["decoder.*"]}),
+            "validation_failed",
+            "/steps/0/freeze/0",
+        ),
+    ];
+    for (i, (step, code, pointer)) in cases.into_iter().enumerate() {
+        // The first case is a llama model's; the others a bert model's.
+        let model = if i == 0 { &llama["id"] } else { &bert["id"] };
+        let body = json!({"model_id": model, "steps": [step]});
+        let res = t.post_json("/v1/jobs", &body).await;
+        let p = res.assert_problem(422, code);
+        assert!(
+            p["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["pointer"] == pointer && e["code"] == code),
+            "{body}: {p}"
+        );
+    }
+}
+
 on_both_backends!(
+    transformers_finetune_as_classifiers_and_language_models,
     llama_gguf_exports_are_what_llama_cpp_reads,
     gguf_uploads_become_folder_models,
     transformer_defaults_select_the_block_linear_layers,

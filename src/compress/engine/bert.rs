@@ -6,6 +6,8 @@
 //! L2 normalisation; all-MiniLM-L6-v2's recipe).
 
 use candle_core::{Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -18,7 +20,26 @@ use super::transformer::{
 };
 use super::{BlockRunner, BlockState, Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
+use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
+
+/// The prefix of the encoder's tensors in a `BertFor…` checkpoint.
+const BASE_PREFIX: &str = "bert.";
+
+/// `n` draws of a normal distribution of standard deviation `std` (Box–Muller).
+fn normal(n: usize, std: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+        let u2: f64 = rng.gen();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let t = std::f64::consts::TAU * u2;
+        out.push((r * t.cos()) as f32);
+        out.push((r * t.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
 
 /// The `config.json` fields the engine reads.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -50,6 +71,9 @@ pub struct BertConfig {
     /// Dropout of attention probabilities in training.
     #[serde(default = "tenth")]
     pub attention_probs_dropout_prob: f64,
+    /// Dropout before the classifier in training (`hidden_dropout_prob` when unset).
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
     /// Position embeddings (`absolute` only).
     #[serde(default)]
     pub position_embedding_type: Option<String>,
@@ -128,8 +152,8 @@ impl Bert {
 
     fn new(document: &Value, weights: Weights) -> Result<Bert> {
         let config = BertConfig::from_json(document)?;
-        let prefix = if weights.has("bert.embeddings.word_embeddings.weight") {
-            "bert.".to_string()
+        let prefix = if weights.has(&format!("{BASE_PREFIX}embeddings.word_embeddings.weight")) {
+            BASE_PREFIX.to_string()
         } else {
             String::new()
         };
@@ -189,6 +213,93 @@ impl Bert {
             want.push((format!("{p}pooler.dense.bias"), vec![h]));
         }
         check_tensors(&self.weights, &want)
+    }
+
+    /// This encoder with a freshly initialised `[CLS]` classifier of `num_classes` outputs
+    /// (`BertForSequenceClassification`: the pooler, kept when the weights have one, then
+    /// `classifier`), the layout Hugging Face `transformers` loads: every encoder tensor
+    /// under `bert.`, the config naming the architecture and its labels. New tensors are
+    /// drawn as `transformers` initialises them (normal, std `initializer_range`; zero biases).
+    pub fn with_classifier(&self, layer: &str, num_classes: usize, seed: u64) -> Result<Bert> {
+        if layer != "classifier" {
+            return Err(Error::invalid(
+                "head.layer",
+                format!("a bert model's head is `classifier`, not {layer:?}"),
+            ));
+        }
+        if num_classes == 0 {
+            return Err(Error::invalid(
+                "head.num_classes",
+                "`num_classes` must be at least 1",
+            ));
+        }
+        let h = self.config.hidden_size;
+        let std = self
+            .document
+            .get("initializer_range")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.02);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors: Vec<NamedTensor> = self
+            .weights
+            .export()?
+            .into_iter()
+            .filter(|t| !t.name.starts_with("classifier."))
+            .map(|mut t| {
+                if self.prefix.is_empty() {
+                    t.name = format!("{BASE_PREFIX}{}", t.name);
+                }
+                t
+            })
+            .collect();
+        let fresh = |name: &str, shape: Vec<usize>, rng: &mut ChaCha8Rng| {
+            let n = shape.iter().product();
+            let values = if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                normal(n, std, rng)
+            };
+            NamedTensor {
+                name: name.to_string(),
+                shape,
+                values,
+            }
+        };
+        if !tensors
+            .iter()
+            .any(|t| t.name == format!("{BASE_PREFIX}pooler.dense.weight"))
+        {
+            tensors.push(fresh(
+                &format!("{BASE_PREFIX}pooler.dense.weight"),
+                vec![h, h],
+                &mut rng,
+            ));
+            tensors.push(fresh(
+                &format!("{BASE_PREFIX}pooler.dense.bias"),
+                vec![h],
+                &mut rng,
+            ));
+        }
+        tensors.push(fresh("classifier.weight", vec![num_classes, h], &mut rng));
+        tensors.push(fresh("classifier.bias", vec![num_classes], &mut rng));
+        let mut document = self.document.clone();
+        if let Some(doc) = document.as_object_mut() {
+            doc.insert(
+                "architectures".into(),
+                serde_json::json!(["BertForSequenceClassification"]),
+            );
+            let id2label: serde_json::Map<String, Value> = (0..num_classes)
+                .map(|i| (i.to_string(), Value::from(format!("LABEL_{i}"))))
+                .collect();
+            let label2id: serde_json::Map<String, Value> = (0..num_classes)
+                .map(|i| (format!("LABEL_{i}"), Value::from(i)))
+                .collect();
+            doc.insert("id2label".into(), Value::Object(id2label));
+            doc.insert("label2id".into(), Value::Object(label2id));
+            doc.remove("num_labels");
+        }
+        Ok(Bert::new(&document, Weights::from_tensors(tensors)?)?
+            .with_tokenizer(self.tokenizer.clone()))
     }
 
     fn name(&self, rest: &str) -> String {
@@ -332,7 +443,11 @@ impl Bert {
                 .weights
                 .linear(&self.name("pooler.dense"), &first, mode, probe)?
                 .tanh()?;
-            let pooled = dropout(&pooled, self.config.hidden_dropout_prob, mode)?;
+            let p = self
+                .config
+                .classifier_dropout
+                .unwrap_or(self.config.hidden_dropout_prob);
+            let pooled = dropout(&pooled, p, mode)?;
             return self.weights.linear("classifier", &pooled, mode, probe);
         }
         mean_pool_normalised(h, batch.mask.as_ref())
@@ -440,7 +555,14 @@ impl Network for Bert {
     }
 
     fn freeze(&mut self, pattern: &str) -> usize {
-        self.weights.freeze(pattern)
+        let prefixed = !self.prefix.is_empty();
+        self.weights.freeze_where(|name| {
+            glob_match(pattern, name)
+                || (prefixed
+                    && name
+                        .strip_prefix(BASE_PREFIX)
+                        .is_some_and(|bare| glob_match(pattern, bare)))
+        })
     }
 
     fn export(&self) -> Result<Vec<NamedTensor>> {
@@ -544,10 +666,15 @@ impl Network for Bert {
         self.weights.set_transform(transform);
     }
 
-    fn with_head(&self, _layer: &str, _num_classes: usize, _seed: u64) -> Result<Box<dyn Network>> {
-        Err(Error::Unsupported(
-            "a classifier head for bert models is not built yet".into(),
-        ))
+    fn with_head(&self, layer: &str, num_classes: usize, seed: u64) -> Result<Box<dyn Network>> {
+        Ok(Box::new(self.with_classifier(layer, num_classes, seed)?))
+    }
+
+    fn matches(&self, pattern: &str, name: &str) -> bool {
+        glob_match(pattern, name)
+            || name
+                .strip_prefix(BASE_PREFIX)
+                .is_some_and(|bare| glob_match(pattern, bare))
     }
 }
 
@@ -684,6 +811,120 @@ mod tests {
             &bert.forward(&b, Mode::Eval).unwrap(),
         );
         assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn a_new_classifier_is_laid_out_as_transformers_loads_it() {
+        let (config, weights, expected) = open("tiny-bert");
+        let bert = Bert::from_safetensors(&config, &weights).unwrap();
+        let mut cls = bert.with_classifier("classifier", 4, 7).unwrap();
+        assert!(cls.has_head());
+        assert_eq!(cls.output_width().unwrap(), 4);
+        let doc = cls.describe();
+        assert_eq!(doc["architectures"][0], "BertForSequenceClassification");
+        assert_eq!(doc["id2label"].as_object().unwrap().len(), 4);
+        assert_eq!(doc["label2id"]["LABEL_3"], 3);
+        let exported = cls.export().unwrap();
+        // Every encoder tensor under `bert.` (the pooler kept), and the new head.
+        assert_eq!(exported.len(), 39 + 2);
+        let pooler = bert.export().unwrap();
+        let pooler = pooler
+            .iter()
+            .find(|t| t.name == "pooler.dense.weight")
+            .unwrap();
+        assert!(exported
+            .iter()
+            .any(|t| t.name == "bert.pooler.dense.weight" && t.values == pooler.values));
+        assert!(exported
+            .iter()
+            .all(|t| t.name.starts_with("bert.") || t.name.starts_with("classifier.")));
+        let w = exported
+            .iter()
+            .find(|t| t.name == "classifier.weight")
+            .unwrap();
+        assert_eq!(w.shape, vec![4, 32]);
+        // transformers' initialisation: normal with std `initializer_range` (0.2 here).
+        let n = w.values.len() as f64;
+        let mean = w.values.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (w
+            .values
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        assert!(
+            (std - 0.2).abs() < 0.03 && mean.abs() < 0.05,
+            "{mean} {std}"
+        );
+        let b = exported
+            .iter()
+            .find(|t| t.name == "classifier.bias")
+            .unwrap();
+        assert!(b.values.iter().all(|&v| v == 0.0));
+        // Seeded: the same seed draws the same head, another seed another.
+        let again = bert
+            .with_classifier("classifier", 4, 7)
+            .unwrap()
+            .export()
+            .unwrap();
+        let other = bert
+            .with_classifier("classifier", 4, 8)
+            .unwrap()
+            .export()
+            .unwrap();
+        let head = |e: &[NamedTensor]| {
+            e.iter()
+                .find(|t| t.name == "classifier.weight")
+                .unwrap()
+                .values
+                .clone()
+        };
+        assert_eq!(head(&again), w.values);
+        assert_ne!(head(&other), w.values);
+        // The encoder is untouched: the last block's pooled output is the same.
+        let b = batch(
+            ids(&expected, "input_ids"),
+            Some(ids(&expected, "attention_mask")),
+            Some(ids(&expected, "token_type_ids")),
+        );
+        let last = ["encoder.layer.1"];
+        let (_, before) = bert.forward_taps(&b, Mode::Eval, &last).unwrap();
+        let (logits, after) = cls.forward_taps(&b, Mode::Eval, &last).unwrap();
+        assert_eq!(max_diff(&before[0], &after[0]), 0.0);
+        assert_eq!(logits.dims(), &[3, 4]);
+        // Patterns written for the uploaded names still name the prefixed tensors.
+        assert!(cls.matches("embeddings.*", "bert.embeddings.LayerNorm.weight"));
+        assert_eq!(cls.freeze("embeddings.*"), 5);
+        assert_eq!(cls.freeze("bert.encoder.layer.0.*"), 16);
+        assert!(!cls.matches("classifier.*", "bert.pooler.dense.weight"));
+        // A reload of what it exports reads the same network.
+        let copy = cls.with_weights(exported).unwrap();
+        assert_eq!(
+            max_diff(&copy.forward(&b, Mode::Eval).unwrap(), &logits),
+            0.0
+        );
+        // An encoder saved without its pooler gets a fresh one.
+        let bare: Vec<NamedTensor> = bert
+            .export()
+            .unwrap()
+            .into_iter()
+            .filter(|t| !t.name.starts_with("pooler."))
+            .collect();
+        let bare = Bert::new(&config, Weights::from_tensors(bare).unwrap()).unwrap();
+        let fresh = bare
+            .with_classifier("classifier", 2, 1)
+            .unwrap()
+            .export()
+            .unwrap();
+        let p = fresh
+            .iter()
+            .find(|t| t.name == "bert.pooler.dense.weight")
+            .unwrap();
+        assert_eq!(p.shape, vec![32, 32]);
+        assert_ne!(p.values, pooler.values);
+        let e = bert.with_classifier("fc", 4, 7).unwrap_err();
+        assert_eq!(e.code().as_str(), "validation_failed", "{e}");
     }
 
     #[test]

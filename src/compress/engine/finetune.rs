@@ -13,10 +13,9 @@ use crate::compress::engine::data::{Dataset, Subset};
 use crate::compress::engine::train::{
     self, EarlyStopping, EpochMetrics, LrSchedule, Optimizer, ScheduleKind, TrainConfig, TrainHooks,
 };
-use crate::compress::engine::Network;
+use crate::compress::engine::{Network, Objective};
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::Ctx;
-use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
 
 /// Where validation data comes from; `D` is how a dataset is named (a `&Dataset` when
@@ -87,6 +86,8 @@ pub struct FinetuneParams<D> {
     pub seed: Option<u64>,
     /// Augmentation of the training batches.
     pub augment: Option<Augment>,
+    /// Batches per optimizer step (gradient accumulation; at least 1).
+    pub accumulate: usize,
 }
 
 impl<D> FinetuneParams<D> {
@@ -112,6 +113,7 @@ impl<D> FinetuneParams<D> {
             grad_clip: None,
             seed: None,
             augment: None,
+            accumulate: 1,
         }
     }
 
@@ -138,6 +140,7 @@ impl<D> FinetuneParams<D> {
             grad_clip: self.grad_clip,
             seed: Some(self.seed.unwrap_or(default_seed)),
             augment: self.augment,
+            accumulate: self.accumulate,
         }
     }
 
@@ -272,7 +275,14 @@ pub(crate) fn train_config(p: &FinetuneParams<&Dataset>) -> Result<TrainConfig> 
         }
         a.check(&p.dataset.feature_shape)?;
     }
+    if p.accumulate == 0 {
+        return Err(Error::invalid(
+            "accumulate",
+            "`accumulate` must be at least 1 batch",
+        ));
+    }
     Ok(TrainConfig {
+        accumulate: p.accumulate,
         augment: p.augment,
         epochs: p.epochs,
         batch_size: p.batch_size,
@@ -302,10 +312,12 @@ pub fn finetune(
         None => model,
     };
     model.output_width()?;
-    model.check_dataset(params.dataset, true)?;
+    // A classifier learns from labels; a language model from its text.
+    let labels = model.objective() == Objective::Classification;
+    model.check_dataset(params.dataset, labels)?;
     if let Validation::Dataset(v) = params.validation {
         model
-            .check_dataset(v, true)
+            .check_dataset(v, labels)
             .map_err(|e| Error::DatasetMismatch(format!("validation dataset: {e}")))?;
     }
     for (i, pattern) in params.freeze.iter().enumerate() {
@@ -320,7 +332,11 @@ pub fn finetune(
         }
     }
     for (pattern, _) in &params.layer_lr {
-        if !model.params().iter().any(|p| glob_match(pattern, p.name())) {
+        if !model
+            .params()
+            .iter()
+            .any(|p| model.matches(pattern, p.name()))
+        {
             return Err(Error::invalid(
                 format!("layer_lr[{pattern}]"),
                 format!(
@@ -656,5 +672,152 @@ mod tests {
         let e = refusal(&p, &mlp(3));
         assert_eq!(e.code().as_str(), "non_finite_loss");
         assert!(matches!(e, Error::NonFiniteLoss { .. }), "{e}");
+    }
+
+    /// Labelled sentences: three classes a tiny encoder can tell apart by their words.
+    fn labelled_text() -> Dataset {
+        let mut lines = String::new();
+        let topics = [
+            [
+                "the cat sat on the mat",
+                "a dog ran to the door",
+                "the cat and the dog",
+            ],
+            [
+                "tea with milk and sugar",
+                "bread and milk for tea",
+                "sugar in the tea",
+            ],
+            [
+                "rain fell all night",
+                "the wind and the rain",
+                "a cold night of rain",
+            ],
+        ];
+        for (label, docs) in topics.iter().enumerate() {
+            for d in docs {
+                lines.push_str(&format!("{{\"text\": \"{d}\", \"label\": {label}}}\n"));
+            }
+        }
+        Dataset::from_jsonl(lines.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_bert_encoder_learns_a_new_classifier_end_to_end() {
+        use crate::compress::engine::transformer::fixtures::network;
+        let data = labelled_text();
+        let mut p = FinetuneParams::new(&data);
+        p.validation = Validation::None;
+        p.epochs = 20;
+        p.batch_size = 3;
+        p.lr = 3e-3;
+        p.head = Some(HeadParams {
+            layer: "classifier".into(),
+            num_classes: 3,
+        });
+        // Patterns name the tensors as uploaded, before the head adds `bert.`.
+        p.freeze = vec!["embeddings.word_embeddings.*".into()];
+        p.grad_clip = Some(1.0);
+        p.seed = Some(3);
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let base = network("tiny-bert");
+        let before = base.export().unwrap();
+        let out = finetune(base, &p, &ctx, TrainHooks::default()).unwrap();
+        let first = &out.history[0];
+        let last = out.history.last().unwrap();
+        assert!(
+            last.train_loss < 0.5 * first.train_loss,
+            "{:?}",
+            out.history
+        );
+        assert_eq!(
+            out.architecture["architectures"][0],
+            "BertForSequenceClassification"
+        );
+        let value =
+            |w: &[NamedTensor], n: &str| w.iter().find(|t| t.name == n).map(|t| t.values.clone());
+        // The frozen embeddings keep their bits; the others moved.
+        assert_eq!(
+            value(&out.weights, "bert.embeddings.word_embeddings.weight"),
+            value(&before, "embeddings.word_embeddings.weight")
+        );
+        assert_ne!(
+            value(
+                &out.weights,
+                "bert.encoder.layer.0.attention.self.query.weight"
+            ),
+            value(&before, "encoder.layer.0.attention.self.query.weight")
+        );
+        // The trained classifier, reloaded, classifies every sentence right.
+        let trained = network("tiny-bert")
+            .with_head("classifier", 3, 0)
+            .unwrap()
+            .with_weights(out.weights)
+            .unwrap();
+        let e = evaluate(trained.as_ref(), &Subset::all(&data), None, 4, &ctx).unwrap();
+        assert_eq!(e.accuracy, Some(1.0));
+    }
+
+    #[test]
+    fn a_llama_model_learns_its_text_with_the_language_model_loss() {
+        use crate::compress::engine::train::lm_loss_and_accuracy;
+        use crate::compress::engine::transformer::fixtures::network;
+        let data = Dataset::from_text(
+            b"the cat sat on the mat.\n\nthe cat sat on the mat again.\n\nthe mat sat on the cat.",
+        )
+        .unwrap();
+        let mut p = FinetuneParams::new(&data);
+        p.validation = Validation::Dataset(&data);
+        p.epochs = 8;
+        p.batch_size = 2;
+        p.lr = 1e-2;
+        p.seed = Some(1);
+        let cancel = quiet();
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let base = network("tiny-llama");
+        let (loss0, _) = lm_loss_and_accuracy(base.as_ref(), &Subset::all(&data), 8, &ctx).unwrap();
+        let out = finetune(base, &p, &ctx, TrainHooks::default()).unwrap();
+        let last = out.history.last().unwrap();
+        assert!(
+            last.val_loss.unwrap() < 0.5 * loss0,
+            "{loss0} {:?}",
+            out.history
+        );
+        assert!(last.val_accuracy.unwrap() > 0.5, "{:?}", out.history);
+        assert_eq!(last.train_accuracy, None);
+        // Labels are not needed, and a head is refused.
+        p.head = Some(HeadParams {
+            layer: "lm_head".into(),
+            num_classes: 2,
+        });
+        let e = finetune(network("tiny-llama"), &p, &ctx, TrainHooks::default()).unwrap_err();
+        assert_eq!(e.code().as_str(), "unsupported_operation", "{e}");
+    }
+
+    #[test]
+    fn the_language_model_loss_leaves_padding_out() {
+        use crate::compress::engine::train::causal_lm_loss_and_count;
+        use candle_core::{Device, Tensor};
+        // Two sequences of 3 positions over a vocabulary of 4; the second is padded after 2.
+        let logits: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 / 5.0).collect();
+        let ids = [1u32, 3, 2, 0, 2, 0];
+        let batch = crate::compress::engine::transformer::fixtures::batch(
+            Tensor::from_slice(&ids, (2, 3), &Device::Cpu).unwrap(),
+            Some(Tensor::from_slice(&[1u32, 1, 1, 1, 1, 0], (2, 3), &Device::Cpu).unwrap()),
+            None,
+        );
+        let t = Tensor::from_slice(&logits, (2, 3, 4), &Device::Cpu).unwrap();
+        let (loss, count) = causal_lm_loss_and_count(&t, &batch).unwrap();
+        assert_eq!(count, 3);
+        let nll = |row: usize, target: usize| {
+            let r = &logits[row * 4..row * 4 + 4];
+            let lse = r.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            lse - r[target] as f64
+        };
+        // (seq 0: 0→3, 1→2), (seq 1: 0→2); seq 1 position 1 predicts padding.
+        let want = (nll(0, 3) + nll(1, 2) + nll(3, 2)) / 3.0;
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
 }

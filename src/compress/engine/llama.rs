@@ -564,6 +564,10 @@ impl Network for Llama {
         Ok(self.config.vocab_size)
     }
 
+    fn objective(&self) -> super::Objective {
+        super::Objective::CausalLm
+    }
+
     fn text_input(&self) -> Option<TextInput<'_>> {
         self.tokenizer.as_deref().map(|encoder| TextInput {
             encoder,

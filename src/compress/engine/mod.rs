@@ -49,6 +49,17 @@ impl Family {
     }
 }
 
+/// What training minimises for a network unless the caller gives its own loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Cross-entropy of the output's class logits `[batch, classes]` against the labels.
+    Classification,
+    /// A language model's next-token cross-entropy over its own input (`[batch, seq, vocab]`
+    /// logits, padding left out).
+    CausalLm,
+}
+
 /// The role of a parameter tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -271,6 +282,18 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     /// otherwise its sentence embedding; a sequential network is a classifier).
     fn has_head(&self) -> bool {
         self.family() == Family::Sequential
+    }
+
+    /// What training minimises by default.
+    fn objective(&self) -> Objective {
+        Objective::Classification
+    }
+
+    /// Whether the glob `pattern` (of `freeze`, `layer_lr`) names the parameter `name`.
+    /// Transformers also accept the name without the base-model prefix that a new head adds
+    /// (`embeddings.*` still names `bert.embeddings.…`).
+    fn matches(&self, pattern: &str, name: &str) -> bool {
+        crate::compress::select::glob_match(pattern, name)
     }
 
     /// How this network reads text datasets (its tokenizer); `None`: it reads tensors.

@@ -225,7 +225,15 @@ pub fn evaluate_text(
     model.check_dataset(dataset, false)?;
     if let Some(r) = reference {
         r.check_dataset(dataset, false)?;
-        if r.family() != model.family() || r.output_width()? != model.output_width()? {
+        // Encoders are compared on their sentence embeddings (a new classifier head may
+        // change the output), language models on their logits.
+        let width = |n: &dyn Network| -> Result<usize> {
+            match n.family() {
+                Family::Bert => n.layer_width(n.layer_names().last().map_or("", String::as_str)),
+                _ => n.output_width(),
+            }
+        };
+        if r.family() != model.family() || width(r)? != width(model)? {
             return Err(Error::DatasetMismatch(
                 "the reference model's outputs do not match the model's".into(),
             ));

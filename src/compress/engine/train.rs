@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::engine::augment::Augment;
 use crate::compress::engine::data::{shuffle_indices, Batch, Subset};
 use crate::compress::engine::evaluate::loss_and_accuracy;
-use crate::compress::engine::{Mode, Network};
+use crate::compress::engine::{Mode, Network, Objective};
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
 use crate::compress::progress::Ctx;
@@ -162,6 +162,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Augmentation of every training batch (validation data is never augmented).
     pub augment: Option<Augment>,
+    /// Batches whose gradients are summed before each optimizer step (at least 1): an
+    /// effective batch of `batch_size × accumulate` in the memory of one batch. Each
+    /// batch's loss counts `1/accumulate` (the last group of an epoch: `1/its size`).
+    pub accumulate: usize,
 }
 
 /// The figures of one finished epoch.
@@ -388,6 +392,85 @@ pub fn cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     Ok(picked.sum_all()?.affine(-1.0 / batch.len as f64, 0.0)?)
 }
 
+/// Mean next-token cross-entropy of a language model's logits `[batch, seq, vocab]` over its
+/// own input ids `[batch, seq]`: position `t` predicts token `t + 1`; targets that are
+/// padding (mask 0) are left out. Returns the loss and the number of targets.
+pub fn causal_lm_loss_and_count(logits: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
+    let ids = crate::compress::engine::transformer::token_ids(&batch.x)?;
+    let (_, s) = ids.dims2()?;
+    if s < 2 {
+        return Err(Error::DatasetMismatch(
+            "language-model training needs documents of at least 2 tokens".into(),
+        ));
+    }
+    let logits = logits.narrow(1, 0, s - 1)?;
+    let targets = ids.narrow(1, 1, s - 1)?.contiguous()?;
+    let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+    let picked = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
+    let (picked, count) = match &batch.mask {
+        Some(m) => {
+            let w = m.narrow(1, 1, s - 1)?.to_dtype(candle_core::DType::F32)?;
+            let count = w.sum_all()?.to_scalar::<f32>()? as usize;
+            (picked.mul(&w)?, count)
+        }
+        None => (picked, targets.elem_count()),
+    };
+    let loss = picked.sum_all()?.affine(-1.0 / count.max(1) as f64, 0.0)?;
+    Ok((loss, count))
+}
+
+/// [`causal_lm_loss_and_count`]'s loss.
+pub fn causal_lm_loss(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+    Ok(causal_lm_loss_and_count(logits, batch)?.0)
+}
+
+/// A language model's mean next-token loss and top-1 accuracy on `data` (evaluation mode,
+/// weighted by targets): the training loop's validation of causal-LM training.
+pub fn lm_loss_and_accuracy(
+    model: &dyn Network,
+    data: &Subset<'_>,
+    batch_size: usize,
+    ctx: &Ctx<'_>,
+) -> Result<(f64, f64)> {
+    let (mut loss_sum, mut correct, mut targets) = (0f64, 0usize, 0usize);
+    for batch in model.batches(data, batch_size) {
+        ctx.check()?;
+        let batch = batch?;
+        let logits = model.forward(&batch, Mode::Eval)?;
+        let (loss, count) = causal_lm_loss_and_count(&logits, &batch)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64 * count as f64;
+        targets += count;
+        let s = logits.dim(1)?;
+        let pred = logits
+            .narrow(1, 0, s - 1)?
+            .argmax(2)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let ids = crate::compress::engine::transformer::token_ids(&batch.x)?;
+        let next = ids.narrow(1, 1, s - 1)?.flatten_all()?.to_vec1::<u32>()?;
+        let keep: Vec<f32> = match &batch.mask {
+            Some(m) => m
+                .narrow(1, 1, s - 1)?
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            None => vec![1.0; next.len()],
+        };
+        correct += pred
+            .iter()
+            .zip(&next)
+            .zip(&keep)
+            .filter(|((p, y), k)| **k > 0.0 && p == y)
+            .count();
+    }
+    if targets == 0 {
+        return Err(Error::DatasetMismatch(
+            "the validation documents have no token to predict".into(),
+        ));
+    }
+    Ok((loss_sum / targets as f64, correct as f64 / targets as f64))
+}
+
 /// A whole training forward pass: `(model, batch, rng) → (model outputs, loss)`. Lets a
 /// caller run the model its own way (e.g. with intermediate outputs, or with a teacher)
 /// while the loop keeps shuffling, optimizing, validating and checkpointing. The outputs
@@ -468,6 +551,8 @@ pub fn lr_at(
 struct Trainable {
     name: String,
     var: Var,
+    /// A caller's extra variable rather than a model parameter.
+    extra: bool,
 }
 
 /// The optimizer's per-parameter state and hyper-parameters.
@@ -491,10 +576,12 @@ impl OptimizerState {
             .map(|p| Trainable {
                 name: p.name().to_owned(),
                 var: p.var().clone(),
+                extra: false,
             })
             .chain(extra.iter().map(|(name, var)| Trainable {
                 name: name.clone(),
                 var: var.clone(),
+                extra: true,
             }))
             .collect();
         let lr_scale = vars
@@ -503,7 +590,10 @@ impl OptimizerState {
                 config
                     .lr_multipliers
                     .iter()
-                    .find(|(pat, _)| glob_match(pat, &t.name))
+                    .find(|(pat, _)| match t.extra {
+                        false => model.matches(pat, &t.name),
+                        true => glob_match(pat, &t.name),
+                    })
                     .map_or(1.0, |(_, m)| *m)
             })
             .collect();
@@ -564,13 +654,17 @@ impl OptimizerState {
         Ok(())
     }
 
-    /// One update of every trainable tensor from `grads`, in place.
-    fn apply(&mut self, grads: &GradStore, lr: f64, clip: Option<f64>) -> Result<()> {
-        let found: Vec<Option<Tensor>> = self
-            .vars
+    /// The gradient of every trainable tensor in `grads` (in `vars` order).
+    fn gradients(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
+        self.vars
             .iter()
             .map(|t| grads.get(t.var.as_tensor()).cloned())
-            .collect();
+            .collect()
+    }
+
+    /// One update of every trainable tensor from its gradient (`found`, in `vars` order),
+    /// in place.
+    fn apply(&mut self, found: &[Option<Tensor>], lr: f64, clip: Option<f64>) -> Result<()> {
         let scale = match clip {
             Some(max_norm) => {
                 let mut sq = 0f64;
@@ -619,6 +713,41 @@ impl OptimizerState {
             trainable.var.as_tensor().inplace_op2(&grad, &op)?;
         }
         Ok(())
+    }
+}
+
+/// Gradients summed over the batches of one accumulation group.
+#[derive(Default)]
+struct Accumulated {
+    sum: Vec<Option<Tensor>>,
+    batches: usize,
+}
+
+impl Accumulated {
+    fn add(&mut self, grads: Vec<Option<Tensor>>) -> Result<()> {
+        if self.batches == 0 {
+            self.sum = grads.into_iter().map(|g| g.map(|g| g.detach())).collect();
+        } else {
+            for (acc, g) in self.sum.iter_mut().zip(grads) {
+                *acc = match (acc.take(), g) {
+                    (Some(a), Some(g)) => Some((a + g.detach())?),
+                    (a, g) => a.or(g.map(|g| g.detach())),
+                };
+            }
+        }
+        self.batches += 1;
+        Ok(())
+    }
+
+    /// The mean gradient of the group, leaving it empty.
+    fn take_mean(&mut self) -> Result<Vec<Option<Tensor>>> {
+        let scale = 1.0 / self.batches.max(1) as f64;
+        self.batches = 0;
+        std::mem::take(&mut self.sum)
+            .into_iter()
+            .map(|g| g.map(|g| g.affine(scale, 0.0)).transpose())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Into::into)
     }
 }
 
@@ -796,7 +925,11 @@ pub fn train(
             detail: "early stopping needs validation data".into(),
         });
     }
-    let default_loss = cross_entropy;
+    let objective = model.objective();
+    let default_loss = match objective {
+        Objective::Classification => cross_entropy,
+        Objective::CausalLm => causal_lm_loss,
+    };
     let loss_fn: &LossFn<'_> = match hooks.loss {
         Some(f) => f,
         None => &default_loss,
@@ -805,7 +938,10 @@ pub fn train(
     let n = train.len();
     // A trailing batch of one sample is skipped (see TrainConfig::batch_size).
     let usable = if n > 1 && n % bs == 1 { n - 1 } else { n };
-    let steps_per_epoch = usable.div_ceil(bs) as u64;
+    let batches_per_epoch = usable.div_ceil(bs);
+    let accumulate = config.accumulate.max(1);
+    // Optimizer steps (what the schedule counts): one per group of `accumulate` batches.
+    let steps_per_epoch = batches_per_epoch.div_ceil(accumulate) as u64;
     let metric = config
         .early_stopping
         .map_or(StopMetric::ValLoss, |e| e.metric);
@@ -857,8 +993,10 @@ pub fn train(
         let (mut loss_sum, mut seen, mut correct) = (0f64, 0usize, 0usize);
         let mut labelled = true;
         let mut lr = config.lr;
-        let report_every = (steps_per_epoch / 100).max(1) as usize;
-        for (b, batch) in view.batches(bs).enumerate() {
+        let report_every = (batches_per_epoch / 100).max(1);
+        let mut pending = Accumulated::default();
+        let model: &dyn Network = &*model;
+        for (b, batch) in model.batches(&view, bs).enumerate() {
             ctx.check()?;
             let batch = match &config.augment {
                 Some(a) => a.apply(batch?, &mut rng)?,
@@ -887,9 +1025,20 @@ pub fn train(
                 });
             }
             let grads = loss.backward()?;
-            opt.apply(&grads, lr, config.grad_clip)?;
-            if let Some(f) = after_step {
-                f(model)?;
+            let group_end = (b + 1) % accumulate == 0 || b + 1 == batches_per_epoch;
+            if accumulate == 1 {
+                opt.apply(&opt.gradients(&grads), lr, config.grad_clip)?;
+            } else {
+                pending.add(opt.gradients(&grads))?;
+                if group_end {
+                    let grads = pending.take_mean()?;
+                    opt.apply(&grads, lr, config.grad_clip)?;
+                }
+            }
+            if group_end {
+                if let Some(f) = after_step {
+                    f(model)?;
+                }
             }
             loss_sum += value as f64 * batch.len as f64;
             seen += batch.len;
@@ -900,9 +1049,9 @@ pub fn train(
                 }
                 _ => labelled = false,
             }
-            if b % report_every == 0 || b + 1 == steps_per_epoch as usize {
-                let done = (epoch * steps_per_epoch as usize + b + 1) as f64
-                    / (config.epochs * steps_per_epoch as usize).max(1) as f64;
+            if b % report_every == 0 || b + 1 == batches_per_epoch {
+                let done = (epoch * batches_per_epoch + b + 1) as f64
+                    / (config.epochs * batches_per_epoch).max(1) as f64;
                 ctx.report(
                     done,
                     &format!(
@@ -910,7 +1059,7 @@ pub fn train(
                         epoch + 1,
                         config.epochs,
                         b + 1,
-                        steps_per_epoch
+                        batches_per_epoch
                     ),
                 );
             }
@@ -918,7 +1067,12 @@ pub fn train(
         let (val_loss, val_accuracy) = match validation {
             Some(v) => {
                 // Silent: the validation pass's own progress is not the step's.
-                let (l, a) = loss_and_accuracy(model, v, val_bs, &ctx.silent())?;
+                let (l, a) = match objective {
+                    Objective::Classification => {
+                        loss_and_accuracy(model, v, val_bs, &ctx.silent())?
+                    }
+                    Objective::CausalLm => lm_loss_and_accuracy(model, v, bs, &ctx.silent())?,
+                };
                 (Some(l), Some(a))
             }
             None => (None, None),
@@ -1025,6 +1179,7 @@ mod tests {
             },
             grad_clip: Some(1.0),
             augment: None,
+            accumulate: 1,
             early_stopping: Some(EarlyStopping {
                 patience: 10,
                 metric: StopMetric::ValAccuracy,
@@ -1060,6 +1215,55 @@ mod tests {
         };
         let out = train(&mut model, &train_set, Some(&val_set), config, &ctx, hooks);
         (out, model.export().unwrap(), saved)
+    }
+
+    /// Two accumulated batches of 8 make the same steps as batches of 16: the same
+    /// weights up to float summation order, and half as many optimizer steps as batches.
+    #[test]
+    fn accumulated_batches_step_like_one_larger_batch() {
+        use crate::compress::engine::sequential::arch::Architecture;
+        let arch = Architecture::from_json(&serde_json::json!({"kind": "sequential",
+            "input_shape": [1, 8, 8], "layers": [{"type": "flatten"},
+            {"type": "linear", "name": "fc1", "in_features": 64, "out_features": 16},
+            {"type": "relu"},
+            {"type": "linear", "name": "fc2", "in_features": 16, "out_features": 3}]}))
+        .unwrap();
+        let data = noisy_data(64, 2);
+        let cancel = AtomicBool::new(false);
+        let ctx = Ctx::new(&|_, _| {}, &cancel);
+        let trained = |batch_size: usize, accumulate: usize| {
+            let mut cfg = config(Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+            });
+            cfg.early_stopping = None;
+            cfg.batch_size = batch_size;
+            cfg.accumulate = accumulate;
+            let mut model = Model::init(&arch, 5).unwrap();
+            let mut steps = 0;
+            let mut on_epoch = |_: &EpochMetrics, cp: &Checkpoint| -> Result<()> {
+                steps = cp.step;
+                Ok(())
+            };
+            let hooks = TrainHooks {
+                on_epoch: Some(&mut on_epoch),
+                ..Default::default()
+            };
+            train(&mut model, &Subset::all(&data), None, &cfg, &ctx, hooks).unwrap();
+            (model.export().unwrap(), steps)
+        };
+        let (big, big_steps) = trained(16, 1);
+        let (acc, acc_steps) = trained(8, 2);
+        let (small, small_steps) = trained(8, 1);
+        assert_eq!((big_steps, acc_steps, small_steps), (16, 16, 32));
+        let diff = |a: &[NamedTensor], b: &[NamedTensor]| {
+            a.iter()
+                .zip(b)
+                .flat_map(|(x, y)| x.values.iter().zip(&y.values).map(|(p, q)| (p - q).abs()))
+                .fold(0f32, f32::max)
+        };
+        assert!(diff(&big, &acc) < 1e-4, "{}", diff(&big, &acc));
+        assert!(diff(&big, &small) > 1e-2, "{}", diff(&big, &small));
     }
 
     /// The progress a step reports only moves forward: the validation pass between epochs

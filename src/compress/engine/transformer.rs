@@ -74,6 +74,23 @@ impl Weights {
         Ok(Self::from_params(params))
     }
 
+    /// Named f32 tensors as variables, in the given order (a network whose tensors changed:
+    /// a new head, renamed tensors).
+    pub fn from_tensors(tensors: Vec<NamedTensor>) -> Result<Weights> {
+        let mut params = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let var = Var::from_vec(t.values, t.shape.clone(), &Device::Cpu)?;
+            let spec = ParamSpec {
+                kind: kind_of(&t.name),
+                layer: t.name.rsplit_once('.').map_or("", |(l, _)| l).to_string(),
+                shape: t.shape,
+                name: t.name,
+            };
+            params.push(Param::new(spec, var));
+        }
+        Ok(Self::from_params(params))
+    }
+
     /// The same names and shapes holding `weights`.
     pub fn with_values(&self, weights: Vec<NamedTensor>) -> Result<Weights> {
         let by_name: HashMap<String, NamedTensor> =
@@ -136,11 +153,16 @@ impl Weights {
         Ok(self.params[*i].tensor(matches!(mode, Mode::Train(_))))
     }
 
-    /// Freezes the tensors matching `pattern`; how many matched.
+    /// Freezes the tensors matching the glob `pattern`; how many matched.
     pub fn freeze(&mut self, pattern: &str) -> usize {
+        self.freeze_where(|name| glob_match(pattern, name))
+    }
+
+    /// Freezes the tensors whose names `matches`; how many matched.
+    pub fn freeze_where(&mut self, matches: impl Fn(&str) -> bool) -> usize {
         let mut n = 0;
         for p in &mut self.params {
-            if glob_match(pattern, p.name()) {
+            if matches(p.name()) {
                 p.set_frozen(true);
                 n += 1;
             }

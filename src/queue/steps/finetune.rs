@@ -1,5 +1,6 @@
 //! The `finetune` step: transfer learning, or training from scratch, checkpointed per epoch
-//! so a rescued job resumes where it stopped.
+//! so a rescued job resumes where it stopped. Sequential networks, and the transformers of a
+//! folder model (a bert classifier, a llama language model).
 
 use serde_json::{json, Value};
 
@@ -7,6 +8,7 @@ use super::{current_arch, with_architecture, Env, Input, PipelineError, StepOut}
 use crate::compress::engine::finetune::finetune as train;
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::TrainHooks;
+use crate::compress::engine::Network;
 use crate::spec::FinetuneSpec;
 
 /// The `finetune` step.
@@ -15,12 +17,18 @@ pub(super) fn finetune(
     spec: &FinetuneSpec,
     input: &Input,
 ) -> Result<StepOut, PipelineError> {
-    let arch = current_arch(input.architecture)?;
-    let model = Model::from_safetensors(&arch, input.file)?;
+    let model: Box<dyn Network> = match input.transformer {
+        Some(t) => t.load(input.file)?,
+        None => Box::new(Model::from_safetensors(
+            &current_arch(input.architecture)?,
+            input.file,
+        )?),
+    };
+    let objective = model.objective();
     let params = env.datasets.training_params(spec, env.seed)?;
     let mut on_epoch = env.checkpointer(spec.epochs);
     let out = train(
-        Box::new(model),
+        model,
         &params,
         env.ctx,
         TrainHooks {
@@ -29,11 +37,23 @@ pub(super) fn finetune(
             ..Default::default()
         },
     )?;
-    let new_arch = out.architecture;
-    let (temp, _) = env.write_f32(&with_architecture(input.metadata, &new_arch), &out.weights)?;
+    let (metadata, architecture) = match input.transformer {
+        // A folder model keeps its config beside the weights: a changed one (a new head)
+        // replaces it.
+        Some(t) => (
+            input.metadata.clone(),
+            (out.architecture != t.config).then_some(out.architecture),
+        ),
+        None => (
+            with_architecture(input.metadata, &out.architecture),
+            Some(out.architecture),
+        ),
+    };
+    let (temp, _) = env.write_f32(&metadata, &out.weights)?;
     let record = json!({
         "epochs": serde_json::to_value(&out.history).unwrap_or(Value::Null),
         "summary": {
+            "objective": objective,
             "epochs_run": out.history.len(),
             "best_epoch": out.best_epoch,
             "stopped_early": out.stopped_early,
@@ -47,7 +67,7 @@ pub(super) fn finetune(
         outputs: None,
         file: Some(temp),
         artifact: None,
-        architecture: Some(new_arch),
+        architecture,
         record,
     })
 }

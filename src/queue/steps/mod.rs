@@ -258,7 +258,8 @@ pub(super) struct StepOut {
     pub artifact: Option<Artifact>,
     /// An evaluation's saved outputs (`save_outputs`), kept as an `outputs` artifact.
     pub outputs: Option<TempBlob>,
-    /// The architecture after the step, when it changed.
+    /// The architecture after the step (a folder model's: its `config.json`), when it
+    /// changed.
     pub architecture: Option<Value>,
     /// `summary`, `layers`, `epochs`, … merged into the step's metrics record.
     pub record: Value,
@@ -450,6 +451,16 @@ impl TransformerSource {
             tokenizer_path,
             encoder: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The same folder with `config` as its `config.json` (after a step changed it).
+    pub fn with_config(&self, config: Value) -> Self {
+        Self {
+            config,
+            name: self.name.clone(),
+            tokenizer_path: self.tokenizer_path.clone(),
+            encoder: self.encoder.clone(),
+        }
     }
 
     /// The family its config names.
