@@ -113,6 +113,13 @@ impl JobInputs {
                     let facts = ModelFacts {
                         tensors: inventory_infos(&m.tensors),
                         architecture: parsed(&m.architecture),
+                        transformer: m.config.as_ref().and_then(|c| {
+                            TransformerFacts::of(
+                                c,
+                                &inventory_infos(&m.tensors),
+                                m.file(hf::TOKENIZER).is_some(),
+                            )
+                        }),
                     };
                     (id.clone(), facts)
                 })

@@ -2,12 +2,13 @@
 
 use serde_json::{json, Map, Value};
 
-use super::fields::{bool_or, deny_unknown, f64_in, object};
+use super::fields::{bool_or, choice, deny_unknown, f64_in, object};
 use super::train::{
     check_dataset_fits, parse_training, require_architecture, FinetuneSpec, TrainingRules,
 };
-use super::{Facts, FieldError, ModelFacts};
+use super::{Facts, FieldError, ModelFacts, TransformerFacts};
 use crate::codes::Code;
+use crate::compress::distill::text::{Distance, DistillLoss};
 use crate::compress::distill::FeaturePair;
 use crate::compress::engine::finetune::Validation;
 use crate::compress::engine::sequential::arch::Architecture;
@@ -19,6 +20,8 @@ pub enum StudentSpec {
     Model(String),
     /// A fresh, seeded initialisation of this architecture.
     Architecture(Value),
+    /// The teacher (a transformer) keeping only these blocks, their weights copied.
+    FromTeacher(Vec<usize>),
 }
 
 /// A validated `distill` step.
@@ -38,6 +41,8 @@ pub struct DistillSpec {
     pub baseline: bool,
     /// Hold the student's zero weights at zero (retraining a pruned student).
     pub keep_sparsity: bool,
+    /// What the student is matched on (`None`: chosen from the models).
+    pub loss: Option<DistillLoss>,
 }
 
 impl DistillSpec {
@@ -53,7 +58,17 @@ impl DistillSpec {
         v["student"] = match &self.student {
             StudentSpec::Model(id) => json!({"model_id": id}),
             StudentSpec::Architecture(a) => json!({"architecture": a}),
+            StudentSpec::FromTeacher(layers) => json!({"from_teacher": {"layers": layers}}),
         };
+        // Written only when given, so that specs without it normalise as before.
+        match self.loss {
+            Some(DistillLoss::Logits) => v["loss"] = json!("logits"),
+            Some(DistillLoss::Embeddings(d)) => {
+                v["loss"] = json!("embeddings");
+                v["distance"] = json!(d.as_str());
+            }
+            None => {}
+        }
         v["temperature"] = json!(self.temperature);
         v["alpha"] = json!(self.alpha);
         v["features"] = self
@@ -83,6 +98,8 @@ pub fn parse(
         "features",
         "baseline",
         "keep_sparsity",
+        "loss",
+        "distance",
     ];
     let temperature = match obj.get("temperature") {
         None | Some(Value::Null) => 4.0,
@@ -98,12 +115,42 @@ pub fn parse(
         },
     };
     let alpha = f64_in(obj, "alpha", (0.0, 1.0), pointer, &mut errors).unwrap_or(0.9);
+    let distance = match choice(obj, "distance", &["cosine", "mse"], pointer, &mut errors) {
+        Some("mse") => Some(Distance::Mse),
+        Some(_) => Some(Distance::Cosine),
+        None => None,
+    };
+    let loss = match choice(obj, "loss", &["logits", "embeddings"], pointer, &mut errors) {
+        Some("embeddings") => Some(DistillLoss::Embeddings(
+            distance.unwrap_or(Distance::Cosine),
+        )),
+        Some(_) => Some(DistillLoss::Logits),
+        None => None,
+    };
+    if distance.is_some() && !matches!(loss, Some(DistillLoss::Embeddings(_))) {
+        errors.push(FieldError::new(
+            format!("{pointer}/distance"),
+            "applies to `loss: embeddings` only",
+        ));
+    }
+    let teacher_transformer = facts.and_then(|f| f.transformer.clone());
+    if let (Some(t), Some(l)) = (&teacher_transformer, loss) {
+        let encoder = t.family == crate::compress::engine::Family::Bert && t.classes.is_none();
+        let refused = match l {
+            DistillLoss::Embeddings(_) if !encoder => Some("`embeddings` matches the sentence embeddings of a bert model without a classifier; this teacher outputs logits"),
+            DistillLoss::Logits if encoder => Some("a bert model without a classifier outputs sentence embeddings, not logits: use `embeddings`"),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            errors.push(FieldError::new(format!("{pointer}/loss"), why));
+        }
+    }
     let baseline = bool_or(obj, "baseline", false, pointer, &mut errors);
     let keep_sparsity = bool_or(obj, "keep_sparsity", false, pointer, &mut errors);
     if keep_sparsity
         && obj
             .get("student")
-            .is_some_and(|s| s.get("model_id").is_none())
+            .is_some_and(|s| s.get("model_id").is_none() && s.get("from_teacher").is_none())
     {
         errors.push(FieldError::new(
             format!("{pointer}/keep_sparsity"),
@@ -155,6 +202,14 @@ pub fn parse(
         )),
     }
 
+    if let Some(t) = &teacher_transformer {
+        if baseline && t.family == crate::compress::engine::Family::Bert && t.classes.is_none() {
+            errors.push(FieldError::new(
+                format!("{pointer}/baseline"),
+                "a sentence encoder distilled on embeddings has no loss to train on without the teacher",
+            ));
+        }
+    }
     // The student and what is known about it.
     let mut student_facts: Option<ModelFacts> = None;
     let student = match object(obj, "student", pointer, &mut errors) {
@@ -162,15 +217,41 @@ pub fn parse(
             if !obj.contains_key("student") {
                 errors.push(FieldError::new(
                     format!("{pointer}/student"),
-                    "is required: {\"model_id\": …} or {\"architecture\": {…}}",
+                    "is required: {\"model_id\": …}, {\"architecture\": {…}} or {\"from_teacher\": {\"layers\": […]}}",
                 ));
             }
             None
         }
         Some(s) => {
             let sp = format!("{pointer}/student");
-            deny_unknown(s, &["model_id", "architecture"], &sp, &mut errors);
+            deny_unknown(
+                s,
+                &["model_id", "architecture", "from_teacher"],
+                &sp,
+                &mut errors,
+            );
+            if let Some(t) = &teacher_transformer {
+                if s.get("from_teacher").is_none() {
+                    errors.push(FieldError::unsupported(
+                        sp.clone(),
+                        format!("a {} teacher's student is built from it: `{{\"from_teacher\": {{\"layers\": [...]}}}}`", t.family.as_str()),
+                    ));
+                }
+            }
             match (s.get("model_id"), s.get("architecture")) {
+                _ if s.contains_key("from_teacher") => {
+                    let layers = parse_from_teacher(
+                        s,
+                        &sp,
+                        facts,
+                        teacher_transformer.as_ref(),
+                        &mut errors,
+                    );
+                    if let (Some(f), Some(t), Some(l)) = (facts, &teacher_transformer, &layers) {
+                        student_facts = Some(from_teacher_facts(f, t, l));
+                    }
+                    layers.map(StudentSpec::FromTeacher)
+                }
                 (Some(Value::String(id)), None) if uuid::Uuid::parse_str(id).is_ok() => {
                     if let Some(f) = facts {
                         match f.models.get(id) {
@@ -234,7 +315,7 @@ pub fn parse(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let labels_required = alpha < 1.0;
-    if let Some(f) = facts {
+    if let Some(f) = facts.filter(|f| f.transformer.is_none()) {
         require_architecture(f, pointer, &mut errors);
     }
     let train = parse_training(
@@ -245,7 +326,7 @@ pub fn parse(
             extra_fields: &[],
             labels_required,
             layer_options: false,
-            transformers: false,
+            transformers: true,
         },
         &mut errors,
     );
@@ -312,6 +393,7 @@ pub fn parse(
                     features,
                     baseline,
                     keep_sparsity,
+                    loss,
                 },
                 student_facts,
             )),
@@ -319,6 +401,111 @@ pub fn parse(
         }
     } else {
         Err(errors)
+    }
+}
+
+/// `from_teacher: {"layers": [...]}`: block indices of the teacher, each once, increasing,
+/// within its `num_hidden_layers`; only for a transformer teacher.
+fn parse_from_teacher(
+    s: &Map<String, Value>,
+    sp: &str,
+    facts: Option<&Facts>,
+    teacher: Option<&TransformerFacts>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Vec<usize>> {
+    let fp = format!("{sp}/from_teacher");
+    if facts.is_some() && teacher.is_none() {
+        errors.push(FieldError::new(
+            fp.clone(),
+            "keeps blocks of a transformer teacher (bert, llama folder models); this teacher has none",
+        ));
+    }
+    if s.contains_key("model_id") || s.contains_key("architecture") {
+        errors.push(FieldError::new(
+            sp,
+            "give exactly one of `model_id`, `architecture` or `from_teacher`",
+        ));
+    }
+    let Some(ft) = s.get("from_teacher").and_then(Value::as_object) else {
+        errors.push(FieldError::new(fp, "must be an object {\"layers\": [...]}"));
+        return None;
+    };
+    deny_unknown(ft, &["layers"], &fp, errors);
+    let lp = format!("{fp}/layers");
+    let Some(items) = ft.get("layers").and_then(Value::as_array) else {
+        errors.push(FieldError::new(
+            lp,
+            "is required: the teacher's block indices to keep",
+        ));
+        return None;
+    };
+    let mut layers = Vec::with_capacity(items.len());
+    for (i, v) in items.iter().enumerate() {
+        match v.as_u64() {
+            Some(l) if l < 100_000 => layers.push(l as usize),
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{lp}/{i}"),
+                    "must be a block index",
+                ));
+                return None;
+            }
+        }
+    }
+    let total = teacher.map_or(usize::MAX, |t| t.layers);
+    if layers.is_empty() {
+        errors.push(FieldError::new(lp, "keep at least one block"));
+        return None;
+    }
+    for (i, &l) in layers.iter().enumerate() {
+        if l >= total {
+            errors.push(FieldError::new(
+                format!("{lp}/{i}"),
+                format!(
+                    "block {l} does not exist: the teacher has blocks 0..{}",
+                    total.saturating_sub(1)
+                ),
+            ));
+        } else if i > 0 && layers[i - 1] >= l {
+            errors.push(FieldError::new(
+                format!("{lp}/{i}"),
+                "list each block once, in increasing order",
+            ));
+        }
+    }
+    Some(layers)
+}
+
+/// The facts of a student that keeps the teacher's blocks `layers`: the teacher's tensors
+/// without the other blocks, renumbered, and a transformer of that many blocks.
+fn from_teacher_facts(f: &Facts, t: &TransformerFacts, layers: &[usize]) -> ModelFacts {
+    let mut tensors = Vec::with_capacity(f.tensors.len());
+    for info in &f.tensors {
+        // `encoder.layer.{i}.` (bert, with or without `bert.`), `model.layers.{i}.` (llama).
+        let block = ["encoder.layer.", "model.layers."].iter().find_map(|p| {
+            let at = info.name.find(p)?;
+            let rest = &info.name[at + p.len()..];
+            let (index, tail) = rest.split_once('.')?;
+            Some((at + p.len(), index.parse::<usize>().ok()?, tail.to_string()))
+        });
+        match block {
+            None => tensors.push(info.clone()),
+            Some((head, index, tail)) => {
+                if let Some(new) = layers.iter().position(|&l| l == index) {
+                    let mut renamed = info.clone();
+                    renamed.name = format!("{}{new}.{tail}", &info.name[..head]);
+                    tensors.push(renamed);
+                }
+            }
+        }
+    }
+    ModelFacts {
+        tensors,
+        architecture: None,
+        transformer: Some(TransformerFacts {
+            layers: layers.len(),
+            ..t.clone()
+        }),
     }
 }
 

@@ -97,6 +97,7 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
                     StudentSpec::Model(id) => {
                         facts.models.get(id).and_then(|m| m.architecture.clone())
                     }
+                    StudentSpec::FromTeacher(_) => None,
                 };
                 let batch = d.train.batch_size;
                 let teacher = a.map_or(0, |a| inference(a, batch));

@@ -58,6 +58,8 @@ pub struct ModelFacts {
     pub tensors: Vec<TensorInfo>,
     /// Its architecture, if it has one.
     pub architecture: Option<Architecture>,
+    /// Its transformer, when it is one (a student built from a transformer teacher).
+    pub transformer: Option<TransformerFacts>,
 }
 
 impl ModelFacts {
@@ -76,6 +78,7 @@ impl ModelFacts {
         Self {
             tensors,
             architecture: Some(arch),
+            transformer: None,
         }
     }
 }
@@ -103,6 +106,8 @@ pub struct TransformerFacts {
     pub classes: Option<usize>,
     /// The vocabulary size (`vocab_size`; 0 when the config does not say).
     pub vocab_size: usize,
+    /// Blocks (`num_hidden_layers`; 0 when the config does not say).
+    pub layers: usize,
 }
 
 impl TransformerFacts {
@@ -122,12 +127,17 @@ impl TransformerFacts {
             .get("vocab_size")
             .and_then(Value::as_u64)
             .map_or(0, |v| v as usize);
+        let layers = config
+            .get("num_hidden_layers")
+            .and_then(Value::as_u64)
+            .map_or(0, |v| v as usize);
         Some(Self {
             family,
             max_positions,
             has_tokenizer,
             classes,
             vocab_size,
+            layers,
         })
     }
 }
@@ -467,7 +477,7 @@ pub fn parse_job(body: &Value, facts: Option<&Facts>) -> Result<JobSpec, Vec<Fie
                             if let (Some(c), Some(s)) = (current.as_mut(), student) {
                                 c.tensors = s.tensors;
                                 c.architecture = s.architecture;
-                                c.transformer = None;
+                                c.transformer = s.transformer;
                                 c.other_family = None;
                             }
                             Step::Distill(Box::new(d))

@@ -57,6 +57,7 @@ fn facts() -> Facts {
                 data_offsets: (0, 0),
             }],
             architecture: None,
+            transformer: None,
         },
     );
     f

@@ -508,19 +508,37 @@ pub fn parse_training(
             .and_then(|f| f.transformer.as_ref())
             .filter(|_| rules.transformers),
     ) {
-        check_transformer_training(
-            f,
-            t,
-            &TransformerTraining {
-                dataset: d,
-                validation: &validation,
-                head: head.as_ref(),
-                freeze: &freeze,
-                layer_lr: &layer_lr,
-            },
-            pointer,
-            errors,
-        );
+        if rules.layer_options {
+            check_transformer_training(
+                f,
+                t,
+                &TransformerTraining {
+                    dataset: d,
+                    validation: &validation,
+                    head: head.as_ref(),
+                    freeze: &freeze,
+                    layer_lr: &layer_lr,
+                },
+                pointer,
+                errors,
+            );
+        } else {
+            // Distillation: text the teacher reads; labels only for a classifier's hard loss.
+            let labels = rules.labels_required
+                && t.family == crate::compress::engine::Family::Bert
+                && t.classes.is_some();
+            check_text_dataset(f, t, d, labels, &format!("{pointer}/dataset_id"), errors);
+            if let Validation::Dataset(v) = &validation {
+                check_text_dataset(
+                    f,
+                    t,
+                    v,
+                    labels,
+                    &format!("{pointer}/validation/dataset_id"),
+                    errors,
+                );
+            }
+        }
     } else if let (Some(f), Some(d)) = (facts, &dataset_id) {
         let arch_ok = require_architecture(f, pointer, errors);
         if arch_ok {

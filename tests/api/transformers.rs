@@ -915,7 +915,171 @@ async fn transformers_finetune_as_classifiers_and_language_models(t: TestApp) {
     }
 }
 
+async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
+    let llama = upload_fixture(&t, "tiny-llama", &[]).await;
+    let text = upload_text(
+        &t,
+        "text/plain",
+        b"the cat sat on the mat.\n\nthe dog sat on the rug.\n\na cat and a dog sat on a mat.\n\nthe rain fell on the mat and the rug.",
+    )
+    .await;
+    let text_id = text["id"].as_str().unwrap();
+    // A one-block llama student from block 1, distilled on the per-token distributions, then
+    // quantized: the second step sees the student's tensors.
+    let (job, metrics) = run_to_end(
+        &t,
+        json!({"model_id": llama["id"], "eval": {"dataset_id": text_id, "context": 16},
+               "steps": [{"op": "distill", "dataset_id": text_id,
+                          "student": {"from_teacher": {"layers": [1]}}, "epochs": 15,
+                          "batch_size": 2, "optimizer": {"name": "adamw", "lr": 0.01},
+                          "alpha": 1.0, "temperature": 1.0, "seed": 2, "baseline": true,
+                          "validation": {"dataset_id": text_id}},
+                         {"op": "quantize", "method": "uniform", "bits": 8, "granularity": "per_channel"}]}),
+    )
+    .await;
+    assert_eq!(
+        job["steps"][0]["student"]["from_teacher"]["layers"],
+        json!([1])
+    );
+    let s = &metrics["steps"][0]["summary"];
+    assert_eq!(s["loss"], "logits");
+    assert_eq!(s["student_layers"], json!([1]));
+    assert!(s["parameter_ratio"].as_f64().unwrap() > 1.0, "{s}");
+    let kl = |v: &Value| v["kl_divergence"]["mean"].as_f64().unwrap();
+    assert!(kl(&s["student"]) < 0.5 * kl(&s["untrained"]), "{s}");
+    assert!(s["baseline"]["perplexity"].is_number(), "{s}");
+    assert!(
+        s["validation"]["agreement_with_teacher"].as_f64().unwrap()
+            > s["validation"]["baseline_agreement_with_teacher"]
+                .as_f64()
+                .unwrap(),
+        "{s}"
+    );
+    // The student is a one-block folder model; the quantize step selected its block only.
+    let layers: Vec<&str> = metrics["steps"][1]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["tensor"].as_str().unwrap_or_else(|| panic!("{l}")))
+        .collect();
+    assert!(
+        !layers.is_empty() && layers.iter().all(|l| l.starts_with("model.layers.0.")),
+        "{layers:?}"
+    );
+    let out_id = job["result"]["model_id"].as_str().unwrap();
+    let out = t.get(&format!("/v1/models/{out_id}")).await.json();
+    assert_eq!(out["config"]["num_hidden_layers"], 1);
+    assert!(out["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| !t["name"].as_str().unwrap().starts_with("model.layers.1.")));
+    assert!(metrics["final"]["kl_divergence"]["mean"].as_f64().unwrap() < kl(&s["untrained"]));
+
+    // A one-block bert encoder matched on sentence embeddings (MSE).
+    let bert = upload_fixture(&t, "tiny-bert", &[]).await;
+    let labelled = upload_text(&t, "application/jsonl", &labelled_sentences()).await;
+    let labelled_id = labelled["id"].as_str().unwrap();
+    let (_, metrics) = run_to_end(
+        &t,
+        json!({"model_id": bert["id"], "eval": {"dataset_id": labelled_id},
+               "steps": [{"op": "distill", "dataset_id": labelled_id, "loss": "embeddings",
+                          "distance": "mse", "student": {"from_teacher": {"layers": [0]}},
+                          "epochs": 10, "batch_size": 3, "optimizer": {"name": "adamw", "lr": 0.01},
+                          "validation": {"dataset_id": labelled_id}}]}),
+    )
+    .await;
+    let s = &metrics["steps"][0]["summary"];
+    assert_eq!(
+        (s["loss"].as_str(), s["distance"].as_str()),
+        (Some("embeddings"), Some("mse"))
+    );
+    assert!(s["alpha"].is_null(), "{s}");
+    let cos = |v: &Value| v["embedding_cosine"]["mean"].as_f64().unwrap();
+    assert!(cos(&s["student"]) > cos(&s["untrained"]), "{s}");
+    assert!(
+        s["validation"]["embedding_cosine"].as_f64().unwrap() > 0.9,
+        "{s}"
+    );
+
+    // Refused before anything runs.
+    let sequential = json!(fresh_model(&t, tiny_arch(), 0).await);
+    let distill = |extra: Value| {
+        let mut step = json!({"op": "distill", "dataset_id": text_id,
+                              "student": {"from_teacher": {"layers": [0]}}});
+        for (k, v) in extra.as_object().unwrap() {
+            step[k] = v.clone();
+        }
+        step
+    };
+    let cases: Vec<(&Value, Value, &str, &str)> = vec![
+        (
+            &llama["id"],
+            distill(json!({"student": {"from_teacher": {"layers": [2]}}})),
+            "validation_failed",
+            "/steps/0/student/from_teacher/layers/0",
+        ),
+        (
+            &llama["id"],
+            distill(json!({"student": {"from_teacher": {"layers": [1, 1]}}})),
+            "validation_failed",
+            "/steps/0/student/from_teacher/layers/1",
+        ),
+        (
+            &llama["id"],
+            distill(json!({"student": {"model_id": llama["id"]}})),
+            "unsupported_operation",
+            "/steps/0/student",
+        ),
+        (
+            &llama["id"],
+            distill(json!({"loss": "embeddings"})),
+            "validation_failed",
+            "/steps/0/loss",
+        ),
+        (
+            &llama["id"],
+            distill(json!({"distance": "mse"})),
+            "validation_failed",
+            "/steps/0/distance",
+        ),
+        (
+            &bert["id"],
+            distill(json!({"loss": "logits"})),
+            "validation_failed",
+            "/steps/0/loss",
+        ),
+        (
+            &bert["id"],
+            distill(json!({"baseline": true})),
+            "validation_failed",
+            "/steps/0/baseline",
+        ),
+        (
+            &sequential,
+            distill(json!({})),
+            "validation_failed",
+            "/steps/0/student/from_teacher",
+        ),
+    ];
+    for (model, step, code, pointer) in cases {
+        let body = json!({"model_id": model, "steps": [step]});
+        let res = t.post_json("/v1/jobs", &body).await;
+        assert_eq!(res.status, 422, "{body}: {}", res.text());
+        let p = res.json();
+        assert!(
+            p["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["pointer"] == pointer && e["code"] == code),
+            "{body}: {p}"
+        );
+    }
+}
+
 on_both_backends!(
+    transformers_distill_into_students_built_from_the_teacher,
     transformers_finetune_as_classifiers_and_language_models,
     llama_gguf_exports_are_what_llama_cpp_reads,
     gguf_uploads_become_folder_models,

@@ -11,6 +11,8 @@
 //! schedules, early stopping, checkpoints, resume, cancellation and progress work as in
 //! `finetune`. It does not parse JSON or persist anything.
 
+pub mod text;
+
 use std::cell::RefCell;
 use std::sync::atomic::AtomicBool;
 
@@ -22,13 +24,14 @@ use crate::compress::engine::evaluate::evaluate;
 use crate::compress::engine::finetune::{FinetuneParams, Validation};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::train::{
-    self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
+    self, causal_lm_loss, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
 };
-use crate::compress::engine::{Mode, Network};
+use crate::compress::engine::{Mode, Network, Objective};
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::{sub_range, Ctx};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
+use text::{DistillLoss, Matched};
 
 /// The most memory the cached teacher features of `features` may take; above it the
 /// teacher runs live on every batch (its logits stay cached).
@@ -75,6 +78,8 @@ pub struct DistillParams<'a> {
     pub features: Vec<FeaturePair>,
     /// Also train the student from the same initial weights on hard labels only.
     pub baseline: bool,
+    /// What the student is matched on (`None`: chosen from the models, see [`text::resolve`]).
+    pub loss: Option<DistillLoss>,
 }
 
 impl<'a> DistillParams<'a> {
@@ -87,6 +92,7 @@ impl<'a> DistillParams<'a> {
             alpha: 0.9,
             features: Vec::new(),
             baseline: false,
+            loss: None,
         }
     }
 }
@@ -143,12 +149,26 @@ pub struct DistillOutput {
     pub features_cached: bool,
     /// The teacher's top-1 accuracy on labelled validation data.
     pub teacher_val_accuracy: Option<f64>,
-    /// Fraction of validation samples where the student's top-1 class is the teacher's.
+    /// Fraction of validation samples (a language model: positions) where the student's
+    /// top-1 class (next token) is the teacher's.
     pub val_agreement: Option<f64>,
+    /// A sentence encoder's mean embedding cosine to the teacher on the validation data.
+    pub val_embedding_cosine: Option<f64>,
+    /// What the student was matched on.
+    pub matched: Matched,
     /// Number of trainable student parameter elements.
     pub trainable_parameters: u64,
     /// The hard-label baseline, when asked for.
     pub baseline: Option<BaselineOutput>,
+}
+
+/// The loss without the teacher: cross-entropy against the labels, or a language model's
+/// next-token loss on its text.
+fn hard_loss(model: &dyn Network, out: &Tensor, batch: &Batch) -> Result<Tensor> {
+    match model.objective() {
+        Objective::CausalLm => causal_lm_loss(out, batch),
+        Objective::Classification => cross_entropy(out, batch),
+    }
 }
 
 /// Names the model a dataset mismatch is about.
@@ -267,7 +287,7 @@ fn cache_teacher(
         dataset: train.dataset,
         indices: rows,
     };
-    let batches = view.batches(EVAL_BATCH);
+    let batches = teacher.batches(&view, EVAL_BATCH);
     let total = batches.batch_count().max(1);
     let used: Vec<&str> = if with_features {
         taps.to_vec()
@@ -393,7 +413,7 @@ pub fn distill_with_cache(
             format!("`temperature` must be a finite number above 0, got {t}"),
         ));
     }
-    let alpha = params.alpha;
+    let mut alpha = params.alpha;
     if !(alpha.is_finite() && (0.0..=1.0).contains(&alpha)) {
         return Err(Error::invalid(
             "alpha",
@@ -411,9 +431,21 @@ pub fn distill_with_cache(
             "distill sets its own loss; pass hooks without `loss` / `forward_loss`".into(),
         ));
     }
+    let matched = text::resolve(teacher, student.as_ref(), params.loss)?;
     check_models(teacher, student.as_ref(), params)?;
     let mut student = student;
-    let labelled = p.dataset.y.is_some();
+    if let Matched::Embeddings(_) = matched {
+        // Matching embeddings has no hard term: `alpha` does not apply.
+        alpha = 1.0;
+        if params.baseline {
+            return Err(Error::invalid(
+                "baseline",
+                "a sentence encoder distilled on embeddings has no loss to train on without the teacher",
+            ));
+        }
+    }
+    // A language model's hard loss reads its own text.
+    let labelled = p.dataset.y.is_some() || matched == Matched::Tokens;
     if !labelled && alpha < 1.0 {
         return Err(Error::DatasetMismatch(format!(
             "the transfer set has no labels (`y`), but `alpha` = {alpha} < 1 weights a cross-entropy term on labels; use alpha = 1 for unlabelled data"
@@ -483,12 +515,17 @@ pub fn distill_with_cache(
         }
         Validation::Dataset(d) => (Subset::all(p.dataset), Some(Subset::all(d))),
     };
-    // The loop validates with labels; unlabelled validation data only serves agreement.
-    let val_labelled = val_set.as_ref().is_some_and(|v| v.dataset.y.is_some());
+    // The loop validates with labels (a language model: its text); unlabelled validation
+    // data only serves agreement.
+    let val_labelled = match matched {
+        Matched::Classes => val_set.as_ref().is_some_and(|v| v.dataset.y.is_some()),
+        Matched::Tokens => val_set.is_some(),
+        Matched::Embeddings(_) => false,
+    };
     if config.early_stopping.is_some() && !val_labelled {
         return Err(Error::invalid(
             "early_stopping",
-            "early stopping needs labelled validation data, and this validation data has no labels",
+            "early stopping needs validation data the loop can score (labelled for a classifier, any text for a language model; not with `embeddings`)",
         ));
     }
     let loop_val = if val_labelled { val_set.as_ref() } else { None };
@@ -507,7 +544,11 @@ pub fn distill_with_cache(
         .saturating_mul(p.dataset.samples)
         .saturating_mul(4);
     // Augmented inputs differ at every step: the teacher runs on each batch as seen.
-    let auto = teacher_cache == TeacherCache::Auto && config.augment.is_none();
+    // A language model's per-token distributions are too large to cache: its teacher runs
+    // on every batch.
+    let auto = teacher_cache == TeacherCache::Auto
+        && config.augment.is_none()
+        && matched != Matched::Tokens;
     let features_cached =
         auto && !params.features.is_empty() && feature_bytes <= FEATURE_CACHE_LIMIT_BYTES;
     // With alpha = 0 and no cached features, training never looks at the teacher.
@@ -570,7 +611,11 @@ pub fn distill_with_cache(
                 (None, Some((l, _))) => l.clone(),
                 (None, None) => return Err(Error::Internal("no teacher logits".into())),
             };
-            let soft = kd_loss(&out, &t_logits, t)?;
+            let soft = match matched {
+                Matched::Classes => kd_loss(&out, &t_logits, t)?,
+                Matched::Tokens => text::token_kd_loss(&out, &t_logits, b.mask.as_ref(), t)?,
+                Matched::Embeddings(d) => text::embedding_loss(&out, &t_logits, d)?,
+            };
             PartSums::add(&mut sums.soft, soft.to_scalar::<f32>()? as f64, b.len);
             add(if alpha == 1.0 {
                 soft
@@ -579,7 +624,7 @@ pub fn distill_with_cache(
             })?;
         }
         if alpha < 1.0 {
-            let hard = cross_entropy(&out, b)?;
+            let hard = hard_loss(m, &out, b)?;
             PartSums::add(&mut sums.hard, hard.to_scalar::<f32>()? as f64, b.len);
             add(if alpha == 0.0 {
                 hard
@@ -646,6 +691,19 @@ pub fn distill_with_cache(
     )?;
     let weights = student.export()?;
     let (teacher_val_accuracy, val_agreement) = match &val_set {
+        Some(v) if matched != Matched::Classes => {
+            let quiet = |_: f64, _: &str| {};
+            let eval_ctx = Ctx::new(&quiet, &cancel);
+            let c = text::closeness(
+                student.as_ref(),
+                teacher,
+                v,
+                matched,
+                p.batch_size,
+                &eval_ctx,
+            )?;
+            (None, c)
+        }
         Some(v) => {
             ctx.check()?;
             let quiet = |_: f64, _: &str| {};
@@ -666,6 +724,7 @@ pub fn distill_with_cache(
             student.with_weights(w)?,
             params,
             BaselineRun {
+                matched,
                 config: &config,
                 train_set: &train_set,
                 loop_val,
@@ -688,7 +747,9 @@ pub fn distill_with_cache(
         teacher_cached: cache.is_some(),
         features_cached: cache.is_some() && features_cached,
         teacher_val_accuracy,
-        val_agreement,
+        val_agreement: val_agreement.filter(|_| !matches!(matched, Matched::Embeddings(_))),
+        val_embedding_cosine: val_agreement.filter(|_| matches!(matched, Matched::Embeddings(_))),
+        matched,
         trainable_parameters,
         baseline,
     })
@@ -697,6 +758,7 @@ pub fn distill_with_cache(
 /// How the baseline trains: the distillation's loop settings and data, so it sees the same
 /// shuffles and dropout masks.
 struct BaselineRun<'a> {
+    matched: Matched,
     config: &'a TrainConfig,
     train_set: &'a Subset<'a>,
     /// Validation inside the loop (early stopping).
@@ -718,6 +780,7 @@ fn run_baseline(
     ctx: &Ctx<'_>,
 ) -> Result<BaselineOutput> {
     let BaselineRun {
+        matched,
         config,
         train_set,
         loop_val,
@@ -734,7 +797,7 @@ fn run_baseline(
     let step = |m: &dyn Network, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
         ctx.check()?;
         let out = m.forward(b, Mode::Train(rng))?;
-        let loss = cross_entropy(&out, b)?;
+        let loss = hard_loss(m, &out, b)?;
         Ok((out, loss))
     };
     let step: &StepLossFn<'_> = &step;
@@ -751,6 +814,9 @@ fn run_baseline(
         },
     )?;
     let val_agreement = match val_set {
+        Some(v) if matched == Matched::Tokens => {
+            text::closeness(model.as_ref(), teacher, v, matched, config.batch_size, &sub)?
+        }
         Some(v) => evaluate(model.as_ref(), v, Some(teacher), EVAL_BATCH, &sub)?.agreement,
         None => None,
     };

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::transformer::{
-    attention, check_tensors, dropout, embed, layer_norm_in, merge_heads, pad_id, padding_bias,
-    split_heads, token_ids, Probe, Weights,
+    attention, check_tensors, dropout, embed, keep_blocks, layer_norm_in, merge_heads, pad_id,
+    padding_bias, split_heads, token_ids, Probe, Weights,
 };
 use super::{BlockRunner, BlockState, Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -668,6 +668,20 @@ impl Network for Bert {
 
     fn with_head(&self, layer: &str, num_classes: usize, seed: u64) -> Result<Box<dyn Network>> {
         Ok(Box::new(self.with_classifier(layer, num_classes, seed)?))
+    }
+
+    fn with_blocks(&self, layers: &[usize]) -> Result<Box<dyn Network>> {
+        let (tensors, document) = keep_blocks(
+            self.weights.export()?,
+            &self.name("encoder.layer."),
+            layers,
+            self.config.num_hidden_layers,
+            &self.document,
+        )?;
+        Ok(Box::new(
+            Bert::new(&document, Weights::from_tensors(tensors)?)?
+                .with_tokenizer(self.tokenizer.clone()),
+        ))
     }
 
     fn matches(&self, pattern: &str, name: &str) -> bool {

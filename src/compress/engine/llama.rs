@@ -564,6 +564,20 @@ impl Network for Llama {
         Ok(self.config.vocab_size)
     }
 
+    fn with_blocks(&self, layers: &[usize]) -> Result<Box<dyn Network>> {
+        let (tensors, document) = super::transformer::keep_blocks(
+            self.weights.export()?,
+            "model.layers.",
+            layers,
+            self.config.num_hidden_layers,
+            &self.document,
+        )?;
+        Ok(Box::new(
+            Llama::new(&document, Weights::from_tensors(tensors)?)?
+                .with_tokenizer(self.tokenizer.clone()),
+        ))
+    }
+
     fn objective(&self) -> super::Objective {
         super::Objective::CausalLm
     }

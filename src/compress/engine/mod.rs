@@ -341,6 +341,17 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     /// Sets (or clears) the transform applied to linear and conv weights in every forward.
     fn set_weight_transform(&mut self, transform: Option<WeightTransform>);
 
+    /// A smaller network of the same family keeping only the blocks `layers` (their weights
+    /// copied, renumbered from 0) and everything outside the blocks: a distillation student
+    /// built from its teacher. Families without blocks refuse.
+    fn with_blocks(&self, layers: &[usize]) -> Result<Box<dyn Network>> {
+        let _ = layers;
+        Err(crate::compress::Error::Unsupported(format!(
+            "a {} network has no blocks to keep: build the student from an architecture or a model",
+            self.family().as_str()
+        )))
+    }
+
     /// This network with the named final linear layer replaced by a freshly initialised one
     /// of `num_classes` outputs (transfer learning's new head).
     fn with_head(&self, layer: &str, num_classes: usize, seed: u64) -> Result<Box<dyn Network>>;

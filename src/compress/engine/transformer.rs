@@ -261,6 +261,72 @@ impl Weights {
     }
 }
 
+/// A student built from a teacher (`from_teacher`): the tensors of the blocks in `layers`
+/// (block `i` named `{block_prefix}{i}.…`), renumbered from 0 in that order, with every
+/// tensor outside the blocks; and `document` (a `config.json`) with `num_hidden_layers` set
+/// and any per-layer list (`layer_types`, …) cut the same way. `layers` must be
+/// non-empty, strictly increasing and below `total`.
+pub fn keep_blocks(
+    tensors: Vec<NamedTensor>,
+    block_prefix: &str,
+    layers: &[usize],
+    total: usize,
+    document: &serde_json::Value,
+) -> Result<(Vec<NamedTensor>, serde_json::Value)> {
+    let field = "student.from_teacher.layers";
+    if layers.is_empty() {
+        return Err(Error::invalid(field, "keep at least one block"));
+    }
+    if let Some(&l) = layers.iter().find(|&&l| l >= total) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "block {l} does not exist: the teacher has blocks 0..{}",
+                total - 1
+            ),
+        ));
+    }
+    if layers.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::invalid(
+            field,
+            "list each block once, in increasing order",
+        ));
+    }
+    let new_index: HashMap<usize, usize> = layers
+        .iter()
+        .enumerate()
+        .map(|(new, &old)| (old, new))
+        .collect();
+    let mut kept = Vec::with_capacity(tensors.len());
+    for mut t in tensors {
+        let Some(rest) = t.name.strip_prefix(block_prefix) else {
+            kept.push(t);
+            continue;
+        };
+        let (index, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        match index.parse::<usize>().ok().and_then(|i| new_index.get(&i)) {
+            Some(new) => {
+                t.name = format!("{block_prefix}{new}.{tail}");
+                kept.push(t);
+            }
+            None if index.parse::<usize>().is_ok() => {}
+            None => kept.push(t),
+        }
+    }
+    let mut doc = document.clone();
+    if let Some(o) = doc.as_object_mut() {
+        for v in o.values_mut() {
+            if let serde_json::Value::Array(items) = v {
+                if items.len() == total && total > 1 {
+                    *items = layers.iter().map(|&l| items[l].clone()).collect();
+                }
+            }
+        }
+        o.insert("num_hidden_layers".into(), layers.len().into());
+    }
+    Ok((kept, doc))
+}
+
 /// Layer normalisation over the last dimension (biased variance), written out so it has a
 /// backward pass.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {

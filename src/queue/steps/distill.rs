@@ -20,6 +20,9 @@ pub(super) fn distill(
     spec: &DistillSpec,
     input: &Input,
 ) -> Result<StepOut, PipelineError> {
+    if let Some(source) = input.transformer {
+        return super::distill_text::distill(env, spec, input, source);
+    }
     let teacher_arch = current_arch(input.architecture)?;
     let teacher = Model::from_safetensors(&teacher_arch, input.file)?;
     let (student_arch, student) = match &spec.student {
@@ -35,6 +38,12 @@ pub(super) fn distill(
             let m = Model::init(&arch, spec.train.seed.unwrap_or(env.seed))?;
             (arch, m)
         }
+        StudentSpec::FromTeacher(_) => {
+            return Err(super::failed(
+                crate::codes::Code::UnsupportedOperation,
+                "`from_teacher` keeps blocks of a transformer teacher; this one has none",
+            ))
+        }
     };
     let params = DistillParams {
         train: env.datasets.training_params(&spec.train, env.seed)?,
@@ -42,20 +51,9 @@ pub(super) fn distill(
         alpha: spec.alpha,
         features: spec.features.clone(),
         baseline: spec.baseline,
+        loss: spec.loss,
     };
-    // `keep_sparsity`: the student's zero weights (matrices and kernels, not biases) stay zero
-    // after every optimizer step, as in pruning's retraining rounds.
-    let masks = if spec.keep_sparsity {
-        let weights: Vec<String> = student
-            .params()
-            .iter()
-            .filter(|p| p.var().as_tensor().rank() >= 2)
-            .map(|p| p.name().to_string())
-            .collect();
-        ZeroMasks::of(&student, &weights)?
-    } else {
-        ZeroMasks::default()
-    };
+    let masks = sparsity_masks(&student, spec.keep_sparsity)?;
     let held_zeros = masks.zeros()?;
     let keep_zero = |m: &dyn Network| masks.apply(m);
     let mut on_epoch = env.checkpointer(spec.train.epochs);
@@ -118,4 +116,22 @@ pub(super) fn distill(
             "epochs": out.history,
         }),
     })
+}
+
+/// `keep_sparsity`: the student's zero weights (matrices and kernels, not biases) stay zero
+/// after every optimizer step, as in pruning's retraining rounds.
+pub(super) fn sparsity_masks(
+    student: &dyn Network,
+    keep_sparsity: bool,
+) -> Result<ZeroMasks, PipelineError> {
+    if !keep_sparsity {
+        return Ok(ZeroMasks::default());
+    }
+    let weights: Vec<String> = student
+        .params()
+        .iter()
+        .filter(|p| p.var().as_tensor().rank() >= 2)
+        .map(|p| p.name().to_string())
+        .collect();
+    Ok(ZeroMasks::of(student, &weights)?)
 }

@@ -8,6 +8,7 @@
 
 mod calibrated;
 mod distill;
+mod distill_text;
 mod evaluate;
 mod finetune;
 mod prune;
@@ -125,7 +126,7 @@ fn located(base: &str, field: &str, detail: &str) -> JobError {
 }
 
 /// A fatal failure of the job with `code`.
-fn failed(code: Code, message: impl Into<String>) -> PipelineError {
+pub(super) fn failed(code: Code, message: impl Into<String>) -> PipelineError {
     PipelineError::Failed(JobError::fatal(code, message))
 }
 

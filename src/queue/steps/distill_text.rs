@@ -1,0 +1,136 @@
+//! The `distill` step on a transformer teacher: the student keeps some of the teacher's
+//! blocks (`from_teacher`), is trained to match it (a language model's per-token
+//! distributions, a sentence encoder's embeddings, a classifier's logits), and its `config.json`
+//! says how many blocks it has. With the job's `eval` on text, the step also compares with the
+//! teacher, on the same tokens, the copied blocks before training, the trained student and
+//! the baseline.
+
+use serde_json::{json, Value};
+
+use super::distill::sparsity_masks;
+use super::{failed, Env, Input, PipelineError, StepOut, TransformerSource};
+use crate::codes::Code;
+use crate::compress::distill::text::Matched;
+use crate::compress::distill::{self, DistillParams};
+use crate::compress::engine::text_eval::{evaluate_text, TextFigures};
+use crate::compress::engine::train::TrainHooks;
+use crate::compress::engine::Network;
+use crate::compress::formats::safetensors::NamedTensor;
+use crate::spec::distill::StudentSpec;
+use crate::spec::DistillSpec;
+
+/// Parameter elements of a network.
+fn parameters(net: &dyn Network) -> u64 {
+    net.params().iter().map(|p| p.spec().numel() as u64).sum()
+}
+
+/// The `distill` step of a transformer `source`.
+pub(super) fn distill(
+    env: &Env,
+    spec: &DistillSpec,
+    input: &Input,
+    source: &TransformerSource,
+) -> Result<StepOut, PipelineError> {
+    let teacher = source.load(input.file)?;
+    let (student, layers) = match &spec.student {
+        StudentSpec::FromTeacher(layers) => (teacher.with_blocks(layers)?, layers.clone()),
+        _ => {
+            return Err(failed(
+                Code::UnsupportedOperation,
+                "a transformer teacher's student is built from it: `from_teacher`",
+            ))
+        }
+    };
+    let copied = student.export()?;
+    let params = DistillParams {
+        train: env.datasets.training_params(&spec.train, env.seed)?,
+        temperature: spec.temperature,
+        alpha: spec.alpha,
+        features: spec.features.clone(),
+        baseline: spec.baseline,
+        loss: spec.loss,
+    };
+    let masks = sparsity_masks(student.as_ref(), spec.keep_sparsity)?;
+    let held_zeros = masks.zeros()?;
+    let keep_zero = |m: &dyn Network| masks.apply(m);
+    let mut on_epoch = env.checkpointer(spec.train.epochs);
+    let teacher_parameters = parameters(teacher.as_ref());
+    let student_parameters = parameters(student.as_ref());
+    let out = distill::distill(
+        teacher.as_ref(),
+        student,
+        &params,
+        env.ctx,
+        TrainHooks {
+            on_epoch: Some(&mut on_epoch),
+            resume: env.resume_checkpoint()?,
+            after_step: spec.keep_sparsity.then_some(&keep_zero as &_),
+            ..Default::default()
+        },
+    )?;
+    // The same student network, holding other weights, compared with the teacher.
+    let shape = teacher.with_blocks(&layers)?;
+    let compare = |weights: Vec<NamedTensor>| -> Result<Option<TextFigures>, PipelineError> {
+        let (Some(eval), Some(text)) = (env.eval, env.eval.and_then(|e| e.text.as_ref())) else {
+            return Ok(None);
+        };
+        let net = shape.with_weights(weights)?;
+        let data = env.datasets.get(&eval.dataset_id)?;
+        let e = evaluate_text(
+            net.as_ref(),
+            Some(teacher.as_ref()),
+            data,
+            text,
+            eval.batch_size,
+            &env.ctx.silent(),
+        )?;
+        Ok(Some(e.model))
+    };
+    let untrained = compare(copied)?;
+    let trained = compare(out.weights.clone())?;
+    let baseline = match &out.baseline {
+        Some(b) => compare(b.weights.clone())?,
+        None => None,
+    };
+    let embeddings = matches!(out.matched, Matched::Embeddings(_));
+    let summary = json!({
+        "loss": out.matched.loss_name(),
+        "distance": match out.matched {
+            Matched::Embeddings(d) => json!(d.as_str()),
+            _ => Value::Null,
+        },
+        "temperature": (!embeddings).then_some(spec.temperature),
+        "alpha": (!embeddings).then_some(spec.alpha),
+        "student_layers": layers,
+        "keep_sparsity": spec.keep_sparsity.then_some(json!({"zero_weights_held": held_zeros})),
+        "teacher_cached": out.teacher_cached,
+        "teacher_parameters": teacher_parameters,
+        "student_parameters": student_parameters,
+        "parameter_ratio": teacher_parameters as f64 / student_parameters.max(1) as f64,
+        "untrained": untrained,
+        "student": trained,
+        "baseline": baseline,
+        "validation": {
+            "agreement_with_teacher": out.val_agreement,
+            "embedding_cosine": out.val_embedding_cosine,
+            "baseline_agreement_with_teacher": out.baseline.as_ref().and_then(|b| b.val_agreement),
+        },
+        "epochs_run": out.history.len(),
+        "best_epoch": out.best_epoch,
+        "stopped_early": out.stopped_early,
+        "baseline_epochs": out.baseline.as_ref().map(|b| serde_json::to_value(&b.history).unwrap_or(Value::Null)),
+    });
+    let (temp, _) = env.write_f32(input.metadata, &out.weights)?;
+    Ok(StepOut {
+        outputs: None,
+        file: Some(temp),
+        artifact: None,
+        // The student's config.json (fewer blocks) replaces the teacher's.
+        architecture: Some(out.architecture),
+        record: json!({
+            "summary": summary,
+            "epochs": out.history,
+            "kd_epochs": out.kd_history,
+        }),
+    })
+}
