@@ -182,11 +182,13 @@ pub fn seed(obj: &Map<String, Value>, pointer: &str, errors: &mut Vec<FieldError
 }
 
 /// The retraining embedded in another step (a pruning schedule's, QAT's) at `pointer`: labels
-/// required, no layer options.
+/// required (a language model learns from its text), no layer options; `transformers`: may
+/// train a transformer (QAT) or not (pruning schedules refuse them elsewhere).
 pub fn embedded_training(
     obj: &Map<String, Value>,
     pointer: &str,
     facts: Option<&super::Facts>,
+    transformers: bool,
     errors: &mut Vec<FieldError>,
 ) -> Option<super::FinetuneSpec> {
     super::train::parse_training(
@@ -197,7 +199,7 @@ pub fn embedded_training(
             extra_fields: &[],
             labels_required: true,
             layer_options: false,
-            transformers: false,
+            transformers,
         },
         errors,
     )

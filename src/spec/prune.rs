@@ -271,7 +271,7 @@ pub fn parse(
         };
         let iterations = usize_in(s, "iterations", (1, 100), &sp, &mut errors).unwrap_or(5);
         let finetune = match object(s, "finetune", &sp, &mut errors) {
-            Some(f) => embedded_training(f, &format!("{sp}/finetune"), facts, &mut errors),
+            Some(f) => embedded_training(f, &format!("{sp}/finetune"), facts, false, &mut errors),
             None => {
                 if !s.contains_key("finetune") {
                     errors.push(FieldError::new(

@@ -489,10 +489,24 @@ pub fn parse(
                     "QAT is available for uniform, kmeans, log2 and nf4; for GGUF, train with `qat` on `uniform` at the same bits, then export",
                 ));
             }
-            if let Some(f) = facts {
-                require_architecture(f, pointer, &mut errors);
+            match facts.map(|f| (f, &f.transformer)) {
+                // A transformer trains on its own loss: a llama model's next-token loss, a
+                // bert classifier's cross-entropy; a bert encoder has none.
+                Some((_, Some(t)))
+                    if t.family == crate::compress::engine::Family::Bert && t.classes.is_none() =>
+                {
+                    errors.push(FieldError::new(
+                        format!("{pointer}/qat"),
+                        "QAT trains on a loss, and a bert encoder without a classifier has none: add a classifier first (`finetune` with `head`)",
+                    ))
+                }
+                Some((_, Some(_))) => {}
+                Some((f, None)) => {
+                    require_architecture(f, pointer, &mut errors);
+                }
+                None => {}
             }
-            embedded_training(q, &format!("{pointer}/qat"), facts, &mut errors)
+            embedded_training(q, &format!("{pointer}/qat"), facts, true, &mut errors)
         }
     };
     if max_accuracy_drop.is_some() {

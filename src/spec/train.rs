@@ -740,7 +740,7 @@ pub(super) fn require_architecture(f: &Facts, pointer: &str, errors: &mut Vec<Fi
             ..FieldError::new(
                 format!("{pointer}/op"),
                 format!(
-                    "with these options this operation trains or calibrates the network, which the engine does for `sequential` models only so far; a {} model supports `finetune`, evaluation (`eval`, `evaluate`) and the weight-only operations",
+                    "with these options this operation trains or calibrates the network in a way the engine builds for `sequential` models only so far (pruning schedules, activation calibration, accuracy budgets); a {} model supports `finetune`, `distill`, `qat`, the calibration-based methods, evaluation and the weight-only operations",
                     t.family.as_str()
                 ),
             )

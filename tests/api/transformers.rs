@@ -357,9 +357,9 @@ async fn what_the_engine_does_not_run_is_refused(t: TestApp) {
             "/steps/0/dataset_id",
         ),
         (
-            json!({"model_id": llama_id, "steps": [{"op": "quantize", "method": "uniform", "bits": 4, "qat": {"dataset_id": text_id}}]}),
+            json!({"model_id": llama_id, "steps": [{"op": "prune", "sparsity": 0.5, "schedule": {"iterations": 2, "finetune": {"dataset_id": text_id}}}]}),
             "unsupported_family",
-            "/steps/0/op",
+            "/steps/0/schedule/finetune/op",
         ),
         (
             json!({"model_id": gpt2["id"], "steps": [{"op": "evaluate", "dataset_id": text_id}]}),
@@ -1002,6 +1002,37 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
         "{s}"
     );
 
+    // QAT on the student's language-model loss: 4-bit weights trained in the loop read the
+    // text better than the same weights rounded after training.
+    let student_id = out_id;
+    let quantize = json!({"op": "quantize", "method": "uniform", "bits": 4,
+                          "granularity": "per_channel", "symmetric": true});
+    let mut qat = quantize.clone();
+    qat["qat"] = json!({"dataset_id": text_id, "epochs": 10, "batch_size": 2, "seed": 1,
+                        "optimizer": {"name": "adamw", "lr": 0.003}});
+    let eval = json!({"dataset_id": text_id, "context": 16});
+    let (_, ptq) = run_to_end(
+        &t,
+        json!({"model_id": student_id, "eval": eval, "steps": [quantize]}),
+    )
+    .await;
+    let (_, trained) = run_to_end(
+        &t,
+        json!({"model_id": student_id, "eval": eval, "steps": [qat]}),
+    )
+    .await;
+    assert_eq!(
+        trained["steps"][0]["qat"]["mode"], "fake_quant_ste",
+        "{trained}"
+    );
+    let ppl = |m: &Value| m["final"]["perplexity"].as_f64().unwrap();
+    assert!(
+        ppl(&trained) < ppl(&ptq),
+        "QAT {} vs PTQ {}",
+        ppl(&trained),
+        ppl(&ptq)
+    );
+
     // Refused before anything runs.
     let sequential = json!(fresh_model(&t, tiny_arch(), 0).await);
     let distill = |extra: Value| {
@@ -1060,6 +1091,13 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
             distill(json!({})),
             "validation_failed",
             "/steps/0/student/from_teacher",
+        ),
+        (
+            &bert["id"],
+            json!({"op": "quantize", "method": "uniform", "bits": 4,
+                   "qat": {"dataset_id": labelled_id}}),
+            "validation_failed",
+            "/steps/0/qat",
         ),
     ];
     for (model, step, code, pointer) in cases {

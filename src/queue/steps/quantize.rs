@@ -11,6 +11,7 @@ use super::{current_arch, failed, Artifact, Env, Input, PipelineError, StepOut};
 use crate::codes::Code;
 use crate::compress::calib::{self, CalibrationParams};
 use crate::compress::engine::sequential::model::Model;
+use crate::compress::engine::Network;
 use crate::compress::formats::packed::{self, QuantizeFile};
 use crate::compress::formats::safetensors::{self, SafetensorsFile};
 use crate::compress::formats::{gguf, gguf_import, gguf_llama};
@@ -96,8 +97,13 @@ pub(super) fn quantize(
     // collector reclaims it), which is then quantized exactly as PTQ would.
     let mut trained = None;
     if let Some(qat) = &spec.qat {
-        let arch = current_arch(input.architecture)?;
-        let model = Model::from_safetensors(&arch, input.file)?;
+        let model: Box<dyn Network> = match input.transformer {
+            Some(t) => t.load(input.file)?,
+            None => Box::new(Model::from_safetensors(
+                &current_arch(input.architecture)?,
+                input.file,
+            )?),
+        };
         let params = env.datasets.training_params(qat, env.seed)?;
         let mut on_epoch = env.checkpointer(qat.epochs);
         let qat = QatParams {
@@ -107,7 +113,7 @@ pub(super) fn quantize(
             train: &params,
         };
         let (out, mode) = quantization_aware_training(
-            Box::new(model),
+            model,
             &qat,
             env.ctx,
             &mut on_epoch,
