@@ -22,9 +22,10 @@ use rand_chacha::ChaCha8Rng;
 use crate::compress::engine::data::{Batch, Dataset, Subset};
 use crate::compress::engine::evaluate::evaluate;
 use crate::compress::engine::finetune::{FinetuneParams, Validation};
+use crate::compress::engine::lm::causal_lm_loss;
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::train::{
-    self, causal_lm_loss, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
+    self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
 };
 use crate::compress::engine::{Mode, Network, Objective};
 use crate::compress::formats::safetensors::NamedTensor;

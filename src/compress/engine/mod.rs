@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod families;
 pub mod finetune;
 pub mod llama;
+pub mod lm;
 pub mod masks;
 pub mod sequential;
 pub mod text_eval;

@@ -1,8 +1,10 @@
 //! The one training loop, reused by `finetune`, pruning schedules, QAT and distillation.
 //!
 //! This module owns mini-batch training of a network ([`crate::compress::engine::Network`]): seeded shuffles and dropout
-//! masks (one ChaCha8 stream whose state is checkpointed), a pluggable loss (cross-entropy
-//! by default), SGD (momentum, Nesterov, weight decay) and AdamW as fused in-place updates
+//! masks (one ChaCha8 stream whose state is checkpointed), a pluggable loss (by default the
+//! network's own objective: cross-entropy for classifiers, next-token cross-entropy for
+//! language models), gradient accumulation, SGD (momentum, Nesterov, weight decay) and AdamW
+//! as fused in-place updates
 //! over the parameters' storage, constant / step / cosine schedules with linear warm-up,
 //! global-norm gradient clipping, per-parameter learning-rate multipliers, frozen
 //! parameters, early stopping, cancellation between batches, progress, per-epoch metrics
@@ -25,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::engine::augment::Augment;
 use crate::compress::engine::data::{shuffle_indices, Batch, Subset};
 use crate::compress::engine::evaluate::loss_and_accuracy;
+use crate::compress::engine::lm::{causal_lm_loss, lm_loss_and_accuracy};
 use crate::compress::engine::{Mode, Network, Objective};
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::formats::safetensors::{self, Dtype, TensorSpec};
@@ -390,85 +393,6 @@ pub fn cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(logits, 1)?;
     let picked = logp.gather(&y.unsqueeze(1)?, 1)?;
     Ok(picked.sum_all()?.affine(-1.0 / batch.len as f64, 0.0)?)
-}
-
-/// Mean next-token cross-entropy of a language model's logits `[batch, seq, vocab]` over its
-/// own input ids `[batch, seq]`: position `t` predicts token `t + 1`; targets that are
-/// padding (mask 0) are left out. Returns the loss and the number of targets.
-pub fn causal_lm_loss_and_count(logits: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
-    let ids = crate::compress::engine::transformer::token_ids(&batch.x)?;
-    let (_, s) = ids.dims2()?;
-    if s < 2 {
-        return Err(Error::DatasetMismatch(
-            "language-model training needs documents of at least 2 tokens".into(),
-        ));
-    }
-    let logits = logits.narrow(1, 0, s - 1)?;
-    let targets = ids.narrow(1, 1, s - 1)?.contiguous()?;
-    let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
-    let picked = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
-    let (picked, count) = match &batch.mask {
-        Some(m) => {
-            let w = m.narrow(1, 1, s - 1)?.to_dtype(candle_core::DType::F32)?;
-            let count = w.sum_all()?.to_scalar::<f32>()? as usize;
-            (picked.mul(&w)?, count)
-        }
-        None => (picked, targets.elem_count()),
-    };
-    let loss = picked.sum_all()?.affine(-1.0 / count.max(1) as f64, 0.0)?;
-    Ok((loss, count))
-}
-
-/// [`causal_lm_loss_and_count`]'s loss.
-pub fn causal_lm_loss(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
-    Ok(causal_lm_loss_and_count(logits, batch)?.0)
-}
-
-/// A language model's mean next-token loss and top-1 accuracy on `data` (evaluation mode,
-/// weighted by targets): the training loop's validation of causal-LM training.
-pub fn lm_loss_and_accuracy(
-    model: &dyn Network,
-    data: &Subset<'_>,
-    batch_size: usize,
-    ctx: &Ctx<'_>,
-) -> Result<(f64, f64)> {
-    let (mut loss_sum, mut correct, mut targets) = (0f64, 0usize, 0usize);
-    for batch in model.batches(data, batch_size) {
-        ctx.check()?;
-        let batch = batch?;
-        let logits = model.forward(&batch, Mode::Eval)?;
-        let (loss, count) = causal_lm_loss_and_count(&logits, &batch)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * count as f64;
-        targets += count;
-        let s = logits.dim(1)?;
-        let pred = logits
-            .narrow(1, 0, s - 1)?
-            .argmax(2)?
-            .flatten_all()?
-            .to_vec1::<u32>()?;
-        let ids = crate::compress::engine::transformer::token_ids(&batch.x)?;
-        let next = ids.narrow(1, 1, s - 1)?.flatten_all()?.to_vec1::<u32>()?;
-        let keep: Vec<f32> = match &batch.mask {
-            Some(m) => m
-                .narrow(1, 1, s - 1)?
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-            None => vec![1.0; next.len()],
-        };
-        correct += pred
-            .iter()
-            .zip(&next)
-            .zip(&keep)
-            .filter(|((p, y), k)| **k > 0.0 && p == y)
-            .count();
-    }
-    if targets == 0 {
-        return Err(Error::DatasetMismatch(
-            "the validation documents have no token to predict".into(),
-        ));
-    }
-    Ok((loss_sum / targets as f64, correct as f64 / targets as f64))
 }
 
 /// A whole training forward pass: `(model, batch, rng) → (model outputs, loss)`. Lets a
