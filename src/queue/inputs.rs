@@ -102,6 +102,9 @@ impl JobInputs {
                             .unwrap_or_default(),
                         num_classes: d.num_classes.map(|n| n as usize),
                         text: d.text_bytes.is_some(),
+                        mean_document_bytes: d
+                            .text_bytes
+                            .map_or(0, |b| (b.max(0) as u64).div_ceil(d.samples.max(1) as u64)),
                     };
                     (*id, facts)
                 })

@@ -478,7 +478,7 @@ fn parse_from_teacher(
 
 /// The facts of a student that keeps the teacher's blocks `layers`: the teacher's tensors
 /// without the other blocks, renumbered, and a transformer of that many blocks.
-fn from_teacher_facts(f: &Facts, t: &TransformerFacts, layers: &[usize]) -> ModelFacts {
+pub(super) fn from_teacher_facts(f: &Facts, t: &TransformerFacts, layers: &[usize]) -> ModelFacts {
     let mut tensors = Vec::with_capacity(f.tensors.len());
     for info in &f.tensors {
         // `encoder.layer.{i}.` (bert, with or without `bert.`), `model.layers.{i}.` (llama).

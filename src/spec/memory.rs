@@ -3,9 +3,10 @@
 //! dry-run plan and to refuse, before anything is queued, a job that would not fit
 //! (`WHITTLE_JOB_MEMORY_BYTES`): a worker that runs out of memory takes its process down.
 
-use super::distill::StudentSpec;
-use super::{EvalSpec, Facts, JobSpec, Step};
+use super::distill::{from_teacher_facts, StudentSpec};
+use super::{EvalSpec, Facts, FinetuneSpec, JobSpec, Step, TransformerFacts};
 use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::engine::Family;
 
 /// Fixed overhead of a step (buffers, the runtime).
 const OVERHEAD: u64 = 8 << 20;
@@ -66,6 +67,58 @@ fn evaluation(facts: &Facts, arch: Option<&Architecture>, e: &EvalSpec) -> u64 {
     }
 }
 
+/// Tokens per document of a training set, for the estimate: its mean UTF-8 bytes / 4
+/// (about a token per 4 bytes of English), doubled for padding to each batch's longest,
+/// at least 16 and at most the model's positions.
+fn tokens_per_document(facts: &Facts, t: &TransformerFacts, train: &FinetuneSpec) -> usize {
+    let bytes = facts
+        .datasets
+        .get(&train.dataset)
+        .map_or(0, |d| d.mean_document_bytes as usize);
+    (bytes / 2).clamp(16, t.max_positions.max(16))
+}
+
+/// Parameters of a set of tensors.
+fn parameters(tensors: &[crate::compress::formats::safetensors::TensorInfo]) -> u64 {
+    tensors
+        .iter()
+        .filter(|t| t.dtype.is_float())
+        .map(|t| t.numel() as u64)
+        .sum()
+}
+
+/// Training a transformer of `params` parameters and `blocks` blocks on batches of
+/// `batch × seq` tokens: 16 bytes per parameter (f32 weights, gradients, AdamW's two
+/// moments), and per token what backward keeps in each block (about 40 hidden-wide and 12
+/// feed-forward-wide f32 values, and 4 attention rows of `seq` per head; measured on
+/// MiniLM and SmolLM2 through the service) and, for a language model, its logits with their
+/// softmax and gradients (10 vocabulary-wide f32 rows).
+fn transformer_training(
+    t: &TransformerFacts,
+    params: u64,
+    blocks: usize,
+    batch: usize,
+    seq: usize,
+) -> u64 {
+    let tokens = (batch * seq) as u64;
+    let per_block = 4 * (40 * t.hidden + 12 * t.intermediate + 4 * t.heads * seq) as u64;
+    let logits = match t.family {
+        Family::Llama => 40 * t.vocab_size as u64,
+        _ => 0,
+    };
+    params * 16 + tokens * (blocks as u64 * per_block + logits) + OVERHEAD
+}
+
+/// A transformer teacher's inference beside its student: its f32 weights and, for a
+/// language model, its logits and their softmax for the batch.
+fn transformer_teacher(t: &TransformerFacts, params: u64, batch: usize, seq: usize) -> u64 {
+    let logits = match t.family {
+        Family::Llama => 12 * t.vocab_size as u64,
+        _ => 0,
+    };
+    params * 4 + (batch * seq) as u64 * logits
+}
+
 /// The estimate of `spec` on the model `facts` describe.
 pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
     let mut arch = facts.architecture.clone();
@@ -82,15 +135,47 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
             },
             Step::Quantize(q) => match (a, &q.qat) {
                 (Some(a), Some(t)) => training(a, t.batch_size) + reference,
+                (None, Some(train)) if facts.transformer.is_some() => {
+                    let t = facts.transformer.as_ref().expect("checked");
+                    let seq = tokens_per_document(facts, t, train);
+                    transformer_training(
+                        t,
+                        parameters(&facts.tensors),
+                        t.layers,
+                        train.batch_size,
+                        seq,
+                    ) + reference
+                }
                 (Some(a), None) if q.max_accuracy_drop.is_some() || q.activations.is_some() => {
                     3 * inference(a, 256)
                 }
                 _ => streaming(facts),
             },
-            Step::Finetune(f) => a.map_or(0, |a| training(a, f.batch_size)) + reference,
+            Step::Finetune(f) => match (a, &facts.transformer) {
+                (Some(a), _) => training(a, f.batch_size) + reference,
+                (None, Some(t)) => {
+                    let seq = tokens_per_document(facts, t, f);
+                    transformer_training(t, parameters(&facts.tensors), t.layers, f.batch_size, seq)
+                }
+                (None, None) => 0,
+            },
             Step::Evaluate(e) => evaluation(facts, a, e),
             // The network, the copy written out, and one layer's statistics.
             Step::Calibrated(_) => 3 * weights_f32(facts) + (256 << 20),
+            Step::Distill(d) if facts.transformer.is_some() => {
+                let t = facts.transformer.as_ref().expect("checked");
+                let seq = tokens_per_document(facts, t, &d.train);
+                let batch = d.train.batch_size;
+                let (student_params, blocks) = match &d.student {
+                    StudentSpec::FromTeacher(layers) => (
+                        parameters(&from_teacher_facts(facts, t, layers).tensors),
+                        layers.len(),
+                    ),
+                    _ => (parameters(&facts.tensors), t.layers),
+                };
+                transformer_teacher(t, parameters(&facts.tensors), batch, seq)
+                    + transformer_training(t, student_params, blocks, batch, seq)
+            }
             Step::Distill(d) => {
                 let student = match &d.student {
                     StudentSpec::Architecture(v) => Architecture::from_json(v).ok(),

@@ -108,6 +108,12 @@ pub struct TransformerFacts {
     pub vocab_size: usize,
     /// Blocks (`num_hidden_layers`; 0 when the config does not say).
     pub layers: usize,
+    /// Width of the hidden states (`hidden_size`; 0 when the config does not say).
+    pub hidden: usize,
+    /// Width of the feed-forward layers (`intermediate_size`).
+    pub intermediate: usize,
+    /// Attention heads (`num_attention_heads`).
+    pub heads: usize,
 }
 
 impl TransformerFacts {
@@ -127,10 +133,13 @@ impl TransformerFacts {
             .get("vocab_size")
             .and_then(Value::as_u64)
             .map_or(0, |v| v as usize);
-        let layers = config
-            .get("num_hidden_layers")
-            .and_then(Value::as_u64)
-            .map_or(0, |v| v as usize);
+        let field = |k: &str| {
+            config
+                .get(k)
+                .and_then(Value::as_u64)
+                .map_or(0, |v| v as usize)
+        };
+        let layers = field("num_hidden_layers");
         Some(Self {
             family,
             max_positions,
@@ -138,6 +147,9 @@ impl TransformerFacts {
             classes,
             vocab_size,
             layers,
+            hidden: field("hidden_size"),
+            intermediate: field("intermediate_size"),
+            heads: field("num_attention_heads"),
         })
     }
 }
@@ -151,6 +163,8 @@ pub struct DatasetFacts {
     pub num_classes: Option<usize>,
     /// Whether it holds text documents (formats `text`, `jsonl`).
     pub text: bool,
+    /// Text: the mean UTF-8 bytes of a document (0 for tensor datasets).
+    pub mean_document_bytes: u64,
 }
 
 /// Every other model a request body names (for loading their facts): `distill` students

@@ -45,6 +45,7 @@ fn facts() -> Facts {
             feature_shape: vec![1, 8, 8],
             num_classes: Some(10),
             text: false,
+            mean_document_bytes: 0,
         },
     );
     f.models.insert(

@@ -1127,3 +1127,44 @@ on_both_backends!(
     bert_evaluation_reports_cosines,
     what_the_engine_does_not_run_is_refused,
 );
+
+/// Training a transformer is sized before it is queued: the dry run's estimate grows with the
+/// batch, and a batch that cannot fit is refused at its step (finetune, distill, QAT).
+#[tokio::test]
+async fn transformer_training_is_sized_before_it_runs() {
+    let t = TestApp::with(Backend::Sqlite, |c| c.job_memory_bytes = Some(1 << 30))
+        .await
+        .unwrap();
+    let llama = upload_fixture(&t, "tiny-llama", &[]).await;
+    let doc = "the cat sat on the mat and looked at the door. ".repeat(8);
+    let text = upload_text(&t, "text/plain", format!("{doc}\n\n{doc}").as_bytes()).await;
+    let finetune = |batch: usize| {
+        json!({"model_id": llama["id"], "steps": [{"op": "finetune", "dataset_id": text["id"],
+               "batch_size": batch}]})
+    };
+    let planned = |body: Value| {
+        let t = &t;
+        async move {
+            let res = t.post_json("/v1/jobs?dry_run=true", &body).await;
+            assert_eq!(res.status, 200, "{}", res.text());
+            res.json()["estimated_peak_memory_bytes"].as_u64().unwrap()
+        }
+    };
+    let small = planned(finetune(2)).await;
+    let large = planned(finetune(64)).await;
+    assert!(small > 0 && large > 4 * small, "{small} {large}");
+    let distill = json!({"model_id": llama["id"], "steps": [{"op": "distill", "dataset_id": text["id"],
+        "student": {"from_teacher": {"layers": [0]}}, "batch_size": 65536}]});
+    let qat = json!({"model_id": llama["id"], "steps": [{"op": "quantize", "method": "uniform",
+        "bits": 4, "qat": {"dataset_id": text["id"], "batch_size": 65536}}]});
+    for body in [finetune(65536), distill, qat] {
+        let p = t
+            .post_json("/v1/jobs", &body)
+            .await
+            .assert_problem(422, "memory_limit_exceeded");
+        assert_eq!(p["errors"][0]["pointer"], "/steps/0", "{body}: {p}");
+    }
+    // What fits is accepted.
+    let res = t.post_json("/v1/jobs", &finetune(2)).await;
+    assert_eq!(res.status, 202, "{}", res.text());
+}
