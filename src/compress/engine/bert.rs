@@ -359,7 +359,11 @@ impl Bert {
             )
         };
         let h1 = ln("attention.output.LayerNorm", &(a + &h)?, mode)?;
-        let inner = activation(&c.hidden_act, &lin("intermediate.dense", &h1, mode, probe)?)?;
+        let inner = activation(
+            &c.hidden_act,
+            &lin("intermediate.dense", &h1, mode, probe)?,
+            matches!(mode, Mode::Train(_)),
+        )?;
         let out = dropout(
             &lin("output.dense", &inner, mode, probe)?,
             c.hidden_dropout_prob,
@@ -475,11 +479,13 @@ impl Bert {
     }
 }
 
-/// The activation of the feed-forward layer.
-fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+/// The activation of the feed-forward layer (in training the exact GELU runs fused with its
+/// backward pass).
+fn activation(name: &str, x: &Tensor, train: bool) -> Result<Tensor> {
     Ok(match name {
         "relu" => x.relu()?,
         "gelu_new" | "gelu_pytorch_tanh" => x.gelu()?,
+        _ if train => super::fused::GeluErf.forward(x)?,
         _ => x.gelu_erf()?,
     })
 }

@@ -11,6 +11,7 @@ pub mod data;
 pub mod evaluate;
 pub mod families;
 pub mod finetune;
+pub mod fused;
 pub mod llama;
 pub mod lm;
 pub mod masks;

@@ -358,7 +358,7 @@ pub fn layer_norm_in(
             b,
             eps as f32,
         )?),
-        Mode::Train(_) => layer_norm(x, w, b, eps),
+        Mode::Train(_) => Ok(super::fused::LayerNorm { eps: eps as f32 }.forward(x, w, b)?),
     }
 }
 
@@ -429,7 +429,7 @@ pub fn attention(
         Some(b) => scores.broadcast_add(b)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = super::fused::Softmax.forward(&scores)?;
     let probs = dropout(&probs, dropout_p, mode)?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }

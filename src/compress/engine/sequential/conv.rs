@@ -123,7 +123,7 @@ struct Col2Im {
 /// Runs `f(first_unit, chunk)` over chunks of whole units (`unit` values each) of
 /// `output`, on candle's persistent worker pool (`RAYON_NUM_THREADS` threads, shared
 /// with candle's own element-wise ops) when the work is large enough.
-fn par_units<F>(output: &mut [f32], unit: usize, f: F)
+pub(crate) fn par_units<F>(output: &mut [f32], unit: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
@@ -224,7 +224,7 @@ impl Col2Im {
 }
 
 /// The f32 values of a contiguous CPU tensor argument.
-fn contiguous_f32<'a>(
+pub(crate) fn contiguous_f32<'a>(
     op: &str,
     storage: &'a CpuStorage,
     layout: &Layout,

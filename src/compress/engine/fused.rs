@@ -1,0 +1,440 @@
+//! Fused transformer ops with their backward passes, for training: layer normalisation, the
+//! softmax of attention scores and the exact (erf) GELU.
+//!
+//! candle's fused kernels for these have no backward pass (CANDLE.md), and written out in
+//! candle's element-wise ops each takes about ten full-size temporaries forward and twice as
+//! many backward, which is most of a transformer training step that is not a matrix product.
+//! Here each direction is one pass over the rows on candle's worker pool, computing what
+//! PyTorch computes: the same formulas, f32 throughout. Evaluation keeps candle's own kernels.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+use super::sequential::conv::{contiguous_f32, par_units};
+
+/// `(rows, width)` of a tensor normalised over its last dimension.
+fn rows(layout: &Layout) -> candle_core::Result<(usize, usize)> {
+    let dims = layout.shape().dims();
+    let h = *dims.last().unwrap_or(&1);
+    if h == 0 {
+        bail!("an empty last dimension")
+    }
+    Ok((layout.shape().elem_count() / h, h))
+}
+
+/// Mean and 1/√(var + eps) of a row (biased variance, as `torch.nn.LayerNorm`).
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Layer normalisation over the last dimension, `(x − μ)/√(σ² + ε) · w + b`.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerNorm {
+    /// ε.
+    pub eps: f32,
+}
+
+/// Its backward pass: `(x, w, dy) → [rows + 2, width]` holding dx, then dw, then db.
+#[derive(Debug, Clone, Copy)]
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// `x` normalised with `w`, `b` (`[width]`), with a backward pass.
+    pub fn forward(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, *self)
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer_norm_train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, h) = rows(l1)?;
+        let x = contiguous_f32("layer_norm", s1, l1)?;
+        let w = contiguous_f32("layer_norm", s2, l2)?;
+        let b = contiguous_f32("layer_norm", s3, l3)?;
+        if w.len() != h || b.len() != h {
+            bail!("layer_norm: weight and bias must have {h} values")
+        }
+        let mut y = vec![0f32; x.len()];
+        par_units(&mut y, h, |first, out| {
+            for (r, out) in out.chunks_exact_mut(h).enumerate() {
+                let row = &x[(first + r) * h..][..h];
+                let (mean, rstd) = row_stats(row, self.eps);
+                for (((o, v), w), b) in out.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (v - mean) * rstd * w + b;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let n = x.elem_count() / h;
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, 1)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n + 1, 1)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer_norm_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, h) = rows(l1)?;
+        let x = contiguous_f32("layer_norm backward", s1, l1)?;
+        let w = contiguous_f32("layer_norm backward", s2, l2)?;
+        let g = contiguous_f32("layer_norm backward", s3, l3)?;
+        if g.len() != x.len() || w.len() != h {
+            bail!("layer_norm backward: shapes do not fit")
+        }
+        // Row statistics, then dx row by row, then dw and db column by column.
+        let mut stats = vec![0f32; 2 * n];
+        par_units(&mut stats, 2, |first, out| {
+            for (r, s) in out.chunks_exact_mut(2).enumerate() {
+                let (mean, rstd) = row_stats(&x[(first + r) * h..][..h], self.eps);
+                s[0] = mean;
+                s[1] = rstd;
+            }
+        });
+        let mut out = vec![0f32; (n + 2) * h];
+        let (dx, dwb) = out.split_at_mut(n * h);
+        par_units(dx, h, |first, dx| {
+            for (r, dx) in dx.chunks_exact_mut(h).enumerate() {
+                let i = first + r;
+                let (mean, rstd) = (stats[2 * i], stats[2 * i + 1]);
+                let (row, gr) = (&x[i * h..][..h], &g[i * h..][..h]);
+                // dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂)), ĝ = g · w.
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for ((v, gv), wv) in row.iter().zip(gr).zip(w) {
+                    let gh = gv * wv;
+                    sum_g += gh;
+                    sum_gx += gh * (v - mean) * rstd;
+                }
+                let (mg, mgx) = (sum_g / h as f32, sum_gx / h as f32);
+                for (((d, v), gv), wv) in dx.iter_mut().zip(row).zip(gr).zip(w) {
+                    let xhat = (v - mean) * rstd;
+                    *d = rstd * (gv * wv - mg - xhat * mgx);
+                }
+            }
+        });
+        let (dw, db) = dwb.split_at_mut(h);
+        // Column sums over the rows: dw = Σ g · x̂, db = Σ g.
+        par_units(dw, 1, |first, dw| {
+            for (c, d) in dw.iter_mut().enumerate() {
+                let j = first + c;
+                *d = (0..n)
+                    .map(|i| g[i * h + j] * (x[i * h + j] - stats[2 * i]) * stats[2 * i + 1])
+                    .sum();
+            }
+        });
+        par_units(db, 1, |first, db| {
+            for (c, d) in db.iter_mut().enumerate() {
+                let j = first + c;
+                *d = (0..n).map(|i| g[i * h + j]).sum();
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n + 2, h))))
+    }
+}
+
+/// Softmax over the last dimension, with a backward pass `y ⊙ (g − Σ g ⊙ y)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Softmax;
+
+/// Its backward pass: `(y, dy) → dx`.
+#[derive(Debug, Clone, Copy)]
+struct SoftmaxGrad;
+
+impl Softmax {
+    /// The softmax of `x`'s rows, with a backward pass.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(*self)
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax_train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, h) = rows(layout)?;
+        let x = contiguous_f32("softmax", storage, layout)?;
+        let mut y = vec![0f32; x.len()];
+        par_units(&mut y, h, |first, out| {
+            for (r, out) in out.chunks_exact_mut(h).enumerate() {
+                let row = &x[(first + r) * h..][..h];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, v) in out.iter_mut().zip(row) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                out.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, h) = rows(l1)?;
+        let y = contiguous_f32("softmax backward", s1, l1)?;
+        let g = contiguous_f32("softmax backward", s2, l2)?;
+        if y.len() != g.len() {
+            bail!("softmax backward: gradient does not fit")
+        }
+        let mut dx = vec![0f32; y.len()];
+        par_units(&mut dx, h, |first, out| {
+            for (r, out) in out.chunks_exact_mut(h).enumerate() {
+                let (yr, gr) = (&y[(first + r) * h..][..h], &g[(first + r) * h..][..h]);
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((o, yv), gv) in out.iter_mut().zip(yr).zip(gr) {
+                    *o = yv * (gv - dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// The exact GELU, `x · Φ(x) = ½x(1 + erf(x/√2))`, with a backward pass
+/// `Φ(x) + x · φ(x)`.
+#[derive(Debug, Clone, Copy)]
+pub struct GeluErf;
+
+/// Its backward pass: `(x, dy) → dx`.
+#[derive(Debug, Clone, Copy)]
+struct GeluErfGrad;
+
+impl GeluErf {
+    /// GELU of `x`, with a backward pass.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(*self)
+    }
+}
+
+/// Φ(x), the standard normal CDF.
+fn cdf(x: f32) -> f32 {
+    0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu_erf_train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32("gelu", storage, layout)?;
+        let mut y = vec![0f32; x.len()];
+        par_units(&mut y, 1, |first, out| {
+            for (o, v) in out.iter_mut().zip(&x[first..]) {
+                *o = v * cdf(*v);
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?,
+        ))
+    }
+}
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "gelu_erf_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32("gelu backward", s1, l1)?;
+        let g = contiguous_f32("gelu backward", s2, l2)?;
+        if x.len() != g.len() {
+            bail!("gelu backward: gradient does not fit")
+        }
+        // φ(x) = exp(−x²/2) / √(2π).
+        let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
+        let mut dx = vec![0f32; x.len()];
+        par_units(&mut dx, 1, |first, out| {
+            for ((o, v), gv) in out.iter_mut().zip(&x[first..]).zip(&g[first..]) {
+                let pdf = (-0.5 * v * v).exp() * inv_sqrt_2pi;
+                *o = gv * (cdf(*v) + v * pdf);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed)) % 1000) as f32 / 250.0
+                    - 2.0
+            })
+            .collect()
+    }
+
+    /// Each fused op gives the values and the gradients of the same formula written out in
+    /// candle's differentiable element-wise ops, on rows large enough to run in parallel.
+    #[test]
+    fn fused_ops_match_the_written_out_formulas_forward_and_backward() {
+        let dev = Device::Cpu;
+        let (n, h) = (300, 256);
+        let x = Var::from_vec(values(n * h, 1), (3, n / 3, h), &dev).unwrap();
+        let w = Var::from_vec(values(h, 2), h, &dev).unwrap();
+        let b = Var::from_vec(values(h, 3), h, &dev).unwrap();
+        let g = Tensor::from_vec(values(n * h, 4), (3, n / 3, h), &dev).unwrap();
+        let weighted = |y: &Tensor| (y * &g).unwrap().sum_all().unwrap();
+        let grads = |loss: Tensor, vars: &[&Var]| {
+            let gs = loss.backward().unwrap();
+            vars.iter()
+                .map(|v| gs.get(v.as_tensor()).unwrap().clone())
+                .collect::<Vec<_>>()
+        };
+        // Layer norm.
+        let fused = LayerNorm { eps: 1e-5 }
+            .forward(x.as_tensor(), w.as_tensor(), b.as_tensor())
+            .unwrap();
+        let plain = crate::compress::engine::transformer::layer_norm(
+            x.as_tensor(),
+            w.as_tensor(),
+            b.as_tensor(),
+            1e-5,
+        )
+        .unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let a = grads(weighted(&fused), &[&x, &w, &b]);
+        let e = grads(weighted(&plain), &[&x, &w, &b]);
+        for (a, e) in a.iter().zip(&e) {
+            assert!(
+                max_diff(a, e) < 1e-3,
+                "layer norm gradient differs by {}",
+                max_diff(a, e)
+            );
+        }
+        // Softmax.
+        let fused = Softmax.forward(x.as_tensor()).unwrap();
+        let plain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-6);
+        let (a, e) = (
+            grads(weighted(&fused), &[&x]),
+            grads(weighted(&plain), &[&x]),
+        );
+        assert!(
+            max_diff(&a[0], &e[0]) < 1e-5,
+            "softmax gradient differs by {}",
+            max_diff(&a[0], &e[0])
+        );
+        // GELU.
+        let fused = GeluErf.forward(x.as_tensor()).unwrap();
+        let plain = x.as_tensor().gelu_erf().unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-6);
+        let (a, e) = (
+            grads(weighted(&fused), &[&x]),
+            grads(weighted(&plain), &[&x]),
+        );
+        assert!(
+            max_diff(&a[0], &e[0]) < 1e-5,
+            "gelu gradient differs by {}",
+            max_diff(&a[0], &e[0])
+        );
+    }
+}
