@@ -801,6 +801,16 @@ mod tests {
         let logits = bert.forward(&b, Mode::Eval).unwrap();
         let d = max_diff(&logits, &f32s(&expected, "logits"));
         assert!(d < 1e-5, "logits differ by {d}");
+        // Without dropout the training forward (fused layer norm, masked softmax, GELU)
+        // computes the same logits on the padded batch.
+        let mut quiet = config.clone();
+        quiet["hidden_dropout_prob"] = serde_json::json!(0.0);
+        quiet["attention_probs_dropout_prob"] = serde_json::json!(0.0);
+        let bert = Bert::from_safetensors(&quiet, &weights).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let train = bert.forward(&b, Mode::Train(&mut rng)).unwrap();
+        let d = max_diff(&train, &f32s(&expected, "logits"));
+        assert!(d < 1e-5, "training logits differ by {d}");
     }
 
     #[test]

@@ -174,18 +174,65 @@ impl CustomOp3 for LayerNormGrad {
     }
 }
 
-/// Softmax over the last dimension, with a backward pass `y ⊙ (g − Σ g ⊙ y)`.
+/// Attention's softmax over the last dimension of `x · scale + bias`, with a backward pass
+/// `scale · y ⊙ (g − Σ g ⊙ y)` for `x` (the bias, a padding or causal mask, takes no
+/// gradient). For scores `[b, heads, q, s]` the bias is `[b or 1, 1, q or 1, s]`, broadcast
+/// as candle's `broadcast_add` would.
 #[derive(Debug, Clone, Copy)]
-pub struct Softmax;
+pub struct Softmax {
+    /// The factor of the scores (attention's `1/√d`).
+    pub scale: f32,
+}
 
 /// Its backward pass: `(y, dy) → dx`.
 #[derive(Debug, Clone, Copy)]
-struct SoftmaxGrad;
+struct SoftmaxGrad {
+    scale: f32,
+}
 
 impl Softmax {
-    /// The softmax of `x`'s rows, with a backward pass.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1(*self)
+    /// The softmax of the rows of `x · scale (+ bias)`, with a backward pass for `x`.
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match bias {
+            None => x.contiguous()?.apply_op1(*self),
+            Some(b) => x.contiguous()?.apply_op2(&b.contiguous()?, *self),
+        }
+    }
+
+    /// The softmax of `x` (rows of `h`) into a new buffer, row `r` adding `bias(r)`.
+    fn run<'b>(
+        &self,
+        x: &[f32],
+        h: usize,
+        bias: impl Fn(usize) -> Option<&'b [f32]> + Sync,
+    ) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        par_units(&mut y, h, |first, out| {
+            for (r, out) in out.chunks_exact_mut(h).enumerate() {
+                let row = &x[(first + r) * h..][..h];
+                match bias(first + r) {
+                    Some(b) => {
+                        for ((o, v), b) in out.iter_mut().zip(row).zip(b) {
+                            *o = v * self.scale + b;
+                        }
+                    }
+                    None => {
+                        for (o, v) in out.iter_mut().zip(row) {
+                            *o = v * self.scale;
+                        }
+                    }
+                }
+                let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for o in out.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                out.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        y
     }
 }
 
@@ -201,21 +248,10 @@ impl CustomOp1 for Softmax {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, h) = rows(layout)?;
         let x = contiguous_f32("softmax", storage, layout)?;
-        let mut y = vec![0f32; x.len()];
-        par_units(&mut y, h, |first, out| {
-            for (r, out) in out.chunks_exact_mut(h).enumerate() {
-                let row = &x[(first + r) * h..][..h];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, v) in out.iter_mut().zip(row) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                out.iter_mut().for_each(|o| *o *= inv);
-            }
-        });
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.run(x, h, |_| None)),
+            layout.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -224,8 +260,60 @@ impl CustomOp1 for Softmax {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?,
+        let grad_op = SoftmaxGrad { scale: self.scale };
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &grad_op)?))
+    }
+}
+
+impl CustomOp2 for Softmax {
+    fn name(&self) -> &'static str {
+        "masked_softmax_train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (h, bias_dims) = (rows(l1)?.1, l2.shape().dims());
+        let x = contiguous_f32("softmax", s1, l1)?;
+        let bias = contiguous_f32("softmax", s2, l2)?;
+        let (b, heads, q) = match l1.shape().dims() {
+            [b, heads, q, _] => (*b, *heads, *q),
+            _ => bail!("softmax: scores {:?} are not [b, heads, q, s]", l1.shape()),
+        };
+        let fits = |d: usize, n: usize| d == 1 || d == n;
+        let (bb, bq) = match bias_dims {
+            [bb, 1, bq, bs] if *bs == h && fits(*bb, b) && fits(*bq, q) => (*bb, *bq),
+            _ => bail!(
+                "softmax: bias {:?} does not broadcast to scores {:?}",
+                l2.shape(),
+                l1.shape()
+            ),
+        };
+        let row_of = |r: usize| {
+            let (bi, qi) = (r / (heads * q), r % q);
+            let bi = if bb == 1 { 0 } else { bi };
+            let qi = if bq == 1 { 0 } else { qi };
+            (bi * bq + qi) * h
+        };
+        let y = self.run(x, h, |r| Some(&bias[row_of(r)..][..h]));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_op = SoftmaxGrad { scale: self.scale };
+        Ok((
+            Some(res.apply_op2_no_bwd(&grad.contiguous()?, &grad_op)?),
+            None,
         ))
     }
 }
@@ -254,7 +342,7 @@ impl CustomOp2 for SoftmaxGrad {
                 let (yr, gr) = (&y[(first + r) * h..][..h], &g[(first + r) * h..][..h]);
                 let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
                 for ((o, yv), gv) in out.iter_mut().zip(yr).zip(gr) {
-                    *o = yv * (gv - dot);
+                    *o = self.scale * yv * (gv - dot);
                 }
             }
         });
@@ -278,9 +366,20 @@ impl GeluErf {
     }
 }
 
+/// erf(x) to within 1.5·10⁻⁷ (Abramowitz & Stegun 7.1.26): one exp and a short polynomial,
+/// where libm's correctly rounded erff branches and takes two.
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_72 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    (1.0 - poly * (-a * a).exp()).copysign(x)
+}
+
 /// Φ(x), the standard normal CDF.
 fn cdf(x: f32) -> f32 {
-    0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 impl CustomOp1 for GeluErf {
@@ -410,23 +509,40 @@ mod tests {
                 max_diff(a, e)
             );
         }
-        // Softmax.
-        let fused = Softmax.forward(x.as_tensor()).unwrap();
-        let plain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
-        assert!(max_diff(&fused, &plain) < 1e-6);
-        let (a, e) = (
-            grads(weighted(&fused), &[&x]),
-            grads(weighted(&plain), &[&x]),
-        );
-        assert!(
-            max_diff(&a[0], &e[0]) < 1e-5,
-            "softmax gradient differs by {}",
-            max_diff(&a[0], &e[0])
-        );
+        // Softmax of scaled scores, with and without a bias row per batch entry.
+        // Scores [3, 4, 25, h]: a padding bias per batch entry, a causal one per query row
+        // shared by the batch, and one per entry and row.
+        let x4 = Var::from_vec(values(n * h, 1), (3, 4, n / 12, h), &dev).unwrap();
+        let g = g.reshape((3, 4, n / 12, h)).unwrap();
+        let weighted = |y: &Tensor| (y * &g).unwrap().sum_all().unwrap();
+        let x = &x4;
+        let padding = Tensor::from_vec(values(3 * h, 5), (3, 1, 1, h), &dev).unwrap();
+        let causal = Tensor::from_vec(values(25 * h, 6), (1, 1, 25, h), &dev).unwrap();
+        let both = Tensor::from_vec(values(75 * h, 7), (3, 1, 25, h), &dev).unwrap();
+        let scale = 0.125;
+        for bias in [None, Some(&padding), Some(&causal), Some(&both)] {
+            let fused = Softmax { scale }.forward(x.as_tensor(), bias).unwrap();
+            let scaled = (x.as_tensor() * scale as f64).unwrap();
+            let scaled = match bias {
+                Some(b) => scaled.broadcast_add(b).unwrap(),
+                None => scaled,
+            };
+            let plain = candle_nn::ops::softmax(&scaled, D::Minus1).unwrap();
+            assert!(max_diff(&fused, &plain) < 1e-6);
+            let (a, e) = (
+                grads(weighted(&fused), &[&x]),
+                grads(weighted(&plain), &[&x]),
+            );
+            let d = max_diff(&a[0], &e[0]);
+            assert!(d < 1e-5, "softmax gradient differs by {d}");
+        }
+        for v in [-4.0f32, -1.3, -0.2, 0.0, 0.4, 1.0, 2.5, 6.0] {
+            assert!((erf(v) - libm::erff(v)).abs() < 3e-7, "erf({v})");
+        }
         // GELU.
         let fused = GeluErf.forward(x.as_tensor()).unwrap();
         let plain = x.as_tensor().gelu_erf().unwrap();
-        assert!(max_diff(&fused, &plain) < 1e-6);
+        assert!(max_diff(&fused, &plain) < 2e-6);
         let (a, e) = (
             grads(weighted(&fused), &[&x]),
             grads(weighted(&plain), &[&x]),

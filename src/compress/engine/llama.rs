@@ -658,12 +658,20 @@ mod tests {
             let x = ids(&expected, &format!("input_ids_{i}"))
                 .unsqueeze(0)
                 .unwrap();
-            let logits = llama.forward(&batch(x, None, None), Mode::Eval).unwrap();
+            let logits = llama.forward(&batch(x.clone(), None, None), Mode::Eval).unwrap();
             let want = f32s(&expected, &format!("logits_{i}"))
                 .unsqueeze(0)
                 .unwrap();
             let d = max_diff(&logits, &want);
             assert!(d < 1e-4, "text {i}: logits differ by {d}");
+            // The training forward (fused norms, masked softmax; no dropout in this config)
+            // computes the same logits.
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+            let train = llama
+                .forward(&batch(x, None, None), Mode::Train(&mut rng))
+                .unwrap();
+            let d = max_diff(&train, &want);
+            assert!(d < 1e-4, "text {i}: training logits differ by {d}");
         }
     }
 

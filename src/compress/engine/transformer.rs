@@ -424,12 +424,9 @@ pub fn attention(
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         return Ok(probs.matmul(v)?);
     }
-    let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-    let scores = match bias {
-        Some(b) => scores.broadcast_add(b)?,
-        None => scores,
-    };
-    let probs = super::fused::Softmax.forward(&scores)?;
+    let scores = q.matmul(&k.t()?.contiguous()?)?;
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let probs = super::fused::Softmax { scale }.forward(&scores, bias)?;
     let probs = dropout(&probs, dropout_p, mode)?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
