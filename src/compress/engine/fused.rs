@@ -529,10 +529,7 @@ mod tests {
             };
             let plain = candle_nn::ops::softmax(&scaled, D::Minus1).unwrap();
             assert!(max_diff(&fused, &plain) < 1e-6);
-            let (a, e) = (
-                grads(weighted(&fused), &[x]),
-                grads(weighted(&plain), &[x]),
-            );
+            let (a, e) = (grads(weighted(&fused), &[x]), grads(weighted(&plain), &[x]));
             let d = max_diff(&a[0], &e[0]);
             assert!(d < 1e-5, "softmax gradient differs by {d}");
         }
@@ -543,10 +540,7 @@ mod tests {
         let fused = GeluErf.forward(x.as_tensor()).unwrap();
         let plain = x.as_tensor().gelu_erf().unwrap();
         assert!(max_diff(&fused, &plain) < 2e-6);
-        let (a, e) = (
-            grads(weighted(&fused), &[x]),
-            grads(weighted(&plain), &[x]),
-        );
+        let (a, e) = (grads(weighted(&fused), &[x]), grads(weighted(&plain), &[x]));
         assert!(
             max_diff(&a[0], &e[0]) < 1e-5,
             "gelu gradient differs by {}",

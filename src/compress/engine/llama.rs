@@ -658,7 +658,9 @@ mod tests {
             let x = ids(&expected, &format!("input_ids_{i}"))
                 .unsqueeze(0)
                 .unwrap();
-            let logits = llama.forward(&batch(x.clone(), None, None), Mode::Eval).unwrap();
+            let logits = llama
+                .forward(&batch(x.clone(), None, None), Mode::Eval)
+                .unwrap();
             let want = f32s(&expected, &format!("logits_{i}"))
                 .unsqueeze(0)
                 .unwrap();
