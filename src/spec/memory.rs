@@ -91,12 +91,13 @@ fn parameters(tensors: &[crate::compress::formats::safetensors::TensorInfo]) -> 
 
 /// Training a transformer of `params` parameters and `blocks` blocks on batches of
 /// `batch × seq` tokens: 16 bytes per parameter (f32 weights, gradients, AdamW's two
-/// moments), and per token what backward keeps in each block (about 40 hidden-wide and 12
+/// moments), and per token what backward keeps in each block (about 48 hidden-wide and 16
 /// feed-forward-wide f32 values, and 4 attention rows of `seq` per head) and, for a language
 /// model, its logits with their softmax and gradients (10 vocabulary-wide f32 rows). With
-/// [`tokens_per_document`] this was checked against the peak resident memory of the service
-/// running all-MiniLM-L6-v2 fine-tuning (batch 16 of fortunes) and SmolLM2-135M
-/// distillation into 15 blocks (batch 8), `scripts/check_transformer_training.py`.
+/// [`tokens_per_document`] the constants were fitted to the peak resident memory of the
+/// service (`scripts/check_transformer_training.py`): all-MiniLM-L6-v2 fine-tuning, batch 16
+/// of fortunes, 2.25 GB measured for 2.2 GB estimated; SmolLM2-135M distillation into 15
+/// blocks, batch 8, 5.3 GB measured for 6.2 GB estimated.
 fn transformer_training(
     t: &TransformerFacts,
     params: u64,
@@ -105,7 +106,7 @@ fn transformer_training(
     seq: usize,
 ) -> u64 {
     let tokens = (batch * seq) as u64;
-    let per_block = 4 * (40 * t.hidden + 12 * t.intermediate + 4 * t.heads * seq) as u64;
+    let per_block = 4 * (48 * t.hidden + 16 * t.intermediate + 4 * t.heads * seq) as u64;
     let logits = match t.family {
         Family::Llama => 40 * t.vocab_size as u64,
         _ => 0,
