@@ -447,20 +447,8 @@ impl CustomOp2 for GeluErfGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::engine::transformer::fixtures::max_diff;
     use candle_core::{Device, Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)

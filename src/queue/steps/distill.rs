@@ -45,14 +45,7 @@ pub(super) fn distill(
             ))
         }
     };
-    let params = DistillParams {
-        train: env.datasets.training_params(&spec.train, env.seed)?,
-        temperature: spec.temperature,
-        alpha: spec.alpha,
-        features: spec.features.clone(),
-        baseline: spec.baseline,
-        loss: spec.loss,
-    };
+    let params = distill_params(env, spec)?;
     let masks = sparsity_masks(&student, spec.keep_sparsity)?;
     let held_zeros = masks.zeros()?;
     let keep_zero = |m: &dyn Network| masks.apply(m);
@@ -115,6 +108,21 @@ pub(super) fn distill(
             "summary": summary,
             "epochs": out.history,
         }),
+    })
+}
+
+/// The engine's parameters of `spec`, with its datasets.
+pub(super) fn distill_params<'a>(
+    env: &'a Env,
+    spec: &DistillSpec,
+) -> Result<DistillParams<'a>, PipelineError> {
+    Ok(DistillParams {
+        train: env.datasets.training_params(&spec.train, env.seed)?,
+        temperature: spec.temperature,
+        alpha: spec.alpha,
+        features: spec.features.clone(),
+        baseline: spec.baseline,
+        loss: spec.loss,
     })
 }
 

@@ -7,11 +7,11 @@
 
 use serde_json::{json, Value};
 
-use super::distill::sparsity_masks;
+use super::distill::{distill_params, sparsity_masks};
 use super::{failed, Env, Input, PipelineError, StepOut, TransformerSource};
 use crate::codes::Code;
+use crate::compress::distill;
 use crate::compress::distill::text::Matched;
-use crate::compress::distill::{self, DistillParams};
 use crate::compress::engine::text_eval::{evaluate_text, TextFigures};
 use crate::compress::engine::train::TrainHooks;
 use crate::compress::engine::Network;
@@ -42,14 +42,7 @@ pub(super) fn distill(
         }
     };
     let copied = student.export()?;
-    let params = DistillParams {
-        train: env.datasets.training_params(&spec.train, env.seed)?,
-        temperature: spec.temperature,
-        alpha: spec.alpha,
-        features: spec.features.clone(),
-        baseline: spec.baseline,
-        loss: spec.loss,
-    };
+    let params = distill_params(env, spec)?;
     let masks = sparsity_masks(student.as_ref(), spec.keep_sparsity)?;
     let held_zeros = masks.zeros()?;
     let keep_zero = |m: &dyn Network| masks.apply(m);

@@ -4,11 +4,9 @@
 
 use serde_json::{json, Value};
 
-use super::{current_arch, with_architecture, Env, Input, PipelineError, StepOut};
+use super::{network, with_architecture, Env, Input, PipelineError, StepOut};
 use crate::compress::engine::finetune::finetune as train;
-use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::train::TrainHooks;
-use crate::compress::engine::Network;
 use crate::spec::FinetuneSpec;
 
 /// The `finetune` step.
@@ -17,13 +15,7 @@ pub(super) fn finetune(
     spec: &FinetuneSpec,
     input: &Input,
 ) -> Result<StepOut, PipelineError> {
-    let model: Box<dyn Network> = match input.transformer {
-        Some(t) => t.load(input.file)?,
-        None => Box::new(Model::from_safetensors(
-            &current_arch(input.architecture)?,
-            input.file,
-        )?),
-    };
+    let model = network(input)?;
     let objective = model.objective();
     let params = env.datasets.training_params(spec, env.seed)?;
     let mut on_epoch = env.checkpointer(spec.epochs);

@@ -383,6 +383,18 @@ pub(super) fn current_arch(arch: &Option<Value>) -> Result<Architecture, Pipelin
     }
 }
 
+/// The network a training step trains: the input's transformer, or its sequential
+/// architecture over the input file.
+pub(super) fn network(input: &Input) -> Result<Box<dyn Network>, PipelineError> {
+    Ok(match input.transformer {
+        Some(t) => t.load(input.file)?,
+        None => Box::new(Model::from_safetensors(
+            &current_arch(input.architecture)?,
+            input.file,
+        )?),
+    })
+}
+
 /// The network in `file`, simulating its calibrated activation quantization if it has one.
 pub(super) fn load_model(arch: &Architecture, file: &SafetensorsFile) -> compress::Result<Model> {
     let mut model = Model::from_safetensors(arch, file)?;

@@ -11,7 +11,6 @@ use super::{current_arch, failed, Artifact, Env, Input, PipelineError, StepOut};
 use crate::codes::Code;
 use crate::compress::calib::{self, CalibrationParams};
 use crate::compress::engine::sequential::model::Model;
-use crate::compress::engine::Network;
 use crate::compress::formats::packed::{self, QuantizeFile};
 use crate::compress::formats::safetensors::{self, SafetensorsFile};
 use crate::compress::formats::{gguf, gguf_import, gguf_llama};
@@ -97,13 +96,7 @@ pub(super) fn quantize(
     // collector reclaims it), which is then quantized exactly as PTQ would.
     let mut trained = None;
     if let Some(qat) = &spec.qat {
-        let model: Box<dyn Network> = match input.transformer {
-            Some(t) => t.load(input.file)?,
-            None => Box::new(Model::from_safetensors(
-                &current_arch(input.architecture)?,
-                input.file,
-            )?),
-        };
+        let model = super::network(input)?;
         let params = env.datasets.training_params(qat, env.seed)?;
         let mut on_epoch = env.checkpointer(qat.epochs);
         let qat = QatParams {
