@@ -134,6 +134,15 @@ pub fn parse(
         ));
     }
     let teacher_transformer = facts.and_then(|f| f.transformer.clone());
+    if facts.is_some()
+        && teacher_transformer.is_none()
+        && matches!(loss, Some(DistillLoss::Embeddings(_)))
+    {
+        errors.push(FieldError::new(
+            format!("{pointer}/loss"),
+            "`embeddings` matches the sentence embeddings of a bert model; this teacher outputs logits",
+        ));
+    }
     if let (Some(t), Some(l)) = (&teacher_transformer, loss) {
         let encoder = t.family == crate::compress::engine::Family::Bert && t.classes.is_none();
         let refused = match l {

@@ -1093,6 +1093,13 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
             "/steps/0/student/from_teacher",
         ),
         (
+            &sequential,
+            json!({"op": "distill", "dataset_id": text_id, "loss": "embeddings",
+                   "student": {"architecture": tiny_arch()}}),
+            "validation_failed",
+            "/steps/0/loss",
+        ),
+        (
             &bert["id"],
             json!({"op": "quantize", "method": "uniform", "bits": 4,
                    "qat": {"dataset_id": labelled_id}}),
