@@ -693,15 +693,14 @@ pub fn distill_with_cache(
     let weights = student.export()?;
     let (teacher_val_accuracy, val_agreement) = match &val_set {
         Some(v) if matched != Matched::Classes => {
-            let quiet = |_: f64, _: &str| {};
-            let eval_ctx = Ctx::new(&quiet, &cancel);
+            // Silent, but cancellable by the job.
             let c = text::closeness(
                 student.as_ref(),
                 teacher,
                 v,
                 matched,
                 p.batch_size,
-                &eval_ctx,
+                &ctx.silent(),
             )?;
             (None, c)
         }
