@@ -759,6 +759,57 @@ mod tests {
         assert_eq!(e.accuracy, Some(1.0));
     }
 
+    /// A bert classifier with a new head, killed after its first epoch and resumed from the
+    /// checkpoint (through the serialised bytes a job stores), ends bit for bit where an
+    /// uninterrupted run ends: the head drawn again on resume is overwritten by the saved one.
+    #[test]
+    fn a_killed_transformer_run_resumes_to_the_same_bits() {
+        use crate::compress::engine::train::Checkpoint;
+        use crate::compress::engine::transformer::fixtures::network;
+        use std::sync::atomic::Ordering;
+        let data = labelled_text();
+        let mut p = FinetuneParams::new(&data);
+        p.validation = Validation::Dataset(&data);
+        p.epochs = 3;
+        p.batch_size = 4;
+        p.lr = 3e-3;
+        p.head = Some(HeadParams {
+            layer: "classifier".into(),
+            num_classes: 3,
+        });
+        p.seed = Some(9);
+        let run = |resume: Option<Checkpoint>, kill_after: Option<usize>| {
+            let cancel = quiet();
+            let ctx = Ctx::new(&|_, _| {}, &cancel);
+            let mut saved = Vec::new();
+            let mut on_epoch = |m: &EpochMetrics, cp: &Checkpoint| -> Result<()> {
+                saved.push(cp.to_safetensors_bytes()?);
+                if Some(m.epoch) == kill_after {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            };
+            let hooks = TrainHooks {
+                on_epoch: Some(&mut on_epoch),
+                resume,
+                ..Default::default()
+            };
+            let out = finetune(network("tiny-bert"), &p, &ctx, hooks);
+            (out, saved)
+        };
+        let (full, _) = run(None, None);
+        let full = full.unwrap();
+        let (killed, saved) = run(None, Some(1));
+        assert!(matches!(killed, Err(Error::Cancelled)), "{killed:?}");
+        let cp = Checkpoint::from_safetensors_bytes(&saved[0]).unwrap();
+        assert_eq!(cp.epoch, 1);
+        let (resumed, _) = run(Some(cp), None);
+        let resumed = resumed.unwrap();
+        assert_eq!(resumed.weights, full.weights);
+        assert_eq!(resumed.history.len(), 3);
+        assert_eq!(resumed.history[2].val_loss, full.history[2].val_loss);
+    }
+
     #[test]
     fn a_llama_model_learns_its_text_with_the_language_model_loss() {
         use crate::compress::engine::lm::lm_loss_and_accuracy;
