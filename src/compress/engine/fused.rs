@@ -444,6 +444,96 @@ impl CustomOp2 for GeluErfGrad {
     }
 }
 
+/// Inverted dropout: each element is zeroed with probability `p`, the others scaled by
+/// `1/(1 − p)`. The mask is a function of `seed` and the element's index (splitmix64), so the
+/// forward pass draws it in parallel without a mask tensor and the backward pass draws the
+/// same one again.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    /// Probability of zeroing an element, in (0, 1).
+    pub p: f32,
+    /// The mask's seed (one draw of the training stream per call).
+    pub seed: u64,
+}
+
+/// Its backward pass: the same mask applied to the output gradient.
+#[derive(Debug, Clone, Copy)]
+struct DropoutGrad(Dropout);
+
+impl Dropout {
+    /// `x` with the mask applied, with a backward pass.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(*self)
+    }
+
+    /// Whether element `i` is kept.
+    fn keeps(&self, i: usize) -> bool {
+        let mut z = self
+            .seed
+            .wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // 24 random bits as a uniform draw in [0, 1).
+        ((z >> 40) as f32) * (1.0 / (1u32 << 24) as f32) >= self.p
+    }
+
+    /// `x` with the mask applied.
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let scale = 1.0 / (1.0 - self.p);
+        let mut y = vec![0f32; x.len()];
+        par_units(&mut y, 1, |first, out| {
+            for (k, (o, v)) in out.iter_mut().zip(&x[first..]).enumerate() {
+                if self.keeps(first + k) {
+                    *o = v * scale;
+                }
+            }
+        });
+        y
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32("dropout", storage, layout)?;
+        Ok((CpuStorage::F32(self.apply(x)), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op1_no_bwd(&DropoutGrad(*self))?,
+        ))
+    }
+}
+
+impl CustomOp1 for DropoutGrad {
+    fn name(&self) -> &'static str {
+        "dropout_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32("dropout backward", storage, layout)?;
+        Ok((CpuStorage::F32(self.0.apply(g)), layout.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +611,28 @@ mod tests {
             let d = max_diff(&a[0], &e[0]);
             assert!(d < 1e-5, "softmax gradient differs by {d}");
         }
+        // Dropout: the share dropped is p, the kept values scaled, the same seed the same
+        // mask, and the gradient the mask (scaled) again.
+        let drop = Dropout { p: 0.25, seed: 7 };
+        let ones = Var::from_vec(vec![1f32; 40_000], (200, 200), &dev).unwrap();
+        let y = drop.forward(ones.as_tensor()).unwrap();
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "{dropped}");
+        assert!(v.iter().all(|&x| x == 0.0 || (x - 4.0 / 3.0).abs() < 1e-6));
+        assert_eq!(
+            drop.forward(ones.as_tensor())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            y.to_vec2::<f32>().unwrap()
+        );
+        let other = Dropout { p: 0.25, seed: 8 }
+            .forward(ones.as_tensor())
+            .unwrap();
+        assert!(max_diff(&other, &y) > 1.0);
+        let grad = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(max_diff(grad.get(ones.as_tensor()).unwrap(), &y), 0.0);
         for v in [-4.0f32, -1.3, -0.2, 0.0, 0.4, 1.0, 2.5, 6.0] {
             assert!((erf(v) - libm::erff(v)).abs() < 3e-7, "erf({v})");
         }

@@ -373,15 +373,14 @@ pub fn rms_norm_in(x: &Tensor, w: &Tensor, eps: f64, mode: &Mode<'_>) -> Result<
 /// Inverted dropout with probability `p` in training mode; the identity otherwise.
 pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
     match mode {
+        Mode::Train(_) if p >= 1.0 => Ok(x.zeros_like()?),
         Mode::Train(rng) if p > 0.0 => {
-            let keep = 1.0 - p;
-            let scale = if keep > 0.0 { (1.0 / keep) as f32 } else { 0.0 };
-            let pf = p as f32;
             let rng: &mut ChaCha8Rng = rng;
-            let mask: Vec<f32> = (0..x.elem_count())
-                .map(|_| if rng.gen::<f32>() < pf { 0.0 } else { scale })
-                .collect();
-            Ok(x.mul(&Tensor::from_vec(mask, x.dims(), x.device())?)?)
+            let op = super::fused::Dropout {
+                p: p as f32,
+                seed: rng.gen(),
+            };
+            Ok(op.forward(x)?)
         }
         _ => Ok(x.clone()),
     }
