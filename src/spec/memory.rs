@@ -160,7 +160,13 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
                 (Some(a), _) => training(a, f.batch_size) + reference,
                 (None, Some(t)) => {
                     let seq = tokens_per_document(facts, t, f);
-                    transformer_training(t, parameters(&facts.tensors), t.layers, f.batch_size, seq)
+                    // A new head adds `num_classes × hidden` weights (and their biases).
+                    let head = f
+                        .head
+                        .as_ref()
+                        .map_or(0, |h| (h.num_classes * (t.hidden + 1)) as u64);
+                    let params = parameters(&facts.tensors) + head;
+                    transformer_training(t, params, t.layers, f.batch_size, seq)
                 }
                 (None, None) => 0,
             },

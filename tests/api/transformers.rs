@@ -1171,6 +1171,15 @@ async fn transformer_training_is_sized_before_it_runs() {
             .assert_problem(422, "memory_limit_exceeded");
         assert_eq!(p["errors"][0]["pointer"], "/steps/0", "{body}: {p}");
     }
+    // A new head's weights count: a million classes of 32 wide are half a GB to train.
+    let bert = upload_fixture(&t, "tiny-bert", &[]).await;
+    let labelled = upload_text(&t, "application/jsonl", &labelled_sentences()).await;
+    let headed = |classes: usize| {
+        json!({"model_id": bert["id"], "steps": [{"op": "finetune", "dataset_id": labelled["id"],
+               "batch_size": 2, "head": {"num_classes": classes}}]})
+    };
+    let (few, many) = (planned(headed(3)).await, planned(headed(1_000_000)).await);
+    assert!(many - few > 500 << 20, "{few} {many}");
     // What fits is accepted.
     let res = t.post_json("/v1/jobs", &finetune(2)).await;
     assert_eq!(res.status, 202, "{}", res.text());
