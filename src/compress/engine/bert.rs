@@ -780,6 +780,7 @@ mod tests {
                 "embeddings.word_embeddings.weight",
                 "embeddings.LayerNorm.weight",
                 "layer.0.attention.self.query.weight",
+                "layer.1.attention.self.key.weight",
                 "layer.0.attention.output.LayerNorm.bias",
                 "layer.0.intermediate.dense.weight",
                 "layer.1.output.dense.weight",

@@ -688,6 +688,7 @@ mod tests {
             "layers.0.input_layernorm.weight",
             "layers.0.self_attn.q_proj.weight",
             "layers.0.self_attn.k_proj.weight",
+            "layers.1.self_attn.v_proj.weight",
             "layers.0.mlp.gate_proj.weight",
             "layers.1.post_attention_layernorm.weight",
             "model.norm.weight",

@@ -423,7 +423,7 @@ pub fn attention(
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         return Ok(probs.matmul(v)?);
     }
-    let scores = q.matmul(&k.t()?.contiguous()?)?;
+    let scores = q.matmul(&k.t()?)?;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let probs = super::fused::Softmax { scale }.forward(&scores, bias)?;
     let probs = dropout(&probs, dropout_p, mode)?;
