@@ -1035,6 +1035,7 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
 
     // Refused before anything runs.
     let sequential = json!(fresh_model(&t, tiny_arch(), 0).await);
+    let classifier = upload_fixture(&t, "tiny-bert-cls", &[]).await;
     let distill = |extra: Value| {
         let mut step = json!({"op": "distill", "dataset_id": text_id,
                               "student": {"from_teacher": {"layers": [0]}}});
@@ -1091,6 +1092,12 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
             distill(json!({})),
             "validation_failed",
             "/steps/0/student/from_teacher",
+        ),
+        (
+            &classifier["id"],
+            distill(json!({"alpha": 0.5})),
+            "dataset_unlabeled",
+            "/steps/0/dataset_id",
         ),
         (
             &sequential,
