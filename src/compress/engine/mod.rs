@@ -1,9 +1,10 @@
 //! The network engine: networks that run on candle, the data they read, and the one
 //! training loop, evaluation and fine-tuning built on them.
 //!
-//! Every family (today `sequential`; transformer families land beside it) implements
-//! [`Network`]; training, evaluation, distillation, calibration and QAT use only the trait.
-//! A family is one module under `engine/`.
+//! Every family (`sequential`, `bert`, `llama`) implements [`Network`]; training,
+//! evaluation, distillation, calibration and QAT use only the trait (a network says what it
+//! minimises through [`Network::objective`]). A family is one module under `engine/`; the
+//! transformer families share `transformer.rs`, and train through the fused ops of `fused.rs`.
 
 pub mod augment;
 pub mod bert;
