@@ -36,19 +36,7 @@ const BATCH: usize = 16;
 const TOKENS: usize = 64;
 const WORDS: [&str; 8] = ["the", "cat", "sat", "on", "a", "mat", "and", "dog"];
 
-/// As the `whittle` binary (src/main.rs): freed memory is reset, not decommitted.
-fn retain_freed_pages() {
-    const PURGE_DECOMMITS: libmimalloc_sys::mi_option_t = 5;
-    // SAFETY: mimalloc's option calls take plain integers and are thread-safe.
-    unsafe {
-        if libmimalloc_sys::mi_option_get(PURGE_DECOMMITS) == 1 {
-            libmimalloc_sys::mi_option_set(PURGE_DECOMMITS, 0);
-        }
-    }
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    retain_freed_pages();
     let batches: usize = std::env::var("BENCH_BATCHES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -10,25 +10,7 @@ use whittle::config::{Cli, Command};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc purges freed memory after a few milliseconds; by default a purge decommits it,
-/// so the next training step's buffers are fresh pages the kernel must clear on first touch
-/// (a fifth of a MiniLM training step in profiles). Purging by reset instead (MADV_FREE: the
-/// kernel reclaims the pages only under memory pressure) reuses them: +8% training steps.
-fn retain_freed_pages() {
-    // `mi_option_purge_decommits` in mimalloc v3's `mi_option_e` (libmimalloc-sys 0.1.49
-    // builds v3; its Rust constants still follow v2's numbering). Only set when it reads as
-    // the documented default (1), so a differently numbered build changes nothing.
-    const PURGE_DECOMMITS: libmimalloc_sys::mi_option_t = 5;
-    // SAFETY: mimalloc's option calls take plain integers and are thread-safe.
-    unsafe {
-        if libmimalloc_sys::mi_option_get(PURGE_DECOMMITS) == 1 {
-            libmimalloc_sys::mi_option_set(PURGE_DECOMMITS, 0);
-        }
-    }
-}
-
 fn main() -> anyhow::Result<()> {
-    retain_freed_pages();
     let cli = Cli::parse();
     if let Some(client) = client_command(&cli.command, cli.client.api_key.is_some()) {
         // A client: no server state, no tracing; the exit code says how it went.
