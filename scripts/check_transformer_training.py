@@ -175,7 +175,7 @@ def classify(url, minilm, r, args):
     tr = call(f"{url}/v1/datasets?name=fortunes-train", "POST", jsonl(train), "application/jsonl")
     te = call(f"{url}/v1/datasets?name=fortunes-test", "POST", jsonl(test), "application/jsonl")
     step = {"op": "finetune", "dataset_id": tr["id"], "head": {"num_classes": 5},
-            "epochs": args.epochs, "batch_size": 16, "seed": 0, "grad_clip": 1.0,
+            "epochs": args.epochs, "batch_size": 16, "seed": args.seed, "grad_clip": 1.0,
             "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.01},
             "lr_schedule": {"kind": "cosine", "warmup_epochs": 1}}
     job, m = run_job(url, {"model_id": minilm["id"], "steps": [step], "eval": {"dataset_id": te["id"]}})
@@ -265,6 +265,7 @@ def main():
     ap.add_argument("--url", default="http://127.0.0.1:8080")
     ap.add_argument("--parts", default="classify,distill,smollm2")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning (head, shuffles, dropout)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--distill-epochs", type=int, default=4)
     ap.add_argument("--distill-lr", type=float, default=2e-4)

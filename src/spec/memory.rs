@@ -96,7 +96,7 @@ fn parameters(tensors: &[crate::compress::formats::safetensors::TensorInfo]) -> 
 /// model, its logits with their softmax and gradients (10 vocabulary-wide f32 rows). With
 /// [`tokens_per_document`] the constants were fitted to the peak resident memory of the
 /// service (`scripts/check_transformer_training.py`): all-MiniLM-L6-v2 fine-tuning, batch 16
-/// of fortunes, 2.25 GB measured for 2.2 GB estimated; SmolLM2-135M distillation into 15
+/// of fortunes, 1.5 GB measured for 2.2 GB estimated; SmolLM2-135M distillation into 15
 /// blocks, batch 8, 5.3 GB measured for 6.2 GB estimated.
 fn transformer_training(
     t: &TransformerFacts,
