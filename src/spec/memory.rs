@@ -94,7 +94,7 @@ fn parameters(tensors: &[crate::compress::formats::safetensors::TensorInfo]) -> 
 /// moments), and per token what backward keeps in each block (about 48 hidden-wide and 16
 /// feed-forward-wide f32 values, and 4 attention rows of `seq` per head) and, for a language
 /// model, its logits with their softmax and gradients (10 vocabulary-wide f32 rows). With
-/// [`tokens_per_document`] the constants were fitted to the peak resident memory of the
+/// [`tokens_per_document`] the estimate was checked against the peak resident memory of the
 /// service (`scripts/check_transformer_training.py`): all-MiniLM-L6-v2 fine-tuning, batch 16
 /// of fortunes, 1.5 GB measured for 2.2 GB estimated; SmolLM2-135M distillation into 15
 /// blocks, batch 8, 5.3 GB measured for 6.2 GB estimated.
