@@ -515,6 +515,10 @@ impl BlockRunner for Llama {
 }
 
 impl Network for Llama {
+    fn matches(&self, pattern: &str, name: &str) -> bool {
+        crate::compress::select::glob_match(pattern, name)
+    }
+
     fn family(&self) -> Family {
         Family::Llama
     }

@@ -16,6 +16,7 @@ pub mod fused;
 pub mod llama;
 pub mod lm;
 pub mod masks;
+pub mod optim;
 pub mod sequential;
 pub mod text_eval;
 pub mod train;
@@ -295,9 +296,7 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     /// Whether the glob `pattern` (of `freeze`, `layer_lr`) names the parameter `name`.
     /// Transformers also accept the name without the base-model prefix that a new head adds
     /// (`embeddings.*` still names `bert.embeddings.…`).
-    fn matches(&self, pattern: &str, name: &str) -> bool {
-        crate::compress::select::glob_match(pattern, name)
-    }
+    fn matches(&self, pattern: &str, name: &str) -> bool;
 
     /// How this network reads text datasets (its tokenizer); `None`: it reads tensors.
     fn text_input(&self) -> Option<TextInput<'_>> {

@@ -20,9 +20,6 @@ pub(super) fn distill(
     spec: &DistillSpec,
     input: &Input,
 ) -> Result<StepOut, PipelineError> {
-    if let Some(source) = input.transformer {
-        return super::distill_text::distill(env, spec, input, source);
-    }
     let teacher_arch = current_arch(input.architecture)?;
     let teacher = Model::from_safetensors(&teacher_arch, input.file)?;
     let (student_arch, student) = match &spec.student {

@@ -33,7 +33,7 @@ pub(super) fn distill(
 ) -> Result<StepOut, PipelineError> {
     let teacher = source.load(input.file)?;
     let (student, layers) = match &spec.student {
-        StudentSpec::FromTeacher(layers) => (teacher.with_blocks(layers)?, layers.clone()),
+        StudentSpec::FromTeacher(layers) => (teacher.with_blocks(layers)?, layers),
         _ => {
             return Err(failed(
                 Code::UnsupportedOperation,
@@ -41,7 +41,13 @@ pub(super) fn distill(
             ))
         }
     };
-    let copied = student.export()?;
+    let text_eval = env.eval.and_then(|e| e.text.as_ref().map(|t| (e, t)));
+    // The copied blocks before training, kept only to be compared with the teacher; the
+    // trained student and the baseline are compared through the same network.
+    let untrained = match text_eval {
+        Some(_) => Some(student.with_weights(student.export()?)?),
+        None => None,
+    };
     let params = distill_params(env, spec)?;
     let masks = sparsity_masks(student.as_ref(), spec.keep_sparsity)?;
     let held_zeros = masks.zeros()?;
@@ -61,16 +67,21 @@ pub(super) fn distill(
             ..Default::default()
         },
     )?;
-    // The same student network, holding other weights, compared with the teacher.
-    let shape = teacher.with_blocks(&layers)?;
-    let compare = |weights: Vec<NamedTensor>| -> Result<Option<TextFigures>, PipelineError> {
-        let (Some(eval), Some(text)) = (env.eval, env.eval.and_then(|e| e.text.as_ref())) else {
+    let compare = |weights: Option<&[NamedTensor]>| -> Result<Option<TextFigures>, PipelineError> {
+        let (Some((eval, text)), Some(copy)) = (text_eval, &untrained) else {
             return Ok(None);
         };
-        let net = shape.with_weights(weights)?;
+        let trained;
+        let net = match weights {
+            Some(w) => {
+                trained = copy.with_weights(w.to_vec())?;
+                trained.as_ref()
+            }
+            None => copy.as_ref(),
+        };
         let data = env.datasets.get(&eval.dataset_id)?;
         let e = evaluate_text(
-            net.as_ref(),
+            net,
             Some(teacher.as_ref()),
             data,
             text,
@@ -79,10 +90,10 @@ pub(super) fn distill(
         )?;
         Ok(Some(e.model))
     };
-    let untrained = compare(copied)?;
-    let trained = compare(out.weights.clone())?;
+    let untrained_figures = compare(None)?;
+    let trained = compare(Some(&out.weights))?;
     let baseline = match &out.baseline {
-        Some(b) => compare(b.weights.clone())?,
+        Some(b) => compare(Some(&b.weights))?,
         None => None,
     };
     let embeddings = matches!(out.matched, Matched::Embeddings(_));
@@ -100,7 +111,7 @@ pub(super) fn distill(
         "teacher_parameters": teacher_parameters,
         "student_parameters": student_parameters,
         "parameter_ratio": teacher_parameters as f64 / student_parameters.max(1) as f64,
-        "untrained": untrained,
+        "untrained": untrained_figures,
         "student": trained,
         "baseline": baseline,
         "validation": {

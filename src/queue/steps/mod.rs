@@ -283,7 +283,10 @@ pub(super) fn run(env: &Env, step: &Step, input: &Input) -> Result<StepOut, Pipe
         Step::Quantize(q) => quantize::quantize(env, q, input),
         Step::Prune(p) => prune::prune(env, p, input),
         Step::Finetune(f) => finetune::finetune(env, f, input),
-        Step::Distill(d) => distill::distill(env, d, input),
+        Step::Distill(d) => match input.transformer {
+            Some(source) => distill_text::distill(env, d, input, source),
+            None => distill::distill(env, d, input),
+        },
         Step::Evaluate(e) => evaluate::evaluate(env, e, input),
         Step::Calibrated(c) => calibrated::calibrated(env, c, input),
     }

@@ -857,6 +857,10 @@ fn replace_head(
 }
 
 impl Network for Model {
+    fn matches(&self, pattern: &str, name: &str) -> bool {
+        glob_match(pattern, name)
+    }
+
     fn family(&self) -> Family {
         Family::Sequential
     }
