@@ -81,7 +81,7 @@ impl JobInputs {
                 TransformerFacts::of(
                     c,
                     &inventory_infos(&model.tensors),
-                    model.file(hf::TOKENIZER).is_some(),
+                    model.file(hf::TOKENIZER).map(|f| f.sha256.as_str()),
                 )
             }),
             other_family: match (&model.config, &model.family) {
@@ -120,7 +120,7 @@ impl JobInputs {
                             TransformerFacts::of(
                                 c,
                                 &inventory_infos(&m.tensors),
-                                m.file(hf::TOKENIZER).is_some(),
+                                m.file(hf::TOKENIZER).map(|f| f.sha256.as_str()),
                             )
                         }),
                     };

@@ -43,6 +43,8 @@ pub struct DistillSpec {
     pub keep_sparsity: bool,
     /// What the student is matched on (`None`: chosen from the models).
     pub loss: Option<DistillLoss>,
+    /// Whether `hidden` and `features` matches go through a learned projection.
+    pub projection: bool,
 }
 
 impl DistillSpec {
@@ -63,6 +65,10 @@ impl DistillSpec {
         // Written only when given, so that specs without it normalise as before.
         match self.loss {
             Some(DistillLoss::Logits) => v["loss"] = json!("logits"),
+            Some(DistillLoss::Hidden) => {
+                v["loss"] = json!("hidden");
+                v["projection"] = json!(self.projection);
+            }
             Some(DistillLoss::Embeddings(d)) => {
                 v["loss"] = json!("embeddings");
                 v["distance"] = json!(d.as_str());
@@ -100,6 +106,7 @@ pub fn parse(
         "keep_sparsity",
         "loss",
         "distance",
+        "projection",
     ];
     let temperature = match obj.get("temperature") {
         None | Some(Value::Null) => 4.0,
@@ -120,10 +127,17 @@ pub fn parse(
         Some(_) => Some(Distance::Cosine),
         None => None,
     };
-    let loss = match choice(obj, "loss", &["logits", "embeddings"], pointer, &mut errors) {
+    let loss = match choice(
+        obj,
+        "loss",
+        &["logits", "embeddings", "hidden"],
+        pointer,
+        &mut errors,
+    ) {
         Some("embeddings") => Some(DistillLoss::Embeddings(
             distance.unwrap_or(Distance::Cosine),
         )),
+        Some("hidden") => Some(DistillLoss::Hidden),
         Some(_) => Some(DistillLoss::Logits),
         None => None,
     };
@@ -134,6 +148,19 @@ pub fn parse(
         ));
     }
     let teacher_transformer = facts.and_then(|f| f.transformer.clone());
+    let projection = bool_or(obj, "projection", true, pointer, &mut errors);
+    if obj.contains_key("projection") && loss != Some(DistillLoss::Hidden) {
+        errors.push(FieldError::new(
+            format!("{pointer}/projection"),
+            "applies to `loss: hidden` only",
+        ));
+    }
+    if facts.is_some() && teacher_transformer.is_none() && loss == Some(DistillLoss::Hidden) {
+        errors.push(FieldError::new(
+            format!("{pointer}/loss"),
+            "`hidden` matches the blocks of a transformer (bert, llama); match a sequential network's layers with `features`",
+        ));
+    }
     if facts.is_some()
         && teacher_transformer.is_none()
         && matches!(loss, Some(DistillLoss::Embeddings(_)))
@@ -211,14 +238,6 @@ pub fn parse(
         )),
     }
 
-    if let Some(t) = &teacher_transformer {
-        if baseline && t.family == crate::compress::engine::Family::Bert && t.classes.is_none() {
-            errors.push(FieldError::new(
-                format!("{pointer}/baseline"),
-                "a sentence encoder distilled on embeddings has no loss to train on without the teacher",
-            ));
-        }
-    }
     // The student and what is known about it.
     let mut student_facts: Option<ModelFacts> = None;
     let student = match object(obj, "student", pointer, &mut errors) {
@@ -240,10 +259,10 @@ pub fn parse(
                 &mut errors,
             );
             if let Some(t) = &teacher_transformer {
-                if s.get("from_teacher").is_none() {
+                if s.get("from_teacher").is_none() && s.get("model_id").is_none() {
                     errors.push(FieldError::unsupported(
                         sp.clone(),
-                        format!("a {} teacher's student is built from it: `{{\"from_teacher\": {{\"layers\": [...]}}}}`", t.family.as_str()),
+                        format!("a {} teacher's student is built from it (`{{\"from_teacher\": {{\"layers\": [...]}}}}`) or is a {} folder model (`model_id`)", t.family.as_str(), t.family.as_str()),
                     ));
                 }
             }
@@ -268,6 +287,19 @@ pub fn parse(
                                 code: Code::ModelNotFound,
                                 ..FieldError::new(format!("{sp}/model_id"), "no model with this id")
                             }),
+                            Some(m) if teacher_transformer.is_some() => {
+                                if let Some(t) = &teacher_transformer {
+                                    check_transformer_student(
+                                        t,
+                                        m.transformer.as_ref(),
+                                        TransformerLoss { loss, projection },
+                                        &sp,
+                                        pointer,
+                                        &mut errors,
+                                    );
+                                }
+                                student_facts = Some(m.clone());
+                            }
                             Some(m) if m.architecture.is_none() => errors.push(FieldError {
                                 code: Code::ArchitectureRequired,
                                 ..FieldError::new(
@@ -323,7 +355,13 @@ pub fn parse(
         .filter(|(k, _)| !OWN.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let labels_required = alpha < 1.0;
+    // Labels weigh in only through a classifier's hard term: a language model's hard term
+    // reads its text, and embeddings and hidden states have none.
+    let labels_required = alpha < 1.0
+        && !matches!(loss, Some(DistillLoss::Embeddings(_) | DistillLoss::Hidden))
+        && !teacher_transformer.as_ref().is_some_and(|t| {
+            t.family == crate::compress::engine::Family::Llama || t.classes.is_none()
+        });
     if let Some(f) = facts.filter(|f| f.transformer.is_none()) {
         require_architecture(f, pointer, &mut errors);
     }
@@ -403,6 +441,7 @@ pub fn parse(
                     baseline,
                     keep_sparsity,
                     loss,
+                    projection,
                 },
                 student_facts,
             )),
@@ -410,6 +449,87 @@ pub fn parse(
         }
     } else {
         Err(errors)
+    }
+}
+
+/// The loss settings a transformer student is checked against.
+struct TransformerLoss {
+    loss: Option<DistillLoss>,
+    projection: bool,
+}
+
+/// An uploaded transformer student of teacher `t`: the same family, tokenizer and head (the
+/// teacher reads the student's batches and their outputs are compared), and widths that the
+/// loss can compare.
+fn check_transformer_student(
+    t: &TransformerFacts,
+    student: Option<&TransformerFacts>,
+    l: TransformerLoss,
+    sp: &str,
+    pointer: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    let family = t.family.as_str();
+    let mp = format!("{sp}/model_id");
+    let Some(s) = student else {
+        errors.push(FieldError::new(
+            mp,
+            format!("the student must be a {family} folder model like its teacher"),
+        ));
+        return;
+    };
+    if s.family != t.family {
+        errors.push(FieldError::new(
+            mp,
+            format!(
+                "the student is a {} model and the teacher a {family} model: distillation needs one family",
+                s.family.as_str()
+            ),
+        ));
+        return;
+    }
+    if s.tokenizer_sha256.is_none() || s.tokenizer_sha256 != t.tokenizer_sha256 {
+        errors.push(FieldError::new(
+            mp.clone(),
+            "the student must read text as its teacher does: its folder needs the teacher's tokenizer.json (same bytes)",
+        ));
+    }
+    if s.vocab_size != t.vocab_size || s.classes != t.classes {
+        errors.push(FieldError::new(
+            mp.clone(),
+            format!(
+                "the student's outputs ({} vocabulary, {} classes) differ from the teacher's ({}, {}): distillation compares them",
+                s.vocab_size,
+                s.classes.map_or("no".into(), |c| c.to_string()),
+                t.vocab_size,
+                t.classes.map_or("no".into(), |c| c.to_string()),
+            ),
+        ));
+    }
+    let encoder = t.family == crate::compress::engine::Family::Bert && t.classes.is_none();
+    let widths_differ = s.hidden != t.hidden;
+    match l.loss {
+        Some(DistillLoss::Hidden) => {
+            if s.layers > t.layers {
+                errors.push(FieldError::new(
+                    mp,
+                    format!("`hidden` pairs every student block with a teacher block: the student has {} blocks, the teacher {}", s.layers, t.layers),
+                ));
+            }
+            if widths_differ && !l.projection {
+                errors.push(FieldError::new(
+                    format!("{pointer}/projection"),
+                    format!("the student's hidden size {} differs from the teacher's {}: matching hidden states needs the projection", s.hidden, t.hidden),
+                ));
+            }
+        }
+        Some(DistillLoss::Embeddings(_)) | None if encoder && widths_differ => {
+            errors.push(FieldError::new(
+                mp,
+                format!("`embeddings` compares sentence embeddings of equal width: the student's hidden size is {} and the teacher's {} (use `loss: hidden`, which projects)", s.hidden, t.hidden),
+            ));
+        }
+        _ => {}
     }
 }
 
@@ -524,4 +644,78 @@ fn layer_exists(arch: &Architecture, name: &str) -> bool {
         l.name()
             .map_or_else(|| i.to_string() == name, |n| n == name)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::engine::Family;
+
+    fn facts(family: Family, hidden: usize, layers: usize, tokenizer: &str) -> TransformerFacts {
+        TransformerFacts {
+            family,
+            max_positions: 512,
+            has_tokenizer: true,
+            tokenizer_sha256: Some(tokenizer.into()),
+            classes: None,
+            vocab_size: 1000,
+            layers,
+            hidden,
+            intermediate: 4 * hidden,
+            heads: 4,
+        }
+    }
+
+    fn refused(
+        t: &TransformerFacts,
+        s: &TransformerFacts,
+        loss: Option<DistillLoss>,
+        projection: bool,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        check_transformer_student(
+            t,
+            Some(s),
+            TransformerLoss { loss, projection },
+            "/steps/0/student",
+            "/steps/0",
+            &mut errors,
+        );
+        errors.into_iter().map(|e| e.pointer).collect()
+    }
+
+    #[test]
+    fn uploaded_transformer_students_must_read_and_answer_as_their_teacher() {
+        let teacher = facts(Family::Bert, 384, 6, "a");
+        let narrow = facts(Family::Bert, 256, 3, "a");
+        let model_id = vec!["/steps/0/student/model_id".to_string()];
+        // Hidden states of other widths go through the projection; without it they cannot.
+        assert!(refused(&teacher, &narrow, Some(DistillLoss::Hidden), true).is_empty());
+        assert_eq!(
+            refused(&teacher, &narrow, Some(DistillLoss::Hidden), false),
+            vec!["/steps/0/projection".to_string()]
+        );
+        // Sentence embeddings are compared directly.
+        assert_eq!(refused(&teacher, &narrow, None, true), model_id);
+        let same = facts(Family::Bert, 384, 3, "a");
+        assert!(refused(&teacher, &same, None, true).is_empty());
+        // Another tokenizer, another family, a deeper student under `hidden`.
+        assert_eq!(
+            refused(&teacher, &facts(Family::Bert, 384, 3, "b"), None, true),
+            model_id
+        );
+        assert_eq!(
+            refused(&teacher, &facts(Family::Llama, 384, 3, "a"), None, true),
+            model_id
+        );
+        assert_eq!(
+            refused(
+                &teacher,
+                &facts(Family::Bert, 384, 8, "a"),
+                Some(DistillLoss::Hidden),
+                true
+            ),
+            model_id
+        );
+    }
 }

@@ -102,6 +102,8 @@ pub struct TransformerFacts {
     pub max_positions: usize,
     /// Whether the folder has a `tokenizer.json` (text datasets need it).
     pub has_tokenizer: bool,
+    /// The sha256 of its `tokenizer.json` (a student must read text as its teacher does).
+    pub tokenizer_sha256: Option<String>,
     /// Classes of a bert classification head, when the weights have one.
     pub classes: Option<usize>,
     /// The vocabulary size (`vocab_size`; 0 when the config does not say).
@@ -119,7 +121,8 @@ pub struct TransformerFacts {
 impl TransformerFacts {
     /// The facts of a folder model with `config` (its parsed `config.json`), `tensors` and
     /// a tokenizer or not; `None` when the config names no family the engine runs.
-    pub fn of(config: &Value, tensors: &[TensorInfo], has_tokenizer: bool) -> Option<Self> {
+    pub fn of(config: &Value, tensors: &[TensorInfo], tokenizer: Option<&str>) -> Option<Self> {
+        let has_tokenizer = tokenizer.is_some();
         let family = crate::compress::formats::hf::family_of(config)?;
         let max_positions = config
             .get("max_position_embeddings")
@@ -144,6 +147,7 @@ impl TransformerFacts {
             family,
             max_positions,
             has_tokenizer,
+            tokenizer_sha256: tokenizer.map(str::to_string),
             classes,
             vocab_size,
             layers,

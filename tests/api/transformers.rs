@@ -976,6 +976,36 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
         .all(|t| !t["name"].as_str().unwrap().starts_with("model.layers.1.")));
     assert!(metrics["final"]["kl_divergence"]["mean"].as_f64().unwrap() < kl(&s["untrained"]));
 
+    // That uploaded one-block model as the student of a second distillation, matched on
+    // hidden states: its block stands in for the teacher's last.
+    let (job, metrics) = run_to_end(
+        &t,
+        json!({"model_id": llama["id"], "eval": {"dataset_id": text_id, "context": 16},
+               "steps": [{"op": "distill", "dataset_id": text_id, "loss": "hidden",
+                          "student": {"model_id": out_id}, "epochs": 3, "batch_size": 2,
+                          "optimizer": {"name": "adamw", "lr": 0.001}, "seed": 2}]}),
+    )
+    .await;
+    let s = &metrics["steps"][0]["summary"];
+    assert_eq!(s["loss"], "hidden", "{s}");
+    assert_eq!(s["student_model_id"], out_id, "{s}");
+    assert_eq!(
+        s["hidden_pairs"],
+        json!([{"student": "model.layers.0", "teacher": "model.layers.1"}])
+    );
+    assert!(
+        s["temperature"].is_null() && s["student_layers"].is_null(),
+        "{s}"
+    );
+    let kd = &metrics["steps"][0]["kd_epochs"];
+    assert!(
+        kd[0]["soft_loss"].is_null() && kd[0]["feature_loss"].is_number(),
+        "{kd}"
+    );
+    let second = job["result"]["model_id"].as_str().unwrap();
+    let second = t.get(&format!("/v1/models/{second}")).await.json();
+    assert_eq!(second["config"]["num_hidden_layers"], 1);
+
     // A one-block bert encoder matched on sentence embeddings (MSE).
     let bert = upload_fixture(&t, "tiny-bert", &[]).await;
     let labelled = upload_text(&t, "application/jsonl", &labelled_sentences()).await;
@@ -1001,6 +1031,37 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
         s["validation"]["embedding_cosine"].as_f64().unwrap() > 0.9,
         "{s}"
     );
+
+    // The same student matched on its block's hidden states (no projection: equal widths),
+    // with the baseline an encoder has without a teacher: SimCSE on the text alone.
+    let (_, metrics) = run_to_end(
+        &t,
+        json!({"model_id": bert["id"], "eval": {"dataset_id": labelled_id},
+               "steps": [{"op": "distill", "dataset_id": labelled_id, "loss": "hidden",
+                          "projection": false, "baseline": true,
+                          "student": {"from_teacher": {"layers": [0]}},
+                          "epochs": 10, "batch_size": 3, "optimizer": {"name": "adamw", "lr": 0.01},
+                          "validation": {"dataset_id": labelled_id}}]}),
+    )
+    .await;
+    let s = &metrics["steps"][0]["summary"];
+    assert_eq!(
+        (s["loss"].as_str(), s["projection"].as_bool()),
+        (Some("hidden"), Some(false)),
+        "{s}"
+    );
+    assert_eq!(
+        s["hidden_pairs"],
+        json!([{"student": "encoder.layer.0", "teacher": "encoder.layer.1"}])
+    );
+    assert!(cos(&s["student"]) > cos(&s["untrained"]), "{s}");
+    assert!(s["baseline"]["similarity_spearman"].is_number(), "{s}");
+    assert!(
+        s["validation"]["baseline_embedding_cosine"].is_number()
+            && s["validation"]["baseline_agreement_with_teacher"].is_null(),
+        "{s}"
+    );
+    assert_eq!(s["baseline_epochs"].as_array().unwrap().len(), 10, "{s}");
 
     // QAT on the student's language-model loss: 4-bit weights trained in the loop read the
     // text better than the same weights rounded after training.
@@ -1059,9 +1120,34 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
         ),
         (
             &llama["id"],
-            distill(json!({"student": {"model_id": llama["id"]}})),
+            distill(json!({"student": {"architecture": tiny_arch()}})),
             "unsupported_operation",
             "/steps/0/student",
+        ),
+        (
+            &llama["id"],
+            distill(json!({"student": {"model_id": bert["id"]}})),
+            "validation_failed",
+            "/steps/0/student/model_id",
+        ),
+        (
+            &llama["id"],
+            distill(json!({"student": {"model_id": sequential}})),
+            "validation_failed",
+            "/steps/0/student/model_id",
+        ),
+        (
+            &llama["id"],
+            distill(json!({"projection": false})),
+            "validation_failed",
+            "/steps/0/projection",
+        ),
+        (
+            &sequential,
+            json!({"op": "distill", "dataset_id": text_id, "loss": "hidden",
+                   "student": {"architecture": tiny_arch()}}),
+            "validation_failed",
+            "/steps/0/loss",
         ),
         (
             &llama["id"],
@@ -1080,12 +1166,6 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
             distill(json!({"loss": "logits"})),
             "validation_failed",
             "/steps/0/loss",
-        ),
-        (
-            &bert["id"],
-            distill(json!({"baseline": true})),
-            "validation_failed",
-            "/steps/0/baseline",
         ),
         (
             &sequential,

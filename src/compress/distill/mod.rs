@@ -27,7 +27,7 @@ use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::train::{
     self, cross_entropy, EpochMetrics, StepLossFn, TrainConfig, TrainHooks,
 };
-use crate::compress::engine::{Mode, Network, Objective};
+use crate::compress::engine::{Family, Mode, Network, Objective};
 use crate::compress::formats::safetensors::NamedTensor;
 use crate::compress::progress::{sub_range, Ctx};
 use crate::compress::select::glob_match;
@@ -81,6 +81,12 @@ pub struct DistillParams<'a> {
     pub baseline: bool,
     /// What the student is matched on (`None`: chosen from the models, see [`text::resolve`]).
     pub loss: Option<DistillLoss>,
+    /// With `loss: hidden`, the teacher's blocks a student built from it kept (the block
+    /// pairs follow from them; see [`text::hidden_pairs`]).
+    pub kept_blocks: Option<Vec<usize>>,
+    /// Whether feature and hidden-state matches go through a learned projection (`false`:
+    /// plain MSE, the widths must be equal).
+    pub projection: bool,
 }
 
 impl<'a> DistillParams<'a> {
@@ -94,6 +100,8 @@ impl<'a> DistillParams<'a> {
             features: Vec::new(),
             baseline: false,
             loss: None,
+            kept_blocks: None,
+            projection: true,
         }
     }
 }
@@ -123,7 +131,8 @@ pub struct BaselineOutput {
     pub best_epoch: Option<usize>,
     /// Whether early stopping ended it early.
     pub stopped_early: bool,
-    /// Its top-1 agreement with the teacher on the validation data.
+    /// Its top-1 agreement with the teacher on the validation data (a sentence encoder: its
+    /// mean embedding cosine to the teacher's).
     pub val_agreement: Option<f64>,
 }
 
@@ -157,6 +166,9 @@ pub struct DistillOutput {
     pub val_embedding_cosine: Option<f64>,
     /// What the student was matched on.
     pub matched: Matched,
+    /// With `loss: hidden`, the `(student, teacher)` blocks whose hidden states were matched
+    /// (the output was not).
+    pub hidden_pairs: Vec<(String, String)>,
     /// Number of trainable student parameter elements.
     pub trainable_parameters: u64,
     /// The hard-label baseline, when asked for.
@@ -364,7 +376,27 @@ impl PartSums {
 
 /// A seeded linear projection `width_s → width_t` (PyTorch's default init), as named
 /// variables `distill.features.{i}.weight` / `.bias`.
-fn projection(i: usize, width_s: usize, width_t: usize, seed: u64) -> Result<Vec<(String, Var)>> {
+fn projection(
+    i: usize,
+    width_s: usize,
+    width_t: usize,
+    seed: u64,
+    identity: bool,
+) -> Result<Vec<(String, Var)>> {
+    if identity {
+        let eye = Tensor::eye(width_s, candle_core::DType::F32, &Device::Cpu)?;
+        let zero = Tensor::zeros(width_t, candle_core::DType::F32, &Device::Cpu)?;
+        return Ok(vec![
+            (
+                format!("distill.features.{i}.weight"),
+                Var::from_tensor(&eye)?,
+            ),
+            (
+                format!("distill.features.{i}.bias"),
+                Var::from_tensor(&zero)?,
+            ),
+        ]);
+    }
     let arch = Architecture::from_json(&serde_json::json!({
         "kind": "sequential", "input_shape": [width_s],
         "layers": [{"type": "linear", "name": "p", "in_features": width_s, "out_features": width_t}]
@@ -435,16 +467,24 @@ pub fn distill_with_cache(
     let matched = text::resolve(teacher, student.as_ref(), params.loss)?;
     check_models(teacher, student.as_ref(), params)?;
     let mut student = student;
-    if let Matched::Embeddings(_) = matched {
-        // Matching embeddings has no hard term: `alpha` does not apply.
+    // `hidden` matches block outputs instead of the output.
+    let hidden = params.loss == Some(DistillLoss::Hidden);
+    let hidden_pairs = if hidden {
+        text::hidden_pairs(teacher, student.as_ref(), params.kept_blocks.as_deref())?
+    } else {
+        Vec::new()
+    };
+    let mut features = params.features.clone();
+    features.extend(hidden_pairs.iter().map(|(s, t)| FeaturePair {
+        teacher: t.clone(),
+        student: s.clone(),
+        weight: 1.0,
+    }));
+    if matches!(matched, Matched::Embeddings(_)) || hidden {
+        // Matching embeddings or hidden states has no hard term: `alpha` does not apply.
         alpha = 1.0;
-        if params.baseline {
-            return Err(Error::invalid(
-                "baseline",
-                "a sentence encoder distilled on embeddings has no loss to train on without the teacher",
-            ));
-        }
     }
+    let output_term = !hidden;
     // A language model's hard loss reads its own text.
     let labelled = p.dataset.y.is_some() || matched == Matched::Tokens;
     if !labelled && alpha < 1.0 {
@@ -452,7 +492,8 @@ pub fn distill_with_cache(
             "the transfer set has no labels (`y`), but `alpha` = {alpha} < 1 weights a cross-entropy term on labels; use alpha = 1 for unlabelled data"
         )));
     }
-    if !labelled && params.baseline {
+    // A sentence encoder's baseline trains contrastively on the text alone (SimCSE).
+    if !labelled && params.baseline && !matches!(matched, Matched::Embeddings(_)) {
         return Err(Error::invalid(
             "baseline",
             "the hard-label baseline needs a labelled transfer set",
@@ -535,10 +576,9 @@ pub fn distill_with_cache(
     // Progress: caching, then the student, then the baseline.
     let student_hi = if params.baseline { 0.55 } else { 1.0 };
     let cancel = AtomicBool::new(false);
-    let teacher_names: Vec<&str> = params.features.iter().map(|f| f.teacher.as_str()).collect();
-    let student_names: Vec<&str> = params.features.iter().map(|f| f.student.as_str()).collect();
-    let feature_bytes = params
-        .features
+    let teacher_names: Vec<&str> = features.iter().map(|f| f.teacher.as_str()).collect();
+    let student_names: Vec<&str> = features.iter().map(|f| f.student.as_str()).collect();
+    let feature_bytes = features
         .iter()
         .map(|f| width(teacher, &f.teacher))
         .sum::<Result<usize>>()?
@@ -550,10 +590,15 @@ pub fn distill_with_cache(
     let auto = teacher_cache == TeacherCache::Auto
         && config.augment.is_none()
         && matched != Matched::Tokens;
-    let features_cached =
-        auto && !params.features.is_empty() && feature_bytes <= FEATURE_CACHE_LIMIT_BYTES;
+    // A transformer's block outputs are per token: they run live.
+    let features_cached = auto
+        && !features.is_empty()
+        && teacher.family() == Family::Sequential
+        && feature_bytes <= FEATURE_CACHE_LIMIT_BYTES;
+    let soft_term = output_term && alpha > 0.0;
+    let hard_term = output_term && alpha < 1.0;
     // With alpha = 0 and no cached features, training never looks at the teacher.
-    let cache = if auto && (alpha > 0.0 || features_cached) {
+    let cache = if auto && (soft_term || features_cached) {
         let progress = sub_range(ctx, &cancel, 0.0, 0.02, "");
         let sub = Ctx::new(&progress, &cancel);
         Some(cache_teacher(
@@ -567,18 +612,29 @@ pub fn distill_with_cache(
         None
     };
     let mut extra = Vec::new();
-    for (i, f) in params.features.iter().enumerate() {
-        extra.extend(projection(
-            i,
+    let mut projections: Vec<Option<(Var, Var)>> = Vec::with_capacity(features.len());
+    for (i, f) in features.iter().enumerate() {
+        let (ws, wt) = (
             width(student.as_ref(), &f.student)?,
             width(teacher, &f.teacher)?,
-            p.seed(),
-        )?);
+        );
+        if !params.projection {
+            if ws != wt {
+                return Err(Error::invalid(
+                    "projection",
+                    format!("the student's `{}` is {ws} wide and the teacher's `{}` {wt}: matching them needs a projection", f.student, f.teacher),
+                ));
+            }
+            projections.push(None);
+            continue;
+        }
+        // A transformer student's blocks start as the teacher's (or stand in for them):
+        // the projection starts as the identity where the widths agree.
+        let identity = ws == wt && teacher.family() != Family::Sequential;
+        let vars = projection(i, ws, wt, p.seed(), identity)?;
+        projections.push(Some((vars[0].1.clone(), vars[1].1.clone())));
+        extra.extend(vars);
     }
-    let projections: Vec<(Var, Var)> = extra
-        .chunks(2)
-        .map(|c| (c[0].1.clone(), c[1].1.clone()))
-        .collect();
 
     let parts = RefCell::new(PartSums::default());
     let kd_history = RefCell::new(Vec::new());
@@ -590,7 +646,7 @@ pub fn distill_with_cache(
             m.forward_taps(b, Mode::Train(rng), &student_names)?
         };
         let needs_live =
-            (alpha > 0.0 && cache.is_none()) || (!params.features.is_empty() && !features_cached);
+            (soft_term && cache.is_none()) || (!features.is_empty() && !features_cached);
         let live = if needs_live {
             Some(teacher.forward_taps(b, Mode::Eval, &teacher_names)?)
         } else {
@@ -606,7 +662,7 @@ pub fn distill_with_cache(
             });
             Ok(())
         };
-        if alpha > 0.0 {
+        if soft_term {
             let t_logits = match (&cache, &live) {
                 (Some(c), _) => TeacherCacheData::gather(&c.logits, c.classes, &b.indices)?,
                 (None, Some((l, _))) => l.clone(),
@@ -624,7 +680,7 @@ pub fn distill_with_cache(
                 soft.affine(alpha, 0.0)?
             })?;
         }
-        if alpha < 1.0 {
+        if hard_term {
             let hard = hard_loss(m, &out, b)?;
             PartSums::add(&mut sums.hard, hard.to_scalar::<f32>()? as f64, b.len);
             add(if alpha == 0.0 {
@@ -633,26 +689,39 @@ pub fn distill_with_cache(
                 hard.affine(1.0 - alpha, 0.0)?
             })?;
         }
-        if !params.features.is_empty() {
+        if !features.is_empty() {
             let mut fsum = 0f64;
-            for (i, f) in params.features.iter().enumerate() {
+            for (i, f) in features.iter().enumerate() {
+                // Per token `[b, s, h]` (transformer blocks) or per sample.
+                let per_token = taps[i].rank() == 3;
+                let flat = |t: &Tensor| -> Result<Tensor> {
+                    Ok(if per_token {
+                        t.clone()
+                    } else {
+                        t.flatten_from(1)?
+                    })
+                };
                 let f_t = match (&cache, &live) {
                     (Some(c), _) if features_cached => {
                         let (w, buf) = &c.features[i];
                         TeacherCacheData::gather(buf, *w, &b.indices)?
                     }
-                    (_, Some((_, feats))) => feats[i].flatten_from(1)?.detach(),
+                    (_, Some((_, feats))) => flat(&feats[i])?.detach(),
                     _ => return Err(Error::Internal("no teacher features".into())),
                 };
-                let (w, bias) = &projections[i];
-                let f_s = taps[i].flatten_from(1)?;
-                let projected = f_s
-                    .matmul(&w.as_tensor().t()?)?
-                    .broadcast_add(bias.as_tensor())?;
-                let mse = (projected - f_t)?
-                    .sqr()?
-                    .mean_all()?
-                    .affine(f.weight, 0.0)?;
+                let f_s = flat(&taps[i])?;
+                let projected = match &projections[i] {
+                    Some((w, bias)) => f_s
+                        .broadcast_matmul(&w.as_tensor().t()?)?
+                        .broadcast_add(bias.as_tensor())?,
+                    None => f_s,
+                };
+                let mse = if per_token {
+                    text::hidden_mse(&projected, &f_t, b.mask.as_ref())?
+                } else {
+                    (projected - f_t)?.sqr()?.mean_all()?
+                }
+                .affine(f.weight, 0.0)?;
                 fsum += mse.to_scalar::<f32>()? as f64;
                 add(mse)?;
             }
@@ -750,6 +819,7 @@ pub fn distill_with_cache(
         val_agreement: val_agreement.filter(|_| !matches!(matched, Matched::Embeddings(_))),
         val_embedding_cosine: val_agreement.filter(|_| matches!(matched, Matched::Embeddings(_))),
         matched,
+        hidden_pairs,
         trainable_parameters,
         baseline,
     })
@@ -770,8 +840,12 @@ struct BaselineRun<'a> {
     lo: f64,
 }
 
-/// Trains the student architecture from its initial weights (`model`) with cross-entropy
-/// only, under the distillation's config and seed.
+/// The temperature of the SimCSE baseline's similarities (the paper's 0.05).
+const SIMCSE_TEMPERATURE: f64 = 0.05;
+
+/// Trains the student architecture from its initial weights (`model`) without the teacher,
+/// under the distillation's config and seed: cross-entropy on the labels, a language
+/// model's next-token loss, or a sentence encoder's unsupervised SimCSE loss.
 fn run_baseline(
     teacher: &dyn Network,
     mut model: Box<dyn Network>,
@@ -797,7 +871,14 @@ fn run_baseline(
     let step = |m: &dyn Network, b: &Batch, rng: &mut ChaCha8Rng| -> Result<(Tensor, Tensor)> {
         ctx.check()?;
         let out = m.forward(b, Mode::Train(rng))?;
-        let loss = hard_loss(m, &out, b)?;
+        let loss = match matched {
+            // Two dropout views of each sentence, the rest of the batch as negatives.
+            Matched::Embeddings(_) => {
+                let again = m.forward(b, Mode::Train(rng))?;
+                text::simcse_loss(&out, &again, SIMCSE_TEMPERATURE)?
+            }
+            _ => hard_loss(m, &out, b)?,
+        };
         Ok((out, loss))
     };
     let step: &StepLossFn<'_> = &step;
@@ -814,7 +895,7 @@ fn run_baseline(
         },
     )?;
     let val_agreement = match val_set {
-        Some(v) if matched == Matched::Tokens => {
+        Some(v) if matched != Matched::Classes => {
             text::closeness(model.as_ref(), teacher, v, matched, config.batch_size, &sub)?
         }
         Some(v) => evaluate(model.as_ref(), v, Some(teacher), EVAL_BATCH, &sub)?.agreement,

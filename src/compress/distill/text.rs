@@ -36,6 +36,10 @@ pub enum DistillLoss {
     Logits,
     /// Distance of the sentence embeddings (bert models without a classifier).
     Embeddings(Distance),
+    /// Per-token MSE of block outputs (hidden states), each student block against the
+    /// teacher block whose output it stands in for, through a learned projection
+    /// (transformers only; the output itself is not matched).
+    Hidden,
 }
 
 /// What the student is matched on, resolved for a teacher and student.
@@ -98,7 +102,75 @@ pub fn resolve(
             "loss",
             "`embeddings` applies to bert models without a classifier; this student outputs logits",
         )),
+        (Some(DistillLoss::Hidden), _) if student.family() == Family::Sequential => {
+            Err(Error::invalid(
+                "loss",
+                "`hidden` matches the blocks of a transformer; match a sequential network's layers with `features`",
+            ))
+        }
+        (Some(DistillLoss::Hidden), m) => Ok(m),
     }
+}
+
+/// The block pairs of `loss: hidden`: `(student block, teacher block)` by tap name. A
+/// student built from the teacher's blocks `kept` stands block `i` in for the teacher's
+/// blocks `kept[i]..kept[i+1]`, so its output is matched to the last of them (the last
+/// student block to the teacher's last); any other student is mapped uniformly (TinyBERT:
+/// student block `i` of `S` to teacher block `⌈(i+1)·T/S⌉ − 1`).
+pub fn hidden_pairs(
+    teacher: &dyn Network,
+    student: &dyn Network,
+    kept: Option<&[usize]>,
+) -> Result<Vec<(String, String)>> {
+    let (t, s) = (teacher.layer_names(), student.layer_names());
+    if t.is_empty() || s.is_empty() || s.len() > t.len() {
+        return Err(Error::invalid(
+            "loss",
+            format!(
+                "`hidden` pairs every student block with a teacher block: the student has {} blocks and the teacher {}",
+                s.len(),
+                t.len()
+            ),
+        ));
+    }
+    let target = |i: usize| -> usize {
+        match kept {
+            Some(k) if k.len() == s.len() => k.get(i + 1).map_or(t.len() - 1, |next| next - 1),
+            _ => ((i + 1) * t.len()).div_ceil(s.len()) - 1,
+        }
+    };
+    Ok((0..s.len())
+        .map(|i| (s[i].clone(), t[target(i).min(t.len() - 1)].clone()))
+        .collect())
+}
+
+/// Per-token MSE between hidden states `[b, s, h]` (the student's already projected to the
+/// teacher's width), averaged over the elements of the positions `mask` `[b, s]` keeps.
+pub fn hidden_mse(student: &Tensor, teacher: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let per_token = (student - teacher.detach())?.sqr()?.mean(D::Minus1)?;
+    Ok(match mask {
+        Some(m) => {
+            let m = m.to_dtype(DType::F32)?;
+            let n = m.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+            per_token.mul(&m)?.sum_all()?.affine(1.0 / n, 0.0)?
+        }
+        None => per_token.mean_all()?,
+    })
+}
+
+/// The unsupervised SimCSE loss (Gao et al. 2021) of two views `[b, h]` of the same
+/// sentences (the encoder run twice with different dropout masks): cross-entropy of each
+/// sentence's first view picking its own second view among the batch's, by cosine / `tau`.
+/// The teacher-free way to train a sentence encoder on unlabelled text.
+pub fn simcse_loss(a: &Tensor, b: &Tensor, tau: f64) -> Result<Tensor> {
+    let unit = |x: &Tensor| -> Result<Tensor> {
+        let n = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        Ok(x.broadcast_div(&n)?)
+    };
+    let sim = unit(a)?.matmul(&unit(b)?.t()?)?.affine(1.0 / tau, 0.0)?;
+    let n = sim.dim(0)?;
+    let targets = Tensor::arange(0u32, n as u32, sim.device())?;
+    Ok(candle_nn::loss::cross_entropy(&sim, &targets)?)
 }
 
 /// `T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))` at every position of `[batch, seq, vocab]`
@@ -314,6 +386,111 @@ mod tests {
                 let e = t.with_blocks(bad).unwrap_err();
                 assert_eq!(e.code().as_str(), "validation_failed", "{bad:?}: {e}");
             }
+        }
+    }
+
+    #[test]
+    fn hidden_pairs_stand_each_student_block_in_for_the_teacher_blocks_it_replaces() {
+        use crate::compress::engine::transformer::fixtures::network;
+        let teacher = network("tiny-llama");
+        let student = teacher.with_blocks(&[0]).unwrap();
+        let pairs = |kept: Option<&[usize]>| hidden_pairs(teacher.as_ref(), student.as_ref(), kept);
+        let one = |s: &str, t: &str| vec![(s.to_string(), t.to_string())];
+        // Block 0 kept: the student's only block replaces teacher blocks 0 and 1.
+        assert_eq!(
+            pairs(Some(&[0])).unwrap(),
+            one("model.layers.0", "model.layers.1")
+        );
+        assert_eq!(
+            pairs(None).unwrap(),
+            one("model.layers.0", "model.layers.1")
+        );
+        // A student deeper than its teacher has blocks with nothing to match.
+        let e = hidden_pairs(student.as_ref(), teacher.as_ref(), None).unwrap_err();
+        assert_eq!(e.code().as_str(), "validation_failed");
+        let e = resolve(
+            teacher.as_ref(),
+            student.as_ref(),
+            Some(DistillLoss::Hidden),
+        );
+        assert_eq!(e.unwrap(), Matched::Tokens);
+    }
+
+    #[test]
+    fn simcse_is_the_cross_entropy_of_each_view_picking_its_pair() {
+        let dev = Device::Cpu;
+        let a = Tensor::from_slice(&[1f32, 0.0, 0.0, 2.0], (2, 2), &dev).unwrap();
+        let b = Tensor::from_slice(&[3f32, 1.0, 0.0, 1.0], (2, 2), &dev).unwrap();
+        let got = simcse_loss(&a, &b, 0.5)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        // Unit rows: a = (1,0), (0,1); b = (3,1)/√10, (0,1).
+        let c = 3.0 / 10f64.sqrt();
+        let s = 1.0 / 10f64.sqrt();
+        let sims = [[c / 0.5, 0.0], [s / 0.5, 1.0 / 0.5]];
+        let ce = |row: [f64; 2], k: usize| -> f64 {
+            let z = row[0].exp() + row[1].exp();
+            z.ln() - row[k]
+        };
+        let want = (ce(sims[0], 0) + ce(sims[1], 1)) / 2.0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
+    fn hidden_states_distil_with_and_without_projection_and_the_encoder_baseline_trains_alone() {
+        use crate::compress::distill::{distill, DistillParams};
+        use crate::compress::engine::data::Dataset;
+        use crate::compress::engine::finetune::Validation;
+        use crate::compress::engine::train::TrainHooks;
+        use crate::compress::engine::transformer::fixtures::network;
+        let data = Dataset::from_text(TEXT).unwrap();
+        for (fixture, projection) in [("tiny-llama", true), ("tiny-bert", false)] {
+            let teacher = network(fixture);
+            let student = teacher.with_blocks(&[0]).unwrap();
+            let last = teacher.layer_names().last().unwrap().clone();
+            let first = student.layer_names()[0].clone();
+            let mut p = DistillParams::new(&data);
+            p.train.validation = Validation::Dataset(&data);
+            p.train.epochs = 12;
+            p.train.batch_size = 2;
+            p.train.lr = 1e-2;
+            p.train.seed = Some(3);
+            p.loss = Some(DistillLoss::Hidden);
+            p.kept_blocks = Some(vec![0]);
+            p.projection = projection;
+            // An encoder's baseline trains alone (SimCSE); a language model's on its text.
+            p.baseline = true;
+            let all = Subset::all(&data);
+            let matched = resolve(teacher.as_ref(), student.as_ref(), None).unwrap();
+            let before =
+                ctx_run(|c| closeness(student.as_ref(), teacher.as_ref(), &all, matched, 4, c))
+                    .unwrap()
+                    .unwrap();
+            let out = ctx_run(|c| distill(teacher.as_ref(), student, &p, c, TrainHooks::default()))
+                .unwrap();
+            assert_eq!(out.hidden_pairs, vec![(first, last.clone())], "{fixture}");
+            let k = &out.kd_history;
+            assert!(
+                k[0].soft_loss.is_none() && k[0].hard_loss.is_none(),
+                "{fixture}: {k:?}"
+            );
+            let (f0, f1) = (
+                k[0].feature_loss.unwrap(),
+                k.last().unwrap().feature_loss.unwrap(),
+            );
+            assert!(f1 < 0.5 * f0, "{fixture}: hidden MSE {f0} → {f1}");
+            // Matching the last block's states brings the outputs closer too.
+            let after = out.val_agreement.or(out.val_embedding_cosine).unwrap();
+            assert!(after > before, "{fixture}: {before} → {after}");
+            let base = out.baseline.as_ref().unwrap();
+            assert_eq!(base.history.len(), 12);
+            assert!(base.val_agreement.is_some());
+            let l = |h: &crate::compress::engine::train::EpochMetrics| h.train_loss;
+            assert!(
+                l(base.history.last().unwrap()) < l(&base.history[0]),
+                "{fixture}"
+            );
         }
     }
 }

@@ -469,11 +469,7 @@ impl Bert {
         let tapped = tapped
             .into_iter()
             .zip(taps)
-            .map(|(t, name)| {
-                let t = t.ok_or_else(|| Error::Internal(format!("no layer {name} to tap")))?;
-                // A block's per-sequence output, as sentence-level features: mean-pooled.
-                mean_pool(&t, batch.mask.as_ref())
-            })
+            .map(|(t, name)| t.ok_or_else(|| Error::Internal(format!("no layer {name} to tap"))))
             .collect::<Result<_>>()?;
         Ok((out, tapped))
     }

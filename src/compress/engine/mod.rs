@@ -314,7 +314,8 @@ pub trait Network: Send + Sync + std::fmt::Debug {
     fn forward(&self, batch: &Batch, mode: Mode<'_>) -> Result<Tensor>;
 
     /// [`Network::forward`] that also returns the outputs of the named layers, in the order of
-    /// `layers` (tracked for backward in training mode, for losses on intermediate features).
+    /// `layers` (tracked for backward in training mode, for losses on intermediate features):
+    /// `[batch, ...]`, a transformer block's per token `[batch, seq, hidden]`.
     fn forward_taps(
         &self,
         batch: &Batch,

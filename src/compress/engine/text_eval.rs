@@ -520,7 +520,7 @@ fn encode(net: &dyn Network, batch: &Batch) -> Result<(Vec<f32>, Option<Vec<f32>
         .last()
         .ok_or_else(|| Error::Internal("an encoder without layers".into()))?;
     let (out, taps) = net.forward_taps(batch, Mode::Eval, &[last.as_str()])?;
-    let pooled = &taps[0];
+    let pooled = &super::bert::mean_pool(&taps[0], batch.mask.as_ref())?;
     let norm = pooled
         .sqr()?
         .sum_keepdim(1)?

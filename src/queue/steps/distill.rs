@@ -120,6 +120,11 @@ pub(super) fn distill_params<'a>(
         features: spec.features.clone(),
         baseline: spec.baseline,
         loss: spec.loss,
+        kept_blocks: match &spec.student {
+            crate::spec::distill::StudentSpec::FromTeacher(l) => Some(l.clone()),
+            _ => None,
+        },
+        projection: spec.projection,
     })
 }
 

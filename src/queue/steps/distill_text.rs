@@ -15,7 +15,7 @@ use crate::compress::distill::text::Matched;
 use crate::compress::engine::text_eval::{evaluate_text, TextFigures};
 use crate::compress::engine::train::TrainHooks;
 use crate::compress::engine::Network;
-use crate::compress::formats::safetensors::NamedTensor;
+use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::spec::distill::StudentSpec;
 use crate::spec::DistillSpec;
 
@@ -33,11 +33,23 @@ pub(super) fn distill(
 ) -> Result<StepOut, PipelineError> {
     let teacher = source.load(input.file)?;
     let (student, layers) = match &spec.student {
-        StudentSpec::FromTeacher(layers) => (teacher.with_blocks(layers)?, layers),
-        _ => {
+        StudentSpec::FromTeacher(layers) => (teacher.with_blocks(layers)?, Some(layers)),
+        // An uploaded folder model of the same family (checked at submission).
+        StudentSpec::Model(id) => {
+            let record = env.named_model(id, "student")?;
+            let source = TransformerSource::of(env.store, record)?.ok_or_else(|| {
+                failed(
+                    Code::UnsupportedFamily,
+                    "the student is not a folder model of a family the engine runs",
+                )
+            })?;
+            let file = SafetensorsFile::open(env.store.materialize(&record.sha256)?)?;
+            (source.load(&file)?, None)
+        }
+        StudentSpec::Architecture(_) => {
             return Err(failed(
                 Code::UnsupportedOperation,
-                "a transformer teacher's student is built from it: `from_teacher`",
+                "a transformer teacher's student is built from it (`from_teacher`) or uploaded (`model_id`)",
             ))
         }
     };
@@ -96,16 +108,26 @@ pub(super) fn distill(
         Some(b) => compare(Some(&b.weights))?,
         None => None,
     };
+    let hidden = !out.hidden_pairs.is_empty();
     let embeddings = matches!(out.matched, Matched::Embeddings(_));
+    let output_loss = !embeddings && !hidden;
     let summary = json!({
-        "loss": out.matched.loss_name(),
+        "loss": if hidden { "hidden" } else { out.matched.loss_name() },
         "distance": match out.matched {
-            Matched::Embeddings(d) => json!(d.as_str()),
+            Matched::Embeddings(d) if !hidden => json!(d.as_str()),
             _ => Value::Null,
         },
-        "temperature": (!embeddings).then_some(spec.temperature),
-        "alpha": (!embeddings).then_some(spec.alpha),
+        "hidden_pairs": hidden.then(|| out.hidden_pairs.iter()
+            .map(|(s, t)| json!({"student": s, "teacher": t}))
+            .collect::<Vec<_>>()),
+        "projection": hidden.then_some(spec.projection),
+        "temperature": output_loss.then_some(spec.temperature),
+        "alpha": output_loss.then_some(spec.alpha),
         "student_layers": layers,
+        "student_model_id": match &spec.student {
+            StudentSpec::Model(id) => Some(id),
+            _ => None,
+        },
         "keep_sparsity": spec.keep_sparsity.then_some(json!({"zero_weights_held": held_zeros})),
         "teacher_cached": out.teacher_cached,
         "teacher_parameters": teacher_parameters,
@@ -117,7 +139,8 @@ pub(super) fn distill(
         "validation": {
             "agreement_with_teacher": out.val_agreement,
             "embedding_cosine": out.val_embedding_cosine,
-            "baseline_agreement_with_teacher": out.baseline.as_ref().and_then(|b| b.val_agreement),
+            "baseline_agreement_with_teacher": out.baseline.as_ref().and_then(|b| b.val_agreement).filter(|_| !embeddings),
+            "baseline_embedding_cosine": out.baseline.as_ref().and_then(|b| b.val_agreement).filter(|_| embeddings),
         },
         "epochs_run": out.history.len(),
         "best_epoch": out.best_epoch,
