@@ -177,15 +177,27 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
                 let t = facts.transformer.as_ref().expect("checked");
                 let seq = tokens_per_document(facts, t, &d.train);
                 let batch = d.train.batch_size;
-                let (student_params, blocks) = match &d.student {
+                // The student's widths (an uploaded one's own), parameters and blocks.
+                let (widths, student_params, blocks) = match &d.student {
                     StudentSpec::FromTeacher(layers) => (
+                        t.clone(),
                         parameters(&from_teacher_facts(facts, t, layers).tensors),
                         layers.len(),
                     ),
-                    _ => (parameters(&facts.tensors), t.layers),
+                    StudentSpec::Model(id) => match facts.models.get(id) {
+                        Some(m) => {
+                            let s = m.transformer.clone().unwrap_or_else(|| t.clone());
+                            let blocks = s.layers;
+                            (s, parameters(&m.tensors), blocks)
+                        }
+                        None => (t.clone(), parameters(&facts.tensors), t.layers),
+                    },
+                    StudentSpec::Architecture(_) => {
+                        (t.clone(), parameters(&facts.tensors), t.layers)
+                    }
                 };
                 transformer_teacher(t, parameters(&facts.tensors), batch, seq)
-                    + transformer_training(t, student_params, blocks, batch, seq)
+                    + transformer_training(&widths, student_params, blocks, batch, seq)
             }
             Step::Distill(d) => {
                 let student = match &d.student {

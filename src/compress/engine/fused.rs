@@ -534,6 +534,96 @@ impl CustomOp1 for DropoutGrad {
     }
 }
 
+/// A lookup of rows of an embedding table `[vocab, h]` by token ids `[n]` (u32): `[n, h]`.
+/// candle's `index_select` does the same forward; its backward pass copies a zeroed
+/// table-sized tensor and adds into the copy (`index_add`). Here the backward pass writes
+/// the gradient rows into one zeroed table, as `torch.nn.Embedding` does.
+#[derive(Debug, Clone, Copy)]
+pub struct Embedding;
+
+impl Embedding {
+    /// The rows of `table` at `ids`, with a backward pass to `table`.
+    pub fn forward(&self, table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+        table.apply_op2(&ids.contiguous()?, *self)
+    }
+}
+
+/// The ids of an id tensor.
+fn ids_of(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Vec<usize>> {
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        bail!("embedding: ids must be contiguous")
+    };
+    Ok(match storage {
+        CpuStorage::U32(v) => v[a..b].iter().map(|&i| i as usize).collect(),
+        CpuStorage::I64(v) => v[a..b].iter().map(|&i| i.max(0) as usize).collect(),
+        _ => bail!("embedding: ids must be u32 or i64"),
+    })
+}
+
+impl CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let table = contiguous_f32("embedding", s1, l1)?;
+        let (vocab, h) = l1.shape().dims2()?;
+        let ids = ids_of(s2, l2)?;
+        let mut out = Vec::with_capacity(ids.len() * h);
+        for &id in &ids {
+            if id >= vocab {
+                bail!("embedding: token id {id} is outside the vocabulary of {vocab}")
+            }
+            out.extend_from_slice(&table[id * h..(id + 1) * h]);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((ids.len(), h))))
+    }
+
+    fn bwd(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if !table.track_op() {
+            return Ok((None, None));
+        }
+        let (vocab, h) = table.dims2()?;
+        let grad = grad.contiguous()?;
+        let ids = {
+            let (s, l) = ids.storage_and_layout();
+            match &*s {
+                candle_core::Storage::Cpu(c) => ids_of(c, l)?,
+                _ => bail!("embedding: CPU tensors only"),
+            }
+        };
+        let (gs, gl) = grad.storage_and_layout();
+        let g = match &*gs {
+            candle_core::Storage::Cpu(c) => contiguous_f32("embedding", c, gl)?,
+            _ => bail!("embedding: CPU tensors only"),
+        };
+        let mut dw = vec![0f32; vocab * h];
+        // In order of the tokens: a repeated id sums its rows as index_add does.
+        for (&id, row) in ids.iter().zip(g.chunks_exact(h)) {
+            for (d, v) in dw[id * h..(id + 1) * h].iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+        drop(gs);
+        Ok((
+            Some(Tensor::from_vec(dw, (vocab, h), table.device())?),
+            None,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,5 +736,41 @@ mod tests {
             "gelu gradient differs by {}",
             max_diff(&a[0], &e[0])
         );
+    }
+
+    /// The embedding lookup and its table gradient are bit for bit `index_select`'s (repeated
+    /// ids included), and the bias gradient of a linear layer is bit for bit `sum(0)`.
+    #[test]
+    fn embedding_and_column_sums_equal_candles_own_ops_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (vocab, h) = (500, 384);
+        let table = Var::from_vec(values(vocab * h, 5), (vocab, h), &dev).unwrap();
+        let ids = Tensor::from_vec(
+            (0..300u32).map(|i| (i * 7919) % 97 + 3).collect::<Vec<_>>(),
+            300,
+            &dev,
+        )
+        .unwrap();
+        let g = Tensor::from_vec(values(300 * h, 6), (300, h), &dev).unwrap();
+        let run = |ours: bool| {
+            let rows = if ours {
+                Embedding.forward(table.as_tensor(), &ids).unwrap()
+            } else {
+                table.as_tensor().index_select(&ids, 0).unwrap()
+            };
+            let grads = (&rows * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (rows, grads.get(table.as_tensor()).unwrap().clone())
+        };
+        let ((r1, g1), (r2, g2)) = (run(true), run(false));
+        assert_eq!(max_diff(&r1, &r2), 0.0);
+        assert_eq!(max_diff(&g1, &g2), 0.0);
+        let bad = Tensor::from_vec(vec![vocab as u32], 1, &dev).unwrap();
+        assert!(Embedding.forward(table.as_tensor(), &bad).is_err());
+
+        for (m, n) in [(1024, 1536), (7, 5), (300, 1000)] {
+            let t = Tensor::from_vec(values(m * n, 7), (m, n), &dev).unwrap();
+            let ours = crate::compress::engine::sequential::conv::column_sums(&t).unwrap();
+            assert_eq!(max_diff(&ours, &t.sum(0).unwrap()), 0.0, "{m}x{n}");
+        }
     }
 }

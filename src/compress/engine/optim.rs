@@ -288,6 +288,50 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// Elements per block of a parallel update: below two blocks an update runs inline.
+const UPDATE_BLOCK: usize = 1 << 15;
+
+/// A block of a parameter, its gradient and its optimizer slots.
+type UpdateBlock<'a> = (&'a mut [f32], &'a [f32], Vec<&'a mut [f32]>);
+
+/// Runs `f` over matching blocks of a parameter `p`, its gradient `g` and its optimizer
+/// slots (each as long as `p`), on candle's worker pool when `p` is large (an embedding
+/// table). Every element's update depends on that element alone, so the result is the same
+/// as one pass.
+fn par_zip(
+    p: &mut [f32],
+    g: &[f32],
+    slots: &mut [&mut [f32]],
+    f: impl Fn(&mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
+) {
+    let pool = candle_core::utils::barrier_pool();
+    if pool.n_workers() == 0 || p.len() < 2 * UPDATE_BLOCK {
+        f(p, g, slots);
+        return;
+    }
+    let mut slot_blocks: Vec<std::slice::ChunksMut<'_, f32>> = slots
+        .iter_mut()
+        .map(|s| s.chunks_mut(UPDATE_BLOCK))
+        .collect();
+    let blocks: Vec<std::sync::Mutex<UpdateBlock<'_>>> = p
+        .chunks_mut(UPDATE_BLOCK)
+        .zip(g.chunks(UPDATE_BLOCK))
+        .map(|(pb, gb)| {
+            let sb = slot_blocks.iter_mut().filter_map(Iterator::next).collect();
+            std::sync::Mutex::new((pb, gb, sb))
+        })
+        .collect();
+    pool.execute_chunked(blocks.len(), |range| {
+        for i in range {
+            // Each block is locked once: never contended.
+            if let Ok(mut b) = blocks[i].lock() {
+                let (pb, gb, sb) = &mut *b;
+                f(pb, gb, sb);
+            }
+        }
+    });
+}
+
 /// One parameter's update, applied in place over its storage (no temporaries).
 enum FusedStep<'a> {
     Sgd {
@@ -348,21 +392,21 @@ impl InplaceOp2 for FusedStep<'_> {
             } => {
                 let mut buf = buf.borrow_mut();
                 match buf.as_deref_mut() {
-                    None => {
+                    None => par_zip(p, g, &mut [], |p, g, _| {
                         for (p, &g) in p.iter_mut().zip(g) {
                             let d = g * scale + wd * *p;
                             *p -= lr * d;
                         }
-                    }
-                    Some(b) => {
-                        for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
+                    }),
+                    Some(b) => par_zip(p, g, &mut [b], |p, g, s| {
+                        for ((p, &g), b) in p.iter_mut().zip(g).zip(s[0].iter_mut()) {
                             let d = g * scale + wd * *p;
                             // torch initialises the buffer with the first gradient.
                             *b = if *first { d } else { momentum * *b + d };
                             let step = if *nesterov { d + momentum * *b } else { *b };
                             *p -= lr * step;
                         }
-                    }
+                    }),
                 }
             }
             FusedStep::AdamW {
@@ -380,14 +424,18 @@ impl InplaceOp2 for FusedStep<'_> {
                 let (mut m, mut v) = (m.borrow_mut(), v.borrow_mut());
                 let step_size = lr / bc1;
                 let decay = 1.0 - lr * wd;
-                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    let g = g * scale;
-                    *p *= decay;
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    let denom = v.sqrt() / bc2_sqrt + eps;
-                    *p -= step_size * *m / denom;
-                }
+                par_zip(p, g, &mut [&mut m, &mut v], |p, g, s| {
+                    let [m, v] = s else { return };
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                    {
+                        let g = g * scale;
+                        *p *= decay;
+                        *m = beta1 * *m + (1.0 - beta1) * g;
+                        *v = beta2 * *v + (1.0 - beta2) * g * g;
+                        let denom = v.sqrt() / bc2_sqrt + eps;
+                        *p -= step_size * *m / denom;
+                    }
+                });
             }
         }
         Ok(())

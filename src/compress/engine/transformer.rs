@@ -471,9 +471,14 @@ pub fn token_ids(x: &Tensor) -> Result<Tensor> {
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, s) = ids.dims2()?;
     let h = table.dim(1)?;
-    Ok(table
-        .index_select(&ids.flatten_all()?, 0)?
-        .reshape((b, s, h))?)
+    let flat = ids.flatten_all()?;
+    // Training: the table's gradient written row by row (see `fused::Embedding`).
+    let rows = if table.track_op() {
+        super::fused::Embedding.forward(table, &flat)?
+    } else {
+        table.index_select(&flat, 0)?
+    };
+    Ok(rows.reshape((b, s, h))?)
 }
 
 /// Every `(name, shape)` is a tensor of `weights` with that shape.

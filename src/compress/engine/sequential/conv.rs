@@ -149,6 +149,49 @@ where
     });
 }
 
+/// The sums of the columns of `t` `[m, n]`: `[n]`, each column's rows added in order from
+/// zero — bit for bit candle's `sum(0)`, which walks the elements on one thread with an
+/// index division each. Here blocks of columns go to the worker pool, and each adds its
+/// slice of every row (contiguous, vectorised).
+pub(crate) fn column_sums(t: &Tensor) -> candle_core::Result<Tensor> {
+    let (m, n) = t.dims2()?;
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(CpuStorage::F32(all)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        drop(storage);
+        return t.sum(0);
+    };
+    let x = &all[a..b];
+    let mut out = vec![0f32; n];
+    let add_columns = |first: usize, cols: &mut [f32]| {
+        for row in x.chunks_exact(n) {
+            for (s, v) in cols.iter_mut().zip(&row[first..]) {
+                *s += v;
+            }
+        }
+    };
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    if threads == 1 || m * n < PARALLEL_MIN || n < 32 {
+        add_columns(0, &mut out);
+    } else {
+        // Whole cache lines per block, a few blocks per thread.
+        let per = n.div_ceil(threads * 4).next_multiple_of(16);
+        let blocks: Vec<Mutex<&mut [f32]>> = out.chunks_mut(per).map(Mutex::new).collect();
+        pool.execute_chunked(blocks.len(), |range| {
+            for i in range {
+                if let Ok(mut cols) = blocks[i].lock() {
+                    add_columns(i * per, &mut cols);
+                }
+            }
+        });
+    }
+    drop(storage);
+    Tensor::from_vec(out, n, t.device())
+}
+
 impl Im2Col {
     /// Fills whole rows of the im2col matrix, starting at row `first`.
     fn fill(g: &Geometry, x: &[f32], first: usize, rows: &mut [f32]) {
@@ -797,7 +840,7 @@ impl candle_core::CustomOp3 for Linear {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = Linear::grads(x, weight, grad)?;
         let db = if bias.track_op() {
-            Some(grad.sum(0)?)
+            Some(column_sums(grad)?)
         } else {
             None
         };
