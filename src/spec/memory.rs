@@ -196,8 +196,11 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
                         (t.clone(), parameters(&facts.tensors), t.layers)
                     }
                 };
+                // A sentence encoder's teacher-free baseline (SimCSE) runs each batch twice.
+                let simcse = d.baseline && t.family == Family::Bert && t.classes.is_none();
+                let student_batch = if simcse { 2 * batch } else { batch };
                 transformer_teacher(t, parameters(&facts.tensors), batch, seq)
-                    + transformer_training(&widths, student_params, blocks, batch, seq)
+                    + transformer_training(&widths, student_params, blocks, student_batch, seq)
             }
             Step::Distill(d) => {
                 let student = match &d.student {

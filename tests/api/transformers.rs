@@ -1267,6 +1267,17 @@ async fn transformer_training_is_sized_before_it_runs() {
     };
     let (few, many) = (planned(headed(3)).await, planned(headed(1_000_000)).await);
     assert!(many - few > 500 << 20, "{few} {many}");
+    // An encoder's SimCSE baseline runs each batch twice: its activations count twice.
+    let encoder_distill = |baseline: bool| {
+        json!({"model_id": bert["id"], "steps": [{"op": "distill", "dataset_id": labelled["id"],
+               "student": {"from_teacher": {"layers": [0]}}, "batch_size": 64,
+               "baseline": baseline}]})
+    };
+    let (alone, twice) = (
+        planned(encoder_distill(false)).await,
+        planned(encoder_distill(true)).await,
+    );
+    assert!(twice > alone, "{alone} {twice}");
     // What fits is accepted.
     let res = t.post_json("/v1/jobs", &finetune(2)).await;
     assert_eq!(res.status, 202, "{}", res.text());
