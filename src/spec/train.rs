@@ -670,7 +670,18 @@ fn check_transformer_training(
             errors,
         );
     }
-    let names = f.parameter_names();
+    let mut names = f.parameter_names();
+    if spec.head.is_some() {
+        // The new head (and a pooler drawn where the weights have none) can be named too.
+        for n in [
+            "classifier.weight",
+            "classifier.bias",
+            "pooler.dense.weight",
+            "pooler.dense.bias",
+        ] {
+            names.push(n.to_string());
+        }
+    }
     let named = |p: &str| {
         names.iter().any(|n| {
             glob_match(p, n)

@@ -751,6 +751,16 @@ async fn transformers_finetune_as_classifiers_and_language_models(t: TestApp) {
     )
     .await;
     assert_eq!(job["steps"][0]["head"]["layer"], "classifier");
+    // The new head can have its own learning rate before it exists.
+    let res = t
+        .post_json(
+            "/v1/jobs?dry_run=true",
+            &json!({"model_id": bert_id, "steps": [{"op": "finetune", "dataset_id": labelled_id,
+                    "head": {"num_classes": 3},
+                    "layer_lr": {"classifier.*": 10.0, "pooler.*": 10.0}}]}),
+        )
+        .await;
+    assert_eq!(res.status, 200, "{}", res.text());
     let step = &metrics["steps"][0];
     assert_eq!(step["summary"]["objective"], "classification");
     let epochs = step["epochs"].as_array().unwrap();
