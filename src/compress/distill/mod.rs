@@ -693,7 +693,7 @@ pub fn distill_with_cache(
             let mut fsum = 0f64;
             for (i, f) in features.iter().enumerate() {
                 // Per token `[b, s, h]` (transformer blocks) or per sample.
-                let per_token = taps[i].rank() == 3;
+                let per_token = teacher.family() != Family::Sequential;
                 let flat = |t: &Tensor| -> Result<Tensor> {
                     Ok(if per_token {
                         t.clone()
