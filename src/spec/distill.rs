@@ -12,6 +12,7 @@ use crate::compress::distill::text::{Distance, DistillLoss};
 use crate::compress::distill::FeaturePair;
 use crate::compress::engine::finetune::Validation;
 use crate::compress::engine::sequential::arch::Architecture;
+use crate::compress::formats::safetensors::{Dtype, TensorInfo};
 
 /// Where the student comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,7 +23,21 @@ pub enum StudentSpec {
     Architecture(Value),
     /// The teacher (a transformer) keeping only these blocks, their weights copied.
     FromTeacher(Vec<usize>),
+    /// A transformer of the teacher's family and config with these keys changed, drawn
+    /// afresh.
+    Config(Map<String, Value>),
 }
+
+/// The `config.json` keys a drawn student may change (its shape; the vocabulary, positions
+/// and head stay the teacher's).
+pub const STUDENT_CONFIG_KEYS: &[&str] = &[
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+];
 
 /// A validated `distill` step.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +76,7 @@ impl DistillSpec {
             StudentSpec::Model(id) => json!({"model_id": id}),
             StudentSpec::Architecture(a) => json!({"architecture": a}),
             StudentSpec::FromTeacher(layers) => json!({"from_teacher": {"layers": layers}}),
+            StudentSpec::Config(c) => json!({"config": c}),
         };
         // Written only when given, so that specs without it normalise as before.
         match self.loss {
@@ -254,19 +270,42 @@ pub fn parse(
             let sp = format!("{pointer}/student");
             deny_unknown(
                 s,
-                &["model_id", "architecture", "from_teacher"],
+                &["model_id", "architecture", "from_teacher", "config"],
                 &sp,
                 &mut errors,
             );
             if let Some(t) = &teacher_transformer {
-                if s.get("from_teacher").is_none() && s.get("model_id").is_none() {
+                if s.get("architecture").is_some() {
                     errors.push(FieldError::unsupported(
                         sp.clone(),
-                        format!("a {} teacher's student is built from it (`{{\"from_teacher\": {{\"layers\": [...]}}}}`) or is a {} folder model (`model_id`)", t.family.as_str(), t.family.as_str()),
+                        format!("a {} teacher's student is built from it (`{{\"from_teacher\": {{\"layers\": [...]}}}}`), drawn from its config (`{{\"config\": {{\"num_hidden_layers\": …}}}}`) or is a {} folder model (`model_id`)", t.family.as_str(), t.family.as_str()),
                     ));
                 }
             }
             match (s.get("model_id"), s.get("architecture")) {
+                _ if s.contains_key("config") => {
+                    let parsed = parse_student_config(
+                        s,
+                        &sp,
+                        facts.map(|_| teacher_transformer.as_ref()),
+                        &mut errors,
+                    );
+                    if let (Some(t), Some(c)) = (&teacher_transformer, &parsed) {
+                        let shaped = config_student_facts(t, c, &sp, &mut errors);
+                        if let Some(st) = shaped.as_ref().and_then(|s| s.transformer.as_ref()) {
+                            check_transformer_student(
+                                t,
+                                Some(st),
+                                TransformerLoss { loss, projection },
+                                &format!("{sp}/config"),
+                                pointer,
+                                &mut errors,
+                            );
+                        }
+                        student_facts = shaped;
+                    }
+                    parsed.map(StudentSpec::Config)
+                }
                 _ if s.contains_key("from_teacher") => {
                     let layers = parse_from_teacher(
                         s,
@@ -293,7 +332,7 @@ pub fn parse(
                                         t,
                                         m.transformer.as_ref(),
                                         TransformerLoss { loss, projection },
-                                        &sp,
+                                        &format!("{sp}/model_id"),
                                         pointer,
                                         &mut errors,
                                     );
@@ -452,6 +491,130 @@ pub fn parse(
     }
 }
 
+/// `config: {...}`: a student drawn afresh with the teacher's config, these keys changed
+/// (positive integers of [`STUDENT_CONFIG_KEYS`]; heads must divide the hidden size unless
+/// `head_dim` is given, key-value heads the heads); only for a transformer teacher.
+fn parse_student_config(
+    s: &Map<String, Value>,
+    sp: &str,
+    known: Option<Option<&TransformerFacts>>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Map<String, Value>> {
+    // `None`: no facts (a stored spec re-read by a worker); `Some(None)`: no transformer.
+    let teacher = known.flatten();
+    let cp = format!("{sp}/config");
+    if s.len() > 1 {
+        errors.push(FieldError::new(
+            sp,
+            "give exactly one of `model_id`, `architecture`, `from_teacher` or `config`",
+        ));
+    }
+    let Some(c) = s.get("config").and_then(Value::as_object) else {
+        errors.push(FieldError::new(
+            cp,
+            "must be an object of config.json keys to change",
+        ));
+        return None;
+    };
+    if known.is_some_and(|t| t.is_none()) {
+        errors.push(FieldError::new(
+            cp.clone(),
+            "draws a transformer student from its teacher's config; this teacher has none (give `architecture`)",
+        ));
+    }
+    deny_unknown(c, STUDENT_CONFIG_KEYS, &cp, errors);
+    let before = errors.len();
+    let mut out = Map::new();
+    for (k, v) in c {
+        if !STUDENT_CONFIG_KEYS.contains(&k.as_str()) {
+            continue;
+        }
+        match v.as_u64() {
+            Some(n) if (1..=65_536).contains(&n) => {
+                out.insert(k.clone(), json!(n));
+            }
+            _ => errors.push(FieldError::new(
+                format!("{cp}/{k}"),
+                "must be an integer in 1..=65536",
+            )),
+        }
+    }
+    if let Some(t) = teacher {
+        let get = |k: &str, default: usize| {
+            out.get(k)
+                .and_then(Value::as_u64)
+                .map_or(default, |v| v as usize)
+        };
+        let hidden = get("hidden_size", t.hidden);
+        let heads = get("num_attention_heads", t.heads);
+        if !out.contains_key("head_dim") && heads > 0 && hidden % heads != 0 {
+            errors.push(FieldError::new(
+                format!("{cp}/num_attention_heads"),
+                format!("{heads} heads do not divide the hidden size {hidden}"),
+            ));
+        }
+        if let Some(kv) = out.get("num_key_value_heads").and_then(Value::as_u64) {
+            if t.family != crate::compress::engine::Family::Llama {
+                errors.push(FieldError::new(
+                    format!("{cp}/num_key_value_heads"),
+                    "applies to llama models",
+                ));
+            } else if heads % kv as usize != 0 {
+                errors.push(FieldError::new(
+                    format!("{cp}/num_key_value_heads"),
+                    format!("{kv} key-value heads do not divide {heads} attention heads"),
+                ));
+            }
+        }
+        if out.contains_key("head_dim") && t.family != crate::compress::engine::Family::Llama {
+            errors.push(FieldError::new(
+                format!("{cp}/head_dim"),
+                "applies to llama models",
+            ));
+        }
+    }
+    (errors.len() == before).then_some(out)
+}
+
+/// The facts of a student drawn from the teacher's config changed by `c`: its tensors as
+/// the engine draws them, and its transformer. A config the engine refuses is reported at
+/// `{sp}/config`.
+pub(super) fn config_student_facts(
+    t: &TransformerFacts,
+    c: &Map<String, Value>,
+    sp: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<ModelFacts> {
+    let document = crate::compress::engine::transformer::merge_config(&t.config, c);
+    let shapes = match crate::compress::engine::families::shapes(&document, t.classes) {
+        Ok(s) => s,
+        Err(e) => {
+            errors.push(FieldError::new(format!("{sp}/config"), e.to_string()));
+            return None;
+        }
+    };
+    let mut offset = 0;
+    let tensors: Vec<TensorInfo> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let bytes = shape.iter().product::<usize>() * 4;
+            offset += bytes;
+            TensorInfo {
+                name,
+                dtype: Dtype::F32,
+                shape,
+                data_offsets: (offset - bytes, offset),
+            }
+        })
+        .collect();
+    let transformer = TransformerFacts::of(&document, &tensors, t.tokenizer_sha256.as_deref())?;
+    Some(ModelFacts {
+        tensors,
+        architecture: None,
+        transformer: Some(transformer),
+    })
+}
+
 /// The loss settings a transformer student is checked against.
 struct TransformerLoss {
     loss: Option<DistillLoss>,
@@ -470,7 +633,8 @@ fn check_transformer_student(
     errors: &mut Vec<FieldError>,
 ) {
     let family = t.family.as_str();
-    let mp = format!("{sp}/model_id");
+    // Where the student comes from: its `model_id` or its `config`.
+    let mp = sp.to_string();
     let Some(s) = student else {
         errors.push(FieldError::new(
             mp,
@@ -552,7 +716,7 @@ fn parse_from_teacher(
     if s.contains_key("model_id") || s.contains_key("architecture") {
         errors.push(FieldError::new(
             sp,
-            "give exactly one of `model_id`, `architecture` or `from_teacher`",
+            "give exactly one of `model_id`, `architecture`, `from_teacher` or `config`",
         ));
     }
     let Some(ft) = s.get("from_teacher").and_then(Value::as_object) else {
@@ -657,6 +821,7 @@ mod tests {
             max_positions: 512,
             has_tokenizer: true,
             tokenizer_sha256: Some(tokenizer.into()),
+            config: serde_json::json!({}),
             classes: None,
             vocab_size: 1000,
             layers,
@@ -677,7 +842,7 @@ mod tests {
             t,
             Some(s),
             TransformerLoss { loss, projection },
-            "/steps/0/student",
+            "/steps/0/student/model_id",
             "/steps/0",
             &mut errors,
         );

@@ -192,6 +192,16 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
                         }
                         None => (t.clone(), parameters(&facts.tensors), t.layers),
                     },
+                    StudentSpec::Config(c) => {
+                        match super::distill::config_student_facts(t, c, "", &mut Vec::new()) {
+                            Some(m) => {
+                                let s = m.transformer.clone().unwrap_or_else(|| t.clone());
+                                let blocks = s.layers;
+                                (s, parameters(&m.tensors), blocks)
+                            }
+                            None => (t.clone(), parameters(&facts.tensors), t.layers),
+                        }
+                    }
                     StudentSpec::Architecture(_) => {
                         (t.clone(), parameters(&facts.tensors), t.layers)
                     }
@@ -208,7 +218,7 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
                     StudentSpec::Model(id) => {
                         facts.models.get(id).and_then(|m| m.architecture.clone())
                     }
-                    StudentSpec::FromTeacher(_) => None,
+                    StudentSpec::FromTeacher(_) | StudentSpec::Config(_) => None,
                 };
                 let batch = d.train.batch_size;
                 let teacher = a.map_or(0, |a| inference(a, batch));

@@ -104,6 +104,8 @@ pub struct TransformerFacts {
     pub has_tokenizer: bool,
     /// The sha256 of its `tokenizer.json` (a student must read text as its teacher does).
     pub tokenizer_sha256: Option<String>,
+    /// Its parsed `config.json`.
+    pub config: Value,
     /// Classes of a bert classification head, when the weights have one.
     pub classes: Option<usize>,
     /// The vocabulary size (`vocab_size`; 0 when the config does not say).
@@ -148,6 +150,7 @@ impl TransformerFacts {
             max_positions,
             has_tokenizer,
             tokenizer_sha256: tokenizer.map(str::to_string),
+            config: config.clone(),
             classes,
             vocab_size,
             layers,

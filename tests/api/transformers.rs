@@ -1073,6 +1073,41 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
     );
     assert_eq!(s["baseline_epochs"].as_array().unwrap().len(), 10, "{s}");
 
+    // A narrower one-block student drawn from the teacher's config learns its hidden states
+    // through the projection; its embeddings are not comparable with the teacher's.
+    let config = json!({"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
+                        "intermediate_size": 24});
+    let (job, metrics) = run_to_end(
+        &t,
+        json!({"model_id": bert["id"], "eval": {"dataset_id": labelled_id},
+               "steps": [{"op": "distill", "dataset_id": labelled_id, "loss": "hidden",
+                          "student": {"config": config}, "epochs": 10, "batch_size": 3,
+                          "optimizer": {"name": "adamw", "lr": 0.01},
+                          "validation": {"dataset_id": labelled_id}}]}),
+    )
+    .await;
+    let s = &metrics["steps"][0]["summary"];
+    assert_eq!(s["student_config"], config, "{s}");
+    assert!(s["student"].is_null() && s["untrained"].is_null(), "{s}");
+    let kd = metrics["steps"][0]["kd_epochs"].as_array().unwrap();
+    let f = |e: &Value| e["feature_loss"].as_f64().unwrap();
+    assert!(f(&kd[9]) < 0.5 * f(&kd[0]), "{kd:?}");
+    let drawn = job["result"]["model_id"].as_str().unwrap();
+    let drawn = t.get(&format!("/v1/models/{drawn}")).await.json();
+    assert_eq!(
+        (
+            drawn["config"]["hidden_size"].as_u64(),
+            drawn["config"]["num_hidden_layers"].as_u64()
+        ),
+        (Some(16), Some(1))
+    );
+    assert!(drawn["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "encoder.layer.0.intermediate.dense.weight"
+            && t["shape"] == json!([24, 16])));
+
     // QAT on the student's language-model loss: 4-bit weights trained in the loop read the
     // text better than the same weights rounded after training.
     let student_id = out_id;
@@ -1151,6 +1186,44 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
             distill(json!({"projection": false})),
             "validation_failed",
             "/steps/0/projection",
+        ),
+        (
+            &bert["id"],
+            distill(json!({"loss": "hidden", "projection": false,
+                           "student": {"config": {"hidden_size": 16, "num_attention_heads": 2}}})),
+            "validation_failed",
+            "/steps/0/projection",
+        ),
+        (
+            &bert["id"],
+            distill(json!({"student": {"config": {"hidden_size": 16, "num_attention_heads": 2}}})),
+            "validation_failed",
+            "/steps/0/student/config",
+        ),
+        (
+            &bert["id"],
+            distill(json!({"student": {"config": {"hidden_size": 30}}})),
+            "validation_failed",
+            "/steps/0/student/config/num_attention_heads",
+        ),
+        (
+            &bert["id"],
+            distill(json!({"student": {"config": {"vocab_size": 10}}})),
+            "validation_failed",
+            "/steps/0/student/config/vocab_size",
+        ),
+        (
+            &llama["id"],
+            distill(json!({"student": {"config": {"num_key_value_heads": 3}}})),
+            "validation_failed",
+            "/steps/0/student/config/num_key_value_heads",
+        ),
+        (
+            &sequential,
+            json!({"op": "distill", "dataset_id": text_id,
+                   "student": {"config": {"num_hidden_layers": 1}}}),
+            "validation_failed",
+            "/steps/0/student/config",
         ),
         (
             &sequential,

@@ -212,7 +212,8 @@ pub fn kd_loss(
 /// feature layers that exist.
 fn check_models(teacher: &dyn Network, student: &dyn Network, p: &DistillParams<'_>) -> Result<()> {
     let (tc, sc) = (teacher.output_width()?, student.output_width()?);
-    if tc != sc {
+    // `hidden` does not compare the outputs (an encoder's embeddings may differ in width).
+    if tc != sc && p.loss != Some(DistillLoss::Hidden) {
         return Err(Error::ArchitectureMismatch(format!(
             "the student outputs {sc} classes but the teacher outputs {tc}; distillation needs the same classes"
         )));
@@ -760,7 +761,9 @@ pub fn distill_with_cache(
         },
     )?;
     let weights = student.export()?;
+    let comparable = teacher.output_width()? == student.output_width()?;
     let (teacher_val_accuracy, val_agreement) = match &val_set {
+        Some(_) if !comparable => (None, None),
         Some(v) if matched != Matched::Classes => {
             // Silent, but cancellable by the job.
             let c = text::closeness(
@@ -894,7 +897,9 @@ fn run_baseline(
             ..Default::default()
         },
     )?;
+    let comparable = teacher.output_width()? == model.output_width()?;
     let val_agreement = match val_set {
+        Some(_) if !comparable => None,
         Some(v) if matched != Matched::Classes => {
             text::closeness(model.as_ref(), teacher, v, matched, config.batch_size, &sub)?
         }

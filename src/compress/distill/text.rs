@@ -493,4 +493,82 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn students_drawn_from_a_config_learn_the_teachers_hidden_states_through_a_projection() {
+        use crate::compress::distill::{distill, DistillParams};
+        use crate::compress::engine::data::Dataset;
+        use crate::compress::engine::families;
+        use crate::compress::engine::train::TrainHooks;
+        use crate::compress::engine::transformer::fixtures::network;
+        let data = Dataset::from_text(TEXT).unwrap();
+        for fixture in ["tiny-llama", "tiny-bert"] {
+            let teacher = network(fixture);
+            let overrides = serde_json::json!({"num_hidden_layers": 1, "hidden_size": 16,
+                                               "intermediate_size": 24, "num_attention_heads": 2});
+            let overrides = overrides.as_object().unwrap();
+            let student = teacher.with_config(overrides, 4).unwrap();
+            let doc = student.describe();
+            assert_eq!(
+                (
+                    doc["num_hidden_layers"].as_u64(),
+                    doc["hidden_size"].as_u64()
+                ),
+                (Some(1), Some(16))
+            );
+            // Drawn as the spec predicts, norms at one, biases at zero.
+            let shapes = families::shapes(&doc, None).unwrap();
+            let exported = student.export().unwrap();
+            assert_eq!(
+                exported
+                    .iter()
+                    .map(|t| (t.name.clone(), t.shape.clone()))
+                    .collect::<Vec<_>>()
+                    .len(),
+                shapes.len()
+            );
+            for t in &exported {
+                assert!(
+                    shapes.contains(&(t.name.clone(), t.shape.clone())),
+                    "{fixture}: {}",
+                    t.name
+                );
+                if t.name.to_ascii_lowercase().ends_with("norm.weight") {
+                    assert!(t.values.iter().all(|&v| v == 1.0));
+                }
+            }
+            // The same seed draws the same student.
+            assert_eq!(
+                teacher.with_config(overrides, 4).unwrap().export().unwrap(),
+                exported
+            );
+            let mut p = DistillParams::new(&data);
+            p.train.validation = crate::compress::engine::finetune::Validation::None;
+            p.train.epochs = 10;
+            p.train.batch_size = 2;
+            p.train.lr = 1e-2;
+            p.train.seed = Some(1);
+            p.loss = Some(DistillLoss::Hidden);
+            let out = ctx_run(|c| distill(teacher.as_ref(), student, &p, c, TrainHooks::default()))
+                .unwrap();
+            // One block of two: uniformly mapped to the teacher's last.
+            assert_eq!(out.hidden_pairs.len(), 1);
+            assert_eq!(
+                &out.hidden_pairs[0].1,
+                teacher.layer_names().last().unwrap()
+            );
+            let k = &out.kd_history;
+            let (f0, f1) = (
+                k[0].feature_loss.unwrap(),
+                k.last().unwrap().feature_loss.unwrap(),
+            );
+            assert!(f1 < 0.5 * f0, "{fixture}: hidden MSE {f0} → {f1}");
+            // Without a projection the widths cannot be compared.
+            p.projection = false;
+            let again = teacher.with_config(overrides, 4).unwrap();
+            let e = ctx_run(|c| distill(teacher.as_ref(), again, &p, c, TrainHooks::default()))
+                .unwrap_err();
+            assert_eq!(e.code().as_str(), "validation_failed", "{e}");
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! L2 normalisation; all-MiniLM-L6-v2's recipe).
 
 use candle_core::{Tensor, D};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::transformer::{
-    attention, check_tensors, dropout, embed, keep_blocks, layer_norm_in, merge_heads, pad_id,
-    padding_bias, split_heads, token_ids, Probe, Weights,
+    attention, check_tensors, draw, dropout, embed, keep_blocks, layer_norm_in, merge_heads,
+    normal, pad_id, padding_bias, split_heads, token_ids, Probe, Weights,
 };
 use super::{BlockRunner, BlockState, Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -26,19 +26,12 @@ use crate::compress::{Error, Result};
 /// The prefix of the encoder's tensors in a `BertFor…` checkpoint.
 const BASE_PREFIX: &str = "bert.";
 
-/// `n` draws of a normal distribution of standard deviation `std` (Box–Muller).
-fn normal(n: usize, std: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
-        let u2: f64 = rng.gen();
-        let r = (-2.0 * u1.ln()).sqrt() * std;
-        let t = std::f64::consts::TAU * u2;
-        out.push((r * t.cos()) as f32);
-        out.push((r * t.sin()) as f32);
-    }
-    out.truncate(n);
-    out
+/// The std of freshly drawn weights (`initializer_range`, transformers' default 0.02).
+pub(super) fn initializer_range(document: &Value) -> f64 {
+    document
+        .get("initializer_range")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.02)
 }
 
 /// The `config.json` fields the engine reads.
@@ -171,9 +164,13 @@ impl Bert {
 
     /// Every tensor the config implies is there with its shape.
     fn check_shapes(&self) -> Result<()> {
-        let c = &self.config;
+        let want = Self::shapes(&self.config, &self.prefix, self.classes);
+        check_tensors(&self.weights, &want)
+    }
+
+    /// The tensors `c` implies, under `p`, with a classifier of `classes` (and its pooler).
+    fn shapes(c: &BertConfig, p: &str, classes: Option<usize>) -> Vec<(String, Vec<usize>)> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let p = &self.prefix;
         let mut want: Vec<(String, Vec<usize>)> = vec![
             (
                 format!("{p}embeddings.word_embeddings.weight"),
@@ -208,11 +205,33 @@ impl Bert {
                 want.push((format!("{b}.{ln}.bias"), vec![h]));
             }
         }
-        if self.classes.is_some() {
+        if let Some(n) = classes {
             want.push((format!("{p}pooler.dense.weight"), vec![h, h]));
             want.push((format!("{p}pooler.dense.bias"), vec![h]));
+            want.push(("classifier.weight".into(), vec![n, h]));
+            want.push(("classifier.bias".into(), vec![n]));
         }
-        check_tensors(&self.weights, &want)
+        want
+    }
+
+    /// The tensors [`Bert::fresh`] draws for `document`.
+    pub fn shapes_of(
+        document: &Value,
+        classes: Option<usize>,
+    ) -> Result<Vec<(String, Vec<usize>)>> {
+        let config = BertConfig::from_json(document)?;
+        let prefix = if classes.is_some() { BASE_PREFIX } else { "" };
+        Ok(Self::shapes(&config, prefix, classes))
+    }
+
+    /// A bert model of `document` (a `config.json`) drawn afresh as `transformers` would,
+    /// with a classifier of `classes` when given.
+    pub fn fresh(document: &Value, classes: Option<usize>, seed: u64) -> Result<Bert> {
+        let config = BertConfig::from_json(document)?;
+        let prefix = if classes.is_some() { BASE_PREFIX } else { "" };
+        let std = initializer_range(document);
+        let tensors = draw(&Self::shapes(&config, prefix, classes), std, seed);
+        Bert::new(document, Weights::from_tensors(tensors)?)
     }
 
     /// This encoder with a freshly initialised `[CLS]` classifier of `num_classes` outputs
@@ -234,11 +253,7 @@ impl Bert {
             ));
         }
         let h = self.config.hidden_size;
-        let std = self
-            .document
-            .get("initializer_range")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.02);
+        let std = initializer_range(&self.document);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors: Vec<NamedTensor> = self
             .weights
@@ -683,6 +698,17 @@ impl Network for Bert {
         Ok(Box::new(
             Bert::new(&document, Weights::from_tensors(tensors)?)?
                 .with_tokenizer(self.tokenizer.clone()),
+        ))
+    }
+
+    fn with_config(
+        &self,
+        overrides: &serde_json::Map<String, Value>,
+        seed: u64,
+    ) -> Result<Box<dyn Network>> {
+        let document = super::transformer::merge_config(&self.document, overrides);
+        Ok(Box::new(
+            Bert::fresh(&document, self.classes, seed)?.with_tokenizer(self.tokenizer.clone()),
         ))
     }
 

@@ -237,7 +237,29 @@ impl Llama {
     }
 
     fn check_shapes(&self) -> Result<()> {
-        let c = &self.config;
+        check_tensors(&self.weights, &Self::shapes(&self.config, self.tied()))
+    }
+
+    /// A llama model of `document` (a `config.json`) drawn afresh as `transformers` would.
+    pub fn fresh(document: &Value, seed: u64) -> Result<Llama> {
+        let std = super::bert::initializer_range(document);
+        let tensors = super::transformer::draw(&Self::shapes_of(document)?, std, seed);
+        Llama::new(document, Weights::from_tensors(tensors)?)
+    }
+
+    /// The tensors [`Llama::fresh`] draws for `document` (no `lm_head` when the embeddings
+    /// are tied).
+    pub fn shapes_of(document: &Value) -> Result<Vec<(String, Vec<usize>)>> {
+        let config = LlamaConfig::from_json(document)?;
+        let tied = document
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(Self::shapes(&config, tied))
+    }
+
+    /// The tensors `c` implies (no `lm_head` when `tied`), with their shapes.
+    fn shapes(c: &LlamaConfig, tied: bool) -> Vec<(String, Vec<usize>)> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let (q, kv) = (
             c.num_attention_heads * c.head_dim,
@@ -250,7 +272,7 @@ impl Llama {
             ),
             ("model.norm.weight".to_string(), vec![h]),
         ];
-        if !self.tied() {
+        if !tied {
             want.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
         }
         for l in 0..c.num_hidden_layers {
@@ -269,7 +291,7 @@ impl Llama {
                 want.push((format!("{b}.{name}"), shape));
             }
         }
-        check_tensors(&self.weights, &want)
+        want
     }
 
     /// Whether the logits come from the token embeddings (no `lm_head.weight` of its own).
@@ -584,6 +606,17 @@ impl Network for Llama {
 
     fn objective(&self) -> super::Objective {
         super::Objective::CausalLm
+    }
+
+    fn with_config(
+        &self,
+        overrides: &serde_json::Map<String, Value>,
+        seed: u64,
+    ) -> Result<Box<dyn Network>> {
+        let document = super::transformer::merge_config(&self.document, overrides);
+        Ok(Box::new(
+            Llama::fresh(&document, seed)?.with_tokenizer(self.tokenizer.clone()),
+        ))
     }
 
     fn text_input(&self) -> Option<TextInput<'_>> {

@@ -355,6 +355,22 @@ pub trait Network: Send + Sync + std::fmt::Debug {
         )))
     }
 
+    /// A network of the same family drawn afresh (as `transformers` initialises one, from
+    /// `seed`) with this one's config changed by `overrides` (`num_hidden_layers`,
+    /// `hidden_size`, …), its tokenizer and its head: a distillation student described by a
+    /// config. Families without a config refuse.
+    fn with_config(
+        &self,
+        overrides: &serde_json::Map<String, serde_json::Value>,
+        seed: u64,
+    ) -> Result<Box<dyn Network>> {
+        let _ = (overrides, seed);
+        Err(crate::compress::Error::Unsupported(format!(
+            "a {} network has no config to draw a student from",
+            self.family().as_str()
+        )))
+    }
+
     /// This network with the named final linear layer replaced by a freshly initialised one
     /// of `num_classes` outputs (transfer learning's new head).
     fn with_head(&self, layer: &str, num_classes: usize, seed: u64) -> Result<Box<dyn Network>>;

@@ -213,6 +213,19 @@ mod peak {
     }
 }
 
+/// Whether `model` can be compared with `reference`: the same family, and outputs of the
+/// same width — encoders are compared on their sentence embeddings (a new classifier head
+/// may change the output), language models on their logits.
+pub fn comparable(model: &dyn Network, reference: &dyn Network) -> Result<bool> {
+    let width = |n: &dyn Network| -> Result<usize> {
+        match n.family() {
+            Family::Bert => n.layer_width(n.layer_names().last().map_or("", String::as_str)),
+            _ => n.output_width(),
+        }
+    };
+    Ok(reference.family() == model.family() && width(reference)? == width(model)?)
+}
+
 /// Evaluates `model` (and `reference`, in the same pass) on the text of `dataset`.
 pub fn evaluate_text(
     model: &dyn Network,
@@ -225,15 +238,7 @@ pub fn evaluate_text(
     model.check_dataset(dataset, false)?;
     if let Some(r) = reference {
         r.check_dataset(dataset, false)?;
-        // Encoders are compared on their sentence embeddings (a new classifier head may
-        // change the output), language models on their logits.
-        let width = |n: &dyn Network| -> Result<usize> {
-            match n.family() {
-                Family::Bert => n.layer_width(n.layer_names().last().map_or("", String::as_str)),
-                _ => n.output_width(),
-            }
-        };
-        if r.family() != model.family() || width(r)? != width(model)? {
+        if !comparable(model, r)? {
             return Err(Error::DatasetMismatch(
                 "the reference model's outputs do not match the model's".into(),
             ));

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::sequential::conv;
@@ -479,6 +479,68 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         table.index_select(&flat, 0)?
     };
     Ok(rows.reshape((b, s, h))?)
+}
+
+/// `n` draws of a normal distribution of standard deviation `std` (Box–Muller).
+pub(super) fn normal(n: usize, std: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+        let u2: f64 = rng.gen();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let t = std::f64::consts::TAU * u2;
+        out.push((r * t.cos()) as f32);
+        out.push((r * t.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+/// Tensors drawn as `transformers` initialises a fresh model: normal with std `std` for
+/// matrices and embeddings, zero biases, norm weights of one.
+pub(super) fn draw(shapes: &[(String, Vec<usize>)], std: f64, seed: u64) -> Vec<NamedTensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    shapes
+        .iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product();
+            let values = if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else if name.to_ascii_lowercase().ends_with("norm.weight") {
+                vec![1.0; n]
+            } else {
+                normal(n, std, &mut rng)
+            };
+            NamedTensor {
+                name: name.clone(),
+                shape: shape.clone(),
+                values,
+            }
+        })
+        .collect()
+}
+
+/// `document` (a `config.json`) with the keys of `overrides` replaced; per-layer lists
+/// (`layer_types`, …) are dropped when the depth changes.
+pub fn merge_config(
+    document: &serde_json::Value,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    let mut out = document.clone();
+    if let Some(doc) = out.as_object_mut() {
+        let depth = doc.get("num_hidden_layers").cloned();
+        for (k, v) in overrides {
+            doc.insert(k.clone(), v.clone());
+        }
+        if doc.get("num_hidden_layers") != depth.as_ref() {
+            doc.retain(|_, v| {
+                !v.as_array().is_some_and(|a| {
+                    depth.as_ref().and_then(|d| d.as_u64()) == Some(a.len() as u64)
+                })
+            });
+        }
+    }
+    out
 }
 
 /// Every `(name, shape)` is a tensor of `weights` with that shape.

@@ -35,10 +35,10 @@ pub(super) fn distill(
             let m = Model::init(&arch, spec.train.seed.unwrap_or(env.seed))?;
             (arch, m)
         }
-        StudentSpec::FromTeacher(_) => {
+        StudentSpec::FromTeacher(_) | StudentSpec::Config(_) => {
             return Err(super::failed(
                 crate::codes::Code::UnsupportedOperation,
-                "`from_teacher` keeps blocks of a transformer teacher; this one has none",
+                "`from_teacher` and `config` students are built from a transformer teacher; this one has neither blocks nor a config",
             ))
         }
     };

@@ -12,7 +12,7 @@ use super::{failed, Env, Input, PipelineError, StepOut, TransformerSource};
 use crate::codes::Code;
 use crate::compress::distill;
 use crate::compress::distill::text::Matched;
-use crate::compress::engine::text_eval::{evaluate_text, TextFigures};
+use crate::compress::engine::text_eval::{comparable, evaluate_text, TextFigures};
 use crate::compress::engine::train::TrainHooks;
 use crate::compress::engine::Network;
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -46,6 +46,11 @@ pub(super) fn distill(
             let file = SafetensorsFile::open(env.store.materialize(&record.sha256)?)?;
             (source.load(&file)?, None)
         }
+        // Drawn afresh from the teacher's config with some keys changed.
+        StudentSpec::Config(c) => (
+            teacher.with_config(c, spec.train.seed.unwrap_or(env.seed))?,
+            None,
+        ),
         StudentSpec::Architecture(_) => {
             return Err(failed(
                 Code::UnsupportedOperation,
@@ -60,6 +65,8 @@ pub(super) fn distill(
         Some(_) => Some(student.with_weights(student.export()?)?),
         None => None,
     };
+    // Encoders are compared on their embeddings: a student of another hidden size is not.
+    let comparable = comparable(student.as_ref(), teacher.as_ref())?;
     let params = distill_params(env, spec)?;
     let masks = sparsity_masks(student.as_ref(), spec.keep_sparsity)?;
     let held_zeros = masks.zeros()?;
@@ -80,7 +87,7 @@ pub(super) fn distill(
         },
     )?;
     let compare = |weights: Option<&[NamedTensor]>| -> Result<Option<TextFigures>, PipelineError> {
-        let (Some((eval, text)), Some(copy)) = (text_eval, &untrained) else {
+        let (Some((eval, text)), Some(copy), true) = (text_eval, &untrained, comparable) else {
             return Ok(None);
         };
         let trained;
@@ -126,6 +133,10 @@ pub(super) fn distill(
         "student_layers": layers,
         "student_model_id": match &spec.student {
             StudentSpec::Model(id) => Some(id),
+            _ => None,
+        },
+        "student_config": match &spec.student {
+            StudentSpec::Config(c) => Some(c),
             _ => None,
         },
         "keep_sparsity": spec.keep_sparsity.then_some(json!({"zero_weights_held": held_zeros})),

@@ -28,7 +28,7 @@ use crate::compress::engine::finetune::{FinetuneParams, Validation};
 use crate::compress::engine::sequential::arch::Architecture;
 use crate::compress::engine::sequential::evaluate_weights;
 use crate::compress::engine::sequential::model::Model;
-use crate::compress::engine::text_eval::{evaluate_text, TextEvaluation, TextFigures};
+use crate::compress::engine::text_eval::{self, evaluate_text, TextEvaluation, TextFigures};
 use crate::compress::engine::train::{Checkpoint, EpochMetrics};
 use crate::compress::engine::Network;
 use crate::compress::formats::hf;
@@ -559,9 +559,14 @@ pub(super) fn evaluate_file(
             let e = evaluate_text(model.as_ref(), None, data, params, spec.batch_size, ctx)?;
             return Ok(Evaluated::Text(e.compared_with_itself()));
         }
+        // A student of another width (an encoder drawn narrower) is evaluated alone.
+        let reference = match reference.get()? {
+            Some(r) if !text_eval::comparable(model.as_ref(), r)? => None,
+            r => r,
+        };
         return Ok(Evaluated::Text(evaluate_text(
             model.as_ref(),
-            reference.get()?,
+            reference,
             data,
             params,
             spec.batch_size,
