@@ -178,6 +178,9 @@ def classify(url, minilm, r, args):
             "epochs": args.epochs, "batch_size": 16, "seed": args.seed, "grad_clip": 1.0,
             "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.01},
             "lr_schedule": {"kind": "cosine", "warmup_epochs": 1}}
+    if args.head_lr_mult != 1.0:
+        # The new head (and pooler) start from scratch: a larger step for them only.
+        step["layer_lr"] = {"classifier.*": args.head_lr_mult, "pooler.*": args.head_lr_mult}
     job, m = run_job(url, {"model_id": minilm["id"], "steps": [step], "eval": {"dataset_id": te["id"]}})
     fin = m["final"]
     for e in m["steps"][0]["epochs"]:
@@ -278,6 +281,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning (head, shuffles, dropout)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--head-lr-mult", type=float, default=10.0, help="learning-rate multiplier of the new classifier and pooler (layer_lr)")
     ap.add_argument("--distill-epochs", type=int, default=4)
     ap.add_argument("--distill-lr", type=float, default=2e-4)
     ap.add_argument("--distill-loss", choices=["embeddings", "hidden"], default="embeddings")
