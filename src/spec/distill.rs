@@ -58,8 +58,9 @@ pub struct DistillSpec {
     pub keep_sparsity: bool,
     /// What the student is matched on (`None`: chosen from the models).
     pub loss: Option<DistillLoss>,
-    /// Whether `hidden` and `features` matches go through a learned projection.
-    pub projection: bool,
+    /// Whether `hidden` and `features` matches go through a learned projection (`None`: only
+    /// where the widths differ).
+    pub projection: Option<bool>,
 }
 
 impl DistillSpec {
@@ -164,7 +165,17 @@ pub fn parse(
         ));
     }
     let teacher_transformer = facts.and_then(|f| f.transformer.clone());
-    let projection = bool_or(obj, "projection", true, pointer, &mut errors);
+    let projection = match obj.get("projection") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => {
+            errors.push(FieldError::new(
+                format!("{pointer}/projection"),
+                "must be a boolean (or null: only where the widths differ)",
+            ));
+            None
+        }
+    };
     if obj.contains_key("projection") && loss != Some(DistillLoss::Hidden) {
         errors.push(FieldError::new(
             format!("{pointer}/projection"),
@@ -618,7 +629,7 @@ pub(super) fn config_student_facts(
 /// The loss settings a transformer student is checked against.
 struct TransformerLoss {
     loss: Option<DistillLoss>,
-    projection: bool,
+    projection: Option<bool>,
 }
 
 /// An uploaded transformer student of teacher `t`: the same family, tokenizer and head (the
@@ -680,7 +691,7 @@ fn check_transformer_student(
                     format!("`hidden` pairs every student block with a teacher block: the student has {} blocks, the teacher {}", s.layers, t.layers),
                 ));
             }
-            if widths_differ && !l.projection {
+            if widths_differ && l.projection == Some(false) {
                 errors.push(FieldError::new(
                     format!("{pointer}/projection"),
                     format!("the student's hidden size {} differs from the teacher's {}: matching hidden states needs the projection", s.hidden, t.hidden),
@@ -841,7 +852,10 @@ mod tests {
         check_transformer_student(
             t,
             Some(s),
-            TransformerLoss { loss, projection },
+            TransformerLoss {
+                loss,
+                projection: Some(projection),
+            },
             "/steps/0/student/model_id",
             "/steps/0",
             &mut errors,

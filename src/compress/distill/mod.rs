@@ -85,8 +85,10 @@ pub struct DistillParams<'a> {
     /// pairs follow from them; see [`text::hidden_pairs`]).
     pub kept_blocks: Option<Vec<usize>>,
     /// Whether feature and hidden-state matches go through a learned projection (`false`:
-    /// plain MSE, the widths must be equal).
-    pub projection: bool,
+    /// plain MSE, the widths must be equal). `None`: a sequential network's features always
+    /// do; a transformer's blocks only where the widths differ (where they agree, the
+    /// student's own states are what the next block and the output read).
+    pub projection: Option<bool>,
 }
 
 impl<'a> DistillParams<'a> {
@@ -101,7 +103,7 @@ impl<'a> DistillParams<'a> {
             baseline: false,
             loss: None,
             kept_blocks: None,
-            projection: true,
+            projection: None,
         }
     }
 }
@@ -619,7 +621,10 @@ pub fn distill_with_cache(
             width(student.as_ref(), &f.student)?,
             width(teacher, &f.teacher)?,
         );
-        if !params.projection {
+        let project = params
+            .projection
+            .unwrap_or(ws != wt || teacher.family() == Family::Sequential);
+        if !project {
             if ws != wt {
                 return Err(Error::invalid(
                     "projection",

@@ -458,7 +458,7 @@ mod tests {
             p.train.seed = Some(3);
             p.loss = Some(DistillLoss::Hidden);
             p.kept_blocks = Some(vec![0]);
-            p.projection = projection;
+            p.projection = Some(projection);
             // An encoder's baseline trains alone (SimCSE); a language model's on its text.
             p.baseline = true;
             let all = Subset::all(&data);
@@ -564,7 +564,7 @@ mod tests {
             );
             assert!(f1 < 0.5 * f0, "{fixture}: hidden MSE {f0} → {f1}");
             // Without a projection the widths cannot be compared.
-            p.projection = false;
+            p.projection = Some(false);
             let again = teacher.with_config(overrides, 4).unwrap();
             let e = ctx_run(|c| distill(teacher.as_ref(), again, &p, c, TrainHooks::default()))
                 .unwrap_err();
