@@ -54,7 +54,7 @@ pub(super) fn distill(
         StudentSpec::Architecture(_) => {
             return Err(failed(
                 Code::UnsupportedOperation,
-                "a transformer teacher's student is built from it (`from_teacher`) or uploaded (`model_id`)",
+                "a transformer teacher's student is built from it (`from_teacher`), drawn from its config (`config`) or uploaded (`model_id`)",
             ))
         }
     };
