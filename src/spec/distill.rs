@@ -302,7 +302,8 @@ pub fn parse(
                         &mut errors,
                     );
                     if let (Some(t), Some(c)) = (&teacher_transformer, &parsed) {
-                        let shaped = config_student_facts(t, c, &sp, &mut errors);
+                        let pooler = facts.is_some_and(has_pooler);
+                        let shaped = config_student_facts(t, c, pooler, &sp, &mut errors);
                         if let Some(st) = shaped.as_ref().and_then(|s| s.transformer.as_ref()) {
                             check_transformer_student(
                                 t,
@@ -593,11 +594,12 @@ fn parse_student_config(
 pub(super) fn config_student_facts(
     t: &TransformerFacts,
     c: &Map<String, Value>,
+    pooler: bool,
     sp: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<ModelFacts> {
     let document = crate::compress::engine::transformer::merge_config(&t.config, c);
-    let shapes = match crate::compress::engine::families::shapes(&document, t.classes) {
+    let shapes = match crate::compress::engine::families::shapes(&document, t.classes, pooler) {
         Ok(s) => s,
         Err(e) => {
             errors.push(FieldError::new(format!("{sp}/config"), e.to_string()));
@@ -624,6 +626,13 @@ pub(super) fn config_student_facts(
         architecture: None,
         transformer: Some(transformer),
     })
+}
+
+/// Whether a bert teacher has a pooler (its drawn students get one too).
+pub(super) fn has_pooler(f: &Facts) -> bool {
+    f.tensors
+        .iter()
+        .any(|t| t.name.ends_with("pooler.dense.weight"))
 }
 
 /// The loss settings a transformer student is checked against.

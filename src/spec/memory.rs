@@ -193,7 +193,13 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
                         None => (t.clone(), parameters(&facts.tensors), t.layers),
                     },
                     StudentSpec::Config(c) => {
-                        match super::distill::config_student_facts(t, c, "", &mut Vec::new()) {
+                        match super::distill::config_student_facts(
+                            t,
+                            c,
+                            super::distill::has_pooler(facts),
+                            "",
+                            &mut Vec::new(),
+                        ) {
                             Some(m) => {
                                 let s = m.transformer.clone().unwrap_or_else(|| t.clone());
                                 let blocks = s.layers;

@@ -164,12 +164,18 @@ impl Bert {
 
     /// Every tensor the config implies is there with its shape.
     fn check_shapes(&self) -> Result<()> {
-        let want = Self::shapes(&self.config, &self.prefix, self.classes);
+        let want = Self::shapes(&self.config, &self.prefix, self.classes, false);
         check_tensors(&self.weights, &want)
     }
 
-    /// The tensors `c` implies, under `p`, with a classifier of `classes` (and its pooler).
-    fn shapes(c: &BertConfig, p: &str, classes: Option<usize>) -> Vec<(String, Vec<usize>)> {
+    /// The tensors `c` implies, under `p`, with a classifier of `classes` (and its pooler;
+    /// the pooler alone with `pooler`).
+    fn shapes(
+        c: &BertConfig,
+        p: &str,
+        classes: Option<usize>,
+        pooler: bool,
+    ) -> Vec<(String, Vec<usize>)> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let mut want: Vec<(String, Vec<usize>)> = vec![
             (
@@ -205,9 +211,11 @@ impl Bert {
                 want.push((format!("{b}.{ln}.bias"), vec![h]));
             }
         }
-        if let Some(n) = classes {
+        if classes.is_some() || pooler {
             want.push((format!("{p}pooler.dense.weight"), vec![h, h]));
             want.push((format!("{p}pooler.dense.bias"), vec![h]));
+        }
+        if let Some(n) = classes {
             want.push(("classifier.weight".into(), vec![n, h]));
             want.push(("classifier.bias".into(), vec![n]));
         }
@@ -218,19 +226,23 @@ impl Bert {
     pub fn shapes_of(
         document: &Value,
         classes: Option<usize>,
+        pooler: bool,
     ) -> Result<Vec<(String, Vec<usize>)>> {
         let config = BertConfig::from_json(document)?;
         let prefix = if classes.is_some() { BASE_PREFIX } else { "" };
-        Ok(Self::shapes(&config, prefix, classes))
+        Ok(Self::shapes(&config, prefix, classes, pooler))
     }
 
     /// A bert model of `document` (a `config.json`) drawn afresh as `transformers` would,
-    /// with a classifier of `classes` when given.
-    pub fn fresh(document: &Value, classes: Option<usize>, seed: u64) -> Result<Bert> {
-        let config = BertConfig::from_json(document)?;
-        let prefix = if classes.is_some() { BASE_PREFIX } else { "" };
+    /// with a classifier of `classes` when given, and a pooler with it or with `pooler`.
+    pub fn fresh(
+        document: &Value,
+        classes: Option<usize>,
+        pooler: bool,
+        seed: u64,
+    ) -> Result<Bert> {
         let std = initializer_range(document);
-        let tensors = draw(&Self::shapes(&config, prefix, classes), std, seed);
+        let tensors = draw(&Self::shapes_of(document, classes, pooler)?, std, seed);
         Bert::new(document, Weights::from_tensors(tensors)?)
     }
 
@@ -708,7 +720,14 @@ impl Network for Bert {
     ) -> Result<Box<dyn Network>> {
         let document = super::transformer::merge_config(&self.document, overrides);
         Ok(Box::new(
-            Bert::fresh(&document, self.classes, seed)?.with_tokenizer(self.tokenizer.clone()),
+            // The teacher's pooler, when it has one, is drawn too (transformers' BertModel has one).
+            Bert::fresh(
+                &document,
+                self.classes,
+                self.weights.has(&self.name("pooler.dense.weight")),
+                seed,
+            )?
+            .with_tokenizer(self.tokenizer.clone()),
         ))
     }
 

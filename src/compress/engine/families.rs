@@ -29,14 +29,16 @@ pub fn load(
 }
 
 /// The tensors (names and shapes) of a folder model with `config` as the engine draws it,
-/// with a bert classifier of `classes`: what a student described by a config will hold.
+/// with a bert classifier of `classes` (a bert pooler with it or with `pooler`): what a
+/// student described by a config will hold.
 pub fn shapes(
     config: &serde_json::Value,
     classes: Option<usize>,
+    pooler: bool,
 ) -> Result<Vec<(String, Vec<usize>)>> {
     use crate::compress::formats::hf::family_of;
     match family_of(config) {
-        Some(super::Family::Bert) => super::bert::Bert::shapes_of(config, classes),
+        Some(super::Family::Bert) => super::bert::Bert::shapes_of(config, classes, pooler),
         Some(super::Family::Llama) => super::llama::Llama::shapes_of(config),
         _ => Err(Error::UnsupportedFamily(
             "the engine draws bert and llama models only".into(),
