@@ -1107,6 +1107,12 @@ async fn transformers_distill_into_students_built_from_the_teacher(t: TestApp) {
         .iter()
         .any(|t| t["name"] == "encoder.layer.0.intermediate.dense.weight"
             && t["shape"] == json!([24, 16])));
+    // The teacher's pooler is drawn too, at the student's width (transformers' BertModel).
+    assert!(drawn["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "pooler.dense.weight" && t["shape"] == json!([16, 16])));
 
     // QAT on the student's language-model loss: 4-bit weights trained in the loop read the
     // text better than the same weights rounded after training.
