@@ -176,7 +176,7 @@ pub fn parse(
             None
         }
     };
-    if obj.contains_key("projection") && loss != Some(DistillLoss::Hidden) {
+    if projection.is_some() && loss != Some(DistillLoss::Hidden) {
         errors.push(FieldError::new(
             format!("{pointer}/projection"),
             "applies to `loss: hidden` only",
