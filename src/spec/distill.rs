@@ -641,30 +641,29 @@ struct TransformerLoss {
     projection: Option<bool>,
 }
 
-/// An uploaded transformer student of teacher `t`: the same family, tokenizer and head (the
-/// teacher reads the student's batches and their outputs are compared), and widths that the
-/// loss can compare.
+/// An uploaded or config-drawn transformer student of teacher `t`: the same family,
+/// tokenizer and head (the teacher reads the student's batches and their outputs are
+/// compared), and widths that the loss can compare. Problems are reported `at` the field the
+/// student comes from (`…/student/model_id`, `…/student/config`).
 fn check_transformer_student(
     t: &TransformerFacts,
     student: Option<&TransformerFacts>,
     l: TransformerLoss,
-    sp: &str,
+    at: &str,
     pointer: &str,
     errors: &mut Vec<FieldError>,
 ) {
     let family = t.family.as_str();
-    // Where the student comes from: its `model_id` or its `config`.
-    let mp = sp.to_string();
     let Some(s) = student else {
         errors.push(FieldError::new(
-            mp,
+            at,
             format!("the student must be a {family} folder model like its teacher"),
         ));
         return;
     };
     if s.family != t.family {
         errors.push(FieldError::new(
-            mp,
+            at,
             format!(
                 "the student is a {} model and the teacher a {family} model: distillation needs one family",
                 s.family.as_str()
@@ -674,13 +673,13 @@ fn check_transformer_student(
     }
     if s.tokenizer_sha256.is_none() || s.tokenizer_sha256 != t.tokenizer_sha256 {
         errors.push(FieldError::new(
-            mp.clone(),
+            at,
             "the student must read text as its teacher does: its folder needs the teacher's tokenizer.json (same bytes)",
         ));
     }
     if s.vocab_size != t.vocab_size || s.classes != t.classes {
         errors.push(FieldError::new(
-            mp.clone(),
+            at,
             format!(
                 "the student's outputs ({} vocabulary, {} classes) differ from the teacher's ({}, {}): distillation compares them",
                 s.vocab_size,
@@ -696,7 +695,7 @@ fn check_transformer_student(
         Some(DistillLoss::Hidden) => {
             if s.layers > t.layers {
                 errors.push(FieldError::new(
-                    mp,
+                    at,
                     format!("`hidden` pairs every student block with a teacher block: the student has {} blocks, the teacher {}", s.layers, t.layers),
                 ));
             }
@@ -709,7 +708,7 @@ fn check_transformer_student(
         }
         Some(DistillLoss::Embeddings(_)) | None if encoder && widths_differ => {
             errors.push(FieldError::new(
-                mp,
+                at,
                 format!("`embeddings` compares sentence embeddings of equal width: the student's hidden size is {} and the teacher's {} (use `loss: hidden`, which projects)", s.hidden, t.hidden),
             ));
         }

@@ -148,14 +148,22 @@ pub fn hidden_pairs(
 /// teacher's width), averaged over the elements of the positions `mask` `[b, s]` keeps.
 pub fn hidden_mse(student: &Tensor, teacher: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let per_token = (student - teacher.detach())?.sqr()?.mean(D::Minus1)?;
-    Ok(match mask {
+    let (sum, positions) = masked_sum(&per_token, mask)?;
+    Ok(sum.affine(1.0 / positions, 0.0)?)
+}
+
+/// The sum of per-position `values` `[b, s]` over the positions `mask` keeps (all when
+/// `None`), and how many those are (at least one).
+fn masked_sum(values: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, f64)> {
+    let (kept, positions) = match mask {
         Some(m) => {
             let m = m.to_dtype(DType::F32)?;
-            let n = m.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
-            per_token.mul(&m)?.sum_all()?.affine(1.0 / n, 0.0)?
+            let n = m.sum_all()?.to_scalar::<f32>()? as f64;
+            (values.mul(&m)?, n)
         }
-        None => per_token.mean_all()?,
-    })
+        None => (values.clone(), values.elem_count() as f64),
+    };
+    Ok((kept.sum_all()?, positions.max(1.0)))
 }
 
 /// The unsupervised SimCSE loss (Gao et al. 2021) of two views `[b, h]` of the same
@@ -185,17 +193,8 @@ pub fn token_kd_loss(
     let log_ps = candle_nn::ops::log_softmax(&student.affine(inv_t, 0.0)?, D::Minus1)?;
     let log_pt = candle_nn::ops::log_softmax(&teacher.detach().affine(inv_t, 0.0)?, D::Minus1)?;
     let kl = (log_pt.exp()? * (log_pt - log_ps)?)?.sum(D::Minus1)?;
-    let (kl, positions) = match mask {
-        Some(m) => {
-            let m = m.to_dtype(DType::F32)?;
-            let n = m.sum_all()?.to_scalar::<f32>()? as f64;
-            (kl.mul(&m)?, n)
-        }
-        None => (kl.clone(), kl.elem_count() as f64),
-    };
-    Ok(kl
-        .sum_all()?
-        .affine(temperature * temperature / positions.max(1.0), 0.0)?)
+    let (sum, positions) = masked_sum(&kl, mask)?;
+    Ok(sum.affine(temperature * temperature / positions, 0.0)?)
 }
 
 /// The distance of sentence embeddings `[batch, hidden]`, averaged over the batch.

@@ -6,8 +6,6 @@
 //! L2 normalisation; all-MiniLM-L6-v2's recipe).
 
 use candle_core::{Tensor, D};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -16,7 +14,7 @@ use std::sync::Arc;
 use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::transformer::{
     attention, check_tensors, draw, dropout, embed, keep_blocks, layer_norm_in, merge_heads,
-    normal, pad_id, padding_bias, split_heads, token_ids, Probe, Weights,
+    pad_id, padding_bias, split_heads, token_ids, Probe, Weights,
 };
 use super::{BlockRunner, BlockState, Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -266,7 +264,6 @@ impl Bert {
         }
         let h = self.config.hidden_size;
         let std = initializer_range(&self.document);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors: Vec<NamedTensor> = self
             .weights
             .export()?
@@ -279,36 +276,19 @@ impl Bert {
                 t
             })
             .collect();
-        let fresh = |name: &str, shape: Vec<usize>, rng: &mut ChaCha8Rng| {
-            let n = shape.iter().product();
-            let values = if name.ends_with(".bias") {
-                vec![0.0; n]
-            } else {
-                normal(n, std, rng)
-            };
-            NamedTensor {
-                name: name.to_string(),
-                shape,
-                values,
-            }
-        };
+        // The new tensors, in this order from one seeded stream: a pooler where there is
+        // none, then the classifier.
+        let mut new: Vec<(String, Vec<usize>)> = Vec::new();
         if !tensors
             .iter()
             .any(|t| t.name == format!("{BASE_PREFIX}pooler.dense.weight"))
         {
-            tensors.push(fresh(
-                &format!("{BASE_PREFIX}pooler.dense.weight"),
-                vec![h, h],
-                &mut rng,
-            ));
-            tensors.push(fresh(
-                &format!("{BASE_PREFIX}pooler.dense.bias"),
-                vec![h],
-                &mut rng,
-            ));
+            new.push((format!("{BASE_PREFIX}pooler.dense.weight"), vec![h, h]));
+            new.push((format!("{BASE_PREFIX}pooler.dense.bias"), vec![h]));
         }
-        tensors.push(fresh("classifier.weight", vec![num_classes, h], &mut rng));
-        tensors.push(fresh("classifier.bias", vec![num_classes], &mut rng));
+        new.push(("classifier.weight".into(), vec![num_classes, h]));
+        new.push(("classifier.bias".into(), vec![num_classes]));
+        tensors.extend(draw(&new, std, seed));
         let mut document = self.document.clone();
         if let Some(doc) = document.as_object_mut() {
             doc.insert(
@@ -744,6 +724,8 @@ mod tests {
     use super::*;
     use crate::compress::engine::transformer::fixtures::{batch, f32s, ids, max_diff, open};
     use crate::compress::engine::LayerInput;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
 
     #[test]
     fn block_by_block_calibration_equals_runs_of_the_whole_network() {

@@ -9,7 +9,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use super::sequential::conv::{contiguous_f32, par_units};
+use super::sequential::conv::{contiguous_f32, par_map, par_map2, par_units};
 
 /// `(rows, width)` of a tensor normalised over its last dimension.
 fn rows(layout: &Layout) -> candle_core::Result<(usize, usize)> {
@@ -393,12 +393,7 @@ impl CustomOp1 for GeluErf {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32("gelu", storage, layout)?;
-        let mut y = vec![0f32; x.len()];
-        par_units(&mut y, 1, |first, out| {
-            for (o, v) in out.iter_mut().zip(&x[first..]) {
-                *o = v * cdf(*v);
-            }
-        });
+        let y = par_map(x, |_, v| v * cdf(v));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -433,12 +428,9 @@ impl CustomOp2 for GeluErfGrad {
         }
         // φ(x) = exp(−x²/2) / √(2π).
         let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
-        let mut dx = vec![0f32; x.len()];
-        par_units(&mut dx, 1, |first, out| {
-            for ((o, v), gv) in out.iter_mut().zip(&x[first..]).zip(&g[first..]) {
-                let pdf = (-0.5 * v * v).exp() * inv_sqrt_2pi;
-                *o = gv * (cdf(*v) + v * pdf);
-            }
+        let dx = par_map2(x, g, |v, gv| {
+            let pdf = (-0.5 * v * v).exp() * inv_sqrt_2pi;
+            gv * (cdf(v) + v * pdf)
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -481,15 +473,7 @@ impl Dropout {
     /// `x` with the mask applied.
     fn apply(&self, x: &[f32]) -> Vec<f32> {
         let scale = 1.0 / (1.0 - self.p);
-        let mut y = vec![0f32; x.len()];
-        par_units(&mut y, 1, |first, out| {
-            for (k, (o, v)) in out.iter_mut().zip(&x[first..]).enumerate() {
-                if self.keeps(first + k) {
-                    *o = v * scale;
-                }
-            }
-        });
-        y
+        par_map(x, |i, v| if self.keeps(i) { v * scale } else { 0.0 })
     }
 }
 

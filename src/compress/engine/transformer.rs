@@ -482,7 +482,7 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 }
 
 /// `n` draws of a normal distribution of standard deviation `std` (Box–Muller).
-pub(super) fn normal(n: usize, std: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
+fn normal(n: usize, std: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         let u1: f64 = rng.gen_range(f64::EPSILON..1.0);

@@ -127,10 +127,19 @@ pub(crate) fn par_units<F>(output: &mut [f32], unit: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
+    par_units_of_work(output, unit, output.len(), f)
+}
+
+/// [`par_units`] where filling `output` costs about `work` element operations (a reduction
+/// into a short output), which decides whether it is worth the pool.
+pub(crate) fn par_units_of_work<F>(output: &mut [f32], unit: usize, work: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
     let units = output.len().checked_div(unit).unwrap_or(0);
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
-    if threads == 1 || units < 2 || output.len() < PARALLEL_MIN {
+    if threads == 1 || units < 2 || work < PARALLEL_MIN {
         f(0, output);
         return;
     }
@@ -165,31 +174,38 @@ pub(crate) fn column_sums(t: &Tensor) -> candle_core::Result<Tensor> {
     };
     let x = &all[a..b];
     let mut out = vec![0f32; n];
-    let add_columns = |first: usize, cols: &mut [f32]| {
+    // Blocks of columns: each adds its slice of every row, rows in order.
+    par_units_of_work(&mut out, 1, m * n, |first, cols| {
         for row in x.chunks_exact(n) {
             for (s, v) in cols.iter_mut().zip(&row[first..]) {
                 *s += v;
             }
         }
-    };
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
-    if threads == 1 || m * n < PARALLEL_MIN || n < 32 {
-        add_columns(0, &mut out);
-    } else {
-        // Whole cache lines per block, a few blocks per thread.
-        let per = n.div_ceil(threads * 4).next_multiple_of(16);
-        let blocks: Vec<Mutex<&mut [f32]>> = out.chunks_mut(per).map(Mutex::new).collect();
-        pool.execute_chunked(blocks.len(), |range| {
-            for i in range {
-                if let Ok(mut cols) = blocks[i].lock() {
-                    add_columns(i * per, &mut cols);
-                }
-            }
-        });
-    }
+    });
     drop(storage);
     Tensor::from_vec(out, n, t.device())
+}
+
+/// `f(i, x[i])` for every element, in parallel when large ([`par_units`]).
+pub(crate) fn par_map(x: &[f32], f: impl Fn(usize, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    par_units(&mut out, 1, |first, out| {
+        for (k, (o, &v)) in out.iter_mut().zip(&x[first..]).enumerate() {
+            *o = f(first + k, v);
+        }
+    });
+    out
+}
+
+/// `f(x[i], y[i])` for every pair of elements (`x` and `y` as long), in parallel when large.
+pub(crate) fn par_map2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    par_units(&mut out, 1, |first, out| {
+        for ((o, &a), &b) in out.iter_mut().zip(&x[first..]).zip(&y[first..]) {
+            *o = f(a, b);
+        }
+    });
+    out
 }
 
 impl Im2Col {
@@ -649,12 +665,7 @@ impl CustomOp1 for Relu {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32("relu", storage, layout)?;
-        let mut out = vec![0f32; x.len()];
-        par_units(&mut out, 1, |first, out| {
-            for (o, v) in out.iter_mut().zip(&x[first..]) {
-                *o = v.max(0.0);
-            }
-        });
+        let out = par_map(x, |_, v| v.max(0.0));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -691,12 +702,7 @@ impl candle_core::CustomOp2 for ReluGrad {
         }
         let y = contiguous_f32("relu backward", s1, l1)?;
         let grad = contiguous_f32("relu backward", s2, l2)?;
-        let mut dx = vec![0f32; y.len()];
-        par_units(&mut dx, 1, |first, dx| {
-            for ((d, y), g) in dx.iter_mut().zip(&y[first..]).zip(&grad[first..]) {
-                *d = if *y > 0.0 { *g } else { 0.0 };
-            }
-        });
+        let dx = par_map2(y, grad, |y, g| if y > 0.0 { g } else { 0.0 });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
