@@ -18,7 +18,13 @@ and our GPTQ checked against a reference written here in numpy.
    int4 and int3 with groups of 64 — round-to-nearest (`uniform`, symmetric, the same grids),
    GPTQ, GPTQ with act_order, AWQ; affine round-to-nearest and HQQ; 50% and 2:4 sparsity —
    magnitude, Wanda, SparseGPT; `--only imatrix`: GGUF q4_k and q3_k with and without the
-   importance measured on the calibration text (`--cases REGEX` runs some). Each job's
+   importance measured on the calibration text; `--only gptq-gguf`: GPTQ's codes written as
+   q4_0 / q4_1 / q5_0 GGUF against the `gguf` method's round-to-nearest of the same type, each
+   file read back with llama.cpp's `gguf` package and compared with the job's model; `--only auto`: uniform q4_k against `auto`
+   mixed precision at 4.5 bits per weight and at q4_k's size (`--auto-samples` windows of
+   `--seq-len`); `--only cost`: GPTQ, AWQ and Wanda on 64 × 512 calibration tokens against
+   one evaluation pass over as many tokens (with `--server-pid`, each job's peak RSS)
+   (`--cases REGEX` runs some). Each job's
    `eval` compares the output with the input on held-out text (context 512, `--tokens`):
    KL divergence (mean), perplexity, top-1 agreement. Prints a table and the KL ratios.
 3. `--only minilm`: all-MiniLM-L6-v2 (`scripts/fetch_data.sh minilm`), int4 group 64 on the
@@ -144,7 +150,7 @@ def reference_check(url):
     raw = len(h).to_bytes(8, "little") + h + raw[8 + n_h:]
     model = call(f"{url}/v1/models?name=gptq-ref", "POST", raw, "application/octet-stream")
     job, m, _ = run_job(url, {"model_id": model["id"], "steps": [
-        {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 16, "include": ["fc1.weight"],
+        {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 16, "clip": False, "include": ["fc1.weight"],
          "calibration": {"dataset_id": data["id"], "samples": 256, "seed": 7}}]})
     rows = m["steps"][0]["summary"]["calibration"]["indices"]
     xc = x[rows].astype(np.float64)
@@ -159,6 +165,30 @@ def reference_check(url):
           f"{same * 100:.2f}% of values equal; output error ours {layer['output_error']:.5f}, "
           f"RTN {layer['output_error_rtn']:.5f}")
     return same
+
+
+def check_gguf_file(url, job):
+    """Reads a job's GGUF artifact with llama.cpp's `gguf` package, dequantizes the
+    unpermuted tensors with its own decoders and compares them with the job's output model."""
+    import gguf
+    art = next(a for a in job["result"]["artifacts"] if a["kind"] == "gguf")
+    path = "/tmp/whittle-check.gguf"
+    open(path, "wb").write(call(f"{url}/v1/artifacts/{art['id']}/content", raw=True))
+    reader = gguf.GGUFReader(path)
+    ours = read_safetensors(call(f"{url}/v1/models/{job['result']['model_id']}/files/model.safetensors", raw=True))
+    worst, checked = 0.0, 0
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if len(parts) != 4 or parts[2] not in ("attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            continue
+        hf = {"attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}[parts[2]]
+        mine = ours[f"model.layers.{parts[1]}.{hf}.weight"]
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(mine.shape)
+        worst = max(worst, float(np.abs(theirs.astype(np.float32) - mine).max()))
+        checked += 1
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    return f"gguf reader: {checked} tensors, max |Δ| vs our model {worst:.3g}, types {types}"
 
 
 def read_fortunes(path):
@@ -191,11 +221,20 @@ def smollm2(url, args):
             cases += [
                 (f"int{bits} g64 RTN", {"op": "quantize", "method": "uniform", "bits": bits,
                                         "granularity": "per_group", "group_size": 64}),
+                # Round-to-nearest with a clipping search weighted by the calibration's Σx² per
+                # input column (the Hessian's diagonal: the weighting GPTQ's `clip` uses).
+                (f"int{bits} g64 RTN, clip search", {"op": "quantize", "method": "uniform", "bits": bits,
+                                                     "granularity": "per_group", "group_size": 64,
+                                                     "importance": {"dataset_id": calib["id"],
+                                                                    "samples": args.samples}}),
                 (f"int{bits} g64 GPTQ", {"op": "quantize", "method": "gptq", "bits": bits, "group_size": 64,
                                          "calibration": calibration}),
                 (f"int{bits} g64 GPTQ act_order", {"op": "quantize", "method": "gptq", "bits": bits,
                                                    "group_size": 64, "act_order": True,
                                                    "calibration": calibration}),
+                (f"int{bits} g64 GPTQ act_order, full range", {"op": "quantize", "method": "gptq", "bits": bits,
+                                                               "group_size": 64, "act_order": True, "clip": False,
+                                                               "calibration": calibration}),
                 (f"int{bits} g64 AWQ", {"op": "quantize", "method": "awq", "bits": bits, "group_size": 64,
                                         "calibration": calibration}),
                 (f"int{bits} g64 RTN affine", {"op": "quantize", "method": "uniform", "bits": bits,
@@ -206,6 +245,9 @@ def smollm2(url, args):
                 (f"int{bits} g64 GPTQ affine act_order", {"op": "quantize", "method": "gptq", "bits": bits,
                                                           "group_size": 64, "symmetric": False,
                                                           "act_order": True, "calibration": calibration}),
+                (f"int{bits} g64 GPTQ affine act_order, full range", {
+                    "op": "quantize", "method": "gptq", "bits": bits, "group_size": 64, "symmetric": False,
+                    "act_order": True, "clip": False, "calibration": calibration}),
             ]
     if "imatrix" in args.only:
         for ty in ("q4_k", "q3_k"):
@@ -214,6 +256,47 @@ def smollm2(url, args):
                 (f"{ty} + imatrix", {"op": "quantize", "method": "gguf", "type": ty,
                                      "importance": {"dataset_id": calib["id"], "samples": args.samples}}),
             ]
+    if "gptq-gguf" in args.only:
+        # GPTQ's codes in GGUF blocks against llama.cpp-style round-to-nearest of the same
+        # type (the `gguf` method), and the file checked with llama.cpp's own `gguf` reader.
+        for ty, bits, sym in (("q4_0", 4, True), ("q4_1", 4, False), ("q5_0", 5, True)):
+            cases += [
+                (f"{ty} RTN (gguf)", {"op": "quantize", "method": "gguf", "type": ty}),
+                (f"{ty} GPTQ act_order", {"op": "quantize", "method": "gptq", "bits": bits, "symmetric": sym,
+                                          "act_order": True, "format": "gguf", "calibration": calibration}),
+            ]
+    if "auto" in args.only:
+        # Mixed precision: uniform q4_k (most SmolLM2 rows fall back to q5_0) against `auto`
+        # at 4.5 bits per weight and at uniform q4_k's own size, on a small draw (each
+        # tensor and choice costs a pass over it).
+        auto_cal = {**calibration, "samples": args.auto_samples}
+        cands = ["q3_k", "q4_0", "q4_k", "q5_0", "q8_0"]
+        cases += [
+            ("q4_k", {"op": "quantize", "method": "gguf", "type": "q4_k"}),
+            ("q4_k + imatrix", {"op": "quantize", "method": "gguf", "type": "q4_k",
+                                "importance": {"dataset_id": calib["id"], "samples": args.auto_samples}}),
+            ("auto 4.5 bpw", {"op": "quantize", "method": "auto", "budget": {"bits_per_weight": 4.5},
+                              "candidates": cands, "calibration": auto_cal}),
+            ("auto = q4_k size", "q4_k"),
+        ]
+    if "cost" in args.only:
+        # Issue 17's cost ratios: each method's calibration time on 64 × 512 tokens against one
+        # forward pass over the same number of tokens (an evaluation of the calibration text at
+        # context 512: the forward plus the per-token log-softmax, so a generous pass time).
+        big = {**calibration, "samples": 64, "seq_len": 512}
+        cases += [
+            ("cost: forward 32768 tokens", {"op": "evaluate", "dataset_id": calib["id"], "context": 512,
+                                            "max_tokens": 64 * 512}),
+            ("cost: int4 g64 GPTQ", {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 64,
+                                     "calibration": big}),
+            ("cost: int4 g64 GPTQ act_order", {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 64,
+                                               "act_order": True, "calibration": big}),
+            ("cost: int3 g64 GPTQ act_order", {"op": "quantize", "method": "gptq", "bits": 3, "group_size": 64,
+                                               "act_order": True, "calibration": big}),
+            ("cost: int4 g64 AWQ", {"op": "quantize", "method": "awq", "bits": 4, "group_size": 64,
+                                    "calibration": big}),
+            ("cost: 50% Wanda", {"op": "prune", "method": "wanda", "sparsity": 0.5, "calibration": big}),
+        ]
     if "prune" in args.only:
         for label, target, nm in (("50%", {"sparsity": 0.5}, False), ("2:4", {"n": 2, "m": 4}, True)):
             cases += [
@@ -226,22 +309,58 @@ def smollm2(url, args):
         import re
         cases = [c for c in cases if re.search(args.cases, c[0])]
     results = {}
-    print(f"{'case':28} {'KL mean':>9} {'ppl':>9} {'top-1':>7} {'base ppl':>9} {'job s':>7}")
+    print(f"{'case':46} {'KL mean':>9} {'ppl':>9} {'top-1':>7} {'base ppl':>9} {'job s':>7}")
+    sizes, peaks, forward = {}, {}, None
     for label, step in cases:
+        if isinstance(step, str):
+            # auto with the selected bytes of an earlier case as its budget.
+            step = {"op": "quantize", "method": "auto", "budget": {"size_bytes": sizes[step][0]},
+                    "candidates": cands, "calibration": auto_cal}
+        if args.server_pid:
+            # Reset the server's peak resident memory (VmHWM) so each job reads its own.
+            open(f"/proc/{args.server_pid}/clear_refs", "w").write("5")
         job, m, secs = run_job(url, {"model_id": model["id"], "eval": ev, "steps": [step]})
+        if args.server_pid:
+            hwm = [l for l in open(f"/proc/{args.server_pid}/status") if l.startswith("VmHWM")][0]
+            peaks[label] = int(hwm.split()[1]) * 1024
+        s0 = m["steps"][0]
+        if step["op"] == "evaluate":
+            fig = s0["summary"]
+            forward = fig["tokens"] / fig["tokens_per_second"]
+            print(f"{label:46} {fig['tokens']} tokens at {fig['tokens_per_second']:.0f} tokens/s: "
+                  f"{forward:.1f} s; peak RSS {peaks.get(label, 0) / 2**20:.0f} MiB", flush=True)
+            continue
+        if label.startswith("cost:") and forward:
+            cal = s0["summary"]["calibration_seconds"]
+            print(f"{label:46} calibration {cal:.1f} s = {cal / forward:.2f}× the forward pass; "
+                  f"peak RSS {peaks.get(label, 0) / 2**20:.0f} MiB", flush=True)
         fin = m["final"]
         kl = fin["kl_divergence"]["mean"]
         results[label] = kl
-        print(f"{label:28} {kl:9.5f} {fin['perplexity']:9.3f} {fin['top1_agreement']:7.4f} "
-              f"{m['baseline']['perplexity']:9.3f} {secs:7.0f}", flush=True)
+        extra = ""
+        if step.get("method") in ("gguf", "auto"):
+            s0 = m["steps"][0]
+            q = [l for l in s0["layers"] if l["type"] not in ("f32", "f16", "bf16", "skipped")]
+            nbytes = sum(l["bytes"] for l in q)
+            numel = sum(int(np.prod(l["shape"])) for l in q)
+            sizes[label] = (nbytes, numel)
+            extra = f"  selected {nbytes} B = {8 * nbytes / numel:.3f} bpw, file {s0['summary']['gguf_bytes']} B"
+            if step["method"] == "auto":
+                su = s0["summary"]
+                extra += (f", types {su['types']}, predicted {su['predicted_divergence']:.4f}"
+                          f" / measured {su['measured_divergence']:.4f} on calibration, {su['passes']} passes")
+        if step.get("method") == "gptq" and step.get("format") == "gguf":
+            extra += "  " + check_gguf_file(url, job)
+        print(f"{label:46} {kl:9.5f} {fin['perplexity']:9.3f} {fin['top1_agreement']:7.4f} "
+              f"{m['baseline']['perplexity']:9.3f} {secs:7.0f}{extra}", flush=True)
     for bits in (4, 3):
         r = results.get(f"int{bits} g64 RTN")
-        for v in ("GPTQ", "GPTQ act_order", "AWQ"):
+        for v in ("RTN, clip search", "GPTQ", "GPTQ act_order", "GPTQ act_order, full range", "AWQ"):
             g = results.get(f"int{bits} g64 {v}")
             if r and g:
                 print(f"int{bits} g64: {v} KL / RTN KL = {g / r:.3f}")
         r = results.get(f"int{bits} g64 RTN affine")
-        for v in ("HQQ (affine)", "GPTQ affine act_order"):
+        for v in ("HQQ (affine)", "GPTQ affine act_order", "GPTQ affine act_order, full range"):
             h = results.get(f"int{bits} g64 {v}")
             if r and h:
                 print(f"int{bits} g64: {v} KL / affine RTN KL = {h / r:.3f}")
@@ -249,6 +368,14 @@ def smollm2(url, args):
         a, b = results.get(ty), results.get(f"{ty} + imatrix")
         if a and b:
             print(f"{ty}: KL with imatrix / without = {b / a:.3f}")
+    for ty in ("q4_0", "q4_1", "q5_0"):
+        a, b = results.get(f"{ty} RTN (gguf)"), results.get(f"{ty} GPTQ act_order")
+        if a and b:
+            print(f"{ty}: GPTQ KL / RTN KL = {b / a:.3f}")
+    for label in ("auto 4.5 bpw", "auto = q4_k size"):
+        a, u = results.get(label), results.get("q4_k")
+        if a and u:
+            print(f"{label}: KL / uniform q4_k KL = {a / u:.3f}")
     for label in ("50%", "2:4"):
         mag = results.get(f"{label} magnitude")
         for v in ("Wanda", "SparseGPT"):
@@ -295,7 +422,7 @@ def minilm(url, args):
     for label, step in cases:
         _, m, secs = run_job(url, {"model_id": model["id"], "eval": {"dataset_id": held["id"]}, "steps": [step]})
         c = m["final"]["embedding_cosine"]
-        print(f"{label:28} {c['min']:8.4f} {c['mean']:9.5f} {secs:6.0f}", flush=True)
+        print(f"{label:46} {c['min']:8.4f} {c['mean']:9.5f} {secs:6.0f}", flush=True)
 
 
 def main():
@@ -304,6 +431,9 @@ def main():
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--server-pid", type=int, default=0,
+                    help="the server's pid (same machine): report each job's peak RSS")
+    ap.add_argument("--auto-samples", type=int, default=2, help="calibration windows of `auto`")
     ap.add_argument("--only", default="reference,gptq,prune")
     ap.add_argument("--cases", default="", help="a regular expression over the case labels")
     args = ap.parse_args()
@@ -314,7 +444,7 @@ def main():
             sys.exit("GPTQ differs from the reference")
     if "minilm" in args.only:
         minilm(args.url, args)
-    if "gptq" in args.only or "prune" in args.only or "imatrix" in args.only:
+    if any(k in args.only for k in ("gptq", "prune", "imatrix", "auto", "gptq-gguf", "cost")):
         smollm2(args.url, args)
 
 

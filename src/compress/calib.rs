@@ -16,7 +16,7 @@
 //! every report uses. The methods themselves are [`crate::compress::quant::gptq`],
 //! [`crate::compress::quant::awq`] and [`crate::compress::prune::calibrated`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -24,6 +24,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::compress::engine::data::{text_batch, Batch, Dataset, Subset};
 use crate::compress::engine::{BlockRunner, BlockState, Family, LayerInput, Network, ProbeFn};
+use crate::compress::parallel::par_units_of_work;
 use crate::compress::progress::Ctx;
 use crate::compress::{Error, Result};
 
@@ -231,8 +232,11 @@ pub struct InputStats {
     pub sum_sq: Vec<f64>,
     /// Σ |x| per column.
     pub sum_abs: Vec<f64>,
-    /// Σ x xᵀ, `cols × cols` row-major.
+    /// Σ x xᵀ, `cols × cols` row-major, over the first `gram_rows` rows.
     pub gram: Vec<f64>,
+    /// Rows in `gram`: all of them, unless the sweep measured the Gram matrix on its first
+    /// rows only ([`sweep`]'s `gram_rows`).
+    pub gram_rows: usize,
 }
 
 impl InputStats {
@@ -243,10 +247,13 @@ impl InputStats {
             sum_sq: vec![0.0; cols],
             sum_abs: vec![0.0; cols],
             gram: vec![0.0; cols * cols],
+            gram_rows: 0,
         }
     }
 
-    fn add(&mut self, x: &Tensor) -> Result<()> {
+    /// Adds the rows of `x` `[n, cols]`: to the column sums always, to the Gram matrix with
+    /// `gram`.
+    fn add(&mut self, x: &Tensor, gram: bool) -> Result<()> {
         let (n, cols) = x.dims2()?;
         if cols != self.cols {
             return Err(Error::Internal(format!(
@@ -255,12 +262,13 @@ impl InputStats {
             )));
         }
         let x = x.contiguous()?;
-        let gram = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
-        for (a, g) in self.gram.iter_mut().zip(gram) {
-            *a += f64::from(g);
+        if gram {
+            self.add_gram(&x)?;
+            self.gram_rows += n;
         }
-        for i in 0..cols {
-            self.sum_sq[i] = self.gram[i * cols + i];
+        let sq = x.sqr()?.sum(0)?.to_vec1::<f32>()?;
+        for (a, v) in self.sum_sq.iter_mut().zip(sq) {
+            *a += f64::from(v);
         }
         let abs = x.abs()?.sum(0)?.to_vec1::<f32>()?;
         for (a, v) in self.sum_abs.iter_mut().zip(abs) {
@@ -270,9 +278,39 @@ impl InputStats {
         Ok(())
     }
 
+    /// Σ xxᵀ of contiguous `x`, added to `gram`. It is symmetric: only the tiles on and above
+    /// the diagonal are multiplied (at most GRAM_TILE columns each) and mirrored below it.
+    fn add_gram(&mut self, x: &Tensor) -> Result<()> {
+        let cols = self.cols;
+        let tiles = cols.div_ceil(GRAM_TILE).max(1);
+        let width = cols.div_ceil(tiles);
+        let parts: Vec<(usize, Tensor)> = (0..cols)
+            .step_by(width)
+            .map(|c0| Ok((c0, x.narrow(1, c0, width.min(cols - c0))?)))
+            .collect::<Result<_>>()?;
+        for (i, (r0, a)) in parts.iter().enumerate() {
+            let at = a.t()?;
+            for (c0, b) in &parts[i..] {
+                let block = at.matmul(b)?;
+                let (h, w) = block.dims2()?;
+                let values = block.flatten_all()?.to_vec1::<f32>()?;
+                for r in 0..h {
+                    for c in 0..w {
+                        let v = f64::from(values[r * w + c]);
+                        self.gram[(r0 + r) * cols + c0 + c] += v;
+                        if c0 != r0 {
+                            self.gram[(c0 + c) * cols + r0 + r] += v;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The Hessian of the layer-wise squared error, `2·Σxxᵀ / rows` (GPTQ's `H`).
     pub fn hessian(&self) -> Vec<f64> {
-        let s = 2.0 / self.rows.max(1) as f64;
+        let s = 2.0 / self.gram_rows.max(1) as f64;
         self.gram.iter().map(|g| g * s).collect()
     }
 
@@ -290,15 +328,34 @@ impl InputStats {
 
 const STOP: &str = "calibration: the group's inputs are gathered";
 
+/// Most columns of one tile of a Gram matrix's product (see [`InputStats::add_gram`]).
+const GRAM_TILE: usize = 256;
+
+/// Where a sweep of a network with blocks starts, and what it calls after each block.
+pub struct Blocks<'a> {
+    /// Blocks already done by an earlier run whose weights `net` holds: their hidden states
+    /// are recomputed with those weights and their groups are not solved again.
+    pub start: usize,
+    /// Called with the number of blocks done after each block's groups are installed (a
+    /// checkpoint); not called for networks that run whole.
+    pub done: &'a mut dyn FnMut(usize) -> Result<()>,
+}
+
 /// Runs `solve` on every group holding a selected weight, in network order. `solve` gets the
 /// group and its input statistics (gathered with every earlier group already replaced) and
 /// returns the new values of weights (`{layer}.weight`, same shape), which are installed in
-/// `net` before the next group is measured. Reports progress per group.
+/// `net` before the next group is measured. Reports progress per group. `gram_rows`: measure
+/// the Gram matrix (the Hessian) on the first batches holding at least that many rows only,
+/// for a method that needs only the column sums and reports its output error with it (the
+/// Gram products cost about half of a block's); `None`: on every batch.
+#[allow(clippy::too_many_arguments)]
 pub fn sweep(
     net: &dyn Network,
     set: &CalibrationSet,
     selected: &HashSet<String>,
     ctx: &Ctx,
+    blocks: Blocks<'_>,
+    gram_rows: Option<usize>,
     mut solve: impl FnMut(&Group, &InputStats) -> Result<Vec<(String, Vec<f32>)>>,
 ) -> Result<()> {
     let Some(first) = set.batches.first() else {
@@ -312,9 +369,16 @@ pub fn sweep(
             .any(|l| selected.contains(&format!("{l}.weight")))
     };
     if let Some(runner) = net.block_runner() {
-        return sweep_blocks(net, runner, set, &wanted, ctx, &mut solve);
+        return sweep_blocks(
+            net, runner, set, &wanted, ctx, blocks, gram_rows, &mut solve,
+        );
     }
-    sweep_whole(net, first, set, &wanted, ctx, &mut solve)
+    if blocks.start != 0 {
+        return Err(Error::Internal(
+            "a network without blocks resumes no sweep".into(),
+        ));
+    }
+    sweep_whole(net, first, set, &wanted, ctx, gram_rows, &mut solve)
 }
 
 /// The sweep of a network run whole: each group's passes run the network from its input
@@ -325,6 +389,7 @@ pub(crate) fn sweep_whole(
     set: &CalibrationSet,
     wanted: &dyn Fn(&Group) -> bool,
     ctx: &Ctx,
+    gram_rows: Option<usize>,
     solve: &mut Solve<'_>,
 ) -> Result<()> {
     let groups: Vec<Group> = discover_groups(net, first)?
@@ -344,7 +409,7 @@ pub(crate) fn sweep_whole(
                     as Box<Run<'_>>
             })
             .collect();
-        let stats = gather(group, &mut runs, ctx)?;
+        let stats = gather(group, None, &mut runs, ctx, gram_rows)?;
         for (name, values) in solve(group, &stats)? {
             set_weight(net, &name, values)?;
         }
@@ -354,14 +419,20 @@ pub(crate) fn sweep_whole(
 }
 
 /// The sweep of a network that runs block by block: the calibration batches' hidden states at
-/// the current block are kept, each group of the block is measured by running that block
-/// alone, and once the block's groups are solved the states move past it.
+/// the current block are kept, and each block runs in its stages ([`BlockRunner::run_stage`]):
+/// the groups of a stage are measured from the stage's input (each pass stops at the group's
+/// first layer), solved and installed, then the stage runs once with its new weights and the
+/// states move past it. Every operation of a block thus runs once per batch, with the weights
+/// a re-run of the whole block would use, so results equal those of the whole network.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn sweep_blocks(
     net: &dyn Network,
     runner: &dyn BlockRunner,
     set: &CalibrationSet,
     wanted: &dyn Fn(&Group) -> bool,
     ctx: &Ctx,
+    control: Blocks<'_>,
+    gram_rows: Option<usize>,
     solve: &mut Solve<'_>,
 ) -> Result<()> {
     let mut states: Vec<BlockState> = set
@@ -372,40 +443,79 @@ pub(crate) fn sweep_blocks(
     let blocks = runner.num_blocks();
     for block in 0..blocks {
         ctx.check()?;
-        let groups: Vec<Group> = groups_of(|p| runner.run_block(block, &states[0], p).map(|_| ()))?
+        if block < control.start {
+            states = states
+                .iter()
+                .map(|s| runner.run_block(block, s, &mut |_| Ok(())))
+                .collect::<Result<_>>()?;
+            continue;
+        }
+        for stage in 0..runner.num_stages(block) {
+            // One run of the first batch finds the stage's groups and keeps every layer's
+            // input: the first group solved takes its first batch from there.
+            let mut first_inputs: HashMap<String, Tensor> = HashMap::new();
+            let groups: Vec<Group> = groups_of(|p| {
+                runner
+                    .run_stage(block, stage, &states[0], &mut |input: LayerInput<'_>| {
+                        first_inputs
+                            .entry(input.layer.to_string())
+                            .or_insert_with(|| input.x.clone());
+                        p(input)
+                    })
+                    .map(|_| ())
+            })?
             .into_iter()
             .filter(|g| wanted(g))
             .collect();
-        for group in &groups {
-            ctx.report(
-                block as f64 / blocks as f64,
-                &format!("calibrating {}", group.layers.join(", ")),
-            );
-            let mut runs: Vec<Box<Run<'_>>> = states
-                .iter()
-                .map(|s| {
-                    Box::new(move |p: &mut ProbeFn<'_>| runner.run_block(block, s, p).map(|_| ()))
-                        as Box<Run<'_>>
-                })
-                .collect();
-            let stats = gather(group, &mut runs, ctx)?;
-            drop(runs);
-            for (name, values) in solve(group, &stats)? {
-                set_weight(net, &name, values)?;
+            for (gi, group) in groups.iter().enumerate() {
+                ctx.report(
+                    block as f64 / blocks as f64,
+                    &format!("calibrating {}", group.layers.join(", ")),
+                );
+                // Until a group of the stage is solved, the first batch's inputs still hold.
+                let first = if gi == 0 {
+                    first_inputs.remove(&group.layers[0])
+                } else {
+                    None
+                };
+                let mut runs: Vec<Box<Run<'_>>> = states
+                    .iter()
+                    .skip(usize::from(first.is_some()))
+                    .map(|s| {
+                        Box::new(move |p: &mut ProbeFn<'_>| {
+                            runner.run_stage(block, stage, s, p).map(|_| ())
+                        }) as Box<Run<'_>>
+                    })
+                    .collect();
+                let stats = gather(group, first.as_ref(), &mut runs, ctx, gram_rows)?;
+                drop(runs);
+                for (name, values) in solve(group, &stats)? {
+                    set_weight(net, &name, values)?;
+                }
             }
+            drop(first_inputs);
+            ctx.check()?;
+            states = states
+                .iter()
+                .map(|s| runner.run_stage(block, stage, s, &mut |_| Ok(())))
+                .collect::<Result<_>>()?;
         }
-        states = states
-            .iter()
-            .map(|s| runner.run_block(block, s, &mut |_| Ok(())))
-            .collect::<Result<_>>()?;
+        (control.done)(block + 1)?;
     }
     ctx.report(1.0, "calibrated");
     Ok(())
 }
 
-/// The input statistics of `group`, from every run (each stopped after the group's last
-/// layer has read its input).
-fn gather(group: &Group, runs: &mut [Box<Run<'_>>], ctx: &Ctx) -> Result<InputStats> {
+/// The input statistics of `group`: `first` (an input already seen, if any) then every run's
+/// (each stopped when the group's first layer reads its input: the group's layers all read
+/// that input).
+fn gather(
+    group: &Group,
+    first: Option<&Tensor>,
+    runs: &mut [Box<Run<'_>>],
+    ctx: &Ctx,
+    gram_rows: Option<usize>,
+) -> Result<InputStats> {
     if group.window != 1 {
         return Err(Error::Unsupported(format!(
             "layer {:?} is a convolution; calibrated methods handle linear layers (exclude it, or prune it with `magnitude`)",
@@ -413,15 +523,17 @@ fn gather(group: &Group, runs: &mut [Box<Run<'_>>], ctx: &Ctx) -> Result<InputSt
         )));
     }
     let mut stats = InputStats::new(group.cols);
+    // The Gram matrix of whole batches until `gram_rows` rows are in it.
+    let gram = |st: &InputStats| gram_rows.is_none_or(|n| st.gram_rows < n);
+    if let Some(x) = first {
+        stats.add(x, gram(&stats))?;
+    }
     let head = &group.layers[0];
-    let tail = group.layers.last().unwrap_or(head);
     for run in runs.iter_mut() {
         ctx.check()?;
         let result = run(&mut |input: LayerInput<'_>| {
             if input.layer == head {
-                stats.add(input.x)?;
-            }
-            if input.layer == tail {
+                stats.add(input.x, gram(&stats))?;
                 return Err(Error::Internal(STOP.into()));
             }
             Ok(())
@@ -487,7 +599,8 @@ pub fn weight(net: &dyn Network, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
 }
 
-fn set_weight(net: &dyn Network, name: &str, values: Vec<f32>) -> Result<()> {
+/// Replaces the values of the parameter `name` of `net` (same shape).
+pub fn set_weight(net: &dyn Network, name: &str, values: Vec<f32>) -> Result<()> {
     let p = net
         .params()
         .iter()
@@ -509,18 +622,21 @@ fn cholesky_lower(a: &mut [f64], n: usize) -> bool {
         }
         let d = d.sqrt();
         a[j * n + j] = d;
-        for i in j + 1..n {
-            let (top, bottom) = a.split_at_mut(i * n);
-            let row_j = &top[j * n..j * n + j];
-            let row_i = &mut bottom[..n];
-            let s = row_i[j]
-                - row_i[..j]
-                    .iter()
-                    .zip(row_j)
-                    .map(|(x, y)| x * y)
-                    .sum::<f64>();
-            row_i[j] = s / d;
-        }
+        // The rows below are independent given row j: split over the worker pool, each
+        // computed exactly as on one thread.
+        let (top, bottom) = a.split_at_mut((j + 1) * n);
+        let row_j = &top[j * n..j * n + j];
+        par_units_of_work(bottom, n, (n - j) * j, |_, rows| {
+            for row_i in rows.chunks_mut(n) {
+                let s = row_i[j]
+                    - row_i[..j]
+                        .iter()
+                        .zip(row_j)
+                        .map(|(x, y)| x * y)
+                        .sum::<f64>();
+                row_i[j] = s / d;
+            }
+        });
     }
     for i in 0..n {
         for j in i + 1..n {
@@ -545,18 +661,22 @@ pub fn inverse_hessian_upper(h: &[f64], n: usize) -> Option<Vec<f64>> {
     }
     // K⁻¹ column by column, stored transposed (row j of `xt` is column j of K⁻¹), so the
     // inner sums read two rows.
+    // The columns are independent: split over the worker pool.
     let mut xt = vec![0.0; n * n];
-    for j in 0..n {
-        xt[j * n + j] = 1.0 / k[j * n + j];
-        for i in j + 1..n {
-            let s: f64 = k[i * n + j..i * n + i]
-                .iter()
-                .zip(&xt[j * n + j..j * n + i])
-                .map(|(a, b)| a * b)
-                .sum();
-            xt[j * n + i] = -s / k[i * n + i];
+    par_units_of_work(&mut xt, n, n * n * n / 6, |first, rows| {
+        for (r, row) in rows.chunks_mut(n).enumerate() {
+            let j = first + r;
+            row[j] = 1.0 / k[j * n + j];
+            for i in j + 1..n {
+                let s: f64 = k[i * n + j..i * n + i]
+                    .iter()
+                    .zip(&row[j..i])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                row[i] = -s / k[i * n + i];
+            }
         }
-    }
+    });
     // U[a][b] = K⁻¹[n−1−a][n−1−b] = xt[n−1−b][n−1−a].
     let mut u = vec![0.0; n * n];
     for a in 0..n {
@@ -647,36 +767,56 @@ pub(crate) fn assert_blockwise_equals_whole<N: Network + BlockRunner>(
     let cancel = AtomicBool::new(false);
     let quiet = |_: f64, _: &str| {};
     let ctx = Ctx::new(&quiet, &cancel);
-    let run = |blockwise: bool| {
-        let net = make();
-        let mut seen = Vec::new();
-        let mut solve = |g: &Group, st: &InputStats| {
-            seen.push((g.layers.clone(), st.rows));
-            let mut out = Vec::new();
-            for l in &g.layers {
-                let name = format!("{l}.weight");
-                let (shape, w) = weight(&net, &name)?;
-                out.push((
-                    name,
-                    gptq(&w, shape[0], shape[1], &st.hessian(), p)?.weights,
-                ));
+    // `resume`: weights after the first block, from which a second sweep starts.
+    let run =
+        |blockwise: bool,
+         resume: Option<&Vec<crate::compress::formats::safetensors::NamedTensor>>| {
+            let net = make();
+            if let Some(w) = resume {
+                net.load(w).unwrap();
             }
-            Ok(out)
+            let mut after_first = None;
+            let mut seen = Vec::new();
+            let mut solve = |g: &Group, st: &InputStats| {
+                seen.push((g.layers.clone(), st.rows));
+                let mut out = Vec::new();
+                for l in &g.layers {
+                    let name = format!("{l}.weight");
+                    let (shape, w) = weight(&net, &name)?;
+                    out.push((
+                        name,
+                        gptq(&w, shape[0], shape[1], &st.hessian(), p)?.weights,
+                    ));
+                }
+                Ok(out)
+            };
+            let all = |_: &Group| true;
+            if blockwise {
+                let mut done = |b: usize| {
+                    if b == 1 {
+                        after_first = Some(net.export()?);
+                    }
+                    Ok(())
+                };
+                let control = Blocks {
+                    start: usize::from(resume.is_some()),
+                    done: &mut done,
+                };
+                sweep_blocks(&net, &net, set, &all, &ctx, control, None, &mut solve).unwrap();
+            } else {
+                sweep_whole(&net, &set.batches[0], set, &all, &ctx, None, &mut solve).unwrap();
+            }
+            (net.export().unwrap(), seen, after_first)
         };
-        let all = |_: &Group| true;
-        if blockwise {
-            sweep_blocks(&net, &net, set, &all, &ctx, &mut solve).unwrap();
-        } else {
-            sweep_whole(&net, &set.batches[0], set, &all, &ctx, &mut solve).unwrap();
-        }
-        (net.export().unwrap(), seen)
-    };
-    let (a, groups_a) = run(true);
-    let (b, groups_b) = run(false);
+    let (a, groups_a, after_first) = run(true, None);
+    let (b, groups_b, _) = run(false, None);
+    // Resumed after the first block from its weights: the same result.
+    let (c, _, _) = run(true, after_first.as_ref());
     assert_eq!(groups_a, groups_b);
-    for (x, y) in a.iter().zip(&b) {
+    for ((x, y), z) in a.iter().zip(&b).zip(&c) {
         assert_eq!(x.name, y.name);
         assert!(x.values == y.values, "{} differs", x.name);
+        assert!(x.values == z.values, "{} differs after resuming", x.name);
     }
     groups_a.len()
 }
@@ -696,6 +836,76 @@ mod tests {
             h[i * n + i] += 0.1;
         }
         h
+    }
+
+    #[test]
+    fn the_gram_matrix_can_stop_after_its_first_rows() {
+        use std::sync::atomic::AtomicBool;
+        let cancel = AtomicBool::new(false);
+        let quiet = |_: f64, _: &str| {};
+        let ctx = Ctx::new(&quiet, &cancel);
+        let group = Group {
+            layers: vec!["a".into(), "b".into()],
+            cols: 3,
+            window: 1,
+        };
+        let x =
+            Tensor::from_vec((1..=12).map(|v| v as f32).collect(), (4, 3), &Device::Cpu).unwrap();
+        let run = |x: Tensor| {
+            Box::new(move |p: &mut ProbeFn<'_>| {
+                for layer in ["a", "b"] {
+                    p(LayerInput {
+                        index: 0,
+                        layer,
+                        window: 1,
+                        x: &x,
+                    })?;
+                }
+                Ok(())
+            }) as Box<Run<'_>>
+        };
+        for (limit, gram_rows) in [(None, 16), (Some(6), 8), (Some(4), 4)] {
+            let mut runs = vec![run(x.clone()), run(x.clone()), run(x.clone())];
+            let stats = gather(&group, Some(&x), &mut runs, &ctx, limit).unwrap();
+            assert_eq!((stats.rows, stats.gram_rows), (16, gram_rows));
+            // Column sums over every row; the Gram matrix over its own.
+            let col0: f64 = [1.0f64, 4.0, 7.0, 10.0].iter().map(|v| v * v).sum();
+            assert_eq!(stats.sum_sq[0], 4.0 * col0);
+            assert_eq!(stats.gram[0], (gram_rows / 4) as f64 * col0);
+            assert_eq!(stats.hessian()[0], 2.0 * col0 / 4.0);
+        }
+    }
+
+    #[test]
+    fn the_gram_matrix_from_tiles_equals_the_full_product() {
+        for (n, cols) in [(5, 7), (33, 300), (9, 600)] {
+            let mut rng = ChaCha8Rng::seed_from_u64(cols as u64);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let t = Tensor::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
+            let mut stats = InputStats::new(cols);
+            stats.add(&t, true).unwrap();
+            stats.add(&t, true).unwrap();
+            stats.add(&t, false).unwrap();
+            assert_eq!((stats.rows, stats.gram_rows), (3 * n, 2 * n));
+            for i in 0..cols {
+                for j in 0..cols {
+                    let exact: f64 = (0..n)
+                        .map(|r| f64::from(x[r * cols + i]) * f64::from(x[r * cols + j]))
+                        .sum::<f64>()
+                        * 2.0;
+                    let got = stats.gram[i * cols + j];
+                    assert!(
+                        (got - exact).abs() < 1e-4 * (1.0 + exact.abs()),
+                        "{cols}: ({i}, {j}) {got} vs {exact}"
+                    );
+                }
+                let sq = 1.5 * stats.gram[i * cols + i];
+                assert!(
+                    (stats.sum_sq[i] - sq).abs() < 1e-4 * (1.0 + sq),
+                    "{cols}: {i}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! is not set, before candle first uses it, so the two never oversubscribe the cores. Work
 //! never nests: a kernel's threads do not start more threads.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Below this many elements, work stays on the calling thread.
 pub const PARALLEL_MIN: usize = 1 << 18;
@@ -88,6 +88,48 @@ pub fn advise_huge_pages<T>(buf: &mut [T]) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = buf;
+}
+
+/// Below this many values a kernel on candle's worker pool ([`par_units`]) runs on the
+/// calling thread alone: waking the pool costs more than the work.
+const POOL_MIN: usize = 1 << 16;
+
+/// Runs `f(first_unit, chunk)` over chunks of whole units (`unit` values each) of
+/// `output`, on candle's persistent worker pool (`RAYON_NUM_THREADS` threads, shared
+/// with candle's own element-wise ops) when the work is large enough.
+pub fn par_units<T: Send, F>(output: &mut [T], unit: usize, f: F)
+where
+    F: Fn(usize, &mut [T]) + Sync,
+{
+    par_units_of_work(output, unit, output.len(), f)
+}
+
+/// [`par_units`] where filling `output` costs about `work` element operations (a reduction
+/// into a short output), which decides whether it is worth the pool.
+pub fn par_units_of_work<T: Send, F>(output: &mut [T], unit: usize, work: usize, f: F)
+where
+    F: Fn(usize, &mut [T]) + Sync,
+{
+    let units = output.len().checked_div(unit).unwrap_or(0);
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    if threads == 1 || units < 2 || work < POOL_MIN {
+        f(0, output);
+        return;
+    }
+    // A few chunks per thread, so a thread slowed by the other tenant of a shared
+    // machine does not hold everyone up.
+    let per = units.div_ceil(threads * 4);
+    let chunks: Vec<Mutex<&mut [T]>> = output.chunks_mut(per * unit).map(Mutex::new).collect();
+    pool.execute_chunked(chunks.len(), |range| {
+        for i in range {
+            // Each chunk is locked exactly once, so the lock is never contended; it is
+            // poisoned only if `f` panicked, and that panic propagates from the pool.
+            if let Ok(mut chunk) = chunks[i].lock() {
+                f(i * per, &mut chunk);
+            }
+        }
+    });
 }
 
 #[cfg(test)]

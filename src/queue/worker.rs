@@ -189,8 +189,9 @@ impl Worker {
                 "resuming from the checkpoint of an earlier attempt"
             );
             let message = format!(
-                "resuming step {} after epoch {} from an earlier attempt's checkpoint",
+                "resuming step {} after {} {} from an earlier attempt's checkpoint",
                 r.step + 1,
+                r.unit.as_deref().unwrap_or("epoch"),
                 r.epoch
             );
             self.queue

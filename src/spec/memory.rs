@@ -172,6 +172,27 @@ pub fn estimate(spec: &JobSpec, facts: &Facts) -> MemoryEstimate {
             },
             Step::Evaluate(e) => evaluation(facts, a, e),
             // The network, the copy written out, and one layer's statistics.
+            // auto also keeps the float outputs and every block's input of each token, and
+            // holds an output and its log-softmax while measuring.
+            Step::Calibrated(c) if c.method_name() == "auto" => {
+                let (tokens, width, states) = match (&facts.transformer, &c.calibration) {
+                    (Some(t), Some(cal)) => {
+                        let tokens = (cal.samples * cal.seq_len) as u64;
+                        let width = if t.family == crate::compress::engine::Family::Llama {
+                            t.vocab_size
+                        } else {
+                            t.hidden.max(t.classes.unwrap_or(0))
+                        } as u64;
+                        (
+                            tokens,
+                            width,
+                            (t.layers as u64 + 1) * tokens * t.hidden as u64,
+                        )
+                    }
+                    _ => (0, 0, 0),
+                };
+                3 * weights_f32(facts) + 4 * (3 * tokens * width + states) + (256 << 20)
+            }
             Step::Calibrated(_) => 3 * weights_f32(facts) + (256 << 20),
             Step::Distill(d) if facts.transformer.is_some() => {
                 let t = facts.transformer.as_ref().expect("checked");

@@ -274,6 +274,7 @@ fn final_only_output(step: &Step) -> Option<&'static str> {
         }
         Step::Prune(p) if p.output == crate::compress::prune::Output::Sparse => Some("sparse"),
         Step::Calibrated(c) if c.packed => Some("packed"),
+        Step::Calibrated(c) if c.gguf || c.method_name() == "auto" => Some("gguf"),
         _ => None,
     }
 }
@@ -631,7 +632,8 @@ pub fn parse_step(
         "quantize" | "prune"
             if matches!(
                 (op, obj.get("method").and_then(Value::as_str)),
-                ("quantize", Some("gptq" | "awq" | "hqq")) | ("prune", Some("wanda" | "sparsegpt"))
+                ("quantize", Some("gptq" | "awq" | "hqq" | "auto"))
+                    | ("prune", Some("wanda" | "sparsegpt"))
             ) =>
         {
             calibrated::parse(obj, pointer, facts).map(|c| Step::Calibrated(Box::new(c)))

@@ -153,7 +153,7 @@ impl QuantizeSpec {
 }
 
 const METHODS: &[&str] = &[
-    "uniform", "kmeans", "log2", "nf4", "float", "gguf", "gptq", "awq", "hqq",
+    "uniform", "kmeans", "log2", "nf4", "float", "gguf", "gptq", "awq", "hqq", "auto",
 ];
 
 /// Parse a `quantize` step at `pointer`.

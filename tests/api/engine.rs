@@ -3,12 +3,12 @@
 //! and a rescued training job that resumes from its checkpoint.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use whittle::compress::formats::safetensors::{self as tensors, Dtype, TensorSpec};
 use whittle::db::jobs::JobState;
-use whittle::ids::{now_micros, JobId};
+use whittle::ids::JobId;
 
 use crate::helpers::*;
 
@@ -292,40 +292,10 @@ async fn a_rescued_training_job_resumes_from_its_checkpoint_with_identical_resul
 
     let job = t.submit(spec).await;
     let id: JobId = job["id"].as_str().unwrap().parse().unwrap();
-    let q = t.app.state.queue.clone();
-    let first = q
-        .claim("doomed", Duration::from_secs(30), now_micros())
-        .await
-        .unwrap()
-        .unwrap();
-    let doomed = t.app.worker("doomed");
-    let run = tokio::spawn(async move { doomed.run_claimed(first).await });
-    // Wait (bounded) for the first checkpoint, then let the lease lapse as if the worker died.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let row = whittle::db::jobs::get(&t.app.state.db, id)
-            .await
-            .unwrap()
-            .unwrap();
-        if row.checkpoint.is_some() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no checkpoint was saved");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let later = now_micros() + 60_000_000;
-    assert_eq!(q.rescue(later).await.unwrap(), vec![(id, JobState::Queued)]);
-    assert!(matches!(
-        run.await.unwrap(),
-        Err(whittle::queue::Error::LeaseLost)
-    ));
-
-    let second = q
-        .claim("survivor", Duration::from_secs(30), later + 1)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(second.attempt, 2);
+    // The first attempt dies after its first checkpoint; the second resumes from it.
+    let second = t
+        .kill_after_first_checkpoint(id, Duration::from_secs(120))
+        .await;
     assert!(second.checkpoint.is_some());
     assert_eq!(
         t.app.worker("survivor").run_claimed(second).await.unwrap(),

@@ -220,6 +220,54 @@ impl TestApp {
         res.json()
     }
 
+    /// Job `id`'s first attempt "dies" after its first checkpoint: a worker claims and runs
+    /// it until a checkpoint is saved (within `timeout`), its lease then lapses, the queue
+    /// rescues the job and the attempt ends with `LeaseLost`. Returns the second attempt's
+    /// claim (asserted to be attempt 2), for the caller to run.
+    pub async fn kill_after_first_checkpoint(
+        &self,
+        id: JobId,
+        timeout: Duration,
+    ) -> whittle::db::jobs::JobRecord {
+        use whittle::ids::now_micros;
+        let q = self.app.state.queue.clone();
+        let first = q
+            .claim("doomed", Duration::from_secs(30), now_micros())
+            .await
+            .unwrap()
+            .unwrap();
+        let doomed = self.app.worker("doomed");
+        let attempt = tokio::spawn(async move { doomed.run_claimed(first).await });
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let row = whittle::db::jobs::get(&self.app.state.db, id)
+                .await
+                .unwrap()
+                .unwrap();
+            if row.checkpoint.is_some() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint was saved"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let later = now_micros() + 60_000_000;
+        assert_eq!(q.rescue(later).await.unwrap(), vec![(id, JobState::Queued)]);
+        assert!(matches!(
+            attempt.await.unwrap(),
+            Err(whittle::queue::Error::LeaseLost)
+        ));
+        let second = q
+            .claim("survivor", Duration::from_secs(30), later + 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.attempt, 2);
+        second
+    }
+
     /// Run one claimable job to its end with an in-process worker.
     pub async fn run_one(&self) -> Option<(JobId, JobState)> {
         self.app

@@ -21,6 +21,9 @@ use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::select::glob_match;
 use crate::compress::{Error, Result};
 
+/// Stages of an encoder block (see [`Bert::stage`]).
+const STAGES: usize = 4;
+
 /// The prefix of the encoder's tensors in a `BertFor…` checkpoint.
 const BASE_PREFIX: &str = "bert.";
 
@@ -316,7 +319,7 @@ impl Bert {
     /// The final hidden states `[b, s, h]`, and the layers' outputs named in `taps`
     /// (`encoder.layer.{i}`).
     /// Encoder block `l` on the hidden states `h` `[b, s, hidden]`, with the batch's
-    /// attention bias.
+    /// attention bias: its stages in turn.
     fn block(
         &self,
         l: usize,
@@ -325,37 +328,35 @@ impl Bert {
         mode: &mut Mode<'_>,
         probe: &mut Probe<'_>,
     ) -> Result<Tensor> {
+        let mut h = h.clone();
+        let mut inner = None;
+        for k in 0..STAGES {
+            (h, inner) = self.stage(l, k, &h, inner.as_ref(), bias, mode, probe)?;
+        }
+        Ok(h)
+    }
+
+    /// Stage `k` of encoder block `l` (see [`BlockRunner::run_stage`]): 0 the self-attention
+    /// up to the input of `attention.output.dense`, 1 that layer, the residual and its
+    /// LayerNorm, 2 `intermediate.dense` and the activation, 3 `output.dense`, the residual
+    /// and its LayerNorm. `h` is the residual stream and `inner` the stage's other input
+    /// (the attention context, the activation); returns both for the next stage.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &self,
+        l: usize,
+        k: usize,
+        h: &Tensor,
+        inner: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        mode: &mut Mode<'_>,
+        probe: &mut Probe<'_>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let c = &self.config;
-        let h = h.clone();
         let block = self.name(&format!("encoder.layer.{l}"));
         let lin = |n: &str, x: &Tensor, mode: &Mode<'_>, probe: &mut Probe<'_>| {
             self.weights.linear(&format!("{block}.{n}"), x, mode, probe)
         };
-        let q = split_heads(
-            &lin("attention.self.query", &h, mode, probe)?,
-            c.num_attention_heads,
-        )?;
-        let k = split_heads(
-            &lin("attention.self.key", &h, mode, probe)?,
-            c.num_attention_heads,
-        )?;
-        let v = split_heads(
-            &lin("attention.self.value", &h, mode, probe)?,
-            c.num_attention_heads,
-        )?;
-        let ctx = merge_heads(&attention(
-            &q,
-            &k,
-            &v,
-            bias,
-            c.attention_probs_dropout_prob,
-            mode,
-        )?)?;
-        let a = dropout(
-            &lin("attention.output.dense", &ctx, mode, probe)?,
-            c.hidden_dropout_prob,
-            mode,
-        )?;
         let ln = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
             layer_norm_in(
                 x,
@@ -365,18 +366,63 @@ impl Bert {
                 mode,
             )
         };
-        let h1 = ln("attention.output.LayerNorm", &(a + &h)?, mode)?;
-        let inner = activation(
-            &c.hidden_act,
-            &lin("intermediate.dense", &h1, mode, probe)?,
-            matches!(mode, Mode::Train(_)),
-        )?;
-        let out = dropout(
-            &lin("output.dense", &inner, mode, probe)?,
-            c.hidden_dropout_prob,
-            mode,
-        )?;
-        ln("output.LayerNorm", &(out + &h1)?, mode)
+        let inner = || {
+            inner.ok_or_else(|| {
+                Error::Internal(format!("bert block {l} stage {k} without its input"))
+            })
+        };
+        match k {
+            0 => {
+                let q = split_heads(
+                    &lin("attention.self.query", h, mode, probe)?,
+                    c.num_attention_heads,
+                )?;
+                let key = split_heads(
+                    &lin("attention.self.key", h, mode, probe)?,
+                    c.num_attention_heads,
+                )?;
+                let v = split_heads(
+                    &lin("attention.self.value", h, mode, probe)?,
+                    c.num_attention_heads,
+                )?;
+                let ctx = merge_heads(&attention(
+                    &q,
+                    &key,
+                    &v,
+                    bias,
+                    c.attention_probs_dropout_prob,
+                    mode,
+                )?)?;
+                Ok((h.clone(), Some(ctx)))
+            }
+            1 => {
+                let a = dropout(
+                    &lin("attention.output.dense", inner()?, mode, probe)?,
+                    c.hidden_dropout_prob,
+                    mode,
+                )?;
+                Ok((ln("attention.output.LayerNorm", &(a + h)?, mode)?, None))
+            }
+            2 => {
+                let act = activation(
+                    &c.hidden_act,
+                    &lin("intermediate.dense", h, mode, probe)?,
+                    matches!(mode, Mode::Train(_)),
+                )?;
+                Ok((h.clone(), Some(act)))
+            }
+            3 => {
+                let out = dropout(
+                    &lin("output.dense", inner()?, mode, probe)?,
+                    c.hidden_dropout_prob,
+                    mode,
+                )?;
+                Ok((ln("output.LayerNorm", &(out + h)?, mode)?, None))
+            }
+            _ => Err(Error::Internal(format!(
+                "bert blocks have {STAGES} stages, not {k}"
+            ))),
+        }
     }
 
     /// The input of block 0 for `batch` and the batch's attention bias.
@@ -508,13 +554,17 @@ pub fn mean_pool(h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 
 /// [`mean_pool`] followed by L2 normalisation of each row (sentence-transformers).
 pub fn mean_pool_normalised(h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let pooled = mean_pool(h, mask)?;
-    let norm = pooled
+    unit_rows(&mean_pool(h, mask)?)
+}
+
+/// Rows of `x` (last dimension) scaled to unit length (lengths below 1e-12 count as 1e-12).
+pub fn unit_rows(x: &Tensor) -> Result<Tensor> {
+    let norm = x
         .sqr()?
         .sum_keepdim(D::Minus1)?
         .sqrt()?
         .clamp(1e-12, f64::MAX)?;
-    Ok(pooled.broadcast_div(&norm)?)
+    Ok(x.broadcast_div(&norm)?)
 }
 
 impl BlockRunner for Bert {
@@ -527,18 +577,26 @@ impl BlockRunner for Bert {
         Ok(BlockState {
             hidden,
             aux: bias.into_iter().collect(),
+            inner: Vec::new(),
         })
     }
 
-    fn run_block(
+    fn num_stages(&self, _i: usize) -> usize {
+        STAGES
+    }
+
+    fn run_stage(
         &self,
         i: usize,
+        k: usize,
         state: &BlockState,
         probe: &mut ProbeFn<'_>,
     ) -> Result<BlockState> {
-        let hidden = self.block(
+        let (hidden, inner) = self.stage(
             i,
+            k,
             &state.hidden,
+            state.inner.first(),
             state.aux.first(),
             &mut Mode::Eval,
             &mut Probe::new(probe),
@@ -546,7 +604,12 @@ impl BlockRunner for Bert {
         Ok(BlockState {
             hidden,
             aux: state.aux.clone(),
+            inner: inner.into_iter().collect(),
         })
+    }
+
+    fn finish(&self, batch: &Batch, state: &BlockState) -> Result<Tensor> {
+        self.head(&state.hidden, batch, &mut Mode::Eval, &mut Probe::none())
     }
 }
 
@@ -752,6 +815,8 @@ mod tests {
             act_order: true,
             damp: 0.01,
             block_size: 8,
+            gguf_grid: false,
+            clip: false,
         };
         let groups = assert_blockwise_equals_whole(
             || Bert::from_safetensors(&config, &weights).unwrap(),

@@ -22,6 +22,9 @@ use super::{BlockRunner, BlockState, Family, Mode, Network, Param, ProbeFn, Weig
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::{Error, Result};
 
+/// Stages of a block (see [`Llama::stage`]).
+const STAGES: usize = 4;
+
 /// Rotary scaling (`rope_scaling` / `rope_parameters`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -324,7 +327,7 @@ impl Llama {
     }
 
     /// Block `l` on the hidden states `h` `[b, s, hidden]`, with the rotary tables and the
-    /// attention bias of the batch.
+    /// attention bias of the batch: its stages in turn.
     #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
@@ -336,9 +339,33 @@ impl Llama {
         mode: &mut Mode<'_>,
         probe: &mut Probe<'_>,
     ) -> Result<Tensor> {
-        let c = &self.config;
-        let (b, s, _) = h.dims3()?;
         let mut h = h.clone();
+        let mut inner = None;
+        for k in 0..STAGES {
+            (h, inner) = self.stage(l, k, &h, inner.as_ref(), cos, sin, bias, mode, probe)?;
+        }
+        Ok(h)
+    }
+
+    /// Stage `k` of block `l` (see [`BlockRunner::run_stage`]): 0 the attention up to the
+    /// input of `o_proj`, 1 `o_proj` and the residual, 2 the MLP up to the input of
+    /// `down_proj`, 3 `down_proj` and the residual. `h` is the residual stream and `inner`
+    /// the stage's other input (the attention context, the MLP's activation); returns both
+    /// for the next stage.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &self,
+        l: usize,
+        k: usize,
+        h: &Tensor,
+        inner: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        mode: &mut Mode<'_>,
+        probe: &mut Probe<'_>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let c = &self.config;
         let block = format!("model.layers.{l}");
         let norm = |n: &str, x: &Tensor, mode: &Mode<'_>| -> Result<Tensor> {
             rms_norm_in(
@@ -348,58 +375,74 @@ impl Llama {
                 mode,
             )
         };
-        let x = norm("input_layernorm", &h, mode)?;
         let lin = |n: &str, x: &Tensor, mode: &Mode<'_>, probe: &mut Probe<'_>| {
             self.weights.linear(&format!("{block}.{n}"), x, mode, probe)
         };
-        let q = rope(
-            &split_heads(
-                &lin("self_attn.q_proj", &x, mode, probe)?,
-                c.num_attention_heads,
-            )?,
-            cos,
-            sin,
-        )?;
-        let k = rope(
-            &split_heads(
-                &lin("self_attn.k_proj", &x, mode, probe)?,
-                c.num_key_value_heads,
-            )?,
-            cos,
-            sin,
-        )?;
-        let v = split_heads(
-            &lin("self_attn.v_proj", &x, mode, probe)?,
-            c.num_key_value_heads,
-        )?;
-        // Grouped-query attention without copying keys and values: the `rep` query heads
-        // sharing a key/value head are stacked along the sequence ([b, kv, rep·s, d]),
-        // and the mask repeated to match.
-        let rep = c.num_attention_heads / c.num_key_value_heads;
-        let kv = c.num_key_value_heads;
-        let d = c.head_dim;
-        let grouped = q.reshape((b, kv, rep * s, d))?;
-        let group_bias = if rep > 1 {
-            bias.repeat((1, 1, rep, 1))?
-        } else {
-            bias.clone()
+        let inner = || {
+            inner.ok_or_else(|| {
+                Error::Internal(format!("llama block {l} stage {k} without its input"))
+            })
         };
-        let ctx = attention(
-            &grouped,
-            &k,
-            &v,
-            Some(&group_bias),
-            c.attention_dropout,
-            mode,
-        )?;
-        let ctx = merge_heads(&ctx.reshape((b, c.num_attention_heads, s, d))?)?;
-        h = (h + lin("self_attn.o_proj", &ctx, mode, probe)?)?;
-        let x = norm("post_attention_layernorm", &h, mode)?;
-        let gate = lin("mlp.gate_proj", &x, mode, probe)?;
-        let up = lin("mlp.up_proj", &x, mode, probe)?;
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
-        h = (h + lin("mlp.down_proj", &act, mode, probe)?)?;
-        Ok(h)
+        match k {
+            0 => {
+                let (b, s, _) = h.dims3()?;
+                let x = norm("input_layernorm", h, mode)?;
+                let q = rope(
+                    &split_heads(
+                        &lin("self_attn.q_proj", &x, mode, probe)?,
+                        c.num_attention_heads,
+                    )?,
+                    cos,
+                    sin,
+                )?;
+                let key = rope(
+                    &split_heads(
+                        &lin("self_attn.k_proj", &x, mode, probe)?,
+                        c.num_key_value_heads,
+                    )?,
+                    cos,
+                    sin,
+                )?;
+                let v = split_heads(
+                    &lin("self_attn.v_proj", &x, mode, probe)?,
+                    c.num_key_value_heads,
+                )?;
+                // Grouped-query attention without copying keys and values: the `rep` query
+                // heads sharing a key/value head are stacked along the sequence
+                // ([b, kv, rep·s, d]), and the mask repeated to match.
+                let rep = c.num_attention_heads / c.num_key_value_heads;
+                let kv = c.num_key_value_heads;
+                let d = c.head_dim;
+                let grouped = q.reshape((b, kv, rep * s, d))?;
+                let group_bias = if rep > 1 {
+                    bias.repeat((1, 1, rep, 1))?
+                } else {
+                    bias.clone()
+                };
+                let ctx = attention(
+                    &grouped,
+                    &key,
+                    &v,
+                    Some(&group_bias),
+                    c.attention_dropout,
+                    mode,
+                )?;
+                let ctx = merge_heads(&ctx.reshape((b, c.num_attention_heads, s, d))?)?;
+                Ok((h.clone(), Some(ctx)))
+            }
+            1 => Ok(((h + lin("self_attn.o_proj", inner()?, mode, probe)?)?, None)),
+            2 => {
+                let x = norm("post_attention_layernorm", h, mode)?;
+                let gate = lin("mlp.gate_proj", &x, mode, probe)?;
+                let up = lin("mlp.up_proj", &x, mode, probe)?;
+                let act = (candle_nn::ops::silu(&gate)? * up)?;
+                Ok((h.clone(), Some(act)))
+            }
+            3 => Ok(((h + lin("mlp.down_proj", inner()?, mode, probe)?)?, None)),
+            _ => Err(Error::Internal(format!(
+                "llama blocks have {STAGES} stages, not {k}"
+            ))),
+        }
     }
 
     fn forward_impl(
@@ -411,7 +454,7 @@ impl Llama {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
         let ids = token_ids(&batch.x)?;
-        let (b, s) = ids.dims2()?;
+        let (_, s) = ids.dims2()?;
         if s > c.max_position_embeddings {
             return Err(Error::DatasetMismatch(format!(
                 "sequences of {s} tokens are longer than the model's {} positions",
@@ -431,27 +474,37 @@ impl Llama {
                 }
             }
         }
-        let h = rms_norm_in(
-            &h,
-            &self.weights.get("model.norm.weight", &mode)?,
-            c.rms_norm_eps,
-            &mode,
-        )?;
-        let logits = if self.tied() {
-            let w = self.weights.get("model.embed_tokens.weight", &mode)?;
-            let (rows, hid) = (b * s, c.hidden_size);
-            conv::Linear
-                .forward(&h.reshape((rows, hid))?, &w, None)?
-                .reshape((b, s, c.vocab_size))?
-        } else {
-            self.weights.linear("lm_head", &h, &mode, probe)?
-        };
+        let logits = self.logits(&h, &mode, probe)?;
         let tapped = tapped
             .into_iter()
             .zip(taps)
             .map(|(t, name)| t.ok_or_else(|| Error::Internal(format!("no layer {name} to tap"))))
             .collect::<Result<_>>()?;
         Ok((logits, tapped))
+    }
+}
+
+impl Llama {
+    /// The final norm and the language-model head on the last block's output `[b, s, hidden]`:
+    /// logits `[b, s, vocab]`.
+    fn logits(&self, h: &Tensor, mode: &Mode<'_>, probe: &mut Probe<'_>) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s, _) = h.dims3()?;
+        let h = rms_norm_in(
+            h,
+            &self.weights.get("model.norm.weight", mode)?,
+            c.rms_norm_eps,
+            mode,
+        )?;
+        Ok(if self.tied() {
+            let w = self.weights.get("model.embed_tokens.weight", mode)?;
+            let (rows, hid) = (b * s, c.hidden_size);
+            conv::Linear
+                .forward(&h.reshape((rows, hid))?, &w, None)?
+                .reshape((b, s, c.vocab_size))?
+        } else {
+            self.weights.linear("lm_head", &h, mode, probe)?
+        })
     }
 }
 
@@ -506,12 +559,18 @@ impl BlockRunner for Llama {
         Ok(BlockState {
             hidden,
             aux: vec![cos, sin, bias],
+            inner: Vec::new(),
         })
     }
 
-    fn run_block(
+    fn num_stages(&self, _i: usize) -> usize {
+        STAGES
+    }
+
+    fn run_stage(
         &self,
         i: usize,
+        k: usize,
         state: &BlockState,
         probe: &mut ProbeFn<'_>,
     ) -> Result<BlockState> {
@@ -520,9 +579,11 @@ impl BlockRunner for Llama {
                 "llama block state without its tables".into(),
             ));
         };
-        let hidden = self.block(
+        let (hidden, inner) = self.stage(
             i,
+            k,
             &state.hidden,
+            state.inner.first(),
             cos,
             sin,
             bias,
@@ -532,7 +593,12 @@ impl BlockRunner for Llama {
         Ok(BlockState {
             hidden,
             aux: state.aux.clone(),
+            inner: inner.into_iter().collect(),
         })
+    }
+
+    fn finish(&self, _batch: &Batch, state: &BlockState) -> Result<Tensor> {
+        self.logits(&state.hidden, &Mode::Eval, &mut Probe::none())
     }
 }
 
@@ -762,6 +828,8 @@ mod tests {
             act_order: false,
             damp: 0.01,
             block_size: 8,
+            gguf_grid: false,
+            clip: false,
         };
         let groups = assert_blockwise_equals_whole(
             || Llama::from_safetensors(&config, &weights).unwrap(),

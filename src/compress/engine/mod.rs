@@ -225,6 +225,9 @@ pub struct BlockState {
     pub hidden: Tensor,
     /// Family-specific per-batch inputs of every block.
     pub aux: Vec<Tensor>,
+    /// Between two stages of a block ([`BlockRunner::run_stage`]): what the next stage reads
+    /// besides the hidden states (the residual stream); empty between blocks.
+    pub inner: Vec<Tensor>,
 }
 
 /// A network that can run block by block in evaluation mode, so that calibration keeps one
@@ -235,13 +238,37 @@ pub trait BlockRunner {
     fn num_blocks(&self) -> usize;
     /// The input of block 0 for `batch`.
     fn embed(&self, batch: &Batch) -> Result<BlockState>;
-    /// Block `i` on `state`; `probe` sees the input of each of its linear layers.
+    /// The network's output for `batch` from the state after the last block (what
+    /// [`Network::forward`] returns).
+    fn finish(&self, batch: &Batch, state: &BlockState) -> Result<Tensor>;
+    /// The stages block `i` runs in: each after the first begins with a group of linear
+    /// layers that read one input, so that a calibration sweep solves the group and then runs
+    /// the stage once with its new weights instead of re-running the block up to it.
+    fn num_stages(&self, i: usize) -> usize;
+    /// Stage `k` of block `i` on `state` (the block's input for stage 0; the last stage's
+    /// output is the next block's input); `probe` sees the input of each of its linear
+    /// layers. The stages in turn are the block: its operations in its order.
+    fn run_stage(
+        &self,
+        i: usize,
+        k: usize,
+        state: &BlockState,
+        probe: &mut ProbeFn<'_>,
+    ) -> Result<BlockState>;
+    /// Block `i` on `state`: its stages in turn; `probe` sees the input of each of its
+    /// linear layers.
     fn run_block(
         &self,
         i: usize,
         state: &BlockState,
         probe: &mut ProbeFn<'_>,
-    ) -> Result<BlockState>;
+    ) -> Result<BlockState> {
+        let mut state = self.run_stage(i, 0, state, probe)?;
+        for k in 1..self.num_stages(i) {
+            state = self.run_stage(i, k, &state, probe)?;
+        }
+        Ok(state)
+    }
 }
 
 /// A network the engine can run, train and calibrate: a family's implementation over its

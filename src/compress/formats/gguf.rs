@@ -33,13 +33,10 @@ use std::fmt;
 use std::io::Write;
 use std::str::FromStr;
 
-use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
-use crate::compress::formats::safetensors::{
-    decode_f32, encode_f32, f32_view, Dtype, SafetensorsFile, TensorInfo,
-};
+use crate::compress::formats::safetensors::{encode_f32, Dtype, SafetensorsFile, TensorInfo};
 use crate::compress::parallel::{par_map, threads};
 use crate::compress::progress::Ctx;
 use crate::compress::quant::float::ErrorStats;
@@ -54,7 +51,8 @@ pub const GGUF_MAX_NAME_LEN: usize = 63;
 /// Most dimensions a ggml tensor can have (`GGML_MAX_DIMS`).
 pub const GGUF_MAX_DIMS: usize = 4;
 
-use super::gguf_q4_0::{q4_0_blocks, Q4_0_BLOCK, Q4_0_BYTES};
+use super::gguf_blocks::quantize_rows;
+pub use super::gguf_blocks::{decode_blocks, encode_blocks, roundtrip};
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// GGUF metadata value types used here.
@@ -74,7 +72,7 @@ const RESERVED_KEYS: [&str; 3] = [
 /// cancel check and progress reports frequent.
 const CHUNK_ELEMS: usize = 1 << 22;
 /// Values candle quantizes per call inside a chunk (256 KiB of f32).
-const PIECE_ELEMS: usize = 1 << 16;
+pub(super) const PIECE_ELEMS: usize = 1 << 16;
 /// Largest integer magnitude every integer up to which f32 represents exactly.
 const F32_EXACT_INT: i64 = 1 << 24;
 
@@ -442,6 +440,8 @@ struct Plan<'a> {
     storage: Storage,
     /// Importance weights of a k-quant tensor, one per row element.
     imatrix: Option<&'a [f32]>,
+    /// The tensor's blocks, already encoded.
+    encoded: Option<&'a [u8]>,
     /// Data bytes, padding excluded.
     nbytes: u64,
     /// Offset from the start of the data section.
@@ -543,6 +543,8 @@ pub fn write_gguf(
         strings: metadata,
         typed: &[],
         importance: None,
+        types: None,
+        encoded: None,
     };
     write_gguf_chunked(input, selected, ty, meta, out, ctx, CHUNK_ELEMS)
 }
@@ -559,6 +561,13 @@ pub struct GgufExtras<'a> {
     /// Importance weights by tensor name; used by k-quant types (candle implements the
     /// weighted fit for those only).
     pub importance: Option<&'a HashMap<String, Vec<f32>>>,
+    /// Per-tensor types of selected tensors (mixed precision), in place of the file's type
+    /// for the tensors named; each must fit its tensor's rows ([`GgufType::for_row`] of
+    /// itself). The file's type still names the file (`general.file_type`).
+    pub types: Option<&'a HashMap<String, GgufType>>,
+    /// Blocks already encoded for selected tensors (GPTQ's codes), written as they are, with
+    /// their type; each must hold the tensor's values in that type's block layout.
+    pub encoded: Option<&'a HashMap<String, (GgufType, Vec<u8>)>>,
 }
 
 type Metadata<'a> = GgufExtras<'a>;
@@ -589,12 +598,33 @@ fn write_gguf_chunked(
     chunk_elems: usize,
 ) -> Result<Vec<GgufReport>> {
     let tensors = &input.header().tensors;
-    check_gguf(tensors, selected, ty)?;
+    let type_of = |name: &str| {
+        metadata
+            .encoded
+            .and_then(|e| e.get(name).map(|(t, _)| *t))
+            .or_else(|| metadata.types.and_then(|t| t.get(name).copied()))
+            .unwrap_or(ty)
+    };
+    if metadata.types.is_none() && metadata.encoded.is_none() {
+        check_gguf(tensors, selected, ty)?;
+    } else {
+        let of_type = |t: GgufType| -> Vec<String> {
+            selected
+                .iter()
+                .filter(|n| type_of(n) == t)
+                .cloned()
+                .collect()
+        };
+        for t in GgufType::ALL {
+            check_gguf(tensors, &of_type(t), t)?;
+        }
+    }
     let selected: HashSet<&str> = selected.iter().map(String::as_str).collect();
     let mut plans = Vec::with_capacity(tensors.len());
     let mut offset = 0u64;
     for info in tensors {
-        let storage = plan_storage(input, info, selected.contains(info.name.as_str()), ty);
+        let chosen = type_of(&info.name);
+        let storage = plan_storage(input, info, selected.contains(info.name.as_str()), chosen);
         let nbytes = data_bytes(info, &storage);
         let row = info.shape.last().copied().unwrap_or(0);
         let imatrix = match storage {
@@ -605,10 +635,27 @@ fn write_gguf_chunked(
                 .filter(|w| w.len() == row),
             _ => None,
         };
+        let encoded = match storage {
+            Storage::Quant(_) => metadata
+                .encoded
+                .and_then(|e| e.get(&info.name))
+                .map(|(_, b)| b.as_slice()),
+            _ => None,
+        };
+        if let Some(b) = encoded {
+            if b.len() as u64 != nbytes {
+                return Err(Error::Internal(format!(
+                    "{}: {} encoded bytes, {nbytes} expected",
+                    info.name,
+                    b.len()
+                )));
+            }
+        }
         plans.push(Plan {
             info,
             storage,
             imatrix,
+            encoded,
             nbytes,
             offset,
         });
@@ -635,7 +682,7 @@ fn write_gguf_chunked(
         })?;
         pad(out, plan.nbytes)?;
         done += plan.info.numel() as f64;
-        reports.push(report(plan, &stats, ty));
+        reports.push(report(plan, &stats, type_of(&plan.info.name)));
     }
     out.flush()?;
     ctx.report(1.0, "done");
@@ -759,9 +806,16 @@ fn write_tensor(
             }
             stats.count = info.numel() as u64;
         }
-        Storage::Quant(ty) => {
-            stats = write_quantized(input, plan, *ty, out, ctx, chunk_elems, progress)?;
-        }
+        Storage::Quant(ty) => match plan.encoded {
+            Some(bytes) => {
+                let decoded = decode_blocks(*ty, bytes, info.numel())?;
+                stats.add_slices(&input.to_f32(info)?, &decoded);
+                out.write_all(bytes)?;
+            }
+            None => {
+                stats = write_quantized(input, plan, *ty, out, ctx, chunk_elems, progress)?;
+            }
+        },
     }
     Ok(stats)
 }
@@ -845,149 +899,10 @@ fn write_quantized(
     Ok(stats)
 }
 
-/// Quantizes whole rows with candle's block quantizers into `out` (cleared first) and
-/// measures the error of candle's own decoding of them. Works in pieces of about
-/// [`PIECE_ELEMS`] values with buffers reused across pieces; calls the block functions
-/// directly (no `Tensor` / `QTensor` round trip, which copied every value four times).
-fn quantize_rows(
-    name: &str,
-    dtype: Dtype,
-    bytes: &[u8],
-    row: usize,
-    ty: GgufType,
-    imatrix: Option<&[f32]>,
-    out: &mut Vec<u8>,
-) -> Result<ErrorStats> {
-    use candle_core::quantized::k_quants as k;
-    // Importance weights reach k-quant tensors only (the plan attaches them to those): candle
-    // has the weighted fit for k-quants alone.
-    let quantize = match ty {
-        GgufType::Q8_0 => quantize_rows_as::<k::BlockQ8_0>,
-        GgufType::Q4_0 => quantize_rows_q4_0,
-        GgufType::Q4_1 => quantize_rows_as::<k::BlockQ4_1>,
-        GgufType::Q5_0 => quantize_rows_as::<k::BlockQ5_0>,
-        GgufType::Q5_1 => quantize_rows_as::<k::BlockQ5_1>,
-        GgufType::Q2K => quantize_rows_as::<k::BlockQ2K>,
-        GgufType::Q3K => quantize_rows_as::<k::BlockQ3K>,
-        GgufType::Q4K => quantize_rows_as::<k::BlockQ4K>,
-        GgufType::Q5K => quantize_rows_as::<k::BlockQ5K>,
-        GgufType::Q6K => quantize_rows_as::<k::BlockQ6K>,
-    };
-    if imatrix.is_some() && !ty.is_k_quant() {
-        return Err(Error::Internal(format!(
-            "importance weights for {}, which has no weighted fit",
-            ty.as_str()
-        )));
-    }
-    quantize(name, dtype, bytes, row, imatrix, out)
-}
-
-/// [`quantize_rows`] for one block type `B`; with `imatrix` (one weight per row element, k-quants
-/// only) candle's importance-weighted block fit.
-fn quantize_rows_as<B: GgmlType>(
-    name: &str,
-    dtype: Dtype,
-    bytes: &[u8],
-    row: usize,
-    imatrix: Option<&[f32]>,
-    out: &mut Vec<u8>,
-) -> Result<ErrorStats> {
-    out.clear();
-    let mut stats = ErrorStats::default();
-    let row_bytes = row * dtype.size_in_bytes();
-    let piece_rows = (PIECE_ELEMS / row).max(1);
-    let (mut blocks, mut back) = (Vec::<B>::new(), Vec::<f32>::new());
-    for_each_f32_piece(name, dtype, bytes, piece_rows * row_bytes, |values| {
-        // `check_gguf` made every row a whole number of blocks.
-        debug_assert_eq!(values.len() % B::BLCK_SIZE, 0);
-        blocks.clear();
-        blocks.resize(values.len() / B::BLCK_SIZE, B::zeros());
-        match imatrix {
-            Some(w) => B::from_float_imatrix(values, &mut blocks, w, row),
-            None => B::from_float(values, &mut blocks),
-        }
-        back.resize(values.len(), 0.0);
-        B::to_float(&blocks, &mut back);
-        stats.add_slices(values, &back);
-        out.extend_from_slice(block_bytes(&blocks));
-    })?;
-    Ok(stats)
-}
-
-/// Calls `f` on `bytes` (whole rows of `dtype`) as f32, `piece_bytes` at a time: viewed in
-/// place when they are f32, decoded into a buffer otherwise.
-fn for_each_f32_piece(
-    name: &str,
-    dtype: Dtype,
-    bytes: &[u8],
-    piece_bytes: usize,
-    mut f: impl FnMut(&[f32]),
-) -> Result<()> {
-    for piece in bytes.chunks(piece_bytes) {
-        match f32_view(dtype, piece) {
-            Some(values) => f(values),
-            None => f(&decode_f32(name, dtype, piece)?),
-        }
-    }
-    Ok(())
-}
-
-/// q4_0 written here instead of by candle's `BlockQ4_0::from_float`: the same arithmetic, so
-/// the same bytes (tested against candle), but without the branch per value in the search for
-/// the largest magnitude, so it vectorises; and the error statistics come from the codes while
-/// the block is still in registers instead of from a second pass that decodes every block.
-/// q4_0 is the type most often asked for, and this is what made it faster than llama.cpp's
-/// `llama-quantize` rather than 23% slower (CHANGELOG).
-fn quantize_rows_q4_0(
-    name: &str,
-    dtype: Dtype,
-    bytes: &[u8],
-    _row: usize,
-    _imatrix: Option<&[f32]>,
-    out: &mut Vec<u8>,
-) -> Result<ErrorStats> {
-    out.clear();
-    let mut stats = ErrorStats::default();
-    // Rows are whole blocks (`check_gguf`) and PIECE_ELEMS is a multiple of the block size, so
-    // pieces hold whole blocks.
-    for_each_f32_piece(
-        name,
-        dtype,
-        bytes,
-        PIECE_ELEMS * dtype.size_in_bytes(),
-        |values| {
-            debug_assert_eq!(values.len() % Q4_0_BLOCK, 0);
-            let start = out.len();
-            out.resize(start + values.len() / Q4_0_BLOCK * Q4_0_BYTES, 0);
-            let (signal, noise, max) = q4_0_blocks(values, &mut out[start..]);
-            stats.signal += signal;
-            stats.noise += noise;
-            stats.max_abs = stats.max_abs.max(f64::from(max));
-            stats.count += values.len() as u64;
-        },
-    )?;
-    Ok(stats)
-}
-
-/// The bytes of ggml blocks as GGUF stores them.
-fn block_bytes<B: GgmlType>(blocks: &[B]) -> &[u8] {
-    assert_eq!(
-        std::mem::size_of::<B>(),
-        B::DTYPE.type_size(),
-        "{:?} block layout",
-        B::DTYPE
-    );
-    // SAFETY: candle's block types are `#[repr(C)]` structs of integers, f16s and integer
-    // arrays with no padding (the assert checks the size against ggml's block size), so
-    // every byte is initialised; the slice borrows `blocks` for its whole lifetime. This is
-    // how candle itself serialises them (`QTensor::data`).
-    unsafe {
-        std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::gguf_blocks::{block_bytes, quantize_rows_q4_0};
+    use candle_core::quantized::k_quants::GgmlType;
     use std::io::Cursor;
     use std::sync::atomic::AtomicBool;
 
@@ -1046,6 +961,8 @@ mod tests {
             strings: meta,
             typed: &[],
             importance: None,
+            types: None,
+            encoded: None,
         };
         let reports = write_gguf_chunked(file, &sel, ty, meta, &mut out, &ctx, chunk)?;
         Ok((out, reports))

@@ -1,6 +1,7 @@
 //! File formats read and written by compression: safetensors, GGUF and the packed encoding.
 
 pub mod gguf;
+mod gguf_blocks;
 pub mod gguf_import;
 pub mod gguf_llama;
 mod gguf_q4_0;

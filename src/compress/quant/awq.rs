@@ -17,21 +17,8 @@
 
 use candle_core::Tensor;
 
+use super::gptq::rtn_grouped;
 use crate::compress::Result;
-
-/// Round-to-nearest of each `group`-long run of each row on the affine (or symmetric) grid
-/// of `bits`, dequantized.
-fn rtn_groups(w: &[f32], cols: usize, group: usize, bits: u8, symmetric: bool) -> Vec<f32> {
-    let p = super::gptq::GptqParams {
-        bits,
-        group_size: Some(group),
-        symmetric,
-        act_order: false,
-        damp: 0.0,
-        block_size: 1,
-    };
-    super::gptq::rtn(w, w.len() / cols.max(1), cols, &p)
-}
 
 /// `Σ_layers tr(ΔW·G·ΔWᵀ)` for row-major differences.
 fn gram_error(deltas: &[Vec<f32>], gram: &Tensor, cols: usize) -> Result<f64> {
@@ -53,6 +40,10 @@ pub struct AwqGroup {
     pub error: f64,
     /// Plain round-to-nearest's error.
     pub error_rtn: f64,
+    /// Mean clipping ratio chosen (1 without the clipping search).
+    pub clip: f64,
+    /// The error with the chosen scales before the clipping search.
+    pub error_unclipped: f64,
 }
 
 /// AWQ's parameters.
@@ -66,6 +57,73 @@ pub struct AwqParams {
     pub symmetric: bool,
     /// Exponents tried: 0, 1/grid, …, (grid−1)/grid.
     pub grid: usize,
+    /// Then search each row group's clipping range (the reference's `auto_clip`).
+    pub clip: bool,
+}
+
+/// Clipping ratios tried: 1, 1 − 0.5/20, …, down to 0.525 (the reference's grid).
+const CLIP_GRID: usize = 20;
+/// The most a range is shrunk.
+const MAX_SHRINK: f32 = 0.5;
+
+/// AWQ's clipping search for one layer whose weights `w` (`[rows, cols]`) are scaled by `s`
+/// per column: for each row's group of `group` columns, the shrink of the grid's range with
+/// the lowest output error `δ·H_gg·δᵀ` through the group's diagonal block of the Gram matrix
+/// (the reference measures the same per group on sampled inputs). Ratio 1 is plain
+/// round-to-nearest, so no group gets worse. Returns the dequantized weights and the mean
+/// ratio chosen.
+#[allow(clippy::too_many_arguments)]
+fn clip_search(
+    w: &[f32],
+    s: &[f64],
+    cols: usize,
+    group: usize,
+    bits: u8,
+    symmetric: bool,
+    gram: &[f64],
+) -> Result<(Vec<f32>, f64)> {
+    let rows = w.len() / cols.max(1);
+    let groups = cols / group.max(1);
+    let scaled: Vec<f32> = w
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (f64::from(*x) * s[i % cols]) as f32)
+        .collect();
+    let mut out = vec![0f32; w.len()];
+    let mut chosen = 0f64;
+    let (mut q, mut delta) = (vec![0f32; rows * group], vec![0f32; rows * group]);
+    for k in 0..groups {
+        let c0 = k * group;
+        let block: Vec<f32> = (0..group * group)
+            .map(|i| gram[(c0 + i / group) * cols + c0 + i % group] as f32)
+            .collect();
+        let h = Tensor::from_vec(block, (group, group), &candle_core::Device::Cpu)?;
+        let mut best = vec![(f32::INFINITY, 1f32); rows];
+        for i in 0..CLIP_GRID {
+            let clip = 1.0 - i as f32 * MAX_SHRINK / CLIP_GRID as f32;
+            for r in 0..rows {
+                let at = r * cols + c0;
+                let dst = &mut q[r * group..(r + 1) * group];
+                super::gptq::rtn_clipped(&scaled[at..at + group], bits, symmetric, clip, dst);
+                for j in 0..group {
+                    dst[j] = (f64::from(dst[j]) / s[c0 + j]) as f32;
+                    delta[r * group + j] = dst[j] - w[at + j];
+                }
+            }
+            let d = Tensor::from_slice(&delta, (rows, group), &candle_core::Device::Cpu)?;
+            let errors = d.matmul(&h)?.mul(&d)?.sum(1)?.to_vec1::<f32>()?;
+            for (r, e) in errors.into_iter().enumerate() {
+                // Ratio 1 (round-to-nearest) is always taken first.
+                if i == 0 || e < best[r].0 {
+                    best[r] = (e, clip);
+                    let at = r * cols + c0;
+                    out[at..at + group].copy_from_slice(&q[r * group..(r + 1) * group]);
+                }
+            }
+        }
+        chosen += best.iter().map(|b| f64::from(b.1)).sum::<f64>();
+    }
+    Ok((out, chosen / (rows * groups).max(1) as f64))
 }
 
 /// AWQ on the layers `weights` (each `[rows_i, cols]`, row-major) that read one input with
@@ -82,9 +140,10 @@ pub fn awq(
         bits,
         symmetric,
         grid,
+        clip,
     } = *p;
     let gram_t = crate::compress::calib::gram_tensor(gram, cols)?;
-    let candidate = |alpha: f64| -> Result<(Vec<Vec<f32>>, f64)> {
+    let scales = |alpha: f64| -> Vec<f64> {
         // s_j = mean|x_j|^α, normalised so that √(max·min) = 1 (the reference's).
         let mut s: Vec<f64> = mean_abs.iter().map(|m| m.max(1e-8).powf(alpha)).collect();
         let (lo, hi) = s
@@ -94,6 +153,10 @@ pub fn awq(
         for v in &mut s {
             *v /= norm;
         }
+        s
+    };
+    let candidate = |alpha: f64| -> Result<(Vec<Vec<f32>>, f64)> {
+        let s = scales(alpha);
         let mut outs = Vec::with_capacity(weights.len());
         let mut deltas = Vec::with_capacity(weights.len());
         for (w, _) in weights {
@@ -102,7 +165,7 @@ pub fn awq(
                 .enumerate()
                 .map(|(i, x)| (f64::from(*x) * s[i % cols]) as f32)
                 .collect();
-            let q = rtn_groups(&scaled, cols, group, bits, symmetric);
+            let q = rtn_grouped(&scaled, cols, group, bits, symmetric);
             let out: Vec<f32> = q
                 .iter()
                 .enumerate()
@@ -122,11 +185,34 @@ pub fn awq(
             (best, best_alpha, best_err) = (outs, alpha, err);
         }
     }
+    let error_unclipped = best_err;
+    let mut mean_clip = 1.0;
+    if clip {
+        let s = scales(best_alpha);
+        let mut outs = Vec::with_capacity(weights.len());
+        let mut deltas = Vec::with_capacity(weights.len());
+        let mut ratios = 0.0;
+        for (w, _) in weights {
+            let (out, ratio) = clip_search(w, &s, cols, group, bits, symmetric, gram)?;
+            deltas.push(out.iter().zip(w.iter()).map(|(a, b)| a - b).collect());
+            outs.push(out);
+            ratios += ratio;
+        }
+        let err = gram_error(&deltas, &gram_t, cols)?;
+        // Per-group choices ignore the error's cross-group terms: keep them only when the
+        // whole group's error fell.
+        if err < best_err {
+            (best, best_err) = (outs, err);
+            mean_clip = ratios / weights.len().max(1) as f64;
+        }
+    }
     Ok(AwqGroup {
         weights: best,
         alpha: best_alpha,
         error: best_err,
         error_rtn,
+        clip: mean_clip,
+        error_unclipped,
     })
 }
 
@@ -237,8 +323,27 @@ mod tests {
             bits: 3,
             symmetric: true,
             grid: 20,
+            clip: false,
         };
         let out = awq(&[(&w, rows)], cols, &mean_abs, &gram, &p).unwrap();
+        // The clipping search lowers the error further, from the same exponent.
+        let clipped = awq(
+            &[(&w, rows)],
+            cols,
+            &mean_abs,
+            &gram,
+            &AwqParams { clip: true, ..p },
+        )
+        .unwrap();
+        assert_eq!(clipped.alpha, out.alpha);
+        assert!(
+            clipped.error < out.error,
+            "{} vs {}",
+            clipped.error,
+            out.error
+        );
+        assert!(clipped.clip < 1.0 && clipped.clip > 0.5, "{}", clipped.clip);
+        assert_eq!(clipped.error_unclipped, out.error);
         assert!(out.alpha > 0.0, "{}", out.alpha);
         assert!(
             out.error < 0.8 * out.error_rtn,
@@ -247,7 +352,7 @@ mod tests {
             out.error_rtn
         );
         let rel = relative_output_error(&w, &out.weights[0], &gram, cols);
-        let rtn = rtn_groups(&w, cols, 16, 3, true);
+        let rtn = rtn_grouped(&w, cols, 16, 3, true);
         assert!(rel < relative_output_error(&w, &rtn, &gram, cols));
     }
 
@@ -261,7 +366,7 @@ mod tests {
                 u * u * u
             })
             .collect();
-        let rtn = rtn_groups(&w, 64, 64, 3, false);
+        let rtn = rtn_grouped(&w, 64, 64, 3, false);
         let h = hqq(&w, 64, 3);
         let l1 = |q: &[f32]| q.iter().zip(&w).map(|(a, b)| (a - b).abs()).sum::<f32>();
         assert!(l1(&h) < l1(&rtn), "{} vs {}", l1(&h), l1(&rtn));

@@ -10,11 +10,16 @@
 //! found from the partly updated weights when the sweep reaches the group's first column.
 //! With `act_order` and groups, the groups' scales are fixed before the sweep from the
 //! original weights (the reference's `static_groups`), so groups stay contiguous columns and
-//! the result keeps the plain per-group layout.
+//! the result keeps the plain per-group layout. With `clip`, each grid's range is the one of
+//! 21 shrinkings of the values' range (1, 0.975, …, 0.5) that rounds the values with the
+//! least `Σ H_jj (w_j − q(w_j))²` (the reference's `mse` search, weighted by the Hessian's
+//! diagonal instead of an unweighted power): at 3 bits the full range wastes most levels on
+//! a group's few largest weights.
 
 use super::uniform::affine_params;
 use super::{Params, Quantized, Scheme};
 use crate::compress::calib::damped_inverse;
+use crate::compress::formats::gguf::GgufType;
 use crate::compress::{Error, Result};
 
 /// GPTQ's parameters.
@@ -32,7 +37,16 @@ pub struct GptqParams {
     pub damp: f64,
     /// Columns per lazy update.
     pub block_size: usize,
+    /// Grids a GGUF block type stores exactly: scales (and minimums) rounded to f16, and an
+    /// affine grid as `d·q + m` (q4_1 / q5_1) instead of `(q − zero)·scale`.
+    pub gguf_grid: bool,
+    /// Search each grid's range (see the module's documentation); `false`: the values'
+    /// full range, as the paper.
+    pub clip: bool,
 }
+
+/// Shrinkings of a group's range the clipping search tries: 1, 0.975, …, 0.5.
+const CLIP_STEPS: usize = 21;
 
 /// One layer's result.
 #[derive(Debug, Clone)]
@@ -50,31 +64,128 @@ pub struct GptqLayer {
     /// they are rounded to nearest and pass no error on (the reference zeroes them instead,
     /// which would be wrong on inputs the calibration data never showed).
     pub dead_columns: usize,
+    /// With `gguf_grid` and an affine grid: each group's minimum `m` (value = `q·scale + m`,
+    /// codes 0..2^b−1); empty otherwise.
+    pub mins: Vec<f32>,
 }
 
-/// A row's (group's) grid: `q(x) = (clamp(round(x/scale) + zero, lo, hi) − zero) · scale`.
+/// The GGUF block type that stores GPTQ's codes at `bits` exactly (groups of 32, f16 scales):
+/// q4_0 / q5_0 / q8_0 for the symmetric grids (levels ±(2^(b−1)−1) within the type's range),
+/// q4_1 / q5_1 for the affine ones; `None` for other widths (and affine 8 bits).
+pub fn gguf_type(bits: u8, symmetric: bool) -> Option<GgufType> {
+    match (bits, symmetric) {
+        (4, true) => Some(GgufType::Q4_0),
+        (5, true) => Some(GgufType::Q5_0),
+        (8, true) => Some(GgufType::Q8_0),
+        (4, false) => Some(GgufType::Q4_1),
+        (5, false) => Some(GgufType::Q5_1),
+        _ => None,
+    }
+}
+
+/// The GGUF blocks of one GPTQ layer with [`GptqParams::gguf_grid`] and groups of 32, in
+/// row-major block order (the type from [`gguf_type`]).
+pub fn gguf_blocks(layer: &GptqLayer, ty: GgufType) -> Result<Vec<u8>> {
+    let params = &layer.quantized.params;
+    if params.block_len != 32 {
+        return Err(Error::Internal(format!(
+            "GGUF blocks need groups of 32, not {}",
+            params.block_len
+        )));
+    }
+    let offset = match params.scheme {
+        Scheme::Symmetric => 1i32 << (params.bits - 1),
+        _ => 0,
+    };
+    let levels: Vec<i32> = layer
+        .quantized
+        .codes
+        .iter()
+        .map(|&c| i32::from(c) - offset)
+        .collect();
+    crate::compress::formats::gguf::encode_blocks(ty, &levels, &params.scales, &layer.mins)
+}
+
+/// A row's (group's) grid: `q(x) = (clamp(round((x − min)/scale) + zero, lo, hi) − zero) ·
+/// scale + min` (`min` is 0 except on GGUF's affine grids, where `zero` is 0).
 #[derive(Debug, Clone, Copy)]
 struct Grid {
     scale: f32,
     inv: f32,
     zero: f32,
+    min: f32,
     lo: f32,
     hi: f32,
 }
 
+/// `x` rounded to the nearest f16 (what a GGUF block stores).
+fn f16_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
 impl Grid {
-    fn of(values: impl Iterator<Item = f32> + Clone, bits: u8, symmetric: bool) -> Grid {
+    fn of(
+        values: impl Iterator<Item = f32> + Clone,
+        bits: u8,
+        symmetric: bool,
+        gguf: bool,
+    ) -> Grid {
         if symmetric {
             let qmax = ((1i32 << (bits - 1)) - 1) as f32;
             let amax = values.fold(0f32, |m, x| m.max(x.abs()));
             let scale = amax / qmax;
+            let scale = if gguf { f16_round(scale) } else { scale };
             Grid::with(scale, 0.0, -qmax, qmax)
+        } else if gguf {
+            // llama.cpp's q4_1 / q5_1: the group's minimum and (max − min)/levels, in f16.
+            let levels = ((1i32 << bits) - 1) as f32;
+            let (lo, hi) = values.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(x), hi.max(x))
+            });
+            let mut grid = Grid::with(f16_round((hi - lo) / levels), 0.0, 0.0, levels);
+            grid.min = f16_round(lo);
+            grid
         } else {
             let levels = (1i32 << bits) - 1;
             let (lo, hi) = values.fold((0f32, 0f32), |(lo, hi), x| (lo.min(x), hi.max(x)));
             let (scale, zero) = affine_params(lo, hi, levels);
             Grid::with(scale, f32::from(zero), 0.0, levels as f32)
         }
+    }
+
+    /// The grid of `values` (whose columns' Hessian diagonal is `diag`): [`Grid::of`], or
+    /// with `clip` the shrinking of its range with the least diagonal-weighted error (the
+    /// full range on ties).
+    fn fit(values: &[f32], diag: &[f64], p: &GptqParams) -> Grid {
+        let plain = Grid::of(values.iter().copied(), p.bits, p.symmetric, p.gguf_grid);
+        if !p.clip {
+            return plain;
+        }
+        let error = |g: &Grid| -> f64 {
+            values
+                .iter()
+                .zip(diag)
+                .map(|(&x, &h)| {
+                    let d = f64::from(x - g.quantize(x));
+                    h * d * d
+                })
+                .sum()
+        };
+        let mut best = (error(&plain), plain);
+        for k in 1..CLIP_STEPS {
+            let shrink = 1.0 - 0.5 * k as f32 / (CLIP_STEPS - 1) as f32;
+            let g = Grid::of(
+                values.iter().map(|x| x * shrink),
+                p.bits,
+                p.symmetric,
+                p.gguf_grid,
+            );
+            let e = error(&g);
+            if e < best.0 {
+                best = (e, g);
+            }
+        }
+        best.1
     }
 
     fn with(scale: f32, zero: f32, lo: f32, hi: f32) -> Grid {
@@ -87,6 +198,7 @@ impl Grid {
             scale,
             inv,
             zero,
+            min: 0.0,
             lo,
             hi,
         }
@@ -98,20 +210,26 @@ impl Grid {
         if self.inv == 0.0 {
             return self.zero;
         }
-        ((x * self.inv).round_ties_even() + self.zero).clamp(self.lo, self.hi)
+        (((x - self.min) * self.inv).round_ties_even() + self.zero).clamp(self.lo, self.hi)
     }
 
     #[inline]
     fn quantize(&self, x: f32) -> f32 {
         if self.inv == 0.0 {
-            return 0.0;
+            return self.min;
         }
-        (self.level(x) - self.zero) * self.scale
+        let v = (self.level(x) - self.zero) * self.scale;
+        // As llama.cpp decodes q4_1 / q5_1: `q·d + m`, in f32.
+        if self.min != 0.0 {
+            v + self.min
+        } else {
+            v
+        }
     }
 }
 
-/// Round-to-nearest on the same grids GPTQ uses (from the original weights): the baseline
-/// GPTQ is compared with.
+/// Round-to-nearest on the grids GPTQ uses without `clip` (the original weights' full range
+/// per group): the baseline GPTQ is compared with.
 pub fn rtn(w: &[f32], rows: usize, cols: usize, p: &GptqParams) -> Vec<f32> {
     let g = p.group_size.unwrap_or(cols);
     if g == 0 || !cols.is_multiple_of(g) || w.len() != rows * cols {
@@ -121,13 +239,40 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, p: &GptqParams) -> Vec<f32> {
     for r in 0..rows {
         for start in (0..cols).step_by(g) {
             let chunk = &w[r * cols + start..r * cols + start + g];
-            let grid = Grid::of(chunk.iter().copied(), p.bits, p.symmetric);
+            let grid = Grid::of(chunk.iter().copied(), p.bits, p.symmetric, p.gguf_grid);
             for (o, &x) in out[r * cols + start..].iter_mut().zip(chunk) {
                 *o = grid.quantize(x);
             }
         }
     }
     out
+}
+
+/// Round-to-nearest of each `group`-long run of each row (`cols` per row) on the symmetric
+/// or affine grid of `bits`, dequantized: [`rtn`] with plain (full-range, f32) grids, the
+/// baseline of AWQ and HQQ.
+pub fn rtn_grouped(w: &[f32], cols: usize, group: usize, bits: u8, symmetric: bool) -> Vec<f32> {
+    let p = GptqParams {
+        bits,
+        group_size: Some(group),
+        symmetric,
+        act_order: false,
+        damp: 0.0,
+        block_size: 1,
+        gguf_grid: false,
+        clip: false,
+    };
+    rtn(w, w.len() / cols.max(1), cols, &p)
+}
+
+/// Round-to-nearest of one group `vals` into `out` on the grid of its values shrunk by
+/// `clip` (≤ 1: values beyond the shrunk range saturate; 1 is [`rtn`]'s grid exactly), AWQ's
+/// clipping search.
+pub fn rtn_clipped(vals: &[f32], bits: u8, symmetric: bool, clip: f32, out: &mut [f32]) {
+    let grid = Grid::of(vals.iter().map(|x| x * clip), bits, symmetric, false);
+    for (o, x) in out.iter_mut().zip(vals) {
+        *o = grid.quantize(*x);
+    }
 }
 
 /// GPTQ of one `[rows, cols]` weight matrix `w` with the Hessian `h` (`cols × cols`,
@@ -177,17 +322,19 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> R
     // Static grids (act_order with groups, or per row): from the original weights.
     let static_grids = p.act_order || p.group_size.is_none();
     let groups = cols / g;
-    let mut grids: Vec<Grid> = Vec::with_capacity(rows * groups);
+    let diag: Vec<f64> = (0..cols).map(|c| h[c * cols + c]).collect();
+    let mut grids: Vec<Grid> = vec![Grid::with(0.0, 0.0, 0.0, 0.0); rows * groups];
     if static_grids {
-        for r in 0..rows {
-            for k in 0..groups {
+        let work = rows * cols * if p.clip { CLIP_STEPS } else { 1 };
+        crate::compress::parallel::par_units_of_work(&mut grids, groups, work, |first, out| {
+            for (k, grid) in out.iter_mut().enumerate() {
+                let (r, k) = ((first * groups + k) / groups, (first * groups + k) % groups);
                 let chunk = &w[r * cols + k * g..r * cols + (k + 1) * g];
-                grids.push(Grid::of(chunk.iter().copied(), p.bits, p.symmetric));
+                *grid = Grid::fit(chunk, &diag[k * g..(k + 1) * g], p);
             }
-        }
-    } else {
-        grids.resize(rows * groups, Grid::with(0.0, 0.0, 0.0, 0.0));
+        });
     }
+    let mut vals = vec![0f32; g];
     let mut q = vec![0f32; rows * cols];
     let b = p.block_size;
     let mut err = vec![0f32; b * rows];
@@ -200,8 +347,10 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> R
             if !static_grids && c.is_multiple_of(g) {
                 // The group's columns are perm[i..i+g] (no act_order: perm is the identity).
                 for r in 0..rows {
-                    let vals = (i..i + g).map(|k| wt[k * rows + r]);
-                    grids[r * groups + group] = Grid::of(vals, p.bits, p.symmetric);
+                    for (v, k) in vals.iter_mut().zip(i..i + g) {
+                        *v = wt[k * rows + r];
+                    }
+                    grids[r * groups + group] = Grid::fit(&vals, &diag[c..c + g], p);
                 }
             }
             let d = u[i * cols + i] as f32;
@@ -225,21 +374,26 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> R
                 }
             }
         }
-        // Lazy update of the columns after the block.
+        // Lazy update of the columns after the block (independent columns: split over the
+        // worker pool, each updated exactly as on one thread).
         if i2 < cols {
             let (_, rest) = wt.split_at_mut(i2 * rows);
-            for j in i2..cols {
-                let target = &mut rest[(j - i2) * rows..(j - i2 + 1) * rows];
-                for i in i1..i2 {
-                    let f = u[i * cols + j] as f32;
-                    if f != 0.0 {
-                        let e = &err[(i - i1) * rows..(i - i1 + 1) * rows];
-                        for (t, ev) in target.iter_mut().zip(e) {
-                            *t -= f * ev;
+            let err = &err;
+            let work = (cols - i2) * rows * (i2 - i1);
+            crate::compress::parallel::par_units_of_work(rest, rows, work, |first, targets| {
+                for (k, target) in targets.chunks_mut(rows).enumerate() {
+                    let j = i2 + first + k;
+                    for i in i1..i2 {
+                        let f = u[i * cols + j] as f32;
+                        if f != 0.0 {
+                            let e = &err[(i - i1) * rows..(i - i1 + 1) * rows];
+                            for (t, ev) in target.iter_mut().zip(e) {
+                                *t -= f * ev;
+                            }
                         }
                     }
                 }
-            }
+            });
         }
         i1 = i2;
     }
@@ -254,13 +408,8 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> R
     let mut codes = vec![0u8; rows * cols];
     for r in 0..rows {
         for c in 0..cols {
-            let grid = &grids[r * groups + c / g];
-            let v = weights[r * cols + c];
-            let level = if grid.inv == 0.0 {
-                grid.zero
-            } else {
-                (v * grid.inv).round_ties_even() + grid.zero
-            };
+            // Every value is on its grid: its level is exact.
+            let level = grids[r * groups + c / g].level(weights[r * cols + c]);
             codes[r * cols + c] = (level as i32 + offset) as u8;
         }
     }
@@ -289,6 +438,11 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], p: &GptqParams) -> R
         weights,
         damp,
         dead_columns: dead_cols.len(),
+        mins: if p.gguf_grid && !p.symmetric {
+            grids.iter().map(|g| g.min).collect()
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -335,6 +489,8 @@ mod tests {
             act_order,
             damp: 0.01,
             block_size: 8,
+            gguf_grid: false,
+            clip: false,
         }
     }
 
@@ -356,6 +512,71 @@ mod tests {
                 "{p:?}: gptq {e_gptq:.5} vs rtn {e_rtn:.5}"
             );
         }
+    }
+
+    #[test]
+    fn the_clipping_search_lowers_the_error_and_keeps_the_codes_exact() {
+        let (rows, cols) = (16, 64);
+        let (w, gram) = problem(rows, cols, 256, 5);
+        for p in [
+            params(3, Some(16), false, true),
+            params(3, Some(16), true, false),
+            params(4, Some(32), true, true),
+            params(2, None, false, false),
+        ] {
+            let full = gptq(&w, rows, cols, &gram, &p).unwrap();
+            let clipped = gptq(&w, rows, cols, &gram, &GptqParams { clip: true, ..p }).unwrap();
+            let e_full = relative_output_error(&w, &full.weights, &gram, cols);
+            let e_clip = relative_output_error(&w, &clipped.weights, &gram, cols);
+            assert!(
+                e_clip < e_full,
+                "{p:?}: clipped {e_clip:.5} vs full {e_full:.5}"
+            );
+            // Some grid is narrower than its values' range, and the codes still decode.
+            assert!(clipped
+                .quantized
+                .params
+                .scales
+                .iter()
+                .zip(&full.quantized.params.scales)
+                .any(|(c, f)| c < f));
+            let mut back = vec![0f32; rows * cols];
+            clipped
+                .quantized
+                .params
+                .dequantize(&clipped.quantized.codes, &mut back)
+                .unwrap();
+            assert!(back == clipped.weights, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn gguf_grids_encode_to_blocks_that_decode_to_the_weights_bit_for_bit() {
+        use crate::compress::formats::gguf::decode_blocks;
+        let (rows, cols) = (8, 64);
+        let (w, gram) = problem(rows, cols, 256, 9);
+        for (bits, symmetric) in [(4, true), (5, true), (8, true), (4, false), (5, false)] {
+            for (act_order, clip) in [(false, false), (true, false), (true, true)] {
+                let mut p = params(bits, Some(32), act_order, symmetric);
+                p.gguf_grid = true;
+                p.clip = clip;
+                let out = gptq(&w, rows, cols, &gram, &p).unwrap();
+                let ty = gguf_type(bits, symmetric).unwrap();
+                let blocks = gguf_blocks(&out, ty).unwrap();
+                assert_eq!(blocks.len(), rows * cols / 32 * ty.block_bytes());
+                let back = decode_blocks(ty, &blocks, rows * cols).unwrap();
+                for (a, b) in back.iter().zip(&out.weights) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{ty} act_order {act_order}");
+                }
+                // Still GPTQ: better than rounding to nearest on the full-range f16 grids.
+                let e_gptq = relative_output_error(&w, &out.weights, &gram, cols);
+                let p = GptqParams { clip: false, ..p };
+                let e_rtn = relative_output_error(&w, &rtn(&w, rows, cols, &p), &gram, cols);
+                assert!(e_gptq < e_rtn, "{ty}: {e_gptq} vs {e_rtn}");
+            }
+        }
+        assert_eq!(gguf_type(3, true), None);
+        assert_eq!(gguf_type(8, false), None);
     }
 
     #[test]

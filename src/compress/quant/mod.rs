@@ -42,6 +42,7 @@ mod uniform;
 pub use {kmeans::*, levels::*, stats::*, uniform::*};
 
 pub mod activations;
+pub mod auto;
 pub mod awq;
 pub mod budget;
 pub mod float;

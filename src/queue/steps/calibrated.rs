@@ -4,23 +4,35 @@
 //! before it produce ([`crate::compress::calib::sweep`]). Every layer's output error relative
 //! to its output (`tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)` on the calibration inputs it saw) is reported
 //! beside the same figure for the calibration-free baseline at the same setting
-//! (round-to-nearest on the same grids; magnitude pruning at the same per-row target). HQQ
-//! needs no data and solves each selected tensor of the file on its own.
+//! (round-to-nearest on full-range grids of the same bits and groups; magnitude pruning at
+//! the same per-row target). HQQ needs no data and solves each selected tensor of the file
+//! on its own.
 
-use std::collections::{HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::HashSet;
 
 use serde_json::{json, Value};
 
+use super::sweep_state::SweepState;
 use super::{current_arch, Artifact, Env, Input, PipelineError, StepOut};
 use crate::compress::calib::{self, relative_output_error, CalibrationParams};
 use crate::compress::engine::sequential::model::Model;
 use crate::compress::engine::Network;
+use crate::compress::formats::gguf;
 use crate::compress::formats::packed::{self, QuantizeFile};
 use crate::compress::prune::calibrated::{self as cprune, Target};
 use crate::compress::quant::awq::{self, AwqParams};
 use crate::compress::quant::gptq::{self, GptqParams};
-use crate::compress::quant::{Granularity, Method, Quantized, Quantizer};
+use crate::compress::quant::{Granularity, Method, Quantizer};
 use crate::spec::calibrated::{CalibratedMethod, CalibratedSpec};
+
+/// The least time between two checkpoints of a calibrated step after its first: each holds
+/// every weight compressed so far, so they are fewer than training's.
+const CALIBRATION_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The least calibration rows (tokens, samples) in the Gram matrix on which Wanda's layers
+/// report their output error: whole batches from the first until there are this many.
+const WANDA_GRAM_ROWS: usize = 2048;
 
 /// The step.
 pub(super) fn calibrated(
@@ -55,122 +67,211 @@ pub(super) fn calibrated(
             seed,
         },
     )?;
-    let mut layers: Vec<Value> = Vec::new();
-    let mut changed: HashMap<String, Vec<f32>> = HashMap::new();
-    let mut codes: HashMap<String, Quantized> = HashMap::new();
-    let started = std::time::Instant::now();
-    calib::sweep(net.as_ref(), &set, &selected, env.ctx, |group, stats| {
-        let mut out = Vec::new();
-        let gram = &stats.gram;
-        if let CalibratedMethod::Awq {
-            bits,
-            group: g,
-            symmetric,
-            grid,
-        } = spec.method
-        {
-            // One search for the whole group: its layers share the input's scales.
-            let cols = stats.cols;
-            let mut ws = Vec::new();
-            for layer in &group.layers {
-                let name = format!("{layer}.weight");
-                if selected.contains(&name) {
-                    let (shape, w) = calib::weight(net.as_ref(), &name)?;
-                    ws.push((name, shape, w));
-                }
+    let calibration = json!({
+        "dataset_id": c.dataset_id.to_string(), "samples": set.samples, "kind": set.kind,
+        "tokens": set.tokens, "seq_len": c.seq_len, "seed": seed, "indices": set.indices,
+    });
+    if let CalibratedMethod::Auto { budget, candidates } = &spec.method {
+        let selected = in_file_order(input, |n| selected.contains(n));
+        return super::auto::auto(
+            env,
+            input,
+            net.as_ref(),
+            &set,
+            &selected,
+            *budget,
+            candidates,
+            calibration,
+        );
+    }
+    // What is done so far, shared by the solver and the per-block checkpoints; an earlier
+    // attempt's checkpoint puts its weights back and the sweep starts after its blocks.
+    let state = match env.resume_bytes()? {
+        Some(bytes) => {
+            let state = SweepState::from_bytes(&bytes)?;
+            for (name, values) in &state.changed {
+                calib::set_weight(net.as_ref(), name, values.clone())?;
             }
-            let gs = g.for_cols(cols).unwrap_or(cols);
-            let p = AwqParams {
-                group: gs,
+            state
+        }
+        None => SweepState::default(),
+    };
+    let start = state.blocks;
+    let state = RefCell::new(state);
+    let total_blocks = net.block_runner().map_or(0, |r| r.num_blocks());
+    let mut last_saved: Option<std::time::Instant> = None;
+    let mut checkpoint = |done: usize| {
+        let due = last_saved.is_none_or(|t| t.elapsed() >= CALIBRATION_CHECKPOINT_INTERVAL);
+        if !due || done >= total_blocks {
+            return Ok(());
+        }
+        last_saved = Some(std::time::Instant::now());
+        let mut s = state.borrow_mut();
+        s.blocks = done;
+        env.save_checkpoint(|w| s.write_to(w).map(|_| ()), done, Some("block"))
+    };
+    let blocks = calib::Blocks {
+        start,
+        done: &mut checkpoint,
+    };
+    // Wanda needs only the inputs' column norms: its layers' output error is reported on the
+    // Gram matrix of the first WANDA_GRAM_ROWS calibration rows (tokens) or more.
+    let gram_rows = matches!(spec.method, CalibratedMethod::Wanda(_)).then_some(WANDA_GRAM_ROWS);
+    let started = std::time::Instant::now();
+    calib::sweep(
+        net.as_ref(),
+        &set,
+        &selected,
+        env.ctx,
+        blocks,
+        gram_rows,
+        |group, stats| {
+            let mut guard = state.borrow_mut();
+            let SweepState {
+                layers,
+                changed,
+                codes,
+                encoded,
+                ..
+            } = &mut *guard;
+            let mut out = Vec::new();
+            let gram = &stats.gram;
+            if let CalibratedMethod::Awq {
                 bits,
+                group: g,
                 symmetric,
                 grid,
-            };
-            let inputs: Vec<(&[f32], usize)> =
-                ws.iter().map(|(_, sh, w)| (w.as_slice(), sh[0])).collect();
-            let found = awq::awq(&inputs, cols, &stats.mean_abs(), gram, &p)?;
-            for ((name, shape, w), new) in ws.iter().zip(found.weights) {
-                let rtn = gptq::rtn(
-                    w,
-                    shape[0],
-                    cols,
-                    &GptqParams {
-                        bits,
-                        group_size: Some(gs),
-                        symmetric,
-                        act_order: false,
-                        damp: 0.0,
-                        block_size: 1,
-                    },
-                );
-                layers.push(json!({
-                    "layer": name, "shape": shape, "calibration_rows": stats.rows,
-                    "group_size": gs, "alpha": found.alpha,
-                    "output_error": relative_output_error(w, &new, gram, cols),
-                    "output_error_rtn": relative_output_error(w, &rtn, gram, cols),
-                }));
-                changed.insert(name.clone(), new.clone());
-                out.push((name.clone(), new));
-            }
-            return Ok(out);
-        }
-        let h = stats.hessian();
-        for layer in &group.layers {
-            let name = format!("{layer}.weight");
-            if !selected.contains(&name) {
-                continue;
-            }
-            let (shape, w) = calib::weight(net.as_ref(), &name)?;
-            let (rows, cols) = (shape[0], stats.cols);
-            let mut report = json!({"layer": name, "shape": shape, "calibration_rows": stats.rows});
-            let new = match spec.method {
-                CalibratedMethod::Gptq { params, group } => {
-                    let p = GptqParams {
-                        group_size: group.for_cols(cols),
-                        ..params
-                    };
-                    let q = gptq::gptq(&w, rows, cols, &h, &p)?;
-                    let rtn = gptq::rtn(&w, rows, cols, &p);
-                    report["group_size"] = json!(p.group_size);
-                    report["damp"] = json!(q.damp);
-                    report["dead_columns"] = json!(q.dead_columns);
-                    report["output_error"] =
-                        json!(relative_output_error(&w, &q.weights, gram, cols));
-                    report["output_error_rtn"] = json!(relative_output_error(&w, &rtn, gram, cols));
-                    if spec.packed {
-                        codes.insert(name.clone(), q.quantized);
+                clip,
+            } = spec.method
+            {
+                // One search for the whole group: its layers share the input's scales.
+                let cols = stats.cols;
+                let mut ws = Vec::new();
+                for layer in &group.layers {
+                    let name = format!("{layer}.weight");
+                    if selected.contains(&name) {
+                        let (shape, w) = calib::weight(net.as_ref(), &name)?;
+                        ws.push((name, shape, w));
                     }
-                    q.weights
                 }
-                CalibratedMethod::Awq { .. } | CalibratedMethod::Hqq { .. } => {
-                    return Err(crate::compress::Error::Internal(
-                        "awq and hqq are handled apart".into(),
-                    ))
+                let gs = g.for_cols(cols).unwrap_or(cols);
+                let p = AwqParams {
+                    group: gs,
+                    bits,
+                    symmetric,
+                    grid,
+                    clip,
+                };
+                let inputs: Vec<(&[f32], usize)> =
+                    ws.iter().map(|(_, sh, w)| (w.as_slice(), sh[0])).collect();
+                let found = awq::awq(&inputs, cols, &stats.mean_abs(), gram, &p)?;
+                for ((name, shape, w), new) in ws.iter().zip(found.weights) {
+                    let rtn = gptq::rtn_grouped(w, cols, gs, bits, symmetric);
+                    layers.push(json!({
+                        "layer": name, "shape": shape, "calibration_rows": stats.rows, "output_error_rows": stats.gram_rows,
+                        "group_size": gs, "alpha": found.alpha, "clip": found.clip,
+                        "output_error": relative_output_error(w, &new, gram, cols),
+                        "output_error_rtn": relative_output_error(w, &rtn, gram, cols),
+                    }));
+                    changed.insert(name.clone(), new.clone());
+                    out.push((name.clone(), new));
                 }
-                CalibratedMethod::Wanda(t) => {
-                    let pruned = cprune::wanda(&w, rows, cols, &stats.column_norms(), t)?;
-                    prune_report(&mut report, &w, &pruned, rows, cols, gram, t)?;
-                    pruned
+                return Ok(out);
+            }
+            let h = stats.hessian();
+            for layer in &group.layers {
+                let name = format!("{layer}.weight");
+                if !selected.contains(&name) {
+                    continue;
                 }
-                CalibratedMethod::SparseGpt {
-                    target,
-                    damp,
-                    block_size,
-                } => {
-                    let (pruned, used) =
-                        cprune::sparsegpt(&w, rows, cols, &h, target, damp, block_size)?;
-                    report["damp"] = json!(used);
-                    prune_report(&mut report, &w, &pruned, rows, cols, gram, target)?;
-                    pruned
-                }
-            };
-            layers.push(report);
-            changed.insert(name.clone(), new.clone());
-            out.push((name, new));
-        }
-        Ok(out)
-    })?;
+                let (shape, w) = calib::weight(net.as_ref(), &name)?;
+                let (rows, cols) = (shape[0], stats.cols);
+                let mut report = json!({
+                    "layer": name,
+                    "shape": shape,
+                    "calibration_rows": stats.rows,
+                    "output_error_rows": stats.gram_rows,
+                });
+                let new = match spec.method {
+                    CalibratedMethod::Gptq { params, group } => {
+                        let p = GptqParams {
+                            group_size: group.for_cols(cols),
+                            ..params
+                        };
+                        let q = gptq::gptq(&w, rows, cols, &h, &p)?;
+                        let rtn = gptq::rtn(&w, rows, cols, &p);
+                        report["group_size"] = json!(p.group_size);
+                        report["damp"] = json!(q.damp);
+                        report["dead_columns"] = json!(q.dead_columns);
+                        report["output_error"] =
+                            json!(relative_output_error(&w, &q.weights, gram, cols));
+                        report["output_error_rtn"] =
+                            json!(relative_output_error(&w, &rtn, gram, cols));
+                        if spec.gguf {
+                            let ty = gptq::gguf_type(p.bits, p.symmetric).ok_or_else(|| {
+                                crate::compress::Error::Internal(
+                                    "no GGUF type for these codes".into(),
+                                )
+                            })?;
+                            let blocks = gptq::gguf_blocks(&q, ty)?;
+                            // The file must decode to exactly the weights GPTQ chose.
+                            let decoded = gguf::decode_blocks(ty, &blocks, q.weights.len())?;
+                            if decoded
+                                .iter()
+                                .zip(&q.weights)
+                                .any(|(a, b)| a.to_bits() != b.to_bits())
+                            {
+                                return Err(crate::compress::Error::Internal(format!(
+                                    "{name}: the {ty} blocks do not decode to GPTQ's weights"
+                                )));
+                            }
+                            report["gguf_type"] = json!(ty.as_str());
+                            encoded.insert(name.clone(), (ty, blocks));
+                        }
+                        if spec.packed {
+                            codes.insert(name.clone(), q.quantized);
+                        }
+                        q.weights
+                    }
+                    CalibratedMethod::Awq { .. }
+                    | CalibratedMethod::Hqq { .. }
+                    | CalibratedMethod::Auto { .. } => {
+                        return Err(crate::compress::Error::Internal(
+                            "awq and hqq are handled apart".into(),
+                        ))
+                    }
+                    CalibratedMethod::Wanda(t) => {
+                        let pruned = cprune::wanda(&w, rows, cols, &stats.column_norms(), t)?;
+                        prune_report(&mut report, &w, &pruned, rows, cols, gram, t)?;
+                        pruned
+                    }
+                    CalibratedMethod::SparseGpt {
+                        target,
+                        damp,
+                        block_size,
+                    } => {
+                        let (pruned, used) =
+                            cprune::sparsegpt(&w, rows, cols, &h, target, damp, block_size)?;
+                        report["damp"] = json!(used);
+                        prune_report(&mut report, &w, &pruned, rows, cols, gram, target)?;
+                        pruned
+                    }
+                };
+                layers.push(report);
+                changed.insert(name.clone(), new.clone());
+                out.push((name, new));
+            }
+            Ok(out)
+        },
+    )?;
     let seconds = started.elapsed().as_secs_f64();
+    let SweepState {
+        layers,
+        mut changed,
+        codes,
+        encoded,
+        ..
+    } = state.into_inner();
     // Selected tensors no linear layer reads through the forward pass (an embedding, a tied
     // head): left unchanged, and said so.
     let mut not_reached: Vec<&String> = selected
@@ -184,14 +285,45 @@ pub(super) fn calibrated(
             format!("no selected tensor is the weight of a linear layer the network runs ({} selected); select the linear layers' weights", selected.len()),
         ));
     }
-    // The output: the input's tensors with the compressed ones replaced.
-    let mut weights = input.file.float_tensors()?;
-    for t in &mut weights {
-        if let Some(v) = changed.remove(&t.name) {
-            t.values = v;
+    // The output: the input's tensors with the compressed ones replaced; with `gguf`, the
+    // GGUF file of GPTQ's blocks and, as the model, that file read back (the same values).
+    let mut gguf_out = None;
+    let (temp, written) = if spec.gguf {
+        let names = in_file_order(input, |n| encoded.contains_key(n));
+        let ty = encoded
+            .values()
+            .next()
+            .map(|(t, _)| *t)
+            .unwrap_or(gguf::GgufType::Q8_0);
+        let mut out = super::quantize::to_gguf(
+            env,
+            ty,
+            input,
+            &names,
+            &Default::default(),
+            super::quantize::Mixed {
+                types: None,
+                encoded: Some(&encoded),
+            },
+        )?;
+        let file = out.file.take().ok_or_else(|| {
+            super::failed(
+                crate::codes::Code::InternalError,
+                "the GGUF step wrote no model",
+            )
+        })?;
+        let size = file.size();
+        gguf_out = Some(out);
+        (file, size)
+    } else {
+        let mut weights = input.file.float_tensors()?;
+        for t in &mut weights {
+            if let Some(v) = changed.remove(&t.name) {
+                t.values = v;
+            }
         }
-    }
-    let (temp, written) = env.write_f32(input.metadata, &weights)?;
+        env.write_f32(input.metadata, &weights)?
+    };
     // GPTQ's codes in the packed encoding, with their error against the input's weights.
     let mut artifact = None;
     let mut packed_reports = Vec::new();
@@ -245,11 +377,7 @@ pub(super) fn calibrated(
     let mut summary = json!({
         "method": spec.method_name(),
         "layers": layers.len(),
-        "calibration": {
-            "dataset_id": c.dataset_id.to_string(), "samples": set.samples, "kind": set.kind,
-            "tokens": set.tokens, "seq_len": c.seq_len, "seed": seed,
-            "indices": set.indices,
-        },
+        "calibration": calibration,
         "calibration_seconds": seconds,
         "mean_output_error": mean("output_error"),
         "file_bytes_after": written,
@@ -283,7 +411,7 @@ pub(super) fn calibrated(
             summary["symmetric"] = json!(symmetric);
             summary["mean_output_error_rtn"] = mean("output_error_rtn");
         }
-        CalibratedMethod::Hqq { .. } => {}
+        CalibratedMethod::Hqq { .. } | CalibratedMethod::Auto { .. } => {}
         CalibratedMethod::Wanda(_) | CalibratedMethod::SparseGpt { .. } => {
             summary["mean_output_error_magnitude"] = mean("output_error_magnitude");
             let (z, n) = layers.iter().fold((0u64, 0u64), |(z, n), l| {
@@ -295,6 +423,21 @@ pub(super) fn calibrated(
             summary["sparsity"] = json!(if n > 0 { z as f64 / n as f64 } else { 0.0 });
         }
     }
+    if let Some(out) = gguf_out {
+        let g = &out.record["summary"];
+        summary["format"] = json!("gguf");
+        summary["gguf_type"] = g["type"].clone();
+        summary["gguf_bytes"] = g["gguf_bytes"].clone();
+        summary["architecture"] = g.get("architecture").cloned().unwrap_or(Value::Null);
+        artifact = out.artifact;
+        return Ok(StepOut {
+            outputs: None,
+            file: Some(temp),
+            artifact,
+            architecture: None,
+            record: json!({"summary": summary, "layers": layers, "gguf_tensors": out.record["layers"]}),
+        });
+    }
     Ok(StepOut {
         outputs: None,
         file: Some(temp),
@@ -302,6 +445,18 @@ pub(super) fn calibrated(
         architecture: None,
         record: json!({"summary": summary, "layers": layers}),
     })
+}
+
+/// The names of the input's tensors `keep` takes, in file order (as a GGUF lists them).
+fn in_file_order(input: &Input, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    input
+        .file
+        .header()
+        .tensors
+        .iter()
+        .filter(|t| keep(&t.name))
+        .map(|t| t.name.clone())
+        .collect()
 }
 
 fn prune_report(
@@ -351,19 +506,7 @@ fn weight_only(env: &Env, spec: &CalibratedSpec, input: &Input) -> Result<StepOu
         let cols = t.shape[1];
         let gs = group.for_cols(cols).unwrap_or(cols);
         let h = awq::hqq(&t.values, gs, bits);
-        let rtn = gptq::rtn(
-            &t.values,
-            t.shape[0],
-            cols,
-            &GptqParams {
-                bits,
-                group_size: Some(gs),
-                symmetric: false,
-                act_order: false,
-                damp: 0.0,
-                block_size: 1,
-            },
-        );
+        let rtn = gptq::rtn_grouped(&t.values, cols, gs, bits, false);
         let mse = |q: &[f32]| {
             q.iter()
                 .zip(&t.values)

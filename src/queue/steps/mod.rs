@@ -6,6 +6,7 @@
 //! none, for `evaluate`), optionally a second encoding kept as an artifact (`packed`,
 //! `gguf`), the architecture when it changed, and its metrics record.
 
+mod auto;
 mod calibrated;
 mod distill;
 mod distill_text;
@@ -13,6 +14,7 @@ mod evaluate;
 mod finetune;
 mod prune;
 mod quantize;
+mod sweep_state;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -137,8 +139,11 @@ pub struct ResumePoint {
     pub step: usize,
     /// Blob holding the checkpoint.
     pub sha256: String,
-    /// Epochs it covers.
+    /// Epochs it covers (blocks, for a calibrated step: see `unit`).
     pub epoch: usize,
+    /// What `epoch` counts when not epochs (`block`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
 }
 
 /// Callbacks from the pipeline to the worker (called on the compute thread).
@@ -325,13 +330,47 @@ impl Env<'_> {
 
     /// The training checkpoint an earlier attempt left for this step, if any.
     fn resume_checkpoint(&self) -> Result<Option<Checkpoint>, PipelineError> {
+        match self.resume_bytes()? {
+            Some(bytes) => Ok(Some(Checkpoint::from_safetensors_bytes(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The bytes of the checkpoint an earlier attempt left for this step, if any.
+    fn resume_bytes(&self) -> Result<Option<Vec<u8>>, PipelineError> {
         match self.resume {
             Some(r) if r.step == self.index => {
-                let bytes = std::fs::read(self.store.materialize(&r.sha256)?)?;
-                Ok(Some(Checkpoint::from_safetensors_bytes(&bytes)?))
+                Ok(Some(std::fs::read(self.store.materialize(&r.sha256)?)?))
             }
             _ => Ok(None),
         }
+    }
+
+    /// Stores a checkpoint of this step covering `done` epochs (or `unit`s), written by
+    /// `write`, and tells the worker, so a rescued attempt resumes from it.
+    fn save_checkpoint(
+        &self,
+        write: impl FnOnce(&mut dyn std::io::Write) -> compress::Result<()>,
+        done: usize,
+        unit: Option<&str>,
+    ) -> compress::Result<()> {
+        let mut temp = self.store.create_temp()?;
+        {
+            let mut w = std::io::BufWriter::new(&mut temp);
+            write(&mut w)?;
+            std::io::Write::flush(&mut w)?;
+        }
+        let blob = self
+            .store
+            .commit(temp)
+            .map_err(|e| compress::Error::Io(std::io::Error::other(e.to_string())))?;
+        (self.hooks.checkpoint_saved)(ResumePoint {
+            step: self.index,
+            sha256: blob.sha256,
+            epoch: done,
+            unit: unit.map(str::to_string),
+        });
+        Ok(())
     }
 
     /// Reports every epoch and saves training checkpoints of this step: the first epoch's,
@@ -350,16 +389,7 @@ impl Env<'_> {
             }
             last_saved = Some(Instant::now());
             let bytes = c.to_safetensors_bytes()?;
-            let blob = self
-                .store
-                .put_bytes(&bytes)
-                .map_err(|e| compress::Error::Io(std::io::Error::other(e.to_string())))?;
-            (self.hooks.checkpoint_saved)(ResumePoint {
-                step: self.index,
-                sha256: blob.sha256,
-                epoch: c.epoch,
-            });
-            Ok(())
+            self.save_checkpoint(|w| Ok(w.write_all(&bytes)?), c.epoch, None)
         }
     }
 

@@ -75,7 +75,7 @@ pub(super) fn quantize(
     let method = match spec.method {
         Quantization::Gguf(ty) => {
             let (importance, summary) = load_importance(env, spec, None, input, &selected)?;
-            let mut out = to_gguf(env, ty, input, &selected, &importance)?;
+            let mut out = to_gguf(env, ty, input, &selected, &importance, Mixed::default())?;
             if !summary.is_null() {
                 out.record["summary"]["importance"] = summary;
             }
@@ -263,27 +263,38 @@ fn stages(packed: &[packed::QuantReport], input_bytes: u64, file_bytes: u64) -> 
     })
 }
 
+/// What a GGUF file holds per tensor besides the file's type: types of their own (`auto`),
+/// blocks already encoded (GPTQ's codes); keyed by the input's tensor names.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Mixed<'a> {
+    pub types: Option<&'a HashMap<String, gguf::GgufType>>,
+    pub encoded: Option<&'a HashMap<String, (gguf::GgufType, Vec<u8>)>>,
+}
+
 /// `method: gguf`: the GGUF file is the artifact; the model of the step is that file read back
-/// and dequantized, so `eval` and later jobs measure exactly what the GGUF holds.
-fn to_gguf(
+/// and dequantized, so `eval` and later jobs measure exactly what the GGUF holds. `mixed`
+/// gives tensors their own types or blocks; `ty` is the file's.
+pub(super) fn to_gguf(
     env: &Env,
     ty: gguf::GgufType,
     input: &Input,
     selected: &[String],
     importance: &Importance,
+    mixed: Mixed<'_>,
 ) -> Result<StepOut, PipelineError> {
     if let Some(t) = input
         .transformer
         .filter(|t| t.family() == Some(crate::compress::engine::Family::Llama))
     {
-        return to_llama_gguf(env, ty, input, selected, t, importance);
+        return to_llama_gguf(env, ty, input, selected, t, importance, mixed);
     }
-    gguf::check_gguf(&input.file.header().tensors, selected, ty)?;
     let mut file = env.store.create_temp()?;
     let extras = gguf::GgufExtras {
         strings: input.metadata,
         typed: &[],
         importance: Some(importance),
+        types: mixed.types,
+        encoded: mixed.encoded,
     };
     let reports = gguf::write_gguf_typed(input.file, selected, ty, extras, &mut file, env.ctx)?;
     std::io::Write::flush(&mut file)?;
@@ -340,6 +351,7 @@ fn to_llama_gguf(
     selected: &[String],
     source: &super::TransformerSource,
     importance: &Importance,
+    mixed: Mixed<'_>,
 ) -> Result<StepOut, PipelineError> {
     let tokenizer = source.tokenizer_json()?;
     let plan = gguf_llama::plan(
@@ -356,17 +368,42 @@ fn to_llama_gguf(
         .iter()
         .filter_map(|n| plan.names.get(n).cloned())
         .collect();
-    gguf::check_gguf(&renamed.header().tensors, &in_gguf, ty)?;
     let mut file = env.store.create_temp()?;
-    // Importance under the file's (llama.cpp) names; columns are not permuted.
+    // Importance and types under the file's (llama.cpp) names; columns are not permuted.
     let renamed_importance: Importance = importance
         .iter()
         .filter_map(|(hf, w)| plan.names.get(hf).map(|g| (g.clone(), w.clone())))
         .collect();
+    let renamed_types: Option<HashMap<String, gguf::GgufType>> = mixed.types.map(|t| {
+        t.iter()
+            .filter_map(|(hf, ty)| plan.names.get(hf).map(|g| (g.clone(), *ty)))
+            .collect()
+    });
+    // Encoded blocks: rows permuted as the file's query / key rows are.
+    let mut renamed_encoded: Option<HashMap<String, (gguf::GgufType, Vec<u8>)>> = None;
+    if let Some(encoded) = mixed.encoded {
+        let mut out = HashMap::new();
+        for (hf, (t, bytes)) in encoded {
+            let Some(g) = plan.names.get(hf) else {
+                continue;
+            };
+            let bytes = match (plan.permuted.get(hf), input.file.get(hf)) {
+                (Some(&heads), Some(info)) => {
+                    let rows = info.shape.first().copied().unwrap_or(0);
+                    gguf_llama::permute_rows(bytes, rows, heads, bytes.len() / rows.max(1))?
+                }
+                _ => bytes.clone(),
+            };
+            out.insert(g.clone(), (*t, bytes));
+        }
+        renamed_encoded = Some(out);
+    }
     let extras = gguf::GgufExtras {
         strings: input.metadata,
         typed: &plan.metadata,
         importance: Some(&renamed_importance),
+        types: renamed_types.as_ref(),
+        encoded: renamed_encoded.as_ref(),
     };
     let mut reports = gguf::write_gguf_typed(&renamed, &in_gguf, ty, extras, &mut file, env.ctx)?;
     std::io::Write::flush(&mut file)?;

@@ -28,14 +28,10 @@
 //! Only `f32` tensors on the CPU, groups 1 and dilation 1 are supported (all the engine
 //! builds); anything else is an error, never a panic.
 
-use std::sync::Mutex;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-/// Below this many values a kernel runs on the calling thread alone: waking the worker
-/// pool costs more than the work.
-const PARALLEL_MIN: usize = 1 << 16;
+pub(crate) use crate::compress::parallel::{par_units, par_units_of_work};
 
 /// The geometry of one convolution: input `[n, c, h, w]`, kernel `[_, c, kh, kw]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,44 +114,6 @@ struct Im2Col {
 #[derive(Debug, Clone, Copy)]
 struct Col2Im {
     geometry: Geometry,
-}
-
-/// Runs `f(first_unit, chunk)` over chunks of whole units (`unit` values each) of
-/// `output`, on candle's persistent worker pool (`RAYON_NUM_THREADS` threads, shared
-/// with candle's own element-wise ops) when the work is large enough.
-pub(crate) fn par_units<F>(output: &mut [f32], unit: usize, f: F)
-where
-    F: Fn(usize, &mut [f32]) + Sync,
-{
-    par_units_of_work(output, unit, output.len(), f)
-}
-
-/// [`par_units`] where filling `output` costs about `work` element operations (a reduction
-/// into a short output), which decides whether it is worth the pool.
-pub(crate) fn par_units_of_work<F>(output: &mut [f32], unit: usize, work: usize, f: F)
-where
-    F: Fn(usize, &mut [f32]) + Sync,
-{
-    let units = output.len().checked_div(unit).unwrap_or(0);
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
-    if threads == 1 || units < 2 || work < PARALLEL_MIN {
-        f(0, output);
-        return;
-    }
-    // A few chunks per thread, so a thread slowed by the other tenant of a shared
-    // machine does not hold everyone up.
-    let per = units.div_ceil(threads * 4);
-    let chunks: Vec<Mutex<&mut [f32]>> = output.chunks_mut(per * unit).map(Mutex::new).collect();
-    pool.execute_chunked(chunks.len(), |range| {
-        for i in range {
-            // Each chunk is locked exactly once, so the lock is never contended; it is
-            // poisoned only if `f` panicked, and that panic propagates from the pool.
-            if let Ok(mut chunk) = chunks[i].lock() {
-                f(i * per, &mut chunk);
-            }
-        }
-    });
 }
 
 /// The sums of the columns of `t` `[m, n]`: `[n]`, each column's rows added in order from
