@@ -8,7 +8,8 @@
 //! python3 scripts/bench_train_pytorch.py --threads 2
 //! ```
 //!
-//! `BENCH_BATCHES` (default 40) sets the batches per epoch. Besides throughput it prints
+//! `BENCH_BATCHES` (default 40) sets the batches per epoch; `BENCH_MODEL` (`lenet-300-100`
+//! or `lenet-5`) runs one network only. Besides throughput it prints
 //! where one step's time goes: forward + loss, backward, and the rest (optimizer update,
 //! batching, bookkeeping), measured separately on the same batches.
 //!
@@ -82,7 +83,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data = random_mnist(BATCH * batches);
     let cancel = AtomicBool::new(false);
     let ctx = Ctx::new(&|_, _| {}, &cancel);
+    let only = std::env::var("BENCH_MODEL").ok();
     for (name, doc) in [("lenet-300-100", lenet_300_100()), ("lenet-5", lenet5())] {
+        if only.as_deref().is_some_and(|m| m != name) {
+            continue;
+        }
         let arch = Architecture::from_json(&doc)?;
         let mut model = Model::init(&arch, 0)?;
         let config = TrainConfig {

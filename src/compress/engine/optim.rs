@@ -391,22 +391,17 @@ impl InplaceOp2 for FusedStep<'_> {
                 scale,
             } => {
                 let mut buf = buf.borrow_mut();
+                let k = SgdConsts {
+                    lr: *lr,
+                    wd: *wd,
+                    momentum: *momentum,
+                    nesterov: *nesterov,
+                    first: *first,
+                    scale: *scale,
+                };
                 match buf.as_deref_mut() {
-                    None => par_zip(p, g, &mut [], |p, g, _| {
-                        for (p, &g) in p.iter_mut().zip(g) {
-                            let d = g * scale + wd * *p;
-                            *p -= lr * d;
-                        }
-                    }),
-                    Some(b) => par_zip(p, g, &mut [b], |p, g, s| {
-                        for ((p, &g), b) in p.iter_mut().zip(g).zip(s[0].iter_mut()) {
-                            let d = g * scale + wd * *p;
-                            // torch initialises the buffer with the first gradient.
-                            *b = if *first { d } else { momentum * *b + d };
-                            let step = if *nesterov { d + momentum * *b } else { *b };
-                            *p -= lr * step;
-                        }
-                    }),
+                    None => par_zip(p, g, &mut [], |p, g, _| sgd_plain(p, g, k)),
+                    Some(b) => par_zip(p, g, &mut [b], |p, g, s| sgd_momentum(p, g, s, k)),
                 }
             }
             FusedStep::AdamW {
@@ -422,22 +417,106 @@ impl InplaceOp2 for FusedStep<'_> {
                 scale,
             } => {
                 let (mut m, mut v) = (m.borrow_mut(), v.borrow_mut());
-                let step_size = lr / bc1;
-                let decay = 1.0 - lr * wd;
+                let k = AdamWConsts {
+                    step_size: lr / bc1,
+                    decay: 1.0 - lr * wd,
+                    beta1: *beta1,
+                    beta2: *beta2,
+                    eps: *eps,
+                    bc2_sqrt: *bc2_sqrt,
+                    scale: *scale,
+                };
                 par_zip(p, g, &mut [&mut m, &mut v], |p, g, s| {
-                    let [m, v] = s else { return };
-                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
-                    {
-                        let g = g * scale;
-                        *p *= decay;
-                        *m = beta1 * *m + (1.0 - beta1) * g;
-                        *v = beta2 * *v + (1.0 - beta2) * g * g;
-                        let denom = v.sqrt() / bc2_sqrt + eps;
-                        *p -= step_size * *m / denom;
+                    if let [m, v] = s {
+                        adamw(p, g, m, v, k)
                     }
                 });
             }
         }
         Ok(())
+    }
+}
+
+/// SGD's constants for one parameter, by value (see [`adamw`] for why).
+#[derive(Clone, Copy)]
+struct SgdConsts {
+    lr: f32,
+    wd: f32,
+    momentum: f32,
+    nesterov: bool,
+    first: bool,
+    scale: f32,
+}
+
+/// Plain SGD with L2 weight decay over one block.
+fn sgd_plain(p: &mut [f32], g: &[f32], k: SgdConsts) {
+    let n = p.len().min(g.len());
+    let (p, g) = (&mut p[..n], &g[..n]);
+    for i in 0..n {
+        let d = g[i] * k.scale + k.wd * p[i];
+        p[i] -= k.lr * d;
+    }
+}
+
+/// SGD with (Nesterov) momentum over one block; `s[0]` is the momentum buffer.
+fn sgd_momentum(p: &mut [f32], g: &[f32], s: &mut [&mut [f32]], k: SgdConsts) {
+    let Some(b) = s.first_mut() else { return };
+    let n = p.len().min(g.len()).min(b.len());
+    let (p, g, b) = (&mut p[..n], &g[..n], &mut b[..n]);
+    // The branches are hoisted out of the loop so each loop is straight-line code.
+    match (k.first, k.nesterov) {
+        (true, nesterov) => {
+            for i in 0..n {
+                // torch initialises the buffer with the first gradient.
+                let d = g[i] * k.scale + k.wd * p[i];
+                b[i] = d;
+                p[i] -= k.lr * if nesterov { d + k.momentum * d } else { d };
+            }
+        }
+        (false, false) => {
+            for i in 0..n {
+                let d = g[i] * k.scale + k.wd * p[i];
+                b[i] = k.momentum * b[i] + d;
+                p[i] -= k.lr * b[i];
+            }
+        }
+        (false, true) => {
+            for i in 0..n {
+                let d = g[i] * k.scale + k.wd * p[i];
+                b[i] = k.momentum * b[i] + d;
+                p[i] -= k.lr * (d + k.momentum * b[i]);
+            }
+        }
+    }
+}
+
+/// AdamW's constants for one parameter, by value: the update loops read them from
+/// registers. (Captured by reference, they were re-read through two pointers per element,
+/// and the loop ran scalar: 55% of a LeNet-300-100 training step.)
+#[derive(Clone, Copy)]
+struct AdamWConsts {
+    step_size: f32,
+    decay: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    bc2_sqrt: f32,
+    scale: f32,
+}
+
+/// One AdamW update (torch's formula, decoupled decay) over one block, written so the
+/// compiler vectorises it: equal-length slices, indices, no captured references.
+fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamWConsts) {
+    let n = p.len().min(g.len()).min(m.len()).min(v.len());
+    let (p, g, m, v) = (&mut p[..n], &g[..n], &mut m[..n], &mut v[..n]);
+    let (one_b1, one_b2) = (1.0 - k.beta1, 1.0 - k.beta2);
+    for i in 0..n {
+        let gi = g[i] * k.scale;
+        let mi = k.beta1 * m[i] + one_b1 * gi;
+        let vi = k.beta2 * v[i] + one_b2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        let denom = vi.sqrt() / k.bc2_sqrt + k.eps;
+        p[i] = p[i] * k.decay - k.step_size * mi / denom;
     }
 }
