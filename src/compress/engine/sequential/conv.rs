@@ -496,8 +496,20 @@ impl MaxPool2d {
     }
 
     /// The index inside `plane` (`w` columns) of the first maximum of window `(oy, ox)`.
+    #[inline]
     fn argmax(&self, plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
         let (kh, kw) = self.kernel;
+        if (kh, kw) == (2, 2) {
+            // The common window, unrolled: the same first maximum as the loop below.
+            let a = (2 * oy) * w + 2 * ox;
+            let mut best = a;
+            for i in [a + 1, a + w, a + w + 1] {
+                if (plane[i].is_nan() && !plane[best].is_nan()) || plane[i] > plane[best] {
+                    best = i;
+                }
+            }
+            return best;
+        }
         let mut best = (oy * kh) * w + ox * kw;
         for ky in 0..kh {
             let row = (oy * kh + ky) * w + ox * kw;
@@ -529,8 +541,10 @@ impl CustomOp1 for MaxPool2d {
         par_units(&mut out, per, |first, out| {
             for (p, out) in out.chunks_exact_mut(per).enumerate() {
                 let plane = &x[(first + p) * h * w..][..h * w];
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = plane[self.argmax(plane, w, i / ow, i % ow)];
+                for (oy, out) in out.chunks_exact_mut(ow).enumerate() {
+                    for (ox, o) in out.iter_mut().enumerate() {
+                        *o = plane[self.argmax(plane, w, oy, ox)];
+                    }
                 }
             }
         });
@@ -586,8 +600,10 @@ impl candle_core::CustomOp2 for MaxPool2dGrad {
             for (p, dx) in dx.chunks_exact_mut(h * w).enumerate() {
                 let plane = &x[(first + p) * h * w..][..h * w];
                 let g = &grad[(first + p) * per..][..per];
-                for (i, g) in g.iter().enumerate() {
-                    dx[pool.argmax(plane, w, i / ow, i % ow)] = *g;
+                for (oy, g) in g.chunks_exact(ow).enumerate() {
+                    for (ox, g) in g.iter().enumerate() {
+                        dx[pool.argmax(plane, w, oy, ox)] = *g;
+                    }
                 }
             }
         });
