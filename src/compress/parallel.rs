@@ -90,6 +90,23 @@ pub fn advise_huge_pages<T>(buf: &mut [T]) {
     let _ = buf;
 }
 
+/// An `n`-value f32 buffer for a kernel that writes every value before anything reads it
+/// (an op's output filled whole by [`par_units`]). It is candle's own allocation for op
+/// outputs (`alloc_uninit`), without the zeroing pass of `vec![0.0; n]` — a memset, or page
+/// faults on fresh pages, on every training step.
+pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
+    use candle_core::backend::BackendDevice;
+    let shape = candle_core::Shape::from(n);
+    // SAFETY: candle's CPU `alloc_uninit` returns `n` f32 values of unspecified content (any
+    // bit pattern is an f32); every caller overwrites each of them before reading any.
+    match unsafe {
+        candle_core::cpu_backend::CpuDevice.alloc_uninit(&shape, candle_core::DType::F32)
+    } {
+        Ok(candle_core::CpuStorage::F32(v)) if v.len() == n => v,
+        _ => vec![0f32; n],
+    }
+}
+
 /// Below this many values a kernel on candle's worker pool ([`par_units`]) runs on the
 /// calling thread alone: waking the pool costs more than the work.
 const POOL_MIN: usize = 1 << 16;

@@ -10,6 +10,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::sequential::conv::{contiguous_f32, par_map, par_map2, par_units};
+use crate::compress::parallel::output_buffer;
 
 /// `(rows, width)` of a tensor normalised over its last dimension.
 fn rows(layout: &Layout) -> candle_core::Result<(usize, usize)> {
@@ -71,7 +72,8 @@ impl CustomOp3 for LayerNorm {
         if w.len() != h || b.len() != h {
             bail!("layer_norm: weight and bias must have {h} values")
         }
-        let mut y = vec![0f32; x.len()];
+        // Every row is written below.
+        let mut y = output_buffer(x.len());
         par_units(&mut y, h, |first, out| {
             for (r, out) in out.chunks_exact_mut(h).enumerate() {
                 let row = &x[(first + r) * h..][..h];
@@ -206,7 +208,8 @@ impl Softmax {
         h: usize,
         bias: impl Fn(usize) -> Option<&'b [f32]> + Sync,
     ) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
+        // Every row is written below.
+        let mut y = output_buffer(x.len());
         par_units(&mut y, h, |first, out| {
             for (r, out) in out.chunks_exact_mut(h).enumerate() {
                 let row = &x[(first + r) * h..][..h];

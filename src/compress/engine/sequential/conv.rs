@@ -31,6 +31,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+use crate::compress::parallel::output_buffer;
 pub(crate) use crate::compress::parallel::{par_units, par_units_of_work};
 
 /// The geometry of one convolution: input `[n, c, h, w]`, kernel `[_, c, kh, kw]`.
@@ -146,7 +147,8 @@ pub(crate) fn column_sums(t: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `f(i, x[i])` for every element, in parallel when large ([`par_units`]).
 pub(crate) fn par_map(x: &[f32], f: impl Fn(usize, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    // Every element is written below.
+    let mut out = output_buffer(x.len());
     par_units(&mut out, 1, |first, out| {
         for (k, (o, &v)) in out.iter_mut().zip(&x[first..]).enumerate() {
             *o = f(first + k, v);
@@ -157,7 +159,8 @@ pub(crate) fn par_map(x: &[f32], f: impl Fn(usize, f32) -> f32 + Sync) -> Vec<f3
 
 /// `f(x[i], y[i])` for every pair of elements (`x` and `y` as long), in parallel when large.
 pub(crate) fn par_map2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    // Every element is written below.
+    let mut out = output_buffer(x.len());
     par_units(&mut out, 1, |first, out| {
         for ((o, &a), &b) in out.iter_mut().zip(&x[first..]).zip(&y[first..]) {
             *o = f(a, b);
@@ -227,6 +230,14 @@ impl Col2Im {
                         continue;
                     };
                     let start = iy * g.w + lo * g.stride + kx - g.pw;
+                    if g.stride == 1 {
+                        // Contiguous runs: a loop the compiler vectorises.
+                        let run = &mut image[start..start + (hi - lo)];
+                        for (d, v) in run.iter_mut().zip(&src[lo..hi]) {
+                            *d += v;
+                        }
+                        continue;
+                    }
                     for (d, v) in image[start..]
                         .iter_mut()
                         .step_by(g.stride)
@@ -277,7 +288,8 @@ impl CustomOp1 for Im2Col {
             )
         }
         let x = contiguous_f32("im2col", storage, layout)?;
-        let mut cols = vec![0f32; g.rows() * g.cols()];
+        // `fill` writes every value, the padding's zeros included.
+        let mut cols = output_buffer(g.rows() * g.cols());
         par_units(&mut cols, g.cols(), |first, rows| {
             Im2Col::fill(&g, x, first, rows)
         });
@@ -414,7 +426,8 @@ impl candle_core::CustomOp2 for ConvGemm {
             bail!("conv gemm: only f32 tensors are supported")
         };
         // [o, n, l] → [n, o, l]: whole output planes.
-        let mut out = vec![0f32; product.len()];
+        // Every plane of every sample is copied below.
+        let mut out = output_buffer(product.len());
         par_units(&mut out, o * l, |first, samples| {
             for (s, sample) in samples.chunks_exact_mut(o * l).enumerate() {
                 for (c, plane) in sample.chunks_exact_mut(l).enumerate() {
@@ -496,32 +509,37 @@ impl MaxPool2d {
     }
 
     /// The index inside `plane` (`w` columns) of the first maximum of window `(oy, ox)`.
-    #[inline]
     fn argmax(&self, plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
         let (kh, kw) = self.kernel;
-        if (kh, kw) == (2, 2) {
-            // The common window, unrolled: the same first maximum as the loop below.
-            let a = (2 * oy) * w + 2 * ox;
-            let mut best = a;
-            for i in [a + 1, a + w, a + w + 1] {
-                if (plane[i].is_nan() && !plane[best].is_nan()) || plane[i] > plane[best] {
-                    best = i;
-                }
-            }
-            return best;
-        }
         let mut best = (oy * kh) * w + ox * kw;
         for ky in 0..kh {
             let row = (oy * kh + ky) * w + ox * kw;
             for i in row..row + kw {
-                // A NaN wins over numbers, as in PyTorch.
-                if (plane[i].is_nan() && !plane[best].is_nan()) || plane[i] > plane[best] {
+                if replaces(plane[best], plane[i]) {
                     best = i;
                 }
             }
         }
         best
     }
+}
+
+/// The running maximum of a window after value `v`: `v` replaces `best` only where it is
+/// larger, or a NaN where `best` is not ([`MaxPool2d::argmax`]'s first maximum, as values).
+#[inline(always)]
+fn later_wins(best: f32, v: f32) -> f32 {
+    if replaces(best, v) {
+        v
+    } else {
+        best
+    }
+}
+
+/// Whether `v` replaces the running maximum `best`: larger, or a NaN over a number (as in
+/// PyTorch).
+#[inline(always)]
+fn replaces(best: f32, v: f32) -> bool {
+    v > best || (v.is_nan() && !best.is_nan())
 }
 
 impl CustomOp1 for MaxPool2d {
@@ -537,11 +555,25 @@ impl CustomOp1 for MaxPool2d {
         let (planes, h, w, per) = self.pooled(layout)?;
         let x = contiguous_f32("max_pool2d", storage, layout)?;
         let ow = w / self.kernel.1;
-        let mut out = vec![0f32; planes * per];
+        // One value per window, every window.
+        let mut out = output_buffer(planes * per);
+        let two = self.kernel == (2, 2);
         par_units(&mut out, per, |first, out| {
             for (p, out) in out.chunks_exact_mut(per).enumerate() {
                 let plane = &x[(first + p) * h * w..][..h * w];
                 for (oy, out) in out.chunks_exact_mut(ow).enumerate() {
+                    if two {
+                        let rows = &plane[2 * oy * w..][..2 * w];
+                        let (r0, r1) = rows.split_at(w);
+                        for ((o, a), b) in out
+                            .iter_mut()
+                            .zip(r0.chunks_exact(2))
+                            .zip(r1.chunks_exact(2))
+                        {
+                            *o = later_wins(later_wins(later_wins(a[0], a[1]), b[0]), b[1]);
+                        }
+                        continue;
+                    }
                     for (ox, o) in out.iter_mut().enumerate() {
                         *o = plane[self.argmax(plane, w, oy, ox)];
                     }
@@ -595,6 +627,34 @@ impl candle_core::CustomOp2 for MaxPool2dGrad {
         let x = contiguous_f32("max_pool2d backward", s1, l1)?;
         let grad = contiguous_f32("max_pool2d backward", s2, l2)?;
         let ow = w / self.kernel.1;
+        if pool.kernel == (2, 2) {
+            // The windows tile the input, so every input value is written once: its
+            // window's gradient where it is the window's maximum, zero elsewhere.
+            let mut dx = output_buffer(planes * h * w);
+            par_units(&mut dx, h * w, |first, dx| {
+                for (p, dx) in dx.chunks_exact_mut(h * w).enumerate() {
+                    let plane = &x[(first + p) * h * w..][..h * w];
+                    let g = &grad[(first + p) * per..][..per];
+                    for (oy, g) in g.chunks_exact(ow).enumerate() {
+                        let top = 2 * oy * w;
+                        for (ox, &g) in g.iter().enumerate() {
+                            let a = top + 2 * ox;
+                            let window = [a, a + 1, a + w, a + w + 1];
+                            let (mut best, mut k) = (plane[a], 0);
+                            for (j, &at) in window.iter().enumerate().skip(1) {
+                                let take = replaces(best, plane[at]);
+                                k = if take { j } else { k };
+                                best = if take { plane[at] } else { best };
+                            }
+                            for (j, &at) in window.iter().enumerate() {
+                                dx[at] = if j == k { g } else { 0.0 };
+                            }
+                        }
+                    }
+                }
+            });
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
         let mut dx = vec![0f32; planes * h * w];
         par_units(&mut dx, h * w, |first, dx| {
             for (p, dx) in dx.chunks_exact_mut(h * w).enumerate() {
@@ -1055,6 +1115,18 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0]);
+        // A NaN wins over numbers, the first NaN over later ones (PyTorch), on the 2×2 path
+        // and on the general one (the same window read as 1×4).
+        let nan = f32::NAN;
+        for (kernel, shape) in [((2, 2), (1, 1, 2, 2)), ((1, 4), (1, 1, 1, 4))] {
+            let x = Var::from_vec(vec![1f32, nan, 5., nan], shape, &Device::Cpu).unwrap();
+            let pool = MaxPool2d { kernel };
+            let y = pool.forward(x.as_tensor()).unwrap();
+            assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
+            let g = (y * 3.0).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+            assert_eq!(dx.to_vec1::<f32>().unwrap(), vec![0.0, 3.0, 0.0, 0.0]);
+        }
         let odd = Tensor::zeros((1, 1, 3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(pool.forward(&odd).is_err());
     }
