@@ -635,20 +635,25 @@ impl candle_core::CustomOp2 for MaxPool2dGrad {
                 for (p, dx) in dx.chunks_exact_mut(h * w).enumerate() {
                     let plane = &x[(first + p) * h * w..][..h * w];
                     let g = &grad[(first + p) * per..][..per];
-                    for (oy, g) in g.chunks_exact(ow).enumerate() {
-                        let top = 2 * oy * w;
-                        for (ox, &g) in g.iter().enumerate() {
-                            let a = top + 2 * ox;
-                            let window = [a, a + 1, a + w, a + w + 1];
-                            let (mut best, mut k) = (plane[a], 0);
-                            for (j, &at) in window.iter().enumerate().skip(1) {
-                                let take = replaces(best, plane[at]);
+                    // Row pairs of the input and of its gradient, a window per output.
+                    let rows = plane.chunks_exact(2 * w).zip(dx.chunks_exact_mut(2 * w));
+                    for (g, (x, d)) in g.chunks_exact(ow).zip(rows) {
+                        let (x0, x1) = x.split_at(w);
+                        let (d0, d1) = d.split_at_mut(w);
+                        let windows = x0.chunks_exact(2).zip(x1.chunks_exact(2));
+                        let targets = d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2));
+                        for ((&g, (a, b)), (da, db)) in g.iter().zip(windows).zip(targets) {
+                            let values = [a[0], a[1], b[0], b[1]];
+                            let (mut best, mut k) = (values[0], 0);
+                            for (j, &v) in values.iter().enumerate().skip(1) {
+                                let take = replaces(best, v);
                                 k = if take { j } else { k };
-                                best = if take { plane[at] } else { best };
+                                best = if take { v } else { best };
                             }
-                            for (j, &at) in window.iter().enumerate() {
-                                dx[at] = if j == k { g } else { 0.0 };
-                            }
+                            da[0] = if k == 0 { g } else { 0.0 };
+                            da[1] = if k == 1 { g } else { 0.0 };
+                            db[0] = if k == 2 { g } else { 0.0 };
+                            db[1] = if k == 3 { g } else { 0.0 };
                         }
                     }
                 }
