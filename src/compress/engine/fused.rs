@@ -380,7 +380,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LO: f32 = -87.336_55;
     const HI: f32 = 88.722_83;
     const SHIFT: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_HI: f32 = 0.693_359_4; // 355/512 exactly
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.clamp(LO, HI);
     let shifted = xc * std::f32::consts::LOG2_E + SHIFT;
@@ -391,7 +391,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5; // Cephes' 5.0000001201e-1, which rounds to 0.5 in f32
     let y = p * (r * r) + r + 1.0;
     // n as an integer, read off the shifted value's low mantissa bits (`as i32` would
     // convert one lane at a time, with NaN checks).
