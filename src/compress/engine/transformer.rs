@@ -414,13 +414,10 @@ pub fn attention(
     let d = q.dim(D::Minus1)?;
     if let Mode::Eval = mode {
         // No backward pass: scale the (smaller) queries, let the matmul read kᵀ through its
-        // strides, and use candle's fused softmax.
+        // strides, and add the bias inside the softmax's own pass (with the vectorised exp;
+        // candle's softmax calls libm's expf per element, after a separate broadcast add).
         let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
-        let scores = match bias {
-            Some(b) => scores.broadcast_add(b)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = super::fused::Softmax { scale: 1.0 }.forward(&scores, bias)?;
         return Ok(probs.matmul(v)?);
     }
     let scores = q.matmul(&k.t()?)?;
