@@ -29,11 +29,8 @@
 //!   are ours: entries of `metadata` with the same names are not written.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
 use std::io::Write;
-use std::str::FromStr;
 
-use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
 use crate::compress::formats::safetensors::{encode_f32, Dtype, SafetensorsFile, TensorInfo};
@@ -52,7 +49,7 @@ pub const GGUF_MAX_NAME_LEN: usize = 63;
 pub const GGUF_MAX_DIMS: usize = 4;
 
 use super::gguf_blocks::quantize_rows;
-pub use super::gguf_blocks::{decode_blocks, encode_blocks, roundtrip};
+pub use super::gguf_blocks::{decode_blocks, encode_blocks, roundtrip, GgufType};
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// GGUF metadata value types used here.
@@ -71,8 +68,6 @@ const RESERVED_KEYS: [&str; 3] = [
 /// Elements each thread quantizes per chunk (16 MiB of f32): bounds memory, keeps the
 /// cancel check and progress reports frequent.
 const CHUNK_ELEMS: usize = 1 << 22;
-/// Values candle quantizes per call inside a chunk (256 KiB of f32).
-pub(super) const PIECE_ELEMS: usize = 1 << 16;
 /// Largest integer magnitude every integer up to which f32 represents exactly.
 const F32_EXACT_INT: i64 = 1 << 24;
 
@@ -152,178 +147,6 @@ impl MetaValue {
                 }
             }
         }
-    }
-}
-
-/// A GGUF block-quantization type (the `type` parameter of the `gguf` format).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GgufType {
-    /// 8-bit, blocks of 32 with one f16 scale (8.5 bits/weight).
-    Q8_0,
-    /// 4-bit symmetric, blocks of 32 (4.5 bits/weight).
-    Q4_0,
-    /// 4-bit with offset, blocks of 32 (5 bits/weight).
-    Q4_1,
-    /// 5-bit symmetric, blocks of 32 (5.5 bits/weight).
-    Q5_0,
-    /// 5-bit with offset, blocks of 32 (6 bits/weight).
-    Q5_1,
-    /// k-quant 2-bit, super-blocks of 256 (2.625 bits/weight).
-    Q2K,
-    /// k-quant 3-bit, super-blocks of 256 (3.4375 bits/weight).
-    Q3K,
-    /// k-quant 4-bit, super-blocks of 256 (4.5 bits/weight).
-    Q4K,
-    /// k-quant 5-bit, super-blocks of 256 (5.5 bits/weight).
-    Q5K,
-    /// k-quant 6-bit, super-blocks of 256 (6.5625 bits/weight).
-    Q6K,
-}
-
-impl GgufType {
-    /// Every type, in the order of the API documentation.
-    pub const ALL: [GgufType; 10] = [
-        GgufType::Q8_0,
-        GgufType::Q4_0,
-        GgufType::Q4_1,
-        GgufType::Q5_0,
-        GgufType::Q5_1,
-        GgufType::Q2K,
-        GgufType::Q3K,
-        GgufType::Q4K,
-        GgufType::Q5K,
-        GgufType::Q6K,
-    ];
-
-    /// API spelling (`q8_0`, `q4_k`, …), also llama.cpp's lower-cased type name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GgufType::Q8_0 => "q8_0",
-            GgufType::Q4_0 => "q4_0",
-            GgufType::Q4_1 => "q4_1",
-            GgufType::Q5_0 => "q5_0",
-            GgufType::Q5_1 => "q5_1",
-            GgufType::Q2K => "q2_k",
-            GgufType::Q3K => "q3_k",
-            GgufType::Q4K => "q4_k",
-            GgufType::Q5K => "q5_k",
-            GgufType::Q6K => "q6_k",
-        }
-    }
-
-    /// Values per block: 32, or 256 for the k-quants. Rows must be a multiple of it.
-    pub fn block_size(self) -> usize {
-        self.ggml_dtype().block_size()
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        self.ggml_dtype().type_size()
-    }
-
-    /// Storage cost in bits per weight (block bytes × 8 / block size).
-    pub fn bits_per_weight(self) -> f64 {
-        (self.block_bytes() * 8) as f64 / self.block_size() as f64
-    }
-
-    /// Whether this is a k-quant (256-value super-blocks).
-    pub fn is_k_quant(self) -> bool {
-        self.block_size() == 256
-    }
-
-    /// The type llama-quantize falls back to for rows a k-quant's 256-value blocks do not
-    /// divide: q4_k → q5_0, q5_k → q5_1, q6_k → q8_0, and q2_k / q3_k → q4_0 (llama.cpp
-    /// uses iq4_nl there, a type Whittle does not write). `None` for the 32-block types.
-    pub fn fallback(self) -> Option<GgufType> {
-        match self {
-            GgufType::Q2K | GgufType::Q3K => Some(GgufType::Q4_0),
-            GgufType::Q4K => Some(GgufType::Q5_0),
-            GgufType::Q5K => Some(GgufType::Q5_1),
-            GgufType::Q6K => Some(GgufType::Q8_0),
-            _ => None,
-        }
-    }
-
-    /// The type a row of `row` values is stored as: this type when its blocks divide the
-    /// row, else its [`GgufType::fallback`] when that one's do; `None` when nothing fits.
-    pub fn for_row(self, row: usize) -> Option<GgufType> {
-        if row > 0 && row.is_multiple_of(self.block_size()) {
-            return Some(self);
-        }
-        self.fallback()
-            .filter(|f| row > 0 && row.is_multiple_of(f.block_size()))
-    }
-
-    /// candle's type.
-    pub fn ggml_dtype(self) -> GgmlDType {
-        match self {
-            GgufType::Q8_0 => GgmlDType::Q8_0,
-            GgufType::Q4_0 => GgmlDType::Q4_0,
-            GgufType::Q4_1 => GgmlDType::Q4_1,
-            GgufType::Q5_0 => GgmlDType::Q5_0,
-            GgufType::Q5_1 => GgmlDType::Q5_1,
-            GgufType::Q2K => GgmlDType::Q2K,
-            GgufType::Q3K => GgmlDType::Q3K,
-            GgufType::Q4K => GgmlDType::Q4K,
-            GgufType::Q5K => GgmlDType::Q5K,
-            GgufType::Q6K => GgmlDType::Q6K,
-        }
-    }
-
-    /// The ggml type id in a GGUF tensor info (`GGML_TYPE_*`).
-    fn ggml_type_id(self) -> u32 {
-        match self {
-            GgufType::Q4_0 => 2,
-            GgufType::Q4_1 => 3,
-            GgufType::Q5_0 => 6,
-            GgufType::Q5_1 => 7,
-            GgufType::Q8_0 => 8,
-            GgufType::Q2K => 10,
-            GgufType::Q3K => 11,
-            GgufType::Q4K => 12,
-            GgufType::Q5K => 13,
-            GgufType::Q6K => 14,
-        }
-    }
-
-    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_MOSTLY_*`).
-    fn llama_file_type(self) -> u32 {
-        match self {
-            GgufType::Q4_0 => 2,
-            GgufType::Q4_1 => 3,
-            GgufType::Q8_0 => 7,
-            GgufType::Q5_0 => 8,
-            GgufType::Q5_1 => 9,
-            GgufType::Q2K => 10,
-            GgufType::Q3K => 11,
-            GgufType::Q4K => 14,
-            GgufType::Q5K => 16,
-            GgufType::Q6K => 18,
-        }
-    }
-}
-
-impl fmt::Display for GgufType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for GgufType {
-    type Err = Error;
-
-    /// Parses the API spelling; anything else is an [`Error::InvalidParameter`] at `/type`.
-    fn from_str(s: &str) -> Result<Self> {
-        GgufType::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| Error::InvalidParameter {
-                field: "type".into(),
-                detail: format!(
-                    "unknown GGUF type {s:?}; expected one of {}",
-                    GgufType::ALL.map(GgufType::as_str).join(", ")
-                ),
-            })
     }
 }
 
