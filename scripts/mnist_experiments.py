@@ -192,12 +192,14 @@ def optimizer(name, lr, weight_decay, momentum=0.9):
 
 
 def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weight_decay=0.0,
-               opt="adamw", kind="polynomial", kept=None):
+               opt="adamw", kind="polynomial", kept=None, splicing=None):
     step = {"op": "prune", "method": "magnitude", "scope": scope,
             "schedule": {"kind": kind, "iterations": iterations,
                          "finetune": {"dataset_id": train, "epochs": epochs_per_round, "batch_size": 128,
                                       "optimizer": optimizer(opt, lr, weight_decay),
                                       "lr_schedule": {"kind": "cosine"}}}}
+    if splicing:
+        step["schedule"]["splicing"] = splicing
     if kind == "polynomial":
         step["schedule"]["power"] = 3
     if scope == "layer":
@@ -206,6 +208,13 @@ def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weig
     else:
         step["sparsity"] = 0.92
     return step
+
+
+def splicing_arg(args):
+    """`--splicing 0.75 [--splice-margin 0.1]`: Dynamic Network Surgery's splicing in every round."""
+    if args.splicing is None:
+        return None
+    return {"until": args.splicing, "margin": args.splice_margin}
 
 
 def kept_arg(args):
@@ -227,7 +236,7 @@ def han(args):
     train, test = mnist(args)
     base, base_final, base_s = base_lenet(args, train, test)
     steps = [prune_step(train, args.iterations, args.round_epochs, args.scope, args.retrain_lr, args.retrain_wd,
-                        args.retrain_optimizer, kept=kept_arg(args))]
+                        args.retrain_optimizer, kept=kept_arg(args), splicing=splicing_arg(args))]
     if args.final_epochs:
         # One more round at the final sparsity (the mask does not change), retrained longer.
         steps.append(prune_step(train, 1, args.final_epochs, args.scope, args.final_lr or args.retrain_lr,
@@ -261,9 +270,9 @@ def han(args):
             "paper": {"unpruned": 1.64, "pruned": 1.59, "kept": HAN_KEPT},
             "weights_kept": round(nonzero / total, 4), "compression_x": round(total / nonzero, 1),
             "kept_per_layer": layers, "scope": args.scope,
-            "rounds": [{k: r.get(k) for k in ("iteration", "target_sparsity", "sparsity", "accuracy_after_pruning", "accuracy_after_retraining")} for r in rounds],
+            "rounds": [{k: r.get(k) for k in ("iteration", "target_sparsity", "sparsity", "accuracy_after_pruning", "accuracy_after_retraining", "splicing")} for r in rounds],
             "pretrain_epochs": args.epochs, "iterations": args.iterations, "epochs_per_round": args.round_epochs,
-            "final_epochs": args.final_epochs,
+            "final_epochs": args.final_epochs, "splicing": splicing_arg(args),
             "retrain_optimizer": optimizer(args.retrain_optimizer, args.retrain_lr, args.retrain_wd),
             "seconds": {"pretrain": round(base_s, 1), "prune_job": round(seconds, 1)}, "job_id": job["id"],
             "pruned_model_id": job["result"]["model_id"], "unpruned_model_id": base}
@@ -283,7 +292,7 @@ def deep(args):
     job, m, seconds = run_job(args.url, {
         "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
         "steps": [prune_step(train, args.iterations, args.round_epochs, lr=args.retrain_lr, weight_decay=args.retrain_wd,
-                             opt=args.retrain_optimizer, kept=kept_arg(args)),
+                             opt=args.retrain_optimizer, kept=kept_arg(args), splicing=splicing_arg(args)),
                   kmeans_step]})
     final = m["final"]
     quant = m["steps"][-1]
@@ -408,14 +417,14 @@ def hinton(args):
     out = {"experiment": "Hinton et al. 2015 on MNIST: teacher 784-1200-1200-10 (dropout) -> students",
            "teacher_test_errors": round(10000 * (1 - teacher_final["accuracy"])),
            "paper": {"teacher": 67, "student_alone_2x800": 146, "distilled_2x800_T20": 74},
-           "epochs": args.epochs, "augment_translate": args.augment,
+           "epochs": args.epochs, "augment_translate": args.augment, "student_dropout": args.student_dropout,
            "transfer_samples": args.transfer_samples or 60000, "teacher_id": teacher, "students": {}}
     for hidden in args.students.split(","):
         widths = (784, *map(int, hidden.split("x")), 10)
         name = "x".join(map(str, widths[1:-1]))
         runs = {}
         for i, temp in enumerate(args.temperatures):
-            step = {"op": "distill", "dataset_id": train, "student": {"architecture": mlp(*widths)},
+            step = {"op": "distill", "dataset_id": train, "student": {"architecture": mlp(*widths, dropout=args.student_dropout)},
                     "temperature": temp, "alpha": args.alpha, "baseline": i == 0,
                     "epochs": args.epochs, "batch_size": 128,
                     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}, "lr_schedule": {"kind": "cosine"}}
@@ -451,6 +460,9 @@ def main():
                     help="han: one more retraining round at the final sparsity, this many epochs")
     ap.add_argument("--final-lr", type=float, help="han: learning rate of that round (default: --retrain-lr)")
     ap.add_argument("--kept", help="han/deep: fractions of fc1,fc2,fc3 kept, e.g. 0.045,0.07,0.25 (default 0.08,0.09,0.26)")
+    ap.add_argument("--splicing", type=float, metavar="UNTIL",
+                    help="han/deep: let pruned weights come back during the first UNTIL share of each round's epochs")
+    ap.add_argument("--splice-margin", type=float, default=0.1, help="han/deep --splicing: hysteresis band")
     ap.add_argument("--clusters", type=int, default=32, help="deep: k-means codebook size")
     ap.add_argument("--entropy", choices=["none", "huffman"], default="huffman", help="deep: entropy coding of the packed file")
     ap.add_argument("--qat-epochs", type=int, default=3, help="quant: QAT epochs; deep: centroid fine-tuning epochs (0: none)")
@@ -461,6 +473,7 @@ def main():
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1, 4, 8, 20])
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--teacher-id", help="reuse a trained teacher (hinton)")
+    ap.add_argument("--student-dropout", type=float, default=0.0, help="hinton: dropout after each hidden layer of the students")
     ap.add_argument("--augment", type=int, default=0, help="hinton: random shifts of up to N pixels while training")
     ap.add_argument("--teacher-only", action="store_true", help="hinton: train and score the teacher only")
     ap.add_argument("--base-id", help="reuse a trained LeNet-300-100 (han, deep)")

@@ -6,6 +6,7 @@ use super::fields::{choice, deny_unknown, embedded_training, escape, f64_in, obj
 use super::train::{require_architecture, FinetuneSpec};
 use super::{check_patterns, patterns, Facts, FieldError, Selection};
 use crate::compress::prune::schedule::{Schedule, ScheduleKind};
+use crate::compress::prune::splicing::Splicing;
 use crate::compress::prune::{prune_count, Method, Output, PruneTargets, Scope};
 use crate::compress::select::glob_match;
 
@@ -16,6 +17,8 @@ pub struct PruneSchedule {
     pub curve: Schedule,
     /// Retraining after each pruning round (pruned weights stay zero).
     pub finetune: FinetuneSpec,
+    /// Let pruned weights come back during retraining (magnitude pruning).
+    pub splicing: Option<Splicing>,
 }
 
 /// A validated `prune` step.
@@ -88,6 +91,9 @@ impl PruneSpec {
                                     "kind": s.curve.kind.as_str()});
                 if let ScheduleKind::Polynomial { power } = s.curve.kind {
                     sj["power"] = json!(power);
+                }
+                if let Some(sp) = s.splicing {
+                    sj["splicing"] = json!({"until": sp.until, "margin": sp.margin});
                 }
                 sj
             }
@@ -257,7 +263,27 @@ pub fn parse(
 
     let schedule = object(obj, "schedule", pointer, &mut errors).and_then(|s| {
         let sp = format!("{pointer}/schedule");
-        deny_unknown(s, &["kind", "iterations", "power", "finetune"], &sp, &mut errors);
+        deny_unknown(
+            s,
+            &["kind", "iterations", "power", "finetune", "splicing"],
+            &sp,
+            &mut errors,
+        );
+        let splicing = object(s, "splicing", &sp, &mut errors).map(|o| {
+            let pp = format!("{sp}/splicing");
+            deny_unknown(o, &["until", "margin"], &pp, &mut errors);
+            let d = Splicing::default();
+            Splicing {
+                until: f64_in(o, "until", (0.01, 1.0), &pp, &mut errors).unwrap_or(d.until),
+                margin: f64_in(o, "margin", (0.0, 0.9), &pp, &mut errors).unwrap_or(d.margin),
+            }
+        });
+        if splicing.is_some() && method != Method::Magnitude {
+            errors.push(FieldError::new(
+                format!("{sp}/splicing"),
+                "splicing lets weights pruned by magnitude come back when they regain it; it needs `method: magnitude`",
+            ));
+        }
         let kind = match choice(s, "kind", &["polynomial", "constant"], &sp, &mut errors) {
             Some("constant") => {
                 if s.get("power").is_some_and(|v| !v.is_null()) {
@@ -285,6 +311,7 @@ pub fn parse(
         Some(PruneSchedule {
             curve: Schedule { kind, iterations },
             finetune: finetune?,
+            splicing,
         })
     });
 

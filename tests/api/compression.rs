@@ -312,6 +312,24 @@ async fn pruning_requests_are_checked_before_anything_is_queued() {
             "validation_failed",
         ),
         (
+            json!({"model_id": with_arch, "steps": [{"op": "prune", "method": "n_m", "n": 2, "m": 4,
+                   "schedule": {"iterations": 2, "finetune": {"dataset_id": data}, "splicing": {}}}]}),
+            "/steps/0/schedule/splicing",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": with_arch, "steps": [{"op": "prune", "sparsity": 0.5,
+                   "schedule": {"iterations": 2, "finetune": {"dataset_id": data}, "splicing": {"until": 0}}}]}),
+            "/steps/0/schedule/splicing/until",
+            "validation_failed",
+        ),
+        (
+            json!({"model_id": with_arch, "steps": [{"op": "prune", "sparsity": 0.5,
+                   "schedule": {"iterations": 2, "finetune": {"dataset_id": data}, "splicing": {"margin": 1.5}}}]}),
+            "/steps/0/schedule/splicing/margin",
+            "validation_failed",
+        ),
+        (
             json!({"model_id": with_arch, "steps": [{"op": "prune", "sparsity": 0.5, "output": "sparse"}, {"op": "evaluate", "dataset_id": data}]}),
             "/steps/0/output",
             "validation_failed",
@@ -388,6 +406,59 @@ async fn gradual_pruning_retrains_with_pruned_weights_held_at_zero() {
     assert!(
         after > before - 0.05,
         "90% sparse after retraining: {before} → {after}"
+    );
+}
+
+#[tokio::test]
+async fn splicing_brings_pruned_weights_back_and_ends_each_round_exactly_at_its_sparsity() {
+    let t = TestApp::sqlite().await;
+    let data = upload_dataset(&t, digits()).await;
+    let model = trained(&t, mlp(64), &data, 4).await;
+    let (job, m) = run(
+        &t,
+        json!({"model_id": model, "eval": {"dataset_id": data},
+               "steps": [{"op": "prune", "sparsity": 0.9, "scope": "layer",
+                          "schedule": {"kind": "polynomial", "iterations": 2, "power": 3,
+                                       "finetune": train(&data, 2), "splicing": {"until": 0.5}}}]}),
+    )
+    .await;
+    let step = &m["steps"][0];
+    assert_eq!(
+        step["summary"]["splicing"],
+        json!({"until": 0.5, "margin": 0.1})
+    );
+    let rounds = step["summary"]["iterations"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    let mut recovered = 0;
+    for r in rounds {
+        // The mask moved during the first of the two epochs, then froze as an exact cut.
+        assert_eq!(r["splicing"]["epochs"], 1, "{r}");
+        recovered += r["splicing"]["recovered"].as_u64().unwrap();
+        let s = r["sparsity"].as_f64().unwrap();
+        assert!(
+            (s - r["target_sparsity"].as_f64().unwrap()).abs() < 0.01,
+            "{r}"
+        );
+    }
+    assert!(recovered > 0, "no pruned weight came back: {rounds:?}");
+    let out = output(&t, &job).await;
+    let st = safetensors::SafeTensors::deserialize(&out).unwrap();
+    let w = f32s(&st, "fc1.weight");
+    assert_eq!(
+        w.iter().filter(|v| **v == 0.0).count(),
+        (64.0f64 * 64.0 * 0.9).round() as usize
+    );
+    let before = m["baseline"]["accuracy"].as_f64().unwrap();
+    let after = m["final"]["accuracy"].as_f64().unwrap();
+    assert!(after > before - 0.05, "{before} → {after}");
+    // The stored spec says what ran.
+    let spec = t
+        .get(&format!("/v1/jobs/{}", job["id"].as_str().unwrap()))
+        .await
+        .json();
+    assert_eq!(
+        spec["steps"][0]["schedule"]["splicing"]["margin"], 0.1,
+        "{spec}"
     );
 }
 

@@ -55,6 +55,7 @@ mod memory;
 mod plan;
 mod radix;
 mod sparse;
+pub mod splicing;
 #[allow(unused_imports)]
 pub use {file::*, memory::*, plan::*, radix::*, sparse::*};
 

@@ -4,10 +4,12 @@
 //! removes units round by round, counting them per layer so the last round lands exactly
 //! on `round(original units · (1 − sparsity))`.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
+use super::splicing::{Splicing, SplicingReport, Surgery};
 use super::structured::{prune_structured, StructuredReport};
 use super::{prune_tensors, Method, PruneTargets, Scope};
 use crate::compress::engine::data::Dataset;
@@ -82,6 +84,9 @@ pub struct GradualParams<'a> {
     pub eval: Option<EvalData<'a>>,
     /// Seed of `random` pruning (round `i` uses `seed + i`).
     pub seed: u64,
+    /// Magnitude pruning: let pruned weights come back during retraining
+    /// ([`super::splicing`]).
+    pub splicing: Option<Splicing>,
 }
 
 /// The figures of one round.
@@ -105,6 +110,9 @@ pub struct Round {
     /// Structured: the parameters left.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<u64>,
+    /// Splicing: the weights that came back during the round's retraining.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub splicing: Option<SplicingReport>,
 }
 
 /// What gradual pruning produced.
@@ -141,6 +149,9 @@ pub fn prune_gradually(
     let targets = params.targets;
     // Output units of each layer before pruning (structured schedules count from them).
     let original_units = units(&arch);
+    // Splicing: the selected tensors with their pruned weights' values still in (the
+    // previous round's shadow), so weights pruned in one round can come back in the next.
+    let mut shadow: Option<Vec<NamedTensor>> = None;
     let accuracy = |arch: &Architecture, weights: &[NamedTensor]| -> Result<Option<f64>> {
         match params.eval {
             // Silent: the evaluation's own 0→1 is not the schedule's progress.
@@ -155,6 +166,8 @@ pub fn prune_gradually(
         // The share of each final sparsity reached after this round (1 for `constant`).
         let fraction = params.schedule.sparsity_at(round, 1.0);
         let target = targets.sparsity * fraction;
+        let round_targets = targets.scaled(fraction);
+        let mut dense_before = Vec::new();
         let after_pruning = match params.method {
             Method::Structured { norm } => {
                 let round_targets = structured_round(
@@ -178,11 +191,23 @@ pub fn prune_gradually(
                 accuracy(&arch, &weights)?
             }
             method => {
+                if params.splicing.is_some() {
+                    // The round cuts the network's weights; its shadow starts from the
+                    // previous round's (the values the pruned weights had learned).
+                    dense_before = match shadow.take() {
+                        Some(s) => s,
+                        None => weights
+                            .iter()
+                            .filter(|w| selected.contains(&w.name))
+                            .cloned()
+                            .collect(),
+                    };
+                }
                 prune_tensors(
                     &mut weights,
                     selected,
                     &method,
-                    &targets.scaled(fraction),
+                    &round_targets,
                     params.seed.wrapping_add(round as u64),
                 )?;
                 accuracy(&arch, &weights)?
@@ -192,10 +217,29 @@ pub fn prune_gradually(
         // Retrain with the pruned weights held at zero.
         let model = Model::new(&arch, weights)?;
         let masks = ZeroMasks::of(&model, selected)?;
-        let keep_zero = |m: &dyn Network| masks.apply(m);
+        let surgery = match params.splicing {
+            Some(settings) if matches!(params.method, Method::Magnitude) => {
+                Some(RefCell::new(Surgery::new(
+                    &model,
+                    std::mem::take(&mut dense_before),
+                    params.method,
+                    round_targets.clone(),
+                    settings,
+                    params.retrain.epochs,
+                )?))
+            }
+            _ => None,
+        };
+        let keep_zero = |m: &dyn Network| match &surgery {
+            Some(s) => s.borrow_mut().step(),
+            None => masks.apply(m),
+        };
         let mut epoch_done = |m: &EpochMetrics, _: &Checkpoint| -> Result<()> {
             on_epoch(m);
-            Ok(())
+            match &surgery {
+                Some(s) => s.borrow_mut().epoch_done(),
+                None => Ok(()),
+            }
         };
         // Round r of R is the (r−1)/R … r/R share of the step's progress.
         let rounds_total = params.schedule.iterations.max(1) as f64;
@@ -220,6 +264,14 @@ pub fn prune_gradually(
             },
         )?;
         weights = out.weights;
+        let splicing = match surgery {
+            Some(s) => {
+                let (next, report) = s.into_inner().finish(&mut weights)?;
+                shadow = Some(next);
+                Some(report)
+            }
+            None => None,
+        };
         let structured = matches!(params.method, Method::Structured { .. });
         rounds.push(Round {
             iteration: round,
@@ -230,6 +282,7 @@ pub fn prune_gradually(
             final_train_loss: out.history.last().map(|h| h.train_loss),
             sparsity: (!structured).then(|| zero_fraction(&weights, selected)),
             parameters: structured.then(|| arch.parameter_count()),
+            splicing,
         });
         for mut e in out.history {
             e.epoch += epochs_all.len();

@@ -119,6 +119,7 @@ fn gradual(
         retrain: &retrain,
         eval: env.eval_data()?,
         seed: spec.seed.unwrap_or(env.seed),
+        splicing: schedule.splicing,
     };
     let mut on_epoch = |m: &_| (env.hooks.epoch_finished)(env.index, m);
     let out = prune_gradually(&arch, weights, selected, &params, env.ctx, &mut on_epoch)?;
@@ -130,6 +131,7 @@ fn gradual(
         "target_sparsity": spec.sparsity,
         "iterations": out.rounds,
         "schedule": schedule.curve.kind.as_str(),
+        "splicing": schedule.splicing.map(|s| json!({"until": s.until, "margin": s.margin})),
     });
     let layers;
     if matches!(spec.method, Method::Structured { .. }) {
