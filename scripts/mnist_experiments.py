@@ -210,6 +210,17 @@ def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weig
     return step
 
 
+def distill_step(args, train, student_id):
+    """The unpruned model (the job's) teaching its pruned copy, zeros held."""
+    opt = args.distill_optimizer or args.retrain_optimizer
+    lr = args.distill_lr or args.final_lr or args.retrain_lr
+    wd = args.retrain_wd if opt == args.retrain_optimizer else 0.0
+    return {"op": "distill", "student": {"model_id": student_id}, "keep_sparsity": True,
+            "dataset_id": train, "epochs": args.distill_epochs, "batch_size": 128,
+            "optimizer": optimizer(opt, lr, wd), "lr_schedule": {"kind": "cosine"},
+            "temperature": args.temperature, "alpha": args.alpha}
+
+
 def splicing_arg(args):
     """`--splicing 0.75 [--splice-margin 0.1]`: Dynamic Network Surgery's splicing in every round."""
     if args.splicing is None:
@@ -250,10 +261,7 @@ def han(args):
         # Retrain the pruned network once more on the unpruned one's soft targets, zeros held.
         d_job, d_m, d_s = run_job(args.url, {
             "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
-            "steps": [{"op": "distill", "student": {"model_id": job["result"]["model_id"]}, "keep_sparsity": True,
-                       "dataset_id": train, "epochs": args.distill_epochs, "batch_size": 128,
-                       "optimizer": optimizer(args.retrain_optimizer, args.final_lr or args.retrain_lr, args.retrain_wd),
-                       "lr_schedule": {"kind": "cosine"}, "temperature": args.temperature, "alpha": args.alpha}]})
+            "steps": [distill_step(args, train, job["result"]["model_id"])]})
         distilled = {"test_error_percent": err(d_m["final"]["accuracy"]), "epochs": args.distill_epochs,
                      "temperature": args.temperature, "alpha": args.alpha,
                      "zero_weights_held": d_m["steps"][0]["summary"]["keep_sparsity"]["zero_weights_held"],
@@ -289,14 +297,30 @@ def deep(args):
         kmeans_step["qat"] = {"dataset_id": train, "epochs": args.qat_epochs, "batch_size": 128,
                               "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0},
                               "lr_schedule": {"kind": "cosine"}}
-    job, m, seconds = run_job(args.url, {
-        "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
-        "steps": [prune_step(train, args.iterations, args.round_epochs, lr=args.retrain_lr, weight_decay=args.retrain_wd,
-                             opt=args.retrain_optimizer, kept=kept_arg(args), splicing=splicing_arg(args)),
-                  kmeans_step]})
+    prune = prune_step(train, args.iterations, args.round_epochs, lr=args.retrain_lr, weight_decay=args.retrain_wd,
+                       opt=args.retrain_optimizer, kept=kept_arg(args), splicing=splicing_arg(args))
+    distilled = None
+    if args.distill_epochs:
+        # Two jobs: the pruning, then the unpruned network teaching its pruned copy (zeros
+        # held) before k-means; the second job's model is the teacher, its output the student.
+        p_job, p_m, p_s = run_job(args.url, {
+            "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": [prune]})
+        job, m, seconds = run_job(args.url, {
+            "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
+            "steps": [distill_step(args, train, p_job["result"]["model_id"]), kmeans_step]})
+        distilled = {"test_error_percent": err(m["steps"][0]["summary"]["student_accuracy"]),
+                     "pruned_job_id": p_job["id"], "seconds": round(seconds, 1)}
+        seconds += p_s
+        pruned_layers = p_m["steps"][0]["layers"]
+        pruned_rounds = p_m["steps"][0]["summary"]["iterations"]
+    else:
+        job, m, seconds = run_job(args.url, {
+            "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
+            "steps": [prune, kmeans_step]})
+        pruned_layers = m["steps"][0]["layers"]
+        pruned_rounds = m["steps"][0]["summary"]["iterations"]
     final = m["final"]
     quant = m["steps"][-1]
-    pruned_layers = m["steps"][0]["layers"]
     total = sum(l["numel"] for l in pruned_layers)
     nonzero = sum(l["nonzero"] for l in pruned_layers)
     return {"experiment": "Deep Compression pipeline on MNIST LeNet-300-100: prune (iterative) -> kmeans-32 (5 bits), packed",
@@ -311,7 +335,8 @@ def deep(args):
             "iterations": args.iterations, "epochs_per_round": args.round_epochs,
             "centroid_finetune_epochs": args.qat_epochs,
             "retrain_optimizer": optimizer(args.retrain_optimizer, args.retrain_lr, args.retrain_wd),
-            "pruned_test_error_percent": err(m["steps"][0]["summary"]["iterations"][-1]["accuracy_after_retraining"]),
+            "pruned_test_error_percent": err(pruned_rounds[-1]["accuracy_after_retraining"]),
+            "distillation": distilled,
             "steps": [{"op": s["op"], "summary": {k: v for k, v in s["summary"].items() if k != "iterations"}} for s in m["steps"]],
             "seconds": round(seconds, 1), "job_id": job["id"]}
 
@@ -467,7 +492,10 @@ def main():
     ap.add_argument("--entropy", choices=["none", "huffman"], default="huffman", help="deep: entropy coding of the packed file")
     ap.add_argument("--qat-epochs", type=int, default=3, help="quant: QAT epochs; deep: centroid fine-tuning epochs (0: none)")
     ap.add_argument("--distill-epochs", type=int, default=0,
-                    help="han: then retrain the pruned network this many epochs by distillation from the unpruned one (zeros held)")
+                    help="han/deep: then retrain the pruned network this many epochs by distillation from the unpruned one (zeros held; deep: before k-means)")
+    ap.add_argument("--distill-optimizer", choices=["adamw", "sgd"],
+                    help="han/deep --distill-epochs: optimizer of the distillation (default: the retraining's)")
+    ap.add_argument("--distill-lr", type=float, help="han/deep --distill-epochs: its learning rate")
     ap.add_argument("--temperature", type=float, default=4.0, help="han --distill-epochs: softmax temperature")
     ap.add_argument("--teacher-epochs", type=int, default=20)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1, 4, 8, 20])
