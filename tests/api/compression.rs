@@ -1539,8 +1539,8 @@ async fn gradual_structured_pruning_reaches_the_target_unit_count() {
 }
 
 /// The committed recipes (`examples/*.json`) are valid job specs: each model body creates a
-/// model, and each job, with `${MODEL}`, `${TRAIN}` and `${TEST}` filled as the README's
-/// `envsubst` does, passes a dry run against the model it is meant for.
+/// model, and each job, with `${MODEL}`, `${TRAIN}`, `${TEST}` (and `${PRUNED}`) filled as
+/// the README's `envsubst` does, passes a dry run against the model it is meant for.
 #[tokio::test]
 async fn example_recipes_are_valid_jobs() {
     let t = TestApp::sqlite().await;
@@ -1577,11 +1577,15 @@ async fn example_recipes_are_valid_jobs() {
         ("lenet300_dense.json", "lenet300_model.json"),
         ("han_lenet300.json", "lenet300_model.json"),
         ("deep_compression_lenet300.json", "lenet300_model.json"),
+        ("deep_compression_lenet300_prune.json", "lenet300_model.json"),
+        ("deep_compression_lenet300_distill.json", "lenet300_model.json"),
         ("hinton_teacher.json", "hinton_teacher_model.json"),
         ("hinton_student.json", "hinton_teacher_model.json"),
     ] {
+        // `${PRUNED}`: the prune job's output, a LeNet-300-100 like the dense one.
         let text = read(job)
             .replace("${MODEL}", &models[model])
+            .replace("${PRUNED}", &models["lenet300_model.json"])
             .replace("${TRAIN}", &data)
             .replace("${TEST}", &data);
         let body: Value = serde_json::from_str(&text).unwrap();
@@ -1589,5 +1593,5 @@ async fn example_recipes_are_valid_jobs() {
         assert_eq!(r.status, 200, "{job}: {}", r.text());
     }
     let listed = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(listed, 7, "a new example needs a place in this test");
+    assert_eq!(listed, 9, "a new example needs a place in this test");
 }
