@@ -1577,8 +1577,14 @@ async fn example_recipes_are_valid_jobs() {
         ("lenet300_dense.json", "lenet300_model.json"),
         ("han_lenet300.json", "lenet300_model.json"),
         ("deep_compression_lenet300.json", "lenet300_model.json"),
-        ("deep_compression_lenet300_prune.json", "lenet300_model.json"),
-        ("deep_compression_lenet300_distill.json", "lenet300_model.json"),
+        (
+            "deep_compression_lenet300_prune.json",
+            "lenet300_model.json",
+        ),
+        (
+            "deep_compression_lenet300_distill.json",
+            "lenet300_model.json",
+        ),
         ("hinton_teacher.json", "hinton_teacher_model.json"),
         ("hinton_student.json", "hinton_teacher_model.json"),
     ] {
