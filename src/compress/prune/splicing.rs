@@ -44,7 +44,7 @@ pub struct Splicing {
 impl Default for Splicing {
     fn default() -> Self {
         Splicing {
-            until: 0.75,
+            until: 0.25,
             margin: 0.1,
         }
     }
