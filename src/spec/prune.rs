@@ -93,7 +93,7 @@ impl PruneSpec {
                     sj["power"] = json!(power);
                 }
                 if let Some(sp) = s.splicing {
-                    sj["splicing"] = json!({"until": sp.until, "margin": sp.margin});
+                    sj["splicing"] = json!(sp);
                 }
                 sj
             }

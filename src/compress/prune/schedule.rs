@@ -216,13 +216,12 @@ pub fn prune_gradually(
         previous = fraction;
         // Retrain with the pruned weights held at zero.
         let model = Model::new(&arch, weights)?;
-        let masks = ZeroMasks::of(&model, selected)?;
+        // Pruned weights held at zero, or (splicing) moving in and out of the mask.
         let surgery = match params.splicing {
             Some(settings) if matches!(params.method, Method::Magnitude) => {
                 Some(RefCell::new(Surgery::new(
                     &model,
                     std::mem::take(&mut dense_before),
-                    params.method,
                     round_targets.clone(),
                     settings,
                     params.retrain.epochs,
@@ -230,9 +229,14 @@ pub fn prune_gradually(
             }
             _ => None,
         };
-        let keep_zero = |m: &dyn Network| match &surgery {
-            Some(s) => s.borrow_mut().step(),
-            None => masks.apply(m),
+        let masks = match surgery {
+            Some(_) => None,
+            None => Some(ZeroMasks::of(&model, selected)?),
+        };
+        let keep_zero = |m: &dyn Network| match (&surgery, &masks) {
+            (Some(s), _) => s.borrow_mut().step(),
+            (None, Some(z)) => z.apply(m),
+            (None, None) => Ok(()),
         };
         let mut epoch_done = |m: &EpochMetrics, _: &Checkpoint| -> Result<()> {
             on_epoch(m);

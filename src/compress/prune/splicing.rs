@@ -33,7 +33,7 @@ use crate::compress::{Error, Result};
 pub const THRESHOLD_EVERY: usize = 32;
 
 /// The settings of splicing (`schedule.splicing`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Splicing {
     /// The share of each round's epochs during which the mask moves (0, 1].
     pub until: f64,
@@ -72,7 +72,6 @@ struct Slot {
 /// The state of one round's splicing, shared by the step and epoch hooks.
 pub struct Surgery {
     slots: Vec<Slot>,
-    method: Method,
     targets: PruneTargets,
     margin: f32,
     splice_epochs: usize,
@@ -96,16 +95,10 @@ impl Surgery {
     pub fn new(
         model: &dyn Network,
         dense: Vec<NamedTensor>,
-        method: Method,
         targets: PruneTargets,
         settings: Splicing,
         epochs: usize,
     ) -> Result<Surgery> {
-        if !matches!(method, Method::Magnitude) {
-            return Err(Error::Internal(
-                "splicing applies to magnitude pruning only".into(),
-            ));
-        }
         let params = model.params();
         let mut slots = Vec::with_capacity(dense.len());
         for d in dense {
@@ -138,7 +131,6 @@ impl Surgery {
         }
         let mut s = Surgery {
             slots,
-            method,
             targets,
             margin: settings.margin as f32,
             splice_epochs: settings.epochs(epochs),
@@ -176,7 +168,7 @@ impl Surgery {
             .collect();
         let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
         let (_, masks) =
-            prune_tensors_with_masks(&mut tensors, &names, &self.method, &self.targets, 0)?;
+            prune_tensors_with_masks(&mut tensors, &names, &Method::Magnitude, &self.targets, 0)?;
         Ok(self
             .slots
             .iter()
@@ -387,15 +379,7 @@ mod tests {
             vec![0.8, 0.0, 0.5, 0.0, -0.6, 0.0, 0.0, -0.9]
         );
         let model = Model::new(&arch, weights).unwrap();
-        let surgery = Surgery::new(
-            &model,
-            vec![dense],
-            Method::Magnitude,
-            targets.clone(),
-            settings,
-            epochs,
-        )
-        .unwrap();
+        let surgery = Surgery::new(&model, vec![dense], targets.clone(), settings, epochs).unwrap();
         (model, surgery, targets)
     }
 

@@ -131,7 +131,7 @@ fn gradual(
         "target_sparsity": spec.sparsity,
         "iterations": out.rounds,
         "schedule": schedule.curve.kind.as_str(),
-        "splicing": schedule.splicing.map(|s| json!({"until": s.until, "margin": s.margin})),
+        "splicing": schedule.splicing,
     });
     let layers;
     if matches!(spec.method, Method::Structured { .. }) {
