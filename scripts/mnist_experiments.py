@@ -191,13 +191,18 @@ def optimizer(name, lr, weight_decay, momentum=0.9):
     return opt
 
 
+def augment_arg(args):
+    """`--augment N`: random shifts of up to N pixels in every training step (Hinton et al.'s jitter)."""
+    return {"augment": {"translate": args.augment}} if args.augment else {}
+
+
 def prune_step(train, iterations, epochs_per_round, scope="layer", lr=5e-4, weight_decay=0.0,
-               opt="adamw", kind="polynomial", kept=None, splicing=None):
+               opt="adamw", kind="polynomial", kept=None, splicing=None, augment=None):
     step = {"op": "prune", "method": "magnitude", "scope": scope,
             "schedule": {"kind": kind, "iterations": iterations,
                          "finetune": {"dataset_id": train, "epochs": epochs_per_round, "batch_size": 128,
                                       "optimizer": optimizer(opt, lr, weight_decay),
-                                      "lr_schedule": {"kind": "cosine"}}}}
+                                      "lr_schedule": {"kind": "cosine"}, **(augment or {})}}}
     if splicing:
         step["schedule"]["splicing"] = splicing
     if kind == "polynomial":
@@ -218,7 +223,7 @@ def distill_step(args, train, student_id):
     return {"op": "distill", "student": {"model_id": student_id}, "keep_sparsity": True,
             "dataset_id": train, "epochs": args.distill_epochs, "batch_size": 128,
             "optimizer": optimizer(opt, lr, wd), "lr_schedule": {"kind": "cosine"},
-            "temperature": args.temperature, "alpha": args.alpha}
+            "temperature": args.temperature, "alpha": args.alpha, **augment_arg(args)}
 
 
 def splicing_arg(args):
@@ -240,18 +245,20 @@ def base_lenet(args, train, test):
     if args.base_id:
         _, m, _ = run_job(args.url, {"model_id": args.base_id, "steps": [{"op": "evaluate", "dataset_id": test, "batch_size": 1000}]})
         return args.base_id, m["steps"][0]["summary"], 0.0
-    return pretrained(args, LENET, train, test, args.epochs, "lenet-300-100")
+    return pretrained(args, LENET, train, test, args.epochs, "lenet-300-100", **augment_arg(args))
 
 
 def han(args):
     train, test = mnist(args)
     base, base_final, base_s = base_lenet(args, train, test)
     steps = [prune_step(train, args.iterations, args.round_epochs, args.scope, args.retrain_lr, args.retrain_wd,
-                        args.retrain_optimizer, kept=kept_arg(args), splicing=splicing_arg(args))]
+                        args.retrain_optimizer, kept=kept_arg(args), splicing=splicing_arg(args),
+                        augment=augment_arg(args))]
     if args.final_epochs:
         # One more round at the final sparsity (the mask does not change), retrained longer.
         steps.append(prune_step(train, 1, args.final_epochs, args.scope, args.final_lr or args.retrain_lr,
-                                args.retrain_wd, args.retrain_optimizer, kind="constant", kept=kept_arg(args)))
+                                args.retrain_wd, args.retrain_optimizer, kind="constant", kept=kept_arg(args),
+                                augment=augment_arg(args)))
     job, m, seconds = run_job(args.url, {
         "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": steps})
     rounds = [r for s in m["steps"] for r in s["summary"]["iterations"]]
@@ -280,7 +287,7 @@ def han(args):
             "kept_per_layer": layers, "scope": args.scope,
             "rounds": [{k: r.get(k) for k in ("iteration", "target_sparsity", "sparsity", "accuracy_after_pruning", "accuracy_after_retraining", "splicing")} for r in rounds],
             "pretrain_epochs": args.epochs, "iterations": args.iterations, "epochs_per_round": args.round_epochs,
-            "final_epochs": args.final_epochs, "splicing": splicing_arg(args),
+            "final_epochs": args.final_epochs, "splicing": splicing_arg(args), "augment_translate": args.augment,
             "retrain_optimizer": optimizer(args.retrain_optimizer, args.retrain_lr, args.retrain_wd),
             "seconds": {"pretrain": round(base_s, 1), "prune_job": round(seconds, 1)}, "job_id": job["id"],
             "pruned_model_id": job["result"]["model_id"], "unpruned_model_id": base}
@@ -296,33 +303,42 @@ def deep(args):
         # Deep Compression §3.3: fine-tune the shared centroids (pruned weights stay zero).
         kmeans_step["qat"] = {"dataset_id": train, "epochs": args.qat_epochs, "batch_size": 128,
                               "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0},
-                              "lr_schedule": {"kind": "cosine"}}
+                              "lr_schedule": {"kind": "cosine"}, **augment_arg(args)}
     prune = prune_step(train, args.iterations, args.round_epochs, lr=args.retrain_lr, weight_decay=args.retrain_wd,
-                       opt=args.retrain_optimizer, kept=kept_arg(args), splicing=splicing_arg(args))
+                       opt=args.retrain_optimizer, kept=kept_arg(args), splicing=splicing_arg(args),
+                       augment=augment_arg(args))
     distilled = None
+    if args.pruned_id and not args.distill_epochs:
+        sys.exit("--pruned-id needs --distill-epochs (the dense network teaches the pruned one before k-means)")
     if args.distill_epochs:
-        # Two jobs: the pruning, then the unpruned network teaching its pruned copy (zeros
-        # held) before k-means; the second job's model is the teacher, its output the student.
-        p_job, p_m, p_s = run_job(args.url, {
-            "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": [prune]})
+        # Two jobs: the pruning (or `--pruned-id`, han's pruned_model_id: the same pruning job
+        # run earlier), then the unpruned network teaching its pruned copy (zeros held) before
+        # k-means; the second job's model is the teacher, its output the student.
+        if args.pruned_id:
+            pruned, p_s, pruned_error, pruned_job = args.pruned_id, 0.0, None, None
+        else:
+            p_job, p_m, p_s = run_job(args.url, {
+                "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": [prune]})
+            pruned, pruned_job = p_job["result"]["model_id"], p_job["id"]
+            pruned_error = err(p_m["steps"][0]["summary"]["iterations"][-1]["accuracy_after_retraining"])
         job, m, seconds = run_job(args.url, {
             "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
-            "steps": [distill_step(args, train, p_job["result"]["model_id"]), kmeans_step]})
+            "steps": [distill_step(args, train, pruned), kmeans_step]})
         distilled = {"test_error_percent": err(m["steps"][0]["summary"]["student_accuracy"]),
-                     "pruned_job_id": p_job["id"], "seconds": round(seconds, 1)}
+                     "pruned_job_id": pruned_job, "pruned_model_id": pruned, "seconds": round(seconds, 1)}
         seconds += p_s
-        pruned_layers = p_m["steps"][0]["layers"]
-        pruned_rounds = p_m["steps"][0]["summary"]["iterations"]
+        total = sum(l["in_features"] * l["out_features"] for l in LENET["layers"] if l["type"] == "linear")
+        nonzero = total - m["steps"][0]["summary"]["keep_sparsity"]["zero_weights_held"]
     else:
         job, m, seconds = run_job(args.url, {
             "model_id": base, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000},
             "steps": [prune, kmeans_step]})
         pruned_layers = m["steps"][0]["layers"]
-        pruned_rounds = m["steps"][0]["summary"]["iterations"]
+        pruned_error = err(m["steps"][0]["summary"]["iterations"][-1]["accuracy_after_retraining"])
+        total = sum(l["numel"] for l in pruned_layers)
+        nonzero = sum(l["nonzero"] for l in pruned_layers)
     final = m["final"]
     quant = m["steps"][-1]
-    total = sum(l["numel"] for l in pruned_layers)
-    nonzero = sum(l["nonzero"] for l in pruned_layers)
     return {"experiment": "Deep Compression pipeline on MNIST LeNet-300-100: prune (iterative) -> kmeans-32 (5 bits), packed",
             "float_model_bytes": size_in, "float_test_error_percent": err(base_final["accuracy"]),
             "packed_bytes": final.get("packed_size_bytes"), "compression_x": round(size_in / final["packed_size_bytes"], 1),
@@ -330,12 +346,12 @@ def deep(args):
             "paper": {"float_kb": 1070, "compressed_kb": 27, "x": 40, "x_without_huffman": "~32", "error_percent": 1.58},
             "stages": {"pruning_x": round(total / nonzero, 2), **quant["summary"].get("stages", {})},
             "entropy": args.entropy, "clusters": args.clusters,
-            "kept_per_layer": {l["tensor"]: round(1 - l["sparsity"], 4) for l in pruned_layers},
+            "kept": round(nonzero / total, 4),
             "layers": [{k: l.get(k) for k in ("tensor", "packed_bytes", "bits_per_weight", "entropy")} for l in quant["layers"]],
             "iterations": args.iterations, "epochs_per_round": args.round_epochs,
             "centroid_finetune_epochs": args.qat_epochs,
             "retrain_optimizer": optimizer(args.retrain_optimizer, args.retrain_lr, args.retrain_wd),
-            "pruned_test_error_percent": err(pruned_rounds[-1]["accuracy_after_retraining"]),
+            "pruned_test_error_percent": pruned_error, "augment_translate": args.augment,
             "distillation": distilled,
             "steps": [{"op": s["op"], "summary": {k: v for k, v in s["summary"].items() if k != "iterations"}} for s in m["steps"]],
             "seconds": round(seconds, 1), "job_id": job["id"]}
@@ -426,9 +442,8 @@ def hinton(args):
         _, m, _ = run_job(args.url, {"model_id": teacher, "steps": [{"op": "evaluate", "dataset_id": test, "batch_size": 1000}]})
         teacher_final = m["steps"][0]["summary"]
     else:
-        extra = {"augment": {"translate": args.augment}} if args.augment else {}
         teacher, teacher_final, t_seconds = pretrained(args, teacher_arch, train, test, args.teacher_epochs,
-                                                       "teacher-2x1200", **extra)
+                                                       "teacher-2x1200", **augment_arg(args))
         if args.teacher_only:
             return {"experiment": "Hinton et al. 2015 teacher: 784-1200-1200-10, dropout 0.5",
                     "teacher_test_errors": round(10000 * (1 - teacher_final["accuracy"])), "paper": 67,
@@ -442,7 +457,8 @@ def hinton(args):
     out = {"experiment": "Hinton et al. 2015 on MNIST: teacher 784-1200-1200-10 (dropout) -> students",
            "teacher_test_errors": round(10000 * (1 - teacher_final["accuracy"])),
            "paper": {"teacher": 67, "student_alone_2x800": 146, "distilled_2x800_T20": 74},
-           "epochs": args.epochs, "augment_translate": args.augment, "student_dropout": args.student_dropout,
+           "epochs": args.epochs, "alpha": args.alpha, "augment_translate": args.augment,
+           "student_dropout": args.student_dropout,
            "transfer_samples": args.transfer_samples or 60000, "teacher_id": teacher, "students": {}}
     for hidden in args.students.split(","):
         widths = (784, *map(int, hidden.split("x")), 10)
@@ -450,14 +466,13 @@ def hinton(args):
         runs = {}
         for i, temp in enumerate(args.temperatures):
             step = {"op": "distill", "dataset_id": train, "student": {"architecture": mlp(*widths, dropout=args.student_dropout)},
-                    "temperature": temp, "alpha": args.alpha, "baseline": i == 0,
+                    "temperature": temp, "alpha": args.alpha, "baseline": i == 0 and not args.no_baseline,
                     "epochs": args.epochs, "batch_size": 128,
                     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}, "lr_schedule": {"kind": "cosine"}}
-            if args.augment:
-                step["augment"] = {"translate": args.augment}
+            step.update(augment_arg(args))
             _, m, seconds = run_job(args.url, {"model_id": teacher, "seed": args.seed, "eval": {"dataset_id": test, "batch_size": 1000}, "steps": [step]})
             s = m["steps"][0]["summary"]
-            if i == 0:
+            if i == 0 and not args.no_baseline:
                 runs["student alone (hard labels, same budget)"] = {"test_errors": round(10000 * (1 - s["baseline_accuracy"]))}
             runs[f"distilled T={temp}"] = {"test_errors": round(10000 * (1 - s["student_accuracy"])),
                                           "agreement_with_teacher": s["agreement_with_teacher"], "seconds": round(seconds, 1)}
@@ -502,9 +517,14 @@ def main():
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--teacher-id", help="reuse a trained teacher (hinton)")
     ap.add_argument("--student-dropout", type=float, default=0.0, help="hinton: dropout after each hidden layer of the students")
-    ap.add_argument("--augment", type=int, default=0, help="hinton: random shifts of up to N pixels while training")
+    ap.add_argument("--augment", type=int, default=0, help="hinton, han, deep: random shifts of up to N pixels in every training step "
+                    "(the dense base when trained here, the pruning rounds, the distillation)")
     ap.add_argument("--teacher-only", action="store_true", help="hinton: train and score the teacher only")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="hinton: skip the student trained alone (it does not depend on --alpha or the temperatures)")
     ap.add_argument("--base-id", help="reuse a trained LeNet-300-100 (han, deep)")
+    ap.add_argument("--pruned-id", help="deep --distill-epochs: reuse a pruned LeNet-300-100 (han's pruned_model_id, "
+                    "pruned from --base-id) instead of pruning again")
     ap.add_argument("--transfer-samples", type=int, default=0, help="distil on the first N training samples only (hinton)")
     ap.add_argument("--students", default="800x800,30x30", help="student hidden widths (hinton)")
     args = ap.parse_args()
