@@ -1575,7 +1575,9 @@ async fn example_recipes_are_valid_jobs() {
     }
     for (job, model) in [
         ("lenet300_dense.json", "lenet300_model.json"),
+        ("lenet300_dense_jitter.json", "lenet300_model.json"),
         ("han_lenet300.json", "lenet300_model.json"),
+        ("prune_lenet300_57x.json", "lenet300_model.json"),
         ("deep_compression_lenet300.json", "lenet300_model.json"),
         (
             "deep_compression_lenet300_prune.json",
@@ -1585,6 +1587,7 @@ async fn example_recipes_are_valid_jobs() {
             "deep_compression_lenet300_distill.json",
             "lenet300_model.json",
         ),
+        ("deep_compression_lenet300_57x.json", "lenet300_model.json"),
         ("hinton_teacher.json", "hinton_teacher_model.json"),
         ("hinton_student.json", "hinton_teacher_model.json"),
     ] {
@@ -1599,5 +1602,5 @@ async fn example_recipes_are_valid_jobs() {
         assert_eq!(r.status, 200, "{job}: {}", r.text());
     }
     let listed = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(listed, 9, "a new example needs a place in this test");
+    assert_eq!(listed, 12, "a new example needs a place in this test");
 }
