@@ -229,14 +229,14 @@ pub fn prune_gradually(
             }
             _ => None,
         };
+        // The surgery keeps its own masks; without it the zeros are held by these.
         let masks = match surgery {
-            Some(_) => None,
-            None => Some(ZeroMasks::of(&model, selected)?),
+            Some(_) => ZeroMasks::default(),
+            None => ZeroMasks::of(&model, selected)?,
         };
-        let keep_zero = |m: &dyn Network| match (&surgery, &masks) {
-            (Some(s), _) => s.borrow_mut().step(),
-            (None, Some(z)) => z.apply(m),
-            (None, None) => Ok(()),
+        let keep_zero = |m: &dyn Network| match &surgery {
+            Some(s) => s.borrow_mut().step(),
+            None => masks.apply(m),
         };
         let mut epoch_done = |m: &EpochMetrics, _: &Checkpoint| -> Result<()> {
             on_epoch(m);
