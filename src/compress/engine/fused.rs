@@ -210,33 +210,230 @@ impl Softmax {
     ) -> Vec<f32> {
         // Every row is written below.
         let mut y = output_buffer(x.len());
+        let scale = self.scale;
         par_units(&mut y, h, |first, out| {
-            for (r, out) in out.chunks_exact_mut(h).enumerate() {
-                let row = &x[(first + r) * h..][..h];
-                match bias(first + r) {
-                    Some(b) => {
-                        for ((o, v), b) in out.iter_mut().zip(row).zip(b) {
-                            *o = v * self.scale + b;
-                        }
-                    }
-                    None => {
-                        for (o, v) in out.iter_mut().zip(row) {
-                            *o = v * self.scale;
-                        }
-                    }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F, checked just above.
+                    return unsafe { softmax_rows_avx512(out, x, first, h, &bias, scale) };
                 }
-                let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                // The exponentials in one vectorised pass, then their sum in order.
-                for o in out.iter_mut() {
-                    *o = exp(*o - max);
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { softmax_rows_avx2(out, x, first, h, &bias, scale) };
                 }
-                let sum: f32 = out.iter().sum();
-                let inv = 1.0 / sum;
-                out.iter_mut().for_each(|o| *o *= inv);
             }
+            softmax_rows(out, x, first, h, &bias, scale);
         });
         y
     }
+}
+
+/// One row of the softmax: `out = softmax(row · scale + bias)`.
+#[inline(always)]
+fn softmax_row(out: &mut [f32], row: &[f32], bias: Option<&[f32]>, scale: f32) {
+    match bias {
+        Some(b) => {
+            for ((o, v), b) in out.iter_mut().zip(row).zip(b) {
+                *o = v * scale + b;
+            }
+        }
+        None => {
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = v * scale;
+            }
+        }
+    }
+    let max = lanes_max(out);
+    // The exponentials in one vectorised pass, then their sum in 16 lanes.
+    for o in out.iter_mut() {
+        *o = exp(*o - max);
+    }
+    let inv = 1.0 / lanes_sum(out);
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+/// Rows `first..` of the softmax of `x` (`h` wide) into `out`.
+#[inline(always)]
+fn softmax_rows<'b>(
+    out: &mut [f32],
+    x: &[f32],
+    first: usize,
+    h: usize,
+    bias: &impl Fn(usize) -> Option<&'b [f32]>,
+    scale: f32,
+) {
+    for (r, out) in out.chunks_exact_mut(h).enumerate() {
+        softmax_row(out, &x[(first + r) * h..][..h], bias(first + r), scale);
+    }
+}
+
+/// [`softmax_rows`] compiled for AVX-512F: the same operations 16 lanes wide, so the same
+/// bits as the baseline build (no FMA contraction, no reordering).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn softmax_rows_avx512<'b>(
+    out: &mut [f32],
+    x: &[f32],
+    first: usize,
+    h: usize,
+    bias: &impl Fn(usize) -> Option<&'b [f32]>,
+    scale: f32,
+) {
+    softmax_rows(out, x, first, h, bias, scale)
+}
+
+/// [`softmax_rows`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn softmax_rows_avx2<'b>(
+    out: &mut [f32],
+    x: &[f32],
+    first: usize,
+    h: usize,
+    bias: &impl Fn(usize) -> Option<&'b [f32]>,
+    scale: f32,
+) {
+    softmax_rows(out, x, first, h, bias, scale)
+}
+
+/// Evaluation only (no backward pass): the rotary position embedding of one projection,
+/// `[b, s, heads·d] → [b, heads, s, d]`, as `split_heads` then `x·cos + rotate_half(x)·sin`
+/// — the same products and sum per value, so the same bits — in one pass instead of a copy
+/// and five element-wise ops.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeHeads {
+    /// The number of heads the projection splits into.
+    pub heads: usize,
+}
+
+impl RopeHeads {
+    /// `x` `[b, s, heads·d]` with `cos`, `sin` of `[s, d]`.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?
+            .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, self)
+    }
+}
+
+impl CustomOp3 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope_heads_eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, s, hd) = l1.shape().dims3()?;
+        let heads = self.heads;
+        if heads == 0 || hd % heads != 0 || (hd / heads) % 2 != 0 {
+            bail!("rope: {hd} values do not split into {heads} heads of even width")
+        }
+        let d = hd / heads;
+        if l2.shape().dims() != [s, d] || l3.shape().dims() != [s, d] {
+            bail!(
+                "rope: tables {:?} / {:?} are not [{s}, {d}]",
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let x = contiguous_f32("rope", s1, l1)?;
+        let (cos, sin) = (
+            contiguous_f32("rope", s2, l2)?,
+            contiguous_f32("rope", s3, l3)?,
+        );
+        let half = d / 2;
+        let mut y = output_buffer(x.len());
+        // Output rows (one position of one head) in [b, heads, s] order.
+        par_units(&mut y, d, |first, out| {
+            for (r, out) in out.chunks_exact_mut(d).enumerate() {
+                let row = first + r;
+                let (bi, h, p) = (row / (heads * s), row / s % heads, row % s);
+                let xr = &x[(bi * s + p) * hd + h * d..][..d];
+                let (c, sn) = (&cos[p * d..][..d], &sin[p * d..][..d]);
+                let (x1, x2) = xr.split_at(half);
+                let (o1, o2) = out.split_at_mut(half);
+                for i in 0..half {
+                    o1[i] = x1[i] * c[i] + -x2[i] * sn[i];
+                    o2[i] = x2[i] * c[half + i] + x1[i] * sn[half + i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, heads, s, d))))
+    }
+}
+
+/// Evaluation only (no backward pass): the gated MLP's `silu(gate) · up` in one pass, with
+/// the vectorised exp (candle's `silu` calls libm's `expf` per value, then a second op
+/// multiplies).
+#[derive(Debug, Clone, Copy)]
+pub struct SiluMul;
+
+impl SiluMul {
+    /// `silu(gate) · up` for tensors of one shape.
+    pub fn forward(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, self)
+    }
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu_mul_eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!("silu_mul: {:?} and {:?} differ", l1.shape(), l2.shape())
+        }
+        let (g, u) = (
+            contiguous_f32("silu_mul", s1, l1)?,
+            contiguous_f32("silu_mul", s2, l2)?,
+        );
+        let y = par_map2(g, u, |g, u| g / (1.0 + exp(-g)) * u);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// The largest value of `x` (NaNs ignored, as `f32::max`), in 16 lanes that vectorise: a
+/// fold with `f32::max` runs one element at a time.
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let rest = chunks.remainder().iter().copied();
+    lanes
+        .into_iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum of `x` in 16 interleaved partial sums (vectorised; an in-order sum is not).
+#[inline(always)]
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 impl CustomOp1 for Softmax {

@@ -387,21 +387,22 @@ impl Llama {
             0 => {
                 let (b, s, _) = h.dims3()?;
                 let x = norm("input_layernorm", h, mode)?;
-                let q = rope(
-                    &split_heads(
-                        &lin("self_attn.q_proj", &x, mode, probe)?,
-                        c.num_attention_heads,
-                    )?,
-                    cos,
-                    sin,
+                // Evaluation splits the heads and rotates them in one pass (the same values).
+                let eval = matches!(mode, Mode::Eval);
+                let rotate = |x: &Tensor, heads: usize| -> Result<Tensor> {
+                    if eval {
+                        Ok(super::fused::RopeHeads { heads }.forward(x, cos, sin)?)
+                    } else {
+                        rope(&split_heads(x, heads)?, cos, sin)
+                    }
+                };
+                let q = rotate(
+                    &lin("self_attn.q_proj", &x, mode, probe)?,
+                    c.num_attention_heads,
                 )?;
-                let key = rope(
-                    &split_heads(
-                        &lin("self_attn.k_proj", &x, mode, probe)?,
-                        c.num_key_value_heads,
-                    )?,
-                    cos,
-                    sin,
+                let key = rotate(
+                    &lin("self_attn.k_proj", &x, mode, probe)?,
+                    c.num_key_value_heads,
                 )?;
                 let v = split_heads(
                     &lin("self_attn.v_proj", &x, mode, probe)?,
@@ -435,7 +436,11 @@ impl Llama {
                 let x = norm("post_attention_layernorm", h, mode)?;
                 let gate = lin("mlp.gate_proj", &x, mode, probe)?;
                 let up = lin("mlp.up_proj", &x, mode, probe)?;
-                let act = (candle_nn::ops::silu(&gate)? * up)?;
+                let act = if matches!(mode, Mode::Eval) {
+                    super::fused::SiluMul.forward(&gate, &up)?
+                } else {
+                    (candle_nn::ops::silu(&gate)? * up)?
+                };
                 Ok((h.clone(), Some(act)))
             }
             3 => Ok(((h + lin("mlp.down_proj", inner()?, mode, probe)?)?, None)),
@@ -778,6 +783,39 @@ mod tests {
             let d = max_diff(&train, &want);
             assert!(d < 1e-4, "text {i}: training logits differ by {d}");
         }
+    }
+
+    /// Evaluation's one-pass rotary embedding is `split_heads` + `rope` bit for bit, and its
+    /// fused `silu(gate)·up` agrees with candle's ops to float rounding.
+    #[test]
+    fn evaluation_ops_equal_the_training_formulas() {
+        use super::super::fused::{RopeHeads, SiluMul};
+        let dev = Device::Cpu;
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761) >> 8;
+                    h as f32 / (1u32 << 24) as f32 * 6.0 - 3.0
+                })
+                .collect()
+        };
+        let (b, s, heads, d) = (2, 37, 3, 64);
+        let x = Tensor::from_vec(vals(b * s * heads * d, 1), (b, s, heads * d), &dev).unwrap();
+        let cos = Tensor::from_vec(vals(s * d, 2), (s, d), &dev).unwrap();
+        let sin = Tensor::from_vec(vals(s * d, 3), (s, d), &dev).unwrap();
+        let want = rope(&split_heads(&x, heads).unwrap(), &cos, &sin).unwrap();
+        let got = RopeHeads { heads }.forward(&x, &cos, &sin).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert_eq!(max_diff(&got, &want), 0.0);
+        assert!(RopeHeads { heads: 5 }.forward(&x, &cos, &sin).is_err());
+        let gate = Tensor::from_vec(vals(200_000, 4), (2, 100_000), &dev).unwrap();
+        let up = Tensor::from_vec(vals(200_000, 5), (2, 100_000), &dev).unwrap();
+        let want = (candle_nn::ops::silu(&gate).unwrap() * &up).unwrap();
+        let got = SiluMul.forward(&gate, &up).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        assert!(SiluMul
+            .forward(&gate, &up.narrow(1, 0, 10).unwrap())
+            .is_err());
     }
 
     #[test]

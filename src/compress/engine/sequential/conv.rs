@@ -791,10 +791,59 @@ impl Linear {
         if m * n == 0 || k == 0 {
             return Ok((CpuStorage::F32(vec![0f32; m * n]), shape));
         }
-        Ok((
-            s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?,
-            shape,
-        ))
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            return Ok((
+                s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?,
+                shape,
+            ));
+        };
+        // The call candle's matmul makes (same kernel, same threads, so the same bits),
+        // into an output that is not zeroed first: with `read_dst` false gemm writes every
+        // value without reading any. candle's `vec![0; m·n]` is a memset per layer, and
+        // page faults where the allocator hands back fresh pages (the 100 MB logits of a
+        // 512-token window of a 49k vocabulary).
+        let (xs, ws) = (l1.stride(), l2.stride());
+        let (x, w) = (&x[l1.start_offset()..], &w[l2.start_offset()..]);
+        let last = |len: usize, rows: usize, rs: usize, cols: usize, cs: usize| {
+            (rows - 1) * rs + (cols - 1) * cs < len
+        };
+        if !last(x.len(), m, xs[0], k, xs[1]) || !last(w.len(), n, ws[0], k, ws[1]) {
+            bail!("linear: operands shorter than their layouts")
+        }
+        let mut y = output_buffer(m * n);
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: `y` holds m·n values written at row stride n; `x` is read at
+        // (i·xs[0] + l·xs[1]) and `w` (as Wᵀ, [k, n]) at (j·ws[0] + l·ws[1]) for i < m,
+        // j < n, l < k, all inside the slices (checked just above).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                xs[1] as isize,
+                xs[0] as isize,
+                w.as_ptr(),
+                ws[0] as isize,
+                ws[1] as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok((CpuStorage::F32(y), shape))
     }
 
     /// The input and weight gradients, each only if needed.
@@ -1193,6 +1242,28 @@ mod tests {
         assert!(Linear
             .forward(xt, &random(&[3, 4], &mut rng), None)
             .is_err());
+    }
+
+    /// The linear layer's own gemm call gives candle's matmul bit for bit (the same kernel
+    /// and threads, an output not zeroed first), for contiguous and transposed operands,
+    /// offsets into a larger storage, and shapes large enough to run in parallel.
+    #[test]
+    fn linear_product_is_candles_matmul_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for (m, k, n) in [(7, 5, 3), (130, 96, 70), (512, 64, 300)] {
+            let x = random(&[m, k], &mut rng);
+            let w = random(&[n, k], &mut rng);
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let got = Linear.forward(&x, &w, None).unwrap();
+            assert_eq!(max_rel_diff(&got, &want), 0.0, "{m}x{k}x{n}");
+            // x read through its transpose's strides, w from an offset of a wider tensor.
+            let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
+            let wide = random(&[n, k + 3], &mut rng);
+            let wn = wide.narrow(1, 2, k).unwrap();
+            let want = xt.matmul(&wn.t().unwrap()).unwrap();
+            let got = Linear.forward(&xt, &wn, None).unwrap();
+            assert_eq!(max_rel_diff(&got, &want), 0.0, "{m}x{k}x{n}, strided");
+        }
     }
 
     /// Asymmetric padding equals explicit zero padding followed by an unpadded conv.
