@@ -298,13 +298,15 @@ fn softmax_rows_avx2<'b>(
 }
 
 /// Evaluation only (no backward pass): the rotary position embedding of one projection,
-/// `[b, s, heads·d] → [b, heads, s, d]`, as `split_heads` then `x·cos + rotate_half(x)·sin`
-/// — the same products and sum per value, so the same bits — in one pass instead of a copy
-/// and five element-wise ops.
+/// `[b, s, heads·d] → [b, heads, s, d]`, as `split_heads` then `(x·cos + rotate_half(x)·sin)
+/// · scale` — the same products and sums per value, so the same bits — in one pass instead
+/// of a copy and six element-wise ops.
 #[derive(Debug, Clone, Copy)]
 pub struct RopeHeads {
     /// The number of heads the projection splits into.
     pub heads: usize,
+    /// A factor applied to the result (attention's `1/√d` on the queries; 1 for keys).
+    pub scale: f32,
 }
 
 impl RopeHeads {
@@ -331,7 +333,7 @@ impl CustomOp3 for RopeHeads {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, s, hd) = l1.shape().dims3()?;
         let heads = self.heads;
-        if heads == 0 || hd % heads != 0 || (hd / heads) % 2 != 0 {
+        if heads == 0 || !hd.is_multiple_of(heads) || !(hd / heads).is_multiple_of(2) {
             bail!("rope: {hd} values do not split into {heads} heads of even width")
         }
         let d = hd / heads;
@@ -358,9 +360,10 @@ impl CustomOp3 for RopeHeads {
                 let (c, sn) = (&cos[p * d..][..d], &sin[p * d..][..d]);
                 let (x1, x2) = xr.split_at(half);
                 let (o1, o2) = out.split_at_mut(half);
+                let k = self.scale;
                 for i in 0..half {
-                    o1[i] = x1[i] * c[i] + -x2[i] * sn[i];
-                    o2[i] = x2[i] * c[half + i] + x1[i] * sn[half + i];
+                    o1[i] = (x1[i] * c[i] + -x2[i] * sn[i]) * k;
+                    o2[i] = (x2[i] * c[half + i] + x1[i] * sn[half + i]) * k;
                 }
             }
         });
@@ -484,9 +487,11 @@ impl CustomOp2 for Softmax {
             [b, heads, q, _] => (*b, *heads, *q),
             _ => bail!("softmax: scores {:?} are not [b, heads, q, s]", l1.shape()),
         };
+        // The bias's query rows repeat when the scores stack groups of queries (grouped-
+        // query attention: `rep` query heads per key head as `rep·s` rows).
         let fits = |d: usize, n: usize| d == 1 || d == n;
         let (bb, bq) = match bias_dims {
-            [bb, 1, bq, bs] if *bs == h && fits(*bb, b) && fits(*bq, q) => (*bb, *bq),
+            [bb, 1, bq, bs] if *bs == h && fits(*bb, b) && q.is_multiple_of(*bq) => (*bb, *bq),
             _ => bail!(
                 "softmax: bias {:?} does not broadcast to scores {:?}",
                 l2.shape(),
@@ -496,8 +501,7 @@ impl CustomOp2 for Softmax {
         let row_of = |r: usize| {
             let (bi, qi) = (r / (heads * q), r % q);
             let bi = if bb == 1 { 0 } else { bi };
-            let qi = if bq == 1 { 0 } else { qi };
-            (bi * bq + qi) * h
+            (bi * bq + qi % bq) * h
         };
         let y = self.run(x, h, |r| Some(&bias[row_of(r)..][..h]));
         Ok((CpuStorage::F32(y), l1.shape().clone()))

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use super::data::{Batch, Dataset, TextEncoder, TextInput};
 use super::sequential::conv;
 use super::transformer::{
-    attention, embed, merge_heads, pad_id, padding_bias, rms_norm_in, split_heads, token_ids,
-    Probe, Weights,
+    attention, attention_scaled, embed, merge_heads, pad_id, padding_bias, rms_norm_in,
+    split_heads, token_ids, Probe, Weights,
 };
 use super::{BlockRunner, BlockState, Family, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
@@ -387,11 +387,14 @@ impl Llama {
             0 => {
                 let (b, s, _) = h.dims3()?;
                 let x = norm("input_layernorm", h, mode)?;
-                // Evaluation splits the heads and rotates them in one pass (the same values).
+                // Evaluation splits the heads, rotates them and scales the queries by 1/√d in
+                // one pass (the same values); training keeps the differentiable ops.
                 let eval = matches!(mode, Mode::Eval);
-                let rotate = |x: &Tensor, heads: usize| -> Result<Tensor> {
+                let d = c.head_dim;
+                let rotate = |x: &Tensor, heads: usize, scale: f32| -> Result<Tensor> {
                     if eval {
-                        Ok(super::fused::RopeHeads { heads }.forward(x, cos, sin)?)
+                        let op = super::fused::RopeHeads { heads, scale };
+                        Ok(op.forward(x, cos, sin)?)
                     } else {
                         rope(&split_heads(x, heads)?, cos, sin)
                     }
@@ -399,10 +402,12 @@ impl Llama {
                 let q = rotate(
                     &lin("self_attn.q_proj", &x, mode, probe)?,
                     c.num_attention_heads,
+                    (1.0 / (d as f64).sqrt()) as f32,
                 )?;
                 let key = rotate(
                     &lin("self_attn.k_proj", &x, mode, probe)?,
                     c.num_key_value_heads,
+                    1.0,
                 )?;
                 let v = split_heads(
                     &lin("self_attn.v_proj", &x, mode, probe)?,
@@ -410,24 +415,15 @@ impl Llama {
                 )?;
                 // Grouped-query attention without copying keys and values: the `rep` query
                 // heads sharing a key/value head are stacked along the sequence
-                // ([b, kv, rep·s, d]), and the mask repeated to match.
+                // ([b, kv, rep·s, d]); the softmax repeats the bias's rows to match.
                 let rep = c.num_attention_heads / c.num_key_value_heads;
                 let kv = c.num_key_value_heads;
-                let d = c.head_dim;
                 let grouped = q.reshape((b, kv, rep * s, d))?;
-                let group_bias = if rep > 1 {
-                    bias.repeat((1, 1, rep, 1))?
+                let ctx = if eval {
+                    attention_scaled(&grouped, &key, &v, bias)?
                 } else {
-                    bias.clone()
+                    attention(&grouped, &key, &v, Some(bias), c.attention_dropout, mode)?
                 };
-                let ctx = attention(
-                    &grouped,
-                    &key,
-                    &v,
-                    Some(&group_bias),
-                    c.attention_dropout,
-                    mode,
-                )?;
                 let ctx = merge_heads(&ctx.reshape((b, c.num_attention_heads, s, d))?)?;
                 Ok((h.clone(), Some(ctx)))
             }
@@ -804,10 +800,36 @@ mod tests {
         let cos = Tensor::from_vec(vals(s * d, 2), (s, d), &dev).unwrap();
         let sin = Tensor::from_vec(vals(s * d, 3), (s, d), &dev).unwrap();
         let want = rope(&split_heads(&x, heads).unwrap(), &cos, &sin).unwrap();
-        let got = RopeHeads { heads }.forward(&x, &cos, &sin).unwrap();
+        let got = RopeHeads { heads, scale: 1.0 }
+            .forward(&x, &cos, &sin)
+            .unwrap();
         assert_eq!(got.dims(), want.dims());
         assert_eq!(max_diff(&got, &want), 0.0);
-        assert!(RopeHeads { heads: 5 }.forward(&x, &cos, &sin).is_err());
+        let got = RopeHeads {
+            heads,
+            scale: 0.125,
+        }
+        .forward(&x, &cos, &sin)
+        .unwrap();
+        assert_eq!(max_diff(&got, &(want * 0.125).unwrap()), 0.0);
+        assert!(RopeHeads {
+            heads: 5,
+            scale: 1.0
+        }
+        .forward(&x, &cos, &sin)
+        .is_err());
+        // The softmax repeats a bias's query rows over stacked query groups: the same as
+        // the bias repeated.
+        let scores = Tensor::from_vec(vals(2 * 3 * 2 * s * s, 6), (2, 3, 2 * s, s), &dev).unwrap();
+        let bias = causal_bias(s, None).unwrap();
+        let softmax = super::super::fused::Softmax { scale: 0.5 };
+        let tiled = softmax.forward(&scores, Some(&bias)).unwrap();
+        let repeated = softmax
+            .forward(&scores, Some(&bias.repeat((1, 1, 2, 1)).unwrap()))
+            .unwrap();
+        assert_eq!(max_diff(&tiled, &repeated), 0.0);
+        let odd = Tensor::zeros((1, 1, 3, s), candle_core::DType::F32, &dev).unwrap();
+        assert!(softmax.forward(&scores, Some(&odd)).is_err());
         let gate = Tensor::from_vec(vals(200_000, 4), (2, 100_000), &dev).unwrap();
         let up = Tensor::from_vec(vals(200_000, 5), (2, 100_000), &dev).unwrap();
         let want = (candle_nn::ops::silu(&gate).unwrap() * &up).unwrap();

@@ -413,18 +413,32 @@ pub fn attention(
 ) -> Result<Tensor> {
     let d = q.dim(D::Minus1)?;
     if let Mode::Eval = mode {
-        // No backward pass: scale the (smaller) queries, let the matmul read kᵀ through its
-        // strides, and add the bias inside the softmax's own pass (with the vectorised exp;
-        // candle's softmax calls libm's expf per element, after a separate broadcast add).
-        let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
-        let probs = super::fused::Softmax { scale: 1.0 }.forward(&scores, bias)?;
-        return Ok(probs.matmul(v)?);
+        // No backward pass: scale the (smaller) queries.
+        let q = (q * (1.0 / (d as f64).sqrt()))?;
+        return match bias {
+            Some(bias) => attention_scaled(&q, k, v, bias),
+            None => {
+                let probs =
+                    super::fused::Softmax { scale: 1.0 }.forward(&q.matmul(&k.t()?)?, None)?;
+                Ok(probs.matmul(v)?)
+            }
+        };
     }
     let scores = q.matmul(&k.t()?)?;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let probs = super::fused::Softmax { scale }.forward(&scores, bias)?;
     let probs = dropout(&probs, dropout_p, mode)?;
     Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// Evaluation's attention on queries already scaled by `1/√d`: `softmax(q·kᵀ + bias)·v`.
+/// The matmul reads kᵀ through its strides, and the bias is added inside the softmax's own
+/// pass (with the vectorised exp; candle's softmax calls libm's expf per element, after a
+/// separate broadcast add). The bias's query rows may repeat over stacked query groups.
+pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let scores = q.matmul(&k.t()?)?;
+    let probs = super::fused::Softmax { scale: 1.0 }.forward(&scores, Some(bias))?;
+    Ok(probs.matmul(v)?)
 }
 
 /// The additive attention bias of a padding mask `[b, s]` (1 real, 0 padding): 0 where a key
