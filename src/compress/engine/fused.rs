@@ -5,7 +5,9 @@
 //! candle's element-wise ops each takes about ten full-size temporaries forward and twice as
 //! many backward, which is most of a transformer training step that is not a matrix product.
 //! Here each direction is one pass over the rows on candle's worker pool, computing what
-//! PyTorch computes: the same formulas, f32 throughout. Evaluation keeps candle's own kernels.
+//! PyTorch computes: the same formulas, f32 throughout. The softmax also serves evaluation;
+//! llama evaluation adds two ops without a backward pass (the rotary embedding of split heads,
+//! the gated MLP's `silu(gate)·up`); the rest of evaluation keeps candle's own kernels.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
