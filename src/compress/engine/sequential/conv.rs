@@ -797,8 +797,8 @@ impl Linear {
                 shape,
             ));
         };
-        // The call candle's matmul makes (same kernel, same threads, so the same bits),
-        // into an output that is not zeroed first: with `read_dst` false gemm writes every
+        // The gemm call candle's matmul makes (the same kernel, so the same bits), into an
+        // output that is not zeroed first: with `read_dst` false gemm writes every
         // value without reading any. candle's `vec![0; m·n]` is a memset per layer, and
         // page faults where the allocator hands back fresh pages (the 100 MB logits of a
         // 512-token window of a 49k vocabulary).
@@ -811,6 +811,55 @@ impl Linear {
             bail!("linear: operands shorter than their layouts")
         }
         let mut y = output_buffer(m * n);
+        // Wide enough products run as one gemm per thread of candle's worker pool, each on its
+        // own block of output columns (the same dot products in the same order, so the same
+        // bits): gemm's own threads are rayon's, and while they ran, the pool's workers spun
+        // waiting for the element-wise ops between products on the same cores.
+        let pool = candle_core::utils::barrier_pool();
+        let t = pool.n_workers() + 1;
+        if t > 1 && n >= 64 * t && m * n * k >= 1 << 20 {
+            let per = n.div_ceil(t).next_multiple_of(16);
+            /// The output's address, shared by the threads that write disjoint columns of it.
+            struct Out(*mut f32);
+            // SAFETY: each thread writes only its own columns n0..n0 + cols of the rows.
+            unsafe impl Sync for Out {}
+            let out = Out(y.as_mut_ptr());
+            let out = &out;
+            pool.execute(|tid| {
+                let n0 = tid * per;
+                if n0 >= n {
+                    return;
+                }
+                let cols = per.min(n - n0);
+                // SAFETY: as for the single call below, restricted to columns n0..n0 + cols
+                // of `y` (row stride n) and rows n0..n0 + cols of W; no two threads write
+                // the same value.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        cols,
+                        k,
+                        out.0.add(n0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        xs[1] as isize,
+                        xs[0] as isize,
+                        w.as_ptr().add(n0 * ws[0]),
+                        ws[0] as isize,
+                        ws[1] as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+            return Ok((CpuStorage::F32(y), shape));
+        }
         let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -1244,9 +1293,10 @@ mod tests {
             .is_err());
     }
 
-    /// The linear layer's own gemm call gives candle's matmul bit for bit (the same kernel
-    /// and threads, an output not zeroed first), for contiguous and transposed operands,
-    /// offsets into a larger storage, and shapes large enough to run in parallel.
+    /// The linear layer's own gemm calls give candle's matmul bit for bit (the same kernel,
+    /// an output not zeroed first, wide products split by columns over the worker pool), for
+    /// contiguous and transposed operands, offsets into a larger storage, and shapes large
+    /// enough to run in parallel.
     #[test]
     fn linear_product_is_candles_matmul_bit_for_bit() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
