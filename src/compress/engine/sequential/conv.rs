@@ -825,37 +825,38 @@ impl Linear {
             unsafe impl Sync for Out {}
             let out = Out(y.as_mut_ptr());
             let out = &out;
-            pool.execute(|tid| {
-                let n0 = tid * per;
-                if n0 >= n {
-                    return;
-                }
-                let cols = per.min(n - n0);
-                // SAFETY: as for the single call below, restricted to columns n0..n0 + cols
-                // of `y` (row stride n) and rows n0..n0 + cols of W; no two threads write
-                // the same value.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        cols,
-                        k,
-                        out.0.add(n0),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        xs[1] as isize,
-                        xs[0] as isize,
-                        w.as_ptr().add(n0 * ws[0]),
-                        ws[0] as isize,
-                        ws[1] as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+            // Chunked, not one call per thread id: a block whose thread is slowed is taken by
+            // the other, and a call from inside the pool runs inline instead of deadlocking.
+            pool.execute_chunked(n.div_ceil(per), |blocks| {
+                for block in blocks {
+                    let n0 = block * per;
+                    let cols = per.min(n - n0);
+                    // SAFETY: as for the single call below, restricted to columns n0..n0 + cols
+                    // of `y` (row stride n) and rows n0..n0 + cols of W; no two threads write
+                    // the same value.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            cols,
+                            k,
+                            out.0.add(n0),
+                            1,
+                            n as isize,
+                            false,
+                            x.as_ptr(),
+                            xs[1] as isize,
+                            xs[0] as isize,
+                            w.as_ptr().add(n0 * ws[0]),
+                            ws[0] as isize,
+                            ws[1] as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
                 }
             });
             return Ok((CpuStorage::F32(y), shape));
