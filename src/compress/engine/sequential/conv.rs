@@ -811,6 +811,36 @@ impl Linear {
             bail!("linear: operands shorter than their layouts")
         }
         let mut y = output_buffer(m * n);
+        // Columns n0..n0 + cols of `y` (row stride n) from rows n0..n0 + cols of W.
+        let columns = |y: *mut f32, n0: usize, cols: usize, parallelism: gemm::Parallelism| {
+            // SAFETY: `y` holds m·n values and the call writes columns n0..n0 + cols of each
+            // row at stride n (the caller gives no two threads the same columns); `x` is read
+            // at (i·xs[0] + l·xs[1]) and `w` (as Wᵀ, [k, n]) at (j·ws[0] + l·ws[1]) for i < m,
+            // n0 ≤ j < n0 + cols ≤ n, l < k, all inside the slices (checked just above).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    cols,
+                    k,
+                    y.add(n0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    xs[1] as isize,
+                    xs[0] as isize,
+                    w.as_ptr().add(n0 * ws[0]),
+                    ws[0] as isize,
+                    ws[1] as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        };
         // Wide enough products run as one gemm per thread of candle's worker pool, each on its
         // own block of output columns (the same dot products in the same order, so the same
         // bits): gemm's own threads are rayon's, and while they ran, the pool's workers spun
@@ -821,7 +851,7 @@ impl Linear {
             let per = n.div_ceil(t).next_multiple_of(16);
             /// The output's address, shared by the threads that write disjoint columns of it.
             struct Out(*mut f32);
-            // SAFETY: each thread writes only its own columns n0..n0 + cols of the rows.
+            // SAFETY: each thread writes only its own columns of the rows.
             unsafe impl Sync for Out {}
             let out = Out(y.as_mut_ptr());
             let out = &out;
@@ -830,68 +860,17 @@ impl Linear {
             pool.execute_chunked(n.div_ceil(per), |blocks| {
                 for block in blocks {
                     let n0 = block * per;
-                    let cols = per.min(n - n0);
-                    // SAFETY: as for the single call below, restricted to columns n0..n0 + cols
-                    // of `y` (row stride n) and rows n0..n0 + cols of W; no two threads write
-                    // the same value.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            cols,
-                            k,
-                            out.0.add(n0),
-                            1,
-                            n as isize,
-                            false,
-                            x.as_ptr(),
-                            xs[1] as isize,
-                            xs[0] as isize,
-                            w.as_ptr().add(n0 * ws[0]),
-                            ws[0] as isize,
-                            ws[1] as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    columns(out.0, n0, per.min(n - n0), gemm::Parallelism::None);
                 }
             });
-            return Ok((CpuStorage::F32(y), shape));
-        }
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
         } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: `y` holds m·n values written at row stride n; `x` is read at
-        // (i·xs[0] + l·xs[1]) and `w` (as Wᵀ, [k, n]) at (j·ws[0] + l·ws[1]) for i < m,
-        // j < n, l < k, all inside the slices (checked just above).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                xs[1] as isize,
-                xs[0] as isize,
-                w.as_ptr(),
-                ws[0] as isize,
-                ws[1] as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
+            let threads = candle_core::utils::get_num_threads();
+            let parallelism = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            columns(y.as_mut_ptr(), 0, n, parallelism);
         }
         Ok((CpuStorage::F32(y), shape))
     }
