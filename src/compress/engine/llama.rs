@@ -420,7 +420,7 @@ impl Llama {
                 let kv = c.num_key_value_heads;
                 let grouped = q.reshape((b, kv, rep * s, d))?;
                 let ctx = if eval {
-                    attention_scaled(&grouped, &key, &v, bias)?
+                    attention_scaled(&grouped, &key, &v, Some(bias))?
                 } else {
                     attention(&grouped, &key, &v, Some(bias), c.attention_dropout, mode)?
                 };

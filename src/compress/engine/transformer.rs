@@ -414,15 +414,7 @@ pub fn attention(
     let d = q.dim(D::Minus1)?;
     if let Mode::Eval = mode {
         // No backward pass: scale the (smaller) queries.
-        let q = (q * (1.0 / (d as f64).sqrt()))?;
-        return match bias {
-            Some(bias) => attention_scaled(&q, k, v, bias),
-            None => {
-                let probs =
-                    super::fused::Softmax { scale: 1.0 }.forward(&q.matmul(&k.t()?)?, None)?;
-                Ok(probs.matmul(v)?)
-            }
-        };
+        return attention_scaled(&(q * (1.0 / (d as f64).sqrt()))?, k, v, bias);
     }
     let scores = q.matmul(&k.t()?)?;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
@@ -435,9 +427,14 @@ pub fn attention(
 /// The matmul reads kᵀ through its strides, and the bias is added inside the softmax's own
 /// pass (with the vectorised exp; candle's softmax calls libm's expf per element, after a
 /// separate broadcast add). The bias's query rows may repeat over stacked query groups.
-pub fn attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub fn attention_scaled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let scores = q.matmul(&k.t()?)?;
-    let probs = super::fused::Softmax { scale: 1.0 }.forward(&scores, Some(bias))?;
+    let probs = super::fused::Softmax { scale: 1.0 }.forward(&scores, bias)?;
     Ok(probs.matmul(v)?)
 }
 
