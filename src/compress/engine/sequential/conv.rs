@@ -11,11 +11,13 @@
 //! y    = [W | b] · cols            [out_c, batch·out_h·out_w]  → NCHW
 //! ```
 //!
-//! with a backward pass of gemm calls only (`d[W | b] = dY · colsᵀ`, and `dcols = [W | b]ᵀ ·
+//! with a backward pass of products only (`d[W | b] = dY · colsᵀ`, and `dcols = [W | b]ᵀ ·
 //! dY` when `x` needs a gradient); the bias rides along as a row of ones, so it needs no
-//! broadcast add and no strided reduction. The only non-gemm work is the im2col copy
-//! (`Im2Col`), its adjoint (the col2im scatter-add, `Im2Col`'s backward) and one copy of
-//! whole output planes into NCHW order (`ConvGemm`). The im2col matrix is kept
+//! broadcast add and no strided reduction. The forward product is one gemm call per
+//! sample, written straight into the sample's NCHW planes; the kernel gradient of a
+//! layer with few output channels is [`super::conv_kernels`]' (gemm would pack the whole
+//! im2col matrix for it). The only other work is the im2col copy (`Im2Col`) and its
+//! adjoint (the col2im scatter-add, `Im2Col`'s backward). The im2col matrix is kept
 //! transposed (one row per kernel tap) so both copies move runs of whole output rows;
 //! all of them are split across candle's `RAYON_NUM_THREADS` worker pool.
 //!
@@ -31,6 +33,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+use super::conv_kernels;
 use crate::compress::parallel::output_buffer;
 pub(crate) use crate::compress::parallel::{par_units, par_units_of_work};
 
@@ -386,11 +389,11 @@ pub fn conv2d(
     weight.apply_op2(&cols, ConvGemm { geometry, out_c })
 }
 
-/// `[W | b] · cols` laid out as NCHW: the product `[out_c, n·oh·ow]` of the (bias-
-/// augmented) kernel matrix and the im2col matrix, each sample's output planes copied
-/// into place, as one candle op. Doing the layout change inside the op keeps three
-/// full-size view nodes (each a zeroed accumulator and an add in candle's backward) out
-/// of the graph; its backward computes only the gradients needed.
+/// `[W | b] · cols` laid out as NCHW: the product of the (bias-augmented) kernel matrix
+/// and the im2col matrix, each sample's columns multiplied into its own output planes,
+/// as one candle op. Doing the layout change inside the op keeps three full-size view
+/// nodes (each a zeroed accumulator and an add in candle's backward) out of the graph;
+/// its backward computes only the gradients needed.
 #[derive(Debug, Clone, Copy)]
 struct ConvGemm {
     geometry: Geometry,
@@ -422,17 +425,42 @@ impl candle_core::CustomOp2 for ConvGemm {
         if o * g.cols() == 0 {
             return Ok((CpuStorage::F32(Vec::new()), shape));
         }
-        let CpuStorage::F32(product) = s1.matmul(s2, (1, o, g.cols(), g.rows()), l1, l2)? else {
-            bail!("conv gemm: only f32 tensors are supported")
-        };
-        // [o, n, l] → [n, o, l]: whole output planes.
-        // Every plane of every sample is copied below.
-        let mut out = output_buffer(product.len());
-        par_units(&mut out, o * l, |first, samples| {
-            for (s, sample) in samples.chunks_exact_mut(o * l).enumerate() {
-                for (c, plane) in sample.chunks_exact_mut(l).enumerate() {
-                    let src = (c * g.n + first + s) * l;
-                    plane.copy_from_slice(&product[src..src + l]);
+        let w = contiguous_f32("conv gemm", s1, l1)?;
+        let cols = contiguous_f32("conv gemm", s2, l2)?;
+        let (r, total) = (g.rows(), g.cols());
+        // One gemm per sample, `W · cols[:, s·l..(s+1)·l]` straight into the sample's NCHW
+        // planes (gemm writes every value: `read_dst` false), samples split over candle's
+        // worker pool. One product of the whole batch ran on rayon's threads while the
+        // pool's worker spun, packed the whole im2col matrix, and needed a copy into NCHW.
+        let mut out = output_buffer(g.n * o * l);
+        par_units_of_work(&mut out, o * l, g.n * o * l * r, |first, samples| {
+            for (k, y) in samples.chunks_exact_mut(o * l).enumerate() {
+                let s = first + k;
+                // SAFETY: `y` holds the sample's o·l values, written at (i·l + q); `w` holds
+                // o·r values read at (i·r + t); `cols` holds r·n·l values read at
+                // (t·n·l + s·l + q), for i < o, t < r, q < l and s < n (shapes checked above).
+                unsafe {
+                    gemm::gemm(
+                        o,
+                        l,
+                        r,
+                        y.as_mut_ptr(),
+                        1,
+                        l as isize,
+                        false,
+                        w.as_ptr(),
+                        1,
+                        r as isize,
+                        cols.as_ptr().add(s * l),
+                        1,
+                        total as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
                 }
             }
         });
@@ -447,23 +475,71 @@ impl candle_core::CustomOp2 for ConvGemm {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geometry;
-        // [n, o, l] → [o, n·l], matching the product (the gradient is never recorded).
-        let grad = grad
-            .reshape((g.n, self.out_c, g.positions()))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((self.out_c, g.cols()))?;
-        let dweight = if weight.track_op() {
-            Some(grad.matmul(&cols.detach().t()?)?)
+        let grad = grad.contiguous()?;
+        let wide = self.out_c > conv_kernels::MAX_OUT_CHANNELS;
+        // [n, o, l] → [o, n·l], matching gemm's product (the gradient is never recorded).
+        let by_channel = if cols.track_op() || (wide && weight.track_op()) {
+            Some(
+                grad.reshape((g.n, self.out_c, g.positions()))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((self.out_c, g.cols()))?,
+            )
         } else {
             None
         };
-        let dcols = if cols.track_op() {
-            Some(weight.detach().t()?.matmul(&grad)?)
-        } else {
-            None
+        let dweight = match (&by_channel, weight.track_op()) {
+            (_, false) => None,
+            (Some(grad), true) if wide => Some(grad.matmul(&cols.detach().t()?)?),
+            _ => Some(grad.apply_op2_no_bwd(
+                &cols.detach(),
+                &KernelGrad {
+                    geometry: g,
+                    out_c: self.out_c,
+                },
+            )?),
+        };
+        let dcols = match &by_channel {
+            Some(grad) if cols.track_op() => Some(weight.detach().t()?.matmul(grad)?),
+            _ => None,
         };
         Ok((dweight, dcols))
+    }
+}
+
+/// The kernel gradient of [`ConvGemm`], `d[W | b] = dY · colsᵀ`, read from the NCHW
+/// output gradient and the im2col matrix in place: `(dY, cols) → [out_c, rows]`.
+#[derive(Debug, Clone, Copy)]
+struct KernelGrad {
+    geometry: Geometry,
+    out_c: usize,
+}
+
+impl candle_core::CustomOp2 for KernelGrad {
+    fn name(&self) -> &'static str {
+        "conv_kernel_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.geometry;
+        let (o, l) = (self.out_c, g.positions());
+        if l1.shape().elem_count() != g.n * o * l || l2.shape().dims() != [g.rows(), g.cols()] {
+            bail!(
+                "conv kernel gradient: gradient {:?} and columns {:?} do not match",
+                l1.shape(),
+                l2.shape()
+            )
+        }
+        let dy = contiguous_f32("conv kernel gradient", s1, l1)?;
+        let cols = contiguous_f32("conv kernel gradient", s2, l2)?;
+        let dw = conv_kernels::weight_gradient(dy, cols, g.n, o, l, g.rows());
+        Ok((CpuStorage::F32(dw), Shape::from((o, g.rows()))))
     }
 }
 
@@ -1070,6 +1146,8 @@ mod tests {
                     (2, 3, 6, 10, 10, 5),
                     (1, 6, 2, 6, 6, 1),
                     (100, 2, 3, 16, 16, 3),
+                    // Wider than conv_kernels::MAX_OUT_CHANNELS: gemm's path.
+                    (2, 3, 40, 7, 7, 3),
                 ] {
                     let x = Var::from_tensor(&random(&[n, c, h, w], &mut rng)).unwrap();
                     let k = Var::from_tensor(&random(&[o, c, k, k], &mut rng)).unwrap();
@@ -1103,7 +1181,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(cases, 30);
+        assert_eq!(cases, 36);
         assert!(candle_grads >= 24, "{candle_grads}");
     }
 

@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod conv;
+mod conv_kernels;
 mod layer;
 pub mod model;
 mod parse;
