@@ -46,6 +46,9 @@ pub(crate) fn weight_gradient(
 ) -> Vec<f32> {
     assert_eq!(dy.len(), n * o * l, "weight_gradient: dY");
     assert_eq!(cols.len(), r * n * l, "weight_gradient: cols");
+    if o * r == 0 {
+        return Vec::new();
+    }
     // One unit per im2col row: the row's `o` sums (transposed back below). The threads
     // split rows in halves, so each reads `dY` once.
     let mut dwt = vec![0f32; r * o];
@@ -148,10 +151,10 @@ fn weight_gradient_rows<const L: usize, const FMA: bool, const AVX512: bool>(
     t0: usize,
     rows: &mut [f32],
 ) {
-    let nt = rows.len() / o;
-    if nt == 0 || o == 0 {
+    if o == 0 || rows.len() < o {
         return;
     }
+    let nt = rows.len() / o;
     let total = n * l;
     let whole = l / L * L;
     // Running sums per (t, o): L lanes and the scalar remainder.
@@ -331,6 +334,8 @@ mod tests {
             (2, 7, 13, 9),
             (1, 1, 1, 1),
             (3, 4, 16, 3),
+            (0, 3, 5, 4),
+            (2, 0, 5, 4),
         ] {
             let dy = random(n * o * l, &mut rng);
             let cols = random(r * n * l, &mut rng);
