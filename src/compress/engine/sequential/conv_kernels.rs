@@ -49,8 +49,8 @@ pub(crate) fn weight_gradient(
     if o * r == 0 {
         return Vec::new();
     }
-    // One unit per im2col row: the row's `o` sums (transposed back below). The threads
-    // split rows in halves, so each reads `dY` once.
+    // The sums by im2col row, `o` per row (transposed back below), in one part of the rows
+    // per thread, so each thread reads `dY` once.
     let mut dwt = vec![0f32; r * o];
     let threads = candle_core::utils::barrier_pool().n_workers() + 1;
     let per = r.div_ceil(threads).max(1);
