@@ -138,7 +138,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             )?;
             let w = p.var().as_tensor().detach();
             let started = Instant::now();
-            let _ = whittle::compress::engine::sequential::conv::Linear.forward(&x, &w, None)?;
+            let _ = whittle::compress::engine::sequential::linear::Linear.forward(&x, &w, None)?;
             secs += started.elapsed().as_secs_f64();
         }
         println!("linear layers of one window: {secs:.3} s");

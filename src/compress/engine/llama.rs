@@ -13,7 +13,7 @@ use super::transformer::check_tensors;
 use std::sync::Arc;
 
 use super::data::{Batch, Dataset, TextEncoder, TextInput};
-use super::sequential::conv;
+use super::sequential::linear;
 use super::transformer::{
     attention, attention_scaled, embed, merge_heads, pad_id, padding_bias, rms_norm_in,
     split_heads, token_ids, Probe, Weights,
@@ -500,7 +500,7 @@ impl Llama {
         Ok(if self.tied() {
             let w = self.weights.get("model.embed_tokens.weight", mode)?;
             let (rows, hid) = (b * s, c.hidden_size);
-            conv::Linear
+            linear::Linear
                 .forward(&h.reshape((rows, hid))?, &w, None)?
                 .reshape((b, s, c.vocab_size))?
         } else {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::sequential::conv;
+use super::sequential::linear;
 use super::{LayerInput, Mode, Param, ParamKind, ParamSpec, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::select::glob_match;
@@ -252,7 +252,7 @@ impl Weights {
                 Some(q) => q,
             },
         };
-        let y = conv::Linear.forward(&x2, &w, b.as_ref())?;
+        let y = linear::Linear.forward(&x2, &w, b.as_ref())?;
         let mut out = dims;
         if let Some(last) = out.last_mut() {
             *last = out_f;

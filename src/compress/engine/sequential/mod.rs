@@ -5,6 +5,7 @@ pub mod arch;
 pub mod conv;
 mod conv_kernels;
 mod layer;
+pub mod linear;
 pub mod model;
 mod parse;
 

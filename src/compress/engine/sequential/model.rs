@@ -27,7 +27,7 @@ use crate::compress::engine::data::{Batch, Dataset};
 use crate::compress::engine::sequential::arch::{
     Architecture, Layer, LayerSummary, ParamKind, Size2,
 };
-use crate::compress::engine::sequential::conv;
+use crate::compress::engine::sequential::{conv, linear};
 use crate::compress::engine::{Family, LayerInput, Mode, Network, Param, ProbeFn, WeightTransform};
 use crate::compress::formats::safetensors::{NamedTensor, SafetensorsFile};
 use crate::compress::select::glob_match;
@@ -582,7 +582,7 @@ impl Model {
                 };
                 // One fused node; no input gradient for a first layer (conv.rs).
                 let bias = b.map(t);
-                let y = conv::Linear.forward(&x2, &w, bias.as_ref())?;
+                let y = linear::Linear.forward(&x2, &w, bias.as_ref())?;
                 if x.rank() == 2 {
                     y
                 } else {
